@@ -1,0 +1,141 @@
+"""The one configuration object of a fine-tuning run, its presets and its validation.
+
+Defaults are written here once; finetune_gpu.py builds its argparse flags from them.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+SCHEDULERS = ("cosine", "step", "plateau", "onecycle", "exponential", "none")
+OPTIMIZERS = ("adamw", "sgd")
+DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 5e-4}
+
+
+@dataclass
+class Config:
+    # model
+    model_path: str = "model/mnist_cnn3.pt"
+    from_scratch: bool = False
+    arch: str = "cnn3"
+    trust_pickle: bool = False
+    # data
+    data_dir: str | None = None
+    download: bool = False
+    val_size: int = 5000
+    limit_train: int | None = None
+    augment: str = "light"
+    # optimisation
+    preset: str | None = None
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    lr: float = 0.001
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY of the optimizer
+    epochs: int = 30
+    scheduler: str = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr: float = 1e-6
+    step_size: int = 10
+    step_gamma: float = 0.1
+    exp_gamma: float = 0.9
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    label_smoothing: float = 0.0
+    max_grad_norm: float | None = None
+    freeze_conv: bool = False
+    freeze_bn: bool = False
+    # selection and stopping
+    monitor: str = "val_acc"
+    patience: int = 15
+    min_delta: float = 0.0
+    seed: int = 42
+    # output
+    output: str = "result/mnist_cnn_finetuned.pt"
+    overwrite: bool = False
+    resume: str | None = None
+    override_resume: bool = False
+    logdir: str = "logs_finetune"
+    run_name: str | None = None
+    # hardware
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False
+    scale_lr: bool = False
+    # console
+    quiet: bool = False
+    debug: bool = False
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return DEFAULT_WEIGHT_DECAY[self.optimizer]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The four plans of the original guide. A flag given explicitly wins over its preset's value.
+PRESETS = {
+    "light": {"lr": 0.001, "batch_size": 256, "epochs": 30, "scheduler": "cosine"},
+    "head": {"lr": 0.001, "batch_size": 256, "epochs": 50, "freeze_conv": True},
+    "deep": {"lr": 0.002, "batch_size": 512, "epochs": 100},
+    "conservative": {"lr": 0.0005, "batch_size": 256},
+}
+
+# Fields that may differ between a run and its --resume without being a change of the experiment.
+RESUME_FREE_FIELDS = {
+    "epochs", "resume", "override_resume", "overwrite", "quiet", "debug", "device", "compile",
+    "logdir", "run_name", "output", "data_dir", "download", "eval_batch_size", "model_path",
+    "from_scratch", "trust_pickle",
+}
+
+
+def resume_differences(saved: dict, current: "Config", explicit: set) -> list[str]:
+    """Flags the user gave explicitly on resume that change the saved experiment."""
+    diffs = []
+    for name in sorted(explicit - RESUME_FREE_FIELDS):
+        old, new = saved.get(name), getattr(current, name)
+        if old != new:
+            diffs.append(f"--{name.replace('_', '-')} {old} -> {new}")
+    return diffs
+
+
+def _require(ok: bool, flag: str, message: str) -> None:
+    if not ok:
+        raise UsageError(f"{flag}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Every bad value found before any work: a UsageError (exit 2) that names the flag."""
+    _require(cfg.lr > 0, "--lr", f"must be > 0, got {cfg.lr}")
+    _require(cfg.batch_size >= 1, "--batch-size", f"must be >= 1, got {cfg.batch_size}")
+    _require(cfg.eval_batch_size >= 1, "--eval-batch-size", f"must be >= 1, got {cfg.eval_batch_size}")
+    _require(cfg.epochs >= 1, "--epochs", f"must be >= 1, got {cfg.epochs}")
+    _require(cfg.patience >= 0, "--patience", f"must be >= 0, got {cfg.patience}")
+    _require(cfg.min_delta >= 0, "--min-delta", f"must be >= 0, got {cfg.min_delta}")
+    _require(cfg.val_size >= 1, "--val-size", f"must be >= 1 (model selection needs a validation set), got {cfg.val_size}")
+    _require(cfg.warmup_epochs >= 0, "--warmup-epochs", f"must be >= 0, got {cfg.warmup_epochs}")
+    _require(0 <= cfg.label_smoothing < 1, "--label-smoothing", f"must be in [0, 1), got {cfg.label_smoothing}")
+    _require(cfg.weight_decay is None or cfg.weight_decay >= 0, "--weight-decay", "must be >= 0")
+    _require(0 <= cfg.momentum < 1, "--momentum", f"must be in [0, 1), got {cfg.momentum}")
+    _require(cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "--max-grad-norm", "must be > 0")
+    _require(cfg.step_size >= 1, "--step-size", "must be >= 1")
+    _require(0 < cfg.step_gamma <= 1, "--step-gamma", "must be in (0, 1]")
+    _require(0 < cfg.exp_gamma <= 1, "--exp-gamma", "must be in (0, 1]")
+    _require(0 < cfg.plateau_factor < 1, "--plateau-factor", "must be in (0, 1)")
+    _require(0 <= cfg.min_lr < cfg.lr, "--min-lr", f"must be in [0, --lr), got {cfg.min_lr}")
+    if cfg.limit_train is not None:
+        _require(cfg.limit_train >= cfg.batch_size, "--limit-train",
+                 f"must be >= --batch-size ({cfg.batch_size}), got {cfg.limit_train}")
+    _require(not (cfg.from_scratch and cfg.freeze_conv), "--freeze-conv",
+             "cannot be combined with --from-scratch (frozen random filters learn nothing)")
+    _require(not (cfg.from_scratch and cfg.resume), "--resume", "cannot be combined with --from-scratch")
+    _require(not (cfg.scheduler == "onecycle" and cfg.warmup_epochs), "--warmup-epochs",
+             "onecycle has its own warm-up; drop --warmup-epochs")
+    _require(cfg.warmup_epochs < cfg.epochs, "--warmup-epochs", "must be shorter than --epochs")

@@ -1,0 +1,274 @@
+"""Fashion-MNIST: find and read the IDX files, split, batch and augment whole batches on the device.
+
+The whole set is one uint8 tensor on the training device (60k x 28 x 28 = 47 MB); a batch is an index
+slice of a per-epoch permutation, and normalisation and augmentation run on the whole batch there,
+so the hot loop has no per-sample Python and no DataLoader workers (the airbench approach).
+"""
+
+import gzip
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+# Pixel statistics of the 60k training images, scaled to [0, 1].
+MEAN, STD = 0.2860, 0.3530
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+GET_DATA_HINT = (
+    "get it with 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) "
+    "or pass --download to fetch it into ./data"
+)
+
+
+# ---------------------------------------------------------------- finding and reading the files
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def candidate_dirs(data_dir: str | None) -> list[Path]:
+    """Where the files are looked for, in order (DESIGN.md: Data)."""
+    if data_dir:  # an explicit folder is the only place looked at
+        return [Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw"]
+    dirs = []
+    if os.environ.get("FASHION_MNIST_DIR"):
+        dirs.append(Path(os.environ["FASHION_MNIST_DIR"]))
+    dirs += [Path("data"), Path("data/FashionMNIST/raw"), Path(DEBIAN_DIR)]
+    return dirs
+
+
+def find_data_dir(data_dir: str | None = None, split: str = "train") -> Path:
+    """The first folder that holds both IDX files of `split`."""
+    tried = candidate_dirs(data_dir)
+    for folder in tried:
+        if all(_idx_path(folder, stem) for stem in FILES[split]):
+            return folder
+    places = ", ".join(str(p) for p in tried)
+    raise UserError(f"Fashion-MNIST {split} files not found (looked in: {places}); {GET_DATA_HINT}")
+
+
+def download(root: str = "data") -> Path:
+    """torchvision's downloader, only on the user's explicit --download."""
+    from torchvision.datasets import FashionMNIST
+
+    try:
+        FashionMNIST(root, train=True, download=True)
+        FashionMNIST(root, train=False, download=True)
+    except Exception as exc:  # network errors come in many types
+        raise UserError(f"download of Fashion-MNIST into {root} failed: {exc}") from None
+    return Path(root) / "FashionMNIST" / "raw"
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """One IDX file as a uint8 array, after checking its magic number, dimensions and length."""
+    raw = _read_bytes(path)
+    if len(raw) < 8:
+        raise UserError(f"{path} is not an IDX file (only {len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        raise UserError(f"{path} has magic number {magic}, expected {expected_magic}: not the right IDX file")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        raise UserError(
+            f"{path} is truncated or corrupt: header says {expected} bytes, file has {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 N x 28 x 28, labels int64 N) of one split, checked for consistency."""
+    image_stem, label_stem = FILES[split]
+    image_path, label_path = _idx_path(folder, image_stem), _idx_path(folder, label_stem)
+    if image_path is None or label_path is None:
+        raise UserError(f"Fashion-MNIST {split} files not found in {folder}; {GET_DATA_HINT}")
+    images = read_idx(image_path, IMAGES_MAGIC)
+    labels = read_idx(label_path, LABELS_MAGIC)
+    if images.shape[1:] != (28, 28):
+        raise UserError(f"{image_path} holds {images.shape[1:]} images, expected 28 x 28")
+    if len(images) != len(labels):
+        raise UserError(f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels")
+    if len(labels) and labels.max() >= len(CLASSES):
+        raise UserError(f"{label_path} has label {labels.max()}, expected 0..{len(CLASSES) - 1}")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_split(data_dir: str | None, split: str, allow_download: bool = False):
+    """Find and read one split; with allow_download, fetch it first when it is nowhere to be found."""
+    try:
+        folder = find_data_dir(data_dir, split)
+    except UserError:
+        if not allow_download:
+            raise
+        folder = download(data_dir or "data")
+    return read_split(folder, split)
+
+
+# ---------------------------------------------------------------- splitting
+
+def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed, seeded (train_idx, val_idx) with every class in proportion in the validation part."""
+    n = len(labels)
+    if not 0 <= val_size < n:
+        raise UserError(f"validation size {val_size} must be between 0 and {n - 1}")
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    counts = torch.bincount(labels, minlength=len(CLASSES)).double()
+    quota = counts * val_size / n
+    take = quota.floor().long()
+    # largest remainders get the leftover places, so the sizes add up to val_size exactly
+    leftover = val_size - int(take.sum())
+    take[torch.argsort(quota - take, descending=True, stable=True)[:leftover]] += 1
+    val_parts = []
+    shuffled_labels = labels[perm]
+    for cls in range(len(CLASSES)):
+        val_parts.append(perm[shuffled_labels == cls][: int(take[cls])])
+    val_idx = torch.cat(val_parts).sort().values
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[val_idx] = False
+    return torch.arange(n)[mask], val_idx
+
+
+# ---------------------------------------------------------------- device-resident data and batches
+
+@dataclass
+class DeviceData:
+    """A split on the device: uint8 images N x 1 x 28 x 28 and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def create(cls, images, labels, device):
+        return cls(images.unsqueeze(1).contiguous().to(device), labels.to(device))
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, idx: torch.Tensor) -> "DeviceData":
+        idx = idx.to(self.images.device)
+        return DeviceData(self.images[idx], self.labels[idx])
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, device) -> torch.Tensor:
+    """The same permutation on every rank and on resume: a function of (seed, epoch) alone."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=gen).to(device)
+
+
+def batch_slices(n: int, batch_size: int, drop_last: bool):
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+# ---------------------------------------------------------------- batched augmentation
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotate_deg: float = 0.0
+    shift_px: float = 0.0
+    hflip: bool = False
+    erase_p: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rotate_deg or self.shift_px or self.hflip or self.erase_p)
+
+
+AUGMENT_PRESETS = {
+    "none": AugmentConfig(),
+    "light": AugmentConfig(rotate_deg=10.0),
+    "strong": AugmentConfig(rotate_deg=10.0, shift_px=2.0, hflip=True, erase_p=0.25),
+}
+
+
+def _uniform(n, low, high, gen, device):
+    return low + (high - low) * torch.rand(n, generator=gen, device=device)
+
+
+def random_affine(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Rotation, shift and horizontal flip of a float batch (N, C, H, W) in one grid_sample."""
+    n, device = x.shape[0], x.device
+    angle = _uniform(n, -aug.rotate_deg, aug.rotate_deg, gen, device) * (math.pi / 180)
+    flip = torch.ones(n, device=device)
+    if aug.hflip:
+        flip = torch.where(torch.rand(n, generator=gen, device=device) < 0.5, -1.0, 1.0)
+    # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size
+    tx = _uniform(n, -aug.shift_px, aug.shift_px, gen, device) * (2 / x.shape[-1])
+    ty = _uniform(n, -aug.shift_px, aug.shift_px, gen, device) * (2 / x.shape[-2])
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
+    )
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    # zeros outside the image: black, which is Fashion-MNIST's background
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_erase(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Zero one random rectangle (2-20% of the area, aspect 0.3-3.3) in a fraction p of the images."""
+    n, _, h, w = x.shape
+    device = x.device
+    area = _uniform(n, 0.02, 0.20, gen, device) * (h * w)
+    log_ratio = _uniform(n, math.log(0.3), math.log(3.3), gen, device)
+    eh = torch.sqrt(area * torch.exp(log_ratio)).clamp(1, h)
+    ew = torch.sqrt(area / torch.exp(log_ratio)).clamp(1, w)
+    top = torch.rand(n, generator=gen, device=device) * (h - eh)
+    left = torch.rand(n, generator=gen, device=device) * (w - ew)
+    rows = torch.arange(h, device=device).view(1, h, 1)
+    cols = torch.arange(w, device=device).view(1, 1, w)
+    box = (
+        (rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+        & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1))
+    )
+    chosen = (torch.rand(n, generator=gen, device=device) < p).view(n, 1, 1)
+    return x.masked_fill((box & chosen).unsqueeze(1), 0.0)
+
+
+def augment(x01: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Augment a float batch in [0, 1] (before normalisation, so that 0 is background)."""
+    if aug.rotate_deg or aug.shift_px or aug.hflip:
+        x01 = random_affine(x01, aug, gen)
+    if aug.erase_p:
+        x01 = random_erase(x01, aug.erase_p, gen)
+    return x01
+
+
+def make_batch(images_uint8, aug: AugmentConfig | None, gen, mean, std, memory_format=torch.contiguous_format):
+    """uint8 batch -> augmented, normalised float batch, ready for the model."""
+    x = images_uint8.float().div_(255.0)
+    if aug is not None and aug.active:
+        x = augment(x, aug, gen)
+    x = x.sub_(mean).div_(std)
+    return x.contiguous(memory_format=memory_format)

@@ -1,0 +1,277 @@
+"""Training and evaluation steps, freezing, optimizer and scheduler factories, early stopping.
+
+The hot loops keep metrics on the device and sync with the host only every `sync_every` steps
+(progress, the stop flag, the finite-loss check), never per step.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as dist
+from .config import Config
+from .data import AugmentConfig, DeviceData, batch_slices, epoch_permutation, make_batch
+from .errors import UserError
+from .system import AmpPolicy, autocast
+
+
+@dataclass
+class Runtime:
+    """Where and how the numbers are computed; shared by training and evaluation."""
+
+    device: torch.device
+    amp: AmpPolicy
+    mean: float
+    std: float
+    memory_format: torch.memory_format = torch.contiguous_format
+    rank: int = 0
+    world_size: int = 1
+
+
+class DivergenceError(UserError):
+    """The loss became NaN or Inf."""
+
+
+# ---------------------------------------------------------------- freezing
+
+def frozen_modules(model: nn.Module, freeze_conv: bool, freeze_bn: bool) -> list[nn.Module]:
+    """Modules whose parameters and running statistics stay exactly as loaded."""
+    modules = []
+    if freeze_conv:  # the whole feature extractor, its BatchNorm statistics included
+        modules.append(model.features)
+    if freeze_bn:
+        modules += [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return modules
+
+
+def apply_freezing(model: nn.Module, freeze_conv: bool, freeze_bn: bool) -> None:
+    for module in frozen_modules(model, freeze_conv, freeze_bn):
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def set_train_mode(model: nn.Module, freeze_conv: bool, freeze_bn: bool) -> None:
+    """model.train(), except frozen parts stay in eval mode so BatchNorm statistics do not move."""
+    model.train()
+    for module in frozen_modules(model, freeze_conv, freeze_bn):
+        module.eval()
+
+
+# ---------------------------------------------------------------- optimizer and schedulers
+
+def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
+    """Only trainable parameters; no weight decay on biases and normalisation parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise UserError("nothing to train: every parameter is frozen")
+    groups = [
+        {"params": decay, "weight_decay": cfg.resolved_weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def lr_multiplier(cfg: Config, steps_per_epoch: int):
+    """step -> factor on the base LR, for every scheduler stepped per batch (plateau: warm-up only)."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    floor = cfg.min_lr / cfg.lr
+
+    def cosine(t):  # t in [0, 1]
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        epoch = step // steps_per_epoch
+        if cfg.scheduler == "cosine":
+            return cosine((step - warmup) / max(1, total - warmup))
+        if cfg.scheduler == "step":
+            return cfg.step_gamma ** (epoch // cfg.step_size)
+        if cfg.scheduler == "exponential":
+            return cfg.exp_gamma ** epoch
+        if cfg.scheduler == "onecycle":  # torch's OneCycleLR shape: 1/25 -> 1 over 30%, then -> 1/25e4
+            peak = int(0.3 * total)
+            if step < peak:
+                return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * step / max(1, peak)))
+            end = 1 / 25e4
+            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, total - peak)))
+        return 1.0  # none, plateau
+
+    return factor
+
+
+@dataclass
+class Schedulers:
+    per_batch: torch.optim.lr_scheduler.LambdaLR
+    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    warmup_steps: int
+
+    def after_batch(self, step: int) -> None:
+        # plateau owns the LR after warm-up; stepping the LambdaLR then would undo its reductions
+        if self.plateau is None or step < self.warmup_steps:
+            self.per_batch.step()
+
+    def after_epoch(self, monitored: float) -> None:
+        if self.plateau is not None and self.per_batch.last_epoch >= self.warmup_steps:
+            self.plateau.step(monitored)
+
+    def state_dict(self) -> dict:
+        return {
+            "per_batch": self.per_batch.state_dict(),
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.per_batch.load_state_dict(state["per_batch"])
+        if self.plateau is not None and state.get("plateau"):
+            self.plateau.load_state_dict(state["plateau"])
+
+
+def build_schedulers(optimizer, cfg: Config, steps_per_epoch: int) -> Schedulers:
+    per_batch = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch))
+    plateau = None
+    if cfg.scheduler == "plateau":
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min" if cfg.monitor == "val_loss" else "max",
+            factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+        )
+    return Schedulers(per_batch, plateau, int(round(cfg.warmup_epochs * steps_per_epoch)))
+
+
+# ---------------------------------------------------------------- early stopping
+
+@dataclass
+class EarlyStopping:
+    monitor: str
+    patience: int
+    min_delta: float = 0.0
+    best: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list = field(default_factory=list)
+
+    def improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.monitor == "val_loss":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's monitored value; True when it is the new best."""
+        if self.improved(value):
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+# ---------------------------------------------------------------- train and evaluate
+
+@dataclass
+class TrainStep:
+    """What one optimisation step needs besides the batch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedulers: Schedulers
+    scaler: torch.amp.GradScaler
+    label_smoothing: float
+    max_grad_norm: float | None
+
+    def __call__(self, x, y, rt: Runtime):
+        with autocast(rt.device, rt.amp):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedulers.after_batch(self.schedulers.per_batch.last_epoch)
+        return loss.detach(), logits.detach()
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Dropout and augmentation randomness as a function of (seed, epoch, rank): resume is exact."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
+
+
+def rank_shard(perm: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Every rank gets the same number of images: the remainder of the permutation is dropped."""
+    usable = len(perm) - len(perm) % world_size
+    return perm[:usable][rank::world_size]
+
+
+def train_one_epoch(step: TrainStep, data: DeviceData, aug: AugmentConfig, batch_size: int,
+                    seed: int, epoch: int, rt: Runtime, on_sync=None, sync_every: int = 25) -> dict:
+    """One pass over this rank's shard. on_sync(done, total, loss) may return True to stop early."""
+    torch.manual_seed(epoch_seed(seed, epoch, rt.rank))
+    gen = torch.Generator(device=rt.device).manual_seed(epoch_seed(seed, epoch, rt.rank))
+    shard = rank_shard(epoch_permutation(len(data), seed, epoch, rt.device), rt.rank, rt.world_size)
+    slices = list(batch_slices(len(shard), batch_size, drop_last=True))
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.long)
+    seen, stopped = 0, False
+    for i, sl in enumerate(slices, 1):
+        idx = shard[sl]
+        x = make_batch(data.images[idx], aug, gen, rt.mean, rt.std, rt.memory_format)
+        y = data.labels[idx]
+        loss, logits = step(x, y, rt)
+        loss_sum += loss.float() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if i % sync_every == 0 or i == len(slices):
+            mean_loss = loss_sum.item() / seen
+            if not math.isfinite(mean_loss):
+                raise DivergenceError(f"loss became {mean_loss} in epoch {epoch} (step {i})")
+            if on_sync is not None and on_sync(i, len(slices), mean_loss):
+                stopped = True
+                break
+    totals = dist.all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=rt.device)]))
+    return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(), "stopped": stopped,
+            "images": int(totals[2].item())}
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images_uint8: torch.Tensor, rt: Runtime, batch_size: int) -> torch.Tensor:
+    """fp32 logits for every image (uint8 N x 1 x 28 x 28), in large batches, without augmentation."""
+    model.eval()
+    out = []
+    for sl in batch_slices(len(images_uint8), batch_size, drop_last=False):
+        x = make_batch(images_uint8[sl], None, None, rt.mean, rt.std, rt.memory_format)
+        with autocast(rt.device, rt.amp):
+            out.append(model(x).float())
+    return torch.cat(out) if out else torch.empty(0, 10, device=rt.device)
+
+
+def evaluate(model: nn.Module, data: DeviceData, rt: Runtime, batch_size: int) -> dict:
+    """Loss (plain cross-entropy) and accuracy over `data`, sharded across ranks and all-reduced."""
+    idx = torch.arange(len(data), device=rt.device)[rt.rank::rt.world_size]  # every image once
+    logits = predict_logits(model, data.images[idx], rt, batch_size)
+    labels = data.labels[idx]
+    loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+    correct = (logits.argmax(1) == labels).sum().float()
+    totals = dist.all_reduce_sum(torch.stack([loss_sum, correct, torch.tensor(float(len(idx)), device=rt.device)]))
+    return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item()}

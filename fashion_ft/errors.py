@@ -1,0 +1,24 @@
+"""Errors the command-line scripts turn into one line on stderr and an exit code."""
+
+
+class UserError(Exception):
+    """Something the user can fix (a file, the data, a flag): exit code 1, no traceback."""
+
+    exit_code = 1
+
+
+class UsageError(UserError):
+    """A bad command-line value, detected before any work: exit code 2."""
+
+    exit_code = 2
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped a run between two steps; `hint` tells the user how to go on."""
+
+    EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+    def __init__(self, signal_name: str, hint: str = ""):
+        super().__init__(signal_name)
+        self.exit_code = self.EXIT_CODES.get(signal_name, 130)
+        self.hint = hint

@@ -1,0 +1,140 @@
+"""The CNN and the arch registry: a name maps to a constructor and its default kwargs.
+
+Checkpoints store `arch` + `arch_kwargs`, so a model is rebuilt from the file alone (as nanoGPT
+does with its model args).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+NUM_CLASSES = 10
+INPUT_SHAPE = (1, 28, 28)
+
+
+class CNN3(nn.Module):
+    """Three conv blocks (conv -> BatchNorm -> ReLU -> 2x2 max-pool), then an MLP head with dropout.
+
+    `features` holds everything `--freeze-conv` freezes; `classifier` is the head that stays trainable.
+    """
+
+    def __init__(self, channels=(32, 64, 128), hidden=256, dropout=0.3, num_classes=NUM_CLASSES):
+        super().__init__()
+        blocks, in_ch = [], INPUT_SHAPE[0]
+        for out_ch in channels:
+            blocks += [
+                nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(out_ch),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            in_ch = out_ch
+        self.features = nn.Sequential(*blocks)
+        side = INPUT_SHAPE[1] // 2 ** len(channels)  # 28 -> 14 -> 7 -> 3
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(in_ch * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    build: Callable[..., nn.Module]
+    default_kwargs: dict
+
+
+ARCHS = {
+    "cnn3": ArchSpec(CNN3, {"channels": [32, 64, 128], "hidden": 256, "dropout": 0.3}),
+}
+
+
+def resolve_arch_kwargs(arch: str, arch_kwargs: dict | None = None) -> dict:
+    """The registry defaults overlaid with the given kwargs (lists, so they survive torch.save)."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown arch {arch!r}; known: {', '.join(sorted(ARCHS))}")
+    kwargs = dict(ARCHS[arch].default_kwargs)
+    kwargs.update(arch_kwargs or {})
+    return kwargs
+
+
+def build_model(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
+    kwargs = resolve_arch_kwargs(arch, arch_kwargs)
+    try:
+        return ARCHS[arch].build(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"bad arch_kwargs for {arch!r}: {exc}") from None
+
+
+def _cnn3_kwargs_from_shapes(shapes: dict) -> dict | None:
+    """Read channel widths and head size of a cnn3 off its state_dict shapes, or None."""
+    convs = [k for k in shapes if k.startswith("features.") and k.endswith(".weight") and len(shapes[k]) == 4]
+    linears = [k for k in shapes if k.startswith("classifier.") and k.endswith(".weight") and len(shapes[k]) == 2]
+    if len(convs) != 3 or len(linears) != 2:
+        return None
+    convs.sort(key=lambda k: int(k.split(".")[1]))
+    linears.sort(key=lambda k: int(k.split(".")[1]))
+    return {
+        "channels": [shapes[k][0] for k in convs],
+        "hidden": shapes[linears[0]][0],
+    }
+
+
+KWARGS_FROM_SHAPES = {"cnn3": _cnn3_kwargs_from_shapes}
+
+
+def shape_mismatches(model: nn.Module, state_dict: dict) -> list[str]:
+    """Human-readable differences between a model's state_dict and a loaded one (empty: they match)."""
+    expected = model.state_dict()
+    problems = []
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:4])}" + (" ..." if len(unexpected) > 4 else ""))
+    for key, tensor in expected.items():
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(tensor.shape):
+            problems.append(
+                f"{key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)}"
+            )
+    return problems
+
+
+def infer_arch(state_dict: dict) -> tuple[str, dict]:
+    """Match a bare state_dict against the registry by keys and shapes."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    for arch, kwargs_from_shapes in KWARGS_FROM_SHAPES.items():
+        kwargs = kwargs_from_shapes(shapes)
+        if kwargs is None:
+            continue
+        try:
+            model = build_model(arch, kwargs)
+        except UserError:
+            continue
+        problems = shape_mismatches(model, state_dict)
+        if not problems:
+            return arch, resolve_arch_kwargs(arch, kwargs)
+        if len(problems) <= 2:  # the right family with a damaged tensor: say which one
+            raise UserError(f"checkpoint looks like {arch} but does not match it: {'; '.join(problems)}")
+    sample = ", ".join(list(shapes)[:3])
+    raise UserError(
+        f"checkpoint matches no known architecture ({', '.join(sorted(ARCHS))}); its first keys: {sample}"
+    )
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

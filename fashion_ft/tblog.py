@@ -1,0 +1,108 @@
+"""TensorBoard output: per-epoch scalars, and at the end test metrics, hparams, a confusion matrix,
+per-class accuracy and a grid of misclassified images (drawn with Pillow, no matplotlib needed)."""
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def open_writer(logdir: str):
+    from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
+
+    return SummaryWriter(log_dir=logdir)
+
+
+def log_epoch(writer, epoch: int, row: dict) -> None:
+    for tag, key in (("train/loss", "train_loss"), ("train/acc", "train_acc"), ("val/loss", "val_loss"),
+                     ("val/acc", "val_acc"), ("lr", "lr"), ("throughput/train_images_per_s", "images_per_s"),
+                     ("time/epoch_s", "epoch_s")):
+        if row.get(key) is not None:
+            writer.add_scalar(tag, row[key], epoch)
+    writer.flush()
+
+
+def log_config(writer, config: dict) -> None:
+    writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+
+
+def log_hparams(writer, config: dict, metrics: dict) -> None:
+    """hparams in the run's own folder (SummaryWriter.add_hparams would make a sub-run)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+    for summary in hparams(flat, metrics):
+        writer.file_writer.add_summary(summary)
+    for key, value in metrics.items():
+        writer.add_scalar(key, value, 0)
+
+
+def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> np.ndarray:
+    flat = (labels.cpu() * num_classes + preds.cpu()).long()
+    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes).numpy()
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def render_confusion(cm: np.ndarray, classes: list[str], cell: int = 44) -> np.ndarray:
+    """Rows true, columns predicted; each cell shaded by its share of the row, with its count."""
+    n = len(classes)
+    margin = 90
+    img = Image.new("RGB", (margin + n * cell, margin + n * cell), "white")
+    draw = ImageDraw.Draw(img)
+    row_share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    for i in range(n):
+        draw.text((2, margin + i * cell + cell // 3), classes[i][:12], fill="black", font=_font())
+        draw.text((margin + i * cell + 2, margin - 14 - (i % 2) * 14), classes[i][:7], fill="black", font=_font())
+        for j in range(n):
+            shade = int(255 * (1 - row_share[i, j]))
+            x0, y0 = margin + j * cell, margin + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=(shade, shade, 255), outline="gray")
+            draw.text((x0 + 4, y0 + cell // 3), str(int(cm[i, j])), fill="black" if shade > 110 else "white",
+                      font=_font())
+    draw.text((2, 2), "rows: true class, columns: predicted", fill="black", font=_font())
+    return np.asarray(img)
+
+
+def render_per_class(acc: list[float], classes: list[str], width: int = 360) -> np.ndarray:
+    row = 20
+    img = Image.new("RGB", (110 + width + 60, row * len(classes) + 10), "white")
+    draw = ImageDraw.Draw(img)
+    for i, (name, a) in enumerate(zip(classes, acc, strict=True)):
+        y = 5 + i * row
+        draw.text((2, y + 3), name[:16], fill="black", font=_font())
+        draw.rectangle([110, y, 110 + int(a * width), y + row - 4], fill=(70, 110, 200))
+        draw.text((110 + width + 6, y + 3), f"{100 * a:.1f}%", fill="black", font=_font())
+    return np.asarray(img)
+
+
+def render_misclassified(images: torch.Tensor, labels, preds, classes, limit: int = 32, scale: int = 3) -> np.ndarray:
+    """A grid of wrong predictions, each captioned 'true > predicted'."""
+    wrong = (labels != preds).nonzero().flatten()[:limit].cpu()
+    cols, tile = 8, 28 * scale
+    rows = max(1, (len(wrong) + cols - 1) // cols)
+    img = Image.new("RGB", (cols * (tile + 4), rows * (tile + 28)), "white")
+    draw = ImageDraw.Draw(img)
+    for k, i in enumerate(wrong.tolist()):
+        pixels = images[i].reshape(28, 28).cpu().numpy().astype(np.uint8)
+        x0, y0 = (k % cols) * (tile + 4), (k // cols) * (tile + 28)
+        img.paste(Image.fromarray(pixels).resize((tile, tile), Image.NEAREST).convert("RGB"), (x0, y0))
+        draw.text((x0, y0 + tile + 1), classes[int(labels[i])][:11], fill="darkgreen", font=_font())
+        draw.text((x0, y0 + tile + 13), "> " + classes[int(preds[i])][:9], fill="red", font=_font())
+    return np.asarray(img)
+
+
+def log_test_figures(writer, images, labels, preds, classes) -> dict:
+    """Confusion matrix, per-class accuracy and misclassified images; returns per-class accuracy."""
+    cm = confusion_matrix(labels, preds, len(classes))
+    per_class = (cm.diagonal() / np.maximum(cm.sum(1), 1)).tolist()
+    writer.add_image("test/confusion_matrix", render_confusion(cm, classes), 0, dataformats="HWC")
+    writer.add_image("test/per_class_accuracy", render_per_class(per_class, classes), 0, dataformats="HWC")
+    writer.add_image("test/misclassified", render_misclassified(images, labels, preds, classes), 0,
+                     dataformats="HWC")
+    for name, acc in zip(classes, per_class, strict=True):
+        writer.add_scalar(f"test_per_class/{name.replace('/', '_').replace(' ', '_')}", acc, 0)
+    return dict(zip(classes, per_class, strict=True))

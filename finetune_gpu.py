@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Fine-tune a pretrained Fashion-MNIST CNN: keep the best model by validation, log to TensorBoard.
+
+    python finetune_gpu.py                                   # shipped base model, the defaults
+    python finetune_gpu.py --preset deep                     # one of the four plans
+    python finetune_gpu.py --resume result/last.pt --epochs 40
+    torchrun --nproc_per_node=2 finetune_gpu.py ...          # several GPUs (DDP)
+
+Exit codes: 0 done, 1 the run failed (the message says why), 2 bad usage, 130/143 interrupted.
+"""
+
+import argparse
+import dataclasses
+import sys
+import warnings
+
+from fashion_ft.config import OPTIMIZERS, PRESETS, SCHEDULERS, Config, resume_differences, validate
+from fashion_ft.errors import Interrupted, UsageError, UserError
+
+DEFAULTS = Config()
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = DEFAULTS
+    g = p.add_argument_group("model")
+    g.add_argument("--model-path", default=d.model_path, help="pretrained checkpoint to start from")
+    g.add_argument("--from-scratch", action="store_true", help="start from random weights (--arch) instead")
+    g.add_argument("--arch", default=d.arch, help="architecture for --from-scratch")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow a checkpoint holding pickled Python objects (runs code from the file!)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default=d.data_dir, help="folder with the IDX files (default: search)")
+    g.add_argument("--download", action="store_true", help="download Fashion-MNIST into ./data if missing")
+    g.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of training")
+    g.add_argument("--limit-train", type=int, default=d.limit_train, help="use only N training images (smoke runs)")
+    g.add_argument("--augment", choices=["none", "light", "strong"], default=d.augment,
+                   help="light: rotation ±10°; strong: + shifts, horizontal flips, random erasing")
+    g = p.add_argument_group("optimisation")
+    presets = "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in vals.items()) for k, vals in PRESETS.items())
+    g.add_argument("--preset", choices=list(PRESETS), default=d.preset,
+                   help=f"a fine-tuning plan; flags given explicitly win ({presets})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (Nesterov)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="default: 0.01 for adamw, 5e-4 for sgd; never on biases or BatchNorm")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear LR warm-up")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine: the final LR")
+    g.add_argument("--step-size", type=int, default=d.step_size, help="step: epochs between decays")
+    g.add_argument("--step-gamma", type=float, default=d.step_gamma, help="step: decay factor")
+    g.add_argument("--exp-gamma", type=float, default=d.exp_gamma, help="exponential: factor per epoch")
+    g.add_argument("--plateau-factor", type=float, default=d.plateau_factor, help="plateau: decay factor")
+    g.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="plateau: epochs to wait")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip gradients to this norm")
+    g.add_argument("--freeze-conv", action="store_true", help="train only the FC head (conv + its BN frozen)")
+    g.add_argument("--freeze-bn", action="store_true", help="freeze BatchNorm weights and running statistics")
+    g = p.add_argument_group("model selection and early stopping (validation split only)")
+    g.add_argument("--monitor", choices=["val_acc", "val_loss"], default=d.monitor)
+    g.add_argument("--patience", type=int, default=d.patience, help="epochs without improvement before stopping")
+    g.add_argument("--min-delta", type=float, default=d.min_delta, help="smallest change that counts")
+    g.add_argument("--seed", type=int, default=d.seed, help="split, shuffling, augmentation and dropout")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default=d.output, help="best model; last.pt and metrics.json go beside it")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.add_argument("--resume", default=d.resume, help="continue a run from its last.pt")
+    g.add_argument("--override-resume", action="store_true", help="allow changed hyperparameters on --resume")
+    g.add_argument("--logdir", default=d.logdir, help="TensorBoard folder")
+    g.add_argument("--run-name", default=d.run_name, help="TensorBoard run (default: time, plan, optimizer, lr)")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=d.amp,
+                   help="mixed precision; auto: bf16 where the hardware is fast at it")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (torchrun, CUDA)")
+    g.add_argument("--scale-lr", action="store_true", help="multiply --lr by the world size (linear scaling)")
+    g = p.add_argument_group("console")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def explicit_flags(argv) -> set[str]:
+    """Config fields the user gave on the command line (they win over presets and resumed configs)."""
+    marker = object()
+    parser = get_args_parser()
+    parser.set_defaults(**{f.name: marker for f in dataclasses.fields(Config)})
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not marker}
+
+
+def load_resume(path: str) -> dict:
+    from fashion_ft.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(path).meta
+    if meta.get("kind") != "last":
+        raise UserError(f"{path} is not a resumable checkpoint; resume from the last.pt a run wrote")
+    return meta
+
+
+def build_config(argv) -> tuple[Config, dict | None]:
+    args = get_args_parser().parse_args(argv)
+    explicit = explicit_flags(argv)
+    values = dataclasses.asdict(DEFAULTS)
+    resume_meta = None
+    if args.resume:
+        resume_meta = load_resume(args.resume)
+        values.update({k: v for k, v in resume_meta["config"].items() if k in values})
+    elif args.preset:
+        values.update(PRESETS[args.preset])
+    values.update({k: getattr(args, k) for k in explicit})
+    cfg = Config(**values)
+    if resume_meta is not None:
+        diffs = resume_differences(resume_meta["config"], cfg, explicit)
+        if diffs and not cfg.override_resume:
+            raise UsageError(f"--resume: these flags change the saved run: {', '.join(diffs)} "
+                             "(pass --override-resume to accept)")
+    validate(cfg)
+    return cfg, resume_meta
+
+
+def main(argv=None) -> int:
+    warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, resume_meta = build_config(argv)
+        from fashion_ft.trainer import fine_tune  # imported late: --help stays fast
+
+        fine_tune(cfg, resume_meta)
+        return 0
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"interrupted ({exc}): {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last line of defence keeps the one-line contract
+        if debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

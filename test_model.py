@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Pre-flight check of a Fashion-MNIST checkpoint: file, safe load, architecture, GPU, forward pass,
+a quick evaluation on real test images, speed and memory.
+
+    python test_model.py                                  # the shipped base model, 3 batches
+    python test_model.py --model-path a.pt b.pt --full    # two models and their ensemble, all 10,000
+    python test_model.py --json --require-gpu
+
+Exit codes: 0 every check passed, 1 a check failed, 2 bad usage.
+"""
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model-path", nargs="+", default=["model/mnist_cnn3.pt"],
+                   help="one or more checkpoints; several also report their ensemble")
+    p.add_argument("--data-dir", default=None, help="folder with the IDX files (default: search)")
+    p.add_argument("--batches", type=positive_int, default=3, help="test batches for the quick eval")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--full", action="store_true", help="evaluate on all 10,000 test images")
+    p.add_argument("--min-accuracy", type=float, default=0.5, help="quick-eval accuracy below this fails")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="off",
+                   help="precision of the eval (off: exact fp32)")
+    p.add_argument("--require-gpu", action="store_true", help="fail when no CUDA GPU is available")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a checkpoint holding pickled Python objects (runs code from the file!)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def check_model(report, path: Path, args, device, data):
+    """The per-model checks; returns the quick eval's probabilities (or None)."""
+    import torch
+
+    from fashion_ft import preflight as pf
+    from fashion_ft.engine import Runtime
+    from fashion_ft.system import resolve_amp
+
+    prefix = f"{path}: " if len(args.model_path) > 1 else ""
+    if report.run(prefix + "file", pf.check_file, path) is None:
+        return None
+    ckpt = report.run(prefix + "load", pf.check_load, path, args.trust_pickle)
+    if ckpt is None:
+        return None
+    model = report.run(prefix + "architecture", pf.check_arch, ckpt)
+    finite = report.run(prefix + "weights finite", pf.check_finite, ckpt)
+    if model is None or finite is None:
+        return None
+    model = model.to(device)
+    rt = Runtime(device, resolve_amp(args.amp, device), ckpt.mean, ckpt.std)
+    report.run(prefix + "forward pass", pf.check_forward, model, rt)
+    if data is None:
+        report.skip(prefix + "quick eval", "no test data")
+        return None
+    torch.manual_seed(0)
+    return report.run(prefix + "quick eval", pf.check_eval, model, rt, data, args.batch_size, args.min_accuracy)
+
+
+def run_checks(args):
+    from fashion_ft import preflight as pf
+    from fashion_ft.system import resolve_device
+
+    report = pf.Report()
+    device = resolve_device(args.device)
+    report.run("device", pf.check_device, device, args.require_gpu)
+    n = None if args.full else args.batches * args.batch_size
+    data = report.run("test data", pf.check_data, args.data_dir, n, device)
+    probs = [check_model(report, Path(p), args, device, data) for p in args.model_path]
+    if len(probs) > 1:
+        if all(p is not None for p in probs):
+            report.run("ensemble", pf.check_ensemble, probs, data.labels)
+        else:
+            report.skip("ensemble", "a model failed its checks")
+    report.run("memory", pf.check_memory, device)
+    return report
+
+
+def print_text(report) -> None:
+    for check in report.checks:
+        print(f"[{'PASS' if check.ok else 'FAIL'}] {check.name:<16} {check.detail}")
+    failed = [c.name for c in report.checks if not c.ok]
+    if failed:
+        print(f"{len(failed)} of {len(report.checks)} checks failed: {', '.join(failed)}")
+    else:
+        print(f"all {len(report.checks)} checks passed")
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
+    from fashion_ft.errors import UserError
+
+    try:
+        report = run_checks(args)
+    except UserError as exc:  # a bad --device: usage, not a failed check
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_text(report)
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
