@@ -60,9 +60,10 @@ class Console:
         if self.is_main and not self.quiet:
             print(*args, flush=True)
 
-    def warn(self, message: str) -> None:
+    def result(self, *args) -> None:
+        """The final summary: printed even with --quiet."""
         if self.is_main:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
+            print(*args, flush=True)
 
 
 @dataclass
@@ -448,10 +449,10 @@ def resume_hint(state: RunState, paths: Paths) -> str:
 
 def print_summary(summary: dict, paths: Paths, console: Console) -> None:
     base = summary.get("base_test_acc")
-    console.print(
+    console.result(
         f"done ({summary['stop_reason']}): best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
         f"val acc {100 * summary['best_val_acc']:.2f}%, test acc {100 * summary['test_acc']:.2f}%"
         + (f" (base model {100 * base:.2f}%)" if base is not None else "")
         + f", {summary['train_s']:.0f}s"
     )
-    console.print(f"saved: {paths.best} (best), {paths.last} (resumable), {paths.metrics}")
+    console.result(f"saved: {paths.best} (best), {paths.last} (resumable), {paths.metrics}")

@@ -1,0 +1,69 @@
+"""Shared fixtures: a small real Fashion-MNIST subset, a way to run the real scripts, a trained checkpoint."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fashion_ft.data import FILES, IMAGES_MAGIC, LABELS_MAGIC, find_data_dir, read_split  # noqa: E402
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    """An IDX file (uncompressed) of a uint8 array."""
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_split(folder: Path, split: str, images, labels) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    image_stem, label_stem = FILES[split]
+    write_idx(folder / image_stem, np.asarray(images), IMAGES_MAGIC)
+    write_idx(folder / label_stem, np.asarray(labels), LABELS_MAGIC)
+
+
+def run_script(script: str, *args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """Run one of the real top-level scripts as a user would, capturing its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env,
+    )
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The full Fashion-MNIST (scripts/setup.sh installs it)."""
+    return find_data_dir(None, "train")
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory, real_data_dir) -> Path:
+    """Real images, fewer of them: the first 3,000 training and 1,000 test images, uncompressed."""
+    folder = tmp_path_factory.mktemp("fmnist_small")
+    for split, n in (("train", 3000), ("test", 1000)):
+        images, labels = read_split(real_data_dir, split)
+        write_split(folder, split, images[:n].numpy(), labels[:n].numpy())
+    return folder
+
+
+# Flags for a fast, small fine-tuning run on small_data_dir.
+SMALL_RUN = ("--val-size", "500", "--batch-size", "64", "--eval-batch-size", "500", "--quiet", "--device", "cpu")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, small_data_dir) -> Path:
+    """A real checkpoint made by finetune_gpu.py from scratch on the small subset (2 epochs)."""
+    out = tmp_path_factory.mktemp("trained")
+    result = run_script(
+        "finetune_gpu.py", "--from-scratch", "--optimizer", "sgd", "--lr", "0.05", "--augment", "none",
+        "--epochs", "2", "--data-dir", small_data_dir, "--output", out / "model.pt", "--logdir", out / "tb",
+        *SMALL_RUN,
+    )
+    assert result.returncode == 0, result.stderr
+    return out / "model.pt"

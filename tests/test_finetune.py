@@ -1,0 +1,156 @@
+"""finetune_gpu.py end to end on a small real subset: outputs, freezing, schedulers, selection, repeatability."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import SMALL_RUN, run_script
+
+from fashion_ft.config import Config
+from fashion_ft.engine import lr_multiplier
+
+
+def finetune(tmp_path, data_dir, model_path, *args, name="run"):
+    """Run finetune_gpu.py into tmp_path/name; returns (result, output folder)."""
+    out = tmp_path / name
+    result = run_script("finetune_gpu.py", "--model-path", model_path, "--data-dir", data_dir,
+                        "--output", out / "best.pt", "--logdir", tmp_path / "tb", "--limit-train", 1024,
+                        *SMALL_RUN, *args)
+    return result, out
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_run_leaves_best_last_metrics_and_tensorboard(tmp_path, small_data_dir, trained_checkpoint):
+    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 2, "--run-name", "r1")
+    assert result.returncode == 0, result.stderr
+    assert "done (epochs_done)" in result.stdout and "test acc" in result.stdout
+    best, last = load(out / "best.pt"), load(out / "last.pt")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert best["arch"] == "cnn3" and last["kind"] == "last" and last["epoch"] == 2
+    assert best["metrics"]["test_acc"] == pytest.approx(metrics["test_acc"])
+    assert 0.5 < metrics["test_acc"] <= 1 and metrics["epochs_run"] == 2
+    assert len(best["history"]) == 2 and best["config"]["epochs"] == 2
+    assert (tmp_path / "tb" / "r1").is_dir()
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_output_feeds_a_second_round_and_passes_test_model(tmp_path, small_data_dir, trained_checkpoint):
+    first, out1 = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, name="round1")
+    assert first.returncode == 0, first.stderr
+    second, out2 = finetune(tmp_path, small_data_dir, out1 / "best.pt", "--epochs", 1, "--lr", 0.0005,
+                            name="round2")
+    assert second.returncode == 0, second.stderr
+    assert load(out2 / "best.pt")["config"]["model_path"] == str(out1 / "best.pt")
+    check = run_script("test_model.py", "--model-path", out2 / "best.pt", "--data-dir", small_data_dir)
+    assert check.returncode == 0 and "all" in check.stdout and "checks passed" in check.stdout
+
+
+def changed_keys(before: dict, after: dict) -> set:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_freeze_conv_keeps_features_bit_identical(tmp_path, small_data_dir, trained_checkpoint):
+    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--freeze-conv",
+                           "--monitor", "val_loss", "--lr", 0.01)
+    assert result.returncode == 0, result.stderr
+    before, after = load(trained_checkpoint)["model"], load(out / "last.pt")["model"]
+    changed = changed_keys(before, after)
+    assert not {k for k in changed if k.startswith("features.")}  # conv weights and BN statistics
+    assert {"classifier.2.weight", "classifier.5.weight"} <= changed
+
+
+def test_freeze_bn_keeps_batchnorm_bit_identical(tmp_path, small_data_dir, trained_checkpoint):
+    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--freeze-bn",
+                           "--lr", 0.01)
+    assert result.returncode == 0, result.stderr
+    before, after = load(trained_checkpoint)["model"], load(out / "last.pt")["model"]
+    bn_keys = {k for k in before if k.startswith(("features.1.", "features.5.", "features.9."))}  # BatchNorm2d
+    assert any(k.endswith("running_mean") for k in bn_keys)
+    changed = changed_keys(before, after)
+    assert not changed & bn_keys
+    assert {"features.0.weight", "features.4.weight", "classifier.2.weight"} <= changed
+
+
+LR_CASES = {
+    "none": [],
+    "cosine": ["--min-lr", "0"],
+    "step": ["--step-size", "2", "--step-gamma", "0.5"],
+    "exponential": ["--exp-gamma", "0.5"],
+    "onecycle": [],
+    "plateau": ["--plateau-patience", "0", "--plateau-factor", "0.5", "--monitor", "val_loss", "--min-delta", "9"],
+}
+
+
+@pytest.mark.parametrize("scheduler", list(LR_CASES))
+def test_every_scheduler_runs_with_the_expected_lr_curve(tmp_path, small_data_dir, trained_checkpoint, scheduler):
+    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 4, "--scheduler", scheduler,
+                           "--patience", 10, "--limit-train", 256, *LR_CASES[scheduler])
+    assert result.returncode == 0, result.stderr
+    lrs = [row["lr"] for row in load(out / "last.pt")["history"]]  # the LR each epoch started with
+    assert len(lrs) == 4
+    if scheduler == "none":
+        assert lrs == pytest.approx([1e-3] * 4)
+    elif scheduler == "cosine":
+        assert lrs[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(lrs, lrs[1:]))
+        assert lrs[2] == pytest.approx(0.5e-3, rel=1e-3)  # halfway through the cosine
+    elif scheduler == "step":
+        assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
+    elif scheduler == "exponential":
+        assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])
+    elif scheduler == "onecycle":
+        assert lrs[0] == pytest.approx(1e-3 / 25) and lrs[1] > lrs[0] and lrs[3] < lrs[2]
+    elif scheduler == "plateau":  # min-delta 9 means no epoch after the first improves: halve every epoch
+        assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
+
+
+def test_lr_multiplier_warmup_then_cosine():
+    cfg = Config(epochs=10, warmup_epochs=2, scheduler="cosine", min_lr=0.0)
+    factor = lr_multiplier(cfg, steps_per_epoch=10)
+    assert factor(0) == pytest.approx(0.05) and factor(19) == pytest.approx(1.0)
+    assert factor(20) == pytest.approx(1.0) and factor(60) == pytest.approx(0.5)
+    assert factor(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 79 / 80)))
+
+
+def test_early_stopping_triggers(tmp_path, small_data_dir, trained_checkpoint):
+    # a min-delta no change can beat: every epoch after the first is "no improvement"
+    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 10, "--patience", 2,
+                           "--monitor", "val_loss", "--min-delta", 100, "--limit-train", 256)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stop_reason"] == "early_stopping"
+    assert metrics["epochs_run"] == 3 and metrics["best_epoch"] == 1
+
+
+def test_best_model_is_selected_on_validation_only(tmp_path, small_data_dir, trained_checkpoint):
+    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 4, "--lr", 0.003)
+    assert result.returncode == 0, result.stderr
+    history = load(out / "last.pt")["history"]
+    best_by_val = max(history, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_epoch"] == best_by_val
+    assert load(out / "best.pt")["metrics"]["epoch"] == best_by_val
+    assert all("test_acc" not in row for row in history)  # the test set is not looked at per epoch
+
+
+def test_same_seed_same_results(tmp_path, small_data_dir, trained_checkpoint):
+    runs = [finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 2, "--seed", 7, name=n)
+            for n in ("a", "b")]
+    assert all(r.returncode == 0 for r, _ in runs)
+    (_, a), (_, b) = runs
+    assert not changed_keys(load(a / "best.pt")["model"], load(b / "best.pt")["model"])
+    ma, mb = (json.loads((o / "metrics.json").read_text()) for o in (a, b))
+    assert (ma["test_acc"], ma["best_val_loss"]) == (mb["test_acc"], mb["best_val_loss"])
+
+
+def test_from_scratch_with_sgd(tmp_path, small_data_dir):
+    out = tmp_path / "scratch"
+    result = run_script("finetune_gpu.py", "--from-scratch", "--optimizer", "sgd", "--lr", 0.05,
+                        "--augment", "none", "--epochs", 1, "--data-dir", small_data_dir,
+                        "--output", out / "m.pt", "--logdir", tmp_path / "tb", *SMALL_RUN)
+    assert result.returncode == 0, result.stderr
+    assert load(out / "m.pt")["config"]["optimizer"] == "sgd"
+    assert "base model" not in result.stdout
