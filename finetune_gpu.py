@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import sys
 import warnings
+from pathlib import Path
 
 from fashion_ft.config import OPTIMIZERS, PRESETS, SCHEDULERS, Config, resume_differences, validate
 from fashion_ft.errors import Interrupted, UsageError, UserError
@@ -21,7 +22,7 @@ DEFAULTS = Config()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = DEFAULTS
     g = p.add_argument_group("model")

@@ -27,11 +27,12 @@ def positive_int(text: str) -> int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-path", nargs="+", default=["model/mnist_cnn3.pt"],
                    help="one or more checkpoints; several also report their ensemble")
     p.add_argument("--data-dir", default=None, help="folder with the IDX files (default: search)")
+    p.add_argument("--download", action="store_true", help="fetch Fashion-MNIST into ./data when it is not found")
     p.add_argument("--batches", type=positive_int, default=3, help="test batches for the quick eval")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--full", action="store_true", help="evaluate on all 10,000 test images")
@@ -79,17 +80,17 @@ def run_checks(args):
     from fashion_ft import preflight as pf
     from fashion_ft.system import resolve_device
 
-    report = pf.Report()
+    report = pf.Report(debug=args.debug)
     device = resolve_device(args.device)
     report.run("device", pf.check_device, device, args.require_gpu)
     n = None if args.full else args.batches * args.batch_size
-    data = report.run("test data", pf.check_data, args.data_dir, n, device)
+    data = report.run("test data", pf.check_data, args.data_dir, n, device, args.download)
     probs = [check_model(report, Path(p), args, device, data) for p in args.model_path]
     if len(probs) > 1:
         if all(p is not None for p in probs):
             report.run("ensemble", pf.check_ensemble, probs, data.labels)
         else:
-            report.skip("ensemble", "a model failed its checks")
+            report.skip("ensemble", "no test data" if data is None else "a model failed its checks")
     report.run("memory", pf.check_memory, device)
     return report
 

@@ -11,7 +11,7 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,24 +126,43 @@ def _check_readable(path: Path) -> None:
         raise UserError(f"checkpoint is empty (0 bytes): {path}")
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive (before torch 1.6: a pickle, which starts with the PROTO opcode)."""
+    with open(path, "rb") as fh:
+        start = fh.read(4)
+    return start[:1] == b"\x80" or start == b"PK\x03\x04"  # a truncated zip still starts like one
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
 def _torch_load(path: Path, trust_pickle: bool):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if not _looks_like_torch_file(path):
+            raise UserError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
-            raise UserError(f"{path} is not a PyTorch checkpoint (truncated or corrupt?)") from None
+            raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?)") from None
         if not trust_pickle:
             raise UserError(
                 f"{path} holds pickled Python objects, not just weights; loading it would run code from "
                 f"the file, so it was refused ({TRUST_HINT})"
             ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {first_line}") from None
+    except Exception as exc:  # garbage makes the unpickler fail with any type (KeyError, IndexError, ...)
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_sentence(exc)}"
+        ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)  # user passed --trust-pickle
     except Exception as exc:
-        raise UserError(f"{path} could not be unpickled even as trusted: {exc}") from None
+        raise UserError(f"{path} could not be unpickled even as trusted: {_first_sentence(exc)}") from None
 
 
 def _is_state_dict(obj) -> bool:
@@ -174,6 +193,8 @@ def _extract(obj) -> tuple[dict, str, dict]:
                 f"checkpoint format version {version} is newer than this tool reads ({FORMAT_VERSION}); "
                 "upgrade fashion_ft"
             )
+        if not _is_state_dict(obj.get("model")):
+            raise UserError(f"checkpoint in {FORMAT} format holds no model weights under 'model'")
         return obj["model"], f"{FORMAT} v{version}", obj
     if _is_state_dict(obj):
         return obj, "bare state_dict", {}
@@ -189,14 +210,28 @@ def _extract(obj) -> tuple[dict, str, dict]:
     raise UserError(f"checkpoint holds a {type(obj).__name__}, not model weights")
 
 
+def _arch_from_meta(path: Path, meta: dict) -> tuple[str, dict]:
+    arch, arch_kwargs = meta["arch"], meta.get("arch_kwargs") or {}
+    if not isinstance(arch, str) or not isinstance(arch_kwargs, dict):
+        raise UserError(f"{path}: 'arch' must be a name and 'arch_kwargs' a dict, got {arch!r} and {arch_kwargs!r}")
+    try:
+        return arch, resolve_arch_kwargs(arch, arch_kwargs)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
 def load_checkpoint(path, trust_pickle: bool = False) -> LoadedCheckpoint:
     """Read, recognise and verify a checkpoint; every failure is a UserError with one clear line."""
     path = Path(path)
     _check_readable(path)
-    state_dict, source_format, meta = _extract(_torch_load(path, trust_pickle))
+    try:
+        state_dict, source_format, meta = _extract(_torch_load(path, trust_pickle))
+    except UserError as exc:
+        message = str(exc)
+        raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     state_dict = strip_prefixes(state_dict)
-    if meta:
-        arch, arch_kwargs = meta["arch"], resolve_arch_kwargs(meta["arch"], meta.get("arch_kwargs"))
+    if meta.get("arch") is not None:  # ours: the file names its arch, so check against that
+        arch, arch_kwargs = _arch_from_meta(path, meta)
         problems = shape_mismatches(build_model(arch, arch_kwargs), state_dict)
         if problems:
             raise UserError(f"{path}: weights do not match arch {arch}: {'; '.join(problems)}")
@@ -205,7 +240,7 @@ def load_checkpoint(path, trust_pickle: bool = False) -> LoadedCheckpoint:
             arch, arch_kwargs = infer_arch(state_dict)
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
-    norm = meta.get("normalize", {})
+    norm = meta.get("normalize") if isinstance(meta.get("normalize"), dict) else {}
     return LoadedCheckpoint(
         path=path, source_format=source_format, arch=arch, arch_kwargs=arch_kwargs,
         state_dict=state_dict, mean=float(norm.get("mean", MEAN)), std=float(norm.get("std", STD)),

@@ -8,6 +8,7 @@ so the hot loop has no per-sample Python and no DataLoader workers (the airbench
 import gzip
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def _read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as fh:
                 return fh.read()
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; bad deflate data is zlib.error
         raise UserError(f"cannot read {path}: {exc}") from None
 
 

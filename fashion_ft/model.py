@@ -4,6 +4,7 @@ Checkpoints store `arch` + `arch_kwargs`, so a model is rebuilt from the file al
 does with its model args).
 """
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,22 +73,40 @@ def build_model(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
     kwargs = resolve_arch_kwargs(arch, arch_kwargs)
     try:
         return ARCHS[arch].build(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # unknown names, wrong types, zero widths
         raise UserError(f"bad arch_kwargs for {arch!r}: {exc}") from None
 
 
+def _most_common(values: list) -> int:
+    return Counter(v for v in values if v is not None).most_common(1)[0][0]
+
+
 def _cnn3_kwargs_from_shapes(shapes: dict) -> dict | None:
-    """Read channel widths and head size of a cnn3 off its state_dict shapes, or None."""
+    """Read channel widths and head size of a cnn3 off its state_dict shapes, or None.
+
+    Each width is the majority vote of every tensor that carries it (conv out, BatchNorm, next conv in,
+    head), so that one damaged tensor is reported by name instead of hiding the whole architecture.
+    """
     convs = [k for k in shapes if k.startswith("features.") and k.endswith(".weight") and len(shapes[k]) == 4]
     linears = [k for k in shapes if k.startswith("classifier.") and k.endswith(".weight") and len(shapes[k]) == 2]
     if len(convs) != 3 or len(linears) != 2:
         return None
     convs.sort(key=lambda k: int(k.split(".")[1]))
     linears.sort(key=lambda k: int(k.split(".")[1]))
-    return {
-        "channels": [shapes[k][0] for k in convs],
-        "hidden": shapes[linears[0]][0],
-    }
+
+    def dim(key, axis):
+        shape = shapes.get(key)
+        return shape[axis] if shape is not None and len(shape) > axis else None
+
+    channels = []
+    for i, conv in enumerate(convs):
+        bn = f"features.{int(conv.split('.')[1]) + 1}."
+        votes = [dim(conv, 0)] + [dim(bn + name, 0) for name in ("weight", "bias", "running_mean", "running_var")]
+        votes.append(dim(convs[i + 1], 1) if i + 1 < len(convs) else None)
+        channels.append(_most_common(votes))
+    first_bias = linears[0][: -len("weight")] + "bias"
+    hidden = _most_common([dim(linears[0], 0), dim(first_bias, 0), dim(linears[1], 1)])
+    return {"channels": channels, "hidden": hidden}
 
 
 KWARGS_FROM_SHAPES = {"cnn3": _cnn3_kwargs_from_shapes}

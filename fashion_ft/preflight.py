@@ -31,6 +31,7 @@ class Check:
 @dataclass
 class Report:
     checks: list = field(default_factory=list)
+    debug: bool = False  # let unexpected exceptions through, with their traceback
 
     def run(self, name: str, fn, *args):
         """Run fn(*args) -> (detail, data, value); any UserError/CheckFailed becomes a failed check."""
@@ -38,6 +39,12 @@ class Report:
             detail, data, value = fn(*args)
         except (UserError, CheckFailed) as exc:
             self.checks.append(Check(name, False, str(exc)))
+            return None
+        except Exception as exc:  # a pre-flight tool reports a broken GPU or model, it does not crash on it
+            if self.debug:
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            self.checks.append(Check(name, False, f"unexpected {type(exc).__name__}: {first_line} (--debug shows more)"))
             return None
         self.checks.append(Check(name, True, detail, data))
         return value
@@ -157,13 +164,13 @@ def check_ensemble(probs: list, labels: torch.Tensor):
     return f"{len(probs)} models, averaged probabilities: accuracy {100 * acc:.2f}%", {"accuracy": acc}, acc
 
 
-def load_eval_data(data_dir, n: int | None, device) -> DeviceData:
-    images, labels = load_split(data_dir, "test")
+def load_eval_data(data_dir, n: int | None, device, allow_download: bool = False) -> DeviceData:
+    images, labels = load_split(data_dir, "test", allow_download)
     if n is not None:
         images, labels = images[:n], labels[:n]
     return DeviceData.create(images, labels, device)
 
 
-def check_data(data_dir, n, device):
-    data = load_eval_data(data_dir, n, device)
+def check_data(data_dir, n, device, allow_download: bool = False):
+    data = load_eval_data(data_dir, n, device, allow_download)
     return f"{len(data)} Fashion-MNIST test images", {"images": len(data)}, data

@@ -3,6 +3,7 @@
 import copy
 import datetime
 import math
+import os
 import shutil
 import signal
 import sys
@@ -103,8 +104,16 @@ def stop_on_signals():
 
 # ---------------------------------------------------------------- set-up
 
+def existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_outputs(cfg: Config, paths: Paths) -> None:
-    """Refuse, before any work, to overwrite the input or earlier results, or to write where we cannot."""
+    """Refuse, before any work and without creating anything, to overwrite the input or earlier
+    results, or to write where we cannot."""
     if cfg.model_path and not cfg.from_scratch and Path(cfg.model_path).resolve() == paths.best.resolve():
         raise UsageError(f"--output {cfg.output} is the --model-path input; choose another output path")
     if not cfg.resume and not cfg.overwrite:
@@ -112,21 +121,18 @@ def check_outputs(cfg: Config, paths: Paths) -> None:
             if path.exists():
                 raise UsageError(f"--output: {path} already exists; pass --overwrite to replace it "
                                  "or choose another --output")
-    folder = paths.best.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{datetime.datetime.now().timestamp()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
+    folder = existing_ancestor(paths.best.parent)
+    if not folder.is_dir():
+        raise UserError(f"--output: cannot create a folder under {folder}: it is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--output: folder {folder} is not writable")
 
 
 def check_disk_space(folder: Path, model: nn.Module) -> None:
     """Best + last (with two AdamW moments) + temporary copies, with room to spare."""
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     needed = 8 * weight_bytes + 16 * 2**20
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(existing_ancestor(folder)).free
     if free < needed:
         raise UserError(f"only {free / 2**20:.1f} MiB free in {folder}; checkpoints need about "
                         f"{needed / 2**20:.0f} MiB")
