@@ -1,0 +1,168 @@
+"""Resume exactly, survive signals, kill -9 and divergence, guard the user's files."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from conftest import REPO, SMALL_RUN, run_script
+
+import finetune_gpu
+from fashion_ft import engine
+from fashion_ft.checkpoint import save_checkpoint
+
+SMALL = ("--limit-train", "1024", *SMALL_RUN)
+
+
+def args_for(data_dir, model_path, out, *extra):
+    return ["--model-path", model_path, "--data-dir", data_dir, "--output", out / "best.pt",
+            "--logdir", out.parent / "tb", *SMALL, *extra]
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def same_weights(a, b) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def metrics(out):
+    m = json.loads((out / "metrics.json").read_text())
+    return m["best_epoch"], m["best_val_acc"], m["test_acc"], m["test_loss"]
+
+
+def start_and_signal(argv, after_line: str, signum):
+    """Start finetune_gpu.py, send `signum` once a stdout line starts with `after_line`."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "finetune_gpu.py"), *map(str, argv)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith(after_line):
+            proc.send_signal(signum)
+            sent = time.monotonic()
+            break
+    stdout, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr, time.monotonic() - sent
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, small_data_dir, trained_checkpoint):
+    straight = tmp_path / "straight"
+    assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, straight,
+                                                   "--epochs", 4)).returncode == 0
+    broken = tmp_path / "broken"
+    argv = [a for a in args_for(small_data_dir, trained_checkpoint, broken, "--epochs", 4) if a != "--quiet"]
+    code, stderr, _ = start_and_signal(argv, "epoch   2", signal.SIGINT)
+    assert code == 130, stderr
+    assert "resume with: python finetune_gpu.py --resume" in stderr
+    resumed = run_script("finetune_gpu.py", "--resume", broken / "last.pt", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_weights(straight / "best.pt", broken / "best.pt")
+    assert same_weights(straight / "last.pt", broken / "last.pt")
+    assert metrics(straight) == metrics(broken)
+
+
+def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, small_data_dir, trained_checkpoint):
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    common = ("--scheduler", "none")
+    assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, straight, *common,
+                                                   "--epochs", 4)).returncode == 0
+    assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, extended, *common,
+                                                   "--epochs", 2)).returncode == 0
+    more = run_script("finetune_gpu.py", "--resume", extended / "last.pt", "--epochs", 4, "--quiet")
+    assert more.returncode == 0, more.stderr
+    assert same_weights(straight / "last.pt", extended / "last.pt")
+    assert metrics(straight) == metrics(extended)
+
+
+def test_resume_refuses_changed_hyperparameters_unless_overridden(tmp_path, small_data_dir, trained_checkpoint):
+    out = tmp_path / "run"
+    assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, out,
+                                                   "--epochs", 1)).returncode == 0
+    before = (out / "last.pt").read_bytes()
+    refused = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--lr", 0.01)
+    assert refused.returncode == 2 and "--lr 0.001 -> 0.01" in refused.stderr
+    assert (out / "last.pt").read_bytes() == before
+    allowed = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--lr", 0.01,
+                         "--override-resume", "--quiet")
+    assert allowed.returncode == 0, allowed.stderr
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_and_exits_quickly(tmp_path, small_data_dir, trained_checkpoint, signum, code):
+    out = tmp_path / "run"
+    argv = [a for a in args_for(small_data_dir, trained_checkpoint, out, "--epochs", 50) if a != "--quiet"]
+    exit_code, stderr, seconds = start_and_signal(argv, "epoch   1", signum)
+    assert exit_code == code, stderr
+    assert seconds < 10
+    assert "Traceback" not in stderr and f"--resume {out / 'last.pt'}" in stderr
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] >= 1
+    assert weights(out / "best.pt")  # intact and loadable
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+KILL_WRITER = textwrap.dedent("""
+    import sys, torch
+    from fashion_ft.checkpoint import save_checkpoint
+    versions = [torch.full((300_000,), float(v)) for v in range(2)]
+    i = 0
+    while True:
+        save_checkpoint({"version": i % 2, "w": versions[i % 2]}, sys.argv[1])
+        i += 1
+""")
+
+
+def test_kill_9_during_saves_leaves_a_complete_file(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    save_checkpoint({"version": 0, "w": torch.zeros(300_000)}, target)
+    rng = random.Random(0)
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", KILL_WRITER, str(target)], cwd=REPO)
+        time.sleep(2.0 + rng.random())  # import torch, then some hundreds of saves
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = torch.load(target, weights_only=True)
+        assert torch.all(ckpt["w"] == ckpt["version"])  # old or new, never a mix or a torn file
+
+
+def fail_after(calls: int, monkeypatch):
+    """Make the training step's loss NaN from the `calls`-th step on (a diverging run)."""
+    original = engine.TrainStep.__call__
+    count = {"n": 0}
+
+    def step(self, x, y, rt):
+        count["n"] += 1
+        loss, logits = original(self, x, y, rt)
+        return (loss * float("nan"), logits) if count["n"] >= calls else (loss, logits)
+
+    monkeypatch.setattr(engine.TrainStep, "__call__", step)
+
+
+def test_nan_loss_stops_with_exit_1_and_keeps_the_best_model(tmp_path, small_data_dir, trained_checkpoint,
+                                                            monkeypatch, capsys):
+    out = tmp_path / "run"
+    fail_after(20, monkeypatch)  # 1024 images / 64 = 16 steps per epoch: epoch 2 diverges
+    code = finetune_gpu.main([str(a) for a in args_for(small_data_dir, trained_checkpoint, out, "--epochs", 5)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "loss became nan in epoch 2" in err and f"stays in {out / 'best.pt'}" in err
+    assert torch.load(out / "best.pt", weights_only=True)["metrics"]["epoch"] == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_max_grad_norm_clips(tmp_path, small_data_dir, trained_checkpoint, monkeypatch):
+    seen = []
+    original = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, m: seen.append(m) or original(p, m))
+    out = tmp_path / "run"
+    argv = args_for(small_data_dir, trained_checkpoint, out, "--epochs", 1, "--max-grad-norm", 0.5)
+    assert finetune_gpu.main([str(a) for a in argv]) == 0
+    assert seen and set(seen) == {0.5}
