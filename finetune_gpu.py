@@ -11,6 +11,7 @@ Exit codes: 0 done, 1 the run failed (the message says why), 2 bad usage, 130/14
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -126,6 +127,12 @@ def build_config(argv) -> tuple[Config, dict | None]:
     return cfg, resume_meta
 
 
+def error_prefix() -> str:
+    """Under torchrun every rank reports its own failure, so say which one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"error (rank {os.environ.get('RANK', '?')} of {world}): " if world > 1 else "error: "
+
+
 def main(argv=None) -> int:
     warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
@@ -138,7 +145,7 @@ def main(argv=None) -> int:
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{error_prefix()}{exc}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
         print(f"interrupted ({exc}): {exc.hint}", file=sys.stderr)
@@ -149,7 +156,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # the last line of defence keeps the one-line contract
         if debug:
             raise
-        print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"{error_prefix()}{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -154,3 +154,21 @@ def test_from_scratch_with_sgd(tmp_path, small_data_dir):
     assert result.returncode == 0, result.stderr
     assert load(out / "m.pt")["config"]["optimizer"] == "sgd"
     assert "base model" not in result.stdout
+
+
+def test_tensorboard_run_has_scalars_images_and_hparams(tmp_path, small_data_dir, trained_checkpoint):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, _ = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 2, "--run-name", "tb_run")
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(tmp_path / "tb" / "tb_run"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "throughput/train_images_per_s",
+                "hparam/test_acc", "test_per_class/Ankle_boot"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("val/acc")] == [1, 2]
+    assert {"test/confusion_matrix", "test/per_class_accuracy", "test/misclassified"} <= set(tags["images"])
+    assert events.Images("test/confusion_matrix")[0].width > 400
+    assert "config/text_summary" in tags["tensors"]
+    plugins = events.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in plugins
