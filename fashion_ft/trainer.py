@@ -35,7 +35,7 @@ from .engine import (
 )
 from .errors import Interrupted, UsageError, UserError
 from .model import build_model, count_parameters, resolve_arch_kwargs
-from .system import resolve_amp, resolve_device, set_cpu_threads
+from .system import resolve_amp, resolve_device, seed_everything, set_cpu_threads
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -159,6 +159,7 @@ def load_data(cfg: Config, device, console: Console):
 def load_model(cfg: Config, console: Console):
     """(model, arch, arch_kwargs, mean, std) from --model-path, or a fresh one with --from-scratch."""
     if cfg.from_scratch:
+        seed_everything(cfg.seed)  # the random initial weights are part of the experiment
         kwargs = resolve_arch_kwargs(cfg.arch)
         return build_model(cfg.arch, kwargs), cfg.arch, kwargs, MEAN, STD
     ckpt = load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle)
