@@ -1,0 +1,52 @@
+"""QUICKSTART.sh as a user runs it, in a copy of the project (it writes result/ and logs_finetune/)."""
+
+import os
+import shutil
+import subprocess
+
+from conftest import REPO
+
+PROJECT_FILES = ("QUICKSTART.sh", "finetune_gpu.py", "test_model.py", "requirements.txt", "scripts", "fashion_ft",
+                 "model")
+
+
+def copy_project(dest):
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dest / name)
+
+
+def quickstart(cwd, *args, env_extra=None):
+    env = {**os.environ, "QUICKSTART_SKIP_SETUP": "1", **(env_extra or {})}
+    return subprocess.run(["bash", "QUICKSTART.sh", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_help_and_bad_option(tmp_path):
+    copy_project(tmp_path)
+    shown = quickstart(tmp_path, "--help")
+    assert shown.returncode == 0 and "--smoke" in shown.stdout
+    bad = quickstart(tmp_path, "--bogus")
+    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+
+
+def test_smoke_mode_runs_every_step(tmp_path, real_data_dir):
+    copy_project(tmp_path)
+    result = quickstart(tmp_path, "--smoke", env_extra={"FASHION_MNIST_DIR": str(real_data_dir)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "all 9 checks passed" in result.stdout  # base model, then the fine-tuned one
+    assert "== step 3/3" in result.stdout and "tensorboard --logdir logs_finetune" in result.stdout
+    assert (tmp_path / "result" / "smoke" / "mnist_cnn_finetuned.pt").is_file()
+    assert (tmp_path / "logs_finetune" / "quickstart_smoke").is_dir()
+
+
+def test_stops_at_the_first_failure(tmp_path, real_data_dir):
+    copy_project(tmp_path)
+    (tmp_path / "model" / "mnist_cnn3.pt").write_bytes(b"not a checkpoint")
+    result = quickstart(tmp_path, "--smoke", env_extra={"FASHION_MNIST_DIR": str(real_data_dir)})
+    assert result.returncode == 1
+    assert "step 'pre-flight check' failed" in result.stderr
+    assert "== step 2/3" not in result.stdout and not (tmp_path / "result").exists()
