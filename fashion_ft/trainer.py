@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -432,6 +433,8 @@ def _fine_tune(cfg, resume_meta, info, console, paths, rt, model, arch, arch_kwa
                 raise
         summary["train_s"] = time.perf_counter() - start
         summary["epoch_s"] = [round(r["epoch_s"], 3) for r in state.history]
+        if cfg.compile and len(summary["epoch_s"]) > 1:  # the first epoch pays for compilation
+            summary["compile_warmup_s"] = summary["epoch_s"][0] - statistics.median(summary["epoch_s"][1:])
         if info.is_main:
             finish(state, cfg, rt, test, paths, writer, summary)
             print_summary(summary, paths, console)
@@ -462,5 +465,6 @@ def print_summary(summary: dict, paths: Paths, console: Console) -> None:
         f"val acc {100 * summary['best_val_acc']:.2f}%, test acc {100 * summary['test_acc']:.2f}%"
         + (f" (base model {100 * base:.2f}%)" if base is not None else "")
         + f", {summary['train_s']:.0f}s"
+        + (f" (compile warm-up about {summary['compile_warmup_s']:.0f}s)" if "compile_warmup_s" in summary else "")
     )
     console.result(f"saved: {paths.best} (best), {paths.last} (resumable), {paths.metrics}")
