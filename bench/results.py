@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Run every fine-tuning plan from the shipped base model and write one table of what it achieved.
+
+    python bench/results.py                       # all plans, full data (hours on a 2-core CPU)
+    python bench/results.py --tiny                # a few seconds per plan, to check the script works
+
+Runs, each as a separate `finetune_gpu.py` process: the four presets (light, head, deep,
+conservative), a second round (lr 0.0005) from the light plan's output, and the ensemble of the
+fine-tuned models (`test_model.py --full` with several --model-path). Writes results.json, results.md
+and the raw log of every run into --report-dir.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PLANS = {  # name -> finetune_gpu.py flags (the model path is added per plan)
+    "light": ["--preset", "light"],
+    "head": ["--preset", "head"],
+    "deep": ["--preset", "deep"],
+    "conservative": ["--preset", "conservative"],
+    "two-round": ["--preset", "light", "--lr", "0.0005"],  # from the light plan's output
+}
+TINY = ["--limit-train", "1024", "--epochs", "1", "--val-size", "1000"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--plans", nargs="+", choices=list(PLANS), default=list(PLANS))
+    p.add_argument("--model-path", default="model/mnist_cnn3.pt", help="the base model")
+    p.add_argument("--work-dir", default="result/results", help="checkpoints and TensorBoard runs")
+    p.add_argument("--report-dir", default="bench/results", help="results.json, results.md, logs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--tiny", action="store_true", help="1 epoch on 1,024 images per plan (a smoke test)")
+    return p
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {gpu}, torch {torch.__version__}"
+
+
+def run(cmd: list, log: Path) -> tuple[int, float]:
+    """Run one process, its output going to `log`; returns (exit code, seconds)."""
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        code = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
+    return code, time.perf_counter() - start
+
+
+def run_plan(name: str, args, base: Path, work: Path, logs: Path) -> dict:
+    out = work / name / "best.pt"
+    cmd = [sys.executable, "finetune_gpu.py", "--model-path", str(base), *PLANS[name], "--output", str(out),
+           "--logdir", str(work / "tb"), "--run-name", name, "--overwrite", "--quiet", "--device", args.device]
+    cmd += (["--data-dir", args.data_dir] if args.data_dir else []) + (TINY if args.tiny else [])
+    code, seconds = run(cmd, logs / f"{name}.log")
+    row = {"plan": name, "command": " ".join(cmd[1:]), "exit_code": code, "wall_s": round(seconds, 1)}
+    if code == 0:
+        m = json.loads((out.parent / "metrics.json").read_text())
+        row.update(test_acc=m["test_acc"], val_acc=m["best_val_acc"], best_epoch=m["best_epoch"],
+                   epochs_run=m["epochs_run"], checkpoint=str(out))
+    return row
+
+
+def run_ensemble(rows: list, args, logs: Path) -> dict:
+    paths = [r["checkpoint"] for r in rows if r.get("checkpoint")]
+    cmd = [sys.executable, "test_model.py", "--full", "--json", "--device", args.device, "--model-path", *paths]
+    cmd += ["--data-dir", args.data_dir] if args.data_dir else []
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    (logs / "ensemble.log").write_text("$ " + " ".join(cmd) + "\n" + result.stdout + result.stderr)
+    row = {"plan": f"ensemble of {len(paths)}", "command": " ".join(cmd[1:]), "exit_code": result.returncode,
+           "wall_s": round(time.perf_counter() - start, 1)}
+    if result.returncode == 0:
+        check = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "ensemble")
+        row["test_acc"] = check["data"]["accuracy"]
+    return row
+
+
+def percent(row: dict, key: str) -> str:
+    return f"{100 * row[key]:.2f}%" if key in row else "-"
+
+
+def markdown(rows: list, header: str) -> str:
+    lines = [header, "", "| plan | test acc | val acc | best epoch | epochs run | wall time |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        status = "" if r["exit_code"] == 0 else f" (failed, exit {r['exit_code']})"
+        lines.append(f"| {r['plan']}{status} | {percent(r, 'test_acc')} | {percent(r, 'val_acc')} | {r.get('best_epoch', '-')} "
+                     f"| {r.get('epochs_run', '-')} | {r['wall_s'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    work, report = REPO / args.work_dir, REPO / args.report_dir
+    logs = report / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if "two-round" in args.plans and "light" not in args.plans:
+        raise SystemExit("--plans: two-round starts from the light plan's output; add light")
+    for name in sorted(args.plans, key=list(PLANS).index):  # light before two-round
+        base = REPO / args.model_path
+        if name == "two-round":
+            light = next(r for r in rows if r["plan"] == "light")
+            if not light.get("checkpoint"):
+                rows.append({"plan": name, "exit_code": -1, "wall_s": 0.0, "command": "skipped: light failed"})
+                continue
+            base = Path(light["checkpoint"])
+        rows.append(run_plan(name, args, base, work, logs))
+        print(markdown(rows[-1:], "").splitlines()[-1], flush=True)
+    if sum(1 for r in rows if r.get("checkpoint")) > 1:
+        rows.append(run_ensemble(rows, args, logs))
+    header = (f"Measured {datetime.date.today()} on {machine()}"
+              + (" (--tiny: 1 epoch on 1,024 images, not a result)" if args.tiny else ""))
+    (report / "results.md").write_text(markdown(rows, header))
+    (report / "results.json").write_text(json.dumps({"machine": header, "rows": rows}, indent=2) + "\n")
+    print(markdown(rows, header))
+    return 0 if all(r["exit_code"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

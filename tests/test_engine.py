@@ -1,0 +1,110 @@
+"""Unit tests of the pieces under the training loop: optimizer groups, early stopping, augmentation,
+sharding, the disk-space guard."""
+
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+from fashion_ft import trainer
+from fashion_ft.config import Config
+from fashion_ft.data import AugmentConfig, augment, make_batch
+from fashion_ft.engine import EarlyStopping, apply_freezing, build_optimizer, rank_shard
+from fashion_ft.errors import UserError
+from fashion_ft.model import build_model
+
+
+def test_optimizer_gets_trainable_params_only_and_no_decay_on_biases_and_norms():
+    model = build_model("cnn3")
+    apply_freezing(model, freeze_conv=True, freeze_bn=False)
+    opt = build_optimizer(model, Config(), lr=1e-3)
+    decay, no_decay = opt.param_groups
+    trainable = {id(p) for p in model.classifier.parameters()}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
+    assert decay["weight_decay"] == 0.01 and all(p.ndim == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
+
+
+def test_sgd_default_weight_decay_and_nesterov():
+    opt = build_optimizer(build_model("cnn3"), Config(optimizer="sgd"), lr=0.1)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["weight_decay"] == 5e-4
+    assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_nothing_to_train_is_an_error():
+    model = build_model("cnn3")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(UserError, match="nothing to train"):
+        build_optimizer(model, Config(), lr=1e-3)
+
+
+@pytest.mark.parametrize("monitor, values, stop_after", [
+    ("val_acc", [0.5, 0.6, 0.6, 0.59], 4),  # equal is no improvement
+    ("val_loss", [1.0, 0.9, 0.95, 0.91], 4),
+])
+def test_early_stopping_counts_epochs_without_improvement(monitor, values, stop_after):
+    stopper = EarlyStopping(monitor, patience=2)
+    stopped_at = None
+    for epoch, value in enumerate(values, 1):
+        stopper.update(value, epoch)
+        if stopper.should_stop:
+            stopped_at = epoch
+            break
+    assert stopped_at == stop_after
+    assert stopper.best_epoch == 2
+
+
+def test_min_delta_requires_a_real_improvement():
+    stopper = EarlyStopping("val_acc", patience=5, min_delta=0.01)
+    assert stopper.update(0.80, 1) and not stopper.update(0.805, 2) and stopper.update(0.82, 3)
+
+
+def test_flip_only_augmentation_mirrors_exactly():
+    images = torch.rand(64, 1, 28, 28)
+    out = augment(images, AugmentConfig(hflip=True), torch.Generator().manual_seed(0))
+    mirrored = torch.isclose(out, images.flip(-1), atol=1e-5).flatten(1).all(1)
+    kept = torch.isclose(out, images, atol=1e-5).flatten(1).all(1)
+    assert (mirrored | kept).all() and 10 < mirrored.sum() < 54
+
+
+def test_rotation_is_bounded_and_seeded():
+    images = torch.zeros(8, 1, 28, 28)
+    images[:, :, 10:18, 4:24] = 1.0  # a horizontal bar
+    aug = AugmentConfig(rotate_deg=10.0)
+    a = augment(images.clone(), aug, torch.Generator().manual_seed(1))
+    b = augment(images.clone(), aug, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert (a - images).abs().mean() > 0.01  # it moved
+    assert a.sum(dim=(1, 2, 3)).sub(images.sum(dim=(1, 2, 3))).abs().max() < 8  # mass kept: a small rotation
+
+
+def test_random_erasing_zeroes_a_box_in_about_p_of_the_images():
+    images = torch.ones(2000, 1, 28, 28)
+    out = augment(images, AugmentConfig(erase_p=0.25), torch.Generator().manual_seed(0))
+    erased = (out == 0).flatten(1).any(1).float()
+    assert 0.2 < erased.mean() < 0.3
+    area = (out == 0).flatten(1).float().mean(1)[erased.bool()]
+    assert area.min() > 0 and area.max() <= 0.25
+
+
+def test_make_batch_normalises_and_uses_the_memory_format():
+    batch = make_batch(torch.full((4, 1, 28, 28), 255, dtype=torch.uint8), None, None, 0.5, 0.25,
+                       torch.channels_last)
+    assert torch.allclose(batch, torch.full_like(batch, 2.0))
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_rank_shards_are_disjoint_equal_and_cover_all_but_the_remainder():
+    perm = torch.randperm(103)
+    shards = [rank_shard(perm, r, 4) for r in range(4)]
+    assert {len(s) for s in shards} == {25}
+    assert len(set(torch.cat(shards).tolist())) == 100
+
+
+def test_low_disk_space_is_refused_before_training(monkeypatch, tmp_path):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda _path: usage(10**9, 10**9, 1024))
+    with pytest.raises(UserError, match="MiB free in"):
+        trainer.check_disk_space(Path(tmp_path) / "not" / "yet", build_model("cnn3"))
