@@ -66,7 +66,7 @@ def run(cmd: list, log: Path) -> tuple[int, float]:
 def run_plan(name: str, args, base: Path, work: Path, logs: Path) -> dict:
     out = work / name / "best.pt"
     cmd = [sys.executable, "finetune_gpu.py", "--model-path", str(base), *PLANS[name], "--output", str(out),
-           "--logdir", str(work / "tb"), "--run-name", name, "--overwrite", "--quiet", "--device", args.device]
+           "--logdir", str(work / "tb"), "--run-name", name, "--overwrite", "--device", args.device]
     cmd += (["--data-dir", args.data_dir] if args.data_dir else []) + (TINY if args.tiny else [])
     code, seconds = run(cmd, logs / f"{name}.log")
     row = {"plan": name, "command": " ".join(cmd[1:]), "exit_code": code, "wall_s": round(seconds, 1)}
