@@ -56,7 +56,7 @@ TensorBoard (accuracy, validation loss, learning rate, confusion matrix, misclas
     tensorboard --logdir logs_finetune
 Next:
     python test_model.py --model-path $out --full                      # all 10,000 test images
-    python finetune_gpu.py --model-path $out --lr 0.0005 --output result/round2.pt   # a second round
-    python finetune_gpu.py --preset deep --output result/deep.pt          # the longest plan
+    python finetune_gpu.py --model-path $out --lr 0.0005 --output result/round2/best.pt   # a second round
+    python finetune_gpu.py --preset deep --output result/deep/best.pt     # the longest plan
     python finetune_gpu.py --resume $(dirname "$out")/last.pt --epochs 40    # train a bit more
 EOF

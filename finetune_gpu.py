@@ -16,7 +16,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from fashion_ft.config import OPTIMIZERS, PRESETS, SCHEDULERS, Config, resume_differences, validate
+from fashion_ft.config import (
+    OPTIMIZERS,
+    PRESETS,
+    RESUME_FIXED_FIELDS,
+    SCHEDULERS,
+    Config,
+    resume_differences,
+    validate,
+)
 from fashion_ft.errors import Interrupted, UsageError, UserError
 
 DEFAULTS = Config()
@@ -33,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow a checkpoint holding pickled Python objects (runs code from the file!)")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=d.data_dir, help="folder with the IDX files (default: search)")
+    g.add_argument("--data-dir", default=d.data_dir, help="folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, then the Debian folder")
     g.add_argument("--download", action="store_true", help="download Fashion-MNIST into ./data if missing")
     g.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of training")
     g.add_argument("--limit-train", type=int, default=d.limit_train, help="use only N training images (smoke runs)")
@@ -44,14 +52,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=list(PRESETS), default=d.preset,
                    help=f"a fine-tuning plan; flags given explicitly win ({presets})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="batch for validation and test")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="AdamW or SGD with Nesterov momentum")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (Nesterov)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="default: 0.01 for adamw, 5e-4 for sgd; never on biases or BatchNorm")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler)
+                   help="unset: 0.01 for adamw, 5e-4 for sgd; never on biases or BatchNorm")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="at most this many epochs (early stopping may end sooner)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler, help="LR schedule over the run")
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear LR warm-up")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine: the final LR")
     g.add_argument("--step-size", type=int, default=d.step_size, help="step: epochs between decays")
@@ -59,27 +67,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--exp-gamma", type=float, default=d.exp_gamma, help="exponential: factor per epoch")
     g.add_argument("--plateau-factor", type=float, default=d.plateau_factor, help="plateau: decay factor")
     g.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="plateau: epochs to wait")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="of the training loss only")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip gradients to this norm")
     g.add_argument("--freeze-conv", action="store_true", help="train only the FC head (conv + its BN frozen)")
     g.add_argument("--freeze-bn", action="store_true", help="freeze BatchNorm weights and running statistics")
     g = p.add_argument_group("model selection and early stopping (validation split only)")
-    g.add_argument("--monitor", choices=["val_acc", "val_loss"], default=d.monitor)
+    g.add_argument("--monitor", choices=["val_acc", "val_loss"], default=d.monitor,
+                   help="validation metric for the best model, early stopping and plateau")
     g.add_argument("--patience", type=int, default=d.patience, help="epochs without improvement before stopping")
     g.add_argument("--min-delta", type=float, default=d.min_delta, help="smallest change that counts")
     g.add_argument("--seed", type=int, default=d.seed, help="split, shuffling, augmentation and dropout")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=d.output, help="best model; last.pt and metrics.json go beside it")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    g.add_argument("--resume", default=d.resume, help="continue a run from its last.pt")
+    g.add_argument("--resume", default=d.resume, help="continue a run from its last.pt (path)")
     g.add_argument("--override-resume", action="store_true", help="allow changed hyperparameters on --resume")
     g.add_argument("--logdir", default=d.logdir, help="TensorBoard folder")
-    g.add_argument("--run-name", default=d.run_name, help="TensorBoard run (default: time, plan, optimizer, lr)")
+    g.add_argument("--run-name", default=d.run_name, help="TensorBoard run folder; unset: time, plan, optimizer, lr and batch size")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=d.amp,
                    help="mixed precision; auto: bf16 where the hardware is fast at it")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last)
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
+                   help="NHWC memory layout (faster convolutions)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (torchrun, CUDA)")
     g.add_argument("--scale-lr", action="store_true", help="multiply --lr by the world size (linear scaling)")
@@ -106,6 +116,18 @@ def load_resume(path: str) -> dict:
     return meta
 
 
+def check_resume(saved: dict, cfg: Config, explicit: set) -> None:
+    fixed = sorted(f"--{name.replace('_', '-')}" for name in RESUME_FIXED_FIELDS & explicit
+                   if saved.get(name) != getattr(cfg, name))
+    if fixed:
+        raise UsageError(f"--resume: {', '.join(fixed)} cannot change in a resumed run; start a new run "
+                         "from its best model instead (--model-path)")
+    diffs = resume_differences(saved, cfg, explicit)
+    if diffs and not cfg.override_resume:
+        raise UsageError(f"--resume: these flags change the saved run: {', '.join(diffs)} "
+                         "(pass --override-resume to accept)")
+
+
 def build_config(argv) -> tuple[Config, dict | None]:
     args = get_args_parser().parse_args(argv)
     explicit = explicit_flags(argv)
@@ -114,15 +136,12 @@ def build_config(argv) -> tuple[Config, dict | None]:
     if args.resume:
         resume_meta = load_resume(args.resume)
         values.update({k: v for k, v in resume_meta["config"].items() if k in values})
-    elif args.preset:
+    if args.preset and (not args.resume or "preset" in explicit):
         values.update(PRESETS[args.preset])
     values.update({k: getattr(args, k) for k in explicit})
     cfg = Config(**values)
     if resume_meta is not None:
-        diffs = resume_differences(resume_meta["config"], cfg, explicit)
-        if diffs and not cfg.override_resume:
-            raise UsageError(f"--resume: these flags change the saved run: {', '.join(diffs)} "
-                             "(pass --override-resume to accept)")
+        check_resume(resume_meta["config"], cfg, explicit)
     validate(cfg)
     return cfg, resume_meta
 

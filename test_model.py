@@ -26,17 +26,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (0.9 for 90%), got {value}")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-path", nargs="+", default=["model/mnist_cnn3.pt"],
                    help="one or more checkpoints; several also report their ensemble")
-    p.add_argument("--data-dir", default=None, help="folder with the IDX files (default: search)")
+    p.add_argument("--data-dir", default=None, help="folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, then the Debian folder")
     p.add_argument("--download", action="store_true", help="fetch Fashion-MNIST into ./data when it is not found")
     p.add_argument("--batches", type=positive_int, default=3, help="test batches for the quick eval")
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per eval batch")
     p.add_argument("--full", action="store_true", help="evaluate on all 10,000 test images")
-    p.add_argument("--min-accuracy", type=float, default=0.5, help="quick-eval accuracy below this fails")
+    p.add_argument("--min-accuracy", type=fraction, default=0.5,
+                   help="quick-eval accuracy below this fraction (0..1) fails")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="off",
                    help="precision of the eval (off: exact fp32)")

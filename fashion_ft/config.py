@@ -96,6 +96,10 @@ RESUME_FREE_FIELDS = {
 }
 
 
+# Fields that shape the optimizer state itself: a resumed run cannot change them, even with override.
+RESUME_FIXED_FIELDS = {"optimizer", "freeze_conv", "freeze_bn", "arch", "from_scratch"}
+
+
 def resume_differences(saved: dict, current: "Config", explicit: set) -> list[str]:
     """Flags the user gave explicitly on resume that change the saved experiment."""
     diffs = []
@@ -135,7 +139,6 @@ def validate(cfg: Config) -> None:
                  f"must be >= --batch-size ({cfg.batch_size}), got {cfg.limit_train}")
     _require(not (cfg.from_scratch and cfg.freeze_conv), "--freeze-conv",
              "cannot be combined with --from-scratch (frozen random filters learn nothing)")
-    _require(not (cfg.from_scratch and cfg.resume), "--resume", "cannot be combined with --from-scratch")
     _require(not (cfg.scheduler == "onecycle" and cfg.warmup_epochs), "--warmup-epochs",
              "onecycle has its own warm-up; drop --warmup-epochs")
     _require(cfg.warmup_epochs < cfg.epochs, "--warmup-epochs", "must be shorter than --epochs")

@@ -42,6 +42,9 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
         raise UsageError(f"--device {spec!r}: only cpu and cuda are supported")
     if not torch.cuda.is_available():
         raise UsageError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.index is not None and local_rank is not None:
+        raise UsageError(f"--device {spec}: under torchrun every process uses the GPU of its LOCAL_RANK; "
+                         "pass --device cuda or auto")
     index = device.index if device.index is not None else (local_rank or 0)
     if index >= torch.cuda.device_count():
         raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")

@@ -157,8 +157,16 @@ def load_data(cfg: Config, device, console: Console):
             DeviceData.create(test_images, test_labels, device))
 
 
-def load_model(cfg: Config, console: Console):
-    """(model, arch, arch_kwargs, mean, std) from --model-path, or a fresh one with --from-scratch."""
+def load_model(cfg: Config, console: Console, resume_meta: dict | None):
+    """(model, arch, arch_kwargs, mean, std): from last.pt when resuming, else from --model-path,
+    or a fresh one with --from-scratch."""
+    if resume_meta is not None:
+        arch = resume_meta["arch"]
+        kwargs = resolve_arch_kwargs(arch, resume_meta["arch_kwargs"])
+        model = build_model(arch, kwargs)
+        model.load_state_dict(resume_meta["model"])
+        norm = resume_meta["normalize"]
+        return model, arch, kwargs, norm["mean"], norm["std"]
     if cfg.from_scratch:
         seed_everything(cfg.seed)  # the random initial weights are part of the experiment
         kwargs = resolve_arch_kwargs(cfg.arch)
@@ -219,7 +227,7 @@ def last_checkpoint(state: RunState, cfg: Config, rt: Runtime) -> dict:
     return ckpt
 
 
-def restore(state: RunState, resume_meta: dict) -> None:
+def restore(state: RunState, resume_meta: dict, cfg: Config, lr: float) -> None:
     """Continue exactly where last.pt stopped (RNG needs nothing: it is derived from seed and epoch)."""
     unwrap(state.model).load_state_dict(resume_meta["model"])
     state.step.optimizer.load_state_dict(resume_meta["optimizer"])
@@ -229,7 +237,21 @@ def restore(state: RunState, resume_meta: dict) -> None:
     state.best_state = resume_meta["best_model"]
     state.history = list(resume_meta["history"])
     state.epoch = int(resume_meta["epoch"])
-    state.run_name = resume_meta["run_name"]
+    state.run_name = cfg.run_name or resume_meta["run_name"]
+    apply_hyperparameters(state.step, cfg, lr)
+
+
+def apply_hyperparameters(step: TrainStep, cfg: Config, lr: float) -> None:
+    """The optimizer state restored from last.pt carries the old LR, weight decay and momentum; the
+    config (changed only with --override-resume) is what the run must use from now on."""
+    scheduler = step.schedulers.per_batch
+    for group, old_base in zip(step.optimizer.param_groups, scheduler.base_lrs):
+        progress = group["lr"] / old_base if old_base else 1.0  # where the schedule is, as a factor
+        group["initial_lr"], group["lr"] = lr, lr * progress
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+    step.optimizer.param_groups[0]["weight_decay"] = cfg.resolved_weight_decay  # the decay group
+    scheduler.base_lrs = [lr] * len(step.optimizer.param_groups)
 
 
 def best_checkpoint(state: RunState, cfg: Config, rt: Runtime, metrics: dict) -> dict:
@@ -387,11 +409,14 @@ def fine_tune(cfg: Config, resume_meta: dict | None = None) -> dict:
     paths = Paths.for_output(cfg.output)
     if info.is_main:
         check_outputs(cfg, paths)
-    model, arch, arch_kwargs, mean, std = load_model(cfg, console)
+    model, arch, arch_kwargs, mean, std = load_model(cfg, console, resume_meta)
     if info.is_main:
         check_disk_space(paths.best.parent, model)
     rt = runtime_for(cfg, device, mean, std, info)
     train, val, test = load_data(cfg, device, console)
+    if (len(train) // info.world_size) // cfg.batch_size < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is more than the "
+                         f"{len(train)} training images (--limit-train)")
     dist.init(info, device)
     try:
         return _fine_tune(cfg, resume_meta, info, console, paths, rt, model, arch, arch_kwargs, (train, val, test))
@@ -409,7 +434,7 @@ def _fine_tune(cfg, resume_meta, info, console, paths, rt, model, arch, arch_kwa
     summary = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(rt.device),
                "amp": rt.amp.name, "world_size": info.world_size, "global_batch_size": cfg.batch_size * info.world_size}
     if resume_meta is not None:
-        restore(state, resume_meta)
+        restore(state, resume_meta, cfg, lr)
         console.print(f"resumed from {cfg.resume} at epoch {state.epoch} (run {state.run_name})")
     elif info.is_main and not cfg.from_scratch:
         base, _ = test_best(state, rt, test, cfg.eval_batch_size)

@@ -52,6 +52,7 @@ TEST_MODEL_CASES = {
     "batch size not a number": (["--batch-size", "x"], 2, "--batch-size"),
     "cuda without a GPU": (["--device", "cuda"], 2, "--device"),
     "unknown amp": (["--amp", "fp8"], 2, "--amp"),
+    "min-accuracy as a percentage": (["--min-accuracy", "90"], 2, "--min-accuracy"),
 }
 
 

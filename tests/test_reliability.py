@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,15 +85,37 @@ def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, small_data_
 
 def test_resume_refuses_changed_hyperparameters_unless_overridden(tmp_path, small_data_dir, trained_checkpoint):
     out = tmp_path / "run"
-    assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, out,
-                                                   "--epochs", 1)).returncode == 0
+    assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, out, "--epochs", 1,
+                                                   "--scheduler", "none")).returncode == 0
     before = (out / "last.pt").read_bytes()
     refused = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--lr", 0.01)
     assert refused.returncode == 2 and "--lr 0.001 -> 0.01" in refused.stderr
+    never = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--optimizer", "sgd",
+                       "--override-resume")
+    assert never.returncode == 2 and "--optimizer cannot change in a resumed run" in never.stderr
     assert (out / "last.pt").read_bytes() == before
     allowed = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--lr", 0.01,
-                         "--override-resume", "--quiet")
+                         "--weight-decay", 0.1, "--override-resume", "--quiet")
     assert allowed.returncode == 0, allowed.stderr
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert [row["lr"] for row in last["history"]] == pytest.approx([0.001, 0.01])  # the new LR is used
+    assert last["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+
+
+def test_resume_needs_neither_the_input_model_nor_from_scratch_flags(tmp_path, small_data_dir, trained_checkpoint):
+    shutil.copy(trained_checkpoint, tmp_path / "input.pt")
+    out = tmp_path / "run"
+    assert run_script("finetune_gpu.py", *args_for(small_data_dir, tmp_path / "input.pt", out,
+                                                   "--epochs", 1)).returncode == 0
+    (tmp_path / "input.pt").unlink()  # moved away since: last.pt alone must do
+    resumed = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    scratch = tmp_path / "scratch"
+    made = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--output",
+                      scratch / "best.pt", "--logdir", tmp_path / "tb", *SMALL, "--epochs", 1)
+    assert made.returncode == 0, made.stderr
+    resumed = run_script("finetune_gpu.py", "--resume", scratch / "last.pt", "--epochs", 2, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
