@@ -143,6 +143,7 @@ def build_schedulers(optimizer, cfg: Config, steps_per_epoch: int) -> Schedulers
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min" if cfg.monitor == "val_loss" else "max",
             factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+            threshold=cfg.min_delta, threshold_mode="abs",  # the same "improvement" as early stopping
         )
     return Schedulers(per_batch, plateau, int(round(cfg.warmup_epochs * steps_per_epoch)))
 
