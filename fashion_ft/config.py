@@ -29,7 +29,7 @@ class Config:
     # optimisation
     preset: str | None = None
     batch_size: int = 256
-    eval_batch_size: int = 1024
+    eval_batch_size: int | None = None  # None: system.default_eval_batch_size of the device
     lr: float = 0.001
     optimizer: str = "adamw"
     momentum: float = 0.9
@@ -119,7 +119,8 @@ def validate(cfg: Config) -> None:
     """Every bad value found before any work: a UsageError (exit 2) that names the flag."""
     _require(cfg.lr > 0, "--lr", f"must be > 0, got {cfg.lr}")
     _require(cfg.batch_size >= 1, "--batch-size", f"must be >= 1, got {cfg.batch_size}")
-    _require(cfg.eval_batch_size >= 1, "--eval-batch-size", f"must be >= 1, got {cfg.eval_batch_size}")
+    _require(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "--eval-batch-size",
+             f"must be >= 1, got {cfg.eval_batch_size}")
     _require(cfg.epochs >= 1, "--epochs", f"must be >= 1, got {cfg.epochs}")
     _require(cfg.patience >= 0, "--patience", f"must be >= 0, got {cfg.patience}")
     _require(cfg.min_delta >= 0, "--min-delta", f"must be >= 0, got {cfg.min_delta}")

