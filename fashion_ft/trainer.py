@@ -439,32 +439,13 @@ def _fine_tune(cfg, resume_meta, info, console, paths, rt, model, arch, arch_kwa
         restore(state, resume_meta, cfg, lr)
         console.print(f"resumed from {cfg.resume} at epoch {state.epoch} (run {state.run_name})")
     elif info.is_main and not cfg.from_scratch:
-        base, _ = test_best(state, rt, test, cfg.eval_batch_size)
+        base, _ = test_best(state, rt, test, cfg.eval_batch_size)  # best_state is still the input model
         summary["base_test_acc"] = base["test_acc"]
         console.print(f"base model test accuracy: {100 * base['test_acc']:.2f}%")
     describe(cfg, rt, lr, unwrap(train_model), console)
-    writer = tblog.open_writer(str(Path(cfg.logdir) / state.run_name)) if info.is_main else None
-    if writer is not None:
-        tblog.log_config(writer, cfg.to_dict())
-        console.print(f"tensorboard: tensorboard --logdir {cfg.logdir}  (run {state.run_name})")
-    start = time.perf_counter()
+    writer = open_run_log(cfg, state, console) if info.is_main else None
     try:
-        with stop_on_signals() as received:
-            try:
-                summary["stop_reason"] = run_epochs(state, cfg, rt, train, val, paths, console, writer,
-                                                    received, eval_model)
-            except DivergenceError as exc:
-                raise DivergenceError(divergence_message(exc, state, cfg, paths)) from None
-            except Interrupted as exc:
-                exc.hint = resume_hint(state, paths)
-                raise
-        summary["train_s"] = time.perf_counter() - start
-        summary["epoch_s"] = [round(r["epoch_s"], 3) for r in state.history]
-        if cfg.compile and len(summary["epoch_s"]) > 1:  # the first epoch pays for compilation
-            summary["compile_warmup_s"] = summary["epoch_s"][0] - statistics.median(summary["epoch_s"][1:])
-        if info.is_main:
-            finish(state, cfg, rt, test, paths, writer, summary)
-            print_summary(summary, paths, console)
+        train_and_report(state, cfg, rt, (train, val, test), paths, console, writer, eval_model, summary)
         dist.barrier()
         return summary
     finally:
@@ -472,7 +453,36 @@ def _fine_tune(cfg, resume_meta, info, console, paths, rt, model, arch, arch_kwa
             writer.close()
 
 
-def divergence_message(exc, state: RunState, cfg: Config, paths: Paths) -> str:
+def open_run_log(cfg: Config, state: RunState, console: Console):
+    writer = tblog.open_writer(str(Path(cfg.logdir) / state.run_name))
+    tblog.log_config(writer, cfg.to_dict())
+    console.print(f"tensorboard: tensorboard --logdir {cfg.logdir}  (run {state.run_name})")
+    return writer
+
+
+def train_and_report(state, cfg, rt, data, paths, console, writer, eval_model, summary) -> None:
+    """The epoch loop under the signal handlers, then (rank 0) the test evaluation and the summary."""
+    train, val, test = data
+    start = time.perf_counter()
+    with stop_on_signals() as received:
+        try:
+            summary["stop_reason"] = run_epochs(state, cfg, rt, train, val, paths, console, writer,
+                                                received, eval_model)
+        except DivergenceError as exc:
+            raise DivergenceError(divergence_message(exc, state, paths)) from None
+        except Interrupted as exc:
+            exc.hint = resume_hint(state, paths)
+            raise
+    summary["train_s"] = time.perf_counter() - start
+    summary["epoch_s"] = [round(r["epoch_s"], 3) for r in state.history]
+    if cfg.compile and len(summary["epoch_s"]) > 1:  # the first epoch pays for compilation
+        summary["compile_warmup_s"] = summary["epoch_s"][0] - statistics.median(summary["epoch_s"][1:])
+    if writer is not None:  # rank 0
+        finish(state, cfg, rt, test, paths, writer, summary)
+        print_summary(summary, paths, console)
+
+
+def divergence_message(exc, state: RunState, paths: Paths) -> str:
     kept = (f"the best model so far (epoch {state.stopper.best_epoch}) stays in {paths.best}"
             if state.stopper.best_epoch else "no epoch finished, nothing was saved")
     return f"{exc}; stopped: {kept}; try a lower --lr or --max-grad-norm 1.0"
