@@ -267,6 +267,12 @@ def predict_logits(model: nn.Module, images_uint8: torch.Tensor, rt: Runtime, ba
     return torch.cat(out) if out else torch.empty(0, 10, device=rt.device)
 
 
+def logit_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of fp32 logits: the numbers both scripts report for a test set."""
+    loss = F.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
+
+
 def evaluate(model: nn.Module, data: DeviceData, rt: Runtime, batch_size: int) -> dict:
     """Loss (plain cross-entropy) and accuracy over `data`, sharded across ranks and all-reduced."""
     idx = torch.arange(len(data), device=rt.device)[rt.rank::rt.world_size]  # every image once

@@ -6,11 +6,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors
 from .data import DeviceData, load_split
-from .engine import Runtime, predict_logits
+from .engine import Runtime, logit_metrics, predict_logits
 from .errors import UserError
 from .model import count_parameters
 from .system import cuda_report, process_memory_mb, synchronize
@@ -140,8 +139,7 @@ def eval_logits(model, rt: Runtime, data: DeviceData, batch_size: int):
 
 def check_eval(model, rt: Runtime, data: DeviceData, batch_size: int, min_acc: float):
     logits, seconds = eval_logits(model, rt, data, batch_size)
-    loss = F.cross_entropy(logits, data.labels).item()
-    acc = (logits.argmax(1) == data.labels).float().mean().item()
+    loss, acc = logit_metrics(logits, data.labels)
     stats = {"images": len(data), "accuracy": acc, "loss": loss, "seconds": seconds,
              "images_per_s": len(data) / seconds}
     detail = f"{len(data)} test images: accuracy {100 * acc:.2f}%, loss {loss:.4f}, {len(data) / seconds:.0f} img/s"

@@ -31,6 +31,7 @@ from .engine import (
     build_optimizer,
     build_schedulers,
     evaluate,
+    logit_metrics,
     predict_logits,
     set_train_mode,
     train_one_epoch,
@@ -354,12 +355,8 @@ def test_best(state: RunState, rt: Runtime, test: DeviceData, batch_size: int):
     # rank 0 alone, in fp32: the reported test numbers are exactly what test_model.py --full measures
     single = Runtime(rt.device, AmpPolicy(None, False), rt.mean, rt.std, rt.memory_format)
     logits = predict_logits(model, test.images, single, batch_size)
-    preds = logits.argmax(1)
-    metrics = {
-        "test_loss": torch.nn.functional.cross_entropy(logits, test.labels).item(),
-        "test_acc": (preds == test.labels).float().mean().item(),
-    }
-    return metrics, preds
+    loss, acc = logit_metrics(logits, test.labels)
+    return {"test_loss": loss, "test_acc": acc}, logits.argmax(1)
 
 
 def finish(state: RunState, cfg: Config, rt: Runtime, test: DeviceData, paths: Paths, writer,
