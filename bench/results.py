@@ -23,10 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PLANS = {  # name -> finetune_gpu.py flags (the model path is added per plan)
     "light": ["--preset", "light"],
-    "head": ["--preset", "head"],
+    "two-round": ["--preset", "light", "--lr", "0.0005"],  # from the light plan's output
     "deep": ["--preset", "deep"],
     "conservative": ["--preset", "conservative"],
-    "two-round": ["--preset", "light", "--lr", "0.0005"],  # from the light plan's output
+    "head": ["--preset", "head"],
 }
 TINY = ["--limit-train", "1024", "--epochs", "1", "--val-size", "1000"]
 
@@ -106,6 +106,15 @@ def markdown(rows: list, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(rows: list, report: Path, tiny: bool) -> str:
+    header = (f"Measured {datetime.date.today()} on {machine()}"
+              + (" (--tiny: 1 epoch on 1,024 images, not a result)" if tiny else ""))
+    table = markdown(rows, header)
+    (report / "results.md").write_text(table)
+    (report / "results.json").write_text(json.dumps({"machine": header, "rows": rows}, indent=2) + "\n")
+    return table
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     work, report = REPO / args.work_dir, REPO / args.report_dir
@@ -124,13 +133,10 @@ def main(argv=None) -> int:
             base = Path(light["checkpoint"])
         rows.append(run_plan(name, args, base, work, logs))
         print(markdown(rows[-1:], "").splitlines()[-1], flush=True)
+        write_report(rows, report, args.tiny)  # after every plan: a stopped run keeps what it measured
     if sum(1 for r in rows if r.get("checkpoint")) > 1:
         rows.append(run_ensemble(rows, args, logs))
-    header = (f"Measured {datetime.date.today()} on {machine()}"
-              + (" (--tiny: 1 epoch on 1,024 images, not a result)" if args.tiny else ""))
-    (report / "results.md").write_text(markdown(rows, header))
-    (report / "results.json").write_text(json.dumps({"machine": header, "rows": rows}, indent=2) + "\n")
-    print(markdown(rows, header))
+    print(write_report(rows, report, args.tiny))
     return 0 if all(r["exit_code"] == 0 for r in rows) else 1
 
 

@@ -23,7 +23,7 @@ class CNN3(nn.Module):
     `features` holds everything `--freeze-conv` freezes; `classifier` is the head that stays trainable.
     """
 
-    def __init__(self, channels=(32, 64, 128), hidden=256, dropout=0.3, num_classes=NUM_CLASSES):
+    def __init__(self, channels=(48, 96, 192), hidden=384, dropout=0.3, num_classes=NUM_CLASSES):
         super().__init__()
         blocks, in_ch = [], INPUT_SHAPE[0]
         for out_ch in channels:
@@ -56,7 +56,7 @@ class ArchSpec:
 
 
 ARCHS = {
-    "cnn3": ArchSpec(CNN3, {"channels": [32, 64, 128], "hidden": 256, "dropout": 0.3}),
+    "cnn3": ArchSpec(CNN3, {"channels": [48, 96, 192], "hidden": 384, "dropout": 0.3}),
 }
 
 
