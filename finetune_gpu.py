@@ -77,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int, default=d.patience, help="epochs without improvement before stopping")
     g.add_argument("--min-delta", type=float, default=d.min_delta, help="smallest change that counts")
     g.add_argument("--seed", type=int, default=d.seed, help="split, shuffling, augmentation and dropout")
+    g.add_argument("--tta", choices=["none", "flip"], default=d.tta,
+                   help="flip: validation and test predictions average each image and its mirror image "
+                        "(pays off after --augment strong, which trains on mirror images)")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=d.output, help="best model; last.pt and metrics.json go beside it")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -51,6 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="off",
                    help="precision of the eval (off: exact fp32)")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="flip: average the predictions of each image and its mirror image")
     p.add_argument("--require-gpu", action="store_true", help="fail when no CUDA GPU is available")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a checkpoint holding pickled Python objects (runs code from the file!)")
@@ -78,7 +80,7 @@ def check_model(report, path: Path, args, device, data):
     if model is None or finite is None:
         return None
     model = model.to(device)
-    rt = Runtime(device, resolve_amp(args.amp, device), ckpt.mean, ckpt.std)
+    rt = Runtime(device, resolve_amp(args.amp, device), ckpt.mean, ckpt.std, tta_flip=args.tta == "flip")
     report.run(prefix + "forward pass", pf.check_forward, model, rt)
     if data is None:
         report.skip(prefix + "quick eval", "no test data")

@@ -44,6 +44,7 @@ class Config:
     plateau_factor: float = 0.5
     plateau_patience: int = 3
     label_smoothing: float = 0.0
+    tta: str = "none"  # "flip": validation and test predictions average each image and its mirror image
     max_grad_norm: float | None = None
     freeze_conv: bool = False
     freeze_bn: bool = False

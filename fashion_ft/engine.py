@@ -29,6 +29,7 @@ class Runtime:
     memory_format: torch.memory_format = torch.contiguous_format
     rank: int = 0
     world_size: int = 1
+    tta_flip: bool = False  # predictions averaged over each image and its mirror image
 
 
 class DivergenceError(UserError):
@@ -257,13 +258,21 @@ def train_one_epoch(step: TrainStep, data: DeviceData, aug: AugmentConfig, batch
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images_uint8: torch.Tensor, rt: Runtime, batch_size: int) -> torch.Tensor:
-    """fp32 logits for every image (uint8 N x 1 x 28 x 28), in large batches, without augmentation."""
+    """fp32 logits for every image (uint8 N x 1 x 28 x 28), in large batches, without augmentation.
+
+    With `rt.tta_flip` they are the log of the probabilities averaged over the image and its mirror
+    image: still logits (softmax gives those averaged probabilities back), so every metric applies.
+    """
     model.eval()
     out = []
     for sl in batch_slices(len(images_uint8), batch_size, drop_last=False):
         x = make_batch(images_uint8[sl], None, None, rt.mean, rt.std, rt.memory_format)
         with autocast(rt.device, rt.amp):
-            out.append(model(x).float())
+            logits = model(x).float()
+            if rt.tta_flip:
+                mirrored = model(x.flip(3)).float()
+                logits = (logits.softmax(1) + mirrored.softmax(1)).div(2).log()
+        out.append(logits)
     return torch.cat(out) if out else torch.empty(0, 10, device=rt.device)
 
 

@@ -141,8 +141,8 @@ def check_eval(model, rt: Runtime, data: DeviceData, batch_size: int, min_acc: f
     logits, seconds = eval_logits(model, rt, data, batch_size)
     loss, acc = logit_metrics(logits, data.labels)
     stats = {"images": len(data), "accuracy": acc, "loss": loss, "seconds": seconds,
-             "images_per_s": len(data) / seconds}
-    detail = f"{len(data)} test images: accuracy {100 * acc:.2f}%, loss {loss:.4f}, {len(data) / seconds:.0f} img/s"
+             "images_per_s": len(data) / seconds, "tta": "flip" if rt.tta_flip else "none"}
+    detail = f"{len(data)} test images{' with flip TTA' if rt.tta_flip else ''}: accuracy {100 * acc:.2f}%, loss {loss:.4f}, {len(data) / seconds:.0f} img/s"
     if acc < min_acc:
         raise CheckFailed(f"{detail}; below the sane minimum of {100 * min_acc:.0f}%")
     return detail, stats, logits.softmax(1)

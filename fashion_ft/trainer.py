@@ -353,7 +353,7 @@ def test_best(state: RunState, rt: Runtime, test: DeviceData, batch_size: int):
     model.load_state_dict(state.best_state)
     model = model.to(rt.device, memory_format=rt.memory_format)
     # rank 0 alone, in fp32: the reported test numbers are exactly what test_model.py --full measures
-    single = Runtime(rt.device, AmpPolicy(None, False), rt.mean, rt.std, rt.memory_format)
+    single = Runtime(rt.device, AmpPolicy(None, False), rt.mean, rt.std, rt.memory_format, tta_flip=rt.tta_flip)
     logits = predict_logits(model, test.images, single, batch_size)
     loss, acc = logit_metrics(logits, test.labels)
     return {"test_loss": loss, "test_acc": acc}, logits.argmax(1)
@@ -377,7 +377,8 @@ def finish(state: RunState, cfg: Config, rt: Runtime, test: DeviceData, paths: P
 
 def runtime_for(cfg: Config, device, mean, std, info: dist.DistInfo) -> Runtime:
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    return Runtime(device, resolve_amp(cfg.amp, device), mean, std, memory_format, info.rank, info.world_size)
+    return Runtime(device, resolve_amp(cfg.amp, device), mean, std, memory_format, info.rank, info.world_size,
+                   tta_flip=cfg.tta == "flip")
 
 
 def describe(cfg: Config, rt: Runtime, lr: float, model: nn.Module, console: Console) -> None:

@@ -1,6 +1,7 @@
 """Unit tests of the pieces under the training loop: optimizer groups, early stopping, augmentation,
 sharding, the disk-space guard."""
 
+import dataclasses
 from collections import namedtuple
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import torch
 from fashion_ft import trainer
 from fashion_ft.config import Config
 from fashion_ft.data import AugmentConfig, affine_grid, augment, make_batch
-from fashion_ft.engine import EarlyStopping, apply_freezing, build_optimizer, rank_shard
+from fashion_ft.engine import EarlyStopping, Runtime, apply_freezing, build_optimizer, predict_logits, rank_shard
 from fashion_ft.errors import UserError
 from fashion_ft.model import build_model
+from fashion_ft.system import AmpPolicy
 
 
 def test_optimizer_gets_trainable_params_only_and_no_decay_on_biases_and_norms():
@@ -114,3 +116,19 @@ def test_our_affine_grid_equals_torch_affine_grid():
     theta = torch.randn(16, 2, 3, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.affine_grid(theta, [16, 1, 28, 20], align_corners=False)
     assert torch.allclose(affine_grid(theta, 16, 28, 20), expected, atol=1e-6)
+
+
+def test_flip_tta_averages_the_probabilities_of_an_image_and_its_mirror_image():
+    torch.manual_seed(0)
+    model = build_model("cnn3").eval()
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    plain = Runtime(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25)
+    tta = dataclasses.replace(plain, tta_flip=True)
+    expected = (predict_logits(model, images, plain, 4).softmax(1)
+                + predict_logits(model, images.flip(3), plain, 4).softmax(1)) / 2
+    logits = predict_logits(model, images, tta, 4)
+    torch.testing.assert_close(logits.softmax(1), expected)
+    torch.testing.assert_close(logits.exp().sum(1), torch.ones(6))  # log-probabilities: valid logits
+    symmetric = torch.cat([images[..., :14], images[..., :14].flip(3)], dim=3)
+    torch.testing.assert_close(predict_logits(model, symmetric, tta, 4).softmax(1),
+                               predict_logits(model, symmetric, plain, 4).softmax(1))

@@ -175,3 +175,22 @@ def test_tensorboard_run_has_scalars_images_and_hparams(tmp_path, small_data_dir
     assert "config/text_summary" in tags["tensors"]
     plugins = events.PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in plugins
+
+
+def test_flip_tta_is_used_for_selection_and_test_and_test_model_reproduces_it(tmp_path, small_data_dir,
+                                                                               trained_checkpoint):
+    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--tta", "flip",
+                           "--augment", "strong")
+    assert result.returncode == 0, result.stderr
+    assert load(out / "best.pt")["config"]["tta"] == "flip"
+    reported = json.loads((out / "metrics.json").read_text())["test_acc"]
+    accuracy, loss = {}, {}
+    for tta in ("flip", "none"):
+        check = run_script("test_model.py", "--model-path", out / "best.pt", "--data-dir", small_data_dir,
+                           "--full", "--json", "--tta", tta)
+        assert check.returncode == 0, check.stdout + check.stderr
+        quick_eval = next(c for c in json.loads(check.stdout)["checks"] if c["name"] == "quick eval")
+        assert quick_eval["data"]["tta"] == tta
+        accuracy[tta], loss[tta] = quick_eval["data"]["accuracy"], quick_eval["data"]["loss"]
+    assert accuracy["flip"] == pytest.approx(reported, abs=1e-6)
+    assert loss["none"] != loss["flip"]  # the flag really changes the predictions
