@@ -68,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--plateau-factor", type=float, default=d.plateau_factor, help="plateau: decay factor")
     g.add_argument("--plateau-patience", type=int, default=d.plateau_patience, help="plateau: epochs to wait")
     g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="of the training loss only")
+    g.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="validate, select and save a moving average of the weights, updated with this decay "
+                        "after every step (0.999 averages about the last 1,000 steps); 0: off")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip gradients to this norm")
     g.add_argument("--freeze-conv", action="store_true", help="train only the FC head (conv + its BN frozen)")
     g.add_argument("--freeze-bn", action="store_true", help="freeze BatchNorm weights and running statistics")

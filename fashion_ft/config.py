@@ -46,6 +46,7 @@ class Config:
     label_smoothing: float = 0.0
     tta: str = "none"  # "flip": validation and test predictions average each image and its mirror image
     max_grad_norm: float | None = None
+    ema_decay: float = 0.0  # 0: off; else validate, select and save an exponential moving average of the weights
     freeze_conv: bool = False
     freeze_bn: bool = False
     # selection and stopping
@@ -131,6 +132,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= cfg.label_smoothing < 1, "--label-smoothing", f"must be in [0, 1), got {cfg.label_smoothing}")
     _require(cfg.weight_decay is None or cfg.weight_decay >= 0, "--weight-decay", "must be >= 0")
     _require(0 <= cfg.momentum < 1, "--momentum", f"must be in [0, 1), got {cfg.momentum}")
+    _require(0 <= cfg.ema_decay < 1, "--ema-decay", f"must be in [0, 1) (0 turns it off), got {cfg.ema_decay}")
     _require(cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "--max-grad-norm", "must be > 0")
     _require(cfg.step_size >= 1, "--step-size", "must be >= 1")
     _require(0 < cfg.step_gamma <= 1, "--step-gamma", "must be in (0, 1]")

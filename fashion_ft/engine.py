@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed as dist
 from .config import Config
@@ -199,6 +200,8 @@ class TrainStep:
     scaler: torch.amp.GradScaler
     label_smoothing: float
     max_grad_norm: float | None
+    ema: AveragedModel | None = None  # updated from ema_source, the plain model, after every step
+    ema_source: nn.Module | None = None
 
     def __call__(self, x, y, rt: Runtime):
         with autocast(rt.device, rt.amp):
@@ -212,7 +215,19 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedulers.after_batch(self.schedulers.per_batch.last_epoch)
+        if self.ema is not None:
+            self.ema.update_parameters(self.ema_source)
         return loss.detach(), logits.detach()
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the weights and BatchNorm statistics (None when decay is 0).
+
+    Its first update copies the model, so it may be created before a resume loads the weights.
+    """
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:

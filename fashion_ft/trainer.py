@@ -32,6 +32,7 @@ from .engine import (
     build_schedulers,
     evaluate,
     logit_metrics,
+    make_ema,
     predict_logits,
     set_train_mode,
     train_one_epoch,
@@ -207,6 +208,7 @@ def build_state(cfg: Config, model, arch, arch_kwargs, rt: Runtime, steps_per_ep
         model=model, optimizer=optimizer, schedulers=build_schedulers(optimizer, cfg, steps_per_epoch),
         scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.amp.use_scaler),
         label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm,
+        ema=make_ema(unwrap(model), cfg.ema_decay), ema_source=unwrap(model),
     )
     return RunState(
         model=model, arch=arch, arch_kwargs=arch_kwargs, step=step,
@@ -225,6 +227,7 @@ def last_checkpoint(state: RunState, cfg: Config, rt: Runtime) -> dict:
         optimizer=state.step.optimizer.state_dict(), schedulers=state.step.schedulers.state_dict(),
         scaler=state.step.scaler.state_dict(), early_stopping=state.stopper.state_dict(),
         best_model=state.best_state, world_size=rt.world_size,
+        ema=state.step.ema.state_dict() if state.step.ema is not None else None,
     )
     return ckpt
 
@@ -236,6 +239,8 @@ def restore(state: RunState, resume_meta: dict, cfg: Config, lr: float) -> None:
     state.step.schedulers.load_state_dict(resume_meta["schedulers"])
     state.step.scaler.load_state_dict(resume_meta["scaler"])
     state.stopper.load_state_dict(resume_meta["early_stopping"])
+    if state.step.ema is not None and resume_meta.get("ema") is not None:  # else it starts from the weights
+        state.step.ema.load_state_dict(resume_meta["ema"])
     state.best_state = resume_meta["best_model"]
     state.history = list(resume_meta["history"])
     state.epoch = int(resume_meta["epoch"])
@@ -331,8 +336,8 @@ def run_epochs(state, cfg, rt, train, val, paths, console, writer, received, eva
         state.step.schedulers.after_epoch(monitored)
         state.history.append(row)
         state.epoch = row["epoch"]
-        if is_best:
-            state.best_state = copy.deepcopy(unwrap(state.model).state_dict())
+        if is_best:  # the weights just validated: the moving average with --ema-decay
+            state.best_state = copy.deepcopy(unwrap(eval_model).state_dict())
         if console.is_main:
             save_epoch(state, cfg, rt, paths, is_best, writer)
         console.print(epoch_line(row, is_best))
@@ -388,7 +393,8 @@ def describe(cfg: Config, rt: Runtime, lr: float, model: nn.Module, console: Con
                   f"world size: {rt.world_size}")
     console.print(f"batch size: {cfg.batch_size} per process, {cfg.batch_size * rt.world_size} global  "
                   f"lr: {lr:g}{' (scaled by world size)' if lr != cfg.lr else ''}  optimizer: {cfg.optimizer}  "
-                  f"scheduler: {cfg.scheduler}  augment: {cfg.augment}  epochs: {cfg.epochs}")
+                  f"scheduler: {cfg.scheduler}  augment: {cfg.augment}  epochs: {cfg.epochs}"
+                  + (f"  ema: {cfg.ema_decay:g}" if cfg.ema_decay else ""))
     console.print(f"parameters: {total:,} ({trainable:,} trainable)  "
                   f"freeze-conv: {cfg.freeze_conv}  freeze-bn: {cfg.freeze_bn}")
 
@@ -429,8 +435,11 @@ def _fine_tune(cfg, resume_meta, info, console, paths, rt, model, arch, arch_kwa
     lr = cfg.lr * info.world_size if cfg.scale_lr else cfg.lr
     steps_per_epoch = (len(train) // info.world_size) // cfg.batch_size
     train_model = wrap_model(model, cfg, rt, info)
-    eval_model = unwrap(train_model) if info.enabled else train_model
     state = build_state(cfg, train_model, arch, arch_kwargs, rt, steps_per_epoch, lr)
+    if state.step.ema is not None:
+        eval_model = state.step.ema.module
+    else:
+        eval_model = unwrap(train_model) if info.enabled else train_model
     summary = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(rt.device),
                "amp": rt.amp.name, "world_size": info.world_size, "global_batch_size": cfg.batch_size * info.world_size}
     if resume_meta is not None:

@@ -33,6 +33,7 @@ FINETUNE_CASES = {
     "momentum 1.5": (["--momentum", "1.5"], 2, "--momentum"),
     "weight decay negative": (["--weight-decay", "-1"], 2, "--weight-decay"),
     "grad norm zero": (["--max-grad-norm", "0"], 2, "--max-grad-norm"),
+    "ema decay 1": (["--ema-decay", "1"], 2, "--ema-decay"),
     "min-lr above lr": (["--min-lr", "0.1"], 2, "--min-lr"),
     "warmup longer than run": (["--warmup-epochs", "5", "--epochs", "3"], 2, "--warmup-epochs"),
     "onecycle with warmup": (["--scheduler", "onecycle", "--warmup-epochs", "1"], 2, "--warmup-epochs"),

@@ -11,7 +11,17 @@ import torch
 from fashion_ft import trainer
 from fashion_ft.config import Config
 from fashion_ft.data import AugmentConfig, affine_grid, augment, make_batch
-from fashion_ft.engine import EarlyStopping, Runtime, apply_freezing, build_optimizer, predict_logits, rank_shard
+from fashion_ft.engine import (
+    EarlyStopping,
+    Runtime,
+    TrainStep,
+    apply_freezing,
+    build_optimizer,
+    build_schedulers,
+    make_ema,
+    predict_logits,
+    rank_shard,
+)
 from fashion_ft.errors import UserError
 from fashion_ft.model import build_model
 from fashion_ft.system import AmpPolicy
@@ -132,3 +142,23 @@ def test_flip_tta_averages_the_probabilities_of_an_image_and_its_mirror_image():
     symmetric = torch.cat([images[..., :14], images[..., :14].flip(3)], dim=3)
     torch.testing.assert_close(predict_logits(model, symmetric, tta, 4).softmax(1),
                                predict_logits(model, symmetric, plain, 4).softmax(1))
+
+
+def test_ema_is_the_moving_average_of_the_weights_after_each_step():
+    torch.manual_seed(0)
+    model = build_model("cnn3", {"channels": [4, 8, 8], "hidden": 16})
+    cfg = Config(ema_decay=0.9, scheduler="none")
+    optimizer = build_optimizer(model, cfg, 0.01)
+    step = TrainStep(model, optimizer, build_schedulers(optimizer, cfg, 1), torch.amp.GradScaler("cpu", enabled=False),
+                     0.0, None, ema=make_ema(model, 0.9), ema_source=model)
+    rt = Runtime(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25)
+    expected = None
+    for _ in range(3):
+        step(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), rt)
+        now = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        expected = now if expected is None else {k: 0.9 * expected[k] + 0.1 * now[k] for k in now}
+    averaged = step.ema.module.state_dict()
+    for key, value in expected.items():  # parameters and BatchNorm statistics alike
+        torch.testing.assert_close(averaged[key], value)
+    assert not torch.equal(averaged["classifier.2.weight"], model.state_dict()["classifier.2.weight"])
+    assert make_ema(model, 0.0) is None

@@ -194,3 +194,13 @@ def test_flip_tta_is_used_for_selection_and_test_and_test_model_reproduces_it(tm
         accuracy[tta], loss[tta] = quick_eval["data"]["accuracy"], quick_eval["data"]["loss"]
     assert accuracy["flip"] == pytest.approx(reported, abs=1e-6)
     assert loss["none"] != loss["flip"]  # the flag really changes the predictions
+
+
+def test_ema_weights_are_the_ones_validated_and_saved(tmp_path, small_data_dir, trained_checkpoint):
+    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--ema-decay", 0.9)
+    assert result.returncode == 0, result.stderr
+    best, last = load(out / "best.pt"), load(out / "last.pt")
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert averaged.keys() == best["model"].keys()
+    assert all(torch.equal(best["model"][k], averaged[k]) for k in averaged)  # epoch 1 is the best
+    assert not torch.equal(best["model"]["classifier.2.weight"], last["model"]["classifier.2.weight"])

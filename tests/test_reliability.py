@@ -70,9 +70,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, small_data_dir, 
     assert metrics(straight) == metrics(broken)
 
 
-def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, small_data_dir, trained_checkpoint):
+@pytest.mark.parametrize("averaging", [(), ("--ema-decay", "0.9")], ids=["plain", "ema"])
+def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, small_data_dir, trained_checkpoint, averaging):
     straight, extended = tmp_path / "straight", tmp_path / "extended"
-    common = ("--scheduler", "none")
+    common = ("--scheduler", "none", *averaging)
     assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, straight, *common,
                                                    "--epochs", 4)).returncode == 0
     assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, extended, *common,
@@ -80,7 +81,11 @@ def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, small_data_
     more = run_script("finetune_gpu.py", "--resume", extended / "last.pt", "--epochs", 4, "--quiet")
     assert more.returncode == 0, more.stderr
     assert same_weights(straight / "last.pt", extended / "last.pt")
+    assert same_weights(straight / "best.pt", extended / "best.pt")
     assert metrics(straight) == metrics(extended)
+    if averaging:  # the moving average went on from where it stopped, not from the resumed weights
+        ema = [torch.load(out / "last.pt", weights_only=True)["ema"] for out in (straight, extended)]
+        assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
 
 
 def test_resume_refuses_changed_hyperparameters_unless_overridden(tmp_path, small_data_dir, trained_checkpoint):
