@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fashion_ft.model import ARCHS
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "bench_throughput.py"
 
@@ -48,6 +50,16 @@ def test_throughputs_and_speedups_are_positive(tiny_run):
         assert ratio and number(ratio.group(1)) > 0, stdout
 
 
+def cnn3_forward_mflop() -> float:
+    """2 FLOP per multiply-add of the default cnn3: 3x3 convs at 28, 14 and 7 pixels, then the head."""
+    kwargs = ARCHS["cnn3"].default_kwargs
+    widths, macs = [1, *kwargs["channels"]], 0
+    for i, side in enumerate((28, 14, 7)):
+        macs += widths[i] * widths[i + 1] * 9 * side * side
+    macs += widths[-1] * 3 * 3 * kwargs["hidden"] + kwargs["hidden"] * 10
+    return 2 * macs / 1e6
+
+
 def test_step_breakdown_and_flops(tiny_run):
     stdout, _ = tiny_run
     steps = re.findall(r"^step, .*?([\d.]+) ms", stdout, re.M)
@@ -55,8 +67,7 @@ def test_step_breakdown_and_flops(tiny_run):
     overhead = re.search(r"^load \+ augment alone: ([\d.]+) ms per batch = ([\d.]+)% of a training step", stdout, re.M)
     assert overhead and number(overhead.group(1)) > 0 and number(overhead.group(2)) > 0, stdout
     flops = re.search(r"([\d.]+) MFLOP/image forward, ([\d.]+) MFLOP/image training", stdout)
-    # cnn3 at 28 x 28: about 15.5 MFLOP forward; backward roughly doubles it
-    assert flops and 10 < number(flops.group(1)) < 25, stdout
+    assert flops and number(flops.group(1)) == pytest.approx(cnn3_forward_mflop(), rel=0.02), stdout
     assert 2 < number(flops.group(2)) / number(flops.group(1)) < 3.2
     gflops = re.findall(r"(?:original|ours) ([\d.]+) GFLOP/s", stdout)
     assert len(gflops) == 4 and all(number(g) > 0 for g in gflops), stdout
