@@ -15,9 +15,10 @@ from fashion_ft.checkpoint import (
     save_checkpoint,
 )
 from fashion_ft.errors import UserError
-from fashion_ft.model import build_model
+from fashion_ft.model import ARCHS, build_model
 
-DEFAULT_WIDTH = {"channels": [32, 64, 128], "hidden": 256}
+DEFAULT_WIDTH = {k: ARCHS["cnn3"].default_kwargs[k] for k in ("channels", "hidden")}
+EARLIER_BASE_WIDTH = {"channels": [32, 64, 128], "hidden": 256}  # the shipped base model until 2026-11-28
 NARROW = {"channels": [16, 32, 64], "hidden": 128}
 
 
@@ -42,7 +43,7 @@ def randomized(arch_kwargs, seed=0):
     return model.eval()
 
 
-@pytest.fixture(params=[DEFAULT_WIDTH, NARROW], ids=["default-width", "narrow"])
+@pytest.fixture(params=[DEFAULT_WIDTH, EARLIER_BASE_WIDTH, NARROW], ids=["default-width", "earlier-base", "narrow"])
 def reference(request):
     """(model, its kwargs, a batch, its logits)."""
     model = randomized(request.param)

@@ -98,9 +98,12 @@ def make_resnet(folder):
     return folder / "resnet18.pt"
 
 
+CONV2_OUT_IN = tuple(build_model("cnn3").state_dict()["features.4.weight"].shape[:2])
+
+
 def make_wrong_shape(folder):
     state_dict = build_model("cnn3").state_dict()
-    state_dict["features.4.weight"] = torch.zeros(64, 32, 5, 5)
+    state_dict["features.4.weight"] = torch.zeros(*CONV2_OUT_IN, 5, 5)  # a 5x5 kernel where cnn3 has 3x3
     torch.save(state_dict, folder / "wrong.pt")
     return folder / "wrong.pt"
 
@@ -116,7 +119,7 @@ BAD_CHECKPOINTS = {  # name: (how to make it, the check that fails, what its lin
     "random-bytes": (make_random, "load", ["random.pt", "not a PyTorch checkpoint"]),
     "text": (make_text, "load", ["notes.pt", "not a PyTorch checkpoint"]),
     "resnet18": (make_resnet, "load", ["resnet18.pt", "matches no known architecture"]),
-    "wrong-shape": (make_wrong_shape, "load", ["features.4.weight has shape (64, 32, 5, 5), expected (64, 32, 3, 3)"]),
+    "wrong-shape": (make_wrong_shape, "load", [f"features.4.weight has shape {(*CONV2_OUT_IN, 5, 5)}, expected {(*CONV2_OUT_IN, 3, 3)}"]),
     "nan-weights": (make_nan, "weights finite", ["NaN/Inf", "classifier.5.bias"]),
 }
 
