@@ -286,7 +286,8 @@ def predict_logits(model: nn.Module, images_uint8: torch.Tensor, rt: Runtime, ba
             logits = model(x).float()
             if rt.tta_flip:
                 mirrored = model(x.flip(3)).float()
-                logits = (logits.softmax(1) + mirrored.softmax(1)).div(2).log()
+                # log((p + q) / 2) in log space: a probability that underflows to 0 would give -inf
+                logits = torch.logaddexp(logits.log_softmax(1), mirrored.log_softmax(1)) - math.log(2)
         out.append(logits)
     return torch.cat(out) if out else torch.empty(0, 10, device=rt.device)
 

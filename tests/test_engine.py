@@ -162,3 +162,14 @@ def test_ema_is_the_moving_average_of_the_weights_after_each_step():
         torch.testing.assert_close(averaged[key], value)
     assert not torch.equal(averaged["classifier.2.weight"], model.state_dict()["classifier.2.weight"])
     assert make_ema(model, 0.0) is None
+
+
+def test_flip_tta_logits_stay_finite_for_very_confident_models():
+    class Confident(torch.nn.Module):  # logit gaps far beyond what fp32 probabilities can hold
+        def forward(self, x):
+            return torch.tensor([0.0, 200.0, -200.0] + [0.0] * 7).expand(len(x), 10)
+
+    rt = Runtime(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25, tta_flip=True)
+    logits = predict_logits(Confident(), torch.zeros(2, 1, 28, 28, dtype=torch.uint8), rt, 2)
+    assert torch.isfinite(logits).all()
+    assert torch.isfinite(torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2])))
