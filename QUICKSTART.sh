@@ -25,7 +25,6 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-PYTHON=${PYTHON:-python3}
 step() { echo; echo "== step $1"; }
 fail() { echo "QUICKSTART.sh: step '$1' failed; fix the message above and run again." >&2; exit 1; }
 
@@ -35,9 +34,12 @@ if [ "${QUICKSTART_SKIP_SETUP:-0}" = 1 ]; then
 else
   bash scripts/setup.sh || fail "set-up"
 fi
+# The interpreter the set-up installed into: the active venv or conda env, else the project's .venv.
+PY=$(bash scripts/setup.sh --print-python) || fail "set-up"
+[ -x "$PY" ] || { echo "$PY does not exist: run bash scripts/setup.sh" >&2; fail "set-up"; }
 
 step "1/3: pre-flight check of the base model"
-"$PYTHON" test_model.py || fail "pre-flight check"
+"$PY" test_model.py || fail "pre-flight check"
 
 step "2/3: fine-tune"
 if [ "$smoke" = 1 ]; then
@@ -47,13 +49,20 @@ else
   out=result/mnist_cnn_finetuned.pt
   args=(--output "$out")
 fi
-"$PYTHON" finetune_gpu.py "${args[@]}" "${extra[@]+"${extra[@]}"}" || fail "fine-tune"
-"$PYTHON" test_model.py --model-path "$out" || fail "check of the fine-tuned model"
+"$PY" finetune_gpu.py "${args[@]}" "${extra[@]+"${extra[@]}"}" || fail "fine-tune"
+"$PY" test_model.py --model-path "$out" || fail "check of the fine-tuned model"
 
 step "3/3: watch the run"
+if [ "$PY" = "$PWD/.venv/bin/python" ]; then
+  activate="source .venv/bin/activate        # once per shell (skip if you use your own venv/conda env)"
+else
+  activate="# python is $PY (the active environment)"
+fi
 cat <<EOF
+The commands below use the project's python:
+    $activate
 TensorBoard (accuracy, validation loss, learning rate, confusion matrix, misclassified images):
-    tensorboard --logdir logs_finetune
+    python -m tensorboard.main --logdir logs_finetune
 Next:
     python test_model.py --model-path $out --full                      # all 10,000 test images
     python finetune_gpu.py --model-path $out --lr 0.0005 --output result/round2/best.pt   # a second round
