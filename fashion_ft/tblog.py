@@ -1,17 +1,112 @@
 """TensorBoard output: per-epoch scalars, and at the end test metrics, hparams, a confusion matrix,
-per-class accuracy and a grid of misclassified images (drawn with Pillow, no matplotlib needed)."""
+per-class accuracy and a grid of misclassified images (drawn with Pillow, no matplotlib needed).
+
+TensorBoard is a view of the run, never a reason to lose it: when writing the event file fails in the
+middle of a run (a full disk, the folder removed), one line `warning: TensorBoard logging stopped:
+<reason>; training goes on` is printed, every later call is a no-op, and training, checkpoints and
+metrics.json carry on. --logdir and --run-name are checked before any work (outputs.check_logdir),
+so this only happens when the file system changes during the run.
+
+The writer thread of torch.utils.tensorboard (tensorboard's _AsyncWriterThread) stores its exception,
+which the next add_*/flush/close re-raises in the main thread, and then re-raises it in the thread,
+where threading.excepthook prints "Exception in thread ..." and a traceback on stderr. While a
+SafeWriter is open, it installs a threading.excepthook that drops exceptions of tensorboard's own
+threads (the main thread reports them, once) and passes every other thread's to the previous hook;
+close() puts the previous hook back.
+"""
 
 import json
+import os
+import threading
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
-def open_writer(logdir: str):
-    from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
+def failure_reason(exc: BaseException, logdir: str) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} ({os.fsdecode(exc.filename) if exc.filename else 'writing in ' + logdir})"
+    return f"{type(exc).__name__}: {exc} (writing in {logdir})"
 
-    return SummaryWriter(log_dir=logdir)
+
+class SafeWriter:
+    """The SummaryWriter calls this project uses; the first failure warns once and switches logging off."""
+
+    def __init__(self, logdir: str):
+        self.logdir = logdir
+        self._writer = None
+        self._previous_hook = threading.excepthook
+        threading.excepthook = self._thread_hook
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
+
+            self._writer = SummaryWriter(log_dir=logdir)
+        except Exception as exc:
+            self._stop(exc)
+
+    @property
+    def active(self) -> bool:
+        return self._writer is not None
+
+    def _thread_hook(self, args) -> None:
+        if type(args.thread).__module__.startswith("tensorboard."):
+            return  # re-raised by the writer's next call in the main thread, and reported there
+        self._previous_hook(args)
+
+    def _call(self, action) -> None:
+        """action(SummaryWriter), unless logging is off; its failure switches logging off."""
+        if self._writer is None:
+            return
+        try:
+            action(self._writer)
+        except Exception as exc:
+            self._stop(exc)
+
+    def _stop(self, exc: Exception) -> None:
+        warnings.warn(f"TensorBoard logging stopped: {failure_reason(exc, self.logdir)}; training goes on", stacklevel=4)
+        writers = getattr(self._writer, "all_writers", None) or {}
+        for file_writer in writers.values():  # stop the writer threads; their last flush fails too
+            try:
+                file_writer.close()
+            except Exception:
+                pass
+        self._writer = None
+
+    def add_scalar(self, tag: str, value, step: int) -> None:
+        self._call(lambda w: w.add_scalar(tag, value, step))
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        self._call(lambda w: w.add_text(tag, text, step))
+
+    def add_image(self, tag: str, image, step: int, dataformats: str = "CHW") -> None:
+        self._call(lambda w: w.add_image(tag, image, step, dataformats=dataformats))
+
+    def add_summary(self, summary) -> None:
+        """A raw Summary proto into the run's own event file (hparams without a sub-run)."""
+        self._call(lambda w: w.file_writer.add_summary(summary))
+
+    def flush(self) -> None:
+        self._call(lambda w: w.flush())
+
+    def close(self) -> None:
+        self._call(lambda w: w.close())
+        self._writer = None
+        if threading.excepthook == self._thread_hook:
+            threading.excepthook = self._previous_hook
+
+    def __enter__(self) -> "SafeWriter":
+        return self
+
+    def __exit__(self, *_exc) -> bool:
+        self.close()
+        return False
+
+
+def open_writer(logdir: str) -> SafeWriter:
+    """Never raises: a writer that cannot start warns and does nothing."""
+    return SafeWriter(logdir)
 
 
 def log_epoch(writer, epoch: int, row: dict) -> None:
@@ -33,7 +128,7 @@ def log_hparams(writer, config: dict, metrics: dict) -> None:
 
     flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
     for summary in hparams(flat, metrics):
-        writer.file_writer.add_summary(summary)
+        writer.add_summary(summary)
     for key, value in metrics.items():
         writer.add_scalar(key, value, 0)
 
