@@ -1,17 +1,29 @@
-"""torchrun support: rank and world size from the environment, DDP wrapping, reductions.
+"""torchrun support: rank and world size from the environment, DDP wrapping, reductions, and the
+failures of other ranks.
 
-With no torchrun environment everything here is a no-op for a single process.
+Without a torchrun environment everything here is a no-op for a single process. Under torchrun, even
+with one process, the run takes the distributed path (process group, DDP, barriers), so that a
+one-GPU check exercises the same code as a multi-GPU run.
 """
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+from torch import nn
 
 # A rank that dies leaves the others waiting in a collective; this bounds the wait.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=5)
+
+# What gloo and NCCL put in a plain RuntimeError when another rank has gone away.
+PEER_FAILURE_MARKERS = (
+    "connection closed by peer", "connection reset by peer", "broken pipe", "third_party/gloo",
+    "processgroupgloo", "processgroupnccl", "ncclremoteerror", "ncclsystemerror", "socket timeout",
+    "connectfullmesh",
+)
 
 
 @dataclass(frozen=True)
@@ -20,34 +32,42 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    launched: bool = False  # started by torchrun (or another launcher setting RANK and WORLD_SIZE)
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.launched or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def from_environment() -> DistInfo:
-    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE."""
-    env = os.environ
-    if int(env.get("WORLD_SIZE", "1")) <= 1:
+def from_environment(env=None) -> DistInfo:
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE (WORLD_SIZE=1 included)."""
+    env = os.environ if env is None else env
+    if "RANK" not in env or "WORLD_SIZE" not in env:
         return DistInfo()
+    world_size = int(env["WORLD_SIZE"])
     return DistInfo(
         rank=int(env["RANK"]),
-        world_size=int(env["WORLD_SIZE"]),
+        world_size=world_size,
         local_rank=int(env.get("LOCAL_RANK", "0")),
-        local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world_size))),
+        launched=True,
     )
 
 
 def init(info: DistInfo, device: torch.device) -> None:
+    """The process group; on CUDA each rank first makes its own GPU the current device, so that
+    NCCL and anything that uses the current device (barrier, caches) do not all land on GPU 0."""
     if not info.enabled or tdist.is_initialized():
         return
+    kwargs = {}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
     tdist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT, **kwargs)
 
 
@@ -56,10 +76,38 @@ def shutdown() -> None:
         tdist.destroy_process_group()
 
 
+@contextmanager
+def main_process_first(info: DistInfo):
+    """Local rank 0 runs the block first (a download into a shared folder); the other ranks of the
+    machine wait at a barrier and then run it (reading what is there). Needs the process group.
+
+    Rank 0 reaches its barrier even when the block fails, so the others go on and fail on their own
+    instead of waiting for the timeout."""
+    first = info.local_rank == 0
+    if info.enabled and not first:
+        barrier()
+    try:
+        yield
+    finally:
+        if info.enabled and first:
+            barrier()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if tdist.is_initialized():
         tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
     return tensor
+
+
+def per_rank(value: torch.Tensor) -> list[float]:
+    """Every rank's value of a scalar tensor, on every rank: one all-reduce of a vector that holds
+    each rank's value in its own slot (a sum with zeros keeps NaN and Inf as they are)."""
+    if not tdist.is_initialized():
+        return [float(value)]
+    slots = torch.zeros(tdist.get_world_size(), device=value.device, dtype=torch.float32)
+    slots[tdist.get_rank()] = value.float()
+    tdist.all_reduce(slots, op=tdist.ReduceOp.SUM)
+    return slots.tolist()
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -74,3 +122,48 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()
+
+
+@torch.no_grad()
+def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite the tensors on every rank with rank `src`'s: one broadcast per dtype, through a flat
+    contiguous copy (collectives refuse channels-last and other non-contiguous tensors)."""
+    if not tdist.is_initialized():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        tdist.broadcast(flat, src=src)
+        for t, chunk in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(chunk.view(t.shape))
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """BatchNorm statistics (and the averaged ones of an EMA copy) drift apart across ranks, since each
+    rank normalises its own batches; the weights do not (DDP averages the gradients). Call this before
+    evaluating, so that every rank evaluates what rank 0 saves."""
+    broadcast_tensors(list(module.buffers()), src)
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Parameters and buffers: a module that DDP does not keep in step (a copy made on one rank)."""
+    broadcast_tensors([*module.parameters(), *module.buffers()], src)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is torch.distributed reporting that another rank went away:
+    DistError and its subclasses (DistBackendError, DistNetworkError, DistStoreError), or the plain
+    RuntimeError that gloo raises ("Connection closed by peer", "Connection reset by peer")."""
+    dist_errors = tuple(getattr(tdist, name) for name in ("DistError", "DistBackendError", "DistNetworkError",
+                                                          "DistStoreError") if hasattr(tdist, name))
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, dist_errors):
+            return True
+        if isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in PEER_FAILURE_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

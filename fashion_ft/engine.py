@@ -4,18 +4,18 @@ The hot loops keep metrics on the device and sync with the host only every `sync
 (progress, the stop flag, the finite-loss check), never per step.
 """
 
+import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import distributed as dist
 from .config import Config
 from .data import AugmentConfig, DeviceData, batch_slices, epoch_permutation, make_batch
-from .errors import UserError
+from .errors import DivergenceError, UserError
 from .system import AmpPolicy, autocast
 
 
@@ -31,10 +31,6 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     tta_flip: bool = False  # predictions averaged over each image and its mirror image
-
-
-class DivergenceError(UserError):
-    """The loss became NaN or Inf."""
 
 
 # ---------------------------------------------------------------- freezing
@@ -78,7 +74,15 @@ def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Opt
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=True if fused_adamw_supported(decay + no_decay) else None)
+
+
+def fused_adamw_supported(params) -> bool:
+    """The fused AdamW kernel (one launch for every parameter instead of several per tensor): CUDA
+    since torch 2.0 (this project needs 2.4) for float64/32/16 and bfloat16 parameters. Elsewhere
+    torch's default (foreach) stays, as before."""
+    params = list(params)
+    return bool(params) and all(p.device.type == "cuda" and p.dtype.is_floating_point for p in params)
 
 
 def lr_multiplier(cfg: Config, steps_per_epoch: int):
@@ -116,6 +120,7 @@ class Schedulers:
     per_batch: torch.optim.lr_scheduler.LambdaLR
     plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None
     warmup_steps: int
+    steps_per_epoch: int = 1
 
     def after_batch(self, step: int) -> None:
         # plateau owns the LR after warm-up; stepping the LambdaLR then would undo its reductions
@@ -132,10 +137,28 @@ class Schedulers:
             "plateau": self.plateau.state_dict() if self.plateau else None,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.per_batch.load_state_dict(state["per_batch"])
-        if self.plateau is not None and state.get("plateau"):
-            self.plateau.load_state_dict(state["plateau"])
+    def restore(self, state: dict, epochs_done: int, lr: float) -> None:
+        """Continue at the start of epoch `epochs_done + 1` of THIS run's schedule (its own steps per
+        epoch: the world size or batch size may have changed) with base LR `lr` (may be overridden).
+
+        The saved step counter counts the old run's steps, so it is not reused. The optimizer's
+        saved state must be loaded first: after warm-up, plateau's reductions are read from its LR."""
+        groups = self.per_batch.optimizer.param_groups
+        position = epochs_done * self.steps_per_epoch
+        factors = [self.per_batch.lr_lambdas[0](position)] * len(groups)
+        if self.plateau is not None:
+            if state.get("plateau"):
+                self.plateau.load_state_dict(state["plateau"])
+            if position >= self.warmup_steps:  # plateau owns the LR: keep the reductions it made
+                old_bases = state["per_batch"]["base_lrs"]
+                factors = [g["lr"] / base if base else 1.0 for g, base in zip(groups, old_bases)]
+        for group, factor in zip(groups, factors):
+            group["initial_lr"], group["lr"] = lr, lr * factor
+        self.per_batch.base_lrs = [lr] * len(groups)
+        self.per_batch.last_epoch = position
+        self.per_batch._last_lr = [g["lr"] for g in groups]  # what get_last_lr() reports
+        if self.plateau is not None:
+            self.plateau._last_lr = [g["lr"] for g in groups]
 
 
 def build_schedulers(optimizer, cfg: Config, steps_per_epoch: int) -> Schedulers:
@@ -147,7 +170,7 @@ def build_schedulers(optimizer, cfg: Config, steps_per_epoch: int) -> Schedulers
             factor=cfg.plateau_factor, patience=cfg.plateau_patience,
             threshold=cfg.min_delta, threshold_mode="abs",  # the same "improvement" as early stopping
         )
-    return Schedulers(per_batch, plateau, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    return Schedulers(per_batch, plateau, int(round(cfg.warmup_epochs * steps_per_epoch)), steps_per_epoch)
 
 
 # ---------------------------------------------------------------- early stopping
@@ -160,7 +183,6 @@ class EarlyStopping:
     best: float | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
-    history: list = field(default_factory=list)
 
     def improved(self, value: float) -> bool:
         if self.best is None:
@@ -200,7 +222,7 @@ class TrainStep:
     scaler: torch.amp.GradScaler
     label_smoothing: float
     max_grad_norm: float | None
-    ema: AveragedModel | None = None  # updated from ema_source, the plain model, after every step
+    ema: "ModelEma | None" = None  # updated from ema_source, the plain model, after every step
     ema_source: nn.Module | None = None
 
     def __call__(self, x, y, rt: Runtime):
@@ -216,18 +238,91 @@ class TrainStep:
         self.scaler.update()
         self.schedulers.after_batch(self.schedulers.per_batch.last_epoch)
         if self.ema is not None:
-            self.ema.update_parameters(self.ema_source)
+            self.ema.update(self.ema_source)
         return loss.detach(), logits.detach()
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
-    """An exponential moving average of the weights and BatchNorm statistics (None when decay is 0).
+class ModelEma:
+    """An exponential moving average of a model's weights and floating-point buffers (BatchNorm
+    statistics); integer buffers (num_batches_tracked) are copied. `module` is the averaged copy.
 
-    Its first update copies the model, so it may be created before a resume loads the weights.
+    The same numbers as torch's AveragedModel with get_ema_multi_avg_fn and use_buffers=True, but the
+    update count is a Python int: AveragedModel keeps it in a CPU tensor that it copies to the GPU at
+    every step, a host-device transfer and sync per step. The first update copies the model, so the
+    EMA may be created before a resume loads the weights.
     """
-    if not decay:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()],
+                         [*model.parameters(), *model.buffers()], strict=True))
+        floats = [(a, m.detach()) for a, m in pairs if a.is_floating_point()]
+        copied = pairs if self.updates == 0 else [(a, m) for a, m in pairs if not a.is_floating_point()]
+        if self.updates and floats:  # one fused kernel per device and dtype, no host sync
+            torch._foreach_lerp_([a for a, _ in floats], [m for _, m in floats], 1.0 - self.decay)
+        for averaged, current in copied:
+            averaged.copy_(current)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "n_averaged" in state:  # written by torch's AveragedModel (last.pt of earlier versions)
+            weights = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
+            state = {"module": weights, "updates": int(state["n_averaged"])}
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def make_ema(model: nn.Module, decay: float) -> ModelEma | None:
+    """The moving average of `model` (None when decay is 0)."""
+    return ModelEma(model, decay) if decay else None
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: Config) -> None:
+    """A restored optimizer carries the saved weight decay and momentum; the config (changed only with
+    --override-resume) is what the run uses from now on. The LR is the schedules' (Schedulers.restore)."""
+    for group in optimizer.param_groups:
+        if "momentum" in group:
+            group["momentum"], group["nesterov"] = cfg.momentum, cfg.momentum > 0
+    optimizer.param_groups[0]["weight_decay"] = cfg.resolved_weight_decay  # the decay group (build_optimizer)
+
+
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, keeping this run's implementation (fused AdamW on CUDA, foreach
+    elsewhere): the saved groups would bring the saving machine's, and the step counters follow it
+    (on the parameter's device for fused and capturable, on the CPU otherwise)."""
+    chosen = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, chosen):
+        group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+
+
+def restore_optimization(step: TrainStep, meta: dict, cfg: Config, lr: float, epochs_done: int) -> None:
+    """Optimizer, schedules, GradScaler and EMA from a last.pt, continued under this run's settings:
+    the LR schedule at `epochs_done` epochs of this run's steps per epoch with base LR `lr`, and the
+    config's weight decay and momentum."""
+    load_optimizer_state(step.optimizer, meta["optimizer"])
+    step.schedulers.restore(meta["schedulers"], epochs_done, lr)
+    if meta.get("scaler"):  # empty when the saved run had no fp16 scaler (CPU, bf16): load_state_dict({}) raises
+        step.scaler.load_state_dict(meta["scaler"])
+    if step.ema is not None and meta.get("ema") is not None:  # else it starts from the weights
+        step.ema.load_state_dict(meta["ema"])
+    apply_hyperparameters(step.optimizer, cfg)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -239,6 +334,18 @@ def rank_shard(perm: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Every rank gets the same number of images: the remainder of the permutation is dropped."""
     usable = len(perm) - len(perm) % world_size
     return perm[:usable][rank::world_size]
+
+
+def check_finite_loss(mean_loss: torch.Tensor, epoch: int, step: int, rank: int) -> float:
+    """This rank's mean loss, after checking every rank's: all ranks raise DivergenceError together,
+    naming the ranks whose loss is NaN/Inf (a rank stopping alone would leave the others waiting in
+    the next collective until the timeout)."""
+    losses = dist.per_rank(mean_loss)
+    bad = [r for r, value in enumerate(losses) if not math.isfinite(value)]
+    if bad:
+        where = f" on rank{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}" if len(losses) > 1 else ""
+        raise DivergenceError(f"loss became {losses[bad[0]]} in epoch {epoch} (step {step}){where}")
+    return losses[rank]
 
 
 def train_one_epoch(step: TrainStep, data: DeviceData, aug: AugmentConfig, batch_size: int,
@@ -260,9 +367,7 @@ def train_one_epoch(step: TrainStep, data: DeviceData, aug: AugmentConfig, batch
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         if i % sync_every == 0 or i == len(slices):
-            mean_loss = loss_sum.item() / seen
-            if not math.isfinite(mean_loss):
-                raise DivergenceError(f"loss became {mean_loss} in epoch {epoch} (step {i})")
+            mean_loss = check_finite_loss(loss_sum / seen, epoch, i, rt.rank)
             if on_sync is not None and on_sync(i, len(slices), mean_loss):
                 stopped = True
                 break

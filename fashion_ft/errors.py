@@ -13,6 +13,10 @@ class UsageError(UserError):
     exit_code = 2
 
 
+class DivergenceError(UserError):
+    """The loss became NaN or Inf (on any rank of a distributed run: every rank raises it)."""
+
+
 class Interrupted(Exception):
     """SIGINT/SIGTERM stopped a run between two steps; `hint` tells the user how to go on."""
 

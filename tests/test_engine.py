@@ -1,28 +1,33 @@
 """Unit tests of the pieces under the training loop: optimizer groups, early stopping, augmentation,
-sharding, the disk-space guard."""
+sharding, the EMA, gradient clipping, and what a resume restores (LR schedule, scaler, optimizer)."""
 
 import dataclasses
-from collections import namedtuple
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from fashion_ft import trainer
+from fashion_ft import engine
 from fashion_ft.config import Config
 from fashion_ft.data import AugmentConfig, affine_grid, augment, make_batch
 from fashion_ft.engine import (
     EarlyStopping,
+    ModelEma,
     Runtime,
     TrainStep,
     apply_freezing,
     build_optimizer,
     build_schedulers,
+    fused_adamw_supported,
+    load_optimizer_state,
+    lr_multiplier,
     make_ema,
     predict_logits,
     rank_shard,
+    restore_optimization,
 )
-from fashion_ft.errors import UserError
+from fashion_ft.errors import DivergenceError, UserError
 from fashion_ft.model import build_model
 from fashion_ft.system import AmpPolicy
 
@@ -115,13 +120,6 @@ def test_rank_shards_are_disjoint_equal_and_cover_all_but_the_remainder():
     assert len(set(torch.cat(shards).tolist())) == 100
 
 
-def test_low_disk_space_is_refused_before_training(monkeypatch, tmp_path):
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda _path: usage(10**9, 10**9, 1024))
-    with pytest.raises(UserError, match="MiB free in"):
-        trainer.check_disk_space(Path(tmp_path) / "not" / "yet", build_model("cnn3"))
-
-
 def test_our_affine_grid_equals_torch_affine_grid():
     theta = torch.randn(16, 2, 3, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.affine_grid(theta, [16, 1, 28, 20], align_corners=False)
@@ -173,3 +171,236 @@ def test_flip_tta_logits_stay_finite_for_very_confident_models():
     logits = predict_logits(Confident(), torch.zeros(2, 1, 28, 28, dtype=torch.uint8), rt, 2)
     assert torch.isfinite(logits).all()
     assert torch.isfinite(torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2])))
+
+
+CPU = Runtime(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25)
+
+
+def tiny_model():
+    return build_model("cnn3", {"channels": [4, 8, 8], "hidden": 16})
+
+
+def test_model_ema_gives_the_numbers_of_torch_averaged_model():
+    torch.manual_seed(0)
+    model = tiny_model()
+    ours = ModelEma(model, 0.9)
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(4):
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ours.update(model)
+        reference.update_parameters(model)
+    expected = reference.module.state_dict()
+    for key, value in ours.module.state_dict().items():
+        if value.is_floating_point():  # weights and BatchNorm statistics: bit for bit
+            assert torch.equal(value, expected[key]), key
+        else:  # num_batches_tracked is a count: copied (AveragedModel averages it in integers)
+            assert torch.equal(value, model.state_dict()[key]), key
+    assert ours.updates == 4 and isinstance(ours.updates, int)  # a Python counter: no host-device copy
+    assert not any(p.requires_grad for p in ours.module.parameters())
+
+
+def test_model_ema_state_round_trips_and_reads_averaged_model_states():
+    torch.manual_seed(0)
+    model = tiny_model()
+    ema = ModelEma(model, 0.5)
+    ema.update(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    restored = ModelEma(tiny_model(), 0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 2
+    for key, value in ema.module.state_dict().items():
+        assert torch.equal(restored.module.state_dict()[key], value)
+    old = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
+    old.update_parameters(model)
+    from_old = ModelEma(tiny_model(), 0.5)
+    from_old.load_state_dict(old.state_dict())
+    assert from_old.updates == 1
+    assert torch.equal(from_old.module.state_dict()["classifier.2.weight"], model.state_dict()["classifier.2.weight"])
+
+
+def test_gradient_clipping_leaves_the_clipped_norm():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    norms = {}
+    for max_norm in (None, 0.05):
+        torch.manual_seed(1)  # the same weights for both
+        model = tiny_model()
+        cfg = Config(scheduler="none")
+        optimizer = build_optimizer(model, cfg, 0.01)
+        step = TrainStep(model, optimizer, build_schedulers(optimizer, cfg, 1),
+                         torch.amp.GradScaler("cpu", enabled=False), 0.0, max_norm)
+        step(x, y, CPU)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms[max_norm] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    assert norms[None] > 0.1  # the unclipped gradient is larger than the limit ...
+    assert norms[0.05] == pytest.approx(0.05, rel=1e-4)  # ... and the step used the clipped one
+
+
+def test_adamw_is_fused_only_when_every_parameter_is_a_float_on_cuda():
+    def param(device, dtype=torch.float32):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    assert fused_adamw_supported([param("cuda:0"), param("cuda:0", torch.bfloat16), param("cuda:0", torch.float16)])
+    assert not fused_adamw_supported([param("cuda:0"), param("cpu")])
+    assert not fused_adamw_supported([param("cuda:0", torch.int64)])
+    assert not fused_adamw_supported([param("cpu")])
+    assert not fused_adamw_supported([])
+
+
+def test_build_optimizer_asks_for_fused_adamw_only_when_supported(monkeypatch):
+    optimizer = build_optimizer(tiny_model(), Config(), 1e-3)  # on the CPU: torch's default, as before
+    assert not any(g["fused"] for g in optimizer.param_groups)
+    monkeypatch.setattr(engine, "fused_adamw_supported", lambda params: True)  # as on a CUDA device
+    optimizer = build_optimizer(tiny_model(), Config(), 1e-3)
+    assert all(g["fused"] for g in optimizer.param_groups)
+
+
+def trained_adamw(fused):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+    return model, optimizer
+
+
+@pytest.mark.parametrize("saved_fused, now_fused", [(None, True), (True, None)])
+def test_a_restored_optimizer_keeps_this_runs_implementation(saved_fused, now_fused):
+    _, saved = trained_adamw(saved_fused)
+    model, optimizer = trained_adamw(now_fused)
+    load_optimizer_state(optimizer, saved.state_dict())
+    assert optimizer.param_groups[0]["fused"] == now_fused
+    for p in model.parameters():
+        assert optimizer.state[p]["step"].item() == 2 and optimizer.state[p]["step"].dtype == torch.float32
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()  # the chosen kernel accepts the restored state
+
+
+# ---------------------------------------------------------------- resume: LR schedule, scaler
+
+def make_step(cfg, steps_per_epoch, lr, scaler=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    optimizer = build_optimizer(model, cfg, lr)
+    return TrainStep(model, optimizer, build_schedulers(optimizer, cfg, steps_per_epoch),
+                     scaler or torch.amp.GradScaler("cpu", enabled=False), 0.0, None)
+
+
+def advance(step, epochs, monitored=()):
+    """`epochs` epochs of optimizer and scheduler steps (no gradients needed for the LR)."""
+    for epoch in range(epochs):
+        for _ in range(step.schedulers.steps_per_epoch):
+            step.optimizer.step()
+            step.schedulers.after_batch(step.schedulers.per_batch.last_epoch)
+        step.schedulers.after_epoch(monitored[epoch] if monitored else 1.0)
+
+
+def saved(step):
+    return {"optimizer": step.optimizer.state_dict(), "schedulers": step.schedulers.state_dict(),
+            "scaler": step.scaler.state_dict(), "ema": None}
+
+
+def lrs(step):
+    return [g["lr"] for g in step.optimizer.param_groups]
+
+
+@pytest.mark.parametrize("old_steps, new_steps", [(100, 50), (50, 100)])
+@pytest.mark.parametrize("warmup, epochs_done", [(0.0, 10), (3.0, 2), (3.0, 10), (0.5, 1)])
+def test_lr_after_a_resume_is_the_new_runs_schedule_at_that_epoch(old_steps, new_steps, warmup, epochs_done):
+    cfg = Config(epochs=30, scheduler="cosine", warmup_epochs=warmup, lr=0.01)
+    old = make_step(cfg, old_steps, cfg.lr)
+    advance(old, epochs_done)
+    resumed = make_step(cfg, new_steps, cfg.lr)
+    restore_optimization(resumed, saved(old), cfg, cfg.lr, epochs_done)
+    fresh = make_step(cfg, new_steps, cfg.lr)
+    advance(fresh, epochs_done)
+    factor = lr_multiplier(cfg, new_steps)(epochs_done * new_steps)
+    assert lrs(resumed) == pytest.approx([cfg.lr * factor] * 2, rel=1e-12)
+    assert lrs(resumed) == pytest.approx(lrs(fresh), rel=1e-12)
+    if (warmup, epochs_done) == (0.0, 10):
+        assert factor == pytest.approx(0.75, abs=1e-3)  # 10 of 30 cosine epochs, whatever the steps per epoch
+    advance(resumed, 2)
+    advance(fresh, 2)
+    assert lrs(resumed) == pytest.approx(lrs(fresh), rel=1e-12)  # and it goes on as the fresh schedule
+
+
+def test_an_overridden_lr_mid_cosine_is_the_new_lr_times_the_schedule():
+    cfg = Config(epochs=30, scheduler="cosine", lr=0.01)
+    old = make_step(cfg, 40, 0.01)
+    advance(old, 12)
+    new_cfg = dataclasses.replace(cfg, lr=0.002, weight_decay=0.05)
+    resumed = make_step(new_cfg, 40, 0.002)
+    restore_optimization(resumed, saved(old), new_cfg, 0.002, 12)
+    factor = lr_multiplier(new_cfg, 40)(12 * 40)
+    assert 0.3 < factor < 0.9
+    assert lrs(resumed) == pytest.approx([0.002 * factor] * 2, rel=1e-12)
+    assert resumed.schedulers.per_batch.base_lrs == [0.002, 0.002]
+    assert [g["weight_decay"] for g in resumed.optimizer.param_groups] == [0.05, 0.0]
+    advance(resumed, 1)
+    assert lrs(resumed)[0] == pytest.approx(0.002 * lr_multiplier(new_cfg, 40)(13 * 40), rel=1e-12)
+
+
+def test_sgd_momentum_comes_from_the_config_on_resume():
+    cfg = Config(optimizer="sgd", scheduler="none", lr=0.1)
+    old = make_step(cfg, 10, 0.1)
+    advance(old, 1)
+    new_cfg = dataclasses.replace(cfg, momentum=0.5)
+    resumed = make_step(new_cfg, 10, 0.1)
+    restore_optimization(resumed, saved(old), new_cfg, 0.1, 1)
+    assert all(g["momentum"] == 0.5 and g["nesterov"] for g in resumed.optimizer.param_groups)
+
+
+@pytest.mark.parametrize("old_steps, new_steps", [(100, 50), (50, 100)])
+def test_plateau_keeps_its_reductions_and_warm_up_follows_the_new_steps(old_steps, new_steps):
+    cfg = Config(epochs=30, scheduler="plateau", warmup_epochs=2, plateau_patience=0, plateau_factor=0.5, lr=0.01)
+    during = make_step(cfg, old_steps, cfg.lr)
+    advance(during, 1)
+    resumed = make_step(cfg, new_steps, cfg.lr)
+    restore_optimization(resumed, saved(during), cfg, cfg.lr, 1)
+    assert lrs(resumed)[0] == pytest.approx(0.01 * (new_steps + 1) / (2 * new_steps), rel=1e-12)
+    after = make_step(cfg, old_steps, cfg.lr)
+    advance(after, 5, monitored=[1.0, 1.0, 1.0, 2.0, 3.0])  # three epochs without improvement after warm-up
+    assert lrs(after)[0] == pytest.approx(0.01 * 0.125)
+    new_cfg = dataclasses.replace(cfg, lr=0.004)
+    resumed = make_step(new_cfg, new_steps, 0.004)
+    restore_optimization(resumed, saved(after), new_cfg, 0.004, 5)
+    assert lrs(resumed) == pytest.approx([0.004 * 0.125] * 2, rel=1e-12)
+    resumed.schedulers.after_epoch(4.0)  # the restored plateau state: one more bad epoch halves it again
+    assert lrs(resumed)[0] == pytest.approx(0.004 * 0.0625, rel=1e-12)
+
+
+def test_resume_without_a_saved_scaler_state_keeps_the_fresh_scaler():
+    cfg = Config(epochs=5, lr=0.01)
+    old = make_step(cfg, 10, 0.01)  # a CPU or bf16 run: its scaler was disabled, its state is {}
+    advance(old, 1)
+    assert saved(old)["scaler"] == {}
+    resumed = make_step(cfg, 10, 0.01, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))  # now fp16
+    restore_optimization(resumed, saved(old), cfg, 0.01, 1)
+    assert resumed.scaler.get_scale() == 2.0**16
+    with_state = {**saved(old), "scaler": torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict()}
+    restore_optimization(resumed, with_state, cfg, 0.01, 1)
+    assert resumed.scaler.get_scale() == 1024.0
+
+
+def test_resume_restores_the_ema():
+    cfg = Config(epochs=5, lr=0.01)
+    old = make_step(cfg, 10, 0.01)
+    old.ema = make_ema(old.model, 0.9)
+    old.ema.update(old.model)
+    resumed = make_step(cfg, 10, 0.01)
+    resumed.ema = make_ema(resumed.model, 0.9)
+    restore_optimization(resumed, {**saved(old), "ema": old.ema.state_dict()}, cfg, 0.01, 1)
+    assert resumed.ema.updates == 1
+
+
+def test_divergence_error_is_still_importable_from_engine():
+    assert engine.DivergenceError is DivergenceError
