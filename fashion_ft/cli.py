@@ -1,0 +1,83 @@
+"""The command-line contract every script keeps: a failure is one line on stderr and an exit code.
+
+    sys.exit(cli.run(lambda: body(argv), debug="--debug" in argv))
+
+Exit codes: what body returns; UserError: its own (1, or 2 for usage); Interrupted: 130 (SIGINT) or
+143 (SIGTERM); Ctrl-C: 130; anything unexpected: 1, with the traceback only under --debug. A reader
+that goes away (`script | head -1`) ends the script quietly with 1.
+"""
+
+import os
+import select
+import sys
+import warnings
+from collections.abc import Callable
+
+from .errors import Interrupted, UserError
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def error_prefix() -> str:
+    return "error: "
+
+
+def _stdout_gone() -> bool:
+    """True when nobody reads stdout any more (a pipe whose reader exited): the kernel flags such a pipe
+    with POLLERR. A BrokenPipeError from anything else (a socket, a child process) is a real error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real file behind stdout (captured, closed)
+        return False
+
+
+def _silence_stdout() -> None:
+    # As Python's documentation on SIGPIPE advises: point stdout at devnull so that the interpreter's
+    # own flush at exit does not fail a second time with a traceback.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_prefix) -> int:
+    """body() -> its exit code; every way it can fail -> one line on stderr and the matching code."""
+    warnings.formatwarning = one_line_warning
+    try:
+        try:
+            return body()
+        finally:
+            if sys.stdout is not None:
+                sys.stdout.flush()  # a vanished reader shows up here, while it can still be handled
+    except BrokenPipeError as exc:
+        if not _stdout_gone():
+            return _unexpected(exc, debug, prefix)
+        _silence_stdout()
+        return 1
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"{prefix()}{exc}", file=sys.stderr)
+        return exc.exit_code
+    except Interrupted as exc:
+        print(f"interrupted ({exc})" + (f": {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the last line of defence keeps the one-line contract
+        return _unexpected(exc, debug, prefix)
+
+
+def _unexpected(exc: Exception, debug: bool, prefix: Callable[[], str]) -> int:
+    if debug:
+        raise exc
+    print(f"{prefix()}{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)",
+          file=sys.stderr)
+    return 1
