@@ -7,13 +7,18 @@ and happens only when the caller passes trust_pickle=True on the user's explicit
 """
 
 import datetime
+import errno
 import json
+import math
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
+import zipfile
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,25 +26,39 @@ from torch import nn
 
 from .data import CLASSES, MEAN, STD
 from .errors import UserError
-from .model import build_model, infer_arch, resolve_arch_kwargs, shape_mismatches
+from .model import (  # unwrap lives beside the model; importing it from here keeps working
+    ARCHS,
+    NUM_CLASSES,
+    build_model,
+    infer_arch,
+    output_classes,
+    resolve_arch_kwargs,
+    shape_mismatches,
+    unwrap,
+)
 
 FORMAT = "fashion_ft.checkpoint"
 FORMAT_VERSION = 1
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 TRUST_HINT = "pass --trust-pickle only if you trust where this file came from"
+FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk filled up
 
 
 # ---------------------------------------------------------------- saving
 
 def atomic_write(path, write) -> None:
-    """Call write(binary file) on a temporary file beside `path`, fsync, then rename it into place."""
+    """Call write(binary file) on a temporary file beside `path`, fsync, then rename it into place.
+
+    A failure leaves the previous file untouched and no temporary file; a full disk or another
+    file-system failure becomes one UserError line naming `path`.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise UserError(_write_failure(exc, path)) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -47,39 +66,97 @@ def atomic_write(path, write) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
+        message = _write_failure(exc, path)  # before the unlink: the temp file is what filled the disk
         with suppress(OSError):
             os.unlink(tmp)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
+        if message is None:
+            raise
+        raise UserError(message) from None
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
+def _write_failure(exc: BaseException, path: Path) -> str | None:
+    """The one-line message for a failed write, or None for an error that is not the file system's.
+
+    torch.save reports a failed write of its zip container as a RuntimeError from inline_container.cc
+    ("file write failed", "unexpected pos ..."), not as an OSError, so for those the free space of the
+    folder tells whether the disk filled up.
+    """
+    full = f"no space left on device while writing {path}"
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return full
+        if exc.errno == errno.EDQUOT:
+            return f"disk quota exceeded while writing {path}"
+        return f"cannot write {path}: {exc.strerror or exc}"
+    if not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc)
+    if "No space left on device" in text or _disk_full(path.parent):
+        return full
+    if "inline_container.cc" in text or "file write failed" in text:
+        return f"cannot write {path}: torch could not write the file ({_first_sentence(exc)})"
+    return None
 
 
 def save_checkpoint(obj: dict, path) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def save_json(obj, path) -> None:
-    atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
+def _nonfinite_to_null(value, where: str, found: dict):
+    if isinstance(value, float) and not math.isfinite(value):
+        found[where] = "was NaN" if math.isnan(value) else f"was {'-' if value < 0 else ''}Infinity"
+        return None
+    if isinstance(value, dict):
+        return {k: _nonfinite_to_null(v, f"{where}.{k}" if where else str(k), found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nonfinite_to_null(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP / torch.compile wrappers, so that checkpoints load anywhere."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+def strict_json(obj: dict) -> dict:
+    """A copy of `obj` that strict JSON can hold: every NaN, Infinity or -Infinity becomes null.
+
+    When there was one, the copy gains a top-level key "nonfinite" mapping each such value's key path
+    (dots between keys, [i] for list items: "history[2].val_loss") to what it was ("was NaN"), so a
+    reader can tell a missing value from a diverged one. JSON has no NaN; Python's json module writes
+    one by default, which other readers (jq, JavaScript, pandas' strict mode) refuse.
+    """
+    found: dict = {}
+    clean = _nonfinite_to_null(obj, "", found)
+    if not found:
+        return clean
+    if not isinstance(clean, dict) or "nonfinite" in clean:
+        raise ValueError("non-finite values can be recorded only in a dict without a 'nonfinite' key")
+    return {**clean, "nonfinite": found}
+
+
+def dumps_json(obj: dict) -> str:
+    """Strict JSON text of `obj` (see strict_json), indented, with a final newline."""
+    return json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n"
+
+
+def save_json(obj: dict, path) -> None:
+    """Write `obj` as strict JSON (see strict_json), atomically."""
+    text = dumps_json(obj)
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def make_checkpoint(model, arch, arch_kwargs, *, mean=MEAN, std=STD, metrics=None, config=None,
-                    history=None, classes=CLASSES) -> dict:
-    """The checkpoint dict of DESIGN.md, loadable with torch.load(weights_only=True)."""
-    return {
+                    history=None, classes=CLASSES, split: dict | None = None) -> dict:
+    """The checkpoint dict of DESIGN.md, loadable with torch.load(weights_only=True).
+
+    `split` records the validation split the weights were trained with ({seed, val_size, fingerprint});
+    None (unknown) leaves it out.
+    """
+    ckpt = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": arch,
@@ -93,6 +170,122 @@ def make_checkpoint(model, arch, arch_kwargs, *, mean=MEAN, std=STD, metrics=Non
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": str(torch.__version__),
     }
+    if split is not None:
+        ckpt["split"] = dict(split)
+    return ckpt
+
+
+# ---------------------------------------------------------------- field checks
+
+class _BadField(Exception):
+    """A checkpoint field that is missing or has the wrong type or value; the loader adds the file."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"checkpoint field {name!r} {problem}")
+
+
+def _require(ok: bool, name: str, problem: str) -> None:
+    if not ok:
+        raise _BadField(name, problem)
+
+
+def _show(value) -> str:
+    """A short one-line picture of a value for an error message."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    size = f" of {len(value)}" if isinstance(value, (list, tuple, dict)) else ""
+    return f"a {type(value).__name__}{size}"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_dict(name: str, value) -> None:
+    _require(isinstance(value, dict), name, f"must be a dict, got {_show(value)}")
+    bad = next((k for k in value if not isinstance(k, str)), None)
+    _require(bad is None, name, f"must have text keys, got the key {_show(bad)}")
+
+
+def _check_history(value) -> None:
+    _require(isinstance(value, list), "history", f"must be a list of per-epoch dicts, got {_show(value)}")
+    for i, row in enumerate(value):
+        _check_dict(f"history[{i}]", row)
+
+
+def _check_normalize(value) -> None:
+    _check_dict("normalize", value)
+    mean, std = value.get("mean", MEAN), value.get("std", STD)
+    _require(_is_finite_number(mean), "normalize.mean", f"must be a finite number, got {_show(mean)}")
+    _require(_is_finite_number(std) and std > 0, "normalize.std",
+             f"must be a finite number > 0 (images are divided by it), got {_show(std)}")
+
+
+def _check_classes(value) -> None:
+    _require(isinstance(value, (list, tuple)), "classes", f"must be a list of class names, got {_show(value)}")
+    for i, name in enumerate(value):
+        _require(isinstance(name, str) and bool(name), f"classes[{i}]", f"must be a class name, got {_show(name)}")
+    _require(len(value) == NUM_CLASSES, "classes", f"names {len(value)} classes, Fashion-MNIST has {NUM_CLASSES}")
+    _require(len(set(value)) == len(value), "classes", "names a class twice")
+
+
+def _check_split(value) -> None:
+    if value is None:  # not recorded
+        return
+    _check_dict("split", value)
+    seed, val_size, fp = value.get("seed"), value.get("val_size"), value.get("fingerprint")
+    _require(_is_int(seed) and 0 <= seed < 2**64, "split.seed", f"must be a whole number in 0..2**64-1, got {_show(seed)}")
+    _require(_is_int(val_size) and val_size >= 1, "split.val_size", f"must be a whole number >= 1, got {_show(val_size)}")
+    # None: a split whose training files were not fingerprinted
+    _require(fp is None or (isinstance(fp, str) and bool(fp)), "split.fingerprint",
+             f"must be the training files' fingerprint (text), got {_show(fp)}")
+
+
+def _check_optional_text(name: str, value) -> None:
+    _require(isinstance(value, str), name, f"must be text, got {_show(value)}")
+
+
+# The fields of our format other code reads, each with its check; an absent field takes its default
+# (older files), a present one must be right.
+META_CHECKS = {
+    "normalize": _check_normalize,
+    "classes": _check_classes,
+    "metrics": partial(_check_dict, "metrics"),
+    "config": partial(_check_dict, "config"),
+    "history": _check_history,
+    "split": _check_split,
+    "kind": partial(_check_optional_text, "kind"),
+    "run_name": partial(_check_optional_text, "run_name"),
+}
+
+
+def _check_meta(meta: dict) -> None:
+    for name, check in META_CHECKS.items():
+        if name in meta:
+            check(meta[name])
+
+
+def _check_tensors(state_dict: dict, where: str) -> None:
+    """Weights must hold values: a meta-device tensor (from a model built on torch.device("meta")
+    and saved before its weights were loaded) has a shape and no data."""
+    empty = [k for k, v in state_dict.items() if v.is_meta]
+    more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+    _require(not empty, f"{where}{empty[0] if empty else ''}",
+             f"is a meta-device tensor{more}: a shape without values; save the model after its weights were "
+             "loaded")
+
+
+def _check_head(arch: str, arch_kwargs: dict, set_by: str | None, where: str) -> None:
+    """The model must predict exactly the 10 Fashion-MNIST classes. The error names the field that set
+    the count (`set_by`), else the head's weight in the file (`where`: the key path of the weights)."""
+    outputs, head = output_classes(arch, arch_kwargs)
+    _require(outputs == NUM_CLASSES, set_by or f"{where}{head}",
+             f"gives the model {outputs} output classes, Fashion-MNIST has {NUM_CLASSES}")
 
 
 # ---------------------------------------------------------------- loading
@@ -114,6 +307,17 @@ class LoadedCheckpoint:
         model.load_state_dict(self.state_dict)
         return model
 
+    @property
+    def split(self) -> dict | None:
+        """The recorded validation split {seed, val_size, fingerprint}, or None: an older file, a model
+        from elsewhere, or a record that is not valid."""
+        value = self.meta.get("split")
+        try:
+            _check_split(value)
+        except _BadField:
+            return None
+        return dict(value) if value is not None else None
+
 
 def _check_readable(path: Path) -> None:
     if not path.exists():
@@ -133,6 +337,15 @@ def _looks_like_torch_file(path: Path) -> bool:
     return start[:1] == b"\x80" or start == b"PK\x03\x04"  # a truncated zip still starts like one
 
 
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save writes a zip like torch.save's, with compiled code and a constants.pkl beside the data."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _first_sentence(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text.split(". ")[0].rstrip(".")
@@ -142,6 +355,12 @@ def _torch_load(path: Path, trust_pickle: bool):
     try:
         if not _looks_like_torch_file(path):
             raise UserError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+        if _is_torchscript(path):
+            raise UserError(
+                f"{path} is a TorchScript archive (torch.jit.save), not a checkpoint of weights; save its "
+                f"state_dict once with: python -c \"import torch; torch.save(torch.jit.load('{path}')"
+                ".state_dict(), 'weights.pt')\" and use weights.pt"
+            )
         with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -182,10 +401,18 @@ def strip_prefixes(state_dict: dict) -> dict:
     return out
 
 
-def _extract(obj) -> tuple[dict, str, dict]:
-    """(state_dict, how it was stored, our metadata or {}) from whatever torch.load returned."""
+@dataclass
+class _Extracted:
+    state_dict: dict
+    source_format: str  # how the weights were stored, for the user
+    meta: dict  # our metadata, or {} for other formats
+    where: str = ""  # the key path of the weights inside the file, for error messages
+
+
+def _extract(obj) -> _Extracted:
+    """The weights and our metadata from whatever torch.load returned."""
     if isinstance(obj, nn.Module):
-        return obj.state_dict(), "pickled nn.Module (trusted)", {}
+        return _Extracted(obj.state_dict(), "pickled nn.Module (trusted)", {})
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         version = obj.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -195,57 +422,164 @@ def _extract(obj) -> tuple[dict, str, dict]:
             )
         if not _is_state_dict(obj.get("model")):
             raise UserError(f"checkpoint in {FORMAT} format holds no model weights under 'model'")
-        return obj["model"], f"{FORMAT} v{version}", obj
+        return _Extracted(obj["model"], f"{FORMAT} v{version}", obj, "model.")
     if _is_state_dict(obj):
-        return obj, "bare state_dict", {}
+        return _Extracted(obj, "bare state_dict", {})
     if isinstance(obj, dict):
         for key in WRAPPER_KEYS:
             inner = obj.get(key)
             if isinstance(inner, nn.Module):
-                return inner.state_dict(), f"dict with a pickled nn.Module under {key!r} (trusted)", {}
+                return _Extracted(inner.state_dict(), f"dict with a pickled nn.Module under {key!r} (trusted)", {})
             if _is_state_dict(inner):
-                return inner, f"dict with state_dict under {key!r}", {}
+                return _Extracted(inner, f"dict with state_dict under {key!r}", {}, f"{key}.")
         keys = ", ".join(map(str, list(obj)[:6]))
         raise UserError(f"no model weights found in the checkpoint (its top-level keys: {keys})")
     raise UserError(f"checkpoint holds a {type(obj).__name__}, not model weights")
 
 
-def _arch_from_meta(path: Path, meta: dict) -> tuple[str, dict]:
+def _arch_from_meta(meta: dict) -> tuple[str, dict]:
     arch, arch_kwargs = meta["arch"], meta.get("arch_kwargs") or {}
-    if not isinstance(arch, str) or not isinstance(arch_kwargs, dict):
-        raise UserError(f"{path}: 'arch' must be a name and 'arch_kwargs' a dict, got {arch!r} and {arch_kwargs!r}")
-    try:
-        return arch, resolve_arch_kwargs(arch, arch_kwargs)
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
+    _require(isinstance(arch, str), "arch", f"must be an arch name, got {_show(arch)}")
+    _require(arch in ARCHS, "arch", f"names an unknown arch {arch!r}; known: {', '.join(sorted(ARCHS))}")
+    _check_dict("arch_kwargs", arch_kwargs)
+    return arch, resolve_arch_kwargs(arch, arch_kwargs)
+
+
+def _resolve_arch(found: _Extracted, state_dict: dict) -> tuple[str, dict]:
+    """(arch, kwargs) named by our file and checked against its weights, or inferred from the weights."""
+    meta = found.meta
+    if meta.get("arch") is None:
+        arch, arch_kwargs = infer_arch(state_dict)
+        _check_head(arch, arch_kwargs, None, found.where)
+        return arch, arch_kwargs
+    arch, arch_kwargs = _arch_from_meta(meta)
+    problems = shape_mismatches(build_model(arch, arch_kwargs), state_dict)
+    if problems:
+        raise UserError(f"weights do not match arch {arch}: {'; '.join(problems)}")
+    set_by = "arch_kwargs.num_classes" if "num_classes" in meta.get("arch_kwargs", {}) else None
+    _check_head(arch, arch_kwargs, set_by, found.where)
+    return arch, arch_kwargs
 
 
 def load_checkpoint(path, trust_pickle: bool = False) -> LoadedCheckpoint:
-    """Read, recognise and verify a checkpoint; every failure is a UserError with one clear line."""
+    """Read, recognise and verify a checkpoint; every failure is a UserError with one clear line that
+    names the file and, for a bad field, the field."""
     path = Path(path)
     _check_readable(path)
     try:
-        state_dict, source_format, meta = _extract(_torch_load(path, trust_pickle))
-    except UserError as exc:
+        found = _extract(_torch_load(path, trust_pickle))
+        _check_tensors(found.state_dict, found.where)
+        _check_meta(found.meta)
+        state_dict = strip_prefixes(found.state_dict)
+        arch, arch_kwargs = _resolve_arch(found, state_dict)
+    except (UserError, _BadField) as exc:
         message = str(exc)
         raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") from None
-    state_dict = strip_prefixes(state_dict)
-    if meta.get("arch") is not None:  # ours: the file names its arch, so check against that
-        arch, arch_kwargs = _arch_from_meta(path, meta)
-        problems = shape_mismatches(build_model(arch, arch_kwargs), state_dict)
-        if problems:
-            raise UserError(f"{path}: weights do not match arch {arch}: {'; '.join(problems)}")
-    else:
-        try:
-            arch, arch_kwargs = infer_arch(state_dict)
-        except UserError as exc:
-            raise UserError(f"{path}: {exc}") from None
-    norm = meta.get("normalize") if isinstance(meta.get("normalize"), dict) else {}
+    norm = found.meta.get("normalize", {})
     return LoadedCheckpoint(
-        path=path, source_format=source_format, arch=arch, arch_kwargs=arch_kwargs,
+        path=path, source_format=found.source_format, arch=arch, arch_kwargs=arch_kwargs,
         state_dict=state_dict, mean=float(norm.get("mean", MEAN)), std=float(norm.get("std", STD)),
-        classes=list(meta.get("classes", CLASSES)), meta=meta,
+        classes=list(found.meta.get("classes", CLASSES)), meta=found.meta,
     )
+
+
+# ---------------------------------------------------------------- resuming
+
+def _check_state_dict(name: str, value) -> None:
+    _require(_is_state_dict(value), name, f"must be a state_dict (names to tensors), got {_show(value)}")
+    _check_tensors(value, f"{name}.")
+
+
+def _check_optimizer(value) -> None:
+    _check_dict("optimizer", value)
+    _require(isinstance(value.get("state"), dict), "optimizer.state", f"must be a dict, got {_show(value.get('state'))}")
+    groups = value.get("param_groups")
+    _require(isinstance(groups, list) and bool(groups) and all(isinstance(g, dict) for g in groups),
+             "optimizer.param_groups", f"must be a non-empty list of dicts, got {_show(groups)}")
+
+
+def _check_schedulers(value) -> None:
+    _check_dict("schedulers", value)
+    per_batch, plateau = value.get("per_batch"), value.get("plateau")
+    _require(isinstance(per_batch, dict), "schedulers.per_batch", f"must be a dict, got {_show(per_batch)}")
+    _require(plateau is None or isinstance(plateau, dict), "schedulers.plateau",
+             f"must be a dict or None, got {_show(plateau)}")
+
+
+def _check_stopper(name: str, value) -> None:
+    _check_dict(name, value)
+    best = value.get("best")  # None before the first epoch; +-inf or NaN after a diverged one
+    _require(best is None or (isinstance(best, (int, float)) and not isinstance(best, bool)), f"{name}.best",
+             f"must be a number or None, got {_show(best)}")
+    for key in ("best_epoch", "bad_epochs"):
+        _require(_is_int(value.get(key)) and value[key] >= 0, f"{name}.{key}",
+                 f"must be a whole number >= 0, got {_show(value.get(key))}")
+
+
+def _check_epoch(value) -> None:
+    _require(_is_int(value) and value >= 0, "epoch", f"must be a whole number >= 0, got {_show(value)}")
+
+
+def _check_resume_history(value) -> None:
+    _check_history(value)
+    for i, row in enumerate(value):
+        _require(_is_int(row.get("epoch")), f"history[{i}].epoch", f"must be a whole number, got {_show(row.get('epoch'))}")
+
+
+def _check_ema(value) -> None:
+    if value is not None:  # None: the run kept no moving average
+        _check_state_dict("ema", value)
+
+
+def _check_best_model(value, weights: dict) -> None:
+    _check_state_dict("best_model", value)
+    differ = next((k for k in weights if k not in value or value[k].shape != weights[k].shape), None)
+    extra = next((k for k in value if k not in weights), None)
+    _require(differ is None and extra is None, f"best_model.{differ or extra}",
+             "does not match the same tensor of 'model' (missing, extra or another shape)")
+
+
+# What resuming reads from a last.pt, each with its check. `scaler` is an empty dict for a run without
+# a GradScaler (CPU, bf16); `selection` (older files: absent) falls back to `early_stopping`.
+RESUME_CHECKS = {
+    "arch": partial(_check_optional_text, "arch"),
+    "arch_kwargs": partial(_check_dict, "arch_kwargs"),
+    "normalize": _check_normalize,
+    "model": partial(_check_state_dict, "model"),
+    "optimizer": _check_optimizer,
+    "schedulers": _check_schedulers,
+    "scaler": partial(_check_dict, "scaler"),
+    "early_stopping": partial(_check_stopper, "early_stopping"),
+    "best_model": None,  # checked against 'model' below
+    "history": _check_resume_history,
+    "epoch": _check_epoch,
+    "config": partial(_check_dict, "config"),
+    "run_name": partial(_check_optional_text, "run_name"),
+}
+RESUME_OPTIONAL = {"selection": partial(_check_stopper, "selection"), "ema": _check_ema}
+
+
+def _check_resumable(meta: dict) -> None:
+    for name, check in RESUME_CHECKS.items():
+        _require(name in meta, name, "is missing, and resuming needs it")
+        if check is not None:
+            check(meta[name])
+    _check_best_model(meta["best_model"], meta["model"])
+    for name, check in RESUME_OPTIONAL.items():
+        if name in meta:
+            check(meta[name])
+
+
+def validate_resumable(path, meta: dict) -> None:
+    """Check that `meta` (LoadedCheckpoint.meta of `path`) holds everything resuming a run reads; a
+    missing or wrong field is one UserError line naming the file and the field."""
+    if meta.get("kind") != "last":
+        raise UserError(f"{path} is not a resumable checkpoint (its 'kind' is {_show(meta.get('kind'))}, not "
+                        "'last'); resume from the last.pt a run wrote")
+    try:
+        _check_resumable(meta)
+    except _BadField as exc:
+        raise UserError(f"{path}: {exc}; start a new run from its weights with --model-path instead") from None
 
 
 def nonfinite_tensors(state_dict: dict) -> list[str]:

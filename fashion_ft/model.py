@@ -56,7 +56,7 @@ class ArchSpec:
 
 
 ARCHS = {
-    "cnn3": ArchSpec(CNN3, {"channels": [48, 96, 192], "hidden": 384, "dropout": 0.3}),
+    "cnn3": ArchSpec(CNN3, {"channels": [48, 96, 192], "hidden": 384, "dropout": 0.3, "num_classes": NUM_CLASSES}),
 }
 
 
@@ -106,7 +106,9 @@ def _cnn3_kwargs_from_shapes(shapes: dict) -> dict | None:
         channels.append(_most_common(votes))
     first_bias = linears[0][: -len("weight")] + "bias"
     hidden = _most_common([dim(linears[0], 0), dim(first_bias, 0), dim(linears[1], 1)])
-    return {"channels": channels, "hidden": hidden}
+    # read, not assumed: a head for another class count must be reported as such, not as a damaged tensor
+    num_classes = _most_common([dim(linears[1], 0), dim(linears[1][: -len("weight")] + "bias", 0)])
+    return {"channels": channels, "hidden": hidden, "num_classes": num_classes}
 
 
 KWARGS_FROM_SHAPES = {"cnn3": _cnn3_kwargs_from_shapes}
@@ -150,6 +152,29 @@ def infer_arch(state_dict: dict) -> tuple[str, dict]:
     raise UserError(
         f"checkpoint matches no known architecture ({', '.join(sorted(ARCHS))}); its first keys: {sample}"
     )
+
+
+def output_classes(arch: str, arch_kwargs: dict) -> tuple[int, str]:
+    """(number of outputs, state_dict key of the head's weight) of a registered arch.
+
+    Built on the meta device, so that this costs no memory and no initialisation.
+    """
+    with torch.device("meta"):
+        model = build_model(arch, arch_kwargs).eval()
+        outputs = model(torch.empty(1, *INPUT_SHAPE)).shape[-1]
+    heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return outputs, f"{heads[-1]}.weight" if heads else "the model's output"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP / torch.compile wrappers, so that checkpoints load anywhere."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
