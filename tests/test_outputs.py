@@ -1,0 +1,546 @@
+"""A run's files: outputs never collide with each other or with an input, earlier results are kept
+without --overwrite, folders are checked up front, one live run per output folder, and TensorBoard
+trouble in the middle of a run stops the logging, not the run.
+
+Every refusal is checked for the flag it names and for leaving the file tree exactly as it was.
+Permission bits do not stop root (CI runs the tests as root): the chmod test skips there, and the
+"not writable" message is also tested with os.access patched to deny."""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SMALL_RUN, run_script
+
+from fashion_ft import outputs, tblog
+from fashion_ft.errors import UsageError, UserError
+from fashion_ft.outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files
+
+PSEUDO_FS = [p for p in ("/proc", "/sys") if os.path.isdir(p) and shutil.disk_usage(p).total == 0]
+
+
+def tree(folder: Path) -> dict:
+    """Every entry under folder: sha256 of files, the target of links, 'dir' for folders."""
+    state = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root, name)
+            rel = str(path.relative_to(folder))
+            if path.is_symlink():
+                state[rel] = "-> " + os.readlink(path)
+            elif path.is_dir():
+                state[rel] = "dir"
+            else:
+                state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def make_run(folder: Path, best: str = "model.pt") -> RunFiles:
+    """A finished run's three files, each with its own content."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (best, "last.pt", "metrics.json"):
+        (folder / name).write_bytes(f"{folder.name}/{name}".encode())
+    return RunFiles.for_output(str(folder / best))
+
+
+def refused(kind, match: str, root: Path, check, *args, **kwargs) -> str:
+    """check(*args, **kwargs) raises exactly `kind` matching `match`, and changes nothing under root."""
+    before = tree(root)
+    with pytest.raises(kind, match=match) as info:
+        check(*args, **kwargs)
+    assert type(info.value) is kind
+    assert tree(root) == before
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def check(files: RunFiles, model_path=None, resume=None, overwrite=False) -> None:
+    check_run_files(files, inputs={"--model-path": model_path, "--resume": resume}, resume=resume,
+                    overwrite=overwrite)
+
+
+# ---------------------------------------------------------------- --output names a file
+
+@pytest.mark.parametrize("suffix", ["result/x/", "result/x/.", "result/x/..", "result/", "."])
+def test_an_output_naming_a_folder_is_a_usage_error(tmp_path, suffix):
+    message = refused(UsageError, "--output", tmp_path, RunFiles.for_output, f"{tmp_path}/{suffix}")
+    assert "file name" in message
+
+
+def test_an_existing_folder_as_output_is_refused_before_any_work(tmp_path):
+    (tmp_path / "result" / "x").mkdir(parents=True)
+    for output in (tmp_path / "result" / "x", tmp_path / "result"):
+        message = refused(UsageError, "--output .* is an existing folder", tmp_path, RunFiles.for_output, str(output))
+        assert f"{output}/model.pt" in message
+
+
+def test_last_metrics_and_lock_go_beside_the_best_model(tmp_path):
+    files = RunFiles.for_output(str(tmp_path / "r" / "best.pt"))
+    assert (files.last, files.metrics, files.lock) == (tmp_path / "r" / "last.pt", tmp_path / "r" / "metrics.json",
+                                                       tmp_path / "r" / ".lock")
+
+
+# ---------------------------------------------------------------- outputs never collide
+
+@pytest.mark.parametrize("name,role", [("last.pt", "last.pt"), ("metrics.json", "metrics.json"),
+                                       (".lock", "the lock file")])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_the_best_model_never_takes_another_outputs_place(tmp_path, name, role, overwrite):
+    files = RunFiles.for_output(str(tmp_path / "result" / "x" / name))
+    message = refused(UsageError, f"--output .* keeps {role}", tmp_path, check, files, overwrite=overwrite)
+    assert str(tmp_path / "result" / "x" / "model.pt") in message
+
+
+def test_an_output_that_links_to_another_output_collides(tmp_path):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    (folder / "last.pt").write_bytes(b"last")
+    (folder / "best.pt").symlink_to("last.pt")
+    (folder / "m.pt").symlink_to("metrics.json")  # a link to a file that does not exist yet
+    for name in ("best.pt", "m.pt"):
+        refused(UsageError, "--output .* keeps", tmp_path, check, RunFiles.for_output(str(folder / name)),
+                overwrite=True)
+
+
+# ---------------------------------------------------------------- inputs are never replaced
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_equal_to_the_model_path_is_refused_even_with_overwrite(tmp_path, overwrite):
+    model = tmp_path / "x" / "model.pt"
+    make_run(tmp_path / "x")
+    for spelling in (model, Path(os.path.relpath(model))):
+        refused(UsageError, "--output .* is the --model-path input; an input is never replaced", tmp_path,
+                check, RunFiles.for_output(str(model)), model_path=spelling, overwrite=overwrite)
+
+
+@pytest.mark.parametrize("name", ["last.pt", "metrics.json"])
+def test_a_model_path_in_the_output_folder_is_never_replaced_even_with_overwrite(tmp_path, name):
+    make_run(tmp_path / "x")
+    message = refused(UsageError, "--model-path input", tmp_path, check,
+                      RunFiles.for_output(str(tmp_path / "x" / "other.pt")),
+                      model_path=tmp_path / "x" / name, overwrite=True)
+    assert f"writes {name} to" in message
+
+
+def test_a_link_or_hard_link_to_the_output_is_the_same_input(tmp_path):
+    make_run(tmp_path / "x")
+    (tmp_path / "soft.pt").symlink_to(tmp_path / "x" / "model.pt")
+    os.link(tmp_path / "x" / "last.pt", tmp_path / "hard.pt")
+    files = RunFiles.for_output(str(tmp_path / "x" / "model.pt"))
+    for source in (tmp_path / "soft.pt", tmp_path / "hard.pt"):
+        refused(UsageError, "--model-path input", tmp_path, check, files, model_path=source, overwrite=True)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_equal_to_resume_is_refused(tmp_path, overwrite):
+    resume = tmp_path / "saved" / "run.pt"  # a last.pt the user renamed
+    resume.parent.mkdir()
+    resume.write_bytes(b"resumable")
+    refused(UsageError, "--output .* is the --resume input", tmp_path, check,
+            RunFiles.for_output(str(resume)), resume=resume, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------- earlier results need --overwrite
+
+@pytest.mark.parametrize("existing", ["model.pt", "last.pt", "metrics.json"])
+def test_each_existing_result_needs_overwrite(tmp_path, existing):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    (folder / existing).write_bytes(b"earlier")
+    files = RunFiles.for_output(str(folder / "model.pt"))
+    message = refused(UsageError, "--output: .* already exists; pass --overwrite", tmp_path, check, files)
+    assert str(folder / existing) in message
+    check(files, overwrite=True)
+
+
+def test_a_resumed_run_continues_in_its_own_folder_without_overwrite(tmp_path):
+    files = make_run(tmp_path / "x")
+    (tmp_path / "alias").symlink_to(tmp_path / "x")
+    before = tree(tmp_path)
+    for spelling in (files.last, Path(os.path.relpath(files.last)), tmp_path / "alias" / "last.pt"):
+        check(files, resume=spelling)
+    assert tree(tmp_path) == before
+
+
+def test_resume_elsewhere_never_replaces_another_runs_files_without_overwrite(tmp_path):
+    run_a, run_b = make_run(tmp_path / "a"), make_run(tmp_path / "b")
+    message = refused(UsageError, "--output: .* already exists and is not part of the resumed run", tmp_path,
+                      check, run_b, resume=run_a.last)
+    assert "--overwrite" in message and str(run_a.last) in message
+    check(run_b, resume=run_a.last, overwrite=True)  # the user said so
+    check(RunFiles.for_output(str(tmp_path / "c" / "model.pt")), resume=run_a.last)  # a fresh folder
+
+
+def test_an_output_file_that_is_a_folder_is_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "x" / "last.pt").mkdir(parents=True)
+    refused(UsageError, "--output: .*last.pt is a folder", tmp_path, check,
+            RunFiles.for_output(str(tmp_path / "x" / "model.pt")), overwrite=True)
+
+
+# ---------------------------------------------------------------- folders that cannot be written
+
+@pytest.mark.skipif(not PSEUDO_FS, reason="no /proc or /sys pseudo file system here")
+@pytest.mark.parametrize("sub", ["fashion_ft_test/model.pt", "model.pt", "self/model.pt"])
+def test_output_on_a_pseudo_file_system_cannot_be_written(sub):
+    for root in PSEUDO_FS:
+        with pytest.raises(UserError, match="--output: .*pseudo file system.*cannot write there") as info:
+            check(RunFiles.for_output(f"{root}/{sub}"))
+        assert "MiB" not in str(info.value)
+        with pytest.raises(UserError, match="cannot write there"):
+            check_disk_space(Path(root) / "x", 1)
+
+
+@pytest.mark.parametrize("sub", ["model.pt", "deeper/model.pt"])
+def test_a_file_where_the_output_folder_goes_is_refused(tmp_path, sub):
+    (tmp_path / "notes.txt").write_text("a file")
+    message = refused(UsageError, "--output: cannot create the folder", tmp_path, check,
+                      RunFiles.for_output(str(tmp_path / "notes.txt" / sub)))
+    assert f"{tmp_path / 'notes.txt'} is a file" in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not stop root")
+def test_a_read_only_output_folder_is_refused(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        refused(UserError, "--output: cannot write in .*permission denied", tmp_path, check,
+                RunFiles.for_output(str(folder / "sub" / "model.pt")))
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_folder_we_may_not_write_is_refused_with_one_line(tmp_path, monkeypatch):
+    """os.access denied stands in for a read-only folder, which root would write anyway."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != folder)
+    refused(UserError, f"--output: cannot write in {folder}: permission denied", tmp_path, check,
+            RunFiles.for_output(str(folder / "model.pt")))
+    refused(UserError, f"--logdir: cannot write in {folder}", tmp_path, check_logdir, str(folder), "run")
+
+
+@pytest.mark.parametrize("flag", ["--output", "--model-path", "--resume"])
+def test_a_symlink_loop_is_a_usage_error_naming_the_flag(tmp_path, flag):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for looped in (tmp_path / "loop" / "model.pt", tmp_path / "a"):
+        output = looped if flag == "--output" else tmp_path / "out" / "model.pt"
+        source = None if flag == "--output" else looped
+        inputs = {"--model-path": source if flag == "--model-path" else None,
+                  "--resume": source if flag == "--resume" else None}
+        refused(UsageError, f"{flag} .*symlink loop", tmp_path, check_run_files, RunFiles.for_output(str(output)),
+                inputs=inputs, resume=inputs["--resume"], overwrite=True)
+
+
+def test_a_good_output_passes_and_creates_nothing(tmp_path):
+    before = tree(tmp_path)
+    check(RunFiles.for_output(str(tmp_path / "result" / "new" / "model.pt")), model_path=tmp_path / "in.pt")
+    assert tree(tmp_path) == before
+
+
+# ---------------------------------------------------------------- free space
+
+def test_low_disk_space_names_the_folder_and_the_space(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda _path: usage(10**9, 10**9, 1024))
+    with pytest.raises(UserError, match=r"--output: only 0.0 MiB free in .*not.*needs about 64 MiB"):
+        check_disk_space(tmp_path / "not" / "yet", 64 * 2**20)
+    check_disk_space(tmp_path / "not" / "yet", 1024)
+    assert not (tmp_path / "not").exists()
+
+
+# ---------------------------------------------------------------- --logdir and --run-name
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/abs/run", "..", ".", ""])
+def test_a_run_name_that_leaves_the_logdir_is_refused(tmp_path, name):
+    refused(UsageError, "--run-name", tmp_path, check_logdir, str(tmp_path / "logs"), name)
+
+
+def test_a_logdir_that_is_a_file_or_under_a_file_is_refused(tmp_path):
+    (tmp_path / "logs").write_text("a file")
+    refused(UsageError, "--logdir .*logs is a file", tmp_path, check_logdir, str(tmp_path / "logs"), "run")
+    refused(UsageError, "--logdir: cannot create the folder", tmp_path, check_logdir, str(tmp_path / "logs" / "sub"),
+            "run")
+
+
+def test_a_run_folder_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "run").write_text("a file")
+    refused(UsageError, "--run-name run: .* is a file", tmp_path, check_logdir, str(tmp_path / "logs"), "run")
+
+
+def test_a_logdir_on_a_full_disk_or_a_pseudo_file_system_is_refused(tmp_path, monkeypatch):
+    if PSEUDO_FS:
+        refused(UserError, "--logdir: .*pseudo file system.*cannot write there", tmp_path, check_logdir,
+                f"{PSEUDO_FS[0]}/tb", "run")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda _path: usage(10**9, 10**9, 4096))
+    refused(UserError, "--logdir .*no space left", tmp_path, check_logdir, str(tmp_path / "logs"), "run")
+
+
+def test_a_good_logdir_returns_the_run_folder_and_creates_nothing(tmp_path):
+    before = tree(tmp_path)
+    assert check_logdir(str(tmp_path / "logs"), "2024_run-1.a") == tmp_path / "logs" / "2024_run-1.a"
+    assert check_logdir(str(tmp_path / "logs"), None) == tmp_path / "logs"
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    refused(UsageError, "--logdir .*symlink loop", tmp_path, check_logdir, str(tmp_path / "loop"), "run")
+    assert tree(tmp_path) == {**before, "loop": f"-> {tmp_path / 'loop'}"}
+
+
+# ---------------------------------------------------------------- one live run per output folder
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[2])
+    from fashion_ft.outputs import RunLock
+    with RunLock(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.readline()
+""")
+
+
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding the lock until its stdin closes (or it is killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), str(REPO)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_lock_creates_the_folder_holds_our_pid_and_goes_at_exit(tmp_path):
+    lock = tmp_path / "result" / "x" / ".lock"
+    with RunLock(lock):
+        assert lock.read_text() == f"{os.getpid()}\n"
+    assert not lock.exists() and (tmp_path / "result" / "x").is_dir()
+
+
+def test_a_folder_held_by_a_live_run_is_refused(tmp_path):
+    lock = tmp_path / "x" / ".lock"
+    holder = hold_lock(lock)
+    try:
+        message = refused(UserError, f"--output folder {tmp_path / 'x'} is in use .*pid {holder.pid}", tmp_path,
+                          RunLock(lock).__enter__)
+        assert str(lock) in message
+    finally:
+        holder.communicate("")
+    assert not lock.exists()
+    with RunLock(lock):  # free again once the holder ended
+        pass
+
+
+def test_the_same_folder_twice_in_one_process_is_refused(tmp_path):
+    with RunLock(tmp_path / ".lock"):
+        with pytest.raises(UserError, match=f"in use .*pid {os.getpid()}"):
+            RunLock(tmp_path / ".lock").__enter__()
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_a_lock_naming_a_live_process_is_refused_even_without_its_flock(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(f"{sleeper.pid}\n")
+        refused(UserError, f"in use .*pid {sleeper.pid}", tmp_path, RunLock(tmp_path / ".lock").__enter__)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_killed_runs_lock_is_taken_over_with_a_warning(tmp_path):
+    lock = tmp_path / ".lock"
+    holder = hold_lock(lock)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert lock.read_text() == f"{holder.pid}\n"  # left behind
+    with pytest.warns(UserWarning, match=f"took over the stale lock .* pid {holder.pid}, which is no longer running"):
+        with RunLock(lock):
+            assert lock.read_text() == f"{os.getpid()}\n"
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("content", ["{pid}\n", "", "garbage"])
+def test_a_stale_lock_without_a_live_holder_is_taken_over(tmp_path, content):
+    lock = tmp_path / ".lock"
+    lock.write_text(content.format(pid=dead_pid()))
+    with pytest.warns(UserWarning, match="took over the stale lock"):
+        with RunLock(lock):
+            assert lock.read_text() == f"{os.getpid()}\n"
+
+
+def test_the_lock_is_released_when_the_run_fails(tmp_path):
+    lock = tmp_path / ".lock"
+    with pytest.raises(RuntimeError, match="diverged"):
+        with RunLock(lock):
+            raise RuntimeError("diverged")
+    assert not lock.exists()
+    with RunLock(lock):
+        pass
+
+
+def test_a_lock_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="--output: cannot take the lock .*file/.lock"):
+        RunLock(tmp_path / "file" / ".lock").__enter__()
+
+
+# ---------------------------------------------------------------- TensorBoard trouble mid-run
+
+BREAK_WRITER = textwrap.dedent("""
+    import resource, shutil, signal, sys, tempfile, warnings
+    sys.path.insert(0, sys.argv[2])
+    warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\\n"  # as the CLI does
+    from fashion_ft import tblog
+
+    folder = tempfile.mkdtemp()
+    writer = tblog.open_writer(folder + "/run")
+    tblog.log_config(writer, {"lr": 0.1})
+    tblog.log_epoch(writer, 1, {"train_loss": 1.0})
+    if sys.argv[1] == "removed":
+        shutil.rmtree(folder)
+    else:  # a file-size limit fails writes in the kernel as a full disk does
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    for epoch in range(2, 80):
+        tblog.log_epoch(writer, epoch, {"train_loss": 1.0, "val_acc": 0.5, "lr": 0.01})
+    tblog.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
+    writer.close()
+    print("training went on; logging active:", writer.active)
+""")
+
+
+@pytest.mark.parametrize("fault,reason", [("removed", "No such file or directory"), ("full", "File too large")])
+def test_a_writer_failure_mid_run_is_one_warning_and_training_goes_on(fault, reason):
+    result = subprocess.run([sys.executable, "-c", BREAK_WRITER, fault, str(REPO)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "training went on; logging active: False"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no "Exception in thread", no traceback
+    assert lines[0].startswith(f"warning: TensorBoard logging stopped: {reason}")
+    assert lines[0].endswith("training goes on")
+
+
+def test_a_writer_that_cannot_start_warns_and_does_nothing(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.warns(UserWarning, match="TensorBoard logging stopped: .*file"):
+        writer = tblog.open_writer(str(tmp_path / "file" / "run"))
+    assert not writer.active
+    tblog.log_epoch(writer, 1, {"train_loss": 1.0})
+    writer.close()
+
+
+def test_a_working_writer_logs_and_puts_the_thread_hook_back(tmp_path):
+    hook = threading.excepthook
+    with tblog.open_writer(str(tmp_path / "run")) as writer:
+        assert threading.excepthook != hook
+        tblog.log_epoch(writer, 1, {"train_loss": 1.0, "val_acc": 0.5})
+        tblog.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
+        assert writer.active
+    assert threading.excepthook == hook
+    events = list((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 100
+
+
+# ---------------------------------------------------------------- the scripts (need the trainer's wiring)
+
+QUICK = (*SMALL_RUN, "--epochs", "1", "--limit-train", "256")
+
+
+def one_line_error(result, code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["last.pt", "metrics.json", ".lock"])
+def test_cli_output_colliding_with_another_output_exits_2(tmp_path, small_data_dir, name):
+    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir,
+                        "--output", tmp_path / "x" / name, "--logdir", tmp_path / "tb", *QUICK)
+    one_line_error(result, 2, "--output")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "tb").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", ["folder", "slash"])
+def test_cli_output_naming_a_folder_exits_2_before_any_work(tmp_path, small_data_dir, make):
+    (tmp_path / "x").mkdir()
+    output = str(tmp_path / "x") + ("/" if make == "slash" else "")
+    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--output", output,
+                        "--logdir", tmp_path / "tb", *QUICK)
+    one_line_error(result, 2, "--output")
+    assert tree(tmp_path) == {"x": "dir"}
+
+
+@pytest.mark.slow
+def test_cli_resume_elsewhere_keeps_another_runs_files(tmp_path, small_data_dir, trained_checkpoint):
+    shutil.copytree(trained_checkpoint.parent, tmp_path / "a", ignore=shutil.ignore_patterns("tb"))
+    shutil.copytree(trained_checkpoint.parent, tmp_path / "b", ignore=shutil.ignore_patterns("tb"))
+    before = tree(tmp_path)
+    result = run_script("finetune_gpu.py", "--resume", tmp_path / "a" / "last.pt", "--epochs", "3",
+                        "--data-dir", small_data_dir, "--output", tmp_path / "b" / "model.pt",
+                        "--logdir", tmp_path / "tb", "--quiet", "--device", "cpu")
+    one_line_error(result, 2, "--output", "--overwrite")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_cli_model_path_is_never_replaced_even_with_overwrite(tmp_path, small_data_dir, trained_checkpoint):
+    shutil.copytree(trained_checkpoint.parent, tmp_path / "x", ignore=shutil.ignore_patterns("tb"))
+    before = tree(tmp_path)
+    result = run_script("finetune_gpu.py", "--model-path", tmp_path / "x" / "last.pt", "--overwrite",
+                        "--data-dir", small_data_dir, "--output", tmp_path / "x" / "other.pt",
+                        "--logdir", tmp_path / "tb", *QUICK)
+    one_line_error(result, 2, "--output", "--model-path")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PSEUDO_FS, reason="no /proc or /sys pseudo file system here")
+def test_cli_output_on_a_pseudo_file_system_exits_1(tmp_path, small_data_dir):
+    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir,
+                        "--output", f"{PSEUDO_FS[0]}/fashion_ft/model.pt", "--logdir", tmp_path / "tb", *QUICK)
+    one_line_error(result, 1, "--output", "cannot write there")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,flag", [(("--logdir", "FILE"), "--logdir"),
+                                        (("--run-name", "../escape"), "--run-name")])
+def test_cli_bad_logdir_or_run_name_exits_2_before_any_work(tmp_path, small_data_dir, flags, flag):
+    (tmp_path / "file").write_text("x")
+    args = [str(tmp_path / "file") if a == "FILE" else a for a in flags]
+    if flag != "--logdir":
+        args += ["--logdir", str(tmp_path / "tb")]
+    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir,
+                        "--output", tmp_path / "out" / "model.pt", *args, *QUICK)
+    one_line_error(result, 2, flag)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
+
+
+@pytest.mark.slow
+def test_cli_a_second_run_on_a_live_runs_folder_exits_1(tmp_path, small_data_dir):
+    holder = hold_lock(tmp_path / "x" / ".lock")
+    try:
+        result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir,
+                            "--output", tmp_path / "x" / "model.pt", "--logdir", tmp_path / "tb", *QUICK)
+    finally:
+        holder.communicate("")
+    one_line_error(result, 1, "--output", f"pid {holder.pid}")
+    assert tree(tmp_path / "x") == {}
