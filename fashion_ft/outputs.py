@@ -259,8 +259,10 @@ class RunLock:
     The lock file holds the holder's pid, and the holder keeps an exclusive flock on it, which the
     kernel drops when the process dies however it dies. A second run is refused (UserError naming
     the folder and the pid) while the flock is held or the recorded pid is a live process other than
-    ours; a lock left by a dead process is taken over with a warning. The lock is removed at exit,
-    also on exceptions. Taking it is the run's first write: it creates the output folder if needed.
+    ours; a lock left by a dead process is taken over with a warning. (Should an unrelated process
+    reuse a dead holder's pid, the folder stays refused while it lives; the message names the file to
+    delete.) The lock is removed at exit, also on exceptions. Taking it is the run's first write: it
+    creates the output folder if needed. Under torchrun only rank 0 takes it.
     """
 
     def __init__(self, path: Path, flag: str = "--output"):
@@ -297,7 +299,7 @@ class RunLock:
             fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
         except FileExistsError:
             try:
-                fd, created = os.open(self.path, os.O_RDWR), False
+                fd, created = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW), False  # never write through a link
             except FileNotFoundError:  # its holder just removed it
                 return None
         try:

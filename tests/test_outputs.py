@@ -394,8 +394,15 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
 
 def test_a_lock_that_cannot_be_created_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="--output: cannot take the lock .*file/.lock"):
-        RunLock(tmp_path / "file" / ".lock").__enter__()
+    refused(UserError, "--output: cannot take the lock .*file/.lock", tmp_path,
+            RunLock(tmp_path / "file" / ".lock").__enter__)
+
+
+def test_the_lock_never_writes_through_a_planted_link(tmp_path):
+    (tmp_path / "victim.pt").write_bytes(b"precious")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / ".lock").symlink_to(tmp_path / "victim.pt")
+    refused(UserError, "--output: cannot take the lock", tmp_path, RunLock(tmp_path / "x" / ".lock").__enter__)
 
 
 # ---------------------------------------------------------------- TensorBoard trouble mid-run
