@@ -62,7 +62,7 @@ cat <<EOF
 The commands below use the project's python:
     $activate
 TensorBoard (accuracy, validation loss, learning rate, confusion matrix, misclassified images):
-    python -m tensorboard.main --logdir logs_finetune
+    tensorboard --logdir logs_finetune
 Next:
     python test_model.py --model-path $out --full                      # all 10,000 test images
     python finetune_gpu.py --model-path $out --lr 0.0005 --output result/round2/best.pt   # a second round

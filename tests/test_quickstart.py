@@ -45,7 +45,7 @@ def test_smoke_mode_runs_every_step(tmp_path, real_data_dir):
     lines = result.stdout.splitlines()
     assert sum("checks passed" in line for line in lines) == 2  # base model, then the fine-tuned one
     assert not [line for line in lines if "FAIL" in line]
-    assert "== step 3/3" in result.stdout and "-m tensorboard.main --logdir logs_finetune" in result.stdout
+    assert "== step 3/3" in result.stdout and "    tensorboard --logdir logs_finetune" in result.stdout
     # the active environment is used as it is, so there is no .venv to activate
     assert "source .venv/bin/activate" not in result.stdout and f"python is {sys.prefix}/bin/python" in result.stdout
     assert (tmp_path / "result" / "smoke" / "mnist_cnn_finetuned.pt").is_file()

@@ -1,0 +1,58 @@
+"""bench/gpu_check.sh rehearsed on the CPU: every step runs, each is reported, one failure fails the check."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+STEPS = ["imports", "data", "preflight", "finetune", "torchrun", "benchmark"]
+TINY_RUN = "--limit-train 512 --val-size 200 --batch-size 64 --eval-batch-size 500 --quiet"
+
+
+def gpu_check(tmp_path, python=sys.executable, **env_extra):
+    env = {**os.environ, "PYTHON": str(python), "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_NPROC": "1",
+           "GPU_CHECK_EPOCHS": "1", "GPU_CHECK_FT_ARGS": TINY_RUN, "GPU_CHECK_BENCH_ARGS": "--tiny --workers 0",
+           "GPU_CHECK_WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"), "OMP_NUM_THREADS": "1",
+           **env_extra}
+    result = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=env)
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    return result, report, log
+
+
+def statuses(report):
+    return {s["name"]: s["status"] for s in report["steps"]}
+
+
+@pytest.mark.slow
+def test_a_failing_step_does_not_hide_the_others(tmp_path, small_data_dir):
+    """The pre-flight is made to fail (no model reaches 100%); the runs and the benchmark still run and pass."""
+    result, report, log = gpu_check(tmp_path, FASHION_MNIST_DIR=str(small_data_dir),
+                                    GPU_CHECK_PREFLIGHT_ARGS="--min-accuracy 1")
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert [s["name"] for s in report["steps"]] == STEPS
+    assert statuses(report) == {**dict.fromkeys(STEPS, "passed"), "preflight": "failed"}, log[-4000:]
+    assert all(s["seconds"] >= 0 for s in report["steps"]) and not report["passed"]
+    assert report["device"] == "cpu" and report["torch"] and report["amp_policy"] in ("bf16", "fp32")
+    assert report["train_speedup"] > 0 and report["eval_speedup"] > 0
+    assert 0 < report["test_acc"] <= 1 and report["peak_gpu_mb"] is None  # no GPU memory on the CPU
+    assert report["torchrun"] == {"nproc_per_node": 1, "world_size": 1, "test_acc": report["torchrun"]["test_acc"]}
+    assert "=== preflight: failed (exit 1)" in log and "FAILED: preflight" in log
+    assert (tmp_path / "out" / "bench.json").is_file() and (tmp_path / "out" / "ft_metrics.json").is_file()
+
+
+def test_missing_packages_are_named_and_every_step_is_still_reported(tmp_path):
+    """A python that cannot import torch (site-packages switched off): a report, not a crash."""
+    stub = tmp_path / "python3"
+    stub.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    stub.chmod(0o755)
+    result, report, log = gpu_check(tmp_path, python=stub, FASHION_MNIST_DIR=str(tmp_path / "nothing"))
+    assert result.returncode == 1
+    assert statuses(report) == dict.fromkeys(STEPS, "failed")
+    assert "cannot import torch, torchvision, tensorboard, numpy" in log
+    assert "no Fashion-MNIST in" in log and "FAILED: imports data preflight finetune torchrun benchmark" in log
+    assert "ModuleNotFoundError" in report["error"] and report["test_acc"] is None
