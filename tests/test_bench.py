@@ -1,89 +1,114 @@
-"""The benchmark of issue 4 in its --tiny mode, so that it cannot rot; and the GPU check's syntax.
+"""The throughput benchmark run as a user runs it (`python -m bench.bench_throughput --tiny`), and its FLOP count.
 
-The numbers of a tiny run on a shared CPU mean nothing, so only their presence and sign are checked.
+The numbers of a tiny run on a shared CPU mean nothing, so only their presence, sign and consistency are checked.
 """
 
 import json
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import torch
+from conftest import REPO
 
-from fashion_ft.model import ARCHS
+from bench.bench_throughput import flops_per_image, main, print_table
+from fashion_ft.model import ARCHS, build_model, count_parameters
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "bench" / "bench_throughput.py"
+MEASUREMENTS = ["train_original", "train_ours", "eval_original", "eval_ours",
+                "step_augment", "step_no_augment", "step_fixed_batch", "load_augment"]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, real_data_dir):
+def bench(*args, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.bench_throughput", *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def tiny_run(request, tmp_path_factory, real_data_dir):
+    """(arch, stdout, the JSON) of one tiny run per registered arch, with two DataLoader workers."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--tiny", "--device", "cpu", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
+    result = bench("--tiny", "--device", "cpu", "--workers", "2", "--arch", request.param, "--json", out)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout, json.loads(out.read_text())
+    return request.param, result.stdout, json.loads(out.read_text())
 
 
-def number(text: str) -> float:
-    return float(text.replace(",", ""))
+@pytest.mark.slow
+def test_json_holds_the_speedups_and_the_facts(tiny_run):
+    arch, _, r = tiny_run
+    assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["machine"]["gpu"] is None
+    assert r["settings"]["tiny"] and r["settings"]["workers"] == 2 and r["data"] == {"train": 512, "test": 256}
+    assert r["model"]["arch"] == arch
+    assert r["model"]["parameters"] == count_parameters(build_model(arch))[0]
+    assert r["model"]["flops_per_image"] == pytest.approx(flops_per_image(build_model(arch)))
+    rows = r["measurements"]
+    assert list(rows) == MEASUREMENTS
+    for name, row in rows.items():
+        assert row["images_per_s"] > 0 and row["step_ms"] > 0, name
+        assert len(row["seconds"]) == r["settings"]["repeats"], name
+        assert (row["gflop_per_s"] is None) == (name == "load_augment"), name
 
 
-def test_prints_the_machine_and_settings(tiny_run):
-    stdout, _ = tiny_run
-    for line in ("cpu: ", "gpu: none", "torch ", "device cpu | amp ", "model: cnn3"):
-        assert line in stdout, f"missing {line!r} in:\n{stdout}"
+@pytest.mark.slow
+def test_ratios_follow_from_the_medians(tiny_run):
+    _, _, r = tiny_run
+    rows = r["measurements"]
+    rate = {name: row["images_per_s"] for name, row in rows.items()}
+    assert r["train_speedup"] == pytest.approx(rate["train_ours"] / rate["train_original"])
+    assert r["eval_speedup"] == pytest.approx(rate["eval_ours"] / rate["eval_original"])
+    assert r["pipeline_pct"] == pytest.approx(100 * rows["load_augment"]["step_ms"] / rows["step_augment"]["step_ms"])
+    assert 0 < r["pipeline_pct"] < 100
+    forward = r["model"]["flops_per_image"]["forward"]
+    assert rows["eval_ours"]["gflop_per_s"] == pytest.approx(forward * rate["eval_ours"] / 1e9)
 
 
-def test_throughputs_and_speedups_are_positive(tiny_run):
-    stdout, _ = tiny_run
-    rates = {m.group(1): number(m.group(2))
-             for m in re.finditer(r"^(train original|train ours|eval original|eval ours):.*?([\d,]+) img/s",
-                                  stdout, re.M)}
-    assert set(rates) == {"train original", "train ours", "eval original", "eval ours"}, stdout
-    assert all(v > 0 for v in rates.values()), rates
-    for phase in ("train", "eval"):
-        ratio = re.search(rf"^{phase} speed-up: ([\d.]+)x", stdout, re.M)
-        assert ratio and number(ratio.group(1)) > 0, stdout
+@pytest.mark.slow
+def test_the_printed_table_is_the_json_printed(tiny_run, capsys):
+    _, stdout, r = tiny_run
+    print_table(r)
+    assert stdout == capsys.readouterr().out
+    lines = stdout.splitlines()
+    header = lines.index("| measurement | images/s | ms per batch | GFLOP/s |")
+    assert [line.split(" | ")[0] for line in lines[header + 2: header + 10]] == \
+        [f"| {row['label']}" for row in r["measurements"].values()]
+    assert "TINY: a smoke run, not a measurement" in stdout and f"train speed-up: {r['train_speedup']:.2f}x" in stdout
 
 
-def cnn3_forward_mflop() -> float:
+def cnn3_forward_flops() -> float:
     """2 FLOP per multiply-add of the default cnn3: 3x3 convs at 28, 14 and 7 pixels, then the head."""
     kwargs = ARCHS["cnn3"].default_kwargs
     widths, macs = [1, *kwargs["channels"]], 0
     for i, side in enumerate((28, 14, 7)):
         macs += widths[i] * widths[i + 1] * 9 * side * side
     macs += widths[-1] * 3 * 3 * kwargs["hidden"] + kwargs["hidden"] * 10
-    return 2 * macs / 1e6
+    return 2 * macs
 
 
-def test_step_breakdown_and_flops(tiny_run):
-    stdout, _ = tiny_run
-    steps = re.findall(r"^step, .*?([\d.]+) ms", stdout, re.M)
-    assert len(steps) == 3 and all(number(s) > 0 for s in steps), stdout
-    overhead = re.search(r"^load \+ augment alone: ([\d.]+) ms per batch = ([\d.]+)% of a training step", stdout, re.M)
-    assert overhead and number(overhead.group(1)) > 0 and number(overhead.group(2)) > 0, stdout
-    flops = re.search(r"([\d.]+) MFLOP/image forward, ([\d.]+) MFLOP/image training", stdout)
-    assert flops and number(flops.group(1)) == pytest.approx(cnn3_forward_mflop(), rel=0.02), stdout
-    assert 2 < number(flops.group(2)) / number(flops.group(1)) < 3.2
-    gflops = re.findall(r"(?:original|ours) ([\d.]+) GFLOP/s", stdout)
-    assert len(gflops) == 4 and all(number(g) > 0 for g in gflops), stdout
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_flops_per_image_are_counted(arch):
+    flops = flops_per_image(build_model(arch))
+    assert flops["forward"] > 0 and 2 < flops["train"] / flops["forward"] < 3.2  # backward: about twice the forward
+    if arch == "cnn3":
+        assert flops["forward"] == pytest.approx(cnn3_forward_flops(), rel=0.02)
 
 
-def test_json_holds_the_same_numbers(tiny_run):
-    _, data = tiny_run
-    assert data["settings"]["tiny"] and data["settings"]["device"] == "cpu"
-    assert data["summary"]["train_speedup"] > 0 and data["summary"]["eval_speedup"] > 0
-    assert data["summary"]["targets"] == {}  # a tiny run judges no target
-    for phase in ("training", "evaluation"):
-        for path in ("original", "ours"):
-            m = data[phase][path]
-            assert m["images_per_s"] > 0 and len(m["seconds"]) == data["settings"]["repeats"]
+@pytest.mark.parametrize("args, code, message", [
+    (["--repeats", "0"], 2, "must be positive"),
+    (["--workers", "-1"], 2, "--workers must be >= 0"),
+    (["--arch", "resnet50"], 2, "--arch: invalid choice"),
+    (["--json", "/nonexistent/folder/bench.json"], 2, "--json /nonexistent/folder/bench.json: its folder does not exist"),
+    (["--device", "tpu"], 2, "error: --device 'tpu'"),
+])
+def test_bad_input_is_refused_before_any_work(args, code, message, capsys):
+    try:
+        result = main(args)
+    except SystemExit as exc:  # argparse's own errors
+        result = exc.code
+    err = capsys.readouterr().err
+    assert result == code and message in err.strip().splitlines()[-1] and "Traceback" not in err, err
 
 
-def test_gpu_check_script_parses():
-    result = subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+@pytest.mark.slow  # a new interpreter importing torch: seconds on a busy machine
+def test_missing_data_is_one_line_from_the_module(tmp_path):
+    result = bench("--device", "cpu", "--data-dir", tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: Fashion-MNIST train files not found") and result.stderr.count("\n") == 1
