@@ -124,7 +124,7 @@ def check_run_files(files: RunFiles, *, inputs: dict[str, Path | None], resume: 
     folder that cannot be written. `inputs` maps each flag to the file the run reads, None if unused."""
     outputs = {role: resolve_path(path, "--output") for role, path in files.roles().items()}
     check_outputs_apart(files, outputs)
-    continuing = resume is not None and same_file(resolve_path(resume, "--resume"), outputs["last"])
+    continuing = resumes_in_place(files, resume)
     for flag, path in inputs.items():
         if path is not None:
             check_input_kept(files, outputs, flag, resolve_path(path, flag), continuing and flag == "--resume")
@@ -133,6 +133,13 @@ def check_run_files(files: RunFiles, *, inputs: dict[str, Path | None], resume: 
         if not overwrite and not continuing and os.path.lexists(files.roles()[role]):
             raise UsageError(existing_message(files.roles()[role], resume))
     check_writable_folder(files.best.parent, "--output")
+
+
+def resumes_in_place(files: RunFiles, resume: Path | None) -> bool:
+    """--resume names this run's own last.pt: the run continues its own files."""
+    if resume is None:
+        return False
+    return same_file(resolve_path(Path(resume), "--resume"), resolve_path(files.last, "--output"))
 
 
 def check_outputs_apart(files: RunFiles, outputs: dict[str, Path]) -> None:

@@ -167,7 +167,10 @@ def test_a_resumed_run_continues_in_its_own_folder_without_overwrite(tmp_path):
     before = tree(tmp_path)
     for spelling in (files.last, Path(os.path.relpath(files.last)), tmp_path / "alias" / "last.pt"):
         check(files, resume=spelling)
+        assert outputs.resumes_in_place(files, spelling)
     assert tree(tmp_path) == before
+    assert not outputs.resumes_in_place(files, None)
+    assert not outputs.resumes_in_place(make_run(tmp_path / "y"), files.last)
 
 
 def test_resume_elsewhere_never_replaces_another_runs_files_without_overwrite(tmp_path):
