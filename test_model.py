@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Pre-flight check of a Fashion-MNIST checkpoint: file, safe load, architecture, GPU, forward pass,
-a quick evaluation on real test images, speed and memory.
+one training step as fine-tuning would take it on this device, a quick evaluation on real test images,
+speed and memory.
 
     python test_model.py                                  # the shipped base model, 3 batches
     python test_model.py --model-path a.pt b.pt --full    # two models and their ensemble, all 10,000
@@ -14,6 +15,8 @@ import json
 import sys
 import warnings
 from pathlib import Path
+
+from fashion_ft.system import AMP_MODES
 
 
 def positive_int(text: str) -> int:
@@ -49,8 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-accuracy", type=fraction, default=0.5,
                    help="quick-eval accuracy below this fraction (0..1) fails")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="off",
-                   help="precision of the eval (off: exact fp32)")
+    p.add_argument("--amp", choices=AMP_MODES, default="off",
+                   help="precision of the quick eval (off: exact fp32; fp16 needs a CUDA GPU). The train step "
+                        "always uses the precision finetune_gpu.py's --amp auto picks on this device")
     p.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="flip: average the predictions of each image and its mirror image")
     p.add_argument("--require-gpu", action="store_true", help="fail when no CUDA GPU is available")
@@ -61,13 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_model(report, path: Path, args, device, data):
+def check_model(report, path: Path, args, rt_eval, data):
     """The per-model checks; returns the quick eval's probabilities (or None)."""
-    import torch
-
     from fashion_ft import preflight as pf
     from fashion_ft.engine import Runtime
-    from fashion_ft.system import resolve_amp
 
     prefix = f"{path}: " if len(args.model_path) > 1 else ""
     if report.run(prefix + "file", pf.check_file, path) is None:
@@ -79,32 +80,53 @@ def check_model(report, path: Path, args, device, data):
     finite = report.run(prefix + "weights finite", pf.check_finite, ckpt)
     if model is None or finite is None:
         return None
-    model = model.to(device)
-    rt = Runtime(device, resolve_amp(args.amp, device), ckpt.mean, ckpt.std, tta_flip=args.tta == "flip")
+    model = model.to(rt_eval.device)
+    rt = Runtime(rt_eval.device, rt_eval.amp, ckpt.mean, ckpt.std, tta_flip=args.tta == "flip")
     report.run(prefix + "forward pass", pf.check_forward, model, rt)
+    report.run(prefix + "train step", pf.check_train_step, model, data, ckpt.mean, ckpt.std, rt.device)
     if data is None:
         report.skip(prefix + "quick eval", "no test data")
         return None
-    torch.manual_seed(0)
     return report.run(prefix + "quick eval", pf.check_eval, model, rt, data, args.batch_size, args.min_accuracy)
+
+
+def check_model_and_memory(report, path: Path, args, rt_eval, data):
+    """check_model, then this model's memory: the GPU peak is reset per model, so each reports its own."""
+    from fashion_ft import preflight as pf
+    from fashion_ft.system import reset_peak_memory
+
+    reset_peak_memory(rt_eval.device)
+    probs = check_model(report, path, args, rt_eval, data)
+    report.run(f"{path}: memory" if len(args.model_path) > 1 else "memory", pf.check_memory, rt_eval.device)
+    return probs
+
+
+def resolve_runtime(args):
+    """The device and the eval precision; a bad --device or --amp is a usage error (exit 2)."""
+    from fashion_ft.engine import Runtime
+    from fashion_ft.system import resolve_amp, resolve_device
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the device check reports a CPU fall-back (and why) itself
+        device = resolve_device(args.device)
+    return Runtime(device, resolve_amp(args.amp, device), 0.0, 1.0)
 
 
 def run_checks(args):
     from fashion_ft import preflight as pf
-    from fashion_ft.system import resolve_device
 
     report = pf.Report(debug=args.debug)
-    device = resolve_device(args.device)
-    report.run("device", pf.check_device, device, args.require_gpu)
+    rt_eval = resolve_runtime(args)
+    device = rt_eval.device
+    report.run("device", pf.check_device, device, args.require_gpu, args.device == "auto")
     n = None if args.full else args.batches * args.batch_size
     data = report.run("test data", pf.check_data, args.data_dir, n, device, args.download)
-    probs = [check_model(report, Path(p), args, device, data) for p in args.model_path]
+    probs = [check_model_and_memory(report, Path(p), args, rt_eval, data) for p in args.model_path]
     if len(probs) > 1:
         if all(p is not None for p in probs):
             report.run("ensemble", pf.check_ensemble, probs, data.labels)
         else:
             report.skip("ensemble", "no test data" if data is None else "a model failed its checks")
-    report.run("memory", pf.check_memory, device)
     return report
 
 
@@ -118,26 +140,21 @@ def print_text(report) -> None:
         print(f"all {len(report.checks)} checks passed")
 
 
-def main(argv=None) -> int:
+def check_and_print(argv) -> int:
     args = get_args_parser().parse_args(argv)
-    warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
-    from fashion_ft.errors import UserError
-
-    try:
-        report = run_checks(args)
-    except UserError as exc:  # a bad --device: usage, not a failed check
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+    report = run_checks(args)
+    if args.json:  # strict JSON: Report.to_dict has turned every NaN/Inf into null with its reason
+        print(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:
         print_text(report)
     return 0 if report.passed else 1
+
+
+def main(argv=None) -> int:
+    from fashion_ft import cli
+
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    return cli.run(lambda: check_and_print(argv), debug)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The pre-flight checks behind test_model.py: each check passes or fails with a short reason."""
 
+import copy
 import hashlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -8,11 +10,17 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors
-from .data import DeviceData, load_split
-from .engine import Runtime, logit_metrics, predict_logits
+from .config import Config
+from .data import FILES, DeviceData, find_data_dir, load_split, make_batch
+from .engine import Runtime, TrainStep, build_optimizer, build_schedulers, logit_metrics, predict_logits
 from .errors import UserError
 from .model import count_parameters
-from .system import cuda_report, process_memory_mb, synchronize
+from .system import broken_cuda_reason, cuda_report, peak_gpu_mb, process_memory_mb, resolve_amp, synchronize
+
+# An accuracy measured on fewer images says little (on 100 images one standard error is already about
+# 3 points at 90%), and on none it is NaN: a test set this small fails the data check.
+MIN_TEST_IMAGES = 100
+TRAIN_STEP_IMAGES = 64
 
 
 class CheckFailed(Exception):
@@ -56,7 +64,24 @@ class Report:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+        """The report for strict JSON: no NaN or Infinity (see finite_or_null)."""
+        checks = [{**asdict(c), "data": finite_or_null(c.data)} for c in self.checks]
+        return {"passed": self.passed, "checks": checks}
+
+
+def finite_or_null(data: dict) -> dict:
+    """A copy with every NaN/Inf number replaced by None, and `nonfinite` saying what each one was:
+    strict JSON has no NaN or Infinity, and a reader must not take a missing value for a measured one."""
+    out, nonfinite = {}, {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = finite_or_null(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            nonfinite[key], value = str(value), None
+        out[key] = value
+    if nonfinite:
+        out["nonfinite"] = nonfinite
+    return out
 
 
 # ---------------------------------------------------------------- the checks
@@ -99,9 +124,12 @@ def check_finite(ckpt: LoadedCheckpoint):
     return "no NaN or Inf in any weight", {}, True
 
 
-def check_device(device: torch.device, require_gpu: bool):
+def check_device(device: torch.device, require_gpu: bool, auto: bool = True):
     info = cuda_report(device)
     if device.type != "cuda":
+        broken = broken_cuda_reason()
+        if broken and (auto or require_gpu):  # an NVIDIA GPU that CUDA cannot use: never pass on the CPU
+            raise CheckFailed(broken)
         if require_gpu:
             raise CheckFailed("no CUDA GPU available (--require-gpu)")
         return "no CUDA GPU: running on the CPU", info, True
@@ -111,6 +139,53 @@ def check_device(device: torch.device, require_gpu: bool):
     detail = (f"{info['name']} (capability {info['capability']}), {info['free_memory_mb']:.0f} of "
               f"{info['total_memory_mb']:.0f} MiB free, CUDA {info['cuda_version']}, cuDNN {info['cudnn_version']}")
     return detail, info, True
+
+
+def _train_batch(data: DeviceData | None, device: torch.device, n: int = TRAIN_STEP_IMAGES):
+    """Real test images when there are some (a realistic loss), else random ones (still every kernel)."""
+    if data is not None:
+        return data.images[:n], data.labels[:n]
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    return images.to(device), torch.randint(0, 10, (n,), generator=gen).to(device)
+
+
+def _train_step(model, data: DeviceData | None, rt: Runtime, cfg: Config):
+    """Up to three steps of finetune_gpu.py's TrainStep on a copy of model -> (loss, the copy, changed).
+    With fp16 the loss scaler may skip the first step (an overflow at its starting scale), so a skipped
+    step is retried; a real step changes the weights."""
+    trained = copy.deepcopy(model).to(memory_format=rt.memory_format).train()
+    optimizer = build_optimizer(trained, cfg, cfg.lr)
+    step = TrainStep(trained, optimizer, build_schedulers(optimizer, cfg, 1),
+                     torch.amp.GradScaler(rt.device.type, enabled=rt.amp.use_scaler),
+                     cfg.label_smoothing, cfg.max_grad_norm)
+    images, labels = _train_batch(data, rt.device)
+    x = make_batch(images, None, None, rt.mean, rt.std, rt.memory_format)
+    before = [p.detach().clone() for p in trained.parameters()]
+    for _ in range(3):
+        loss, logits = step(x, labels, rt)
+        if not (torch.isfinite(loss) and torch.isfinite(logits).all()):
+            raise CheckFailed(f"the training step under amp {rt.amp.name} gave a non-finite loss or output")
+        changed = any(not torch.equal(b, p) for b, p in zip(before, trained.parameters()))
+        if changed:
+            break
+    return loss.item(), trained, changed
+
+
+def check_train_step(model, data: DeviceData | None, mean: float, std: float, device: torch.device):
+    """Forward, backward and optimizer step exactly as finetune_gpu.py's defaults run them on this device:
+    its --amp auto precision policy, memory layout, optimizer and loss scaler."""
+    cfg = Config()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    rt = Runtime(device, resolve_amp(cfg.amp, device), mean, std, memory_format)
+    loss, trained, changed = _train_step(model, data, rt, cfg)
+    if not changed:
+        raise CheckFailed(f"three {cfg.optimizer} steps under amp {rt.amp.name} changed no weight")
+    if nonfinite_tensors(trained.state_dict()):
+        raise CheckFailed(f"the {cfg.optimizer} step under amp {rt.amp.name} left NaN/Inf weights")
+    synchronize(device)
+    detail = f"forward, backward and {cfg.optimizer} step under amp {rt.amp.name}: loss {loss:.4f}, weights updated"
+    return detail, {"amp": rt.amp.name, "optimizer": cfg.optimizer, "loss": loss}, True
 
 
 def check_forward(model, rt: Runtime, n: int = 8):
@@ -139,21 +214,25 @@ def eval_logits(model, rt: Runtime, data: DeviceData, batch_size: int):
 
 def check_eval(model, rt: Runtime, data: DeviceData, batch_size: int, min_acc: float):
     logits, seconds = eval_logits(model, rt, data, batch_size)
+    if not torch.isfinite(logits).all():
+        raise CheckFailed(f"the model's output holds NaN or Inf on {len(data)} test images")
     loss, acc = logit_metrics(logits, data.labels)
     stats = {"images": len(data), "accuracy": acc, "loss": loss, "seconds": seconds,
              "images_per_s": len(data) / seconds, "tta": "flip" if rt.tta_flip else "none"}
     detail = f"{len(data)} test images{' with flip TTA' if rt.tta_flip else ''}: accuracy {100 * acc:.2f}%, loss {loss:.4f}, {len(data) / seconds:.0f} img/s"
-    if acc < min_acc:
+    if not acc >= min_acc:  # also when it is NaN
         raise CheckFailed(f"{detail}; below the sane minimum of {100 * min_acc:.0f}%")
     return detail, stats, logits.softmax(1)
 
 
 def check_memory(device: torch.device):
+    """The process's memory, and on a GPU the peak since system.reset_peak_memory (per model)."""
     mem = process_memory_mb()
     detail = f"process RSS {mem['rss_mb']:.0f} MiB (peak {mem['peak_rss_mb']:.0f} MiB)"
-    if device.type == "cuda":
-        mem["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        detail += f", peak GPU memory {mem['peak_gpu_mb']:.1f} MiB"
+    peak = peak_gpu_mb(device)
+    if peak is not None:
+        mem["peak_gpu_mb"] = peak
+        detail += f", peak GPU memory {peak:.1f} MiB"
     return detail, mem, True
 
 
@@ -162,13 +241,13 @@ def check_ensemble(probs: list, labels: torch.Tensor):
     return f"{len(probs)} models, averaged probabilities: accuracy {100 * acc:.2f}%", {"accuracy": acc}, acc
 
 
-def load_eval_data(data_dir, n: int | None, device, allow_download: bool = False) -> DeviceData:
+def check_data(data_dir, n, device, allow_download: bool = False):
     images, labels = load_split(data_dir, "test", allow_download)
+    if len(labels) < MIN_TEST_IMAGES:
+        path = find_data_dir(data_dir, "test") / FILES["test"][0]
+        raise CheckFailed(f"{path}: only {len(labels)} test images; a meaningful accuracy needs at least "
+                          f"{MIN_TEST_IMAGES}")
     if n is not None:
         images, labels = images[:n], labels[:n]
-    return DeviceData.create(images, labels, device)
-
-
-def check_data(data_dir, n, device, allow_download: bool = False):
-    data = load_eval_data(data_dir, n, device, allow_download)
+    data = DeviceData.create(images, labels, device)
     return f"{len(data)} Fashion-MNIST test images", {"images": len(data)}, data

@@ -4,6 +4,7 @@ import hashlib
 import json
 import re
 
+import pytest
 from conftest import REPO, run_script
 
 CARD = (REPO / "model" / "README.md").read_text()
@@ -20,10 +21,14 @@ def test_sha256_matches_the_model_card():
     assert digest == card_value(r"sha256 \| `([0-9a-f]{64})`")
 
 
+@pytest.mark.slow
 def test_full_test_set_accuracy_reproduces_the_card(real_data_dir):
     card_acc = float(card_value(r"test accuracy \| \*\*([0-9.]+)%\*\*"))
     assert 90.0 <= card_acc <= 92.0  # where a user's own model stands
-    result = run_script("test_model.py", "--full", "--json", "--data-dir", real_data_dir)
+    # The card's figure is exact to the image in fp32 on the CPU, where it was measured; on a GPU, TF32
+    # and cuDNN's kernel choice may move an image or two, so the device and precision are pinned.
+    result = run_script("test_model.py", "--full", "--json", "--data-dir", real_data_dir,
+                        "--device", "cpu", "--amp", "off")
     assert result.returncode == 0, result.stdout
     report = json.loads(result.stdout)
     quick_eval = next(c for c in report["checks"] if c["name"] == "quick eval")

@@ -1,20 +1,26 @@
 """test_model.py run as a user runs it: every bad input is exit 1, one clear line, no traceback, nothing
-written; the happy path passes every check."""
+written; the happy path passes every check. Each CLI case runs in-process in the fast loop and as a real
+subprocess in the slow one."""
 
 import json
 import os
+import subprocess
+import sys
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, write_idx, write_split
+from conftest import REPO, run_script, write_idx, write_split
 
-from fashion_ft import preflight
+import test_model
+from fashion_ft import preflight, system
 from fashion_ft.checkpoint import make_checkpoint, save_checkpoint
 from fashion_ft.data import FILES, LABELS_MAGIC
 from fashion_ft.model import build_model
 
 TINY = {"channels": [4, 8, 8], "hidden": 16}
+SHIPPED = REPO / "model" / "mnist_cnn3.pt"
 QUICK = ("--device", "cpu", "--batches", "1", "--batch-size", "64")
 
 
@@ -33,12 +39,40 @@ def listing(folder):
     return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
 
 
-def run_cli(cwd, *args):
-    """Run test_model.py in cwd and check that it wrote nothing there."""
+def run_subprocess(cwd, *args):
+    """Run test_model.py in cwd as a user does and check that it wrote nothing there."""
     before = listing(cwd)
     result = run_script("test_model.py", *args, cwd=cwd)
     assert listing(cwd) == before, "test_model.py must not write files"
     return result
+
+
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(params=["in-process", pytest.param("subprocess", marks=pytest.mark.slow)])
+def run_cli(request, monkeypatch, capsys):
+    """run_cli(cwd, *args): test_model.py in cwd (checked to write nothing there) -> Result."""
+    def in_process(cwd, *args):
+        monkeypatch.chdir(cwd)
+        try:
+            code = test_model.main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's own usage errors
+            code = exc.code
+        return Result(code, *capsys.readouterr())
+
+    def run(cwd, *args):
+        if request.param == "subprocess":
+            return run_subprocess(cwd, *args)
+        before = listing(cwd)
+        result = in_process(cwd, *args)
+        assert listing(cwd) == before, "test_model.py must not write files"
+        return result
+
+    return run
 
 
 def assert_fails_cleanly(result, check, *fragments):
@@ -125,14 +159,14 @@ BAD_CHECKPOINTS = {  # name: (how to make it, the check that fails, what its lin
 
 
 @pytest.mark.parametrize("name", list(BAD_CHECKPOINTS))
-def test_bad_checkpoint(tmp_path, small_data_dir, name):
+def test_bad_checkpoint(tmp_path, small_data_dir, name, run_cli):
     make, check, fragments = BAD_CHECKPOINTS[name]
     path = make(tmp_path)
     result = run_cli(tmp_path, "--model-path", path, "--data-dir", small_data_dir, *QUICK)
     assert_fails_cleanly(result, check, *fragments)
 
 
-def test_code_running_pickle_is_refused_and_nothing_runs(tmp_path, small_data_dir):
+def test_code_running_pickle_is_refused_and_nothing_runs(tmp_path, small_data_dir, run_cli):
     marker = tmp_path / "MARKER"
     torch.save({"model": RunsCode(marker)}, tmp_path / "evil.pt")
     # prove the file is armed: trusted unpickling does run its command
@@ -170,7 +204,7 @@ def data_corrupt(folder):
     (data_truncated, ["truncated or corrupt"]),
     (data_corrupt, ["magic number 2049, expected 2051"]),
 ], ids=["missing", "truncated", "corrupt"])
-def test_bad_data_folder(tmp_path, make, fragments):
+def test_bad_data_folder(tmp_path, make, fragments, run_cli):
     data_dir = make(tmp_path)
     ckpt = tiny_checkpoint(tmp_path / "model.pt")
     result = run_cli(tmp_path, "--model-path", ckpt, "--data-dir", data_dir, *QUICK)
@@ -181,7 +215,7 @@ def test_bad_data_folder(tmp_path, make, fragments):
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
-def test_batches_must_be_positive(tmp_path, value):
+def test_batches_must_be_positive(tmp_path, value, run_cli):
     result = run_cli(tmp_path, "--batches", value)
     assert result.returncode == 2
     assert "--batches" in result.stderr and "must be >= 1" in result.stderr
@@ -195,17 +229,20 @@ def passed_count(stdout):
     return sum(line.startswith("[PASS]") for line in stdout.splitlines())
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_passes_every_check(tmp_path, trained_checkpoint, small_data_dir):
-    result = run_cli(tmp_path, "--model-path", trained_checkpoint, "--data-dir", small_data_dir, "--device", "cpu")
+    result = run_subprocess(tmp_path, "--model-path", trained_checkpoint, "--data-dir", small_data_dir, "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[FAIL]" not in result.stdout
     assert result.stdout.splitlines()[-1] == f"all {passed_count(result.stdout)} checks passed"
-    for check in ("file", "load", "architecture", "weights finite", "device", "forward pass", "quick eval", "memory"):
+    for check in ("file", "load", "architecture", "weights finite", "device", "forward pass", "train step",
+                  "quick eval", "memory"):
         assert f"[PASS] {check} " in result.stdout
 
 
+@pytest.mark.slow
 def test_json_report_is_one_document(tmp_path, trained_checkpoint, small_data_dir):
-    result = run_cli(tmp_path, "--model-path", trained_checkpoint, "--data-dir", small_data_dir, "--json", *QUICK)
+    result = run_subprocess(tmp_path, "--model-path", trained_checkpoint, "--data-dir", small_data_dir, "--json", *QUICK)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # the whole stdout is one JSON document
     assert report["passed"] is True
@@ -213,10 +250,11 @@ def test_json_report_is_one_document(tmp_path, trained_checkpoint, small_data_di
     assert all(c["ok"] for c in report["checks"])
 
 
+@pytest.mark.slow
 def test_full_evaluates_the_whole_real_test_set(tmp_path, real_data_dir):
     # a tiny untrained model keeps 10,000 CPU images fast; --min-accuracy 0 because it only guesses
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    result = run_cli(tmp_path, "--model-path", ckpt, "--data-dir", real_data_dir, "--full", "--json",
+    result = run_subprocess(tmp_path, "--model-path", ckpt, "--data-dir", real_data_dir, "--full", "--json",
                      "--min-accuracy", "0", "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
@@ -224,11 +262,12 @@ def test_full_evaluates_the_whole_real_test_set(tmp_path, real_data_dir):
     assert checks["quick eval"]["data"]["images"] == 10_000
 
 
+@pytest.mark.slow
 def test_two_models_report_their_ensemble(tmp_path, trained_checkpoint, small_data_dir):
     # the second model is the same weights in a legacy DataParallel layout: same accuracy, and a second format
     weights = torch.load(trained_checkpoint, weights_only=True)["model"]
     torch.save({"state_dict": {"module." + k: v for k, v in weights.items()}}, tmp_path / "ddp.pt")
-    result = run_cli(tmp_path, "--model-path", trained_checkpoint, tmp_path / "ddp.pt",
+    result = run_subprocess(tmp_path, "--model-path", trained_checkpoint, tmp_path / "ddp.pt",
                      "--data-dir", small_data_dir, *QUICK)
     assert result.returncode == 0, result.stdout + result.stderr
     ensemble = [line for line in result.stdout.splitlines() if line.startswith("[PASS] ensemble ")]
@@ -237,9 +276,8 @@ def test_two_models_report_their_ensemble(tmp_path, trained_checkpoint, small_da
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
-def test_require_gpu_fails_without_gpu(tmp_path, trained_checkpoint, small_data_dir):
-    result = run_cli(tmp_path, "--model-path", trained_checkpoint, "--data-dir", small_data_dir,
-                     "--require-gpu", *QUICK)
+def test_require_gpu_fails_without_gpu(tmp_path, small_data_dir, run_cli):
+    result = run_cli(tmp_path, "--model-path", SHIPPED, "--data-dir", small_data_dir, "--require-gpu", *QUICK)
     assert_fails_cleanly(result, "device", "no CUDA GPU")
 
 
@@ -256,3 +294,175 @@ def test_unexpected_error_in_a_check_is_a_failed_check():
     )
     with pytest.raises(RuntimeError):
         preflight.Report(debug=True).run("device", broken)
+
+
+# ---------------------------------------------------------------- the shipped model, fast
+
+
+EVERY_CHECK = ("device", "test data", "file", "load", "architecture", "weights finite", "forward pass",
+               "train step", "quick eval", "memory")
+
+
+def test_shipped_model_passes_every_check(tmp_path, small_data_dir, run_cli):
+    result = run_cli(tmp_path, "--model-path", SHIPPED, "--data-dir", small_data_dir, *QUICK)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for check in EVERY_CHECK:
+        assert f"[PASS] {check} " in result.stdout, result.stdout
+    assert result.stdout.splitlines()[-1] == f"all {len(EVERY_CHECK)} checks passed"
+
+
+# ---------------------------------------------------------------- degenerate data
+
+
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity, as a strict parser does."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("n", [0, preflight.MIN_TEST_IMAGES - 1])
+def test_too_small_test_set_is_a_failed_check_naming_the_file(tmp_path, n, run_cli):
+    write_split(tmp_path / "d", "test", np.zeros((n, 28, 28), np.uint8), np.zeros(n, np.uint8))
+    args = ("--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir", tmp_path / "d", *QUICK)
+    assert_fails_cleanly(run_cli(tmp_path, *args), "test data", FILES["test"][0], f" {n} ")
+    report = strict_json(run_cli(tmp_path, *args, "--json").stdout)
+    assert report["passed"] is False
+    assert [c["name"] for c in report["checks"] if not c["ok"]] == ["test data", "quick eval"]
+
+
+def test_report_json_is_strict():
+    report = preflight.Report()
+    report.run("quick eval", lambda: ("nan", {"loss": float("inf"), "accuracy": float("nan"), "images": 3,
+                                             "per_class": {"Bag": float("-inf"), "Shirt": 0.5}}, None))
+    data = strict_json(json.dumps(report.to_dict(), allow_nan=False))["checks"][0]["data"]
+    assert data == {"loss": None, "accuracy": None, "images": 3, "nonfinite": {"loss": "inf", "accuracy": "nan"},
+                    "per_class": {"Bag": None, "Shirt": 0.5, "nonfinite": {"Bag": "-inf"}}}
+
+
+# ---------------------------------------------------------------- the GPU and the training step
+
+
+@pytest.fixture
+def driver_mismatch(monkeypatch):
+    """An NVIDIA GPU (/dev/nvidia0) whose driver is older than torch's CUDA: torch sees no GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(system, "nvidia_gpu_evidence", lambda: "/dev/nvidia0")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+
+    def init():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).")
+
+    monkeypatch.setattr(torch.cuda, "init", init)
+
+
+def call_main(*args, capsys):
+    code = test_model.main([str(a) for a in args])
+    return Result(code, *capsys.readouterr())
+
+
+def test_gpu_without_working_cuda_fails_instead_of_passing_on_the_cpu(driver_mismatch, tmp_path, small_data_dir,
+                                                                     capsys):
+    result = call_main("--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir", small_data_dir,
+                       "--batches", "1", "--batch-size", "64", "--min-accuracy", "0", capsys=capsys)
+    assert result.returncode == 1
+    device = next(line for line in result.stdout.splitlines() if " device " in line)
+    assert device.startswith("[FAIL] device ") and "an NVIDIA GPU is present (/dev/nvidia0)" in device
+    assert "driver on your system is too old" in device
+    assert "checks passed" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_gpu_without_working_cuda_still_checks_on_an_explicit_cpu(driver_mismatch, tmp_path, small_data_dir, capsys):
+    result = call_main("--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir", small_data_dir, *QUICK,
+                       "--min-accuracy", "0", capsys=capsys)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.fixture
+def v100(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+@pytest.mark.parametrize("args, flag", [(("--amp", "bf16"), "--amp bf16: Tesla V100"),
+                                        (("--amp", "fp16", "--device", "cpu"), "--amp fp16: for CUDA GPUs only")])
+def test_precision_the_device_cannot_do_is_a_usage_error(v100, tmp_path, capsys, args, flag):
+    result = call_main("--model-path", SHIPPED, *args, capsys=capsys)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {flag}") and result.stderr.count("\n") == 1
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model("cnn3", TINY)
+
+
+@pytest.mark.parametrize("native_bf16, policy", [(True, "bf16"), (False, "off")])
+def test_train_step_runs_under_the_policy_finetune_picks(monkeypatch, native_bf16, policy):
+    monkeypatch.setattr(system, "cpu_has_fast_bf16", lambda: native_bf16)
+    model = tiny_model()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    detail, data, _ = preflight.check_train_step(model, None, 0.286, 0.353, torch.device("cpu"))
+    assert data["amp"] == policy and f"under amp {policy}" in detail and "weights updated" in detail
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items()), "the checked model must not change"
+
+
+class NanWhenTraining(torch.nn.Module):
+    """Finite in evaluation, NaN in training: what a broken fp16/bf16 kernel looks like to the check."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(28 * 28, 10)
+
+    def forward(self, x):
+        out = self.linear(x.flatten(1))
+        return out * float("nan") if self.training else out
+
+
+class FailsWhenTraining(NanWhenTraining):
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasGemmEx\nmore")
+        return super().forward(x)
+
+
+def test_train_step_with_non_finite_values_fails():
+    report = preflight.Report()
+    assert report.run("train step", preflight.check_train_step, NanWhenTraining(), None, 0.0, 1.0,
+                      torch.device("cpu")) is None
+    assert not report.checks[0].ok and "non-finite loss or output" in report.checks[0].detail
+
+
+def test_train_step_that_errors_fails_in_one_line():
+    report = preflight.Report()
+    report.run("train step", preflight.check_train_step, FailsWhenTraining(), None, 0.0, 1.0, torch.device("cpu"))
+    assert report.checks[0].detail == ("unexpected RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when "
+                                       "calling cublasGemmEx (--debug shows more)")
+
+
+def test_peak_gpu_memory_is_reset_and_reported_per_model(tmp_path, small_data_dir, monkeypatch, capsys):
+    resets, peaks = [], iter([12.5, 30.0])
+    monkeypatch.setattr(system, "reset_peak_memory", resets.append)
+    monkeypatch.setattr(preflight, "peak_gpu_mb", lambda device: next(peaks))
+    first, second = tiny_checkpoint(tmp_path / "a.pt"), tiny_checkpoint(tmp_path / "b.pt")
+    result = call_main("--model-path", first, second, "--data-dir", small_data_dir, "--json", *QUICK,
+                       "--min-accuracy", "0", capsys=capsys)
+    assert result.returncode == 0, result.stdout
+    checks = {c["name"]: c for c in strict_json(result.stdout)["checks"]}
+    assert checks[f"{first}: memory"]["data"]["peak_gpu_mb"] == 12.5
+    assert checks[f"{second}: memory"]["data"]["peak_gpu_mb"] == 30.0
+    assert resets == [torch.device("cpu")] * 2
+
+
+@pytest.mark.slow
+def test_reader_that_goes_away_ends_quietly(small_data_dir):
+    # `test_model.py | head -0`: the reader is gone before the report is printed
+    proc = subprocess.Popen([sys.executable, str(REPO / "test_model.py"), "--model-path", str(SHIPPED),
+                             "--data-dir", str(small_data_dir), *QUICK],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert (proc.wait(timeout=300), err) == (1, "")
