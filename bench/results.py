@@ -1,8 +1,9 @@
-#!/usr/bin/env python3
 """Run every fine-tuning plan from the shipped base model and write one table of what it achieved.
 
-    python bench/results.py                       # all plans, full data (hours on a 2-core CPU)
-    python bench/results.py --tiny                # a few seconds per plan, to check the script works
+From the repository root:
+
+    python -m bench.results                       # all plans, full data (hours on a 2-core CPU)
+    python -m bench.results --tiny                # a few seconds per plan, to check the script works
 
 Runs, each as a separate `finetune_gpu.py` process: the four presets (light, head, deep,
 conservative), a second round (lr 0.0005) from the light plan's output, and the ensemble of the
@@ -14,11 +15,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fashion_ft.system import cpu_info
 
 REPO = Path(__file__).resolve().parents[1]
 PLANS = {  # name -> finetune_gpu.py flags (the model path is added per plan)
@@ -45,12 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {gpu}, torch {torch.__version__}"
+    return f"{cpu_info()[0]}, {len(os.sched_getaffinity(0))} cores, {gpu}, torch {torch.__version__}"
 
 
 def run(cmd: list, log: Path) -> tuple[int, float]:
