@@ -260,7 +260,6 @@ META_CHECKS = {
     "history": _check_history,
     "split": _check_split,
     "kind": partial(_check_optional_text, "kind"),
-    "run_name": partial(_check_optional_text, "run_name"),
 }
 
 
@@ -280,10 +279,10 @@ def _check_tensors(state_dict: dict, where: str) -> None:
              "loaded")
 
 
-def _check_head(arch: str, arch_kwargs: dict, set_by: str | None, where: str) -> None:
+def _check_head(model: nn.Module, set_by: str | None, where: str) -> None:
     """The model must predict exactly the 10 Fashion-MNIST classes. The error names the field that set
     the count (`set_by`), else the head's weight in the file (`where`: the key path of the weights)."""
-    outputs, head = output_classes(arch, arch_kwargs)
+    outputs, head = output_classes(model)
     _require(outputs == NUM_CLASSES, set_by or f"{where}{head}",
              f"gives the model {outputs} output classes, Fashion-MNIST has {NUM_CLASSES}")
 
@@ -447,17 +446,18 @@ def _arch_from_meta(meta: dict) -> tuple[str, dict]:
 
 def _resolve_arch(found: _Extracted, state_dict: dict) -> tuple[str, dict]:
     """(arch, kwargs) named by our file and checked against its weights, or inferred from the weights."""
-    meta = found.meta
+    meta, set_by = found.meta, None
     if meta.get("arch") is None:
         arch, arch_kwargs = infer_arch(state_dict)
-        _check_head(arch, arch_kwargs, None, found.where)
-        return arch, arch_kwargs
-    arch, arch_kwargs = _arch_from_meta(meta)
-    problems = shape_mismatches(build_model(arch, arch_kwargs), state_dict)
-    if problems:
-        raise UserError(f"weights do not match arch {arch}: {'; '.join(problems)}")
-    set_by = "arch_kwargs.num_classes" if "num_classes" in meta.get("arch_kwargs", {}) else None
-    _check_head(arch, arch_kwargs, set_by, found.where)
+        model = build_model(arch, arch_kwargs)
+    else:
+        arch, arch_kwargs = _arch_from_meta(meta)
+        model = build_model(arch, arch_kwargs)
+        problems = shape_mismatches(model, state_dict)
+        if problems:
+            raise UserError(f"weights do not match arch {arch}: {'; '.join(problems)}")
+        set_by = "arch_kwargs.num_classes" if "num_classes" in meta.get("arch_kwargs", {}) else None
+    _check_head(model, set_by, found.where)
     return arch, arch_kwargs
 
 

@@ -154,16 +154,15 @@ def infer_arch(state_dict: dict) -> tuple[str, dict]:
     )
 
 
-def output_classes(arch: str, arch_kwargs: dict) -> tuple[int, str]:
-    """(number of outputs, state_dict key of the head's weight) of a registered arch.
-
-    Built on the meta device, so that this costs no memory and no initialisation.
-    """
-    with torch.device("meta"):
-        model = build_model(arch, arch_kwargs).eval()
-        outputs = model(torch.empty(1, *INPUT_SHAPE)).shape[-1]
-    heads = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    return outputs, f"{heads[-1]}.weight" if heads else "the model's output"
+def output_classes(model: nn.Module) -> tuple[int, str]:
+    """(number of classes the model predicts, the state_dict key that sets it): the last Linear layer
+    is the head; a model without one is asked with a forward pass."""
+    heads = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if heads:
+        name, head = heads[-1]
+        return head.out_features, f"{name}.weight"
+    with torch.no_grad():
+        return model.eval()(torch.zeros(1, *INPUT_SHAPE)).shape[-1], "the model's output"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,18 +1,28 @@
 """Checkpoints: every format users already have loads with identical predictions; unsafe or bad files
-are refused with one clear line; saving is atomic."""
+are refused with one clear line; saving is atomic, and a full disk is one line that keeps the old file;
+JSON is strict."""
 
+import errno
+import hashlib
+import json
 import os
+import shutil
 
 import pytest
 import torch
+from torch import nn
 
+from fashion_ft import checkpoint, model
 from fashion_ft.checkpoint import (
     FORMAT_VERSION,
     atomic_write,
+    dumps_json,
     load_checkpoint,
     make_checkpoint,
     nonfinite_tensors,
     save_checkpoint,
+    save_json,
+    strict_json,
 )
 from fashion_ft.errors import UserError
 from fashion_ft.model import ARCHS, build_model
@@ -218,8 +228,9 @@ def test_save_leaves_only_the_target(tmp_path):
 
 
 @pytest.mark.parametrize("error, raised", [
-    (RuntimeError("crash mid-write"), RuntimeError),
-    (OSError(28, "No space left on device"), UserError),  # disk full: a user problem, one line
+    (RuntimeError("crash mid-write"), RuntimeError),  # a bug, not the file system: its traceback helps
+    (OSError(errno.ENOSPC, "No space left on device"), UserError),  # disk full: a user problem, one line
+    (OSError(errno.EIO, "Input/output error"), UserError),
     (KeyboardInterrupt(), KeyboardInterrupt),
 ])
 def test_failed_write_keeps_old_file_and_no_temp(tmp_path, error, raised):
@@ -235,3 +246,171 @@ def test_failed_write_keeps_old_file_and_no_temp(tmp_path, error, raised):
         atomic_write(target, write_half_then_fail)
     assert target.read_bytes() == old_bytes
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+# ---------------------------------------------------------------- a full disk
+
+TORCH_WRITE_FAILED = RuntimeError(
+    "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/3: file write failed"
+)
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class FillsUp:
+    """A file that takes `room` bytes, then fails as a full disk does (torch.save writes through it)."""
+
+    def __init__(self, fh, room):
+        self.fh, self.room = fh, room
+
+    def write(self, data):
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= size
+        return self.fh.write(data)
+
+    def flush(self):
+        self.fh.flush()
+
+
+@pytest.fixture
+def full_disk(monkeypatch, tmp_path):
+    """shutil.disk_usage reports a full disk while a temporary file is in tmp_path, as on a disk that the
+    half-written checkpoint filled: the check must happen before that file is removed."""
+    real = shutil.disk_usage
+
+    def disk_usage(folder):
+        usage = real(folder)
+        if any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+            return usage._replace(free=4096)
+        return usage
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+
+def old_best(tmp_path):
+    target = tmp_path / "best.pt"
+    save_checkpoint(make_checkpoint(randomized(NARROW), "cnn3", NARROW), target)
+    return target, sha256(target)
+
+
+def half_then(error):
+    def write(fh):
+        fh.write(b"half a checkpoint")
+        raise error
+    return write
+
+
+def torch_save_into(room):
+    return lambda fh: torch.save(make_checkpoint(randomized(NARROW, seed=1), "cnn3", NARROW), FillsUp(fh, room))
+
+
+@pytest.mark.parametrize("writer", [
+    pytest.param(half_then(TORCH_WRITE_FAILED), id="torch-file-write-failed"),
+    pytest.param(half_then(OSError(errno.ENOSPC, "No space left on device")), id="enospc"),
+    pytest.param(torch_save_into(0), id="torch.save-first-write"),  # torch passes the OSError on
+    pytest.param(torch_save_into(3000), id="torch.save-mid-archive"),  # torch turns it into its RuntimeError
+])
+def test_full_disk_is_one_line_and_keeps_the_old_file(tmp_path, full_disk, writer):
+    target, before = old_best(tmp_path)
+    with pytest.raises(UserError) as err:
+        atomic_write(target, writer)
+    assert str(err.value) == f"no space left on device while writing {target}"
+    assert sha256(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_full_disk_when_creating_the_temp_file(tmp_path, monkeypatch):
+    target, before = old_best(tmp_path)
+
+    def no_inodes(**_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", no_inodes)
+    with pytest.raises(UserError, match=r"^no space left on device while writing .*best\.pt$"):
+        save_checkpoint({"x": torch.ones(2)}, target)
+    assert sha256(target) == before
+
+
+class NoRoom:
+    """os.fdopen's file, on a disk with no room left."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def __enter__(self):
+        return FillsUp(self.fh, 0)
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+def test_full_disk_while_writing_json(tmp_path, full_disk, monkeypatch):
+    target = tmp_path / "metrics.json"
+    save_json({"finished": True}, target)
+    before = sha256(target)
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: NoRoom(real_fdopen(fd, mode)))
+    with pytest.raises(UserError, match="no space left on device while writing"):
+        save_json({"finished": False}, target)
+    assert sha256(target) == before
+
+
+def test_torch_write_failure_with_room_left_is_one_line(tmp_path):
+    """Not a full disk (an I/O error, a quota): still the file system's fault, still one line."""
+    target, before = old_best(tmp_path)
+    with pytest.raises(UserError) as err:
+        atomic_write(target, half_then(TORCH_WRITE_FAILED))
+    assert str(err.value).startswith(f"cannot write {target}: torch could not write the file")
+    assert "no space" not in str(err.value) and "\n" not in str(err.value)
+    assert sha256(target) == before
+
+
+# ---------------------------------------------------------------- strict JSON
+
+def no_constants(name):
+    raise AssertionError(f"{name} is not JSON")
+
+
+def test_json_nonfinite_becomes_null_with_its_path(tmp_path):
+    metrics = {"finished": False, "test_loss": float("nan"), "best": {"val_loss": float("inf"), "val_acc": 0.9},
+               "history": [{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": float("-inf")}],
+               "epoch_s": (1.5, float("nan"))}
+    save_json(metrics, tmp_path / "metrics.json")
+    loaded = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=no_constants)
+    assert loaded["test_loss"] is None and loaded["best"] == {"val_loss": None, "val_acc": 0.9}
+    assert loaded["history"][1] == {"epoch": 2, "val_loss": None} and loaded["epoch_s"] == [1.5, None]
+    assert loaded["nonfinite"] == {"test_loss": "was NaN", "best.val_loss": "was Infinity",
+                                   "history[1].val_loss": "was -Infinity", "epoch_s[1]": "was NaN"}
+    assert metrics["test_loss"] != metrics["test_loss"]  # the caller's dict is left as it was
+
+
+def test_json_without_nonfinite_values_is_unchanged(tmp_path):
+    summary = {"passed": True, "checks": [{"name": "load", "data": {"accuracy": 0.9133, "n": 3}}], "x": None}
+    save_json(summary, tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text()) == summary == strict_json(summary)
+    assert dumps_json(summary) == json.dumps(summary, indent=2) + "\n"
+
+
+@pytest.mark.parametrize("obj", [[float("nan")], {"nonfinite": 1, "loss": float("inf")}])
+def test_json_nonfinite_that_cannot_be_recorded_is_refused(obj):
+    with pytest.raises(ValueError):
+        dumps_json(obj)
+
+
+# ---------------------------------------------------------------- unwrap
+
+
+def test_unwrap_lives_beside_the_model_and_is_still_importable_from_checkpoint():
+    net = build_model("cnn3", NARROW)
+
+    class Wrapper(nn.Module):  # DDP's and torch.compile's shapes, without starting either
+        def __init__(self, attr, inner):
+            super().__init__()
+            setattr(self, attr, inner)
+
+    assert model.unwrap(Wrapper("module", Wrapper("_orig_mod", net))) is net
+    assert checkpoint.unwrap is model.unwrap
