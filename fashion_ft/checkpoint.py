@@ -3,7 +3,9 @@
 Saving writes a temporary file in the target folder and `os.replace`s it (as timm's CheckpointSaver
 does), so a crash, Ctrl-C or kill -9 leaves either the old or the new complete file. Loading uses
 `torch.load(weights_only=True)`; unpickling arbitrary objects (a whole pickled nn.Module) runs code
-and happens only when the caller passes trust_pickle=True on the user's explicit request.
+and happens only when the caller passes trust_pickle=True on the user's explicit request. Every field
+the tools read is checked at load, and a bad one is named in one line with the file and its key path
+("checkpoint field 'normalize.std' must be ..."), so nothing fails later inside training or evaluation.
 """
 
 import datetime
@@ -246,7 +248,7 @@ def _check_split(value) -> None:
              f"must be the training files' fingerprint (text), got {_show(fp)}")
 
 
-def _check_optional_text(name: str, value) -> None:
+def _check_text(name: str, value) -> None:
     _require(isinstance(value, str), name, f"must be text, got {_show(value)}")
 
 
@@ -259,7 +261,7 @@ META_CHECKS = {
     "config": partial(_check_dict, "config"),
     "history": _check_history,
     "split": _check_split,
-    "kind": partial(_check_optional_text, "kind"),
+    "kind": partial(_check_text, "kind"),
 }
 
 
@@ -542,7 +544,7 @@ def _check_best_model(value, weights: dict) -> None:
 # What resuming reads from a last.pt, each with its check. `scaler` is an empty dict for a run without
 # a GradScaler (CPU, bf16); `selection` (older files: absent) falls back to `early_stopping`.
 RESUME_CHECKS = {
-    "arch": partial(_check_optional_text, "arch"),
+    "arch": partial(_check_text, "arch"),
     "arch_kwargs": partial(_check_dict, "arch_kwargs"),
     "normalize": _check_normalize,
     "model": partial(_check_state_dict, "model"),
@@ -554,7 +556,7 @@ RESUME_CHECKS = {
     "history": _check_resume_history,
     "epoch": _check_epoch,
     "config": partial(_check_dict, "config"),
-    "run_name": partial(_check_optional_text, "run_name"),
+    "run_name": partial(_check_text, "run_name"),
 }
 RESUME_OPTIONAL = {"selection": partial(_check_stopper, "selection"), "ema": _check_ema}
 
