@@ -13,10 +13,10 @@ import argparse
 import dataclasses
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from fashion_ft.config import (
+    METRICS,
     OPTIMIZERS,
     PRESETS,
     RESUME_FIXED_FIELDS,
@@ -25,27 +25,34 @@ from fashion_ft.config import (
     resume_differences,
     validate,
 )
-from fashion_ft.errors import Interrupted, UsageError, UserError
+from fashion_ft.errors import UsageError, UserError
 
 DEFAULTS = Config()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from fashion_ft.data import AUGMENT_PRESETS
+    from fashion_ft.model import ARCHS
+    from fashion_ft.system import AMP_MODES
+
     p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = DEFAULTS
     g = p.add_argument_group("model")
     g.add_argument("--model-path", default=d.model_path, help="pretrained checkpoint to start from")
     g.add_argument("--from-scratch", action="store_true", help="start from random weights (--arch) instead")
-    g.add_argument("--arch", default=d.arch, help="architecture for --from-scratch")
+    g.add_argument("--arch", choices=list(ARCHS), default=d.arch, help="architecture for --from-scratch")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow a checkpoint holding pickled Python objects (runs code from the file!)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=d.data_dir, help="folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, then the Debian folder")
     g.add_argument("--download", action="store_true", help="download Fashion-MNIST into ./data if missing")
-    g.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of training")
+    g.add_argument("--val-size", type=int, default=d.val_size,
+                   help="validation images held out of training; unset: the starting model's split, else 5000")
+    g.add_argument("--split-seed", type=int, default=d.split_seed,
+                   help="seed of the validation split; unset: the starting model's split, else 42")
     g.add_argument("--limit-train", type=int, default=d.limit_train, help="use only N training images (smoke runs)")
-    g.add_argument("--augment", choices=["none", "light", "strong"], default=d.augment,
+    g.add_argument("--augment", choices=list(AUGMENT_PRESETS), default=d.augment,
                    help="light: rotation ±10°; strong: + shifts, horizontal flips, random erasing")
     g = p.add_argument_group("optimisation")
     presets = "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in vals.items()) for k, vals in PRESETS.items())
@@ -75,11 +82,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-conv", action="store_true", help="train only the FC head (conv + its BN frozen)")
     g.add_argument("--freeze-bn", action="store_true", help="freeze BatchNorm weights and running statistics")
     g = p.add_argument_group("model selection and early stopping (validation split only)")
-    g.add_argument("--monitor", choices=["val_acc", "val_loss"], default=d.monitor,
-                   help="validation metric for the best model, early stopping and plateau")
+    g.add_argument("--select", choices=METRICS, default=d.select, help="validation metric that picks the best model")
+    g.add_argument("--monitor", choices=METRICS, default=d.monitor,
+                   help="validation metric for early stopping and the plateau scheduler")
     g.add_argument("--patience", type=int, default=d.patience, help="epochs without improvement before stopping")
     g.add_argument("--min-delta", type=float, default=d.min_delta, help="smallest change that counts")
-    g.add_argument("--seed", type=int, default=d.seed, help="split, shuffling, augmentation and dropout")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="shuffling, augmentation, dropout and --from-scratch weights (not the split: --split-seed)")
     g.add_argument("--tta", choices=["none", "flip"], default=d.tta,
                    help="flip: validation and test predictions average each image and its mirror image "
                         "(pays off after --augment strong, which trains on mirror images)")
@@ -92,11 +101,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-name", default=d.run_name, help="TensorBoard run folder; unset: time, plan, optimizer, lr and batch size")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=d.amp,
-                   help="mixed precision; auto: bf16 where the hardware is fast at it")
+    g.add_argument("--amp", choices=AMP_MODES, default=d.amp,
+                   help="mixed precision; auto: bf16 on CPUs and GPUs that are fast at it (CUDA capability 8.0+), "
+                        "fp16 with loss scaling on capability 7.x (V100, T4), else fp32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
                    help="NHWC memory layout (faster convolutions)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels, no TF32, no cuDNN autotuning: repeatable on one GPU, a little slower")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across GPUs (torchrun, CUDA)")
     g.add_argument("--scale-lr", action="store_true", help="multiply --lr by the world size (linear scaling)")
     g = p.add_argument_group("console")
@@ -114,24 +126,57 @@ def explicit_flags(argv) -> set[str]:
 
 
 def load_resume(path: str) -> dict:
-    from fashion_ft.checkpoint import load_checkpoint
+    from fashion_ft.checkpoint import load_checkpoint, validate_resumable
 
     meta = load_checkpoint(path).meta
     if meta.get("kind") != "last":
         raise UserError(f"{path} is not a resumable checkpoint; resume from the last.pt a run wrote")
+    validate_resumable(path, meta)
     return meta
 
 
 def check_resume(saved: dict, cfg: Config, explicit: set) -> None:
-    fixed = sorted(f"--{name.replace('_', '-')}" for name in RESUME_FIXED_FIELDS & explicit
-                   if saved.get(name) != getattr(cfg, name))
+    """Fixed fields may not change, whether a flag or a preset changes them; others need --override-resume."""
+    fixed = sorted(f"--{name.replace('_', '-')}" for name in RESUME_FIXED_FIELDS
+                   if name in saved and saved[name] != getattr(cfg, name))
     if fixed:
-        raise UsageError(f"--resume: {', '.join(fixed)} cannot change in a resumed run; start a new run "
-                         "from its best model instead (--model-path)")
+        raise UsageError(f"--resume: {', '.join(fixed)} cannot change in a resumed run (a flag or --preset "
+                         "changed it); start a new run from its best model instead (--model-path)")
     diffs = resume_differences(saved, cfg, explicit)
     if diffs and not cfg.override_resume:
         raise UsageError(f"--resume: these flags change the saved run: {', '.join(diffs)} "
                          "(pass --override-resume to accept)")
+
+
+def same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the output checks name it
+        return False
+
+
+def free_output(output: str) -> str:
+    """result/x.pt -> result/round2/x.pt (or round3, ...): the first folder holding no run's files."""
+    path = Path(output)
+    for n in range(2, 1000):
+        folder = path.parent / f"round{n}"
+        if not any((folder / name).exists() for name in (path.name, "last.pt", "metrics.json")):
+            return str(folder / path.name)
+    raise UsageError(f"--output: no free result/roundN folder beside {output}; pass --output")
+
+
+def resolve_output(cfg: Config, explicit: set) -> Config:
+    """A second round started from the default output (the specification's multi-round workflow) writes
+    to the next free round folder instead; an explicit --output may never be the input."""
+    if cfg.from_scratch or cfg.resume or not same_file(cfg.model_path, cfg.output):
+        return cfg
+    if "output" in explicit:
+        raise UsageError(f"--output {cfg.output} is the --model-path input; choose another path, "
+                         f"for example --output {free_output(cfg.output)}")
+    output = free_output(cfg.output)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"output: {output} (the default output is the input model)", flush=True)
+    return dataclasses.replace(cfg, output=output)
 
 
 def build_config(argv) -> tuple[Config, dict | None]:
@@ -142,6 +187,8 @@ def build_config(argv) -> tuple[Config, dict | None]:
     if args.resume:
         resume_meta = load_resume(args.resume)
         values.update({k: v for k, v in resume_meta["config"].items() if k in values})
+        if "split_seed" not in resume_meta["config"]:  # written before the split had its own seed
+            values["split_seed"] = resume_meta["config"].get("seed")
     if args.preset and (not args.resume or "preset" in explicit):
         values.update(PRESETS[args.preset])
     values.update({k: getattr(args, k) for k in explicit})
@@ -149,7 +196,7 @@ def build_config(argv) -> tuple[Config, dict | None]:
     if resume_meta is not None:
         check_resume(resume_meta["config"], cfg, explicit)
     validate(cfg)
-    return cfg, resume_meta
+    return resolve_output(cfg, explicit), resume_meta
 
 
 def error_prefix() -> str:
@@ -159,30 +206,18 @@ def error_prefix() -> str:
 
 
 def main(argv=None) -> int:
-    warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    try:
+    from fashion_ft import cli
+    from fashion_ft.signals import SignalGuard
+
+    def body() -> int:
         cfg, resume_meta = build_config(argv)
-        from fashion_ft.trainer import fine_tune  # imported late: --help stays fast
+        from fashion_ft.trainer import fine_tune  # imported late: a usage error is reported fast
 
         fine_tune(cfg, resume_meta)
         return 0
-    except UserError as exc:
-        if debug:
-            raise
-        print(f"{error_prefix()}{exc}", file=sys.stderr)
-        return exc.exit_code
-    except Interrupted as exc:
-        print(f"interrupted ({exc}): {exc.hint}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # the last line of defence keeps the one-line contract
-        if debug:
-            raise
-        print(f"{error_prefix()}{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+
+    with SignalGuard():  # from the first line: a signal during set-up is reported like one in training
+        return cli.run(body, debug="--debug" in (sys.argv[1:] if argv is None else argv), prefix=error_prefix)
 
 
 if __name__ == "__main__":

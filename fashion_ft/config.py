@@ -4,10 +4,13 @@ Defaults are written here once; finetune_gpu.py builds its argparse flags from t
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .errors import UsageError
 
+SEED_LIMIT = 2**32  # torch generators take 64 bits; the per-epoch seeds are derived by multiplication
+METRICS = ("val_acc", "val_loss")
 SCHEDULERS = ("cosine", "step", "plateau", "onecycle", "exponential", "none")
 OPTIMIZERS = ("adamw", "sgd")
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 5e-4}
@@ -23,7 +26,8 @@ class Config:
     # data
     data_dir: str | None = None
     download: bool = False
-    val_size: int = 5000
+    val_size: int | None = None  # None: the input checkpoint's split, else data.DEFAULT_SPLIT
+    split_seed: int | None = None  # None: the input checkpoint's split, else data.DEFAULT_SPLIT
     limit_train: int | None = None
     augment: str = "light"
     # optimisation
@@ -50,10 +54,11 @@ class Config:
     freeze_conv: bool = False
     freeze_bn: bool = False
     # selection and stopping
-    monitor: str = "val_acc"
+    select: str = "val_acc"  # the validation metric that picks the best model
+    monitor: str = "val_loss"  # early stopping and plateau: "validation loss did not improve for 15 epochs"
     patience: int = 15
     min_delta: float = 0.0
-    seed: int = 42
+    seed: int = 42  # shuffling, augmentation, dropout and --from-scratch weights; not the split
     # output
     output: str = "result/mnist_cnn_finetuned.pt"
     overwrite: bool = False
@@ -66,6 +71,7 @@ class Config:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    deterministic: bool = False
     sync_bn: bool = False
     scale_lr: bool = False
     # console
@@ -96,12 +102,12 @@ PRESETS = {
 RESUME_FREE_FIELDS = {
     "epochs", "resume", "override_resume", "overwrite", "quiet", "debug", "device", "compile",
     "logdir", "run_name", "output", "data_dir", "download", "eval_batch_size", "model_path",
-    "from_scratch", "trust_pickle",
+    "trust_pickle", "deterministic",
 }
 
 
-# Fields that shape the optimizer state itself: a resumed run cannot change them, even with override.
-RESUME_FIXED_FIELDS = {"optimizer", "freeze_conv", "freeze_bn", "arch", "from_scratch"}
+# Fields that define the data or the optimizer state itself: a resumed run cannot change them, even with override.
+RESUME_FIXED_FIELDS = {"optimizer", "freeze_conv", "freeze_bn", "arch", "from_scratch", "val_size", "split_seed"}
 
 
 def resume_differences(saved: dict, current: "Config", explicit: set) -> list[str]:
@@ -119,8 +125,17 @@ def _require(ok: bool, flag: str, message: str) -> None:
         raise UsageError(f"{flag}: {message}")
 
 
+def _check_finite(cfg: Config) -> None:
+    """inf and nan parse as floats; no flag of ours means anything with them."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name.replace('_', '-')}: must be a finite number, got {value}")
+
+
 def validate(cfg: Config) -> None:
     """Every bad value found before any work: a UsageError (exit 2) that names the flag."""
+    _check_finite(cfg)
     _require(cfg.lr > 0, "--lr", f"must be > 0, got {cfg.lr}")
     _require(cfg.batch_size >= 1, "--batch-size", f"must be >= 1, got {cfg.batch_size}")
     _require(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "--eval-batch-size",
@@ -128,23 +143,36 @@ def validate(cfg: Config) -> None:
     _require(cfg.epochs >= 1, "--epochs", f"must be >= 1, got {cfg.epochs}")
     _require(cfg.patience >= 0, "--patience", f"must be >= 0, got {cfg.patience}")
     _require(cfg.min_delta >= 0, "--min-delta", f"must be >= 0, got {cfg.min_delta}")
-    _require(cfg.val_size >= 1, "--val-size", f"must be >= 1 (model selection needs a validation set), got {cfg.val_size}")
+    _require(cfg.val_size is None or cfg.val_size >= 10, "--val-size",
+             f"must be >= 10 (model selection needs a validation set), got {cfg.val_size}")
+    for flag, seed in (("--seed", cfg.seed), ("--split-seed", cfg.split_seed)):
+        _require(seed is None or 0 <= seed < SEED_LIMIT, flag, f"must be in [0, 2**32), got {seed}")
     _require(cfg.warmup_epochs >= 0, "--warmup-epochs", f"must be >= 0, got {cfg.warmup_epochs}")
     _require(0 <= cfg.label_smoothing < 1, "--label-smoothing", f"must be in [0, 1), got {cfg.label_smoothing}")
     _require(cfg.weight_decay is None or cfg.weight_decay >= 0, "--weight-decay", "must be >= 0")
     _require(0 <= cfg.momentum < 1, "--momentum", f"must be in [0, 1), got {cfg.momentum}")
     _require(0 <= cfg.ema_decay < 1, "--ema-decay", f"must be in [0, 1) (0 turns it off), got {cfg.ema_decay}")
     _require(cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "--max-grad-norm", "must be > 0")
-    _require(cfg.step_size >= 1, "--step-size", "must be >= 1")
-    _require(0 < cfg.step_gamma <= 1, "--step-gamma", "must be in (0, 1]")
-    _require(0 < cfg.exp_gamma <= 1, "--exp-gamma", "must be in (0, 1]")
-    _require(0 < cfg.plateau_factor < 1, "--plateau-factor", "must be in (0, 1)")
-    _require(0 <= cfg.min_lr < cfg.lr, "--min-lr", f"must be in [0, --lr), got {cfg.min_lr}")
+    _validate_schedule(cfg)
     if cfg.limit_train is not None:
         _require(cfg.limit_train >= cfg.batch_size, "--limit-train",
                  f"must be >= --batch-size ({cfg.batch_size}), got {cfg.limit_train}")
     _require(not (cfg.from_scratch and cfg.freeze_conv), "--freeze-conv",
              "cannot be combined with --from-scratch (frozen random filters learn nothing)")
+
+
+def _validate_schedule(cfg: Config) -> None:
+    """Only the settings of the chosen scheduler are checked: a default that it ignores never fails."""
+    if cfg.scheduler == "step":
+        _require(cfg.step_size >= 1, "--step-size", "must be >= 1")
+        _require(0 < cfg.step_gamma <= 1, "--step-gamma", "must be in (0, 1]")
+    if cfg.scheduler == "exponential":
+        _require(0 < cfg.exp_gamma <= 1, "--exp-gamma", "must be in (0, 1]")
+    if cfg.scheduler == "plateau":
+        _require(0 < cfg.plateau_factor < 1, "--plateau-factor", "must be in (0, 1)")
+        _require(cfg.plateau_patience >= 0, "--plateau-patience", "must be >= 0")
+    if cfg.scheduler == "cosine":
+        _require(0 <= cfg.min_lr < cfg.lr, "--min-lr", f"must be in [0, --lr), got {cfg.min_lr}")
     _require(not (cfg.scheduler == "onecycle" and cfg.warmup_epochs), "--warmup-epochs",
              "onecycle has its own warm-up; drop --warmup-epochs")
     _require(cfg.warmup_epochs < cfg.epochs, "--warmup-epochs", "must be shorter than --epochs")

@@ -6,8 +6,10 @@ so the hot loop has no per-sample Python and no DataLoader workers (the airbench
 """
 
 import gzip
+import hashlib
 import math
 import os
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import UsageError, UserError
 
 CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -30,6 +32,8 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+MIN_IMAGES = 10  # fewer images than classes in a split cannot measure anything
+DEFAULT_SPLIT = (42, 5000)  # (seed, validation images) when neither the user nor the starting model says
 GET_DATA_HINT = (
     "get it with 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) "
     "or pass --download to fetch it into ./data"
@@ -67,14 +71,20 @@ def find_data_dir(data_dir: str | None = None, split: str = "train") -> Path:
 
 
 def download(root: str = "data") -> Path:
-    """torchvision's downloader, only on the user's explicit --download."""
+    """torchvision's downloader, only on the user's explicit --download; a failed download leaves
+    no empty folders behind."""
     from torchvision.datasets import FashionMNIST
 
+    first_new = next((p for p in reversed([Path(root), *Path(root).parents]) if not p.exists()), None)
     try:
         FashionMNIST(root, train=True, download=True)
         FashionMNIST(root, train=False, download=True)
-    except Exception as exc:  # network errors come in many types
-        raise UserError(f"download of Fashion-MNIST into {root} failed: {exc}") from None
+    except Exception as exc:  # network errors come in many types, with several lines of detail
+        if first_new is not None:
+            shutil.rmtree(first_new, ignore_errors=True)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"--download: fetching Fashion-MNIST into {root} failed ({reason}); "
+                        f"without a network: {GET_DATA_HINT.split(' or ')[0]}") from None
     return Path(root) / "FashionMNIST" / "raw"
 
 
@@ -107,6 +117,21 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
+def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    """An uncompressed IDX file of a uint8 array (the inverse of read_idx)."""
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    Path(path).write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_split(folder: Path, split: str, images, labels) -> None:
+    """Both IDX files of a split (uint8 images N x 28 x 28, labels N), in the layout read_split reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image_stem, label_stem = FILES[split]
+    write_idx(folder / image_stem, np.asarray(images), IMAGES_MAGIC)
+    write_idx(folder / label_stem, np.asarray(labels), LABELS_MAGIC)
+
+
 def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 N x 28 x 28, labels int64 N) of one split, checked for consistency."""
     image_stem, label_stem = FILES[split]
@@ -119,7 +144,10 @@ def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise UserError(f"{image_path} holds {images.shape[1:]} images, expected 28 x 28")
     if len(images) != len(labels):
         raise UserError(f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels")
-    if len(labels) and labels.max() >= len(CLASSES):
+    if len(labels) < MIN_IMAGES:
+        raise UserError(f"{image_path} holds {len(labels)} images: too few to train or measure anything "
+                        f"(at least {MIN_IMAGES})")
+    if labels.max() >= len(CLASSES):
         raise UserError(f"{label_path} has label {labels.max()}, expected 0..{len(CLASSES) - 1}")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
@@ -160,6 +188,69 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     return torch.arange(n)[mask], val_idx
 
 
+@dataclass(frozen=True)
+class Split:
+    """Which training images were held out for validation: travels in every checkpoint, so that a
+    fine-tune validates on images its starting model never trained on."""
+
+    seed: int
+    val_size: int
+    fingerprint: str | None = None  # of the training files' contents; None: unknown
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "val_size": self.val_size, "fingerprint": self.fingerprint}
+
+    def describe(self) -> str:
+        return f"split seed {self.seed}, {self.val_size} validation images"
+
+
+def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """Of the decoded contents, so that the .gz and the raw copies of the same files agree."""
+    digest = hashlib.sha256(images.numpy().tobytes())
+    digest.update(labels.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def choose_split(asked: Split, record: Split | None, source: str | None) -> tuple[Split, list[str]]:
+    """The split a run uses, and warnings when it may validate on its starting model's training images.
+
+    `asked` holds the user's --split-seed / --val-size (None where not given) and the data's fingerprint;
+    `record` is what the starting model `source` was trained with (None: unknown); `source` None: the run
+    starts from random weights, so any split is right.
+    """
+    base = record or Split(*DEFAULT_SPLIT)
+    chosen = Split(base.seed if asked.seed is None else asked.seed,
+                   base.val_size if asked.val_size is None else asked.val_size, asked.fingerprint)
+    if source is None:
+        return chosen, []
+    risk = "its validation images may have been in its training data, which biases the best-model choice"
+    if record is None:
+        return chosen, [f"{source} has no record of its validation split: {risk}; if you know the split it was "
+                        "trained with, pass --split-seed and --val-size"]
+    warnings = []
+    if (chosen.seed, chosen.val_size) != (record.seed, record.val_size):
+        warnings.append(f"{source} was trained with {record.describe()}, this run uses {chosen.describe()}: "
+                        f"{risk}; drop --split-seed/--val-size to use its split")
+    if record.fingerprint and asked.fingerprint and record.fingerprint != asked.fingerprint:
+        warnings.append(f"{source} was trained on other training files (fingerprint {record.fingerprint}, "
+                        f"these are {asked.fingerprint}): {risk}")
+    return chosen, warnings
+
+
+def split_indices(labels: torch.Tensor, split: Split, limit_train: int | None, seed: int):
+    """(train_idx, val_idx): the stratified split, then with --limit-train a seeded subset of the training part."""
+    if split.val_size >= len(labels):
+        raise UsageError(f"--val-size {split.val_size} leaves no training images: the training files hold only "
+                        f"{len(labels)} images")
+    train_idx, val_idx = stratified_split(labels, split.val_size, split.seed)
+    if limit_train is not None:
+        if limit_train > len(train_idx):
+            raise UsageError(f"--limit-train {limit_train} exceeds the {len(train_idx)} training images")
+        pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))
+        train_idx = train_idx[pick[:limit_train]].sort().values
+    return train_idx, val_idx
+
+
 # ---------------------------------------------------------------- device-resident data and batches
 
 @dataclass
@@ -175,10 +266,6 @@ class DeviceData:
 
     def __len__(self):
         return len(self.labels)
-
-    def subset(self, idx: torch.Tensor) -> "DeviceData":
-        idx = idx.to(self.images.device)
-        return DeviceData(self.images[idx], self.labels[idx])
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, device) -> torch.Tensor:

@@ -1,29 +1,40 @@
-"""A whole fine-tuning run: set-up, the epoch loop, checkpoints, logs and the final test evaluation."""
+"""A whole fine-tuning run, top to bottom: set-up, epoch 0, the epoch loop, the final test.
+
+`fine_tune` prepares a `Run` (what every part of a run shares: config, runtime, files, console, data,
+state, TensorBoard log) and executes it. One epoch reads in `Run.fit` and `Run.record`: the engine's
+`train_one_epoch` runs the optimisation steps, then the run validates, selects, saves and logs.
+"""
 
 import copy
 import dataclasses
 import datetime
 import math
-import os
-import shutil
-import signal
 import statistics
-import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import distributed as dist
 from . import tblog
-from .checkpoint import load_checkpoint, make_checkpoint, nonfinite_tensors, save_checkpoint, save_json, unwrap
+from .checkpoint import load_checkpoint, make_checkpoint, nonfinite_tensors, save_checkpoint, save_json
 from .config import Config
-from .data import AUGMENT_PRESETS, CLASSES, MEAN, STD, DeviceData, load_split, stratified_split
+from .console import Console, epoch_line, setup_lines, summary_lines
+from .data import (
+    AUGMENT_PRESETS,
+    CLASSES,
+    MEAN,
+    STD,
+    DeviceData,
+    Split,
+    choose_split,
+    fingerprint,
+    load_split,
+    split_indices,
+)
 from .engine import (
-    DivergenceError,
     EarlyStopping,
     Runtime,
     TrainStep,
@@ -34,158 +45,130 @@ from .engine import (
     logit_metrics,
     make_ema,
     predict_logits,
+    restore_optimization,
     set_train_mode,
     train_one_epoch,
 )
-from .errors import Interrupted, UsageError, UserError
-from .model import build_model, count_parameters, resolve_arch_kwargs
-from .system import AmpPolicy, default_eval_batch_size, resolve_amp, resolve_device, seed_everything, set_cpu_threads
-
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@dataclass
-class Paths:
-    best: Path
-    last: Path
-    metrics: Path
-
-    @classmethod
-    def for_output(cls, output: str) -> "Paths":
-        best = Path(output)
-        return cls(best, best.parent / "last.pt", best.parent / "metrics.json")
+from .errors import DivergenceError, Interrupted, UsageError, UserError
+from .model import build_model, resolve_arch_kwargs, unwrap
+from .outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files, resumes_in_place
+from .signals import SignalGuard
+from .system import (
+    AmpPolicy,
+    configure_backends,
+    default_eval_batch_size,
+    peak_gpu_mb,
+    reset_peak_memory,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+    set_cpu_threads,
+)
 
 
 @dataclass
-class Console:
-    quiet: bool
-    is_main: bool
+class StartModel:
+    """The model a run starts from, and what it was trained with."""
 
-    def print(self, *args) -> None:
-        if self.is_main and not self.quiet:
-            print(*args, flush=True)
+    model: nn.Module
+    arch: str
+    arch_kwargs: dict
+    mean: float = MEAN
+    std: float = STD
+    split: Split | None = None  # the split it was trained with; None: unknown
+    source: str = "the model"
 
-    def result(self, *args) -> None:
-        """The final summary: printed even with --quiet."""
-        if self.is_main:
-            print(*args, flush=True)
+
+@dataclass
+class Data:
+    train: DeviceData
+    val: DeviceData
+    test: DeviceData
 
 
 @dataclass
 class RunState:
     """Everything the epoch loop changes, and everything last.pt must restore."""
 
-    model: nn.Module
-    arch: str
-    arch_kwargs: dict
     step: TrainStep
-    stopper: EarlyStopping
+    stopper: EarlyStopping  # --monitor: when to stop
+    selector: EarlyStopping  # --select: which epoch is the best model
     best_state: dict
     history: list = field(default_factory=list)
     epoch: int = 0
     run_name: str = ""
 
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch, "run_name": self.run_name, "history": self.history,
+            "optimizer": self.step.optimizer.state_dict(), "schedulers": self.step.schedulers.state_dict(),
+            "scaler": self.step.scaler.state_dict(), "early_stopping": self.stopper.state_dict(),
+            "selection": self.selector.state_dict(), "best_model": self.best_state,
+            "ema": self.step.ema.state_dict() if self.step.ema is not None else None,
+        }
 
-# ---------------------------------------------------------------- signals
-
-@contextmanager
-def stop_on_signals():
-    """SIGINT/SIGTERM set a flag the training loop polls, so a step is never torn in half."""
-    received: list[int] = []
-
-    def handler(signum, _frame):
-        if received:  # a second Ctrl-C: the user insists
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in HANDLED_SIGNALS}
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    def load_state_dict(self, meta: dict, cfg: Config, lr: float) -> None:
+        """Continue exactly where last.pt stopped (RNG needs nothing: it is derived from seed and epoch)."""
+        self.epoch = int(meta["epoch"])
+        restore_optimization(self.step, meta, cfg, lr, self.epoch)
+        self.stopper.load_state_dict(meta["early_stopping"])
+        self.selector.load_state_dict(meta.get("selection") or meta["early_stopping"])
+        self.best_state = meta["best_model"]
+        self.history = list(meta["history"])
+        self.run_name = cfg.run_name or meta["run_name"]
 
 
 # ---------------------------------------------------------------- set-up
 
-def existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def check_outputs(cfg: Config, paths: Paths) -> None:
-    """Refuse, before any work and without creating anything, to overwrite the input or earlier
-    results, or to write where we cannot."""
-    if cfg.model_path and not cfg.from_scratch and Path(cfg.model_path).resolve() == paths.best.resolve():
-        raise UsageError(f"--output {cfg.output} is the --model-path input; choose another output path")
-    if not cfg.resume and not cfg.overwrite:
-        for path in (paths.best, paths.last, paths.metrics):
-            if path.exists():
-                raise UsageError(f"--output: {path} already exists; pass --overwrite to replace it "
-                                 "or choose another --output")
-    folder = existing_ancestor(paths.best.parent)
-    if not folder.is_dir():
-        raise UserError(f"--output: cannot create a folder under {folder}: it is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"--output: folder {folder} is not writable")
-
-
-def check_disk_space(folder: Path, model: nn.Module) -> None:
-    """Best + last (with two AdamW moments) + temporary copies, with room to spare."""
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    needed = 8 * weight_bytes + 16 * 2**20
-    free = shutil.disk_usage(existing_ancestor(folder)).free
-    if free < needed:
-        raise UserError(f"only {free / 2**20:.1f} MiB free in {folder}; checkpoints need about "
-                        f"{needed / 2**20:.0f} MiB")
-
-
-def load_data(cfg: Config, device, console: Console):
-    """(train, val, test) on the device; the split is stratified and fixed by --seed."""
-    images, labels = load_split(cfg.data_dir, "train", cfg.download)
-    test_images, test_labels = load_split(cfg.data_dir, "test", cfg.download)
-    if cfg.val_size >= len(labels):
-        raise UsageError(f"--val-size {cfg.val_size} must be smaller than the {len(labels)} training images")
-    train_idx, val_idx = stratified_split(labels, cfg.val_size, cfg.seed)
-    if cfg.limit_train is not None:
-        if cfg.limit_train > len(train_idx):
-            raise UsageError(f"--limit-train {cfg.limit_train} exceeds the {len(train_idx)} training images")
-        pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.seed))
-        train_idx = train_idx[pick[: cfg.limit_train]].sort().values
-    console.print(f"data: {len(train_idx)} train, {len(val_idx)} validation, {len(test_labels)} test images")
-    return (DeviceData.create(images[train_idx], labels[train_idx], device),
-            DeviceData.create(images[val_idx], labels[val_idx], device),
-            DeviceData.create(test_images, test_labels, device))
-
-
-def load_model(cfg: Config, console: Console, resume_meta: dict | None):
-    """(model, arch, arch_kwargs, mean, std): from last.pt when resuming, else from --model-path,
-    or a fresh one with --from-scratch."""
+def load_start_model(cfg: Config, resume_meta: dict | None) -> StartModel:
+    """From last.pt when resuming, else from --model-path, or a fresh one with --from-scratch."""
     if resume_meta is not None:
         arch = resume_meta["arch"]
         kwargs = resolve_arch_kwargs(arch, resume_meta["arch_kwargs"])
         model = build_model(arch, kwargs)
         model.load_state_dict(resume_meta["model"])
         norm = resume_meta["normalize"]
-        return model, arch, kwargs, norm["mean"], norm["std"]
+        return StartModel(model, arch, kwargs, norm["mean"], norm["std"], source=str(cfg.resume))
     if cfg.from_scratch:
         seed_everything(cfg.seed)  # the random initial weights are part of the experiment
         kwargs = resolve_arch_kwargs(cfg.arch)
-        return build_model(cfg.arch, kwargs), cfg.arch, kwargs, MEAN, STD
+        return StartModel(build_model(cfg.arch, kwargs), cfg.arch, kwargs, source="random weights")
     ckpt = load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle)
     bad = nonfinite_tensors(ckpt.state_dict)
     if bad:
         raise UserError(f"{cfg.model_path} has NaN/Inf weights in {', '.join(bad[:3])}")
-    console.print(f"model: {cfg.model_path} ({ckpt.source_format}, arch {ckpt.arch})")
-    return ckpt.build(), ckpt.arch, ckpt.arch_kwargs, ckpt.mean, ckpt.std
+    return StartModel(ckpt.build(), ckpt.arch, ckpt.arch_kwargs, ckpt.mean, ckpt.std,
+                      split_record(ckpt.meta), f"{cfg.model_path} ({ckpt.source_format}, arch {ckpt.arch})")
 
 
-def default_run_name(cfg: Config) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    plan = cfg.preset or ("scratch" if cfg.from_scratch else "finetune")
-    return f"{stamp}_{plan}_{cfg.optimizer}_lr{cfg.lr:g}_bs{cfg.batch_size}"
+def split_record(meta: dict) -> Split | None:
+    """The split a checkpoint was trained with. Files written before the split had its own record
+    drew it from their --seed and --val-size, which their config keeps."""
+    if isinstance(meta.get("split"), dict):
+        s = meta["split"]
+        return Split(int(s["seed"]), int(s["val_size"]), s.get("fingerprint"))
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    if isinstance(config.get("seed"), int) and isinstance(config.get("val_size"), int):
+        return Split(config["seed"], config["val_size"])
+    return None
+
+
+def load_data(cfg: Config, start: StartModel, device, console: Console) -> tuple[Data, Split]:
+    """(train, val, test) on the device, and the split used: the starting model's unless asked otherwise."""
+    images, labels = load_split(cfg.data_dir, "train", cfg.download)
+    test_images, test_labels = load_split(cfg.data_dir, "test", cfg.download)
+    asked = Split(cfg.split_seed, cfg.val_size, fingerprint(images, labels))
+    source = None if cfg.from_scratch or cfg.resume else cfg.model_path
+    split, warnings = choose_split(asked, start.split, source)
+    for warning in warnings:
+        console.warn(warning)
+    train_idx, val_idx = split_indices(labels, split, cfg.limit_train, cfg.seed)
+    console.print(f"data: {len(train_idx)} train, {len(val_idx)} validation ({split.describe()}), "
+                  f"{len(test_labels)} test images")
+    data = Data(DeviceData.create(images[train_idx], labels[train_idx], device),
+                DeviceData.create(images[val_idx], labels[val_idx], device),
+                DeviceData.create(test_images, test_labels, device))
+    return data, split
 
 
 def wrap_model(model: nn.Module, cfg: Config, rt: Runtime, info: dist.DistInfo) -> nn.Module:
@@ -202,7 +185,7 @@ def wrap_model(model: nn.Module, cfg: Config, rt: Runtime, info: dist.DistInfo) 
     return model
 
 
-def build_state(cfg: Config, model, arch, arch_kwargs, rt: Runtime, steps_per_epoch: int, lr: float) -> RunState:
+def build_state(cfg: Config, model: nn.Module, rt: Runtime, steps_per_epoch: int, lr: float) -> RunState:
     optimizer = build_optimizer(model, cfg, lr)
     step = TrainStep(
         model=model, optimizer=optimizer, schedulers=build_schedulers(optimizer, cfg, steps_per_epoch),
@@ -210,305 +193,304 @@ def build_state(cfg: Config, model, arch, arch_kwargs, rt: Runtime, steps_per_ep
         label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm,
         ema=make_ema(unwrap(model), cfg.ema_decay), ema_source=unwrap(model),
     )
-    return RunState(
-        model=model, arch=arch, arch_kwargs=arch_kwargs, step=step,
-        stopper=EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta),
-        best_state=copy.deepcopy(unwrap(model).state_dict()),
-        run_name=cfg.run_name or default_run_name(cfg),
-    )
+    return RunState(step=step, stopper=EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta),
+                    selector=EarlyStopping(cfg.select, patience=0),
+                    best_state=copy.deepcopy(unwrap(model).state_dict()),
+                    run_name=cfg.run_name or default_run_name(cfg))
 
 
-def last_checkpoint(state: RunState, cfg: Config, rt: Runtime) -> dict:
-    ckpt = make_checkpoint(state.model, state.arch, state.arch_kwargs, mean=rt.mean, std=rt.std,
-                           metrics=state.history[-1] if state.history else {}, config=cfg.to_dict(),
-                           history=state.history)
-    ckpt.update(
-        kind="last", epoch=state.epoch, run_name=state.run_name,
-        optimizer=state.step.optimizer.state_dict(), schedulers=state.step.schedulers.state_dict(),
-        scaler=state.step.scaler.state_dict(), early_stopping=state.stopper.state_dict(),
-        best_model=state.best_state, world_size=rt.world_size,
-        ema=state.step.ema.state_dict() if state.step.ema is not None else None,
-    )
-    return ckpt
+def default_run_name(cfg: Config) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    plan = cfg.preset or ("scratch" if cfg.from_scratch else "finetune")
+    return f"{stamp}_{plan}_{cfg.optimizer}_lr{cfg.lr:g}_bs{cfg.batch_size}"
 
 
-def restore(state: RunState, resume_meta: dict, cfg: Config, lr: float) -> None:
-    """Continue exactly where last.pt stopped (RNG needs nothing: it is derived from seed and epoch)."""
-    unwrap(state.model).load_state_dict(resume_meta["model"])
-    state.step.optimizer.load_state_dict(resume_meta["optimizer"])
-    state.step.schedulers.load_state_dict(resume_meta["schedulers"])
-    state.step.scaler.load_state_dict(resume_meta["scaler"])
-    state.stopper.load_state_dict(resume_meta["early_stopping"])
-    if state.step.ema is not None and resume_meta.get("ema") is not None:  # else it starts from the weights
-        state.step.ema.load_state_dict(resume_meta["ema"])
-    state.best_state = resume_meta["best_model"]
-    state.history = list(resume_meta["history"])
-    state.epoch = int(resume_meta["epoch"])
-    state.run_name = cfg.run_name or resume_meta["run_name"]
-    apply_hyperparameters(state.step, cfg, lr)
+def runtime_for(cfg: Config, device, start: StartModel, info: dist.DistInfo) -> Runtime:
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return Runtime(device, resolve_amp(cfg.amp, device), start.mean, start.std, memory_format, info.rank,
+                   info.world_size, tta_flip=cfg.tta == "flip")
 
 
-def apply_hyperparameters(step: TrainStep, cfg: Config, lr: float) -> None:
-    """The optimizer state restored from last.pt carries the old LR, weight decay and momentum; the
-    config (changed only with --override-resume) is what the run must use from now on."""
-    scheduler = step.schedulers.per_batch
-    for group, old_base in zip(step.optimizer.param_groups, scheduler.base_lrs):
-        progress = group["lr"] / old_base if old_base else 1.0  # where the schedule is, as a factor
-        group["initial_lr"], group["lr"] = lr, lr * progress
-        if "momentum" in group:
-            group["momentum"] = cfg.momentum
-    step.optimizer.param_groups[0]["weight_decay"] = cfg.resolved_weight_decay  # the decay group
-    scheduler.base_lrs = [lr] * len(step.optimizer.param_groups)
+def check_outputs(cfg: Config, files: RunFiles):
+    """Rank 0, before any work and without creating anything: the outputs, the inputs they may not
+    replace, and the TensorBoard folder. Returns the TensorBoard run folder."""
+    inputs = {"--model-path": None if cfg.from_scratch or cfg.resume else cfg.model_path, "--resume": cfg.resume}
+    check_run_files(files, inputs=inputs, resume=cfg.resume, overwrite=cfg.overwrite)
+    return check_logdir(cfg.logdir, cfg.run_name)
 
 
-def best_checkpoint(state: RunState, cfg: Config, rt: Runtime, metrics: dict) -> dict:
-    model = build_model(state.arch, state.arch_kwargs)
-    model.load_state_dict(state.best_state)
-    return make_checkpoint(model, state.arch, state.arch_kwargs, mean=rt.mean, std=rt.std, metrics=metrics,
-                           config=cfg.to_dict(), history=state.history)
+def claim_outputs(cfg: Config, files: RunFiles, start: StartModel, stack: ExitStack) -> None:
+    """Rank 0: hold the output folder for this run alone; with --overwrite, clear the earlier run's files so
+    that the folder describes one run even if this one stops early."""
+    weight_bytes = sum(t.numel() * t.element_size() for t in start.model.state_dict().values())
+    check_disk_space(files.best.parent, 8 * weight_bytes + 16 * 2**20)  # best + last with two AdamW moments
+    stack.enter_context(RunLock(files.lock))
+    if cfg.overwrite and not resumes_in_place(files, cfg.resume):
+        for path in (files.best, files.last, files.metrics):
+            path.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------- the epoch loop
+def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: RunFiles, stack: ExitStack) -> "Run":
+    """Everything checked, loaded and placed before the first step."""
+    console = Console(cfg.quiet, info.is_main)
+    device = resolve_device(cfg.device, info.local_rank if info.enabled else None)
+    if cfg.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn: needs CUDA (SyncBatchNorm has no CPU implementation)")
+    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or (resume_meta or {}).get("run_name")
+                              or default_run_name(cfg))
+    log_dir = check_outputs(cfg, files) if info.is_main else None
+    start = load_start_model(cfg, resume_meta)
+    if resume_meta is None:
+        console.print(f"model: {start.source}")
+    if info.is_main:
+        claim_outputs(cfg, files, start, stack)
+    stack.callback(dist.shutdown)
+    dist.init(info, device)
+    configure_backends(device, cfg.deterministic)
+    if device.type == "cpu":
+        set_cpu_threads(info.local_world_size)
+    with dist.main_process_first(info):  # --download: one process per machine fetches, the others wait
+        data, split = load_data(cfg, start, device, console)
+    cfg = dataclasses.replace(cfg, split_seed=split.seed, val_size=split.val_size,
+                              eval_batch_size=cfg.eval_batch_size or default_eval_batch_size(device))
+    return Run.build(cfg, RunContext(info, console, files, start, split, log_dir), data, device, resume_meta)
 
-def progress_bar(console: Console, epoch: int, epochs: int, total: int):
-    if console.quiet or not console.is_main or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, file=sys.stderr)
+@dataclass
+class RunContext:
+    info: dist.DistInfo
+    console: Console
+    files: RunFiles
+    start: StartModel
+    split: Split
+    log_dir: object = None  # the TensorBoard run folder (rank 0)
 
 
-def train_epoch(state: RunState, cfg: Config, rt: Runtime, train: DeviceData, console: Console, received) -> dict:
-    """Train one epoch; raises Interrupted when a signal arrived (the epoch is dropped)."""
-    epoch = state.epoch + 1
-    steps = (len(train) // rt.world_size) // cfg.batch_size
-    bar = progress_bar(console, epoch, cfg.epochs, steps)
-    last_done = 0
+# ---------------------------------------------------------------- the run
 
-    def on_sync(done, _total, loss):
-        nonlocal last_done
-        if bar is not None:
+@dataclass
+class Run:
+    cfg: Config
+    ctx: RunContext
+    rt: Runtime
+    data: Data
+    state: RunState
+    eval_model: nn.Module  # what is validated, selected and saved: the EMA with --ema-decay
+    lr: float
+    steps_per_epoch: int
+    writer: object = None
+    summary: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cfg: Config, ctx: RunContext, data: Data, device, resume_meta: dict | None) -> "Run":
+        info = ctx.info
+        steps = (len(data.train) // info.world_size) // cfg.batch_size
+        if steps < 1:
+            raise UsageError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is more than the "
+                             f"{len(data.train)} training images")
+        rt = runtime_for(cfg, device, ctx.start, info)
+        lr = cfg.lr * info.world_size if cfg.scale_lr else cfg.lr
+        train_model = wrap_model(ctx.start.model, cfg, rt, info)
+        state = build_state(cfg, train_model, rt, steps, lr)
+        if resume_meta is not None:
+            state.load_state_dict(resume_meta, cfg, lr)
+        eval_model = state.step.ema.module if state.step.ema is not None else unwrap(train_model)
+        run = cls(cfg, ctx, rt, data, state, eval_model, lr, steps)
+        run.summary = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(rt.device),
+                       "amp": rt.amp.name, "world_size": info.world_size,
+                       "global_batch_size": cfg.batch_size * info.world_size, "split": ctx.split.to_dict()}
+        return run
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx.info.is_main
+
+    def begin(self) -> None:
+        """Say what will run, open the log and (fine-tuning) validate the starting model as epoch 0."""
+        console = self.ctx.console
+        if self.cfg.resume:
+            console.print(f"resumed from {self.cfg.resume} at epoch {self.state.epoch} (run {self.state.run_name})")
+        for line in setup_lines(self.cfg, self.rt, self.lr, unwrap(self.state.step.model)):
+            console.print(line)
+        self.open_log()
+        if not self.state.history and not self.cfg.from_scratch:
+            self.record({"epoch": 0, **self.validate()})  # the starting model is the first candidate
+
+    def open_log(self) -> None:
+        if not self.is_main:
+            return
+        self.writer = tblog.open_writer(str(self.ctx.log_dir))
+        tblog.log_config(self.writer, self.cfg.to_dict())
+        self.ctx.console.print(f"tensorboard: tensorboard --logdir {self.cfg.logdir}  (run {self.state.run_name})")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    # ------------------------------------------------------------ one epoch
+
+    def fit(self, signals: SignalGuard) -> None:
+        """Train until --epochs, early stopping or a signal (polled between steps)."""
+        cfg, state, loop_start = self.cfg, self.state, time.perf_counter()
+        self.summary["stop_reason"] = "epochs_done"
+        with signals.polled() as received:
+            while state.epoch < cfg.epochs and not state.stopper.should_stop:
+                epoch = state.epoch + 1
+                set_train_mode(unwrap(state.step.model), cfg.freeze_conv, cfg.freeze_bn)
+                lr = state.step.optimizer.param_groups[0]["lr"]
+                reset_peak_memory(self.rt.device)
+                start = time.perf_counter()
+                with self.ctx.console.progress_bar(epoch, cfg.epochs, self.steps_per_epoch) as bar:
+                    result = train_one_epoch(state.step, self.data.train, AUGMENT_PRESETS[cfg.augment],
+                                             cfg.batch_size, cfg.seed, epoch, self.rt, self.on_sync(bar, received))
+                seconds = time.perf_counter() - start
+                if not result["stopped"]:  # else the unfinished epoch is dropped
+                    self.record({"epoch": epoch, "train_loss": result["loss"], "train_acc": result["acc"], "lr": lr,
+                                 "epoch_s": seconds, "images_per_s": result["images"] / seconds,
+                                 "peak_gpu_mb": peak_gpu_mb(self.rt.device), **self.validate()})
+                if dist.any_rank(bool(received), self.rt.device):
+                    raise signals.interrupted()
+        if state.stopper.should_stop:
+            self.summary["stop_reason"] = "early_stopping"
+        self.summary["train_s"] = time.perf_counter() - loop_start
+
+    def on_sync(self, bar, received: list):
+        """Called every few steps: progress, and whether any rank received a signal."""
+        last_done = 0
+
+        def sync(done, _total, loss):
+            nonlocal last_done
             bar.update(done - last_done)
             bar.set_postfix(loss=f"{loss:.4f}")
             last_done = done
-        return dist.any_rank(bool(received), rt.device)
+            return dist.any_rank(bool(received), self.rt.device)
 
-    set_train_mode(unwrap(state.model), cfg.freeze_conv, cfg.freeze_bn)
-    lr = state.step.optimizer.param_groups[0]["lr"]
-    start = time.perf_counter()
-    try:
-        result = train_one_epoch(state.step, train, AUGMENT_PRESETS[cfg.augment], cfg.batch_size, cfg.seed,
-                                 epoch, rt, on_sync)
-    finally:
-        if bar is not None:
-            bar.close()
-    if result["stopped"]:
-        raise Interrupted(signal.Signals(received[0] if received else signal.SIGINT).name)
-    seconds = time.perf_counter() - start
-    return {"epoch": epoch, "train_loss": result["loss"], "train_acc": result["acc"], "lr": lr,
-            "epoch_s": seconds, "images_per_s": result["images"] / seconds}
+        return sync
 
+    def validate(self) -> dict:
+        dist.broadcast_buffers(self.eval_model)  # every rank evaluates what rank 0 saves
+        metrics = evaluate(self.eval_model, self.data.val, self.rt, self.cfg.eval_batch_size)
+        if not math.isfinite(metrics["loss"]):
+            raise DivergenceError(f"validation loss became {metrics['loss']} in epoch {self.state.epoch + 1}")
+        return {"val_loss": metrics["loss"], "val_acc": metrics["acc"]}
 
-def save_epoch(state: RunState, cfg: Config, rt: Runtime, paths: Paths, is_best: bool, writer) -> None:
-    if is_best:
-        save_checkpoint(best_checkpoint(state, cfg, rt, state.history[-1]), paths.best)
-    save_checkpoint(last_checkpoint(state, cfg, rt), paths.last)
-    if writer is not None:
-        tblog.log_epoch(writer, state.epoch, state.history[-1])
-
-
-def epoch_line(row: dict, is_best: bool) -> str:
-    return (f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  "
-            f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%  lr {row['lr']:.2e}  "
-            f"{row['epoch_s']:.1f}s ({row['images_per_s']:.0f} img/s)" + ("  *best" if is_best else ""))
-
-
-def run_epochs(state, cfg, rt, train, val, paths, console, writer, received, eval_model) -> str:
-    """Train until --epochs, early stopping or a signal; returns why it stopped."""
-    while state.epoch < cfg.epochs:
-        row = train_epoch(state, cfg, rt, train, console, received)
-        val_metrics = evaluate(eval_model, val, rt, cfg.eval_batch_size)
-        if not math.isfinite(val_metrics["loss"]):
-            raise DivergenceError(f"validation loss became {val_metrics['loss']} in epoch {row['epoch']}")
-        row.update(val_loss=val_metrics["loss"], val_acc=val_metrics["acc"])
-        monitored = row[cfg.monitor]
-        is_best = state.stopper.update(monitored, row["epoch"])
-        state.step.schedulers.after_epoch(monitored)
+    def record(self, row: dict) -> None:
+        """Select, decide about stopping, save and log one validated epoch (0: the starting model)."""
+        state = self.state
+        is_best = state.selector.update(row[self.cfg.select], row["epoch"])
+        state.stopper.update(row[self.cfg.monitor], row["epoch"])
+        if row["epoch"]:
+            state.step.schedulers.after_epoch(row[self.cfg.monitor])
         state.history.append(row)
         state.epoch = row["epoch"]
         if is_best:  # the weights just validated: the moving average with --ema-decay
-            state.best_state = copy.deepcopy(unwrap(eval_model).state_dict())
-        if console.is_main:
-            save_epoch(state, cfg, rt, paths, is_best, writer)
-        console.print(epoch_line(row, is_best))
-        if dist.any_rank(bool(received), rt.device):
-            raise Interrupted(signal.Signals(received[0] if received else signal.SIGINT).name)
+            state.best_state = copy.deepcopy(unwrap(self.eval_model).state_dict())
+        if self.is_main:
+            self.save(is_best)
+            tblog.log_epoch(self.writer, state.epoch, row)
+        self.ctx.console.print(epoch_line(row, is_best))
         if state.stopper.should_stop:
-            console.print(f"early stopping: {cfg.monitor} did not improve for {state.stopper.bad_epochs} epochs "
-                          f"(best {state.stopper.best:.4f} at epoch {state.stopper.best_epoch})")
-            return "early_stopping"
-    return "epochs_done"
+            s = state.stopper
+            self.ctx.console.print(f"early stopping: {self.cfg.monitor} did not improve for {s.bad_epochs} epochs "
+                                   f"(best {s.best:.4f} at epoch {s.best_epoch})")
 
+    # ------------------------------------------------------------ checkpoints and the end
 
-# ---------------------------------------------------------------- the end of a run
+    def checkpoint(self, weights: dict, metrics: dict) -> dict:
+        model = build_model(self.ctx.start.arch, self.ctx.start.arch_kwargs)
+        model.load_state_dict(weights)
+        return make_checkpoint(model, self.ctx.start.arch, self.ctx.start.arch_kwargs, mean=self.rt.mean,
+                               std=self.rt.std, metrics=metrics, config=self.cfg.to_dict(),
+                               history=self.state.history, split=self.ctx.split.to_dict())
 
-def test_best(state: RunState, rt: Runtime, test: DeviceData, batch_size: int):
-    """Evaluate the best weights once on the test set: (metrics, predictions)."""
-    model = build_model(state.arch, state.arch_kwargs)
-    model.load_state_dict(state.best_state)
-    model = model.to(rt.device, memory_format=rt.memory_format)
-    # rank 0 alone, in fp32: the reported test numbers are exactly what test_model.py --full measures
-    single = Runtime(rt.device, AmpPolicy(None, False), rt.mean, rt.std, rt.memory_format, tta_flip=rt.tta_flip)
-    logits = predict_logits(model, test.images, single, batch_size)
-    loss, acc = logit_metrics(logits, test.labels)
-    return {"test_loss": loss, "test_acc": acc}, logits.argmax(1)
+    def best_row(self) -> dict:
+        return next(r for r in self.state.history if r["epoch"] == self.state.selector.best_epoch)
 
+    def save(self, is_best: bool) -> None:
+        files = self.ctx.files
+        if is_best:
+            save_checkpoint(self.checkpoint(self.state.best_state, self.best_row()), files.best)
+        last = self.checkpoint(unwrap(self.state.step.model).state_dict(), self.state.history[-1])
+        last.update(kind="last", world_size=self.rt.world_size, **self.state.state_dict())
+        save_checkpoint(last, files.last)
+        save_json({**self.summary, **self.progress(), "finished": False}, files.metrics)
 
-def finish(state: RunState, cfg: Config, rt: Runtime, test: DeviceData, paths: Paths, writer,
-           summary: dict) -> dict:
-    """Test the best model, store its test metrics in the checkpoint, write metrics.json and TB extras."""
-    test_metrics, preds = test_best(state, rt, test, cfg.eval_batch_size)
-    best_row = next(r for r in state.history if r["epoch"] == state.stopper.best_epoch)
-    summary.update(best_epoch=state.stopper.best_epoch, epochs_run=state.epoch,
-                   best_val_loss=best_row["val_loss"], best_val_acc=best_row["val_acc"], **test_metrics)
-    if writer is not None:
-        summary["per_class_test_acc"] = tblog.log_test_figures(writer, test.images, test.labels, preds, CLASSES)
-        tblog.log_hparams(writer, cfg.to_dict(), {"hparam/test_acc": test_metrics["test_acc"],
-                                                  "hparam/best_val_acc": best_row["val_acc"]})
-    save_checkpoint(best_checkpoint(state, cfg, rt, {**best_row, **test_metrics}), paths.best)
-    save_json(summary, paths.metrics)
-    return summary
+    def progress(self) -> dict:
+        best = self.best_row()
+        history = self.state.history
+        base = history[0]["val_acc"] if history and history[0]["epoch"] == 0 else None
+        peaks = [r["peak_gpu_mb"] for r in history if r.get("peak_gpu_mb") is not None]
+        return {"best_epoch": best["epoch"], "epochs_run": self.state.epoch, "best_val_loss": best["val_loss"],
+                "best_val_acc": best["val_acc"], "base_val_acc": base,
+                "peak_gpu_mb": max(peaks) if peaks else None,
+                "epoch_s": [round(r["epoch_s"], 3) for r in history if "epoch_s" in r], "history": history}
 
+    def test_best(self) -> tuple[dict, torch.Tensor]:
+        """The best weights on the test set, once, in fp32: exactly what test_model.py --full measures."""
+        model = build_model(self.ctx.start.arch, self.ctx.start.arch_kwargs)
+        model.load_state_dict(self.state.best_state)
+        model = model.to(self.rt.device, memory_format=self.rt.memory_format)
+        single = dataclasses.replace(self.rt, amp=AmpPolicy(None, False), rank=0, world_size=1)
+        logits = predict_logits(model, self.data.test.images, single, self.cfg.eval_batch_size)
+        loss, acc = logit_metrics(logits, self.data.test.labels)
+        return {"test_loss": loss, "test_acc": acc}, logits.argmax(1)
 
-def runtime_for(cfg: Config, device, mean, std, info: dist.DistInfo) -> Runtime:
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    return Runtime(device, resolve_amp(cfg.amp, device), mean, std, memory_format, info.rank, info.world_size,
-                   tta_flip=cfg.tta == "flip")
-
-
-def describe(cfg: Config, rt: Runtime, lr: float, model: nn.Module, console: Console) -> None:
-    total, trainable = count_parameters(model)
-    console.print(f"device: {rt.device}  amp: {rt.amp.name}  channels_last: {cfg.channels_last}  "
-                  f"threads: {torch.get_num_threads() if rt.device.type == 'cpu' else '-'}  "
-                  f"world size: {rt.world_size}")
-    console.print(f"batch size: {cfg.batch_size} per process, {cfg.batch_size * rt.world_size} global  "
-                  f"lr: {lr:g}{' (scaled by world size)' if lr != cfg.lr else ''}  optimizer: {cfg.optimizer}  "
-                  f"scheduler: {cfg.scheduler}  augment: {cfg.augment}  epochs: {cfg.epochs}"
-                  + (f"  ema: {cfg.ema_decay:g}" if cfg.ema_decay else ""))
-    console.print(f"parameters: {total:,} ({trainable:,} trainable)  "
-                  f"freeze-conv: {cfg.freeze_conv}  freeze-bn: {cfg.freeze_bn}")
+    def finish(self) -> dict:
+        """Rank 0: test the best model, store its test metrics, write metrics.json and the TB extras."""
+        summary = self.summary
+        epoch_s = [r["epoch_s"] for r in self.state.history if "epoch_s" in r]
+        if self.cfg.compile and len(epoch_s) > 1:  # the first epoch pays for compilation
+            summary["compile_warmup_s"] = epoch_s[0] - statistics.median(epoch_s[1:])
+        if self.is_main:
+            test_metrics, preds = self.test_best()
+            summary.update(self.progress(), **test_metrics)
+            summary["per_class_test_acc"] = tblog.log_test_figures(self.writer, self.data.test.images,
+                                                                   self.data.test.labels, preds, CLASSES)
+            tblog.log_hparams(self.writer, self.cfg.to_dict(), {"hparam/test_acc": test_metrics["test_acc"],
+                                                                "hparam/best_val_acc": summary["best_val_acc"]})
+            save_checkpoint(self.checkpoint(self.state.best_state, {**self.best_row(), **test_metrics}),
+                            self.ctx.files.best)
+            save_json({**summary, "finished": True}, self.ctx.files.metrics)
+            for line in summary_lines(summary, self.ctx.files):
+                self.ctx.console.result(line)
+        dist.barrier()
+        return summary
 
 
 # ---------------------------------------------------------------- entry point
 
 def fine_tune(cfg: Config, resume_meta: dict | None = None) -> dict:
-    """Run the whole job; returns the summary written to metrics.json (rank 0), raises UserError,
-    Interrupted or DivergenceError (with the best model so far saved)."""
+    """Run the whole job; returns the summary written to metrics.json (rank 0). Raises UserError,
+    Interrupted (with the resume hint) or DivergenceError (the best model so far stays saved)."""
     info = dist.from_environment()
-    console = Console(cfg.quiet, info.is_main)
-    device = resolve_device(cfg.device, info.local_rank if info.enabled else None)
-    if cfg.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn: needs CUDA (SyncBatchNorm has no CPU implementation)")
-    if device.type == "cpu":
-        set_cpu_threads(info.local_world_size)
-    cfg = dataclasses.replace(cfg, eval_batch_size=cfg.eval_batch_size or default_eval_batch_size(device))
-    paths = Paths.for_output(cfg.output)
-    if info.is_main:
-        check_outputs(cfg, paths)
-    model, arch, arch_kwargs, mean, std = load_model(cfg, console, resume_meta)
-    if info.is_main:
-        check_disk_space(paths.best.parent, model)
-    rt = runtime_for(cfg, device, mean, std, info)
-    train, val, test = load_data(cfg, device, console)
-    if (len(train) // info.world_size) // cfg.batch_size < 1:
-        raise UsageError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is more than the "
-                         f"{len(train)} training images (--limit-train)")
-    dist.init(info, device)
-    try:
-        return _fine_tune(cfg, resume_meta, info, console, paths, rt, model, arch, arch_kwargs, (train, val, test))
-    finally:
-        dist.shutdown()
-
-
-def _fine_tune(cfg, resume_meta, info, console, paths, rt, model, arch, arch_kwargs, data) -> dict:
-    train, val, test = data
-    lr = cfg.lr * info.world_size if cfg.scale_lr else cfg.lr
-    steps_per_epoch = (len(train) // info.world_size) // cfg.batch_size
-    train_model = wrap_model(model, cfg, rt, info)
-    state = build_state(cfg, train_model, arch, arch_kwargs, rt, steps_per_epoch, lr)
-    if state.step.ema is not None:
-        eval_model = state.step.ema.module
-    else:
-        eval_model = unwrap(train_model) if info.enabled else train_model
-    summary = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(rt.device),
-               "amp": rt.amp.name, "world_size": info.world_size, "global_batch_size": cfg.batch_size * info.world_size}
-    if resume_meta is not None:
-        restore(state, resume_meta, cfg, lr)
-        console.print(f"resumed from {cfg.resume} at epoch {state.epoch} (run {state.run_name})")
-    elif info.is_main and not cfg.from_scratch:
-        base, _ = test_best(state, rt, test, cfg.eval_batch_size)  # best_state is still the input model
-        summary["base_test_acc"] = base["test_acc"]
-        console.print(f"base model test accuracy: {100 * base['test_acc']:.2f}%")
-    describe(cfg, rt, lr, unwrap(train_model), console)
-    writer = open_run_log(cfg, state, console) if info.is_main else None
-    try:
-        train_and_report(state, cfg, rt, (train, val, test), paths, console, writer, eval_model, summary)
-        dist.barrier()
-        return summary
-    finally:
-        if writer is not None:
-            writer.close()
-
-
-def open_run_log(cfg: Config, state: RunState, console: Console):
-    writer = tblog.open_writer(str(Path(cfg.logdir) / state.run_name))
-    tblog.log_config(writer, cfg.to_dict())
-    console.print(f"tensorboard: tensorboard --logdir {cfg.logdir}  (run {state.run_name})")
-    return writer
-
-
-def train_and_report(state, cfg, rt, data, paths, console, writer, eval_model, summary) -> None:
-    """The epoch loop under the signal handlers, then (rank 0) the test evaluation and the summary."""
-    train, val, test = data
-    start = time.perf_counter()
-    with stop_on_signals() as received:
+    files = RunFiles.for_output(cfg.output)
+    with SignalGuard() as signals, ExitStack() as stack:
         try:
-            summary["stop_reason"] = run_epochs(state, cfg, rt, train, val, paths, console, writer,
-                                                received, eval_model)
-        except DivergenceError as exc:
-            raise DivergenceError(divergence_message(exc, state, paths)) from None
+            run = prepare(cfg, resume_meta, info, files, stack)
+            stack.callback(run.close)
+            run.begin()
+            run.fit(signals)
+            return run.finish()
         except Interrupted as exc:
-            exc.hint = resume_hint(state, paths)
+            exc.hint = resume_hint(files)
             raise
-    summary["train_s"] = time.perf_counter() - start
-    summary["epoch_s"] = [round(r["epoch_s"], 3) for r in state.history]
-    if cfg.compile and len(summary["epoch_s"]) > 1:  # the first epoch pays for compilation
-        summary["compile_warmup_s"] = summary["epoch_s"][0] - statistics.median(summary["epoch_s"][1:])
-    if writer is not None:  # rank 0
-        finish(state, cfg, rt, test, paths, writer, summary)
-        print_summary(summary, paths, console)
+        except DivergenceError as exc:
+            raise DivergenceError(f"{exc}; {kept_hint(files)}; try a lower --lr or --max-grad-norm 1.0") from None
+        except Exception as exc:
+            if not dist.is_peer_failure(exc):
+                raise
+            raise UserError(f"another process of the run failed ({first_line(exc)}); {resume_hint(files)}") from None
 
 
-def divergence_message(exc, state: RunState, paths: Paths) -> str:
-    kept = (f"the best model so far (epoch {state.stopper.best_epoch}) stays in {paths.best}"
-            if state.stopper.best_epoch else "no epoch finished, nothing was saved")
-    return f"{exc}; stopped: {kept}; try a lower --lr or --max-grad-norm 1.0"
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def resume_hint(state: RunState, paths: Paths) -> str:
-    if not state.epoch:
+def kept_hint(files: RunFiles) -> str:
+    return f"the best model so far stays in {files.best}" if files.best.exists() else "nothing was saved"
+
+
+def resume_hint(files: RunFiles) -> str:
+    if not files.last.exists():
         return "no epoch had finished, so there is nothing to resume"
-    return (f"epoch {state.epoch} is saved in {paths.last} (best model: {paths.best}); "
-            f"resume with: python finetune_gpu.py --resume {paths.last}")
-
-
-def print_summary(summary: dict, paths: Paths, console: Console) -> None:
-    base = summary.get("base_test_acc")
-    console.result(
-        f"done ({summary['stop_reason']}): best epoch {summary['best_epoch']} of {summary['epochs_run']}, "
-        f"val acc {100 * summary['best_val_acc']:.2f}%, test acc {100 * summary['test_acc']:.2f}%"
-        + (f" (base model {100 * base:.2f}%)" if base is not None else "")
-        + f", {summary['train_s']:.0f}s"
-        + (f" (compile warm-up about {summary['compile_warmup_s']:.0f}s)" if "compile_warmup_s" in summary else "")
-    )
-    console.result(f"saved: {paths.best} (best), {paths.last} (resumable), {paths.metrics}")
+    return f"resume with: python finetune_gpu.py --resume {files.last}"

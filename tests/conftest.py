@@ -5,26 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fashion_ft.data import FILES, IMAGES_MAGIC, LABELS_MAGIC, find_data_dir, read_split  # noqa: E402
-
-
-def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
-    """An IDX file (uncompressed) of a uint8 array."""
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-
-
-def write_split(folder: Path, split: str, images, labels) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    image_stem, label_stem = FILES[split]
-    write_idx(folder / image_stem, np.asarray(images), IMAGES_MAGIC)
-    write_idx(folder / label_stem, np.asarray(labels), LABELS_MAGIC)
+from fashion_ft.data import find_data_dir, read_split, write_idx, write_split  # noqa: E402, F401 (tests import write_idx from here)
 
 
 def run_script(script: str, *args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:

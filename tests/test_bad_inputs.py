@@ -2,24 +2,34 @@
 on stderr, and creates or changes no file."""
 
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_script
 
 import finetune_gpu
 import test_model
+from fashion_ft.errors import UsageError
 
 # (extra flags, exit code, text the error must contain). Every case also gets valid model/data/output flags.
 FINETUNE_CASES = {
     "lr zero": (["--lr", "0"], 2, "--lr"),
     "lr negative": (["--lr", "-1"], 2, "--lr"),
     "lr not a number": (["--lr", "abc"], 2, "--lr"),
+    "lr infinite": (["--lr", "inf"], 2, "--lr"),
+    "lr nan": (["--lr", "nan"], 2, "--lr"),
+    "weight decay infinite": (["--weight-decay", "inf"], 2, "--weight-decay"),
+    "seed too large": (["--seed", str(2**70)], 2, "--seed"),
+    "split seed negative": (["--split-seed", "-1"], 2, "--split-seed"),
+    "unknown arch": (["--from-scratch", "--arch", "resnet50"], 2, "--arch"),
     "batch size zero": (["--batch-size", "0"], 2, "--batch-size"),
     "epochs zero": (["--epochs", "0"], 2, "--epochs"),
     "patience negative": (["--patience", "-1"], 2, "--patience"),
     "min-delta negative": (["--min-delta", "-0.1"], 2, "--min-delta"),
     "val size zero": (["--val-size", "0"], 2, "--val-size"),
+    "val size tiny": (["--val-size", "5"], 2, "--val-size"),
     "val size too large": (["--val-size", "3000"], 2, "--val-size"),
     "limit-train below batch": (["--limit-train", "10"], 2, "--limit-train"),
     "limit-train above data": (["--limit-train", "99999"], 2, "--limit-train"),
@@ -43,7 +53,7 @@ FINETUNE_CASES = {
     "missing data": (["--data-dir", "no_such_folder"], 1, "not found"),
     "output is the input": (["--output", "input.pt"], 2, "--output"),
     "output exists": (["--output", "existing/best.pt"], 2, "--overwrite"),
-    "output under a file": (["--output", "input.pt/best.pt"], 1, "--output"),
+    "output under a file": (["--output", "input.pt/best.pt"], 2, "--output"),
     "resume from a best model": (["--resume", "input.pt"], 1, "not a resumable checkpoint"),
 }
 
@@ -128,3 +138,54 @@ def test_newer_checkpoint_format_is_refused(workdir, small_data_dir):
                         "--output", "out/best.pt", cwd=workdir)
     assert result.returncode == 1 and "format version 99 is newer" in result.stderr
     assert not (workdir / "out").exists()
+
+
+def test_a_preset_may_not_change_a_fixed_field_on_resume(workdir, small_data_dir):
+    first = run_script("finetune_gpu.py", "--model-path", "input.pt", "--data-dir", small_data_dir, "--output",
+                       "run/best.pt", "--logdir", "tb", "--epochs", "1", "--limit-train", "256", "--val-size", "500",
+                       "--batch-size", "64", "--device", "cpu", "--quiet", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    before = snapshot(workdir)
+    result = run_script("finetune_gpu.py", "--resume", "run/last.pt", "--preset", "head", "--override-resume",
+                        cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    assert "--freeze-conv cannot change" in result.stderr and "Traceback" not in result.stderr
+    assert snapshot(workdir) == before
+
+
+def test_a_default_that_the_schedule_ignores_never_fails():
+    """--min-lr (default 1e-6) only matters for cosine: a smaller --lr with another scheduler is valid."""
+    cfg, _ = finetune_gpu.build_config(["--lr", "1e-7", "--scheduler", "none"])
+    assert cfg.lr == 1e-7
+    with pytest.raises(UsageError, match="--min-lr"):
+        finetune_gpu.build_config(["--lr", "1e-7", "--scheduler", "cosine"])
+
+
+def test_a_failed_download_is_one_line_and_leaves_no_folders(workdir, monkeypatch, capsys):
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, root, train, download):
+            (Path(root) / "FashionMNIST" / "raw").mkdir(parents=True)  # what torchvision creates first
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://...\nmore lines")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    before = snapshot(workdir)
+    code, err = call(finetune_gpu.main, ["--model-path", "input.pt", "--data-dir", "fresh/data", "--download",
+                                         "--output", "out/best.pt", "--logdir", "tb", "--device", "cpu"], capsys)
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: --download:") and "Error downloading" in lines[-1] and len(lines) == 1
+    assert not (workdir / "fresh").exists() and snapshot(workdir) == before
+
+
+def test_empty_data_names_the_file_not_a_flag(tmp_path, workdir, capsys):
+    from fashion_ft.data import write_split
+
+    empty = tmp_path / "empty"
+    write_split(empty, "train", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))
+    write_split(empty, "test", np.zeros((20, 28, 28), np.uint8), np.zeros(20, np.uint8))
+    code, err = call(finetune_gpu.main, ["--model-path", "input.pt", "--data-dir", str(empty), "--output",
+                                         "out/best.pt", "--device", "cpu"], capsys)
+    assert code == 1 and "train-images-idx3-ubyte holds 0 images" in err and "--val-size" not in err

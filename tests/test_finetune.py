@@ -33,7 +33,8 @@ def test_run_leaves_best_last_metrics_and_tensorboard(tmp_path, small_data_dir, 
     assert best["arch"] == "cnn3" and last["kind"] == "last" and last["epoch"] == 2
     assert best["metrics"]["test_acc"] == pytest.approx(metrics["test_acc"])
     assert 0.5 < metrics["test_acc"] <= 1 and metrics["epochs_run"] == 2
-    assert len(best["history"]) == 2 and best["config"]["epochs"] == 2
+    assert [r["epoch"] for r in best["history"]] == [0, 1, 2] and best["config"]["epochs"] == 2
+    assert metrics["finished"] is True and metrics["history"] == last["history"]
     assert (tmp_path / "tb" / "r1").is_dir()
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
 
@@ -90,7 +91,7 @@ def test_every_scheduler_runs_with_the_expected_lr_curve(tmp_path, small_data_di
     result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 4, "--scheduler", scheduler,
                            "--patience", 10, "--limit-train", 256, *LR_CASES[scheduler])
     assert result.returncode == 0, result.stderr
-    lrs = [row["lr"] for row in load(out / "last.pt")["history"]]  # the LR each epoch started with
+    lrs = [row["lr"] for row in load(out / "last.pt")["history"][1:]]  # the LR each epoch started with
     assert len(lrs) == 4
     if scheduler == "none":
         assert lrs == pytest.approx([1e-3] * 4)
@@ -116,13 +117,14 @@ def test_lr_multiplier_warmup_then_cosine():
 
 
 def test_early_stopping_triggers(tmp_path, small_data_dir, trained_checkpoint):
-    # a min-delta no change can beat: every epoch after the first is "no improvement"
+    # a min-delta no change can beat: every epoch after the starting model (epoch 0) is "no improvement"
     result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 10, "--patience", 2,
                            "--monitor", "val_loss", "--min-delta", 100, "--limit-train", 256)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stop_reason"] == "early_stopping"
-    assert metrics["epochs_run"] == 3 and metrics["best_epoch"] == 1
+    assert metrics["epochs_run"] == 2
+    assert "early stopping: val_loss did not improve for 2 epochs" in result.stdout
 
 
 def test_best_model_is_selected_on_validation_only(tmp_path, small_data_dir, trained_checkpoint):
@@ -169,7 +171,7 @@ def test_tensorboard_run_has_scalars_images_and_hparams(tmp_path, small_data_dir
     for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "throughput/train_images_per_s",
                 "hparam/test_acc", "test_per_class/Ankle_boot"):
         assert tag in tags["scalars"], tag
-    assert [e.step for e in events.Scalars("val/acc")] == [1, 2]
+    assert [e.step for e in events.Scalars("val/acc")] == [0, 1, 2]  # 0: the starting model
     assert {"test/confusion_matrix", "test/per_class_accuracy", "test/misclassified"} <= set(tags["images"])
     assert events.Images("test/confusion_matrix")[0].width > 400
     assert "config/text_summary" in tags["tensors"]

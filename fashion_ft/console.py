@@ -1,0 +1,96 @@
+"""What a fine-tuning run prints: the set-up lines, a progress bar, one line per epoch, the summary.
+
+Rank 0 alone prints. A console that goes away (`finetune_gpu.py ... | head -1`) must not stop the
+training: the first broken pipe turns printing off and the run goes on writing its files.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Console:
+    quiet: bool
+    is_main: bool
+    alive: bool = True
+
+    def _write(self, text: str, stream=None) -> None:
+        if not (self.is_main and self.alive):
+            return
+        stream = stream or sys.stdout
+        try:
+            print(text, file=stream, flush=True)
+        except BrokenPipeError:
+            self.alive = False
+            # Python would report the broken pipe again when it flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+    def print(self, text: str) -> None:
+        if not self.quiet:
+            self._write(text)
+
+    def result(self, text: str) -> None:
+        """The final summary and the set-up facts a user must see: printed even with --quiet."""
+        self._write(text)
+
+    def warn(self, text: str) -> None:
+        self._write(f"warning: {text}", sys.stderr)
+
+    def progress_bar(self, epoch: int, epochs: int, total: int):
+        """A tqdm bar on a terminal; elsewhere a disabled one that does nothing."""
+        from tqdm import tqdm
+
+        shown = not self.quiet and self.is_main and self.alive and sys.stderr.isatty()
+        return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, file=sys.stderr,
+                    disable=not shown)
+
+
+def epoch_line(row: dict, is_best: bool) -> str:
+    if row["epoch"] == 0:
+        return (f"epoch   0  (the starting model)  val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%"
+                + ("  *best" if is_best else ""))
+    line = (f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  "
+            f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%  lr {row['lr']:.2e}  "
+            f"{row['epoch_s']:.1f}s ({row['images_per_s']:.0f} img/s)")
+    if row.get("peak_gpu_mb") is not None:
+        line += f"  peak GPU {row['peak_gpu_mb']:.0f} MiB"
+    return line + ("  *best" if is_best else "")
+
+
+def setup_lines(cfg, rt, lr: float, model: torch.nn.Module) -> list[str]:
+    """The resolved configuration, as the run will use it."""
+    from .model import count_parameters
+
+    total, trainable = count_parameters(model)
+    threads = torch.get_num_threads() if rt.device.type == "cpu" else "-"
+    return [
+        f"device: {rt.device}  amp: {rt.amp.name}  channels_last: {cfg.channels_last}  threads: {threads}  "
+        f"world size: {rt.world_size}" + ("  deterministic" if cfg.deterministic else ""),
+        f"batch size: {cfg.batch_size} per process, {cfg.batch_size * rt.world_size} global  "
+        f"lr: {lr:g}{' (scaled by world size)' if lr != cfg.lr else ''}  optimizer: {cfg.optimizer}  "
+        f"scheduler: {cfg.scheduler}  warm-up: {cfg.warmup_epochs:g} epochs  augment: {cfg.augment}  "
+        f"epochs: {cfg.epochs}" + (f"  ema: {cfg.ema_decay:g}" if cfg.ema_decay else ""),
+        f"selection: best {cfg.select}; early stopping: {cfg.monitor}, patience {cfg.patience}  "
+        f"seeds: training {cfg.seed}, split {cfg.split_seed}",
+        f"parameters: {total:,} ({trainable:,} trainable)  freeze-conv: {cfg.freeze_conv}  freeze-bn: {cfg.freeze_bn}",
+    ]
+
+
+def summary_lines(summary: dict, files) -> list[str]:
+    base = summary.get("base_val_acc")
+    best = summary["best_epoch"]
+    head = (f"done ({summary['stop_reason']}): best epoch {best} of {summary['epochs_run']}, "
+            f"val acc {100 * summary['best_val_acc']:.2f}%, test acc {100 * summary['test_acc']:.2f}%")
+    if base is not None:
+        head += f" (starting model: val acc {100 * base:.2f}%)"
+    head += f", {summary['train_s']:.0f}s"
+    if "compile_warmup_s" in summary:
+        head += f" (compile warm-up about {summary['compile_warmup_s']:.0f}s)"
+    lines = [head]
+    if best == 0:
+        lines.append("no epoch beat the starting model; it was kept as the best model")
+    lines.append(f"saved: {files.best} (best), {files.last} (resumable), {files.metrics}")
+    return lines

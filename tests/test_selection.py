@@ -1,0 +1,95 @@
+"""The starting model is the first candidate (epoch 0), the validation split travels with the model,
+and the specification's second round runs as written."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import SMALL_RUN, run_script
+
+from fashion_ft.data import Split, choose_split
+
+pytestmark = pytest.mark.slow
+
+
+def finetune(tmp_path, data_dir, model_path, *args, name="run"):
+    out = tmp_path / name
+    result = run_script("finetune_gpu.py", "--model-path", model_path, "--data-dir", data_dir,
+                        "--output", out / "best.pt", "--logdir", tmp_path / "tb", "--limit-train", 256,
+                        *SMALL_RUN, *args)
+    return result, out
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_a_run_that_cannot_beat_its_input_keeps_the_input(tmp_path, small_data_dir, trained_checkpoint):
+    # a learning rate this large wrecks the weights in one epoch: no epoch can beat the starting model
+    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 2, "--lr", 0.1)
+    assert result.returncode == 0, result.stderr
+    assert "no epoch beat the starting model; it was kept" in result.stdout
+    best, start = load(out / "best.pt"), load(trained_checkpoint)
+    assert all(torch.equal(best["model"][k], start["model"][k]) for k in start["model"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 0 and metrics["finished"] is True
+    assert [row["epoch"] for row in metrics["history"]] == [0, 1, 2]
+    assert best["split"]["seed"] == 42 and best["config"]["split_seed"] == 42
+    check = run_script("test_model.py", "--model-path", out / "best.pt", "--data-dir", small_data_dir,
+                       "--full", "--json")
+    original = run_script("test_model.py", "--model-path", trained_checkpoint, "--data-dir", small_data_dir,
+                          "--full", "--json")
+    accuracy = [next(c for c in json.loads(r.stdout)["checks"] if c["name"] == "quick eval")["data"]["accuracy"]
+                for r in (check, original)]
+    assert accuracy[0] == accuracy[1] == pytest.approx(metrics["test_acc"])
+
+
+def test_the_training_seed_does_not_move_the_validation_split(tmp_path, small_data_dir, trained_checkpoint):
+    epoch0 = []
+    for seed in (42, 7):
+        result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--seed", seed,
+                               name=f"seed{seed}")
+        assert result.returncode == 0, result.stderr
+        assert "warning" not in result.stderr  # the model's own split: nothing to warn about
+        epoch0.append(json.loads((out / "metrics.json").read_text())["history"][0])
+    assert epoch0[0] == epoch0[1]
+
+
+def test_another_split_or_no_record_warns(tmp_path, small_data_dir, trained_checkpoint):
+    other, _ = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--split-seed", 7, name="a")
+    assert other.returncode == 0, other.stderr
+    assert "split seed 42" in other.stderr and "split seed 7" in other.stderr
+    bare = tmp_path / "bare.pt"
+    torch.save(load(trained_checkpoint)["model"], bare)  # a plain state_dict: from elsewhere
+    unknown, _ = finetune(tmp_path, small_data_dir, bare, "--epochs", 1, name="b")
+    assert unknown.returncode == 0, unknown.stderr
+    assert "has no record of its validation split" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+
+
+def test_choose_split_prefers_the_record_then_the_user():
+    record = Split(3, 700, "abc")
+    assert choose_split(Split(None, None, "abc"), record, "m.pt") == (Split(3, 700, "abc"), [])
+    chosen, warnings = choose_split(Split(None, 800, "abc"), record, "m.pt")
+    assert chosen == Split(3, 800, "abc") and len(warnings) == 1
+    _, warnings = choose_split(Split(None, None, "xyz"), record, "m.pt")
+    assert "other training files" in warnings[0]
+    assert choose_split(Split(None, None, "f"), None, None) == (Split(42, 5000, "f"), [])
+
+
+def test_second_round_as_the_specification_writes_it(tmp_path, small_data_dir, trained_checkpoint):
+    """`--model-path=result/mnist_cnn_finetuned.pt` with the default output: the run moves aside."""
+    (tmp_path / "result").mkdir()
+    shutil.copy(trained_checkpoint, tmp_path / "result" / "mnist_cnn_finetuned.pt")
+    before = (tmp_path / "result" / "mnist_cnn_finetuned.pt").read_bytes()
+    argv = ["--model-path=result/mnist_cnn_finetuned.pt", "--lr=0.0005", "--epochs=1", "--scheduler=cosine",
+            f"--data-dir={small_data_dir}", "--limit-train=256", *SMALL_RUN]
+    result = run_script("finetune_gpu.py", *argv, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "output: result/round2/mnist_cnn_finetuned.pt" in result.stdout
+    assert (tmp_path / "result" / "round2" / "metrics.json").exists()
+    assert (tmp_path / "result" / "mnist_cnn_finetuned.pt").read_bytes() == before
+    explicit = run_script("finetune_gpu.py", *argv, "--output=result/mnist_cnn_finetuned.pt", cwd=tmp_path)
+    assert explicit.returncode == 2
+    assert "--output result/round3/mnist_cnn_finetuned.pt" in explicit.stderr
