@@ -11,6 +11,7 @@ Exit codes: 0 every check passed, 1 a check failed, 2 bad usage.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -68,7 +69,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_model(report, path: Path, args, rt_eval, data):
     """The per-model checks; returns the quick eval's probabilities (or None)."""
     from fashion_ft import preflight as pf
-    from fashion_ft.engine import Runtime
 
     prefix = f"{path}: " if len(args.model_path) > 1 else ""
     if report.run(prefix + "file", pf.check_file, path) is None:
@@ -81,7 +81,7 @@ def check_model(report, path: Path, args, rt_eval, data):
     if model is None or finite is None:
         return None
     model = model.to(rt_eval.device)
-    rt = Runtime(rt_eval.device, rt_eval.amp, ckpt.mean, ckpt.std, tta_flip=args.tta == "flip")
+    rt = dataclasses.replace(rt_eval, mean=ckpt.mean, std=ckpt.std)
     report.run(prefix + "forward pass", pf.check_forward, model, rt)
     report.run(prefix + "train step", pf.check_train_step, model, data, ckpt.mean, ckpt.std, rt.device)
     if data is None:
@@ -102,14 +102,15 @@ def check_model_and_memory(report, path: Path, args, rt_eval, data):
 
 
 def resolve_runtime(args):
-    """The device and the eval precision; a bad --device or --amp is a usage error (exit 2)."""
+    """How the models are evaluated, less the normalisation that each checkpoint brings; a bad --device
+    or --amp is a usage error (exit 2)."""
     from fashion_ft.engine import Runtime
     from fashion_ft.system import resolve_amp, resolve_device
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the device check reports a CPU fall-back (and why) itself
         device = resolve_device(args.device)
-    return Runtime(device, resolve_amp(args.amp, device), 0.0, 1.0)
+    return Runtime(device, resolve_amp(args.amp, device), mean=0.0, std=1.0, tta_flip=args.tta == "flip")
 
 
 def run_checks(args):

@@ -53,7 +53,7 @@ def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_
         try:
             return body()
         finally:
-            if sys.stdout is not None:
+            if sys.stdout is not None and not sys.stdout.closed:
                 sys.stdout.flush()  # a vanished reader shows up here, while it can still be handled
     except BrokenPipeError as exc:
         if not _stdout_gone():
