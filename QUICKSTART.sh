@@ -45,9 +45,11 @@ step "2/3: fine-tune"
 if [ "$smoke" = 1 ]; then
   out=result/smoke/mnist_cnn_finetuned.pt
   args=(--epochs 1 --limit-train 2048 --val-size 1000 --output "$out" --run-name quickstart_smoke --overwrite)
+  more=2  # the resume line below: one more epoch
 else
   out=result/mnist_cnn_finetuned.pt
   args=(--output "$out")
+  more=40
 fi
 "$PY" finetune_gpu.py "${args[@]}" "${extra[@]+"${extra[@]}"}" || fail "fine-tune"
 "$PY" test_model.py --model-path "$out" || fail "check of the fine-tuned model"
@@ -67,5 +69,5 @@ Next:
     python test_model.py --model-path $out --full                      # all 10,000 test images
     python finetune_gpu.py --model-path $out --lr 0.0005 --output result/round2/best.pt   # a second round
     python finetune_gpu.py --preset deep --output result/deep/best.pt     # the longest plan
-    python finetune_gpu.py --resume $(dirname "$out")/last.pt --epochs 40    # train a bit more
+    python finetune_gpu.py --resume $(dirname "$out")/last.pt --epochs $more    # train a bit more
 EOF

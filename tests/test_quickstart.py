@@ -1,12 +1,17 @@
 """QUICKSTART.sh as a user runs it, in a copy of the project (it writes result/ and logs_finetune/)."""
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO
+
+import finetune_gpu
+import test_model
 
 PROJECT_FILES = ("QUICKSTART.sh", "finetune_gpu.py", "test_model.py", "requirements.txt", "scripts", "fashion_ft",
                  "model")
@@ -50,6 +55,21 @@ def test_smoke_mode_runs_every_step(tmp_path, real_data_dir):
     assert "source .venv/bin/activate" not in result.stdout and f"python is {sys.prefix}/bin/python" in result.stdout
     assert (tmp_path / "result" / "smoke" / "mnist_cnn_finetuned.pt").is_file()
     assert (tmp_path / "logs_finetune" / "quickstart_smoke").is_dir()
+    check_next_commands(tmp_path, result.stdout, real_data_dir)
+
+
+def check_next_commands(cwd, stdout, data_dir):
+    """Every printed next command parses; the resume one (one more epoch) runs as printed."""
+    commands = [shlex.split(line.split("#")[0]) for line in stdout.split("Next:\n", 1)[1].splitlines() if line.strip()]
+    assert len(commands) == 4 and all(c[0] == "python" for c in commands)
+    for _, script, *args in commands:
+        parser = finetune_gpu.get_args_parser() if script == "finetune_gpu.py" else test_model.get_args_parser()
+        parser.parse_args(args)
+    resume = next(c for c in commands if "--resume" in c)
+    ran = subprocess.run([sys.executable, *resume[1:]], cwd=cwd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "FASHION_MNIST_DIR": str(data_dir)})
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert json.loads((cwd / "result" / "smoke" / "metrics.json").read_text())["history"][-1]["epoch"] == 2
 
 
 def test_stops_at_the_first_failure(tmp_path, real_data_dir):
