@@ -7,7 +7,7 @@ speed and memory.
     python test_model.py --model-path a.pt b.pt --full    # two models and their ensemble, all 10,000
     python test_model.py --json --require-gpu
 
-Exit codes: 0 every check passed, 1 a check failed, 2 bad usage.
+Exit codes: 0 every check passed, 1 a check failed, 2 bad usage, 130/143 interrupted (SIGINT/SIGTERM).
 """
 
 import argparse
