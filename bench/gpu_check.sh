@@ -132,7 +132,8 @@ report = {**machine(), "passed": all(s["status"] == "passed" for s in steps), "s
           "train_speedup": bench.get("train_speedup"), "eval_speedup": bench.get("eval_speedup"),
           "peak_gpu_mb": peak_gpu_mb(ft), "test_acc": ft.get("test_acc"),
           "torchrun": {"nproc_per_node": int(os.environ["GPU_CHECK_NPROC_USED"]),
-                       "world_size": ddp.get("world_size"), "test_acc": ddp.get("test_acc")}}
+                       "world_size": ddp.get("world_size"), "backend": ddp.get("backend"),
+                       "test_acc": ddp.get("test_acc")}}
 Path(os.environ["REPORT"]).write_text(json.dumps(report, indent=2) + "\n")
 print(json.dumps(report, indent=2))
 EOF

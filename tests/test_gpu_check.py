@@ -40,7 +40,8 @@ def test_a_failing_step_does_not_hide_the_others(tmp_path, small_data_dir):
     assert report["device"] == "cpu" and report["torch"] and report["amp_policy"] in ("bf16", "fp32")
     assert report["train_speedup"] > 0 and report["eval_speedup"] > 0
     assert 0 < report["test_acc"] <= 1 and report["peak_gpu_mb"] is None  # no GPU memory on the CPU
-    assert report["torchrun"] == {"nproc_per_node": 1, "world_size": 1, "test_acc": report["torchrun"]["test_acc"]}
+    assert report["torchrun"]["nproc_per_node"] == 1 and report["torchrun"]["world_size"] == 1
+    assert 0 < report["torchrun"]["test_acc"] <= 1
     assert "=== preflight: failed (exit 1)" in log and "FAILED: preflight" in log
     assert (tmp_path / "out" / "bench.json").is_file() and (tmp_path / "out" / "ft_metrics.json").is_file()
 
