@@ -37,9 +37,9 @@ SMALL = ("--val-size", "500", "--eval-batch-size", "500", "--device", "cpu", "--
 COMMON = (*SMALL, "--epochs", "2")
 
 
-def torchrun(*args, nproc=2, timeout=300):
+def torchrun(*args, nproc=2, timeout=300, env=None):
     return subprocess.run([*TORCHRUN, f"--nproc_per_node={nproc}", str(REPO / "finetune_gpu.py"), *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def history(run_folder: Path) -> dict:
@@ -395,9 +395,10 @@ def test_resuming_one_process_in_two_continues_the_lr_schedule(single_run, tmp_p
 def test_torchrun_with_one_process_runs_distributed(tmp_path, small_data_dir, dropout_free_checkpoint):
     result = torchrun("--model-path", dropout_free_checkpoint, "--data-dir", small_data_dir, "--batch-size", 64,
                       "--output", tmp_path / "run" / "best.pt", "--logdir", tmp_path / "tb",
-                      *SMALL, "--epochs", "1", nproc=1)
+                      *SMALL, "--epochs", "1", nproc=1, env={"TORCH_CPP_LOG_LEVEL": "INFO"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 1
+    assert "Reducer" in result.stderr  # c10d's log: DDP was built, so the process group was too
 
 
 def worker_pid(launcher_pid: int, rank: int) -> int | None:
