@@ -270,14 +270,14 @@ class ModelEma:
         self.updates += 1
 
     def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "updates": self.updates}
+        """AveragedModel's layout (names to tensors): last.pt files of either load into both."""
+        state = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        state["n_averaged"] = torch.tensor(self.updates, dtype=torch.long)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        if "n_averaged" in state:  # written by torch's AveragedModel (last.pt of earlier versions)
-            weights = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
-            state = {"module": weights, "updates": int(state["n_averaged"])}
-        self.module.load_state_dict(state["module"])
-        self.updates = int(state["updates"])
+        self.module.load_state_dict({k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"})
+        self.updates = int(state["n_averaged"])
 
 
 def make_ema(model: nn.Module, decay: float) -> ModelEma | None:

@@ -212,8 +212,10 @@ def test_model_ema_state_round_trips_and_reads_averaged_model_states():
         for p in model.parameters():
             p.add_(1.0)
     ema.update(model)
+    state = ema.state_dict()
+    assert all(torch.is_tensor(v) for v in state.values())  # what a last.pt's "ema" field must hold
     restored = ModelEma(tiny_model(), 0.5)
-    restored.load_state_dict(ema.state_dict())
+    restored.load_state_dict(state)
     assert restored.updates == 2
     for key, value in ema.module.state_dict().items():
         assert torch.equal(restored.module.state_dict()[key], value)
@@ -223,6 +225,7 @@ def test_model_ema_state_round_trips_and_reads_averaged_model_states():
     from_old.load_state_dict(old.state_dict())
     assert from_old.updates == 1
     assert torch.equal(from_old.module.state_dict()["classifier.2.weight"], model.state_dict()["classifier.2.weight"])
+    assert set(ema.state_dict()) == set(old.state_dict())  # and ours load into AveragedModel
 
 
 def test_gradient_clipping_leaves_the_clipped_norm():
