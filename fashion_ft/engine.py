@@ -263,7 +263,7 @@ class ModelEma:
                          [*model.parameters(), *model.buffers()], strict=True))
         floats = [(a, m.detach()) for a, m in pairs if a.is_floating_point()]
         copied = pairs if self.updates == 0 else [(a, m) for a, m in pairs if not a.is_floating_point()]
-        if self.updates and floats:  # one fused kernel per device and dtype, no host sync
+        if self.updates and floats:  # multi-tensor kernels on the device; the count stays on the host
             torch._foreach_lerp_([a for a, _ in floats], [m for _, m in floats], 1.0 - self.decay)
         for averaged, current in copied:
             averaged.copy_(current)
