@@ -199,12 +199,6 @@ def build_config(argv) -> tuple[Config, dict | None]:
     return resolve_output(cfg, explicit), resume_meta
 
 
-def error_prefix() -> str:
-    """Under torchrun every rank reports its own failure, so say which one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return f"error (rank {os.environ.get('RANK', '?')} of {world}): " if world > 1 else "error: "
-
-
 def main(argv=None) -> int:
     from fashion_ft import cli
     from fashion_ft.signals import SignalGuard
@@ -217,7 +211,7 @@ def main(argv=None) -> int:
         return 0
 
     with SignalGuard():  # from the first line: a signal during set-up is reported like one in training
-        return cli.run(body, debug="--debug" in (sys.argv[1:] if argv is None else argv), prefix=error_prefix)
+        return cli.run(body, debug="--debug" in (sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def error_prefix() -> str:
-    return "error: "
+    """Under torchrun every rank reports its own failure, so say which one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"error (rank {os.environ.get('RANK', '?')} of {world}): " if world > 1 else "error: "
 
 
 def _stdout_gone() -> bool:

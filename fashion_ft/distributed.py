@@ -71,6 +71,11 @@ def init(info: DistInfo, device: torch.device) -> None:
     tdist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT, **kwargs)
 
 
+def backend() -> str | None:
+    """The process group's backend (nccl, gloo), None without torchrun."""
+    return tdist.get_backend() if tdist.is_initialized() else None
+
+
 def shutdown() -> None:
     if tdist.is_initialized():
         tdist.destroy_process_group()

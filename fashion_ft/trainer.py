@@ -55,6 +55,7 @@ from .outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_ru
 from .signals import SignalGuard
 from .system import (
     AmpPolicy,
+    broken_cuda_reason,
     configure_backends,
     default_eval_batch_size,
     peak_gpu_mb,
@@ -233,6 +234,9 @@ def claim_outputs(cfg: Config, files: RunFiles, start: StartModel, stack: ExitSt
 def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: RunFiles, stack: ExitStack) -> "Run":
     """Everything checked, loaded and placed before the first step."""
     console = Console(cfg.quiet, info.is_main)
+    broken = broken_cuda_reason() if cfg.device == "auto" else None
+    if broken:  # hours on the CPU by mistake are worse than a clear stop
+        raise UserError(f"{broken}; to train on the CPU anyway, pass --device cpu")
     device = resolve_device(cfg.device, info.local_rank if info.enabled else None)
     if cfg.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn: needs CUDA (SyncBatchNorm has no CPU implementation)")
@@ -298,7 +302,8 @@ class Run:
         run = cls(cfg, ctx, rt, data, state, eval_model, lr, steps)
         run.summary = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(rt.device),
                        "amp": rt.amp.name, "world_size": info.world_size,
-                       "global_batch_size": cfg.batch_size * info.world_size, "split": ctx.split.to_dict()}
+                       "global_batch_size": cfg.batch_size * info.world_size, "backend": dist.backend(),
+                       "split": ctx.split.to_dict()}
         return run
 
     @property
@@ -465,6 +470,7 @@ def fine_tune(cfg: Config, resume_meta: dict | None = None) -> dict:
     info = dist.from_environment()
     files = RunFiles.for_output(cfg.output)
     with SignalGuard() as signals, ExitStack() as stack:
+        run = None
         try:
             run = prepare(cfg, resume_meta, info, files, stack)
             stack.callback(run.close)
@@ -476,6 +482,10 @@ def fine_tune(cfg: Config, resume_meta: dict | None = None) -> dict:
             raise
         except DivergenceError as exc:
             raise DivergenceError(f"{exc}; {kept_hint(files)}; try a lower --lr or --max-grad-norm 1.0") from None
+        except UserError as exc:  # a full disk while saving, say: what was saved before can go on
+            if run is None or isinstance(exc, UsageError):
+                raise
+            raise UserError(f"{exc}; {resume_hint(files)}") from None
         except Exception as exc:
             if not dist.is_peer_failure(exc):
                 raise
@@ -483,7 +493,9 @@ def fine_tune(cfg: Config, resume_meta: dict | None = None) -> dict:
 
 
 def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    """The first sentence: gloo and NCCL append paragraphs of advice to their messages."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line.split(". ")[0].rstrip(".")
 
 
 def kept_hint(files: RunFiles) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import REPO, run_script
 
 import finetune_gpu
 import test_model
@@ -72,11 +72,11 @@ def snapshot(folder):
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, trained_checkpoint):
-    """A folder with input.pt and an earlier run's existing/best.pt; the scripts run inside it."""
-    shutil.copy(trained_checkpoint, tmp_path / "input.pt")
+def workdir(tmp_path, monkeypatch):
+    """A folder with input.pt (the shipped model) and an earlier run's existing/best.pt; the scripts run inside it."""
+    shutil.copy(REPO / "model" / "mnist_cnn3.pt", tmp_path / "input.pt")
     (tmp_path / "existing").mkdir()
-    shutil.copy(trained_checkpoint, tmp_path / "existing" / "best.pt")
+    shutil.copy(REPO / "model" / "mnist_cnn3.pt", tmp_path / "existing" / "best.pt")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -117,6 +117,7 @@ def test_test_model_bad_input(case, workdir, small_data_dir, capsys):
     assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_nan_weights_are_refused_by_both_scripts(workdir, small_data_dir):
     ckpt = torch.load("input.pt", weights_only=True)
     ckpt["model"]["classifier.5.bias"][0] = float("nan")
@@ -130,6 +131,7 @@ def test_nan_weights_are_refused_by_both_scripts(workdir, small_data_dir):
     assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_newer_checkpoint_format_is_refused(workdir, small_data_dir):
     ckpt = torch.load("input.pt", weights_only=True)
     ckpt["format_version"] = 99
@@ -140,6 +142,7 @@ def test_newer_checkpoint_format_is_refused(workdir, small_data_dir):
     assert not (workdir / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_preset_may_not_change_a_fixed_field_on_resume(workdir, small_data_dir):
     first = run_script("finetune_gpu.py", "--model-path", "input.pt", "--data-dir", small_data_dir, "--output",
                        "run/best.pt", "--logdir", "tb", "--epochs", "1", "--limit-train", "256", "--val-size", "500",
