@@ -112,7 +112,7 @@ def open_writer(logdir: str) -> SafeWriter:
 def log_epoch(writer, epoch: int, row: dict) -> None:
     for tag, key in (("train/loss", "train_loss"), ("train/acc", "train_acc"), ("val/loss", "val_loss"),
                      ("val/acc", "val_acc"), ("lr", "lr"), ("throughput/train_images_per_s", "images_per_s"),
-                     ("time/epoch_s", "epoch_s")):
+                     ("time/epoch_s", "epoch_s"), ("memory/peak_gpu_mb", "peak_gpu_mb")):
         if row.get(key) is not None:
             writer.add_scalar(tag, row[key], epoch)
     writer.flush()

@@ -88,6 +88,16 @@ class Data:
 
 
 @dataclass
+class RunContext:
+    info: dist.DistInfo
+    console: Console
+    files: RunFiles
+    start: StartModel
+    split: Split
+    log_dir: object = None  # the TensorBoard run folder (rank 0)
+
+
+@dataclass
 class RunState:
     """Everything the epoch loop changes, and everything last.pt must restore."""
 
@@ -258,16 +268,6 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
     cfg = dataclasses.replace(cfg, split_seed=split.seed, val_size=split.val_size,
                               eval_batch_size=cfg.eval_batch_size or default_eval_batch_size(device))
     return Run.build(cfg, RunContext(info, console, files, start, split, log_dir), data, device, resume_meta)
-
-
-@dataclass
-class RunContext:
-    info: dist.DistInfo
-    console: Console
-    files: RunFiles
-    start: StartModel
-    split: Split
-    log_dir: object = None  # the TensorBoard run folder (rank 0)
 
 
 # ---------------------------------------------------------------- the run
