@@ -211,12 +211,14 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def choose_split(asked: Split, record: Split | None, source: str | None) -> tuple[Split, list[str]]:
+def choose_split(asked: Split, record: Split | None, source: str | None,
+                 labels: torch.Tensor | None = None) -> tuple[Split, list[str]]:
     """The split a run uses, and warnings when it may validate on its starting model's training images.
 
     `asked` holds the user's --split-seed / --val-size (None where not given) and the data's fingerprint;
     `record` is what the starting model `source` was trained with (None: unknown); `source` None: the run
-    starts from random weights, so any split is right.
+    starts from random weights, so any split is right. With the training `labels`, a split whose validation
+    images all lie in the recorded one (a smaller --val-size, same seed) is recognised as safe.
     """
     base = record or Split(*DEFAULT_SPLIT)
     chosen = Split(base.seed if asked.seed is None else asked.seed,
@@ -227,14 +229,22 @@ def choose_split(asked: Split, record: Split | None, source: str | None) -> tupl
     if record is None:
         return chosen, [f"{source} has no record of its validation split: {risk}; if you know the split it was "
                         "trained with, pass --split-seed and --val-size"]
-    warnings = []
-    if (chosen.seed, chosen.val_size) != (record.seed, record.val_size):
-        warnings.append(f"{source} was trained with {record.describe()}, this run uses {chosen.describe()}: "
-                        f"{risk}; drop --split-seed/--val-size to use its split")
     if record.fingerprint and asked.fingerprint and record.fingerprint != asked.fingerprint:
-        warnings.append(f"{source} was trained on other training files (fingerprint {record.fingerprint}, "
-                        f"these are {asked.fingerprint}): {risk}")
-    return chosen, warnings
+        return chosen, [f"{source} was trained on other training files (fingerprint {record.fingerprint}, "
+                        f"these are {asked.fingerprint}): {risk}"]
+    if (chosen.seed, chosen.val_size) != (record.seed, record.val_size) and not held_out(chosen, record, labels):
+        return chosen, [f"{source} was trained with {record.describe()}, this run uses {chosen.describe()}: "
+                        f"{risk}; drop --split-seed/--val-size to use its split"]
+    return chosen, []
+
+
+def held_out(chosen: Split, record: Split, labels: torch.Tensor | None) -> bool:
+    """Whether every validation image of `chosen` was also held out by `record` (on these labels)."""
+    if labels is None or max(chosen.val_size, record.val_size) >= len(labels):
+        return False
+    chosen_val = stratified_split(labels, chosen.val_size, chosen.seed)[1]
+    record_val = stratified_split(labels, record.val_size, record.seed)[1]
+    return bool(torch.isin(chosen_val, record_val).all())
 
 
 def split_indices(labels: torch.Tensor, split: Split, limit_train: int | None, seed: int):

@@ -170,7 +170,7 @@ def load_data(cfg: Config, start: StartModel, device, console: Console) -> tuple
     test_images, test_labels = load_split(cfg.data_dir, "test", cfg.download)
     asked = Split(cfg.split_seed, cfg.val_size, fingerprint(images, labels))
     source = None if cfg.from_scratch or cfg.resume else cfg.model_path
-    split, warnings = choose_split(asked, start.split, source)
+    split, warnings = choose_split(asked, start.split, source, labels)
     for warning in warnings:
         console.warn(warning)
     train_idx, val_idx = split_indices(labels, split, cfg.limit_train, cfg.seed)

@@ -10,8 +10,6 @@ from conftest import SMALL_RUN, run_script
 
 from fashion_ft.data import Split, choose_split
 
-pytestmark = pytest.mark.slow
-
 
 def finetune(tmp_path, data_dir, model_path, *args, name="run"):
     out = tmp_path / name
@@ -25,6 +23,7 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_beat_its_input_keeps_the_input(tmp_path, small_data_dir, trained_checkpoint):
     # a learning rate this large wrecks the weights in one epoch: no epoch can beat the starting model
     result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 2, "--lr", 0.1)
@@ -45,6 +44,7 @@ def test_a_run_that_cannot_beat_its_input_keeps_the_input(tmp_path, small_data_d
     assert accuracy[0] == accuracy[1] == pytest.approx(metrics["test_acc"])
 
 
+@pytest.mark.slow
 def test_the_training_seed_does_not_move_the_validation_split(tmp_path, small_data_dir, trained_checkpoint):
     epoch0 = []
     for seed in (42, 7):
@@ -56,6 +56,7 @@ def test_the_training_seed_does_not_move_the_validation_split(tmp_path, small_da
     assert epoch0[0] == epoch0[1]
 
 
+@pytest.mark.slow
 def test_another_split_or_no_record_warns(tmp_path, small_data_dir, trained_checkpoint):
     other, _ = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--split-seed", 7, name="a")
     assert other.returncode == 0, other.stderr
@@ -78,6 +79,15 @@ def test_choose_split_prefers_the_record_then_the_user():
     assert choose_split(Split(None, None, "f"), None, None) == (Split(42, 5000, "f"), [])
 
 
+def test_a_smaller_validation_set_inside_the_recorded_one_is_safe():
+    labels = torch.arange(10).repeat(600)
+    record = Split(42, 5000, "f")
+    assert choose_split(Split(None, 1000, "f"), record, "m.pt", labels) == (Split(42, 1000, "f"), [])
+    _, warnings = choose_split(Split(7, 1000, "f"), record, "m.pt", labels)  # another seed: other images
+    assert len(warnings) == 1
+
+
+@pytest.mark.slow
 def test_second_round_as_the_specification_writes_it(tmp_path, small_data_dir, trained_checkpoint):
     """`--model-path=result/mnist_cnn_finetuned.pt` with the default output: the run moves aside."""
     (tmp_path / "result").mkdir()
