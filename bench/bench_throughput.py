@@ -50,7 +50,15 @@ from fashion_ft.data import (
     read_split,
     write_idx,
 )
-from fashion_ft.engine import Runtime, TrainStep, build_optimizer, build_schedulers, evaluate, train_one_epoch
+from fashion_ft.engine import (
+    Runtime,
+    TrainData,
+    TrainStep,
+    build_optimizer,
+    build_schedulers,
+    evaluate,
+    train_one_epoch,
+)
 from fashion_ft.model import ARCHS, INPUT_SHAPE, build_model, count_parameters
 from fashion_ft.system import (
     AMP_MODES,
@@ -277,9 +285,9 @@ class Ours:
         """train_one_epoch itself (the trainer's hot loop, its periodic syncs included), stopped after `steps`."""
         b = self.bench
         self.step.model.train()
-        result = train_one_epoch(self.step, data, AUGMENT_PRESETS[aug_name], b.batch_size, seed=0,
-                                 epoch=next(self.epochs), rt=b.rt, on_sync=lambda done, total, loss: done >= steps,
-                                 sync_every=min(25, steps))
+        plan = TrainData(data, AUGMENT_PRESETS[aug_name], b.batch_size, seed=0, sync_every=min(25, steps))
+        result = train_one_epoch(self.step, plan, next(self.epochs), b.rt,
+                                 on_sync=lambda done, total, loss: done >= steps)
         return result["images"], result["images"] // b.batch_size
 
     def fixed_batch(self, x, y, steps: int):

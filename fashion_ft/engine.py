@@ -348,9 +348,20 @@ def check_finite_loss(mean_loss: torch.Tensor, epoch: int, step: int, rank: int)
     return losses[rank]
 
 
-def train_one_epoch(step: TrainStep, data: DeviceData, aug: AugmentConfig, batch_size: int,
-                    seed: int, epoch: int, rt: Runtime, on_sync=None, sync_every: int = 25) -> dict:
+@dataclass(frozen=True)
+class TrainData:
+    """What every epoch of a run draws its batches from."""
+
+    data: DeviceData
+    aug: AugmentConfig | None
+    batch_size: int
+    seed: int
+    sync_every: int = 25  # steps between host syncs (progress, the stop flag, the finite-loss check)
+
+
+def train_one_epoch(step: TrainStep, train: TrainData, epoch: int, rt: Runtime, on_sync=None) -> dict:
     """One pass over this rank's shard. on_sync(done, total, loss) may return True to stop early."""
+    data, aug, batch_size, seed, sync_every = train.data, train.aug, train.batch_size, train.seed, train.sync_every
     torch.manual_seed(epoch_seed(seed, epoch, rt.rank))
     gen = torch.Generator(device=rt.device).manual_seed(epoch_seed(seed, epoch, rt.rank))
     shard = rank_shard(epoch_permutation(len(data), seed, epoch, rt.device), rt.rank, rt.world_size)

@@ -37,6 +37,7 @@ from .data import (
 from .engine import (
     EarlyStopping,
     Runtime,
+    TrainData,
     TrainStep,
     apply_freezing,
     build_optimizer,
@@ -310,6 +311,10 @@ class Run:
     def is_main(self) -> bool:
         return self.ctx.info.is_main
 
+    @property
+    def train_data(self) -> TrainData:
+        return TrainData(self.data.train, AUGMENT_PRESETS[self.cfg.augment], self.cfg.batch_size, self.cfg.seed)
+
     def begin(self) -> None:
         """Say what will run, open the log and (fine-tuning) validate the starting model as epoch 0."""
         console = self.ctx.console
@@ -346,8 +351,7 @@ class Run:
                 reset_peak_memory(self.rt.device)
                 start = time.perf_counter()
                 with self.ctx.console.progress_bar(epoch, cfg.epochs, self.steps_per_epoch) as bar:
-                    result = train_one_epoch(state.step, self.data.train, AUGMENT_PRESETS[cfg.augment],
-                                             cfg.batch_size, cfg.seed, epoch, self.rt, self.on_sync(bar, received))
+                    result = train_one_epoch(state.step, self.train_data, epoch, self.rt, self.on_sync(bar, received))
                 seconds = time.perf_counter() - start
                 if not result["stopped"]:  # else the unfinished epoch is dropped
                     self.record({"epoch": epoch, "train_loss": result["loss"], "train_acc": result["acc"], "lr": lr,

@@ -135,7 +135,7 @@ def test_signal_saves_and_exits_quickly(tmp_path, small_data_dir, trained_checkp
     argv = [a for a in args_for(small_data_dir, trained_checkpoint, out, "--epochs", 50) if a != "--quiet"]
     exit_code, stderr, seconds = start_and_signal(argv, "epoch   1", signum)
     assert exit_code == code, stderr
-    assert seconds < 10
+    assert seconds < 30  # the flag is polled within an epoch of 16 steps, even on a loaded machine
     assert "Traceback" not in stderr and f"--resume {out / 'last.pt'}" in stderr
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["epoch"] >= 1
