@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 
 from fashion_ft.config import (
+    FINETUNE_WARMUP_EPOCHS,
     METRICS,
     OPTIMIZERS,
     PRESETS,
     RESUME_FIXED_FIELDS,
     SCHEDULERS,
     Config,
+    resolve_defaults,
     resume_differences,
     validate,
 )
@@ -67,7 +69,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="unset: 0.01 for adamw, 5e-4 for sgd; never on biases or BatchNorm")
     g.add_argument("--epochs", type=int, default=d.epochs, help="at most this many epochs (early stopping may end sooner)")
     g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler, help="LR schedule over the run")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear LR warm-up")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                   help=f"linear LR warm-up; unset: {FINETUNE_WARMUP_EPOCHS:g} when fine-tuning, 0 with --from-scratch "
+                        "or onecycle")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="cosine: the final LR")
     g.add_argument("--step-size", type=int, default=d.step_size, help="step: epochs between decays")
     g.add_argument("--step-gamma", type=float, default=d.step_gamma, help="step: decay factor")
@@ -192,7 +196,7 @@ def build_config(argv) -> tuple[Config, dict | None]:
     if args.preset and (not args.resume or "preset" in explicit):
         values.update(PRESETS[args.preset])
     values.update({k: getattr(args, k) for k in explicit})
-    cfg = Config(**values)
+    cfg = resolve_defaults(Config(**values))
     if resume_meta is not None:
         check_resume(resume_meta["config"], cfg, explicit)
     validate(cfg)

@@ -11,6 +11,9 @@ from .errors import UsageError
 
 SEED_LIMIT = 2**32  # torch generators take 64 bits; the per-epoch seeds are derived by multiplication
 METRICS = ("val_acc", "val_loss")
+# Measured on the light plan (bench/results/warmup.md): the first steps of AdamW at the full LR move every
+# weight by about the LR and cost the starting model's accuracy; a short linear warm-up softens that.
+FINETUNE_WARMUP_EPOCHS = 0.5
 SCHEDULERS = ("cosine", "step", "plateau", "onecycle", "exponential", "none")
 OPTIMIZERS = ("adamw", "sgd")
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 5e-4}
@@ -40,7 +43,7 @@ class Config:
     weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY of the optimizer
     epochs: int = 30
     scheduler: str = "cosine"
-    warmup_epochs: float = 0.0
+    warmup_epochs: float | None = None  # None: FINETUNE_WARMUP_EPOCHS when fine-tuning, else 0 (resolve_defaults)
     min_lr: float = 1e-6
     step_size: int = 10
     step_gamma: float = 0.1
@@ -120,6 +123,15 @@ def resume_differences(saved: dict, current: "Config", explicit: set) -> list[st
         if old != new:
             diffs.append(f"--{name.replace('_', '-')} {old} -> {new}")
     return diffs
+
+
+def resolve_defaults(cfg: Config) -> Config:
+    """Defaults that depend on the run: the warm-up only for fine-tuning (random weights have nothing to
+    lose, and onecycle warms up by itself), and never as long as the run."""
+    if cfg.warmup_epochs is not None:
+        return cfg
+    warm = cfg.from_scratch or cfg.scheduler == "onecycle" or cfg.epochs <= FINETUNE_WARMUP_EPOCHS
+    return dataclasses.replace(cfg, warmup_epochs=0.0 if warm else FINETUNE_WARMUP_EPOCHS)
 
 
 def _require(ok: bool, flag: str, message: str) -> None:

@@ -94,7 +94,7 @@ LR_CASES = {
 @pytest.mark.parametrize("scheduler", list(LR_CASES))
 def test_every_scheduler_runs_with_the_expected_lr_curve(tmp_path, small_data_dir, trained_checkpoint, scheduler):
     result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 4, "--scheduler", scheduler,
-                           "--patience", 10, "--limit-train", 256, *LR_CASES[scheduler])
+                           "--patience", 10, "--limit-train", 256, "--warmup-epochs", 0, *LR_CASES[scheduler])
     assert result.returncode == 0, result.stderr
     lrs = [row["lr"] for row in load(out / "last.pt")["history"][1:]]  # the LR each epoch started with
     assert len(lrs) == 4
@@ -231,7 +231,7 @@ def test_memory_layout_does_not_change_the_numbers(tmp_path, small_data_dir, tra
 
 def test_a_new_lr_on_resume_keeps_its_place_in_the_cosine_schedule(tmp_path, small_data_dir, trained_checkpoint):
     result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 2, "--limit-train", 256,
-                           "--min-lr", 0)
+                           "--min-lr", 0, "--warmup-epochs", 0)
     assert result.returncode == 0, result.stderr
     more = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 4, "--lr", 0.002,
                       "--override-resume", "--quiet")
@@ -247,7 +247,7 @@ def test_scale_lr_multiplies_by_the_number_of_processes(tmp_path, small_data_dir
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "finetune_gpu.py"), "--model-path", trained_checkpoint, "--data-dir", small_data_dir,
            "--output", out / "best.pt", "--logdir", tmp_path / "tb", "--limit-train", 512, "--epochs", 1,
-           "--scale-lr", "--scheduler", "none", *SMALL_RUN]
+           "--scale-lr", "--scheduler", "none", "--warmup-epochs", "0", *SMALL_RUN]
     result = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr

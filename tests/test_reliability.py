@@ -97,7 +97,7 @@ def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, small_data_
 def test_resume_refuses_changed_hyperparameters_unless_overridden(tmp_path, small_data_dir, trained_checkpoint):
     out = tmp_path / "run"
     assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, out, "--epochs", 1,
-                                                   "--scheduler", "none")).returncode == 0
+                                                   "--scheduler", "none", "--warmup-epochs", 0)).returncode == 0
     before = (out / "last.pt").read_bytes()
     refused = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--lr", 0.01)
     assert refused.returncode == 2 and "--lr 0.001 -> 0.01" in refused.stderr

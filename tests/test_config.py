@@ -1,0 +1,14 @@
+"""Defaults that depend on the run, resolved once from the command line."""
+
+import pytest
+
+import finetune_gpu
+from fashion_ft.config import FINETUNE_WARMUP_EPOCHS
+
+
+@pytest.mark.parametrize("argv, warmup", [
+    ([], FINETUNE_WARMUP_EPOCHS), (["--from-scratch"], 0.0), (["--scheduler", "onecycle"], 0.0),
+    (["--warmup-epochs", "2"], 2.0), (["--epochs", "1"], FINETUNE_WARMUP_EPOCHS)])
+def test_warmup_is_a_fine_tuning_default(argv, warmup):
+    cfg, _ = finetune_gpu.build_config(argv)
+    assert cfg.warmup_epochs == warmup
