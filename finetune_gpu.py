@@ -33,13 +33,18 @@ DEFAULTS = Config()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from fashion_ft.data import AUGMENT_PRESETS
-    from fashion_ft.model import ARCHS
-    from fashion_ft.system import AMP_MODES
-
     p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = DEFAULTS
+    for add_group in (model_and_data_flags, optimisation_flags, selection_and_output_flags, hardware_flags):
+        add_group(p, DEFAULTS)
+    return p
+
+
+def model_and_data_flags(p: argparse.ArgumentParser, d: Config) -> None:
+    """What to start from and what to train on."""
+    from fashion_ft.data import AUGMENT_PRESETS
+    from fashion_ft.model import ARCHS
+
     g = p.add_argument_group("model")
     g.add_argument("--model-path", default=d.model_path, help="pretrained checkpoint to start from")
     g.add_argument("--from-scratch", action="store_true", help="start from random weights (--arch) instead")
@@ -56,6 +61,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit-train", type=int, default=d.limit_train, help="use only N training images (smoke runs)")
     g.add_argument("--augment", choices=list(AUGMENT_PRESETS), default=d.augment,
                    help="light: rotation ±10°; strong: + shifts, horizontal flips, random erasing")
+
+
+def optimisation_flags(p: argparse.ArgumentParser, d: Config) -> None:
+    """The plan, the optimizer, the schedule and the regularisation."""
     g = p.add_argument_group("optimisation")
     presets = "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in vals.items()) for k, vals in PRESETS.items())
     g.add_argument("--preset", choices=list(PRESETS), default=d.preset,
@@ -85,6 +94,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip gradients to this norm")
     g.add_argument("--freeze-conv", action="store_true", help="train only the FC head (conv + its BN frozen)")
     g.add_argument("--freeze-bn", action="store_true", help="freeze BatchNorm weights and running statistics")
+
+
+def selection_and_output_flags(p: argparse.ArgumentParser, d: Config) -> None:
+    """How the best model is chosen and where the results go."""
     g = p.add_argument_group("model selection and early stopping (validation split only)")
     g.add_argument("--select", choices=METRICS, default=d.select, help="validation metric that picks the best model")
     g.add_argument("--monitor", choices=METRICS, default=d.monitor,
@@ -103,6 +116,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--override-resume", action="store_true", help="allow changed hyperparameters on --resume")
     g.add_argument("--logdir", default=d.logdir, help="TensorBoard folder")
     g.add_argument("--run-name", default=d.run_name, help="TensorBoard run folder; unset: time, plan, optimizer, lr and batch size")
+
+
+def hardware_flags(p: argparse.ArgumentParser, d: Config) -> None:
+    """Where and how the numbers are computed, and what is printed."""
+    from fashion_ft.system import AMP_MODES
+
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--amp", choices=AMP_MODES, default=d.amp,
@@ -118,7 +137,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("console")
     g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p
 
 
 def explicit_flags(argv) -> set[str]:
