@@ -279,7 +279,8 @@ def test_results_table_is_the_measured_one(lang):
 
 def measured_text() -> str:
     """Everything a figure may be quoted from: the model card, the results table and the raw logs."""
-    files = [REPO / "model" / "README.md", RESULTS / "results.md", *sorted((RESULTS / "logs").glob("*.log"))]
+    files = [REPO / "model" / "README.md", RESULTS / "results.md", *sorted((RESULTS / "logs").glob("*.log")),
+             RESULTS / "before-warmup" / "results.md", *sorted((RESULTS / "before-warmup" / "logs").glob("*.log"))]
     return "\n".join(read(f) for f in files)
 
 
