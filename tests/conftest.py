@@ -53,3 +53,29 @@ def trained_checkpoint(tmp_path_factory, small_data_dir) -> Path:
     )
     assert result.returncode == 0, result.stderr
     return out / "model.pt"
+
+
+@pytest.fixture
+def broken_cuda(monkeypatch):
+    """An NVIDIA GPU (/dev/nvidia0) whose driver is older than torch's CUDA: torch sees no GPU."""
+    import torch
+
+    from fashion_ft import system
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(system, "nvidia_gpu_evidence", lambda: "/dev/nvidia0")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+
+    def init():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nPlease update")
+
+    monkeypatch.setattr(torch.cuda, "init", init)
+
+
+def finetune(tmp_path, data_dir, model_path, *args, name="run", limit_train=1024):
+    """Run finetune_gpu.py on a small subset into tmp_path/name; returns (result, output folder)."""
+    out = tmp_path / name
+    result = run_script("finetune_gpu.py", "--model-path", model_path, "--data-dir", data_dir,
+                        "--output", out / "best.pt", "--logdir", tmp_path / "tb", "--limit-train", limit_train,
+                        *SMALL_RUN, *args)
+    return result, out

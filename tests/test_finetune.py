@@ -8,21 +8,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, SMALL_RUN, run_script
+from conftest import REPO, SMALL_RUN, finetune, run_script
 
 from fashion_ft.config import Config
 from fashion_ft.engine import lr_multiplier
 
 pytestmark = pytest.mark.slow  # every test here runs finetune_gpu.py
-
-
-def finetune(tmp_path, data_dir, model_path, *args, name="run"):
-    """Run finetune_gpu.py into tmp_path/name; returns (result, output folder)."""
-    out = tmp_path / name
-    result = run_script("finetune_gpu.py", "--model-path", model_path, "--data-dir", data_dir,
-                        "--output", out / "best.pt", "--logdir", tmp_path / "tb", "--limit-train", 1024,
-                        *SMALL_RUN, *args)
-    return result, out
 
 
 def load(path):

@@ -7,16 +7,13 @@ import shutil
 import pytest
 import torch
 from conftest import SMALL_RUN, run_script
+from conftest import finetune as conftest_finetune
 
 from fashion_ft.data import Split, choose_split
 
 
-def finetune(tmp_path, data_dir, model_path, *args, name="run"):
-    out = tmp_path / name
-    result = run_script("finetune_gpu.py", "--model-path", model_path, "--data-dir", data_dir,
-                        "--output", out / "best.pt", "--logdir", tmp_path / "tb", "--limit-train", 256,
-                        *SMALL_RUN, *args)
-    return result, out
+def finetune(*args, **kwargs):
+    return conftest_finetune(*args, limit_train=256, **kwargs)
 
 
 def load(path):

@@ -186,26 +186,13 @@ def test_auto_without_a_gpu_warns_and_uses_the_cpu(no_gpu):
 # ---------------------------------------------------------------- an NVIDIA GPU that CUDA cannot use
 
 
-@pytest.fixture
-def broken_gpu(monkeypatch):
-    """/dev/nvidia0 is there, but the driver is older than torch's CUDA."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(system, "nvidia_gpu_evidence", lambda: "/dev/nvidia0")
-    monkeypatch.setattr(torch.version, "cuda", "12.8")
-
-    def init():
-        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nPlease update")
-
-    monkeypatch.setattr(torch.cuda, "init", init)
-
-
-def test_broken_cuda_is_explained(broken_gpu):
+def test_broken_cuda_is_explained(broken_cuda):
     reason = system.broken_cuda_reason()
     assert reason.startswith("an NVIDIA GPU is present (/dev/nvidia0) but CUDA does not work in torch")
     assert "driver on your system is too old" in reason and "\n" not in reason
 
 
-def test_cpu_only_build_on_a_gpu_machine(broken_gpu, monkeypatch):
+def test_cpu_only_build_on_a_gpu_machine(broken_cuda, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     assert "is a CPU-only build" in system.broken_cuda_reason()
 
@@ -214,7 +201,7 @@ def test_no_nvidia_gpu_is_not_broken_cuda(no_gpu):
     assert system.broken_cuda_reason() is None
 
 
-def test_broken_cuda_is_named_when_falling_back_or_refusing(broken_gpu):
+def test_broken_cuda_is_named_when_falling_back_or_refusing(broken_cuda):
     with pytest.warns(UserWarning, match="driver on your system is too old.*running on the CPU"):
         system.resolve_device("auto")
     with pytest.raises(UsageError, match="--device cuda: an NVIDIA GPU is present"):

@@ -343,25 +343,12 @@ def test_report_json_is_strict():
 # ---------------------------------------------------------------- the GPU and the training step
 
 
-@pytest.fixture
-def driver_mismatch(monkeypatch):
-    """An NVIDIA GPU (/dev/nvidia0) whose driver is older than torch's CUDA: torch sees no GPU."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(system, "nvidia_gpu_evidence", lambda: "/dev/nvidia0")
-    monkeypatch.setattr(torch.version, "cuda", "12.8")
-
-    def init():
-        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).")
-
-    monkeypatch.setattr(torch.cuda, "init", init)
-
-
 def call_main(*args, capsys):
     code = test_model.main([str(a) for a in args])
     return Result(code, *capsys.readouterr())
 
 
-def test_gpu_without_working_cuda_fails_instead_of_passing_on_the_cpu(driver_mismatch, tmp_path, small_data_dir,
+def test_gpu_without_working_cuda_fails_instead_of_passing_on_the_cpu(broken_cuda, tmp_path, small_data_dir,
                                                                      capsys):
     result = call_main("--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir", small_data_dir,
                        "--batches", "1", "--batch-size", "64", "--min-accuracy", "0", capsys=capsys)
@@ -372,7 +359,7 @@ def test_gpu_without_working_cuda_fails_instead_of_passing_on_the_cpu(driver_mis
     assert "checks passed" not in result.stdout and "Traceback" not in result.stderr
 
 
-def test_gpu_without_working_cuda_still_checks_on_an_explicit_cpu(driver_mismatch, tmp_path, small_data_dir, capsys):
+def test_gpu_without_working_cuda_still_checks_on_an_explicit_cpu(broken_cuda, tmp_path, small_data_dir, capsys):
     result = call_main("--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir", small_data_dir, *QUICK,
                        "--min-accuracy", "0", capsys=capsys)
     assert result.returncode == 0, result.stdout
