@@ -13,13 +13,21 @@ import statistics
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import distributed as dist
 from . import tblog
-from .checkpoint import load_checkpoint, make_checkpoint, nonfinite_tensors, save_checkpoint, save_json
+from .checkpoint import (
+    LoadedCheckpoint,
+    load_checkpoint,
+    make_checkpoint,
+    nonfinite_tensors,
+    save_checkpoint,
+    save_json,
+)
 from .config import Config
 from .console import Console, epoch_line, setup_lines, summary_lines
 from .data import (
@@ -83,6 +91,8 @@ class StartModel:
 
 @dataclass
 class Data:
+    """The three splits, on the training device."""
+
     train: DeviceData
     val: DeviceData
     test: DeviceData
@@ -90,12 +100,14 @@ class Data:
 
 @dataclass
 class RunContext:
+    """What a run knows of its surroundings: its process, console, files, starting model and split."""
+
     info: dist.DistInfo
     console: Console
     files: RunFiles
     start: StartModel
     split: Split
-    log_dir: object = None  # the TensorBoard run folder (rank 0)
+    log_dir: Path | None = None  # the TensorBoard run folder (rank 0)
 
 
 @dataclass
@@ -150,16 +162,15 @@ def load_start_model(cfg: Config, resume_meta: dict | None) -> StartModel:
     if bad:
         raise UserError(f"{cfg.model_path} has NaN/Inf weights in {', '.join(bad[:3])}")
     return StartModel(ckpt.build(), ckpt.arch, ckpt.arch_kwargs, ckpt.mean, ckpt.std,
-                      split_record(ckpt.meta), f"{cfg.model_path} ({ckpt.source_format}, arch {ckpt.arch})")
+                      split_record(ckpt), f"{cfg.model_path} ({ckpt.source_format}, arch {ckpt.arch})")
 
 
-def split_record(meta: dict) -> Split | None:
+def split_record(ckpt: LoadedCheckpoint) -> Split | None:
     """The split a checkpoint was trained with. Files written before the split had its own record
     drew it from their --seed and --val-size, which their config keeps."""
-    if isinstance(meta.get("split"), dict):
-        s = meta["split"]
-        return Split(int(s["seed"]), int(s["val_size"]), s.get("fingerprint"))
-    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    if ckpt.split is not None:
+        return Split(ckpt.split["seed"], ckpt.split["val_size"], ckpt.split.get("fingerprint"))
+    config = ckpt.meta.get("config") if isinstance(ckpt.meta.get("config"), dict) else {}
     if isinstance(config.get("seed"), int) and isinstance(config.get("val_size"), int):
         return Split(config["seed"], config["val_size"])
     return None
