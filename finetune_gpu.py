@@ -170,13 +170,6 @@ def check_resume(saved: dict, cfg: Config, explicit: set) -> None:
                          "(pass --override-resume to accept)")
 
 
-def same_file(a: str, b: str) -> bool:
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except (OSError, RuntimeError):  # a symlink loop: the output checks name it
-        return False
-
-
 def free_output(output: str) -> str:
     """result/x.pt -> result/round2/x.pt (or round3, ...): the first folder holding no run's files."""
     path = Path(output)
@@ -190,7 +183,10 @@ def free_output(output: str) -> str:
 def resolve_output(cfg: Config, explicit: set) -> Config:
     """A second round started from the default output (the specification's multi-round workflow) writes
     to the next free round folder instead; an explicit --output may never be the input."""
-    if cfg.from_scratch or cfg.resume or not same_file(cfg.model_path, cfg.output):
+    from fashion_ft.outputs import resolve_path, same_file
+
+    if cfg.from_scratch or cfg.resume or not same_file(resolve_path(Path(cfg.model_path), "--model-path"),
+                                                        resolve_path(Path(cfg.output), "--output")):
         return cfg
     if "output" in explicit:
         raise UsageError(f"--output {cfg.output} is the --model-path input; choose another path, "

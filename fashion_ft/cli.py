@@ -37,11 +37,11 @@ def _stdout_gone() -> bool:
         return False
 
 
-def _silence_stdout() -> None:
-    # As Python's documentation on SIGPIPE advises: point stdout at devnull so that the interpreter's
-    # own flush at exit does not fail a second time with a traceback.
+def silence(stream=None) -> None:
+    """Point a stream whose reader went away at devnull, as Python's documentation on SIGPIPE advises,
+    so that the interpreter's own flush at exit does not fail a second time with a traceback."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, (stream or sys.stdout).fileno())
 
 
 def _first_line(exc: BaseException) -> str:
@@ -60,7 +60,7 @@ def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_
     except BrokenPipeError as exc:
         if not _stdout_gone():
             return _unexpected(exc, debug, prefix)
-        _silence_stdout()
+        silence()
         return 1
     except UserError as exc:
         if debug:

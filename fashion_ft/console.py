@@ -4,11 +4,12 @@ Rank 0 alone prints. A console that goes away (`finetune_gpu.py ... | head -1`) 
 training: the first broken pipe turns printing off and the run goes on writing its files.
 """
 
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
+
+from .cli import silence
 
 
 @dataclass
@@ -25,8 +26,7 @@ class Console:
             print(text, file=stream, flush=True)
         except BrokenPipeError:
             self.alive = False
-            # Python would report the broken pipe again when it flushes stdout at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            silence(stream)
 
     def print(self, text: str) -> None:
         if not self.quiet:
