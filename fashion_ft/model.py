@@ -1,10 +1,10 @@
-"""The CNN and the arch registry: a name maps to a constructor and its default kwargs.
+"""The CNNs and the arch registry: a name maps to a constructor and its default kwargs.
 
 Checkpoints store `arch` + `arch_kwargs`, so a model is rebuilt from the file alone (as nanoGPT
 does with its model args).
 """
 
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +49,75 @@ class CNN3(nn.Module):
         return self.classifier(self.features(x))
 
 
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut, ReLU after the add (He et al. 2016).
+
+    The shortcut is a 1x1 conv + BN wherever the shape changes ("option B"), else the identity.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """The CIFAR ResNet of He et al. 2016 for 1x28x28 input: a 3x3 stem, one stage of `blocks` BasicBlocks
+    per width (each stage after the first halves the side: 28 -> 14 -> 7), global average pooling, a
+    linear head. The defaults are ResNet-20 (6 * blocks + 2 layers).
+
+    `features` holds everything `--freeze-conv` freezes; `classifier` is the head that stays trainable.
+    Stages are named `stage1`, `stage2`, ... so that a bare state_dict tells its widths and depth.
+    """
+
+    def __init__(self, widths=(16, 32, 64), blocks=3, num_classes=NUM_CLASSES):
+        super().__init__()
+        if not widths or blocks < 1:
+            raise ValueError(f"a ResNet needs at least one width and one block per stage, got {widths}, {blocks}")
+        layers = OrderedDict(stem=nn.Sequential(
+            nn.Conv2d(INPUT_SHAPE[0], widths[0], kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        ))
+        in_ch = widths[0]
+        for i, out_ch in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            layers[f"stage{i + 1}"] = nn.Sequential(
+                *(BasicBlock(in_ch if b == 0 else out_ch, out_ch, stride if b == 0 else 1) for b in range(blocks))
+            )
+            in_ch = out_ch
+        layers["pool"] = nn.AdaptiveAvgPool2d(1)
+        layers["flatten"] = nn.Flatten()
+        self.features = nn.Sequential(layers)
+        self.classifier = nn.Sequential(nn.Linear(in_ch, num_classes))
+        self._init_weights()
+
+    def _init_weights(self):
+        # torchvision's ResNet init; the last BN of each branch keeps gamma 1 (zero-init not measured here)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     build: Callable[..., nn.Module]
@@ -57,6 +126,7 @@ class ArchSpec:
 
 ARCHS = {
     "cnn3": ArchSpec(CNN3, {"channels": [48, 96, 192], "hidden": 384, "dropout": 0.3, "num_classes": NUM_CLASSES}),
+    "resnet": ArchSpec(ResNet, {"widths": [16, 32, 64], "blocks": 3, "num_classes": NUM_CLASSES}),
 }
 
 
@@ -111,7 +181,37 @@ def _cnn3_kwargs_from_shapes(shapes: dict) -> dict | None:
     return {"channels": channels, "hidden": hidden, "num_classes": num_classes}
 
 
-KWARGS_FROM_SHAPES = {"cnn3": _cnn3_kwargs_from_shapes}
+def _resnet_kwargs_from_shapes(shapes: dict) -> dict | None:
+    """Read widths, blocks per stage and class count of a ResNet off its state_dict, or None.
+
+    A stage's width is the majority vote of every conv and BatchNorm tensor in it (the stem counts for
+    the first stage) and the depth the majority over the stages, so that one damaged tensor is reported
+    by name instead of hiding the whole architecture.
+    """
+    stage_keys: dict[int, list[str]] = {}
+    for key in shapes:
+        parts = key.split(".")
+        if len(parts) > 2 and parts[0] == "features" and parts[1].startswith("stage") and parts[1][5:].isdigit():
+            stage_keys.setdefault(int(parts[1][5:]), []).append(key)
+    stem = [k for k in shapes if k.startswith("features.stem.")]
+    head = [k for k in shapes if k.startswith("classifier.") and k.endswith(".weight") and len(shapes[k]) == 2]
+    if not stem or not stage_keys or sorted(stage_keys) != list(range(1, len(stage_keys) + 1)) or not head:
+        return None
+
+    def out_channels(keys):  # dim 0 of conv weights and BatchNorm vectors; num_batches_tracked has none
+        return [shapes[k][0] for k in keys if len(shapes[k]) in (1, 4)]
+
+    widths = [_most_common(out_channels(stage_keys[i] + (stem if i == 1 else [])))
+              for i in sorted(stage_keys)]
+    blocks = _most_common([len({k.split(".")[2] for k in keys}) for keys in stage_keys.values()])
+    last_weight = head[-1]
+    # read, not assumed: a head for another class count must be reported as such, not as a damaged tensor
+    bias = last_weight[: -len("weight")] + "bias"
+    num_classes = _most_common([shapes[last_weight][0], *out_channels([bias] if bias in shapes else [])])
+    return {"widths": widths, "blocks": blocks, "num_classes": num_classes}
+
+
+KWARGS_FROM_SHAPES = {"cnn3": _cnn3_kwargs_from_shapes, "resnet": _resnet_kwargs_from_shapes}
 
 
 def shape_mismatches(model: nn.Module, state_dict: dict) -> list[str]:
@@ -181,3 +281,29 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def flops_per_image(model: nn.Module) -> int:
+    """Multiply-accumulates of the Conv2d and Linear layers for one 1x28x28 image (1 MAC = 2 FLOP),
+    counted with forward hooks on a zero input, so any arch built from those layers is counted."""
+    counts = []
+
+    def count(module, inputs, output):
+        if isinstance(module, nn.Conv2d):  # every output value sums in_ch/groups * kh * kw products
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            per_output = module.in_features
+        counts.append(output.numel() * per_output)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    modes = {module: module.training for module in model.modules()}  # frozen parts may be in eval already
+    first = next(model.parameters())
+    try:
+        with torch.no_grad():  # eval: a counting pass must not move BatchNorm statistics
+            model.eval()(torch.zeros(1, *INPUT_SHAPE, device=first.device, dtype=first.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
+    return int(sum(counts))

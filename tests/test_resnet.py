@@ -1,0 +1,147 @@
+"""The CIFAR-style ResNet in the arch registry: shape, size, FLOPs, recognition of bare weights, freezing,
+mixed precision, checkpoints, and a from-scratch run through the real CLIs."""
+
+import json
+
+import pytest
+import torch
+from conftest import SMALL_RUN, run_script
+
+from fashion_ft.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from fashion_ft.engine import apply_freezing, set_train_mode
+from fashion_ft.errors import UserError
+from fashion_ft.model import ARCHS, ResNet, build_model, count_parameters, flops_per_image, infer_arch
+
+TINY = {"widths": [4, 8, 16], "blocks": 1, "num_classes": 10}
+
+
+def tiny_resnet() -> ResNet:
+    torch.manual_seed(0)
+    return build_model("resnet", TINY)
+
+
+def test_forward_gives_one_logit_per_class():
+    assert tiny_resnet()(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert build_model("resnet", {"widths": [8], "blocks": 2, "num_classes": 4})(torch.randn(2, 1, 28, 28)).shape == (2, 4)
+
+
+def test_default_is_resnet20_with_option_b_shortcuts():
+    model = build_model("resnet")
+    assert ARCHS["resnet"].default_kwargs == {"widths": [16, 32, 64], "blocks": 3, "num_classes": 10}
+    # counted by hand, conv weights + BatchNorm (gamma, beta) + head:
+    #   stem    1*16*9 + 2*16                                            =     176
+    #   stage1  3 * (2 * 16*16*9 + 2 * 2*16)                             =  14,016
+    #   stage2  16*32*9 + 32*32*9 + 2*2*32 + 16*32 + 2*32  (first block) =  14,528
+    #           2 * (2 * 32*32*9 + 2*2*32)                               =  37,120
+    #   stage3  32*64*9 + 64*64*9 + 2*2*64 + 32*64 + 2*64  (first block) =  57,728
+    #           2 * (2 * 64*64*9 + 2*2*64)                               = 147,968
+    #   head    64*10 + 10                                               =     650
+    assert count_parameters(model) == (272_186, 272_186)
+    convs = [m for m in model.features.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) + 1 == 20  # 19 3x3 convs and the linear head: ResNet-20
+    shortcuts = [m for m in model.features.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert [(m.in_channels, m.out_channels, m.stride) for m in shortcuts] == [(16, 32, (2, 2)), (32, 64, (2, 2))]
+
+
+def test_flops_per_image_match_a_hand_count():
+    cnn3 = (28 * 28 * 48 * 1 * 9          # 3x3 convs at 28, 14 and 7 pixels
+            + 14 * 14 * 96 * 48 * 9
+            + 7 * 7 * 192 * 96 * 9
+            + 192 * 3 * 3 * 384 + 384 * 10)  # the MLP head on the 3x3 map
+    assert flops_per_image(build_model("cnn3")) == cnn3 == 17_263_104
+    resnet = (28 * 28 * 4 * 1 * 9                                   # stem
+              + 2 * 28 * 28 * 4 * 4 * 9                             # stage1: two 3x3 convs at 28
+              + 14 * 14 * 8 * (4 * 9 + 8 * 9 + 4)                   # stage2 at 14: stride-2 conv, conv, 1x1 shortcut
+              + 7 * 7 * 16 * (8 * 9 + 16 * 9 + 8)                   # stage3 at 7
+              + 16 * 10)                                            # head after global average pooling
+    assert flops_per_image(tiny_resnet()) == resnet == 605_408
+
+
+def test_flops_count_leaves_modes_and_statistics_alone():
+    model = tiny_resnet()
+    set_train_mode(model, freeze_conv=True, freeze_bn=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flops_per_image(model)
+    assert model.training and model.classifier.training and not model.features.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs", [ARCHS["resnet"].default_kwargs, TINY,
+                                    {"widths": [8, 12], "blocks": 2, "num_classes": 10},
+                                    {"widths": [6, 6, 12, 24], "blocks": 1, "num_classes": 7}])
+def test_bare_state_dict_is_recognised(kwargs):
+    assert infer_arch(build_model("resnet", kwargs).state_dict()) == ("resnet", kwargs)
+
+
+def test_cnn3_is_still_recognised_and_unknown_weights_still_refused():
+    cnn3 = {"channels": [8, 16, 32], "hidden": 24, "dropout": 0.3, "num_classes": 10}
+    assert infer_arch(build_model("cnn3", cnn3).state_dict()) == ("cnn3", cnn3)
+    with pytest.raises(UserError, match="matches no known architecture"):
+        infer_arch({"encoder.weight": torch.zeros(3, 3), "decoder.weight": torch.zeros(3, 3)})
+
+
+@pytest.mark.parametrize("key", ["features.stage2.0.conv1.weight", "features.stem.1.running_var",
+                                 "features.stage3.0.shortcut.0.weight", "classifier.0.bias"])
+def test_one_damaged_tensor_is_named(key):
+    state_dict = tiny_resnet().state_dict()
+    shape = list(state_dict[key].shape)
+    state_dict[key] = torch.zeros(shape[0] + 1, *shape[1:])
+    with pytest.raises(UserError, match=rf"looks like resnet .*{key} has shape \({shape[0] + 1},"):
+        infer_arch(state_dict)
+
+
+def test_freeze_conv_trains_only_the_head_and_keeps_batchnorm_statistics():
+    model = tiny_resnet()
+    apply_freezing(model, True, False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"classifier.0.weight", "classifier.0.bias"}
+    before = {k: v.clone() for k, v in model.features.state_dict().items()}
+    set_train_mode(model, True, False)
+    model(torch.randn(8, 1, 28, 28)).sum().backward()
+    after = model.features.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats and num_batches_tracked
+    assert model.classifier[0].weight.grad is not None
+
+
+def test_channels_last_bf16_autocast_forward_and_backward():
+    model = tiny_resnet().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 28, 28).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", torch.bfloat16):
+        logits = model(x)
+    assert logits.shape == (4, 10) and logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    logits.float().sum().backward()
+    assert torch.isfinite(model.features.stem[0].weight.grad).all()
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_resnet()
+    model.train()(torch.randn(16, 1, 28, 28))  # running statistics that differ from the initial ones
+    save_checkpoint(make_checkpoint(model, "resnet", TINY), tmp_path / "r.pt")
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        for path in (tmp_path / "r.pt", tmp_path / "bare.pt"):  # named by our file, inferred from the bare one
+            ckpt = load_checkpoint(path)
+            assert (ckpt.arch, ckpt.arch_kwargs) == ("resnet", TINY)
+            assert torch.equal(ckpt.build().eval()(x), expected)
+
+
+@pytest.mark.slow
+def test_from_scratch_run_and_test_model_on_its_weights(tmp_path, small_data_dir):
+    out = tmp_path / "run"
+    result = run_script("finetune_gpu.py", "--from-scratch", "--arch", "resnet", "--epochs", 1,
+                        "--limit-train", 512, "--data-dir", small_data_dir, "--output", out / "best.pt",
+                        "--logdir", tmp_path / "tb", *SMALL_RUN, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert (best["arch"], best["arch_kwargs"]) == ("resnet", ARCHS["resnet"].default_kwargs)
+    torch.save(best["model"], tmp_path / "bare.pt")  # test_model.py must infer the arch of these
+    # one epoch on 512 images is no trained model: the check is that it loads and runs, not its accuracy
+    check = run_script("test_model.py", "--model-path", tmp_path / "bare.pt", "--data-dir", small_data_dir,
+                       "--device", "cpu", "--min-accuracy", 0, "--json", env={"OMP_NUM_THREADS": "1"})
+    assert check.returncode == 0, check.stdout + check.stderr
+    report = json.loads(check.stdout)
+    architecture = next(c for c in report["checks"] if c["name"] == "architecture")["data"]
+    assert report["passed"] and architecture["arch_kwargs"] == ARCHS["resnet"].default_kwargs
+    assert architecture["parameters"] == 272_186
