@@ -282,28 +282,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
 
-
-def flops_per_image(model: nn.Module) -> int:
-    """Multiply-accumulates of the Conv2d and Linear layers for one 1x28x28 image (1 MAC = 2 FLOP),
-    counted with forward hooks on a zero input, so any arch built from those layers is counted."""
-    counts = []
-
-    def count(module, inputs, output):
-        if isinstance(module, nn.Conv2d):  # every output value sums in_ch/groups * kh * kw products
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-        else:
-            per_output = module.in_features
-        counts.append(output.numel() * per_output)
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    modes = {module: module.training for module in model.modules()}  # frozen parts may be in eval already
-    first = next(model.parameters())
-    try:
-        with torch.no_grad():  # eval: a counting pass must not move BatchNorm statistics
-            model.eval()(torch.zeros(1, *INPUT_SHAPE, device=first.device, dtype=first.dtype))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, training in modes.items():
-            module.training = training
-    return int(sum(counts))
