@@ -11,6 +11,7 @@ Exit codes: 0 done, 1 the run failed (the message says why), 2 bad usage, 130/14
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,17 @@ from fashion_ft.errors import UsageError, UserError
 DEFAULTS = Config()
 
 
+def json_object(text: str) -> dict:
+    """argparse type of --arch-kwargs: a JSON object, or a one-line usage error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"blocks\": 1}}', got {text}")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -49,6 +61,8 @@ def model_and_data_flags(p: argparse.ArgumentParser, d: Config) -> None:
     g.add_argument("--model-path", default=d.model_path, help="pretrained checkpoint to start from")
     g.add_argument("--from-scratch", action="store_true", help="start from random weights (--arch) instead")
     g.add_argument("--arch", choices=list(ARCHS), default=d.arch, help="architecture for --from-scratch")
+    g.add_argument("--arch-kwargs", type=json_object, default=d.arch_kwargs, metavar="JSON",
+                   help='with --from-scratch: a JSON object overriding the arch\'s defaults, e.g. \'{"blocks": 1}\'')
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow a checkpoint holding pickled Python objects (runs code from the file!)")
     g = p.add_argument_group("data")
@@ -197,6 +211,16 @@ def resolve_output(cfg: Config, explicit: set) -> Config:
     return dataclasses.replace(cfg, output=output)
 
 
+def check_arch(cfg: Config) -> None:
+    """Build the --from-scratch model once (milliseconds) so that bad --arch-kwargs exit 2 before any work."""
+    from fashion_ft.model import build_model
+
+    try:
+        build_model(cfg.arch, cfg.arch_kwargs)
+    except UserError as exc:
+        raise UsageError(f"--arch-kwargs: {exc}") from None
+
+
 def build_config(argv) -> tuple[Config, dict | None]:
     args = get_args_parser().parse_args(argv)
     explicit = explicit_flags(argv)
@@ -214,6 +238,8 @@ def build_config(argv) -> tuple[Config, dict | None]:
     if resume_meta is not None:
         check_resume(resume_meta["config"], cfg, explicit)
     validate(cfg)
+    if cfg.from_scratch and not cfg.resume:
+        check_arch(cfg)
     return resolve_output(cfg, explicit), resume_meta
 
 

@@ -24,6 +24,7 @@ class Config:
     model_path: str = "model/mnist_cnn3.pt"
     from_scratch: bool = False
     arch: str = "cnn3"
+    arch_kwargs: dict | None = None  # overrides of the arch's registry defaults, e.g. {"blocks": 1}
     trust_pickle: bool = False
     # data
     data_dir: str | None = None
@@ -111,7 +112,8 @@ RESUME_FREE_FIELDS = {
 
 
 # Fields that define the data or the optimizer state itself: a resumed run cannot change them, even with override.
-RESUME_FIXED_FIELDS = {"optimizer", "freeze_conv", "freeze_bn", "arch", "from_scratch", "val_size", "split_seed"}
+RESUME_FIXED_FIELDS = {"optimizer", "freeze_conv", "freeze_bn", "arch", "arch_kwargs", "from_scratch", "val_size",
+                       "split_seed"}
 
 
 def resume_differences(saved: dict, current: "Config", explicit: set) -> list[str]:
@@ -170,6 +172,8 @@ def validate(cfg: Config) -> None:
     if cfg.limit_train is not None:
         _require(cfg.limit_train >= cfg.batch_size, "--limit-train",
                  f"must be >= --batch-size ({cfg.batch_size}), got {cfg.limit_train}")
+    _require(cfg.arch_kwargs is None or cfg.from_scratch, "--arch-kwargs",
+             "only with --from-scratch (a checkpoint brings its own architecture)")
     _require(not (cfg.from_scratch and cfg.freeze_conv), "--freeze-conv",
              "cannot be combined with --from-scratch (frozen random filters learn nothing)")
 

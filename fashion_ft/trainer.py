@@ -155,7 +155,7 @@ def load_start_model(cfg: Config, resume_meta: dict | None) -> StartModel:
         return StartModel(model, arch, kwargs, norm["mean"], norm["std"], source=str(cfg.resume))
     if cfg.from_scratch:
         seed_everything(cfg.seed)  # the random initial weights are part of the experiment
-        kwargs = resolve_arch_kwargs(cfg.arch)
+        kwargs = resolve_arch_kwargs(cfg.arch, cfg.arch_kwargs)
         return StartModel(build_model(cfg.arch, kwargs), cfg.arch, kwargs, source="random weights")
     ckpt = load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle)
     bad = nonfinite_tensors(ckpt.state_dict)

@@ -118,12 +118,13 @@ def test_checkpoint_round_trip(tmp_path):
 @pytest.mark.slow
 def test_from_scratch_run_and_test_model_on_its_weights(tmp_path, small_data_dir):
     out = tmp_path / "run"
-    result = run_script("finetune_gpu.py", "--from-scratch", "--arch", "resnet", "--epochs", 1,
+    result = run_script("finetune_gpu.py", "--from-scratch", "--arch", "resnet", "--arch-kwargs", json.dumps(TINY),
+                        "--epochs", 1,
                         "--limit-train", 512, "--data-dir", small_data_dir, "--output", out / "best.pt",
                         "--logdir", tmp_path / "tb", *SMALL_RUN, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
-    assert (best["arch"], best["arch_kwargs"]) == ("resnet", ARCHS["resnet"].default_kwargs)
+    assert (best["arch"], best["arch_kwargs"]) == ("resnet", TINY) and best["config"]["arch_kwargs"] == TINY
     torch.save(best["model"], tmp_path / "bare.pt")  # test_model.py must infer the arch of these
     # one epoch on 512 images is no trained model: the check is that it loads and runs, not its accuracy
     check = run_script("test_model.py", "--model-path", tmp_path / "bare.pt", "--data-dir", small_data_dir,
@@ -131,5 +132,5 @@ def test_from_scratch_run_and_test_model_on_its_weights(tmp_path, small_data_dir
     assert check.returncode == 0, check.stdout + check.stderr
     report = json.loads(check.stdout)
     architecture = next(c for c in report["checks"] if c["name"] == "architecture")["data"]
-    assert report["passed"] and architecture["arch_kwargs"] == ARCHS["resnet"].default_kwargs
-    assert architecture["parameters"] == 272_186
+    assert report["passed"] and architecture["arch_kwargs"] == TINY
+    assert architecture["parameters"] == count_parameters(tiny_resnet())[0]
