@@ -4,6 +4,7 @@ From the repository root:
 
     python -m bench.results                       # all plans, full data (hours on a 2-core CPU)
     python -m bench.results --tiny                # a few seconds per plan, to check the script works
+    python -m bench.results --resume              # after a stop: runs only the plans not finished yet
 
 Runs, each as a separate `finetune_gpu.py` process: the four presets (light, head, deep,
 conservative), a second round (lr 0.0005) from the light plan's output, and the ensemble of the
@@ -43,6 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--tiny", action="store_true", help="1 epoch on 1,024 images per plan (a smoke test)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the plans an earlier run into --report-dir finished with the same command")
     return p
 
 
@@ -63,11 +66,13 @@ def run(cmd: list, log: Path) -> tuple[int, float]:
     return code, time.perf_counter() - start
 
 
-def run_plan(name: str, args, base: Path, work: Path, logs: Path) -> dict:
-    out = work / name / "best.pt"
+def plan_command(name: str, args, base: Path, out: Path) -> list:
     cmd = [sys.executable, "finetune_gpu.py", "--model-path", str(base), *PLANS[name], "--output", str(out),
-           "--logdir", str(work / "tb"), "--run-name", name, "--overwrite", "--device", args.device]
-    cmd += (["--data-dir", args.data_dir] if args.data_dir else []) + (TINY if args.tiny else [])
+           "--logdir", str(out.parent.parent / "tb"), "--run-name", name, "--overwrite", "--device", args.device]
+    return cmd + (["--data-dir", args.data_dir] if args.data_dir else []) + (TINY if args.tiny else [])
+
+
+def run_plan(name: str, cmd: list, out: Path, logs: Path) -> dict:
     code, seconds = run(cmd, logs / f"{name}.log")
     row = {"plan": name, "command": " ".join(cmd[1:]), "exit_code": code, "wall_s": round(seconds, 1)}
     if code == 0:
@@ -75,6 +80,14 @@ def run_plan(name: str, args, base: Path, work: Path, logs: Path) -> dict:
         row.update(test_acc=m["test_acc"], val_acc=m["best_val_acc"], best_epoch=m["best_epoch"],
                    epochs_run=m["epochs_run"], checkpoint=str(out))
     return row
+
+
+def finished_rows(report: Path) -> dict:
+    """{plan: row} of an earlier run into this report whose plan succeeded and whose model is still there."""
+    path = report / "results.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    return {r["plan"]: r for r in rows
+            if r["exit_code"] == 0 and r.get("checkpoint") and Path(r["checkpoint"]).is_file()}
 
 
 def run_ensemble(rows: list, args, logs: Path) -> dict:
@@ -120,9 +133,9 @@ def main(argv=None) -> int:
     work, report = REPO / args.work_dir, REPO / args.report_dir
     logs = report / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    rows = []
     if "two-round" in args.plans and "light" not in args.plans:
         raise SystemExit("--plans: two-round starts from the light plan's output; add light")
+    earlier, rows = finished_rows(report) if args.resume else {}, []
     for name in sorted(args.plans, key=list(PLANS).index):  # light before two-round
         base = REPO / args.model_path
         if name == "two-round":
@@ -131,8 +144,12 @@ def main(argv=None) -> int:
                 rows.append({"plan": name, "exit_code": -1, "wall_s": 0.0, "command": "skipped: light failed"})
                 continue
             base = Path(light["checkpoint"])
-        rows.append(run_plan(name, args, base, work, logs))
-        print(markdown(rows[-1:], "").splitlines()[-1], flush=True)
+        out = work / name / "best.pt"
+        cmd = plan_command(name, args, base, out)
+        kept = earlier.get(name)
+        rows.append(kept if kept and kept["command"] == " ".join(cmd[1:]) else run_plan(name, cmd, out, logs))
+        print(markdown(rows[-1:], "").splitlines()[-1] + ("  (kept from the earlier run)" if rows[-1] is kept else ""),
+              flush=True)
         write_report(rows, report, args.tiny)  # after every plan: a stopped run keeps what it measured
     if sum(1 for r in rows if r.get("checkpoint")) > 1:
         rows.append(run_ensemble(rows, args, logs))

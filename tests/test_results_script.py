@@ -15,11 +15,11 @@ from fashion_ft.system import cpu_info
 
 
 @pytest.mark.slow
-def test_tiny_results_table(tmp_path, real_data_dir):
+def test_tiny_results_table(tmp_path, small_data_dir):
     report = tmp_path / "report"
     result = subprocess.run(
         [sys.executable, "-m", "bench.results", "--tiny", "--plans", "light", "two-round",
-         "--device", "cpu", "--data-dir", str(real_data_dir), "--report-dir", str(report),
+         "--device", "cpu", "--data-dir", str(small_data_dir), "--report-dir", str(report),
          "--work-dir", str(tmp_path / "work")],
         cwd=REPO, capture_output=True, text=True, timeout=600,  # minutes when other processes share the CPU
     )
@@ -33,13 +33,19 @@ def test_tiny_results_table(tmp_path, real_data_dir):
     assert sorted(p.name for p in (report / "logs").iterdir()) == ["ensemble.log", "light.log", "two-round.log"]
 
 
+def fake_row(name, cmd, out):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(b"a model")
+    return {"plan": name, "command": " ".join(cmd[1:]), "exit_code": 0, "wall_s": 60.0, "test_acc": 0.93,
+            "checkpoint": str(out)}
+
+
 def test_a_stopped_run_keeps_the_plans_it_finished(tmp_path, monkeypatch):
     """Every finished plan is written at once, so stopping the hours-long run loses only the plan in progress."""
-    def fake_plan(name, args, base, work, logs):
+    def fake_plan(name, cmd, out, logs):
         if name == "deep":
             raise KeyboardInterrupt
-        return {"plan": name, "command": "finetune_gpu.py", "exit_code": 0, "wall_s": 60.0, "test_acc": 0.93,
-                "checkpoint": str(work / name / "best.pt")}
+        return fake_row(name, cmd, out)
 
     monkeypatch.setattr(results, "run_plan", fake_plan)
     report = tmp_path / "report"
@@ -50,6 +56,26 @@ def test_a_stopped_run_keeps_the_plans_it_finished(tmp_path, monkeypatch):
     assert [r["plan"] for r in saved["rows"]] == ["light", "two-round"]
     assert saved["machine"].startswith("Measured ") and f" on {cpu_info()[0]}, " in saved["machine"]
     assert "| two-round | 93.00% |" in (report / "results.md").read_text()
+
+
+def test_resume_runs_only_what_is_missing_or_changed(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_plan(name, cmd, out, logs):
+        ran.append(name)
+        return fake_row(name, cmd, out)
+
+    monkeypatch.setattr(results, "run_plan", fake_plan)
+    monkeypatch.setattr(results, "run_ensemble", lambda rows, args, logs: {"plan": "ensemble", "exit_code": 0,
+                                                                           "wall_s": 1.0, "command": "test_model.py"})
+    common = ["--report-dir", str(tmp_path / "report"), "--work-dir", str(tmp_path / "work")]
+    results.main(["--plans", "light", "head", *common])
+    (tmp_path / "work" / "head" / "best.pt").unlink()  # a lost model is measured again
+    results.main(["--plans", "light", "head", "conservative", "--resume", *common])
+    results.main(["--plans", "light", "--resume", "--device", "cpu", *common])  # another command: run again
+    assert ran == ["light", "head", "conservative", "head", "light"]  # in the order of PLANS
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())["rows"]
+    assert [r["plan"] for r in saved] == ["light"] and "--device cpu" in saved[0]["command"]
 
 
 def test_machine_closes_the_files_it_reads():
