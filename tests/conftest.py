@@ -13,6 +13,18 @@ sys.path.insert(0, str(REPO))
 from fashion_ft.data import find_data_dir, read_split, write_idx, write_split  # noqa: E402, F401 (tests import write_idx from here)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist the workers share the cores: each worker, and every script it runs, gets its share
+    of threads, because OpenMP threads beyond the cores spin against each other."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        share = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def run_script(script: str, *args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
     """Run one of the real top-level scripts as a user would, capturing its output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
