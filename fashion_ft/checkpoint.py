@@ -155,15 +155,18 @@ def make_checkpoint(model, arch, arch_kwargs, *, mean=MEAN, std=STD, metrics=Non
                     history=None, classes=CLASSES, split: dict | None = None) -> dict:
     """The checkpoint dict of DESIGN.md, loadable with torch.load(weights_only=True).
 
+    `model` is the module or its state_dict (the weights alone, e.g. a best model's kept copy).
+
     `split` records the validation split the weights were trained with ({seed, val_size, fingerprint});
     None (unknown) leaves it out.
     """
+    weights = model if isinstance(model, dict) else unwrap(model).state_dict()
     ckpt = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs),
-        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "model": {k: v.detach().cpu().contiguous() for k, v in weights.items()},  # channels_last -> NCHW
         "classes": list(classes),
         "normalize": {"mean": float(mean), "std": float(std)},
         "metrics": dict(metrics or {}),

@@ -417,9 +417,7 @@ class Run:
     # ------------------------------------------------------------ checkpoints and the end
 
     def checkpoint(self, weights: dict, metrics: dict) -> dict:
-        model = build_model(self.ctx.start.arch, self.ctx.start.arch_kwargs)
-        model.load_state_dict(weights)
-        return make_checkpoint(model, self.ctx.start.arch, self.ctx.start.arch_kwargs, mean=self.rt.mean,
+        return make_checkpoint(weights, self.ctx.start.arch, self.ctx.start.arch_kwargs, mean=self.rt.mean,
                                std=self.rt.std, metrics=metrics, config=self.cfg.to_dict(),
                                history=self.state.history, split=self.ctx.split.to_dict())
 
