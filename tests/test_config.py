@@ -12,3 +12,13 @@ from fashion_ft.config import FINETUNE_WARMUP_EPOCHS
 def test_warmup_is_a_fine_tuning_default(argv, warmup):
     cfg, _ = finetune_gpu.build_config(argv)
     assert cfg.warmup_epochs == warmup
+
+
+@pytest.mark.parametrize("argv, monitor", [
+    ([], "val_loss"), (["--preset", "light"], "val_loss"),
+    (["--preset", "deep"], "val_acc"), (["--preset", "deep", "--monitor", "val_loss"], "val_loss")])
+def test_label_smoothed_deep_plan_stops_on_accuracy(argv, monitor):
+    """Its validation loss is not comparable with the unsmoothed starting model's: a stop on it ended the
+    100-epoch plan at epoch 30."""
+    cfg, _ = finetune_gpu.build_config(argv)
+    assert cfg.monitor == monitor
