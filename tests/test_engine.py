@@ -407,3 +407,32 @@ def test_resume_restores_the_ema():
 
 def test_divergence_error_is_still_importable_from_engine():
     assert engine.DivergenceError is DivergenceError
+
+
+LR_CURVES = {  # scheduler -> (its settings, the LR each of 4 epochs starts with at lr 1e-3)
+    "none": ({}, [1e-3] * 4),
+    "cosine": ({"min_lr": 0.0}, [1e-3, 1e-3 * (1 + 2 ** -0.5) / 2, 0.5e-3, 1e-3 * (1 - 2 ** -0.5) / 2]),
+    "step": ({"step_size": 2, "step_gamma": 0.5}, [1e-3, 1e-3, 5e-4, 5e-4]),
+    "exponential": ({"exp_gamma": 0.5}, [1e-3, 5e-4, 2.5e-4, 1.25e-4]),
+    "plateau": ({"plateau_patience": 0, "plateau_factor": 0.5}, [1e-3, 1e-3, 5e-4, 2.5e-4]),
+}
+
+
+@pytest.mark.parametrize("scheduler", [*LR_CURVES, "onecycle"])
+def test_every_scheduler_gives_its_lr_curve(scheduler):
+    """Epoch by epoch as the trainer steps them: after every batch, and with the monitored value after every
+    epoch (a validation loss that never improves after the first epoch)."""
+    cfg = Config(epochs=4, scheduler=scheduler, warmup_epochs=0, lr=1e-3, **LR_CURVES.get(scheduler, ({},))[0])
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=cfg.lr)
+    schedulers = build_schedulers(optimizer, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(cfg.epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        for _ in range(10):
+            optimizer.step()
+            schedulers.after_batch(schedulers.per_batch.last_epoch)
+        schedulers.after_epoch(1.0)
+    if scheduler == "onecycle":  # from lr/25 up to the peak at 30% of the steps, then down
+        assert lrs[0] == pytest.approx(1e-3 / 25) and lrs[1] > lrs[0] and lrs[3] < lrs[2] < 1e-3
+    else:
+        assert lrs == pytest.approx(LR_CURVES[scheduler][1])

@@ -1,6 +1,7 @@
 """test_model.py run as a user runs it: every bad input is exit 1, one clear line, no traceback, nothing
-written; the happy path passes every check. Each CLI case runs in-process in the fast loop and as a real
-subprocess in the slow one."""
+written; the happy path passes every check. CLI cases run in-process in the fast loop; those whose path
+differs (a refused pickle, the data folder, the GPU check, the happy path) also as a real process in the
+slow one."""
 
 import json
 import os
@@ -53,9 +54,8 @@ class Result(NamedTuple):
     stderr: str
 
 
-@pytest.fixture(params=["in-process", pytest.param("subprocess", marks=pytest.mark.slow)])
-def run_cli(request, monkeypatch, capsys):
-    """run_cli(cwd, *args): test_model.py in cwd (checked to write nothing there) -> Result."""
+def cli_runner(mode: str, monkeypatch, capsys):
+    """run(cwd, *args): test_model.py in cwd (checked to write nothing there) -> Result."""
     def in_process(cwd, *args):
         monkeypatch.chdir(cwd)
         try:
@@ -65,7 +65,7 @@ def run_cli(request, monkeypatch, capsys):
         return Result(code, *capsys.readouterr())
 
     def run(cwd, *args):
-        if request.param == "subprocess":
+        if mode == "subprocess":
             return run_subprocess(cwd, *args)
         before = listing(cwd)
         result = in_process(cwd, *args)
@@ -73,6 +73,18 @@ def run_cli(request, monkeypatch, capsys):
         return result
 
     return run
+
+
+@pytest.fixture(params=["in-process", pytest.param("subprocess", marks=pytest.mark.slow)])
+def run_cli(request, monkeypatch, capsys):
+    """A case that runs both in-process and as a real process (what the user's shell sees)."""
+    return cli_runner(request.param, monkeypatch, capsys)
+
+
+@pytest.fixture
+def run_in_process(monkeypatch, capsys):
+    """A case whose real-process twin would add nothing: the same code path as a run_cli case."""
+    return cli_runner("in-process", monkeypatch, capsys)
 
 
 def assert_fails_cleanly(result, check, *fragments):
@@ -159,10 +171,10 @@ BAD_CHECKPOINTS = {  # name: (how to make it, the check that fails, what its lin
 
 
 @pytest.mark.parametrize("name", list(BAD_CHECKPOINTS))
-def test_bad_checkpoint(tmp_path, small_data_dir, name, run_cli):
+def test_bad_checkpoint(tmp_path, small_data_dir, name, run_in_process):
     make, check, fragments = BAD_CHECKPOINTS[name]
     path = make(tmp_path)
-    result = run_cli(tmp_path, "--model-path", path, "--data-dir", small_data_dir, *QUICK)
+    result = run_in_process(tmp_path, "--model-path", path, "--data-dir", small_data_dir, *QUICK)
     assert_fails_cleanly(result, check, *fragments)
 
 
@@ -215,8 +227,8 @@ def test_bad_data_folder(tmp_path, make, fragments, run_cli):
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
-def test_batches_must_be_positive(tmp_path, value, run_cli):
-    result = run_cli(tmp_path, "--batches", value)
+def test_batches_must_be_positive(tmp_path, value, run_in_process):
+    result = run_in_process(tmp_path, "--batches", value)
     assert result.returncode == 2
     assert "--batches" in result.stderr and "must be >= 1" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
@@ -322,11 +334,11 @@ def strict_json(text):
 
 
 @pytest.mark.parametrize("n", [0, preflight.MIN_TEST_IMAGES - 1])
-def test_too_small_test_set_is_a_failed_check_naming_the_file(tmp_path, n, run_cli):
+def test_too_small_test_set_is_a_failed_check_naming_the_file(tmp_path, n, run_in_process):
     write_split(tmp_path / "d", "test", np.zeros((n, 28, 28), np.uint8), np.zeros(n, np.uint8))
     args = ("--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir", tmp_path / "d", *QUICK)
-    assert_fails_cleanly(run_cli(tmp_path, *args), "test data", FILES["test"][0], f" {n} ")
-    report = strict_json(run_cli(tmp_path, *args, "--json").stdout)
+    assert_fails_cleanly(run_in_process(tmp_path, *args), "test data", FILES["test"][0], f" {n} ")
+    report = strict_json(run_in_process(tmp_path, *args, "--json").stdout)
     assert report["passed"] is False
     assert [c["name"] for c in report["checks"] if not c["ok"]] == ["test data", "quick eval"]
 
