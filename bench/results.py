@@ -56,6 +56,11 @@ def machine() -> str:
     return f"{cpu_info()[0]}, {len(os.sched_getaffinity(0))} cores, {gpu}, torch {torch.__version__}"
 
 
+def command_text(cmd: list) -> str:
+    """How a row records its command: without the interpreter, which differs between machines."""
+    return " ".join(cmd[1:])
+
+
 def run(cmd: list, log: Path) -> tuple[int, float]:
     """Run one process, its output going to `log`; returns (exit code, seconds)."""
     start = time.perf_counter()
@@ -74,7 +79,7 @@ def plan_command(name: str, args, base: Path, out: Path) -> list:
 
 def run_plan(name: str, cmd: list, out: Path, logs: Path) -> dict:
     code, seconds = run(cmd, logs / f"{name}.log")
-    row = {"plan": name, "command": " ".join(cmd[1:]), "exit_code": code, "wall_s": round(seconds, 1)}
+    row = {"plan": name, "command": command_text(cmd), "exit_code": code, "wall_s": round(seconds, 1)}
     if code == 0:
         m = json.loads((out.parent / "metrics.json").read_text())
         row.update(test_acc=m["test_acc"], val_acc=m["best_val_acc"], best_epoch=m["best_epoch"],
@@ -97,7 +102,7 @@ def run_ensemble(rows: list, args, logs: Path) -> dict:
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     (logs / "ensemble.log").write_text("$ " + " ".join(cmd) + "\n" + result.stdout + result.stderr)
-    row = {"plan": f"ensemble of {len(paths)}", "command": " ".join(cmd[1:]), "exit_code": result.returncode,
+    row = {"plan": f"ensemble of {len(paths)}", "command": command_text(cmd), "exit_code": result.returncode,
            "wall_s": round(time.perf_counter() - start, 1)}
     if result.returncode == 0:
         check = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "ensemble")
@@ -147,7 +152,7 @@ def main(argv=None) -> int:
         out = work / name / "best.pt"
         cmd = plan_command(name, args, base, out)
         kept = earlier.get(name)
-        rows.append(kept if kept and kept["command"] == " ".join(cmd[1:]) else run_plan(name, cmd, out, logs))
+        rows.append(kept if kept and kept["command"] == command_text(cmd) else run_plan(name, cmd, out, logs))
         print(markdown(rows[-1:], "").splitlines()[-1] + ("  (kept from the earlier run)" if rows[-1] is kept else ""),
               flush=True)
         write_report(rows, report, args.tiny)  # after every plan: a stopped run keeps what it measured

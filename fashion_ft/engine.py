@@ -85,10 +85,15 @@ def fused_adamw_supported(params) -> bool:
     return bool(params) and all(p.device.type == "cuda" and p.dtype.is_floating_point for p in params)
 
 
+def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
+    # None (a Config not resolved by the CLI, as in the benchmark): no warm-up
+    return int(round((cfg.warmup_epochs or 0.0) * steps_per_epoch))
+
+
 def lr_multiplier(cfg: Config, steps_per_epoch: int):
     """step -> factor on the base LR, for every scheduler stepped per batch (plateau: warm-up only)."""
     total = cfg.epochs * steps_per_epoch
-    warmup = int(round((cfg.warmup_epochs or 0.0) * steps_per_epoch))
+    warmup = warmup_steps(cfg, steps_per_epoch)
     floor = cfg.min_lr / cfg.lr
 
     def cosine(t):  # t in [0, 1]
@@ -170,7 +175,7 @@ def build_schedulers(optimizer, cfg: Config, steps_per_epoch: int) -> Schedulers
             factor=cfg.plateau_factor, patience=cfg.plateau_patience,
             threshold=cfg.min_delta, threshold_mode="abs",  # the same "improvement" as early stopping
         )
-    return Schedulers(per_batch, plateau, int(round((cfg.warmup_epochs or 0.0) * steps_per_epoch)), steps_per_epoch)
+    return Schedulers(per_batch, plateau, warmup_steps(cfg, steps_per_epoch), steps_per_epoch)
 
 
 # ---------------------------------------------------------------- early stopping
