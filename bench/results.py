@@ -1,4 +1,4 @@
-"""Run every fine-tuning plan from the shipped base model and write one table of what it achieved.
+"""Run every plan, from the shipped base models or from random weights, and write one table of what it achieved.
 
 From the repository root:
 
@@ -6,10 +6,11 @@ From the repository root:
     python -m bench.results --tiny                # a few seconds per plan, to check the script works
     python -m bench.results --resume              # after a stop: runs only the plans not finished yet
 
-Runs, each as a separate `finetune_gpu.py` process: the four presets (light, head, deep,
-conservative), a second round (lr 0.0005) from the light plan's output, and the ensemble of the
-fine-tuned models (`test_model.py --full` with several --model-path). Writes results.json, results.md
-and the raw log of every run into --report-dir.
+Runs, each as a separate `finetune_gpu.py` process: the four presets from the shipped cnn3 (light, head,
+deep, conservative), a second round (lr 0.0005) from the light plan's output, the ResNet-20 from random
+weights with two seeds and its fine-tuning plan from the shipped ResNet-20; then, for each network, the
+ensemble of its models (`test_model.py --full` with several --model-path). Writes results.json,
+results.md and the raw log of every run into --report-dir.
 """
 
 import argparse
@@ -24,12 +25,17 @@ from pathlib import Path
 from fashion_ft.system import cpu_info
 
 REPO = Path(__file__).resolve().parents[1]
-PLANS = {  # name -> finetune_gpu.py flags (the model path is added per plan)
-    "light": ["--preset", "light"],
-    "two-round": ["--preset", "light", "--lr", "0.0005"],  # from the light plan's output
-    "deep": ["--preset", "deep"],
-    "conservative": ["--preset", "conservative"],
-    "head": ["--preset", "head"],
+# name -> (its network, which is also the ensemble it joins; what it starts from: "shipped" (the network's
+# shipped base model), another plan's output, or None for random weights; finetune_gpu.py flags)
+PLANS = {
+    "light": ("cnn3", "shipped", ["--preset", "light"]),
+    "two-round": ("cnn3", "light", ["--preset", "light", "--lr", "0.0005"]),
+    "deep": ("cnn3", "shipped", ["--preset", "deep"]),
+    "conservative": ("cnn3", "shipped", ["--preset", "conservative"]),
+    "head": ("cnn3", "shipped", ["--preset", "head"]),
+    "resnet20": ("resnet20", None, ["--preset", "resnet20"]),
+    "resnet20-seed7": ("resnet20", None, ["--preset", "resnet20", "--seed", "7"]),  # a second ensemble member
+    "resnet20-tune": ("resnet20", "shipped", ["--preset", "resnet20-tune"]),
 }
 TINY = ["--limit-train", "1024", "--epochs", "1", "--val-size", "1000"]
 
@@ -38,7 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--plans", nargs="+", choices=list(PLANS), default=list(PLANS))
-    p.add_argument("--model-path", default="model/mnist_cnn3.pt", help="the base model")
+    p.add_argument("--model-path", default="model/mnist_cnn3.pt", help="the cnn3 base model")
+    p.add_argument("--resnet-model-path", default="model/resnet20.pt", help="the ResNet-20 base model")
     p.add_argument("--work-dir", default="result/results", help="checkpoints and TensorBoard runs")
     p.add_argument("--report-dir", default="bench/results", help="results.json, results.md, logs")
     p.add_argument("--device", default="auto")
@@ -71,10 +78,25 @@ def run(cmd: list, log: Path) -> tuple[int, float]:
     return code, time.perf_counter() - start
 
 
-def plan_command(name: str, args, base: Path, out: Path) -> list:
-    cmd = [sys.executable, "finetune_gpu.py", "--model-path", str(base), *PLANS[name], "--output", str(out),
-           "--logdir", str(out.parent.parent / "tb"), "--run-name", name, "--overwrite", "--device", args.device]
+def plan_command(name: str, args, base: Path | None, out: Path) -> list:
+    cmd = [sys.executable, "finetune_gpu.py", *(["--model-path", str(base)] if base else []), *PLANS[name][-1],
+           "--output", str(out), "--logdir", str(out.parent.parent / "tb"), "--run-name", name, "--overwrite",
+           "--device", args.device]
     return cmd + (["--data-dir", args.data_dir] if args.data_dir else []) + (TINY if args.tiny else [])
+
+
+def plan_base(name: str, args, rows: list) -> Path | None | dict:
+    """The model a plan starts from: a shipped one, None (random weights), or another plan's output; for a
+    plan whose starting plan failed, the row that says it was skipped."""
+    network, start, _ = PLANS[name]
+    if start is None:
+        return None
+    if start == "shipped":
+        return REPO / {"cnn3": args.model_path, "resnet20": args.resnet_model_path}[network]
+    row = next(r for r in rows if r["plan"] == start)
+    if not row.get("checkpoint"):
+        return {"plan": name, "exit_code": -1, "wall_s": 0.0, "command": f"skipped: {start} failed"}
+    return Path(row["checkpoint"])
 
 
 def run_plan(name: str, cmd: list, out: Path, logs: Path) -> dict:
@@ -95,15 +117,14 @@ def finished_rows(report: Path) -> dict:
             if r["exit_code"] == 0 and r.get("checkpoint") and Path(r["checkpoint"]).is_file()}
 
 
-def run_ensemble(rows: list, args, logs: Path) -> dict:
-    paths = [r["checkpoint"] for r in rows if r.get("checkpoint")]
+def run_ensemble(network: str, paths: list, args, logs: Path) -> dict:
     cmd = [sys.executable, "test_model.py", "--full", "--json", "--device", args.device, "--model-path", *paths]
     cmd += ["--data-dir", args.data_dir] if args.data_dir else []
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    (logs / "ensemble.log").write_text("$ " + " ".join(cmd) + "\n" + result.stdout + result.stderr)
-    row = {"plan": f"ensemble of {len(paths)}", "command": command_text(cmd), "exit_code": result.returncode,
-           "wall_s": round(time.perf_counter() - start, 1)}
+    (logs / f"ensemble_{network}.log").write_text("$ " + " ".join(cmd) + "\n" + result.stdout + result.stderr)
+    row = {"plan": f"{network} ensemble of {len(paths)}", "command": command_text(cmd),
+           "exit_code": result.returncode, "wall_s": round(time.perf_counter() - start, 1)}
     if result.returncode == 0:
         check = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "ensemble")
         row["test_acc"] = check["data"]["accuracy"]
@@ -138,17 +159,16 @@ def main(argv=None) -> int:
     work, report = REPO / args.work_dir, REPO / args.report_dir
     logs = report / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    if "two-round" in args.plans and "light" not in args.plans:
-        raise SystemExit("--plans: two-round starts from the light plan's output; add light")
+    for name in args.plans:
+        start = PLANS[name][1]
+        if start in PLANS and start not in args.plans:
+            raise SystemExit(f"--plans: {name} starts from the {start} plan's output; add {start}")
     earlier, rows = finished_rows(report) if args.resume else {}, []
     for name in sorted(args.plans, key=list(PLANS).index):  # light before two-round
-        base = REPO / args.model_path
-        if name == "two-round":
-            light = next(r for r in rows if r["plan"] == "light")
-            if not light.get("checkpoint"):
-                rows.append({"plan": name, "exit_code": -1, "wall_s": 0.0, "command": "skipped: light failed"})
-                continue
-            base = Path(light["checkpoint"])
+        base = plan_base(name, args, rows)
+        if isinstance(base, dict):
+            rows.append(base)
+            continue
         out = work / name / "best.pt"
         cmd = plan_command(name, args, base, out)
         kept = earlier.get(name)
@@ -156,8 +176,11 @@ def main(argv=None) -> int:
         print(markdown(rows[-1:], "").splitlines()[-1] + ("  (kept from the earlier run)" if rows[-1] is kept else ""),
               flush=True)
         write_report(rows, report, args.tiny)  # after every plan: a stopped run keeps what it measured
-    if sum(1 for r in rows if r.get("checkpoint")) > 1:
-        rows.append(run_ensemble(rows, args, logs))
+    plan_rows = list(rows)
+    for network in dict.fromkeys(PLANS[r["plan"]][0] for r in plan_rows):
+        paths = [r["checkpoint"] for r in plan_rows if r.get("checkpoint") and PLANS[r["plan"]][0] == network]
+        if len(paths) > 1:  # members of one network: a weaker network's vote would only dilute a stronger one's
+            rows.append(run_ensemble(network, paths, args, logs))
     print(write_report(rows, report, args.tiny))
     return 0 if all(r["exit_code"] == 0 for r in rows) else 1
 

@@ -25,12 +25,12 @@ def test_tiny_results_table(tmp_path, small_data_dir):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads((report / "results.json").read_text())["rows"]
-    assert [r["plan"] for r in rows] == ["light", "two-round", "ensemble of 2"]
+    assert [r["plan"] for r in rows] == ["light", "two-round", "cnn3 ensemble of 2"]
     assert all(0.5 < r["test_acc"] <= 1 for r in rows)
     assert "--model-path " + str(tmp_path / "work" / "light" / "best.pt") in rows[1]["command"]
     table = (report / "results.md").read_text()
     assert "| light |" in table and "not a result" in table
-    assert sorted(p.name for p in (report / "logs").iterdir()) == ["ensemble.log", "light.log", "two-round.log"]
+    assert sorted(p.name for p in (report / "logs").iterdir()) == ["ensemble_cnn3.log", "light.log", "two-round.log"]
 
 
 def fake_row(name, cmd, out):
@@ -66,8 +66,8 @@ def test_resume_runs_only_what_is_missing_or_changed(tmp_path, monkeypatch):
         return fake_row(name, cmd, out)
 
     monkeypatch.setattr(results, "run_plan", fake_plan)
-    monkeypatch.setattr(results, "run_ensemble", lambda rows, args, logs: {"plan": "ensemble", "exit_code": 0,
-                                                                           "wall_s": 1.0, "command": "test_model.py"})
+    monkeypatch.setattr(results, "run_ensemble", lambda network, paths, args, logs: {
+        "plan": "ensemble", "exit_code": 0, "wall_s": 1.0, "command": "test_model.py"})
     common = ["--report-dir", str(tmp_path / "report"), "--work-dir", str(tmp_path / "work")]
     results.main(["--plans", "light", "head", *common])
     (tmp_path / "work" / "head" / "best.pt").unlink()  # a lost model is measured again
@@ -76,6 +76,34 @@ def test_resume_runs_only_what_is_missing_or_changed(tmp_path, monkeypatch):
     assert ran == ["light", "head", "conservative", "head", "light"]  # in the order of PLANS
     saved = json.loads((tmp_path / "report" / "results.json").read_text())["rows"]
     assert [r["plan"] for r in saved] == ["light"] and "--device cpu" in saved[0]["command"]
+
+
+def test_each_network_gets_its_own_ensemble_and_the_resnet_starts_from_random_weights(tmp_path, monkeypatch):
+    commands, ensembles = {}, []
+
+    def fake_plan(name, cmd, out, logs):
+        commands[name] = cmd
+        return fake_row(name, cmd, out)
+
+    def fake_ensemble(network, paths, args, logs):
+        ensembles.append((network, [str(p) for p in paths]))
+        return {"plan": f"{network} ensemble of {len(paths)}", "exit_code": 0, "wall_s": 1.0, "command": "x"}
+
+    monkeypatch.setattr(results, "run_plan", fake_plan)
+    monkeypatch.setattr(results, "run_ensemble", fake_ensemble)
+    work = tmp_path / "work"
+    results.main(["--plans", "head", "resnet20-tune", "light", "resnet20", "--report-dir", str(tmp_path / "report"),
+                  "--work-dir", str(work), "--resnet-model-path", "my/resnet.pt"])
+    assert list(commands) == ["light", "head", "resnet20", "resnet20-tune"]
+    assert "--model-path" not in commands["resnet20"] and "--preset resnet20 " in " ".join(commands["resnet20"])
+    assert "--model-path " + str(REPO / "my/resnet.pt") in " ".join(commands["resnet20-tune"])
+    assert ensembles == [("cnn3", [str(work / p / "best.pt") for p in ("light", "head")]),
+                         ("resnet20", [str(work / p / "best.pt") for p in ("resnet20", "resnet20-tune")])]
+
+
+def test_a_plan_needs_the_plan_it_starts_from():
+    with pytest.raises(SystemExit, match="two-round starts from the light plan's output; add light"):
+        results.main(["--plans", "two-round"])
 
 
 def test_machine_closes_the_files_it_reads():
