@@ -91,7 +91,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# The four plans of the original guide. A flag given explicitly wins over its preset's value.
+# The four plans of the original guide and the ResNet. A flag given explicitly wins over its preset's value.
 PRESETS = {
     "light": {"lr": 0.001, "batch_size": 256, "epochs": 30, "scheduler": "cosine"},
     "head": {"lr": 0.001, "batch_size": 256, "epochs": 50, "freeze_conv": True},
@@ -104,6 +104,16 @@ PRESETS = {
     "deep": {"lr": 0.002, "batch_size": 512, "epochs": 100, "augment": "strong", "label_smoothing": 0.1,
              "patience": 30, "monitor": "val_acc"},
     "conservative": {"lr": 0.0005, "batch_size": 256},
+    # The guide's last step, a deeper network trained from random weights (bench/results/resnet-candidates/):
+    # the candidates' 4-epoch recipe run for as many epochs as fit in 90 minutes on 2 CPU threads. OneCycle
+    # sets the LR from start to end, so early stopping waits the whole run; selection still keeps the best.
+    "resnet20": {"arch": "resnet", "from_scratch": True, "optimizer": "sgd", "lr": 0.2, "weight_decay": 0.0005,
+                 "batch_size": 256, "scheduler": "onecycle", "augment": "strong", "label_smoothing": 0.1,
+                 "epochs": 70, "patience": 70, "monitor": "val_acc"},
+    # Fine-tuning the shipped ResNet-20 on its own recipe with a short cosine restart at a twentieth of its
+    # peak LR; its starting model is epoch 0, so it keeps the base model when no epoch beats it.
+    "resnet20-tune": {"model_path": "model/resnet20.pt", "optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0005,
+                      "augment": "strong", "label_smoothing": 0.1, "epochs": 15, "monitor": "val_acc"},
 }
 
 # Fields that may differ between a run and its --resume without being a change of the experiment.

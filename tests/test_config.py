@@ -22,3 +22,12 @@ def test_label_smoothed_deep_plan_stops_on_accuracy(argv, monitor):
     100-epoch plan at epoch 30."""
     cfg, _ = finetune_gpu.build_config(argv)
     assert cfg.monitor == monitor
+
+
+def test_resnet_presets_train_from_scratch_or_fine_tune_the_shipped_resnet():
+    scratch, _ = finetune_gpu.build_config(["--preset", "resnet20"])
+    assert (scratch.arch, scratch.from_scratch, scratch.warmup_epochs) == ("resnet", True, 0.0)
+    assert scratch.patience >= scratch.epochs  # OneCycle's LR falls only at the end: no stop before it
+    tune, _ = finetune_gpu.build_config(["--preset", "resnet20-tune"])
+    assert (tune.model_path, tune.from_scratch, tune.warmup_epochs) == ("model/resnet20.pt", False,
+                                                                          FINETUNE_WARMUP_EPOCHS)

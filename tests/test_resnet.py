@@ -116,15 +116,16 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-def test_from_scratch_run_and_test_model_on_its_weights(tmp_path, small_data_dir):
+def test_from_scratch_preset_and_test_model_on_its_weights(tmp_path, small_data_dir):
+    """The from-scratch preset at a tiny width, then test_model.py on the bare weights it wrote."""
     out = tmp_path / "run"
-    result = run_script("finetune_gpu.py", "--from-scratch", "--arch", "resnet", "--arch-kwargs", json.dumps(TINY),
-                        "--epochs", 1,
+    result = run_script("finetune_gpu.py", "--preset", "resnet20", "--arch-kwargs", json.dumps(TINY), "--epochs", 1,
                         "--limit-train", 512, "--data-dir", small_data_dir, "--output", out / "best.pt",
                         "--logdir", tmp_path / "tb", *SMALL_RUN, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert (best["arch"], best["arch_kwargs"]) == ("resnet", TINY) and best["config"]["arch_kwargs"] == TINY
+    assert best["config"]["from_scratch"] and best["config"]["scheduler"] == "onecycle"
     torch.save(best["model"], tmp_path / "bare.pt")  # test_model.py must infer the arch of these
     # one epoch on 512 images is no trained model: the check is that it loads and runs, not its accuracy
     check = run_script("test_model.py", "--model-path", tmp_path / "bare.pt", "--data-dir", small_data_dir,
