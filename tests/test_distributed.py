@@ -446,3 +446,18 @@ def test_a_failing_rank_fails_the_job_with_its_message(tmp_path, small_data_dir)
                       "--batch-size", 32, "--output", tmp_path / "o" / "best.pt", *COMMON, timeout=120)
     assert result.returncode != 0
     assert "checkpoint not found" in result.stderr and "rank 1" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_resnet_preset_trains_under_torchrun(tmp_path, small_data_dir):
+    """BatchNorm in every block, strong augmentation: two processes train it and rank 0 saves the plain model."""
+    tiny = {"widths": [4, 8, 16], "blocks": 1, "num_classes": 10}
+    result = torchrun("--preset", "resnet20", "--arch-kwargs", json.dumps(tiny), "--epochs", 1, "--batch-size", 32,
+                      "--limit-train", 1024, "--val-size", 500, "--device", "cpu", "--quiet", "--data-dir",
+                      small_data_dir, "--output", tmp_path / "run" / "best.pt", "--logdir", tmp_path / "tb",
+                      env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert (saved["arch"], saved["arch_kwargs"]) == ("resnet", tiny)
+    assert not any(k.startswith("module.") for k in saved["model"])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
