@@ -21,21 +21,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from fashion_ft.system import cpu_info
 
 REPO = Path(__file__).resolve().parents[1]
-# name -> (its network, which is also the ensemble it joins; what it starts from: "shipped" (the network's
-# shipped base model), another plan's output, or None for random weights; finetune_gpu.py flags)
+class Plan(NamedTuple):
+    network: str  # also the ensemble it joins
+    start: str | None  # "shipped" (the network's shipped base model), another plan's name, or None: random weights
+    flags: list  # finetune_gpu.py flags
+
+
 PLANS = {
-    "light": ("cnn3", "shipped", ["--preset", "light"]),
-    "two-round": ("cnn3", "light", ["--preset", "light", "--lr", "0.0005"]),
-    "deep": ("cnn3", "shipped", ["--preset", "deep"]),
-    "conservative": ("cnn3", "shipped", ["--preset", "conservative"]),
-    "head": ("cnn3", "shipped", ["--preset", "head"]),
-    "resnet20": ("resnet20", None, ["--preset", "resnet20"]),
-    "resnet20-seed7": ("resnet20", None, ["--preset", "resnet20", "--seed", "7"]),  # a second ensemble member
-    "resnet20-tune": ("resnet20", "shipped", ["--preset", "resnet20-tune"]),
+    "light": Plan("cnn3", "shipped", ["--preset", "light"]),
+    "two-round": Plan("cnn3", "light", ["--preset", "light", "--lr", "0.0005"]),
+    "deep": Plan("cnn3", "shipped", ["--preset", "deep"]),
+    "conservative": Plan("cnn3", "shipped", ["--preset", "conservative"]),
+    "head": Plan("cnn3", "shipped", ["--preset", "head"]),
+    "resnet20": Plan("resnet20", None, ["--preset", "resnet20"]),
+    "resnet20-seed7": Plan("resnet20", None, ["--preset", "resnet20", "--seed", "7"]),  # a second ensemble member
+    "resnet20-tune": Plan("resnet20", "shipped", ["--preset", "resnet20-tune"]),
 }
 TINY = ["--limit-train", "1024", "--epochs", "1", "--val-size", "1000"]
 
@@ -79,24 +84,18 @@ def run(cmd: list, log: Path) -> tuple[int, float]:
 
 
 def plan_command(name: str, args, base: Path | None, out: Path) -> list:
-    cmd = [sys.executable, "finetune_gpu.py", *(["--model-path", str(base)] if base else []), *PLANS[name][-1],
+    cmd = [sys.executable, "finetune_gpu.py", *(["--model-path", str(base)] if base else []), *PLANS[name].flags,
            "--output", str(out), "--logdir", str(out.parent.parent / "tb"), "--run-name", name, "--overwrite",
            "--device", args.device]
     return cmd + (["--data-dir", args.data_dir] if args.data_dir else []) + (TINY if args.tiny else [])
 
 
-def plan_base(name: str, args, rows: list) -> Path | None | dict:
-    """The model a plan starts from: a shipped one, None (random weights), or another plan's output; for a
-    plan whose starting plan failed, the row that says it was skipped."""
-    network, start, _ = PLANS[name]
-    if start is None:
-        return None
-    if start == "shipped":
-        return REPO / {"cnn3": args.model_path, "resnet20": args.resnet_model_path}[network]
-    row = next(r for r in rows if r["plan"] == start)
-    if not row.get("checkpoint"):
-        return {"plan": name, "exit_code": -1, "wall_s": 0.0, "command": f"skipped: {start} failed"}
-    return Path(row["checkpoint"])
+def plan_base(name: str, args, rows: list) -> Path | None:
+    """The model a plan starts from: a shipped one, another plan's output, or None (random weights)."""
+    plan = PLANS[name]
+    if plan.start == "shipped":
+        return REPO / {"cnn3": args.model_path, "resnet20": args.resnet_model_path}[plan.network]
+    return None if plan.start is None else Path(next(r for r in rows if r["plan"] == plan.start)["checkpoint"])
 
 
 def run_plan(name: str, cmd: list, out: Path, logs: Path) -> dict:
@@ -160,15 +159,16 @@ def main(argv=None) -> int:
     logs = report / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for name in args.plans:
-        start = PLANS[name][1]
+        start = PLANS[name].start
         if start in PLANS and start not in args.plans:
             raise SystemExit(f"--plans: {name} starts from the {start} plan's output; add {start}")
     earlier, rows = finished_rows(report) if args.resume else {}, []
     for name in sorted(args.plans, key=list(PLANS).index):  # light before two-round
-        base = plan_base(name, args, rows)
-        if isinstance(base, dict):
-            rows.append(base)
+        start = PLANS[name].start
+        if start in PLANS and not next(r for r in rows if r["plan"] == start).get("checkpoint"):
+            rows.append({"plan": name, "exit_code": -1, "wall_s": 0.0, "command": f"skipped: {start} failed"})
             continue
+        base = plan_base(name, args, rows)
         out = work / name / "best.pt"
         cmd = plan_command(name, args, base, out)
         kept = earlier.get(name)
@@ -177,8 +177,8 @@ def main(argv=None) -> int:
               flush=True)
         write_report(rows, report, args.tiny)  # after every plan: a stopped run keeps what it measured
     plan_rows = list(rows)
-    for network in dict.fromkeys(PLANS[r["plan"]][0] for r in plan_rows):
-        paths = [r["checkpoint"] for r in plan_rows if r.get("checkpoint") and PLANS[r["plan"]][0] == network]
+    for network in dict.fromkeys(PLANS[r["plan"]].network for r in plan_rows):
+        paths = [r["checkpoint"] for r in plan_rows if r.get("checkpoint") and PLANS[r["plan"]].network == network]
         if len(paths) > 1:  # members of one network: a weaker network's vote would only dilute a stronger one's
             rows.append(run_ensemble(network, paths, args, logs))
     print(write_report(rows, report, args.tiny))
