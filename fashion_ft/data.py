@@ -10,6 +10,7 @@ import hashlib
 import math
 import os
 import shutil
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError, UserError
+from .outputs import resolve_path
 
 CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -32,6 +34,10 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+# The largest Fashion-MNIST file holds 60,000 x 28 x 28 bytes of data: a header that promises more is
+# corrupt, and believing it would size the read (or a gzip bomb's inflation) by whatever it says.
+MAX_IDX_DATA = 60_000 * 28 * 28
+ENV_DIR = "FASHION_MNIST_DIR"
 MIN_IMAGES = 10  # fewer images than classes in a split cannot measure anything
 DEFAULT_SPLIT = (42, 5000)  # (seed, validation images) when neither the user nor the starting model says
 GET_DATA_HINT = (
@@ -42,32 +48,48 @@ GET_DATA_HINT = (
 
 # ---------------------------------------------------------------- finding and reading the files
 
+class DataNotFound(UserError):
+    """No folder holds the files: the one data error that --download can fix."""
+
+
 def _idx_path(folder: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz"):
-        if (folder / name).is_file():
-            return folder / name
+    """The raw or .gz file of `stem` in `folder`; a name taken by something else (a folder, a FIFO, a
+    device) is an error, since skipping it would report the files as missing, or read another copy."""
+    for path in (folder / stem, folder / (stem + ".gz")):
+        try:
+            mode = os.stat(path).st_mode  # follows symbolic links: a link to a regular file is fine
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{path} is not a regular file")
+        return path
     return None
 
 
 def candidate_dirs(data_dir: str | None) -> list[Path]:
-    """Where the files are looked for, in order (DESIGN.md: Data)."""
-    if data_dir:  # an explicit folder is the only place looked at
-        return [Path(data_dir), Path(data_dir) / "FashionMNIST" / "raw"]
-    dirs = []
-    if os.environ.get("FASHION_MNIST_DIR"):
-        dirs.append(Path(os.environ["FASHION_MNIST_DIR"]))
-    dirs += [Path("data"), Path("data/FashionMNIST/raw"), Path(DEBIAN_DIR)]
-    return dirs
+    """Where the files are looked for, in order. A folder the user named (--data-dir, else
+    $FASHION_MNIST_DIR) is the only place looked at: reading some other copy would hide their mistake."""
+    named = data_dir or os.environ.get(ENV_DIR)
+    if named:
+        return [Path(named), Path(named) / "FashionMNIST" / "raw"]
+    return [Path("data"), Path("data/FashionMNIST/raw"), Path(DEBIAN_DIR)]
 
 
 def find_data_dir(data_dir: str | None = None, split: str = "train") -> Path:
     """The first folder that holds both IDX files of `split`."""
+    if data_dir:
+        resolve_path(Path(data_dir), "--data-dir")  # a symlink loop is worded as for every other path
     tried = candidate_dirs(data_dir)
     for folder in tried:
         if all(_idx_path(folder, stem) for stem in FILES[split]):
             return folder
     places = ", ".join(str(p) for p in tried)
-    raise UserError(f"Fashion-MNIST {split} files not found (looked in: {places}); {GET_DATA_HINT}")
+    if not data_dir and os.environ.get(ENV_DIR):
+        raise DataNotFound(f"Fashion-MNIST {split} files not found (looked in: {places}, the folder ${ENV_DIR} "
+                           f"names); point it at the files, or unset it and {GET_DATA_HINT}")
+    raise DataNotFound(f"Fashion-MNIST {split} files not found (looked in: {places}); {GET_DATA_HINT}")
 
 
 def download(root: str = "data") -> Path:
@@ -88,33 +110,60 @@ def download(root: str = "data") -> Path:
     return Path(root) / "FashionMNIST" / "raw"
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; bad deflate data is zlib.error
-        raise UserError(f"cannot read {path}: {exc}") from None
+def _open_regular(path, flags):
+    """open()'s opener for regular files only: with O_NONBLOCK a FIFO in a file's place opens at once
+    instead of waiting for a writer, and is turned away with folders and devices before any read."""
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a regular file")
+    return fd
 
 
-def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """One IDX file as a uint8 array, after checking its magic number, dimensions and length."""
-    raw = _read_bytes(path)
-    if len(raw) < 8:
-        raise UserError(f"{path} is not an IDX file (only {len(raw)} bytes)")
-    magic = int.from_bytes(raw[:4], "big")
+def _read_dims(fh, path: Path, expected_magic: int) -> list[int]:
+    """The dimensions in the header of an open IDX file, after checking its magic number."""
+    head = fh.read(4)
+    if len(head) < 4:
+        raise UserError(f"{path} is not an IDX file (only {len(head)} bytes)")
+    magic = int.from_bytes(head, "big")
     if magic != expected_magic:
         raise UserError(f"{path} has magic number {magic}, expected {expected_magic}: not the right IDX file")
     ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + math.prod(dims)
-    if len(raw) != expected:
-        raise UserError(
-            f"{path} is truncated or corrupt: header says {expected} bytes, file has {len(raw)}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    dims = fh.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise UserError(f"{path} is not an IDX file (only {4 + len(dims)} bytes)")
+    return [int.from_bytes(dims[i: i + 4], "big") for i in range(0, 4 * ndim, 4)]
+
+
+def read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """One IDX file as a uint8 array, after checking its magic number, dimensions and length.
+
+    The header is read first, and the data only once its size is known to be sane and (for a raw file)
+    to match the file's: a lying header, a sparse file or a gzip bomb costs no more than the data it promises.
+    """
+    path = Path(path)
+    compressed = path.suffix == ".gz"
+    try:
+        with open(path, "rb", opener=_open_regular) as file:
+            fh = gzip.GzipFile(fileobj=file) if compressed else file
+            dims = _read_dims(fh, path, expected_magic)
+            header, size = 4 + 4 * len(dims), math.prod(dims)
+            if size > MAX_IDX_DATA:
+                raise UserError(f"{path} is corrupt: its header says {size} bytes of data, more than the "
+                                f"{MAX_IDX_DATA} of the largest Fashion-MNIST file")
+            file_size = os.fstat(file.fileno()).st_size
+            if not compressed and file_size != header + size:
+                raise UserError(f"{path} is truncated or corrupt: header says {header + size} bytes, "
+                                f"file has {file_size}")
+            data = fh.read(size + 1)  # one byte more than promised tells a longer stream from an exact one
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; bad deflate data is zlib.error
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if len(data) > size:
+        raise UserError(f"{path} inflates to more than the {header + size} bytes its header says")
+    if len(data) < size:
+        raise UserError(f"{path} is truncated or corrupt: header says {header + size} bytes, "
+                        f"it {'inflates to' if compressed else 'has'} {header + len(data)}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
@@ -137,7 +186,7 @@ def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     image_stem, label_stem = FILES[split]
     image_path, label_path = _idx_path(folder, image_stem), _idx_path(folder, label_stem)
     if image_path is None or label_path is None:
-        raise UserError(f"Fashion-MNIST {split} files not found in {folder}; {GET_DATA_HINT}")
+        raise DataNotFound(f"Fashion-MNIST {split} files not found in {folder}; {GET_DATA_HINT}")
     images = read_idx(image_path, IMAGES_MAGIC)
     labels = read_idx(label_path, LABELS_MAGIC)
     if images.shape[1:] != (28, 28):
@@ -156,7 +205,7 @@ def load_split(data_dir: str | None, split: str, allow_download: bool = False):
     """Find and read one split; with allow_download, fetch it first when it is nowhere to be found."""
     try:
         folder = find_data_dir(data_dir, split)
-    except UserError:
+    except DataNotFound:  # a file that is there but unusable is not fixed by downloading another copy
         if not allow_download:
             raise
         folder = download(data_dir or "data")
@@ -186,6 +235,26 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     mask = torch.ones(n, dtype=torch.bool)
     mask[val_idx] = False
     return torch.arange(n)[mask], val_idx
+
+
+def label_warning(labels: torch.Tensor, what: str) -> str | None:
+    """A one-line warning when `what` ("the training images", ...) lacks classes or holds too few of one
+    (under a tenth of its fair share), else None. An empty set is the caller's matter, not a mix of classes."""
+    counts = torch.bincount(labels.flatten().cpu(), minlength=len(CLASSES)).tolist()
+    n = sum(counts)
+    present = [name for name, count in zip(CLASSES, counts) if count]
+    if n and len(present) < len(CLASSES):
+        missing = [name for name in CLASSES if name not in present]
+        # name the shorter list: "(Trouser)" rather than nine names, "(no Bag)" rather than nine
+        names = ", ".join(present) if len(present) <= len(missing) else "no " + ", ".join(missing)
+        return (f"{what} hold only {len(present)} of the {len(CLASSES)} classes ({names}): "
+                "nothing is learned or measured on the others")
+    fair = n / len(CLASSES)
+    scarce = [f"{name} {count}" for name, count in zip(CLASSES, counts) if count < fair / 10]
+    if scarce:
+        return (f"{what} hold too few of some classes ({', '.join(scarce)} of {n}, a fair share being "
+                f"{fair:.0f}): what is learned or measured on them is unreliable")
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """The Fashion-MNIST reader: real data (sizes, labels, split) and small generated IDX files (lookup, bad files)."""
 
 import gzip
+import os
+import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -14,6 +17,9 @@ from fashion_ft.data import (
     IMAGES_MAGIC,
     LABELS_MAGIC,
     find_data_dir,
+    label_warning,
+    load_split,
+    read_idx,
     read_split,
     stratified_split,
 )
@@ -121,10 +127,12 @@ def remove_split(folder):
         (folder / stem).unlink()
 
 
-def test_lookup_order(every_place):
+@pytest.mark.parametrize("env", ["", None])  # set but empty counts as unset
+def test_lookup_order(every_place, monkeypatch, env):
     assert find_data_dir(str(every_place["flag"])).resolve() == every_place["flag"]
-    # without --data-dir: $FASHION_MNIST_DIR, ./data, data/FashionMNIST/raw, the Debian folder, in that order
-    for name, next_name in [("env", "data"), ("data", "raw"), ("raw", "debian")]:
+    monkeypatch.delenv("FASHION_MNIST_DIR") if env is None else monkeypatch.setenv("FASHION_MNIST_DIR", env)
+    # with neither --data-dir nor $FASHION_MNIST_DIR: ./data, data/FashionMNIST/raw, the Debian folder, in that order
+    for name, next_name in [("data", "raw"), ("raw", "debian")]:
         assert find_data_dir(None).resolve() == every_place[name]
         remove_split(every_place[name])
         assert find_data_dir(None).resolve() == every_place[next_name]
@@ -133,9 +141,29 @@ def test_lookup_order(every_place):
         find_data_dir(None)
 
 
-def test_data_dir_flag_accepts_torchvision_layout(every_place):
+def test_data_dir_flag_wins_over_the_variable(every_place):
+    assert find_data_dir(str(every_place["flag"])).resolve() == every_place["flag"]
+    remove_split(every_place["flag"])
+    with pytest.raises(UserError, match="not found"):
+        find_data_dir(str(every_place["flag"]))
+
+
+def test_the_variable_is_the_only_place_looked_at(every_place):
+    assert find_data_dir(None).resolve() == every_place["env"]
+    remove_split(every_place["env"])  # ./data and the Debian folder still hold the files: not read instead
+    with pytest.raises(UserError) as err:
+        find_data_dir(None)
+    message = str(err.value)
+    assert "not found" in message and "$FASHION_MNIST_DIR" in message and str(every_place["env"]) in message
+    assert str(every_place["debian"]) not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("named_by", ["flag", "env"])
+def test_a_named_folder_may_have_torchvision_layout(every_place, monkeypatch, named_by):
     remove_split(every_place["data"])  # left: data/FashionMNIST/raw, where torchvision downloads to
-    assert find_data_dir(str(every_place["data"])).resolve() == every_place["raw"]
+    if named_by == "env":
+        monkeypatch.setenv("FASHION_MNIST_DIR", str(every_place["data"]))
+    assert find_data_dir(str(every_place["data"]) if named_by == "flag" else None).resolve() == every_place["raw"]
 
 
 def test_explicit_data_dir_never_falls_back(every_place, tmp_path):
@@ -144,15 +172,21 @@ def test_explicit_data_dir_never_falls_back(every_place, tmp_path):
         find_data_dir(str(tmp_path / "missing"))
 
 
-def test_not_found_lists_places_and_both_remedies(every_place):
+@pytest.mark.parametrize("env_set", [True, False])
+def test_not_found_lists_places_and_both_remedies(every_place, monkeypatch, env_set):
     for name in ("env", "data", "raw", "debian"):
         remove_split(every_place[name])
+    if not env_set:
+        monkeypatch.delenv("FASHION_MNIST_DIR")
     with pytest.raises(UserError) as err:
         find_data_dir(None)
     message = str(err.value)
     assert "\n" not in message
-    for folder in (every_place["env"], "data", "data/FashionMNIST/raw", every_place["debian"]):
+    places = [every_place["env"], every_place["env"] / "FashionMNIST/raw"] if env_set else \
+        ["data", "data/FashionMNIST/raw", every_place["debian"]]
+    for folder in places:
         assert str(folder) in message
+    assert ("$FASHION_MNIST_DIR" in message) == env_set
     assert "apt-get install dataset-fashion-mnist" in message and "--download" in message
 
 
@@ -203,6 +237,17 @@ def damage_gzip_corrupt(folder):
     path.write_bytes(bytes(raw))
 
 
+def damage_gzip_short(folder):
+    # a well-formed .gz of a file that lost its end before it was compressed
+    damage_truncate(folder)
+    gzip_folder(folder)
+
+
+def damage_raw_long(folder):
+    with open(folder / FILES["test"][1], "ab") as fh:
+        fh.write(b"\0")
+
+
 @pytest.mark.parametrize("damage, expected", [
     (damage_truncate, "truncated or corrupt"),
     (damage_magic, "magic number 2049, expected 2051"),
@@ -212,6 +257,8 @@ def damage_gzip_corrupt(folder):
     (damage_empty, "not an IDX file"),
     (damage_gzip_truncated, "cannot read"),
     (damage_gzip_corrupt, "cannot read"),
+    (damage_gzip_short, "is truncated or corrupt: header says 15696 bytes, it inflates to 15596"),
+    (damage_raw_long, "is truncated or corrupt: header says 28 bytes, file has 29"),
 ])
 def test_bad_idx_file_is_a_clear_user_error(tmp_path, damage, expected):
     write_split(tmp_path, "test", *tiny_split())
@@ -219,3 +266,131 @@ def test_bad_idx_file_is_a_clear_user_error(tmp_path, damage, expected):
     with pytest.raises(UserError) as err:
         read_split(tmp_path, "test")
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- lying headers: refused before the data is read
+
+
+def idx_header(magic, *dims):
+    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+
+
+def gzip_bomb(path):
+    # 100 images promised, 10 MB of zeros behind them: a 10 kB file
+    path = path.with_suffix(".gz")
+    path.write_bytes(gzip.compress(idx_header(IMAGES_MAGIC, 100, 28, 28) + bytes(10_000_000), compresslevel=1))
+    return path
+
+
+def sparse_raw(path, dims, size=None):
+    """A file with the header of `dims` and then a hole, of exactly the size that header says unless `size`."""
+    path.write_bytes(idx_header(IMAGES_MAGIC, *dims))
+    os.truncate(path, size or 16 + dims[0] * dims[1] * dims[2])
+    return path
+
+
+@pytest.mark.parametrize("make, expected", [
+    (gzip_bomb, "inflates to more than the 78416 bytes its header says"),
+    (lambda path: sparse_raw(path, (60_000, 28, 28), size=2**30),
+     "truncated or corrupt: header says 47040016 bytes, file has 1073741824"),
+    # more images than Fashion-MNIST has, and a file that really holds them: still not believed
+    (lambda path: sparse_raw(path, (100_000, 28, 28)), "is corrupt: its header says 78400000 bytes of data"),
+    (lambda path: sparse_raw(path, (2**32 - 1, 2**32 - 1, 2**32 - 1), size=16), "is corrupt: its header says"),
+])
+def test_lying_header_is_refused_before_the_data_is_read(tmp_path, make, expected):
+    path = make(tmp_path / "images")
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError) as err:
+            read_idx(path, IMAGES_MAGIC)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert expected in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+    assert peak < 1_000_000, f"{peak} bytes allocated to refuse it"
+
+
+# ---------------------------------------------------------------- something other than a file in a file's place
+
+
+def within(seconds, call):
+    """What `call` raised, or fail when it blocks (opening a FIFO for reading waits for a writer)."""
+    outcome = []
+
+    def target():
+        try:
+            call()
+            outcome.append(None)
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)  # daemon: a blocked one does not hold up pytest's exit
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"blocked for over {seconds} s"
+    return outcome[0]
+
+
+NOT_FILES = {
+    "directory": os.mkdir,
+    "FIFO": os.mkfifo,
+    "link to /dev/zero": lambda path: os.symlink("/dev/zero", path),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_FILES)
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_not_a_regular_file_is_named_and_never_opened(tmp_path, kind, suffix):
+    write_split(tmp_path, "test", *tiny_split())
+    path = tmp_path / (FILES["test"][0] + suffix)
+    (tmp_path / FILES["test"][0]).unlink()
+    NOT_FILES[kind](path)
+    for call in (lambda: find_data_dir(str(tmp_path), "test"), lambda: read_split(tmp_path, "test"),
+                 lambda: read_idx(path, IMAGES_MAGIC)):
+        err = within(5, call)
+        assert isinstance(err, UserError) and str(err) == f"{path} is not a regular file"
+
+
+def test_link_to_a_regular_file_is_read(tmp_path):
+    write_split(tmp_path / "real", "test", *tiny_split())
+    (tmp_path / "linked").mkdir()
+    for stem in FILES["test"]:
+        os.symlink(tmp_path / "real" / stem, tmp_path / "linked" / stem)
+    assert torch.equal(read_split(tmp_path / "linked", "test")[0], read_split(tmp_path / "real", "test")[0])
+
+
+def test_download_does_not_hide_an_unusable_file(tmp_path, monkeypatch):
+    write_split(tmp_path, "test", *tiny_split())
+    (tmp_path / FILES["test"][0]).unlink()
+    os.mkdir(tmp_path / FILES["test"][0])
+    monkeypatch.setattr(data, "download", lambda root: pytest.fail("downloaded another copy"))
+    with pytest.raises(UserError, match="is not a regular file"):
+        load_split(str(tmp_path), "test", allow_download=True)
+
+
+# ---------------------------------------------------------------- label_warning
+
+
+def labels_of(*counts):
+    return torch.cat([torch.full((n,), cls) for cls, n in enumerate(counts)])
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (labels_of(*[100] * 10), None),
+    (labels_of(*[100] * 9, 10), None),  # 10 of 910: just over a tenth of the fair share of 91
+    (labels_of(*[100] * 9, 9), "the training images hold too few of some classes (Ankle boot 9 of 909, "),
+    (torch.tensor([], dtype=torch.int64), None),
+    (labels_of(0, 50), "the training images hold only 1 of the 10 classes (Trouser): "
+                       "nothing is learned or measured on the others"),
+    (labels_of(*[5] * 8, 0, 5), "the training images hold only 9 of the 10 classes (no Bag): "),
+    (labels_of(*[5] * 5), "the training images hold only 5 of the 10 classes (T-shirt/top, Trouser, Pullover, "
+                          "Dress, Coat): "),
+    (labels_of(*[100] * 8, 3, 100), "the training images hold too few of some classes (Bag 3 of 903, a fair "
+                                    "share being 90): "),
+])
+def test_label_warning(labels, expected):
+    warning = label_warning(labels, "the training images")
+    if expected is None:
+        assert warning is None
+    else:
+        assert warning.startswith(expected) and "\n" not in warning, warning
