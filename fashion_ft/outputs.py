@@ -1,12 +1,14 @@
 """Guards for a run's files, checked before any work and without creating anything: where the best
 model, last.pt, metrics.json and the lock go, that they never replace an input or earlier results,
-that the folders can be written; and the lock that keeps two live runs out of one output folder.
+that the folders can be written, and which TensorBoard run folder is this run's; and the lock that
+keeps two live runs out of one output folder.
 
 Exit codes follow one rule:
 - UsageError (exit 2): the command line is what is wrong, and changing it is the fix. A path that is
-  malformed (a trailing '/', a --run-name that leaves --logdir), names the wrong kind of thing (a
-  folder where a file goes, a file where a folder goes), cannot be resolved (a symlink loop), collides
-  with another output or with an input, or would replace earlier results without --overwrite.
+  malformed (a trailing '/', a --run-name that leaves --logdir, also through a symlink, or holds a
+  control character), names the wrong kind of thing (a folder where a file goes, a file where a folder
+  goes), cannot be resolved (a symlink loop, always reported by resolve_path), collides with another
+  output or with an input, or would replace earlier results without --overwrite.
 - UserError (exit 1): the command line is fine but the file system cannot take the run now: no
   permission, a read-only or pseudo file system (/proc, /sys), too little free space, or an output
   folder that a live run holds.
@@ -14,9 +16,13 @@ Exit codes follow one rule:
 
 import errno
 import fcntl
+import itertools
 import os
 import shutil
+import unicodedata
 import warnings
+from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +31,9 @@ from .errors import UsageError, UserError
 LOCK_NAME = ".lock"
 LOGDIR_MIN_FREE_BYTES = 1 << 20  # TensorBoard's event files of one run are far smaller than this
 ROLES = {"best": "the best model", "last": "last.pt", "metrics": "metrics.json", "lock": "the lock file"}
+# What would split a one-line message or the printed `tensorboard:` line: control characters (newline,
+# ESC, NUL), line and paragraph separators, and the surrogate escapes of bytes that are not UTF-8.
+UNPRINTABLE_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,10 @@ class RunFiles:
 
     def roles(self) -> dict[str, Path]:
         return {"best": self.best, "last": self.last, "metrics": self.metrics, "lock": self.lock}
+
+    def names(self) -> tuple[str, ...]:
+        """The file names written through atomic_write, whose temporaries a killed run leaves."""
+        return (self.best.name, self.last.name, self.metrics.name)
 
 
 # ---------------------------------------------------------------- paths
@@ -101,6 +114,7 @@ def is_pseudo_fs(path: Path) -> bool:
 
 def check_writable_folder(folder: Path, flag: str) -> Path:
     """`folder` exists or can be created, on a real file system, by us; returns its existing ancestor."""
+    resolve_path(folder, flag)  # a loop would otherwise read as "is a file", its link being the ancestor
     ancestor = existing_ancestor(folder)
     if not ancestor.is_dir():
         raise UsageError(f"{flag}: cannot create the folder {folder}: {ancestor} is a file, not a folder")
@@ -178,6 +192,7 @@ def existing_message(path: Path, resume: Path | None) -> str:
 
 def check_disk_space(folder: Path, needed_bytes: int, flag: str = "--output") -> None:
     """At least `needed_bytes` free where `folder` is or will be created."""
+    resolve_path(folder, flag)  # disk_usage would raise a bare ELOOP
     ancestor = existing_ancestor(folder)
     usage = shutil.disk_usage(ancestor)
     if usage.total == 0:
@@ -191,18 +206,22 @@ def check_disk_space(folder: Path, needed_bytes: int, flag: str = "--output") ->
 # ---------------------------------------------------------------- TensorBoard folder
 
 def check_run_name(run_name: str) -> None:
-    """One plain folder name: nothing that would put the run outside --logdir."""
+    """One plain folder name: nothing that would put the run outside --logdir or break a printed line."""
     seps = [s for s in (os.sep, os.altsep, "/") if s]
-    if not run_name or "\0" in run_name:
+    if not run_name:
         raise UsageError(f"--run-name {run_name!r}: give a plain folder name")
+    if any(unicodedata.category(c) in UNPRINTABLE_CATEGORIES for c in run_name):
+        raise UsageError(f"--run-name {run_name!r} has a control character or a line break; "
+                         "give a plain folder name")
     if os.path.isabs(run_name) or any(s in run_name for s in seps) or run_name in (".", ".."):
         raise UsageError(f"--run-name {run_name!r} would leave --logdir; give a plain folder name "
                          "(no '/', no '..', not absolute)")
 
 
-def check_logdir(logdir: str, run_name: str | None) -> Path:
-    """Check --logdir and --run-name before any work, creating nothing; returns the run's folder.
-    `run_name` None: only --logdir is checked (a generated default name is always a plain name)."""
+def check_logdir(logdir: str, run_name: str | None, *, resume: bool = False) -> Path:
+    """Check --logdir and --run-name before any work, creating nothing; returns the run's folder (see
+    run_folder: another run's folder is never shared). `run_name` None: only --logdir is checked, and
+    returned (a generated default name is always a plain name)."""
     if not logdir:
         raise UsageError("--logdir is empty; give a folder")
     if run_name is not None:
@@ -210,14 +229,46 @@ def check_logdir(logdir: str, run_name: str | None) -> Path:
     root = resolve_path(Path(logdir), "--logdir")
     if root.exists() and not root.is_dir():
         raise UsageError(f"--logdir {logdir} is a file; TensorBoard needs a folder")
-    run = Path(logdir) / (run_name or "")
-    if run_name is not None and resolve_path(run, "--run-name").exists() and not run.is_dir():
-        raise UsageError(f"--run-name {run_name}: {run} is a file; TensorBoard needs a folder")
+    run = Path(logdir) if run_name is None else run_folder(Path(logdir), root, run_name, resume)
     ancestor = check_writable_folder(run, "--logdir")
     free = shutil.disk_usage(ancestor).free
     if free < LOGDIR_MIN_FREE_BYTES:
         raise UserError(f"--logdir {logdir}: no space left on the device (only {free / 2**20:.2f} MiB free)")
     return run
+
+
+def run_folder(logdir: Path, root: Path, run_name: str, resume: bool) -> Path:
+    """logdir/run_name; when another run's files are there, the first free logdir/run_name_N (as
+    Lightning's version_N), since two runs in one folder make one TensorBoard run of interleaved steps.
+    A resumed run (`resume`) goes on in its own folder. `root`: logdir resolved."""
+    named = logdir / run_name
+    if resolve_path(named, "--run-name").exists() and not named.is_dir():
+        raise UsageError(f"--run-name {run_name}: {named} is a file; TensorBoard needs a folder")
+    for n in itertools.count():  # ends: finitely many names exist (see taken)
+        run = logdir / f"{run_name}_{n}" if n else named
+        check_inside(run, root, logdir)
+        if resume or not taken(run):
+            return run
+
+
+def check_inside(run: Path, root: Path, logdir: Path) -> None:
+    """A planted symlink must not send the logs out of --logdir."""
+    resolved = resolve_path(run, "--run-name")
+    if root not in resolved.parents:
+        raise UsageError(f"--run-name {run.name}: {run} links to {resolved}, outside --logdir {logdir}; "
+                         "remove the link or choose another --run-name")
+
+
+def taken(folder: Path) -> bool:
+    """Anything there but an empty folder: another run's events, a file, a link to nowhere. Only what
+    exists is taken, so that run_folder's search ends."""
+    if not os.path.lexists(folder):
+        return False
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:  # a file, a link to nothing, a folder we may not list
+        return True
 
 
 # ---------------------------------------------------------------- the lock
@@ -260,6 +311,42 @@ def same_inode(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def make_folders(folder: Path) -> list[Path]:
+    """mkdir -p that returns, top-down, the folders it made itself (not those another process made)."""
+    folder = Path(folder).absolute()
+    created = []
+    for path in reversed([p for p in (folder, *folder.parents) if not os.path.lexists(p)]):
+        with suppress(FileExistsError):
+            os.mkdir(path)
+            created.append(path)
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Bottom-up, while empty: the first folder that holds anything keeps itself and its parents."""
+    for folder in reversed(folders):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+def is_temporary_of(entry: str, name: str) -> bool:
+    """`entry` is one of checkpoint.atomic_write's .<name>.XXXXXXXX.tmp files."""
+    prefix, suffix = f".{name}.", ".tmp"
+    return entry.startswith(prefix) and entry.endswith(suffix) and len(entry) > len(prefix) + len(suffix)
+
+
+def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
+    """What a run killed mid-save left (up to the size of last.pt each); called with the lock held, so no
+    live run of ours writes them. Never fails: a file we cannot remove costs space, not the run."""
+    with suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if any(is_temporary_of(entry.name, n) for n in names) and entry.is_file(follow_symlinks=False):
+                with suppress(OSError):
+                    os.unlink(entry.path)
+
+
 class RunLock:
     """`with RunLock(files.lock): ...` holds an output folder for one live run.
 
@@ -269,24 +356,35 @@ class RunLock:
     ours; a lock left by a dead process is taken over with a warning. (Should an unrelated process
     reuse a dead holder's pid, the folder stays refused while it lives; the message names the file to
     delete.) The lock is removed at exit, also on exceptions. Taking it is the run's first write: it
-    creates the output folder if needed. Under torchrun only rank 0 takes it.
+    creates the output folder if needed, and the folders it created go again at exit while empty (a run
+    that failed before its first save leaves nothing). Once held, it removes the temporaries that a
+    killed run left of the files named in `clean` (RunFiles.names()). Under torchrun only rank 0 takes it.
     """
 
-    def __init__(self, path: Path, flag: str = "--output"):
+    def __init__(self, path: Path, flag: str = "--output", clean: Iterable[str] = ()):
         self.path = Path(path)
         self.flag = flag
+        self.clean = tuple(clean)
         self._fd: int | None = None
+        self._created: list[Path] = []
 
     def __enter__(self) -> "RunLock":
-        folder = self.path.parent
+        resolve_path(self.path, self.flag)  # a symlink loop is reported as everywhere else
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for _ in range(5):  # another run may remove or replace the file between our steps
-                self._fd = self._acquire()
-                if self._fd is not None:
-                    return self
-        except OSError as exc:
-            raise UserError(f"{self.flag}: cannot take the lock {self.path}: {exc.strerror or exc}") from None
+            return self._take()
+        except BaseException as exc:
+            self.__exit__()
+            if isinstance(exc, OSError):
+                raise UserError(f"{self.flag}: cannot take the lock {self.path}: {exc.strerror or exc}") from None
+            raise
+
+    def _take(self) -> "RunLock":
+        for _ in range(5):  # another run may remove or replace the file, or the folder, between our steps
+            self._created += make_folders(self.path.parent)
+            self._fd = self._acquire()
+            if self._fd is not None:
+                remove_stale_temporaries(self.path.parent, self.clean)
+                return self
         raise UserError(f"{self.flag}: cannot take the lock {self.path}: other runs keep replacing it")
 
     def __exit__(self, *_exc) -> bool:
@@ -298,17 +396,26 @@ class RunLock:
                 pass  # the folder went away: nothing left to release but the descriptor
             os.close(self._fd)
             self._fd = None
+        remove_empty(self._created)
+        self._created = []
         return False
 
     def _acquire(self) -> int | None:
         """Our descriptor holding the lock, None to retry, or a UserError while a live run holds it."""
         try:
             fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileNotFoundError:  # an ending run removed the empty folder it had made
+            return None
         except FileExistsError:
             try:
                 fd, created = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW), False  # never write through a link
             except FileNotFoundError:  # its holder just removed it
                 return None
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise UserError(f"{self.flag}: cannot take the lock {self.path}: it is a symlink, which the "
+                                f"lock never follows; delete it") from None
         try:
             return self._claim(fd, created)
         except BaseException:

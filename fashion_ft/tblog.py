@@ -162,15 +162,22 @@ def render_confusion(cm: np.ndarray, classes: list[str], cell: int = 44) -> np.n
     return np.asarray(img)
 
 
-def render_per_class(acc: list[float], classes: list[str], width: int = 360) -> np.ndarray:
+def per_class_accuracy(cm: np.ndarray) -> list[float | None]:
+    """Each class's share of its test images predicted right; None for a class with no test images
+    (0.0 would say the model got all of them wrong)."""
+    return [float(cm[i, i] / total) if total else None for i, total in enumerate(cm.sum(1))]
+
+
+def render_per_class(acc: list[float | None], classes: list[str], width: int = 360) -> np.ndarray:
+    """One bar per class; a class with no test images (None) gets no bar and 'n/a'."""
     row = 20
     img = Image.new("RGB", (110 + width + 60, row * len(classes) + 10), "white")
     draw = ImageDraw.Draw(img)
     for i, (name, a) in enumerate(zip(classes, acc, strict=True)):
         y = 5 + i * row
         draw.text((2, y + 3), name[:16], fill="black", font=_font())
-        draw.rectangle([110, y, 110 + int(a * width), y + row - 4], fill=(70, 110, 200))
-        draw.text((110 + width + 6, y + 3), f"{100 * a:.1f}%", fill="black", font=_font())
+        draw.rectangle([110, y, 110 + int((a or 0) * width), y + row - 4], fill=(70, 110, 200))
+        draw.text((110 + width + 6, y + 3), "n/a" if a is None else f"{100 * a:.1f}%", fill="black", font=_font())
     return np.asarray(img)
 
 
@@ -191,13 +198,15 @@ def render_misclassified(images: torch.Tensor, labels, preds, classes, limit: in
 
 
 def log_test_figures(writer, images, labels, preds, classes) -> dict:
-    """Confusion matrix, per-class accuracy and misclassified images; returns per-class accuracy."""
+    """Confusion matrix, per-class accuracy and misclassified images; returns per-class accuracy (None
+    for a class the test set has no images of: no scalar is logged for it)."""
     cm = confusion_matrix(labels, preds, len(classes))
-    per_class = (cm.diagonal() / np.maximum(cm.sum(1), 1)).tolist()
+    per_class = per_class_accuracy(cm)
     writer.add_image("test/confusion_matrix", render_confusion(cm, classes), 0, dataformats="HWC")
     writer.add_image("test/per_class_accuracy", render_per_class(per_class, classes), 0, dataformats="HWC")
     writer.add_image("test/misclassified", render_misclassified(images, labels, preds, classes), 0,
                      dataformats="HWC")
     for name, acc in zip(classes, per_class, strict=True):
-        writer.add_scalar(f"test_per_class/{name.replace('/', '_').replace(' ', '_')}", acc, 0)
+        if acc is not None:
+            writer.add_scalar(f"test_per_class/{name.replace('/', '_').replace(' ', '_')}", acc, 0)
     return dict(zip(classes, per_class, strict=True))

@@ -6,7 +6,9 @@ Every refusal is checked for the flag it names and for leaving the file tree exa
 Permission bits do not stop root (CI runs the tests as root): the chmod test skips there, and the
 "not writable" message is also tested with os.access patched to deny."""
 
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -21,6 +23,7 @@ import pytest
 from conftest import REPO, SMALL_RUN, run_script
 
 from fashion_ft import outputs, tblog
+from fashion_ft.data import CLASSES, read_split, write_split
 from fashion_ft.errors import UsageError, UserError
 from fashion_ft.outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files
 
@@ -245,6 +248,30 @@ def test_a_symlink_loop_is_a_usage_error_naming_the_flag(tmp_path, flag):
                 inputs=inputs, resume=inputs["--resume"], overwrite=True)
 
 
+LOOP_REPORTS = {  # every check that meets a loop, with the flag and the path it reports
+    "--output folder": (lambda t: check_run_files(RunFiles.for_output(str(t / "a" / "sub" / "m.pt")), inputs={},
+                                                  resume=None, overwrite=False), "--output", "a/sub/m.pt"),
+    "--logdir": (lambda t: check_logdir(str(t / "a"), "run"), "--logdir", "a"),
+    "--logdir below": (lambda t: check_logdir(str(t / "a" / "sub"), None), "--logdir", "a/sub"),
+    "--run-name": (lambda t: check_logdir(str(t), "a"), "--run-name", "a"),
+    "writable folder": (lambda t: outputs.check_writable_folder(t / "a" / "sub", "--logdir"), "--logdir", "a/sub"),
+    "disk space": (lambda t: check_disk_space(t / "a" / "sub", 1), "--output", "a/sub"),
+    "lock folder": (lambda t: RunLock(t / "a" / "sub" / ".lock").__enter__(), "--output", "a/sub/.lock"),
+    "lock file": (lambda t: RunLock(t / "x" / "self").__enter__(), "--output", "x/self"),
+}
+
+
+@pytest.mark.parametrize("where", LOOP_REPORTS)
+def test_every_symlink_loop_is_reported_in_one_form(tmp_path, where):
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "self").symlink_to("self")
+    call, flag, path = LOOP_REPORTS[where]
+    message = refused(UsageError, "symlink loop", tmp_path, call, tmp_path)
+    assert message == f"{flag} {tmp_path / path}: symlink loop; point {flag} at a real path"
+
+
 def test_a_good_output_passes_and_creates_nothing(tmp_path):
     before = tree(tmp_path)
     check(RunFiles.for_output(str(tmp_path / "result" / "new" / "model.pt")), model_path=tmp_path / "in.pt")
@@ -267,6 +294,18 @@ def test_low_disk_space_names_the_folder_and_the_space(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["../escape", "a/b", "/abs/run", "..", ".", ""])
 def test_a_run_name_that_leaves_the_logdir_is_refused(tmp_path, name):
     refused(UsageError, "--run-name", tmp_path, check_logdir, str(tmp_path / "logs"), name)
+
+
+@pytest.mark.parametrize("name", ["two\nlines", "cr\r", "esc\x1b[31mred", "tab\there", "nul\0", "del\x7f",
+                                  "c1\x85", "line\u2028sep", "para\u2029sep", "undecodable\udcff"])
+def test_a_run_name_with_a_control_character_is_refused_on_one_line(tmp_path, name):
+    message = refused(UsageError, "--run-name .* control character", tmp_path, check_logdir, str(tmp_path), name)
+    assert repr(name) in message and message.isprintable()
+
+
+@pytest.mark.parametrize("name", ["run 1", "café_ü", "模型", "a-b.c_d~e"])
+def test_a_run_name_of_printable_characters_is_kept(tmp_path, name):
+    assert check_logdir(str(tmp_path), name) == tmp_path / name
 
 
 def test_a_logdir_that_is_a_file_or_under_a_file_is_refused(tmp_path):
@@ -330,7 +369,85 @@ def test_the_lock_creates_the_folder_holds_our_pid_and_goes_at_exit(tmp_path):
     lock = tmp_path / "result" / "x" / ".lock"
     with RunLock(lock):
         assert lock.read_text() == f"{os.getpid()}\n"
-    assert not lock.exists() and (tmp_path / "result" / "x").is_dir()
+        (lock.parent / "best.pt").write_bytes(b"saved")
+    assert tree(tmp_path / "result") == {"x": "dir", "x/best.pt": tree(lock.parent)["best.pt"]}
+
+
+@pytest.mark.parametrize("existing,written,left", [
+    ([], [], []),  # failed before its first save: nothing left
+    (["result"], [], ["result"]),  # a folder that was there before is not ours to remove
+    ([], ["result/x/best.pt"], ["result", "result/x", "result/x/best.pt"]),
+    ([], ["result/notes.txt"], ["result", "result/notes.txt"]),  # x goes, result holds a file
+    ([], ["result/x/y/"], ["result", "result/x", "result/x/y"]),  # not empty: stop there
+])
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_folders_the_lock_made_go_at_exit_while_empty(tmp_path, existing, written, left, fails):
+    for folder in existing:
+        (tmp_path / folder).mkdir()
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+        with RunLock(tmp_path / "result" / "x" / ".lock"):
+            for path in written:
+                target = tmp_path / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.mkdir() if path.endswith("/") else target.write_bytes(b"saved")
+            if fails:
+                raise RuntimeError("bad data")
+    assert sorted(tree(tmp_path)) == left
+
+
+def test_a_lock_that_fails_after_making_folders_leaves_none(tmp_path, monkeypatch):
+    def denied(_self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(RunLock, "_acquire", denied)
+    refused(UserError, "--output: cannot take the lock .*: Permission denied", tmp_path,
+            RunLock(tmp_path / "new" / "x" / ".lock").__enter__)
+
+
+NAMES = ("model[1].pt", "last.pt", "metrics.json")  # a best model's name with glob characters
+STALE = {  # an entry beside the lock -> whether a run that takes the lock removes it
+    ".last.pt.ab12cd_9.tmp": True, ".model[1].pt.q.tmp": True, ".metrics.json.x1y2z3w4.tmp": True,
+    ".other.pt.ab12cd_9.tmp": False,  # another model's, of another run
+    "last.pt": False, ".last.pt.tmp": False, ".last.pt.ab12cd_9": False, "last.pt.ab12cd_9.tmp": False,
+    "notes.tmp": False, ".model1.pt.q.tmp": False,
+    ".last.pt.dir.tmp/": False,  # a folder: never ours
+    ".last.pt.link.tmp@": False,  # a link: never ours, nor what it points to
+}
+
+
+@pytest.mark.parametrize("entry,removed", STALE.items())
+def test_taking_the_lock_removes_only_our_stale_temporaries(tmp_path, entry, removed):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (tmp_path / "victim.pt").write_bytes(b"precious")
+    name = entry.rstrip("/@")
+    if entry.endswith("/"):
+        (folder / name).mkdir()
+    elif entry.endswith("@"):
+        (folder / name).symlink_to(tmp_path / "victim.pt")
+    else:
+        (folder / name).write_bytes(b"half written")
+    with RunLock(folder / ".lock", clean=NAMES):
+        assert os.path.lexists(folder / name) != removed
+    assert (tmp_path / "victim.pt").read_bytes() == b"precious"
+    with RunLock(folder / ".lock"):  # the callers' RunLock(files.lock) removes nothing
+        pass
+    assert os.path.lexists(folder / name) != removed
+
+
+def test_a_refused_lock_removes_no_temporaries(tmp_path):
+    lock = tmp_path / "x" / ".lock"
+    holder = hold_lock(lock)
+    try:
+        (lock.parent / ".last.pt.ab12cd_9.tmp").write_bytes(b"the live run is writing this")
+        refused(UserError, "in use", tmp_path, RunLock(lock, clean=("last.pt",)).__enter__)
+    finally:
+        holder.communicate("")
+
+
+def test_run_files_name_what_atomic_write_saves(tmp_path):
+    files = RunFiles.for_output(str(tmp_path / "x" / "model[1].pt"))
+    assert files.names() == ("model[1].pt", "last.pt", "metrics.json")
 
 
 def test_a_folder_held_by_a_live_run_is_refused(tmp_path):
@@ -405,7 +522,8 @@ def test_the_lock_never_writes_through_a_planted_link(tmp_path):
     (tmp_path / "victim.pt").write_bytes(b"precious")
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / ".lock").symlink_to(tmp_path / "victim.pt")
-    refused(UserError, "--output: cannot take the lock", tmp_path, RunLock(tmp_path / "x" / ".lock").__enter__)
+    refused(UserError, "--output: cannot take the lock .*: it is a symlink, which the lock never follows; delete it",
+            tmp_path, RunLock(tmp_path / "x" / ".lock").__enter__)
 
 
 # ---------------------------------------------------------------- TensorBoard trouble mid-run
@@ -464,6 +582,41 @@ def test_a_working_writer_logs_and_puts_the_thread_hook_back(tmp_path):
     assert threading.excepthook == hook
     events = list((tmp_path / "run").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 100
+
+
+# ---------------------------------------------------------------- per-class test accuracy
+
+class Recorder:
+    """The SafeWriter calls log_test_figures makes, kept."""
+
+    def __init__(self):
+        self.scalars, self.images = {}, {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars[tag] = value
+
+    def add_image(self, tag, image, step, dataformats="CHW"):
+        self.images[tag] = image
+
+
+def test_a_class_without_test_images_has_no_accuracy_and_still_draws():
+    import torch
+
+    labels, preds = torch.tensor([1, 1, 2, 2]), torch.tensor([1, 2, 2, 9])
+    writer = Recorder()
+    per_class = tblog.log_test_figures(writer, torch.zeros(4, 28, 28, dtype=torch.uint8), labels, preds, CLASSES)
+    assert per_class == {**dict.fromkeys(CLASSES), CLASSES[1]: 0.5, CLASSES[2]: 0.5}
+    assert json.loads(json.dumps(per_class))[CLASSES[0]] is None  # null in metrics.json
+    assert set(writer.scalars) == {"test_per_class/Trouser", "test_per_class/Pullover"}
+    assert set(writer.images) == {"test/confusion_matrix", "test/per_class_accuracy", "test/misclassified"}
+
+
+def test_a_class_without_accuracy_gets_no_bar():
+    image = tblog.render_per_class([None, 0.5, 0.0], ["none", "half", "zero"])
+    bars = [image[5 + i * 20:21 + i * 20, 110:470] for i in range(3)]
+    blue = [int((bar == (70, 110, 200)).all(-1).sum()) for bar in bars]
+    assert blue[0] == blue[2] < blue[1]  # no test images is drawn as an empty bar, as 0%
+    assert not (bars[0] == bars[1]).all()
 
 
 # ---------------------------------------------------------------- the scripts (need the trainer's wiring)
@@ -532,7 +685,8 @@ def test_cli_output_on_a_pseudo_file_system_exits_1(tmp_path, small_data_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags,flag", [(("--logdir", "FILE"), "--logdir"),
-                                        (("--run-name", "../escape"), "--run-name")])
+                                        (("--run-name", "../escape"), "--run-name"),
+                                        (("--run-name", "two\nlines\x1b[2J"), "--run-name")])
 def test_cli_bad_logdir_or_run_name_exits_2_before_any_work(tmp_path, small_data_dir, flags, flag):
     (tmp_path / "file").write_text("x")
     args = [str(tmp_path / "file") if a == "FILE" else a for a in flags]
@@ -554,3 +708,28 @@ def test_cli_a_second_run_on_a_live_runs_folder_exits_1(tmp_path, small_data_dir
         holder.communicate("")
     one_line_error(result, 1, "--output", f"pid {holder.pid}")
     assert tree(tmp_path / "x") == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,code,needle", [(("--data-dir", "MISSING"), 1, "train files not found"),
+                                               (("--limit-train", "100000"), 2, "--limit-train 100000 exceeds")])
+def test_cli_a_run_that_fails_before_its_first_save_leaves_no_folders(tmp_path, small_data_dir, flags, code, needle):
+    args = [str(tmp_path / "nowhere") if a == "MISSING" else a for a in flags]
+    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir,
+                        "--output", tmp_path / "new" / "x" / "model.pt", "--logdir", tmp_path / "tb", *QUICK, *args)
+    one_line_error(result, code, needle)
+    assert tree(tmp_path) == {}
+
+
+@pytest.mark.slow
+def test_cli_a_class_missing_from_the_test_set_has_null_accuracy(tmp_path, small_data_dir):
+    for split in ("train", "test"):
+        images, labels = read_split(small_data_dir, split)
+        keep = labels != 0 if split == "test" else labels >= 0
+        write_split(tmp_path / "data", split, images[keep].numpy(), labels[keep].numpy())
+    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", tmp_path / "data",
+                        "--output", tmp_path / "x" / "model.pt", "--logdir", tmp_path / "tb", *QUICK)
+    assert result.returncode == 0, result.stderr
+    per_class = json.loads((tmp_path / "x" / "metrics.json").read_text())["per_class_test_acc"]
+    assert per_class[CLASSES[0]] is None
+    assert all(isinstance(per_class[name], float) for name in CLASSES[1:])
