@@ -3,7 +3,9 @@
 # a 3-epoch fine-tune, a torchrun fine-tune on every visible GPU (DDP over NCCL) and the throughput
 # benchmark. Every step runs even when an earlier one failed; each is reported as passed or failed with
 # its seconds, and the script exits 1 if any failed. Each step has a time limit, so the whole check ends
-# within 8 minutes and the report is always written.
+# within 8 minutes and the report is always written. Only a machine with no usable CUDA GPU (a CPU-only
+# torch, CUDA not available, no such device) stops it first: one line says why, the report is written with
+# that reason and a failed step "gpu", and it exits 1 without running the steps.
 #
 #   mkdir -p .gpu/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz .gpu/fashion-mnist/
 #   bash bench/gpu_check.sh
@@ -33,16 +35,60 @@ read -ra FT_ARGS <<< "${GPU_CHECK_FT_ARGS:-}"
 read -ra BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:-}"
 
 step() {  # step NAME LIMIT_S CMD...: run one check under a time limit and record passed/failed, never stop
-  local name=$1 limit=$2 t0=$EPOCHREALTIME rc secs status=passed
+  local name=$1 limit=$2 t0=$EPOCHREALTIME rc result
   shift 2
   echo "=== $name: $*"
   if declare -F "$1" >/dev/null; then "$@"; else timeout --kill-after=10 "$limit" "$@"; fi
   rc=$?
-  secs=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
-  [ "$rc" = 0 ] || status=failed
-  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$secs" >> "$WORK/steps.tsv"
-  echo "=== $name: $status (exit $rc$([ "$rc" = 124 ] && echo ", over its $limit s limit")) in $secs s"
+  result=$(record "$name" "$rc" "$t0")
+  echo "=== $name: ${result% *} (exit $rc$([ "$rc" = 124 ] && echo ", over its $limit s limit")) in ${result#* } s"
   echo
+}
+
+record() {  # record NAME EXIT_CODE START: append NAME's line to steps.tsv and print "passed|failed SECONDS"
+  local status=passed secs
+  secs=$(awk -v a="$3" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
+  [ "$2" = 0 ] || status=failed
+  printf '%s\t%s\t%s\t%s\n' "$1" "$status" "$2" "$secs" >> "$WORK/steps.tsv"
+  echo "$status $secs"
+}
+
+no_gpu_reason() {  # why DEVICE (cuda, cuda:N) cannot be used, in one line; nothing when it can, and nothing
+  # when torch cannot be imported at all (the imports step then names what is missing)
+  local reason rc
+  reason=$(DEVICE="$DEVICE" timeout --kill-after=5 60 "$PYTHON" - 2>/dev/null <<'EOF'
+import os, sys, warnings
+
+def unusable(why):
+    print(f"torch {torch.__version__}: {why}")
+    sys.exit(0)
+
+try:
+    import torch
+except Exception:
+    sys.exit(0)
+if not torch.backends.cuda.is_built():
+    unusable("built without CUDA")
+with warnings.catch_warnings(record=True) as caught:  # is_available() hides why; its warnings and init() say
+    warnings.simplefilter("always")
+    available, count = torch.cuda.is_available(), torch.cuda.device_count()
+if not available:
+    why = [str(w.message) for w in caught]
+    try:
+        torch.cuda.init()
+    except Exception as e:
+        why.insert(0, str(e))
+    # the first sentence, on one line: "Found no NVIDIA driver on your system", "No CUDA GPUs are available"
+    why = " ".join(why[0].split()).split(". ")[0].rstrip(".") if why else "no reason given"
+    unusable(f"CUDA not available: {why}")
+index = torch.device(os.environ["DEVICE"]).index or 0
+if index >= count:
+    unusable(f"{count} devices" + (f", {os.environ['DEVICE']} asked for" if index else ""))
+EOF
+  )
+  rc=$?
+  [ "$rc" = 0 ] || reason="the CUDA check by $PYTHON failed (exit $rc$([ "$rc" = 124 ] && echo ", over 60 s"))"
+  echo "$reason"
 }
 
 check_imports() {
@@ -94,6 +140,8 @@ import json, os
 from pathlib import Path
 
 work, device = Path(os.environ["WORK"]), os.environ["DEVICE"]
+no_gpu = os.environ.get("GPU_CHECK_NO_GPU")  # set: there was no usable GPU, so no step ran; it says why
+nproc = os.environ.get("GPU_CHECK_NPROC_USED")
 
 def read_json(path):
     try:
@@ -113,13 +161,15 @@ def machine():
         info.update(torch=torch.__version__, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                     gpu_count=torch.cuda.device_count())
         dev = torch.device(device)
+        if no_gpu:  # nothing more to read: the GPU, its capability and so its AMP policy are what is missing
+            raise LookupError(f"no usable CUDA GPU ({no_gpu})")
         if dev.type == "cuda":
             info.update(gpu_name=torch.cuda.get_device_name(dev),
                         capability=".".join(map(str, torch.cuda.get_device_capability(dev))))
         from fashion_ft.system import resolve_amp
         info["amp_policy"] = resolve_amp("auto", dev).name
     except Exception as e:  # the report must still be written: say what could not be read
-        info["error"] = f"{type(e).__name__}: {e}"
+        info["error"] = str(e) if no_gpu and isinstance(e, LookupError) else f"{type(e).__name__}: {e}"
     return info
 
 steps = []
@@ -131,16 +181,30 @@ ft, ddp, bench = read_json(work / "ft/metrics.json"), read_json(work / "ddp/metr
 report = {**machine(), "passed": all(s["status"] == "passed" for s in steps), "steps": steps,
           "train_speedup": bench.get("train_speedup"), "eval_speedup": bench.get("eval_speedup"),
           "peak_gpu_mb": peak_gpu_mb(ft), "test_acc": ft.get("test_acc"),
-          "torchrun": {"nproc_per_node": int(os.environ["GPU_CHECK_NPROC_USED"]),
+          "torchrun": {"nproc_per_node": int(nproc) if nproc else None,
                        "world_size": ddp.get("world_size"), "backend": ddp.get("backend"),
                        "test_acc": ddp.get("test_acc")}}
 Path(os.environ["REPORT"]).write_text(json.dumps(report, indent=2) + "\n")
-print(json.dumps(report, indent=2))
+if not no_gpu:  # else its one line has said it all
+    print(json.dumps(report, indent=2))
 EOF
+}
+
+stop_without_gpu() {  # on cuda with no usable GPU: say why in one line, write the report (step "gpu" failed), return 1
+  local t0=$EPOCHREALTIME reason written=0
+  [[ $DEVICE == cuda* ]] || return 0
+  reason=$(no_gpu_reason)
+  [ -n "$reason" ] || return 0
+  record gpu 1 "$t0" >/dev/null
+  GPU_CHECK_NO_GPU=$reason write_report >/dev/null 2>&1 || written=$?
+  echo "gpu_check: no usable CUDA GPU ($reason); nothing to check (report: $REPORT_DIR/gpu_check.json)"
+  [ "$written" = 0 ] || echo "gpu_check: could not write the report" >&2
+  return 1
 }
 
 main() {
   local failed
+  stop_without_gpu || return 1
   run_steps || { echo "gpu_check: could not write the report" >&2; return 1; }
   failed=$(awk -F'\t' '$2 != "passed" { printf "%s ", $1 }' "$WORK/steps.tsv")
   if [ -n "$failed" ]; then
