@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fashion_ft.system import AMP_MODES
+DEFAULT_MODEL = "model/mnist_cnn3.pt"
 
 
 def positive_int(text: str) -> int:
@@ -41,10 +41,13 @@ def fraction(text: str) -> float:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from fashion_ft.system import AMP_MODES  # imports torch: after main() installed the signal handlers
+
     p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-path", nargs="+", default=["model/mnist_cnn3.pt"],
-                   help="one or more checkpoints; several also report their ensemble")
+    p.add_argument("--model-path", nargs="+", action="extend", default=None,
+                   help=f"one or more checkpoints (the flag may repeat); several also report their ensemble "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--data-dir", default=None, help="folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, then the Debian folder")
     p.add_argument("--download", action="store_true", help="fetch Fashion-MNIST into ./data when it is not found")
     p.add_argument("--batches", type=positive_int, default=3, help="test batches for the quick eval")
@@ -143,6 +146,7 @@ def print_text(report) -> None:
 
 def check_and_print(argv) -> int:
     args = get_args_parser().parse_args(argv)
+    args.model_path = args.model_path or [DEFAULT_MODEL]
     report = run_checks(args)
     if args.json:  # strict JSON: Report.to_dict has turned every NaN/Inf into null with its reason
         print(json.dumps(report.to_dict(), indent=2, allow_nan=False))
@@ -153,9 +157,11 @@ def check_and_print(argv) -> int:
 
 def main(argv=None) -> int:
     from fashion_ft import cli
+    from fashion_ft.signals import SignalGuard
 
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    return cli.run(lambda: check_and_print(argv), debug)
+    with SignalGuard() as signals:  # before torch is imported: Ctrl-C at any moment is one line
+        return cli.run(lambda: check_and_print(argv), debug, signals=signals)
 
 
 if __name__ == "__main__":

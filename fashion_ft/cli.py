@@ -4,7 +4,9 @@
 
 Exit codes: what body returns; UserError: its own (1, or 2 for usage); Interrupted: 130 (SIGINT) or
 143 (SIGTERM); Ctrl-C: 130; anything unexpected: 1, with the traceback only under --debug. A reader
-that goes away (`script | head -1`) ends the script quietly with 1.
+that goes away (`script | head -1`) ends the script quietly with 1. With a SignalGuard, any end after
+it recorded a signal is that interrupt: a signal may surface as another error (torch.save turns it
+into a RuntimeError) or be swallowed by a library, and the user asked to stop either way.
 """
 
 import os
@@ -14,6 +16,7 @@ import warnings
 from collections.abc import Callable
 
 from .errors import Interrupted, UserError
+from .signals import SignalGuard
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -48,12 +51,31 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
 
 
-def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_prefix) -> int:
+def _honouring(body: Callable[[], int], signals: SignalGuard | None) -> Callable[[], int]:
+    """body, with any end after a recorded signal turned into that interrupt."""
+    def guarded() -> int:
+        try:
+            code = body()
+        except Interrupted:
+            raise
+        except BaseException:
+            if signals is not None and signals.received:
+                raise signals.interrupted() from None
+            raise
+        if signals is not None and signals.received:
+            raise signals.interrupted()
+        return code
+
+    return guarded
+
+
+def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_prefix,
+        signals: SignalGuard | None = None) -> int:
     """body() -> its exit code; every way it can fail -> one line on stderr and the matching code."""
     warnings.formatwarning = one_line_warning
     try:
         try:
-            return body()
+            return _honouring(body, signals)()
         finally:
             if sys.stdout is not None and not sys.stdout.closed:
                 sys.stdout.flush()  # a vanished reader shows up here, while it can still be handled

@@ -17,8 +17,9 @@ class DivergenceError(UserError):
     """The loss became NaN or Inf (on any rank of a distributed run: every rank raises it)."""
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM stopped a run between two steps; `hint` tells the user how to go on."""
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM stopped a run; `hint` tells the user how to go on. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on the way (ours, torch's, a library's) eats it."""
 
     EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 

@@ -1,9 +1,13 @@
 """SIGINT and SIGTERM over the whole run.
 
-Outside the epoch loop a signal stops the run at once (Interrupted is raised where the program is, and
-the atomic saves leave no half-written file). Inside the loop it only sets a flag that the loop polls
-between steps, so that a step is never torn in half and the last complete epoch stays resumable.
-A second signal while the flag is set stops at once.
+Every signal is recorded. Outside the epoch loop it also stops the run at once (Interrupted is raised
+where the program is, and the atomic saves leave no half-written file). Inside the loop it only sets
+the flag that the loop polls between steps, so that a step is never torn in half and the last complete
+epoch stays resumable. A second signal while the flag is set stops at once.
+
+The record is what makes a signal reliable: one raised inside C++ (torch.save's writer) comes back as a
+RuntimeError, and one raised inside a broad handler may be swallowed; cli.run reports any end after a
+recorded signal as that interrupt, and the epoch loop stops on a signal recorded before it began.
 """
 
 import signal
@@ -30,9 +34,9 @@ class SignalGuard:
 
     def _handle(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
-        if self.received or not self.polling:
-            raise Interrupted(name)
         self.received.append(name)
+        if len(self.received) > 1 or not self.polling:
+            raise Interrupted(name)
 
     @contextmanager
     def polled(self):
@@ -43,5 +47,5 @@ class SignalGuard:
         finally:
             self.polling = False
 
-    def interrupted(self) -> Interrupted:
-        return Interrupted(self.received[0] if self.received else "SIGINT")
+    def interrupted(self, hint: str = "") -> Interrupted:
+        return Interrupted(self.received[0] if self.received else "SIGINT", hint)

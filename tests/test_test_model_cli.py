@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -33,6 +34,21 @@ class RunsCode:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+def touch_then(marker, weights):
+    Path(marker).touch()
+    return weights
+
+
+class RunsCodeThenGivesWeights:
+    """Unpickling this runs code, then yields real weights: a file that passes every later check."""
+
+    def __init__(self, marker, weights):
+        self.marker, self.weights = marker, weights
+
+    def __reduce__(self):
+        return touch_then, (str(self.marker), self.weights)
 
 
 def listing(folder):
@@ -188,6 +204,25 @@ def test_code_running_pickle_is_refused_and_nothing_runs(tmp_path, small_data_di
     result = run_cli(tmp_path, "--model-path", tmp_path / "evil.pt", "--data-dir", small_data_dir, *QUICK)
     assert_fails_cleanly(result, "load", "pickled Python objects", "--trust-pickle")
     assert not marker.exists()
+
+
+def test_trusted_unpickling_is_reported_as_such(tmp_path, small_data_dir, trained_checkpoint, run_in_process):
+    marker = tmp_path / "MARKER"
+    weights = torch.load(trained_checkpoint, weights_only=True)["model"]
+    torch.save({"model_state_dict": RunsCodeThenGivesWeights(marker, weights)}, tmp_path / "armed.pt")
+    (tmp_path / "cwd").mkdir()
+    result = run_in_process(tmp_path / "cwd", "--model-path", tmp_path / "armed.pt", "--data-dir", small_data_dir,
+                            "--trust-pickle", *QUICK)
+    assert marker.exists()  # its code ran, as --trust-pickle allows
+    load = next(line for line in result.stdout.splitlines() if line.startswith("[PASS] load"))
+    assert "trusted unpickling" in load and "weights_only=True" not in load, load
+
+
+def test_repeated_model_path_flags_accumulate(tmp_path, small_data_dir, trained_checkpoint, run_in_process):
+    result = run_in_process(tmp_path, "--model-path", tmp_path / "missing.pt", "--model-path", trained_checkpoint,
+                            "--data-dir", small_data_dir, *QUICK)
+    assert result.returncode == 1
+    assert "missing.pt: not found" in result.stdout and "ensemble" in result.stdout
 
 
 # ---------------------------------------------------------------- bad data
