@@ -20,10 +20,12 @@ from fashion_ft.config import (
     FINETUNE_WARMUP_EPOCHS,
     METRICS,
     OPTIMIZERS,
+    PERMISSIONS,
     PRESETS,
     RESUME_FIXED_FIELDS,
     SCHEDULERS,
     Config,
+    check_conflicts,
     resolve_defaults,
     resume_differences,
     validate,
@@ -63,6 +65,8 @@ def model_and_data_flags(p: argparse.ArgumentParser, d: Config) -> None:
     g.add_argument("--arch", choices=list(ARCHS), default=d.arch, help="architecture for --from-scratch")
     g.add_argument("--arch-kwargs", type=json_object, default=d.arch_kwargs, metavar="JSON",
                    help='with --from-scratch: a JSON object overriding the arch\'s defaults, e.g. \'{"blocks": 1}\'')
+    g.add_argument("--max-params", type=int, default=d.max_params,
+                   help="refuse a --from-scratch model with more parameters (a typo in its widths)")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow a checkpoint holding pickled Python objects (runs code from the file!)")
     g = p.add_argument_group("data")
@@ -162,12 +166,20 @@ def explicit_flags(argv) -> set[str]:
 
 
 def load_resume(path: str) -> dict:
-    from fashion_ft.checkpoint import load_checkpoint, validate_resumable
+    from fashion_ft.checkpoint import RESUME_HINT, load_checkpoint, validate_resumable
+    from fashion_ft.outputs import resolve_path
 
-    meta = load_checkpoint(path).meta
+    resolve_path(Path(path), "--resume")  # a symlink loop is worded as for every other path
+    meta = load_checkpoint(path, refusal_hint=RESUME_HINT).meta
     if meta.get("kind") != "last":
         raise UserError(f"{path} is not a resumable checkpoint; resume from the last.pt a run wrote")
     validate_resumable(path, meta)
+    try:  # what it restores passes the checks argv does
+        saved = {k: v for k, v in meta["config"].items() if k in dataclasses.asdict(DEFAULTS)}
+        validate(resolve_defaults(Config(**{**saved, "resume": path})))
+    except UsageError as exc:
+        raise UserError(f"{path}: its saved config is not valid ({exc}); start a new run from its weights "
+                        "with --model-path instead") from None
     return meta
 
 
@@ -212,13 +224,31 @@ def resolve_output(cfg: Config, explicit: set) -> Config:
 
 
 def check_arch(cfg: Config) -> None:
-    """Build the --from-scratch model once (milliseconds) so that bad --arch-kwargs exit 2 before any work."""
-    from fashion_ft.model import build_model
+    """The --from-scratch model, built on the meta device (milliseconds, no memory): bad --arch-kwargs,
+    another class count or an absurd size exit 2 before any work."""
+    from functools import partial
+
+    from fashion_ft.model import build_model, check_architecture, check_kwarg_types, resolve_arch_kwargs
 
     try:
-        build_model(cfg.arch, cfg.arch_kwargs)
+        check_kwarg_types(cfg.arch, cfg.arch_kwargs or {})
+        check_architecture(partial(build_model, cfg.arch, resolve_arch_kwargs(cfg.arch, cfg.arch_kwargs)),
+                           cfg.max_params)
     except UserError as exc:
         raise UsageError(f"--arch-kwargs: {exc}") from None
+
+
+def origins(explicit: set, preset: str | None):
+    """origin(field): who set it, for messages: '--flag', '--flag (set by --preset P)', or 'default'."""
+    def origin(name: str) -> str:
+        flag = f"--{name.replace('_', '-')}"
+        if name in explicit:
+            return flag
+        if preset and name in PRESETS[preset]:
+            return f"{flag} (set by --preset {preset})"
+        return "default"
+
+    return origin
 
 
 def build_config(argv) -> tuple[Config, dict | None]:
@@ -228,16 +258,19 @@ def build_config(argv) -> tuple[Config, dict | None]:
     resume_meta = None
     if args.resume:
         resume_meta = load_resume(args.resume)
-        values.update({k: v for k, v in resume_meta["config"].items() if k in values})
+        values.update({k: v for k, v in resume_meta["config"].items() if k in values and k not in PERMISSIONS})
         if "split_seed" not in resume_meta["config"]:  # written before the split had its own seed
             values["split_seed"] = resume_meta["config"].get("seed")
-    if args.preset and (not args.resume or "preset" in explicit):
-        values.update(PRESETS[args.preset])
+    preset = args.preset if args.preset and (not args.resume or "preset" in explicit) else None
+    if preset:
+        values.update(PRESETS[preset])
     values.update({k: getattr(args, k) for k in explicit})
     cfg = resolve_defaults(Config(**values))
     if resume_meta is not None:
         check_resume(resume_meta["config"], cfg, explicit)
     validate(cfg)
+    if not cfg.resume:
+        check_conflicts(cfg, origins(explicit, preset))
     if cfg.from_scratch and not cfg.resume:
         check_arch(cfg)
     return resolve_output(cfg, explicit), resume_meta
@@ -251,11 +284,11 @@ def main(argv=None) -> int:
         cfg, resume_meta = build_config(argv)
         from fashion_ft.trainer import fine_tune  # imported late: a usage error is reported fast
 
-        fine_tune(cfg, resume_meta)
+        fine_tune(cfg, resume_meta, signals)
         return 0
 
-    with SignalGuard():  # from the first line: a signal during set-up is reported like one in training
-        return cli.run(body, debug="--debug" in (sys.argv[1:] if argv is None else argv))
+    with SignalGuard() as signals:  # from the first line: a signal during set-up counts as one in training
+        return cli.run(body, debug="--debug" in (sys.argv[1:] if argv is None else argv), signals=signals)
 
 
 if __name__ == "__main__":

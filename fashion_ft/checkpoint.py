@@ -44,16 +44,35 @@ FORMAT_VERSION = 1
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 TRUST_HINT = "pass --trust-pickle only if you trust where this file came from"
+RESUME_HINT = "--resume never unpickles: a last.pt this tool wrote holds none"
 FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk filled up
 
 
 # ---------------------------------------------------------------- saving
 
+class _CauseKeeper:
+    """A binary file that remembers why a write failed: torch.save's C++ writer reports a failed Python
+    write (a full disk, the file-size limit, a signal) as its own RuntimeError, and the cause is lost."""
+
+    def __init__(self, fh):
+        self.fh, self.cause = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except BaseException as exc:
+            self.cause = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def atomic_write(path, write) -> None:
     """Call write(binary file) on a temporary file beside `path`, fsync, then rename it into place.
 
     A failure leaves the previous file untouched and no temporary file; a full disk or another
-    file-system failure becomes one UserError line naming `path`.
+    file-system failure becomes one UserError line naming `path`; a signal stays the signal.
     """
     path = Path(path)
     try:
@@ -61,19 +80,22 @@ def atomic_write(path, write) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise UserError(_write_failure(exc, path)) from None
+    keeper = None
     try:
         with os.fdopen(fd, "wb") as fh:
-            write(fh)
+            keeper = _CauseKeeper(fh)
+            write(keeper)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException as exc:
-        message = _write_failure(exc, path)  # before the unlink: the temp file is what filled the disk
+        cause = keeper.cause if keeper is not None and keeper.cause is not None else exc
+        message = _write_failure(cause, path)  # before the unlink: the temp file is what filled the disk
         with suppress(OSError):
             os.unlink(tmp)
         if message is None:
-            raise
+            raise cause from None
         raise UserError(message) from None
 
 
@@ -97,6 +119,8 @@ def _write_failure(exc: BaseException, path: Path) -> str | None:
             return full
         if exc.errno == errno.EDQUOT:
             return f"disk quota exceeded while writing {path}"
+        if exc.errno == errno.EFBIG:
+            return f"file too large while writing {path}: the file-size limit (ulimit -f) is smaller"
         return f"cannot write {path}: {exc.strerror or exc}"
     if not isinstance(exc, RuntimeError):
         return None
@@ -305,6 +329,7 @@ class LoadedCheckpoint:
     std: float = STD
     classes: list = field(default_factory=lambda: list(CLASSES))
     meta: dict = field(default_factory=dict)  # the whole file when it is one of ours
+    unpickled: bool = False  # read with weights_only=False (--trust-pickle): code in the file may have run
 
     def build(self) -> nn.Module:
         model = build_model(self.arch, self.arch_kwargs)
@@ -355,7 +380,8 @@ def _first_sentence(exc: BaseException) -> str:
     return text.split(". ")[0].rstrip(".")
 
 
-def _torch_load(path: Path, trust_pickle: bool):
+def _torch_load(path: Path, trust_pickle: bool, refusal_hint: str) -> tuple[object, bool]:
+    """(what the file holds, whether it was unpickled as trusted)."""
     try:
         if not _looks_like_torch_file(path):
             raise UserError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
@@ -367,7 +393,7 @@ def _torch_load(path: Path, trust_pickle: bool):
             )
         with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True), False
     except UserError:
         raise
     except pickle.UnpicklingError as exc:
@@ -376,14 +402,14 @@ def _torch_load(path: Path, trust_pickle: bool):
         if not trust_pickle:
             raise UserError(
                 f"{path} holds pickled Python objects, not just weights; loading it would run code from "
-                f"the file, so it was refused ({TRUST_HINT})"
+                f"the file, so it was refused ({refusal_hint})"
             ) from None
     except Exception as exc:  # garbage makes the unpickler fail with any type (KeyError, IndexError, ...)
         raise UserError(
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_sentence(exc)}"
         ) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # user passed --trust-pickle
+        return torch.load(path, map_location="cpu", weights_only=False), True  # user passed --trust-pickle
     except Exception as exc:
         raise UserError(f"{path} could not be unpickled even as trusted: {_first_sentence(exc)}") from None
 
@@ -466,13 +492,14 @@ def _resolve_arch(found: _Extracted, state_dict: dict) -> tuple[str, dict]:
     return arch, arch_kwargs
 
 
-def load_checkpoint(path, trust_pickle: bool = False) -> LoadedCheckpoint:
+def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_HINT) -> LoadedCheckpoint:
     """Read, recognise and verify a checkpoint; every failure is a UserError with one clear line that
-    names the file and, for a bad field, the field."""
+    names the file and, for a bad field, the field. `refusal_hint` ends the refusal of a pickle."""
     path = Path(path)
     _check_readable(path)
     try:
-        found = _extract(_torch_load(path, trust_pickle))
+        obj, unpickled = _torch_load(path, trust_pickle, refusal_hint)
+        found = _extract(obj)
         _check_tensors(found.state_dict, found.where)
         _check_meta(found.meta)
         state_dict = strip_prefixes(found.state_dict)
@@ -484,7 +511,7 @@ def load_checkpoint(path, trust_pickle: bool = False) -> LoadedCheckpoint:
     return LoadedCheckpoint(
         path=path, source_format=found.source_format, arch=arch, arch_kwargs=arch_kwargs,
         state_dict=state_dict, mean=float(norm.get("mean", MEAN)), std=float(norm.get("std", STD)),
-        classes=list(found.meta.get("classes", CLASSES)), meta=found.meta,
+        classes=list(found.meta.get("classes", CLASSES)), meta=found.meta, unpickled=unpickled,
     )
 
 

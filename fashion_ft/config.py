@@ -5,16 +5,21 @@ Defaults are written here once; finetune_gpu.py builds its argparse flags from t
 
 import dataclasses
 import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import UsageError
 
+FLOAT32_MAX = 3.4028234e38  # torch keeps hyperparameters such as the LR in float32 tensors
+MAX_PARAMETERS = 100_000_000  # a 400 MB best model and a 1.6 GB last.pt: surely a typo in the widths
 SEED_LIMIT = 2**32  # torch generators take 64 bits; the per-epoch seeds are derived by multiplication
 METRICS = ("val_acc", "val_loss")
 # The best validation accuracy of 0, 0.5 and 1 epoch on the light plan (bench/results/README.md, "Warm-up").
 FINETUNE_WARMUP_EPOCHS = 0.5
 SCHEDULERS = ("cosine", "step", "plateau", "onecycle", "exponential", "none")
 OPTIMIZERS = ("adamw", "sgd")
+TTA_MODES = ("none", "flip")
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 5e-4}
 
 
@@ -25,6 +30,7 @@ class Config:
     from_scratch: bool = False
     arch: str = "cnn3"
     arch_kwargs: dict | None = None  # overrides of the arch's registry defaults, e.g. {"blocks": 1}
+    max_params: int = MAX_PARAMETERS
     trust_pickle: bool = False
     # data
     data_dir: str | None = None
@@ -116,11 +122,14 @@ PRESETS = {
                       "augment": "strong", "label_smoothing": 0.1, "epochs": 15, "monitor": "val_acc"},
 }
 
+# Permissions hold for the command that gives them: a resumed run never takes them from last.pt, so that
+# one run's --overwrite cannot replace another run's files.
+PERMISSIONS = {"overwrite", "override_resume", "trust_pickle", "download"}
+
 # Fields that may differ between a run and its --resume without being a change of the experiment.
-RESUME_FREE_FIELDS = {
-    "epochs", "resume", "override_resume", "overwrite", "quiet", "debug", "device", "compile",
-    "logdir", "run_name", "output", "data_dir", "download", "eval_batch_size", "model_path",
-    "trust_pickle", "deterministic",
+RESUME_FREE_FIELDS = PERMISSIONS | {
+    "epochs", "resume", "quiet", "debug", "device", "compile", "logdir", "run_name", "output", "data_dir",
+    "eval_batch_size", "model_path", "deterministic", "max_params",
 }
 
 
@@ -153,17 +162,41 @@ def _require(ok: bool, flag: str, message: str) -> None:
         raise UsageError(f"{flag}: {message}")
 
 
-def _check_finite(cfg: Config) -> None:
-    """inf and nan parse as floats; no flag of ours means anything with them."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"--{f.name.replace('_', '-')}: must be a finite number, got {value}")
+def choices() -> dict[str, tuple]:
+    """The fields whose value is one of a list (imported late: data, model and system import torch)."""
+    from .data import AUGMENT_PRESETS
+    from .model import ARCHS
+    from .system import AMP_MODES
+
+    return {"select": METRICS, "monitor": METRICS, "scheduler": SCHEDULERS, "optimizer": OPTIMIZERS,
+            "augment": tuple(AUGMENT_PRESETS), "tta": TTA_MODES, "amp": AMP_MODES, "arch": tuple(ARCHS),
+            "preset": (None, *PRESETS)}
+
+
+def _check_types(cfg: Config) -> None:
+    """Each field holds its declared type, whatever set it (argv parses to them; a last.pt may not), and
+    every float is one torch can hold: inf, nan and 1e39 parse as floats, and no flag of ours means
+    anything with them."""
+    for name, hint in typing.get_type_hints(Config).items():
+        value, allowed = getattr(cfg, name), typing.get_args(hint) or (hint,)
+        allowed = tuple(t for t in allowed if isinstance(t, type)) + ((int,) if float in allowed else ())
+        _require(isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)), _flag(name),
+                 f"must be {' or '.join(t.__name__ for t in allowed if t is not type(None))}, got {value!r}")
+        if isinstance(value, float):
+            _require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, _flag(name),
+                     f"must be a finite number (at most {FLOAT32_MAX:.1e}), got {value}")
+    for name, values in choices().items():
+        _require(getattr(cfg, name) in values, _flag(name), f"must be one of {', '.join(map(str, values))}, "
+                 f"got {getattr(cfg, name)!r}")
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
 def validate(cfg: Config) -> None:
-    """Every bad value found before any work: a UsageError (exit 2) that names the flag."""
-    _check_finite(cfg)
+    """Every bad value found before any work, whatever set it: a UsageError (exit 2) naming the flag."""
+    _check_types(cfg)
     _require(cfg.lr > 0, "--lr", f"must be > 0, got {cfg.lr}")
     _require(cfg.batch_size >= 1, "--batch-size", f"must be >= 1, got {cfg.batch_size}")
     _require(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "--eval-batch-size",
@@ -185,10 +218,25 @@ def validate(cfg: Config) -> None:
     if cfg.limit_train is not None:
         _require(cfg.limit_train >= cfg.batch_size, "--limit-train",
                  f"must be >= --batch-size ({cfg.batch_size}), got {cfg.limit_train}")
-    _require(cfg.arch_kwargs is None or cfg.from_scratch, "--arch-kwargs",
-             "only with --from-scratch (a checkpoint brings its own architecture)")
-    _require(not (cfg.from_scratch and cfg.freeze_conv), "--freeze-conv",
-             "cannot be combined with --from-scratch (frozen random filters learn nothing)")
+    _require(cfg.max_params >= 1, "--max-params", f"must be >= 1, got {cfg.max_params}")
+
+
+def check_conflicts(cfg: Config, origin: Callable[[str], str]) -> None:
+    """Settings that contradict each other, named by where each came from (`origin(field)`: the flag,
+    or the preset that set it), so that an explicit flag never silently loses to a preset."""
+    def refuse(a: str, b: str, why: str) -> None:
+        raise UsageError(f"{origin(a)} and {origin(b)} cannot be combined: {why}")
+
+    if not cfg.from_scratch:
+        for name in ("arch", "arch_kwargs"):
+            if origin(name) != "default":
+                raise UsageError(f"{origin(name)}: only with --from-scratch (a checkpoint brings its own "
+                                 "architecture)")
+        return
+    if cfg.freeze_conv:
+        refuse("freeze_conv", "from_scratch", "frozen random filters learn nothing")
+    if origin("model_path") != "default":
+        refuse("model_path", "from_scratch", "random weights start from no checkpoint")
 
 
 def _validate_schedule(cfg: Config) -> None:

@@ -312,6 +312,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
         group.update(flags)
         on_device = bool(group.get("fused") or group.get("capturable"))
         for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim():  # else step 1 fails, in torch's words
+                    if value.shape != p.shape:
+                        raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)} for a parameter "
+                                         f"of shape {tuple(p.shape)}")
+                    # a file may hold an expanded (stride-0) tensor: the in-place update needs its own memory
+                    optimizer.state[p][name] = value.clone(memory_format=torch.preserve_format)
             step = optimizer.state.get(p, {}).get("step")
             if torch.is_tensor(step):
                 optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)

@@ -139,6 +139,51 @@ def resolve_arch_kwargs(arch: str, arch_kwargs: dict | None = None) -> dict:
     return kwargs
 
 
+def check_kwarg_types(arch: str, kwargs: dict) -> None:
+    """Each kwarg has the shape of its registry default, read off the default itself: a list of whole
+    numbers >= 1 (widths), a whole number >= 1 (depth, head size, classes), a fraction in [0, 1) (dropout)."""
+    for name, value in kwargs.items():
+        if name not in ARCHS[arch].default_kwargs:
+            raise UserError(f"unexpected keyword {name!r} for {arch}; it takes {', '.join(ARCHS[arch].default_kwargs)}")
+        default = ARCHS[arch].default_kwargs[name]
+        if isinstance(default, list):
+            ok, want = isinstance(value, list) and bool(value) and all(_whole(v) for v in value), \
+                "a non-empty list of whole numbers >= 1"
+        elif isinstance(default, int):
+            ok, want = _whole(value), "a whole number >= 1"
+        else:
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, \
+                "a number in [0, 1)"
+        if not ok:
+            raise UserError(f"{name} must be {want}, got {value!r}")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_architecture(build: Callable[[], nn.Module], max_params: int) -> int:
+    """Build the model on the meta device and run one meta forward: its size and its output's shape,
+    without allocating a byte. Returns the parameter count; a UserError says what is wrong."""
+    try:
+        with torch.device("meta"):
+            model = build()
+            out = model.eval()(torch.empty(2, *INPUT_SHAPE))
+    except UserError:
+        raise
+    except Exception as exc:  # a constructor or forward that fails fails in any way
+        raise UserError(f"the model cannot be built or run: {type(exc).__name__}: "
+                        f"{(str(exc).strip().splitlines() or [''])[0]}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, NUM_CLASSES):
+        got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
+        raise UserError(f"the model gives {got} for 2 images; Fashion-MNIST needs {NUM_CLASSES} scores per image")
+    params = sum(p.numel() for p in model.parameters())
+    if params > max_params:
+        raise UserError(f"the model would have {params:,} parameters ({params * 4 / 2**20:,.0f} MiB per best "
+                        f"model, about 4x that for last.pt with AdamW); the limit is {max_params:,} (--max-params)")
+    return params
+
+
 def build_model(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
     kwargs = resolve_arch_kwargs(arch, arch_kwargs)
     try:

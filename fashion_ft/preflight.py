@@ -15,6 +15,7 @@ from .data import FILES, DeviceData, find_data_dir, load_split, make_batch
 from .engine import Runtime, TrainStep, build_optimizer, build_schedulers, logit_metrics, predict_logits
 from .errors import UserError
 from .model import count_parameters
+from .outputs import resolve_path
 from .system import broken_cuda_reason, cuda_report, peak_gpu_mb, process_memory_mb, resolve_amp, synchronize
 
 # An accuracy measured on fewer images says little (on 100 images one standard error is already about
@@ -87,6 +88,7 @@ def finite_or_null(data: dict) -> dict:
 # ---------------------------------------------------------------- the checks
 
 def check_file(path: Path):
+    resolve_path(path, "--model-path")  # a symlink loop is worded as for every other path
     if not path.is_file():
         raise CheckFailed(f"{path}: not found" if not path.exists() else f"{path}: not a file")
     digest = hashlib.sha256()
@@ -105,7 +107,7 @@ def check_file(path: Path):
 
 def check_load(path: Path, trust_pickle: bool):
     ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
-    how = "trusted unpickling (--trust-pickle)" if "trusted" in ckpt.source_format else "weights_only=True"
+    how = "trusted unpickling (--trust-pickle): code in the file could run" if ckpt.unpickled else "weights_only=True"
     return f"{ckpt.source_format}, loaded with {how}", {"format": ckpt.source_format}, ckpt
 
 

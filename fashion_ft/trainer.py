@@ -11,7 +11,7 @@ import datetime
 import math
 import statistics
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,9 @@ from .data import (
     DeviceData,
     Split,
     choose_split,
+    find_data_dir,
     fingerprint,
+    label_warning,
     load_split,
     split_indices,
 )
@@ -144,13 +146,27 @@ class RunState:
 
 # ---------------------------------------------------------------- set-up
 
+@contextmanager
+def restoring(path: str):
+    """Whatever a damaged last.pt breaks while it is restored, one line that names the file: the format
+    check has passed, so a failure here is a bad value that only its use can tell."""
+    try:
+        yield
+    except (UserError, Interrupted):
+        raise
+    except Exception as exc:
+        raise UserError(f"{path} cannot be restored ({type(exc).__name__}: {first_line(exc)}); start a new run "
+                        "from its weights with --model-path instead") from None
+
+
 def load_start_model(cfg: Config, resume_meta: dict | None) -> StartModel:
     """From last.pt when resuming, else from --model-path, or a fresh one with --from-scratch."""
     if resume_meta is not None:
         arch = resume_meta["arch"]
-        kwargs = resolve_arch_kwargs(arch, resume_meta["arch_kwargs"])
-        model = build_model(arch, kwargs)
-        model.load_state_dict(resume_meta["model"])
+        with restoring(cfg.resume):
+            kwargs = resolve_arch_kwargs(arch, resume_meta["arch_kwargs"])
+            model = build_model(arch, kwargs)
+            model.load_state_dict(resume_meta["model"])
         norm = resume_meta["normalize"]
         return StartModel(model, arch, kwargs, norm["mean"], norm["std"], source=str(cfg.resume))
     if cfg.from_scratch:
@@ -186,8 +202,12 @@ def load_data(cfg: Config, start: StartModel, device, console: Console) -> tuple
     for warning in warnings:
         console.warn(warning)
     train_idx, val_idx = split_indices(labels, split, cfg.limit_train, cfg.seed)
-    console.print(f"data: {len(train_idx)} train, {len(val_idx)} validation ({split.describe()}), "
-                  f"{len(test_labels)} test images")
+    for warning in (label_warning(labels[train_idx], "the training images"),
+                    label_warning(labels[val_idx], "the validation images")):
+        if warning:
+            console.warn(warning)
+    console.print(f"data: {find_data_dir(cfg.data_dir, 'train')}: {len(train_idx)} train, {len(val_idx)} "
+                  f"validation ({split.describe()}), {len(test_labels)} test images")
     data = Data(DeviceData.create(images[train_idx], labels[train_idx], device),
                 DeviceData.create(images[val_idx], labels[val_idx], device),
                 DeviceData.create(test_images, test_labels, device))
@@ -239,7 +259,7 @@ def check_outputs(cfg: Config, files: RunFiles):
     replace, and the TensorBoard folder. Returns the TensorBoard run folder."""
     inputs = {"--model-path": None if cfg.from_scratch or cfg.resume else cfg.model_path, "--resume": cfg.resume}
     check_run_files(files, inputs=inputs, resume=cfg.resume, overwrite=cfg.overwrite)
-    return check_logdir(cfg.logdir, cfg.run_name)
+    return check_logdir(cfg.logdir, cfg.run_name, resume=cfg.resume is not None)
 
 
 def claim_outputs(cfg: Config, files: RunFiles, start: StartModel, stack: ExitStack) -> None:
@@ -247,7 +267,7 @@ def claim_outputs(cfg: Config, files: RunFiles, start: StartModel, stack: ExitSt
     that the folder describes one run even if this one stops early."""
     weight_bytes = sum(t.numel() * t.element_size() for t in start.model.state_dict().values())
     check_disk_space(files.best.parent, 8 * weight_bytes + 16 * 2**20)  # best + last with two AdamW moments
-    stack.enter_context(RunLock(files.lock))
+    stack.enter_context(RunLock(files.lock, clean=files.names()))
     if cfg.overwrite and not resumes_in_place(files, cfg.resume):
         for path in (files.best, files.last, files.metrics):
             path.unlink(missing_ok=True)
@@ -265,6 +285,8 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
     cfg = dataclasses.replace(cfg, run_name=cfg.run_name or (resume_meta or {}).get("run_name")
                               or default_run_name(cfg))
     log_dir = check_outputs(cfg, files) if info.is_main else None
+    if log_dir is not None:  # NAME_1 when another run has NAME: last.pt keeps it, so a resume finds it again
+        cfg = dataclasses.replace(cfg, run_name=log_dir.name)
     start = load_start_model(cfg, resume_meta)
     if resume_meta is None:
         console.print(f"model: {start.source}")
@@ -309,7 +331,8 @@ class Run:
         train_model = wrap_model(ctx.start.model, cfg, rt, info)
         state = build_state(cfg, train_model, rt, steps, lr)
         if resume_meta is not None:
-            state.load_state_dict(resume_meta, cfg, lr)
+            with restoring(cfg.resume):
+                state.load_state_dict(resume_meta, cfg, lr)
         eval_model = state.step.ema.module if state.step.ema is not None else unwrap(train_model)
         run = cls(cfg, ctx, rt, data, state, eval_model, lr, steps)
         run.summary = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(rt.device),
@@ -477,12 +500,13 @@ class Run:
 
 # ---------------------------------------------------------------- entry point
 
-def fine_tune(cfg: Config, resume_meta: dict | None = None) -> dict:
-    """Run the whole job; returns the summary written to metrics.json (rank 0). Raises UserError,
-    Interrupted (with the resume hint) or DivergenceError (the best model so far stays saved)."""
+def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> dict:
+    """Run the whole job under the caller's SignalGuard; returns the summary written to metrics.json
+    (rank 0). Raises UserError, Interrupted (with the resume hint) or DivergenceError (the best model so
+    far stays saved)."""
     info = dist.from_environment()
     files = RunFiles.for_output(cfg.output)
-    with SignalGuard() as signals, ExitStack() as stack:
+    with ExitStack() as stack:
         run = None
         try:
             run = prepare(cfg, resume_meta, info, files, stack)
@@ -490,19 +514,25 @@ def fine_tune(cfg: Config, resume_meta: dict | None = None) -> dict:
             run.begin()
             run.fit(signals)
             return run.finish()
-        except Interrupted as exc:
-            exc.hint = resume_hint(files)
-            raise
-        except DivergenceError as exc:
-            raise DivergenceError(f"{exc}; {kept_hint(files)}; try a lower --lr or --max-grad-norm 1.0") from None
-        except UserError as exc:  # a full disk while saving, say: what was saved before can go on
-            if run is None or isinstance(exc, UsageError):
+        except BaseException as exc:
+            told = reported(exc, signals, files, started=run is not None)
+            if told is exc:
                 raise
-            raise UserError(f"{exc}; {resume_hint(files)}") from None
-        except Exception as exc:
-            if not dist.is_peer_failure(exc):
-                raise
-            raise UserError(f"another process of the run failed ({first_line(exc)}); {resume_hint(files)}") from None
+            raise told from None
+
+
+def reported(exc: BaseException, signals: SignalGuard, files: RunFiles, started: bool) -> BaseException:
+    """What a failure is reported as, with how to go on: after a signal, whatever failed (torch.save
+    turns a signal into a RuntimeError), the interrupt."""
+    if isinstance(exc, Interrupted) or signals.received:
+        return Interrupted(signals.received[0] if signals.received else str(exc), resume_hint(files))
+    if isinstance(exc, DivergenceError):
+        return DivergenceError(f"{exc}; {kept_hint(files)}; try a lower --lr or --max-grad-norm 1.0")
+    if isinstance(exc, UserError):  # a full disk while saving, say: what was saved before can go on
+        return exc if not started or isinstance(exc, UsageError) else UserError(f"{exc}; {resume_hint(files)}")
+    if isinstance(exc, Exception) and dist.is_peer_failure(exc):
+        return UserError(f"another process of the run failed ({first_line(exc)}); {resume_hint(files)}")
+    return exc
 
 
 def first_line(exc: BaseException) -> str:

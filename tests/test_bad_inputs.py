@@ -52,6 +52,20 @@ FINETUNE_CASES = {
     "arch kwargs unknown name": (["--from-scratch", "--arch-kwargs", '{"depth": 3}'], 2, "unexpected keyword"),
     "arch kwargs for a checkpoint": (["--arch-kwargs", '{"hidden": 8}'], 2, "only with --from-scratch"),
     "freeze-conv from scratch": (["--freeze-conv", "--from-scratch"], 2, "--freeze-conv"),
+    "lr beyond float32": (["--lr", "1e39"], 2, "--lr: must be a finite number"),
+    "11 classes": (["--from-scratch", "--arch-kwargs", '{"num_classes": 11}'], 2, "10 scores per image"),
+    "resnet with 20 classes": (["--from-scratch", "--arch", "resnet", "--arch-kwargs", '{"num_classes": 20}'], 2,
+                               "shape (2, 20)"),
+    "zero width": (["--from-scratch", "--arch-kwargs", '{"channels": [0, 8, 8]}'], 2, "channels must be"),
+    "float head": (["--from-scratch", "--arch-kwargs", '{"hidden": 2.5}'], 2, "hidden must be a whole number"),
+    "text dropout": (["--from-scratch", "--arch-kwargs", '{"dropout": "x"}'], 2, "dropout must be a number"),
+    "a 261 M parameter model": (["--from-scratch", "--arch-kwargs", '{"hidden": 150000}'], 2,
+                                "261,058,474 parameters"),
+    "arch without from-scratch": (["--arch", "resnet"], 2, "--arch: only with --from-scratch"),
+    "preset from scratch with a model": (["--preset", "resnet20", "--model-path", "input.pt"], 2,
+                                         "--model-path and --from-scratch (set by --preset resnet20)"),
+    "preset head from scratch": (["--preset", "head", "--from-scratch"], 2,
+                                 "--freeze-conv (set by --preset head) and --from-scratch"),
     "sync-bn on cpu": (["--sync-bn"], 2, "--sync-bn"),
     "missing model": (["--model-path", "missing.pt"], 1, "checkpoint not found: missing.pt"),
     "missing data": (["--data-dir", "no_such_folder"], 1, "not found"),
@@ -99,7 +113,7 @@ def test_finetune_bad_input(case, workdir, small_data_dir, capsys):
     extra, expected_code, expected_text = FINETUNE_CASES[case]
     base = {"--model-path": "input.pt", "--data-dir": str(small_data_dir), "--output": "out/best.pt",
             "--logdir": "tb", "--val-size": "500", "--batch-size": "64", "--device": "cpu"}
-    for flag in extra:
+    for flag in extra + (["--model-path"] if "--from-scratch" in extra else []):  # random weights read none
         base.pop(flag, None)
     argv = [item for pair in base.items() for item in pair] + ["--epochs", "1", "--quiet", *extra]
     before = snapshot(workdir)

@@ -451,7 +451,7 @@ def test_a_failing_rank_fails_the_job_with_its_message(tmp_path, small_data_dir)
 @pytest.mark.slow
 def test_the_resnet_preset_trains_under_torchrun(tmp_path, small_data_dir):
     """BatchNorm in every block, strong augmentation: two processes train it and rank 0 saves the plain model."""
-    tiny = {"widths": [4, 8, 16], "blocks": 1, "num_classes": 10}
+    tiny = {"widths": [8, 8, 16], "blocks": 1, "num_classes": 10}  # see TINY in test_resnet.py
     result = torchrun("--preset", "resnet20", "--arch-kwargs", json.dumps(tiny), "--epochs", 1, "--batch-size", 32,
                       "--limit-train", 1024, "--val-size", 500, "--device", "cpu", "--quiet", "--data-dir",
                       small_data_dir, "--output", tmp_path / "run" / "best.pt", "--logdir", tmp_path / "tb",

@@ -239,3 +239,17 @@ def test_compile_runs_and_reports_its_warmup(tmp_path, small_data_dir, trained_c
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert "compile_warmup_s" in metrics and metrics["finished"] is True
+
+
+def test_a_training_set_of_one_class_is_warned_about(tmp_path, small_data_dir, trained_checkpoint):
+    from conftest import read_split, write_split
+
+    images, labels = read_split(small_data_dir, "train")
+    one = labels == 1
+    write_split(tmp_path / "trousers", "train", images[one].numpy(), labels[one].numpy())
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        os.symlink(small_data_dir / name, tmp_path / "trousers" / name)
+    result, _ = finetune(tmp_path, tmp_path / "trousers", trained_checkpoint, "--epochs", 1, "--val-size", 50,
+                         "--limit-train", 128)
+    assert result.returncode == 0, result.stderr
+    assert "the training images hold only 1 of the 10 classes (Trouser)" in result.stderr

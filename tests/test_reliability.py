@@ -219,3 +219,46 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_best_model(tmp_path, small_dat
     assert "loss became nan in epoch 2" in err and f"stays in {out / 'best.pt'}" in err
     assert torch.load(out / "best.pt", weights_only=True)["metrics"]["epoch"] in (0, 1)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_permission_never_travels_in_last_pt(tmp_path, small_data_dir, trained_checkpoint):
+    """--overwrite given to run a is no licence for resuming a into run b's folder."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, extra in ((a, ["--overwrite"]), (b, [])):
+        made = run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, out, "--epochs", 1,
+                                                       "--limit-train", 256, *extra))
+        assert made.returncode == 0, made.stderr
+    before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
+    resumed = run_script("finetune_gpu.py", "--resume", a / "last.pt", "--output", b / "best.pt", "--epochs", 2)
+    assert resumed.returncode == 2, resumed.stderr
+    assert "already exists" in resumed.stderr and "--overwrite" in resumed.stderr
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+
+
+def damaged_state(ckpt, fn):
+    ckpt["optimizer"]["state"][0]["momentum_buffer"] = fn(ckpt["optimizer"]["state"][0]["momentum_buffer"])
+
+
+DAMAGED_LAST = {  # name: (how to damage last.pt, exit code, what the one line says)
+    "optimizer tensor of another shape": (lambda c: damaged_state(c, lambda t: torch.zeros(3)), 1,
+                                          "optimizer state 'momentum_buffer' has shape (3,)"),
+    "optimizer tensor expanded (stride 0)": (lambda c: damaged_state(c, lambda t: torch.zeros(1).expand(t.shape)), 0, ""),
+    "batch size as text": (lambda c: c["config"].update(batch_size="256"), 1, "--batch-size: must be int"),
+    "select a test metric": (lambda c: c["config"].update(select="test_acc"), 1, "--select: must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_LAST))
+def test_a_damaged_last_pt_fails_at_start_naming_the_file(tmp_path, small_data_dir, trained_checkpoint, capsys, case):
+    damage, code, text = DAMAGED_LAST[case]
+    ckpt = torch.load(trained_checkpoint.parent / "last.pt", weights_only=True)
+    damage(ckpt)
+    save_checkpoint(ckpt, tmp_path / "last.pt")
+    argv = ["--resume", tmp_path / "last.pt", "--output", tmp_path / "model.pt", "--logdir", tmp_path / "tb",
+            "--data-dir", small_data_dir, "--epochs", 3, "--quiet"]
+    assert finetune_gpu.main([str(a) for a in argv]) == code
+    err = capsys.readouterr().err
+    assert text in err and "Traceback" not in err
+    if code:
+        assert err.strip().splitlines() == [next(line for line in err.splitlines() if text in line)]
+        assert str(tmp_path / "last.pt") in err

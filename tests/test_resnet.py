@@ -13,7 +13,7 @@ from fashion_ft.engine import apply_freezing, set_train_mode
 from fashion_ft.errors import UserError
 from fashion_ft.model import ARCHS, ResNet, build_model, count_parameters, infer_arch
 
-TINY = {"widths": [4, 8, 16], "blocks": 1, "num_classes": 10}
+TINY = {"widths": [8, 8, 16], "blocks": 1, "num_classes": 10}  # 4 channels crash channels_last backward (torch 2.14.1, CPU)
 
 
 def tiny_resnet() -> ResNet:
@@ -46,12 +46,12 @@ def test_default_is_resnet20_with_option_b_shortcuts():
 
 def test_counted_flops_match_a_hand_count():
     """The benchmark's FLOPs column (torch's FlopCounterMode) is 2 x the multiply-accumulates counted here."""
-    macs = (28 * 28 * 4 * 1 * 9                                     # stem
-            + 2 * 28 * 28 * 4 * 4 * 9                               # stage1: two 3x3 convs at 28
-            + 14 * 14 * 8 * (4 * 9 + 8 * 9 + 4)                     # stage2 at 14: stride-2 conv, conv, 1x1 shortcut
+    macs = (28 * 28 * 8 * 1 * 9                                     # stem
+            + 2 * 28 * 28 * 8 * 8 * 9                               # stage1: two 3x3 convs at 28
+            + 14 * 14 * 8 * (8 * 9 + 8 * 9 + 8)                     # stage2 at 14: stride-2 conv, conv, 1x1 shortcut
             + 7 * 7 * 16 * (8 * 9 + 16 * 9 + 8)                     # stage3 at 7
             + 16 * 10)                                              # head after global average pooling
-    assert flops_per_image(tiny_resnet())["forward"] == 2 * macs == 2 * 605_408
+    assert flops_per_image(tiny_resnet())["forward"] == 2 * macs == 2 * 1_373_728
 
 
 @pytest.mark.parametrize("kwargs", [ARCHS["resnet"].default_kwargs, TINY,
