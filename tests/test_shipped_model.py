@@ -52,3 +52,18 @@ def test_resnet_fine_tuning_preset_starts_from_the_shipped_resnet(tmp_path, smal
     metrics = json.loads((out.parent / "metrics.json").read_text())
     # epoch 0 is the shipped model, measured before any step: trained, not random weights
     assert metrics["history"][0]["epoch"] == 0 and metrics["base_val_acc"] > 0.85
+
+
+@pytest.mark.parametrize("model", SHIPPED)
+def test_other_training_files_are_warned_about(model, small_data_dir):
+    """The split record carries the training files' fingerprint, so a subset of them is told apart."""
+    from conftest import read_split
+
+    from fashion_ft.checkpoint import load_checkpoint
+    from fashion_ft.data import Split, choose_split, fingerprint
+    from fashion_ft.trainer import split_record
+
+    images, labels = read_split(small_data_dir, "train")
+    asked = Split(None, None, fingerprint(images, labels))
+    _, warnings = choose_split(asked, split_record(load_checkpoint(REPO / "model" / model)), model, labels)
+    assert len(warnings) == 1 and "was trained on other training files" in warnings[0]
