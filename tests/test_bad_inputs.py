@@ -210,3 +210,9 @@ def test_empty_data_names_the_file_not_a_flag(tmp_path, workdir, capsys):
     code, err = call(finetune_gpu.main, ["--model-path", "input.pt", "--data-dir", str(empty), "--output",
                                          "out/best.pt", "--device", "cpu"], capsys)
     assert code == 1 and "train-images-idx3-ubyte holds 0 images" in err and "--val-size" not in err
+
+
+def test_resume_never_unpickles_and_says_so(workdir, capsys):
+    torch.save(torch.nn.Linear(2, 2), "whole.pt")  # a pickled module: loading it would run code
+    code, err = call(finetune_gpu.main, ["--resume", "whole.pt", "--trust-pickle"], capsys)
+    assert code == 1 and "--resume never unpickles" in err and "pass --trust-pickle" not in err, err
