@@ -1,9 +1,13 @@
 """Device choice, mixed-precision policy, backend flags, memory report, seeding, CPU threads."""
 
+import contextlib
+import dataclasses
 import os
 import platform
+import re
 import resource
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -58,6 +62,118 @@ def broken_cuda_reason() -> str | None:
             f"(built for CUDA {torch.version.cuda}): {cause}; check the driver with nvidia-smi")
 
 
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch, e.g. (2, 14) for '2.14.1+cu130'. Compared as a tuple:
+    as strings '2.14' < '2.8'."""
+    match = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def macos_version() -> tuple[int, ...] | None:
+    """This Mac's macOS version from platform.mac_ver(), e.g. (14, 5); None when not on macOS."""
+    release = platform.mac_ver()[0]
+    parts = re.findall(r"\d+", release)
+    return tuple(int(p) for p in parts) if parts else None
+
+
+def _dotted(version: tuple[int, ...] | None) -> str:
+    return ".".join(map(str, version)) if version else "unknown"
+
+
+# What Apple MPS can do, by torch (major, minor) and macOS version. The installed torch (2.14.1) has
+# no version history, so each rule names where it comes from:
+# - MPS itself: macOS 12.3+ (PyTorch's MPS backend notes, since torch 1.12); from torch 2.9 macOS 14+
+#   ("PyTorch 2.8 is the last release that will support GPU acceleration on MacOS Ventura", 2.8.0
+#   release notes, Deprecations, meta-pytorch/torch-release-notes 2.8.0/final.md).
+# - fp16 autocast: torch 2.5 (pytorch/pytorch#99272; "autocasting to float16 has been added for MPS
+#   in 2.5.0", pytorch/pytorch#142397). Before, torch.autocast("mps") raises "unsupported autocast
+#   device_type" even with enabled=False (autocast_mode.py checks is_autocast_available first).
+# - bf16 autocast: torch 2.6 and macOS 14+ (pytorch/pytorch#139390 for #139386: "bf16 support is only
+#   available on macOS 14 and later"). In 2.14.1 torch/amp/autocast_mode.py lists bf16 and fp16 for
+#   every device but CUDA and privateuse1, and an unsupported dtype only warns and sets enabled=False:
+#   a wrong choice would silently train in fp32, hence the explicit gates here.
+# - GradScaler: torch 2.8 ("Grad Scaler implementation", pytorch/pytorch#150255, in the 2.8.0 MPS
+#   release notes). Before, GradScaler.unscale_ failed on MPS (no float64: pytorch/pytorch#142397);
+#   2.14.1's grad_scaler.py unscale_ still special-cases mps:0 to skip the float64 reciprocal.
+MPS_MIN_MACOS_BEFORE_2_9, MPS_MIN_MACOS = (12, 3), (14, 0)
+MPS_FP16_AUTOCAST_SINCE = (2, 5)
+MPS_BF16_AUTOCAST_SINCE, MPS_BF16_MIN_MACOS = (2, 6), (14, 0)
+MPS_GRAD_SCALER_SINCE = (2, 8)
+
+# torch.distributed in 2.14.1 (distributed_c10d.py, Backend.backend_capability): gloo handles cpu and
+# cuda tensors, NCCL cuda only; nothing handles mps, and DDP runs collectives even with one process.
+MPS_NO_DISTRIBUTED = ("torchrun is not supported on Apple MPS: torch.distributed has no backend for MPS "
+                      "tensors (gloo handles CPU and CUDA, NCCL only CUDA)")
+
+# pytorch/pytorch#175189: on MPS, BatchNorm2d backward on channels_last input gives wrong weight and
+# input gradients (forward is right), so training diverges; contiguous (NCHW) input is correct. Fixes
+# were attempted (#181411, #188371), but which torch release carries a correct one is not known here,
+# so channels_last stays off on MPS whatever the version.
+CHANNELS_LAST_MPS_REASON = ("channels_last is off on MPS: BatchNorm backward in channels_last gives wrong "
+                            "gradients there (pytorch/pytorch#175189)")
+
+
+def mps_min_macos() -> tuple[int, int]:
+    return MPS_MIN_MACOS if torch_version() >= (2, 9) else MPS_MIN_MACOS_BEFORE_2_9
+
+
+def mps_unavailable_reason() -> str | None:
+    """Why this torch cannot use an Apple GPU (MPS); None where it can."""
+    if torch.backends.mps.is_available():
+        return None
+    if not torch.backends.mps.is_built():
+        return f"torch {torch.__version__} is not built with MPS (Apple GPU) support"
+    mac, need = macos_version(), mps_min_macos()
+    if mac is None:
+        return f"torch {torch.__version__} is built with MPS but this is not macOS"
+    if mac < need:
+        return (f"macOS {_dotted(mac)} is too old for MPS in torch {torch.__version__} "
+                f"(it needs macOS {_dotted(need)} or newer)")
+    return f"torch {torch.__version__} finds no Metal GPU that MPS can use on this Mac (macOS {_dotted(mac)})"
+
+
+def check_distributed_device(device: torch.device, world_size: int, launched: bool = False) -> None:
+    """Refuse torchrun on MPS (one line): no torch.distributed backend takes MPS tensors. launched: started
+    by torchrun even with one process, which still takes the DDP path (collectives)."""
+    if device.type == "mps" and (world_size > 1 or launched):
+        raise UsageError(f"--device {device.type}: {MPS_NO_DISTRIBUTED}; run one process without torchrun, "
+                         "or use --device cpu under torchrun")
+
+
+def channels_last_ok(device: torch.device) -> bool:
+    """Whether --channels-last may be used on this device; False on MPS (CHANNELS_LAST_MPS_REASON)."""
+    return device.type != "mps"
+
+
+# aten/src/ATen/mps/MPSFallback.mm (pytorch/pytorch): without the fallback an op with no MPS kernel raises
+# TORCH_CHECK_NOT_IMPLEMENTED (Python NotImplementedError) "The operator '<op>' is not currently implemented
+# for the MPS device ... set the environment variable `PYTORCH_ENABLE_MPS_FALLBACK=1`" (an early version wrote
+# "not current implemented"); the variable is read by getenv in a TORCH_LIBRARY_IMPL block, at load.
+_MPS_MISSING_OP = re.compile(r"(?:operator '([^']+)' )?is not current(?:ly)? implemented for the MPS device",
+                             re.IGNORECASE)
+
+
+def mps_hint(exc: BaseException) -> str | None:
+    """One line of advice for torch's NotImplementedError of an op without an MPS kernel (MPSFallback.mm:
+    "The operator 'aten::x' is not currently implemented for the MPS device ..."), looked for along the
+    exception's cause/context chain; None for any other error. PYTORCH_ENABLE_MPS_FALLBACK is read once,
+    when torch registers its MPS kernels at import, so it has to be in the environment before Python."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        match = _MPS_MISSING_OP.search(str(exc)) if isinstance(exc, NotImplementedError) else None
+        if match:
+            op = match[1] or "an operator"
+            if os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK", "0").strip() not in ("", "0"):
+                return (f"{op} is not implemented on MPS in torch {torch.__version__}: PYTORCH_ENABLE_MPS_FALLBACK=1 "
+                        "only takes effect when set before Python starts (export it in the shell), "
+                        "or use --device cpu")
+            return (f"{op} is not implemented on MPS in torch {torch.__version__}: set PYTORCH_ENABLE_MPS_FALLBACK=1 "
+                    "in the environment to run it on the CPU (slower), or use --device cpu")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _rank_gpu(spec: str, local_rank: int | None) -> int:
     """The GPU index of this process when --device does not name one."""
     count = torch.cuda.device_count()
@@ -75,21 +191,34 @@ def _rank_gpu(spec: str, local_rank: int | None) -> int:
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a usable device, or a UsageError naming --device."""
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> a usable device, or a UsageError naming --device.
+    auto: CUDA, else Apple MPS, else the CPU (with a warning saying why). local_rank is given under
+    torchrun only: there MPS is refused (no distributed backend) and auto skips it for the CPU."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", _rank_gpu(spec, local_rank))
-        reason = broken_cuda_reason() or "no CUDA GPU found"
+        broken = broken_cuda_reason()
+        if broken is None and torch.backends.mps.is_available():
+            if local_rank is None:
+                return torch.device("mps", 0)
+            warnings.warn(f"{MPS_NO_DISTRIBUTED}: running on the CPU (--device auto)", stacklevel=2)
+            return torch.device("cpu")
+        reason = broken or "no CUDA GPU found"
+        no_mps = mps_unavailable_reason() if torch.backends.mps.is_built() else None
+        if no_mps:  # a macOS build of torch: say why its Apple GPU is not used either
+            reason += f", and {no_mps}"
         warnings.warn(f"{reason}: running on the CPU (--device auto)", stacklevel=2)
         return torch.device("cpu")
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise UsageError(f"--device {spec!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise UsageError(f"--device {spec!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cpu":
         return device
+    if device.type == "mps":
+        return _resolve_mps(spec, device, local_rank)
     if device.type != "cuda":
-        raise UsageError(f"--device {spec!r}: only cpu and cuda are supported")
+        raise UsageError(f"--device {spec!r}: only cpu, cuda and mps are supported")
     if not torch.cuda.is_available():
         reason = broken_cuda_reason() or "CUDA is not available on this machine"
         raise UsageError(f"--device {spec}: {reason} (use --device cpu or auto)")
@@ -103,10 +232,21 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
+def _resolve_mps(spec: str, device: torch.device, local_rank: int | None) -> torch.device:
+    reason = mps_unavailable_reason()
+    if reason:
+        raise UsageError(f"--device {spec}: {reason} (use --device cpu or auto)")
+    if device.index not in (None, 0):
+        raise UsageError(f"--device {spec}: there is one MPS device (mps, or mps:0)")
+    if local_rank is not None:
+        raise UsageError(f"--device {spec}: {MPS_NO_DISTRIBUTED}; run one process without torchrun")
+    return torch.device("mps", 0)  # what tensors on MPS report as their device
+
+
 def default_eval_batch_size(device: torch.device) -> int:
-    """Large batches keep a GPU busy; on a CPU, 256 images' activations still fit in the cache
-    (measured 2x faster than 1024 on this project's 2-core bench machine)."""
-    return 1024 if device.type == "cuda" else 256
+    """Large batches keep a GPU (CUDA or MPS) busy; on a CPU, 256 images' activations still fit in the
+    cache (measured 2x faster than 1024 on this project's 2-core bench machine)."""
+    return 1024 if device.type in ("cuda", "mps") else 256
 
 
 def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
@@ -140,6 +280,7 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")  # the --amp choices of every script
 class AmpPolicy:
     dtype: torch.dtype | None  # None: plain fp32
     use_scaler: bool  # fp16 needs loss scaling; bf16 does not
+    reason: str = dataclasses.field(default="", compare=False)  # why this policy (set on MPS); "" elsewhere
 
     @property
     def name(self) -> str:
@@ -171,16 +312,55 @@ def _cuda_amp(mode: str, device: torch.device) -> AmpPolicy:
     return FP32  # Pascal and older: fp16 without tensor cores gains little and risks overflow
 
 
+def mps_bf16_reason() -> str | None:
+    """Why bf16 autocast cannot be used on MPS here; None where it can."""
+    if torch_version() < MPS_BF16_AUTOCAST_SINCE:
+        return f"bf16 autocast on MPS needs torch 2.6 or newer (this is torch {torch.__version__})"
+    mac = macos_version()
+    if mac is None or mac < MPS_BF16_MIN_MACOS:
+        return f"bf16 on MPS needs macOS 14 or newer (this is macOS {_dotted(mac)})"
+    return None
+
+
+def mps_fp16_reason() -> str | None:
+    """Why fp16 with loss scaling cannot be used on MPS here; None where it can. fp16 without a GradScaler
+    lets small gradients underflow to zero, so fp16 is only offered with one."""
+    if torch_version() < MPS_FP16_AUTOCAST_SINCE:
+        return f"fp16 autocast on MPS needs torch 2.5 or newer (this is torch {torch.__version__})"
+    if torch_version() < MPS_GRAD_SCALER_SINCE:
+        return (f"fp16 needs loss scaling, and GradScaler supports MPS from torch 2.8 "
+                f"(this is torch {torch.__version__})")
+    return None
+
+
+def _mps_amp(mode: str) -> AmpPolicy:
+    no_bf16, no_fp16 = mps_bf16_reason(), mps_fp16_reason()
+    if mode == "bf16" and no_bf16:
+        raise UsageError(f"--amp bf16: {no_bf16}; use --amp auto or off")
+    if mode == "fp16" and no_fp16:
+        raise UsageError(f"--amp fp16: {no_fp16}; use --amp auto or off, or a newer torch")
+    if mode == "bf16" or (mode == "auto" and not no_bf16):
+        return dataclasses.replace(BF16, reason="bf16 autocast on MPS (torch 2.6+, macOS 14+); no loss scaling needed")
+    if mode == "fp16":
+        return dataclasses.replace(FP16, reason="fp16 autocast on MPS with GradScaler loss scaling (torch 2.8+)")
+    if not no_fp16:
+        return dataclasses.replace(FP16, reason=f"fp16 with GradScaler loss scaling: {no_bf16}")
+    return dataclasses.replace(FP32, reason=f"fp32: {no_bf16}, and {no_fp16}")
+
+
 def resolve_amp(mode: str, device: torch.device) -> AmpPolicy:
     """--amp -> the precision policy on this device. auto: bf16 on CUDA capability >= 8.0, fp16 with loss
-    scaling on 7.x, fp32 below; on the CPU bf16 where it is native (AVX512-BF16, AMX), else fp32.
-    An explicit bf16 on a GPU without it, or fp16 on the CPU, is a UsageError."""
+    scaling on 7.x, fp32 below; on the CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; on
+    Apple MPS bf16 (torch 2.6+, macOS 14+), else fp16 with loss scaling (torch 2.8+), else fp32.
+    An explicit bf16 on a GPU without it, fp16 on the CPU, or either where MPS lacks it, is a UsageError."""
     if mode not in AMP_MODES:
         raise UsageError(f"--amp {mode!r}: choose from {', '.join(AMP_MODES)}")
     if mode == "off":
         return FP32
     if device.type == "cuda":
         return _cuda_amp(mode, device)
+    if device.type == "mps":
+        return _mps_amp(mode)
     if mode == "fp16":
         # loss scaling (GradScaler) is a CUDA tool, and CPUs compute fp16 slower than fp32 or bf16
         raise UsageError("--amp fp16: for CUDA GPUs only; on the CPU use --amp bf16, auto or off")
@@ -188,11 +368,14 @@ def resolve_amp(mode: str, device: torch.device) -> AmpPolicy:
 
 
 def autocast(device: torch.device, amp: AmpPolicy):
+    if device.type == "mps" and amp.dtype is None:
+        # torch before 2.5 has no MPS autocast: torch.autocast("mps") raises even with enabled=False
+        return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=amp.dtype or torch.float32, enabled=amp.dtype is not None)
 
 
 def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.manual_seed(seed)  # also seeds every CUDA device and MPS (torch/random.py manual_seed)
 
 
 def process_memory_mb() -> dict:
@@ -205,7 +388,8 @@ def process_memory_mb() -> dict:
                     current = int(line.split()[1]) / 1024
     except OSError:
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # ru_maxrss is in KiB on Linux but in bytes on macOS (getrusage(2) of each)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
     return {"rss_mb": current, "peak_rss_mb": peak}
 
 
@@ -228,15 +412,49 @@ def cuda_report(device: torch.device) -> dict:
     }
 
 
+def mps_report(device: torch.device) -> dict:
+    """cuda_report's counterpart for an Apple GPU: name, cores, macOS, memory, what AMP auto picks."""
+    if device.type != "mps":
+        return {"mps_available": torch.backends.mps.is_available()}
+
+    def optional(module, name):  # get_name, get_core_count, recommended_max_memory: not in every torch
+        fn = getattr(module, name, None)
+        return fn() if fn is not None else None
+
+    recommended = optional(torch.mps, "recommended_max_memory")
+    return {
+        "mps_available": True,
+        "name": optional(torch.backends.mps, "get_name"),
+        "gpu_cores": optional(torch.backends.mps, "get_core_count"),
+        "macos": _dotted(macos_version()),
+        "torch_version": str(torch.__version__),
+        "recommended_max_memory_mb": None if recommended is None else recommended / 2**20,
+        "allocated_memory_mb": torch.mps.current_allocated_memory() / 2**20,
+        "driver_memory_mb": torch.mps.driver_allocated_memory() / 2**20,
+        "bf16_supported": mps_bf16_reason() is None,
+        "amp_auto": resolve_amp("auto", device).name,
+        "channels_last": channels_last_ok(device),
+    }
+
+
+def device_report(device: torch.device) -> dict:
+    """cuda_report on CUDA and the CPU (as before), mps_report on MPS."""
+    return mps_report(device) if device.type == "mps" else cuda_report(device)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
     """Set the global backend flags for a run. Fast: cuDNN benchmarks its kernels once, which pays off
     because every batch has the same shape. Deterministic: the same kernels, in the same order, in full
-    fp32 (no TF32) on every run, so that a resumed run repeats the uninterrupted one bit for bit."""
+    fp32 (no TF32) on every run, so that a resumed run repeats the uninterrupted one bit for bit.
+    MPS has no flags of its own to set (torch.backends.mps only answers queries); deterministic mode
+    there is torch.use_deterministic_algorithms, like the CPU."""
     if deterministic:
         if device.type == "cuda":
             # cuBLAS is only deterministic with a fixed workspace; read when its handle is made
@@ -250,14 +468,52 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+# torch.mps has no peak API (2.14.1: current_allocated_memory, driver_allocated_memory,
+# recommended_max_memory). torch.accelerator.memory_stats gives an allocator peak where the MPS
+# allocator reports one (it did not: pytorch/pytorch#167447; added by #186748; whether 2.14.1 has it is
+# in C++, not visible here, so it is detected by asking); otherwise what is
+# reported is torch.mps.driver_allocated_memory(): Metal's memory for this process, the allocator's cached
+# pool included. reset_peak_memory empties that pool, and freed blocks stay in it, so at the end of an
+# epoch it approximates the epoch's high-water mark from above (less when memory pressure made the
+# allocator release cached blocks).
+MPS_PEAK_FROM_STATS = "peak allocated by tensors (torch.accelerator memory stats)"
+MPS_PEAK_FROM_DRIVER = ("Metal driver memory of the process, cached pool included (no peak API on MPS): "
+                        "about the peak, from above")
+
+
+def _mps_stats_peak(device: torch.device) -> int | None:
+    try:
+        stats = torch.accelerator.memory_stats(device)
+    except Exception:  # no torch.accelerator, or an MPS allocator without stats
+        return None
+    return stats.get("allocated_bytes.all.peak") or None
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak for peak_gpu_mb (per run, per model)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "mps":
+        torch.mps.empty_cache()  # the driver's pool restarts from what live tensors hold
+        try:
+            torch.accelerator.reset_peak_memory_stats(device)
+        except Exception:  # as in _mps_stats_peak
+            pass
 
 
 def peak_gpu_mb(device: torch.device) -> float | None:
-    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU."""
+    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU. On MPS see
+    gpu_memory_source for what the number is."""
+    if device.type == "mps":
+        peak = _mps_stats_peak(device)
+        return (peak if peak is not None else torch.mps.driver_allocated_memory()) / 2**20
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def gpu_memory_source(device: torch.device) -> str | None:
+    """One line on what peak_gpu_mb reports on this device; None on the CPU."""
+    if device.type == "mps":
+        return MPS_PEAK_FROM_STATS if _mps_stats_peak(device) is not None else MPS_PEAK_FROM_DRIVER
+    return "peak allocated by tensors (torch.cuda.max_memory_allocated)" if device.type == "cuda" else None
