@@ -11,7 +11,6 @@ Exit codes: 0 done, 1 the run failed (the message says why), 2 bad usage, 130/14
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -35,17 +34,6 @@ from fashion_ft.errors import UsageError, UserError
 DEFAULTS = Config()
 
 
-def json_object(text: str) -> dict:
-    """argparse type of --arch-kwargs: a JSON object, or a one-line usage error."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"blocks\": 1}}', got {text}")
-    return value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -56,11 +44,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def model_and_data_flags(p: argparse.ArgumentParser, d: Config) -> None:
     """What to start from and what to train on."""
+    from fashion_ft.cli import json_object, model_source_flags
     from fashion_ft.data import AUGMENT_PRESETS
     from fashion_ft.model import ARCHS
 
     g = p.add_argument_group("model")
     g.add_argument("--model-path", default=d.model_path, help="pretrained checkpoint to start from")
+    model_source_flags(g)
     g.add_argument("--from-scratch", action="store_true", help="start from random weights (--arch) instead")
     g.add_argument("--arch", choices=list(ARCHS), default=d.arch, help="architecture for --from-scratch")
     g.add_argument("--arch-kwargs", type=json_object, default=d.arch_kwargs, metavar="JSON",
@@ -110,8 +100,13 @@ def optimisation_flags(p: argparse.ArgumentParser, d: Config) -> None:
                    help="validate, select and save a moving average of the weights, updated with this decay "
                         "after every step (0.999 averages about the last 1,000 steps); 0: off")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip gradients to this norm")
-    g.add_argument("--freeze-conv", action="store_true", help="train only the FC head (conv + its BN frozen)")
+    g.add_argument("--freeze-conv", action="store_true",
+                   help="train only the head: the layers from the first fully connected one after the last "
+                        "convolution (found from one forward pass); the features stay exactly as loaded")
     g.add_argument("--freeze-bn", action="store_true", help="freeze BatchNorm weights and running statistics")
+    g.add_argument("--trainable", default=d.trainable, metavar="PATTERNS",
+                   help="train only the layers whose names match these comma-separated patterns, e.g. 'fc*,bn_fc' "
+                        "(where --freeze-conv cannot tell a model's head)")
 
 
 def selection_and_output_flags(p: argparse.ArgumentParser, d: Config) -> None:
@@ -141,7 +136,7 @@ def hardware_flags(p: argparse.ArgumentParser, d: Config) -> None:
     from fashion_ft.system import AMP_MODES
 
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--device", default=d.device, help="auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps")
     g.add_argument("--amp", choices=AMP_MODES, default=d.amp,
                    help="mixed precision; auto: bf16 on CPUs and GPUs that are fast at it (CUDA capability 8.0+), "
                         "fp16 with loss scaling on capability 7.x (V100, T4), else fp32")

@@ -13,6 +13,7 @@ Exit codes: 0 every check passed, 1 a check failed, 2 bad usage, 130/143 interru
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -41,6 +42,7 @@ def fraction(text: str) -> float:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from fashion_ft.cli import model_source_flags
     from fashion_ft.system import AMP_MODES  # imports torch: after main() installed the signal handlers
 
     p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
@@ -48,6 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", nargs="+", action="extend", default=None,
                    help=f"one or more checkpoints (the flag may repeat); several also report their ensemble "
                         f"(default: {DEFAULT_MODEL})")
+    model_source_flags(p)
     p.add_argument("--data-dir", default=None, help="folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, then the Debian folder")
     p.add_argument("--download", action="store_true", help="fetch Fashion-MNIST into ./data when it is not found")
     p.add_argument("--batches", type=positive_int, default=3, help="test batches for the quick eval")
@@ -55,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="evaluate on all 10,000 test images")
     p.add_argument("--min-accuracy", type=fraction, default=0.5,
                    help="quick-eval accuracy below this fraction (0..1) fails")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps")
     p.add_argument("--amp", choices=AMP_MODES, default="off",
                    help="precision of the quick eval (off: exact fp32; fp16 needs a CUDA GPU). The train step "
                         "always uses the precision finetune_gpu.py's --amp auto picks on this device")
@@ -69,14 +72,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_model(report, path: Path, args, rt_eval, data):
+def check_model(report, path: Path, args, rt_eval, data, training_sample):
     """The per-model checks; returns the quick eval's probabilities (or None)."""
     from fashion_ft import preflight as pf
 
     prefix = f"{path}: " if len(args.model_path) > 1 else ""
     if report.run(prefix + "file", pf.check_file, path) is None:
         return None
-    ckpt = report.run(prefix + "load", pf.check_load, path, args.trust_pickle)
+    ckpt = report.run(prefix + "load", pf.check_load, path, args.trust_pickle, args.definition, args.model_kwargs)
     if ckpt is None:
         return None
     model = report.run(prefix + "architecture", pf.check_arch, ckpt)
@@ -84,22 +87,29 @@ def check_model(report, path: Path, args, rt_eval, data):
     if model is None or finite is None:
         return None
     model = model.to(rt_eval.device)
-    rt = dataclasses.replace(rt_eval, mean=ckpt.mean, std=ckpt.std)
+    mean, std = args.normalize or (ckpt.mean, ckpt.std)
+    rt = dataclasses.replace(rt_eval, mean=mean, std=std)
     report.run(prefix + "forward pass", pf.check_forward, model, rt)
-    report.run(prefix + "train step", pf.check_train_step, model, data, ckpt.mean, ckpt.std, rt.device)
+    if not (args.normalize or ckpt.normalize_recorded):
+        sample = training_sample()
+        if sample is None:
+            report.skip(prefix + "normalisation", "no training images")
+        else:
+            report.run(prefix + "normalisation", pf.check_normalization, model, sample, mean, std)
+    report.run(prefix + "train step", pf.check_train_step, model, data, mean, std, rt.device)
     if data is None:
         report.skip(prefix + "quick eval", "no test data")
         return None
     return report.run(prefix + "quick eval", pf.check_eval, model, rt, data, args.batch_size, args.min_accuracy)
 
 
-def check_model_and_memory(report, path: Path, args, rt_eval, data):
+def check_model_and_memory(report, path: Path, args, rt_eval, data, training_sample):
     """check_model, then this model's memory: the GPU peak is reset per model, so each reports its own."""
     from fashion_ft import preflight as pf
     from fashion_ft.system import reset_peak_memory
 
     reset_peak_memory(rt_eval.device)
-    probs = check_model(report, path, args, rt_eval, data)
+    probs = check_model(report, path, args, rt_eval, data, training_sample)
     report.run(f"{path}: memory" if len(args.model_path) > 1 else "memory", pf.check_memory, rt_eval.device)
     return probs
 
@@ -125,7 +135,14 @@ def run_checks(args):
     report.run("device", pf.check_device, device, args.require_gpu, args.device == "auto")
     n = None if args.full else args.batches * args.batch_size
     data = report.run("test data", pf.check_data, args.data_dir, n, device, args.download)
-    probs = [check_model_and_memory(report, Path(p), args, rt_eval, data) for p in args.model_path]
+    loaded = []
+
+    def training_sample():  # read once, and only for a model whose file does not record its normalisation
+        if not loaded:
+            loaded.append(report.run("training images", pf.check_training_sample, args.data_dir, device))
+        return loaded[0]
+
+    probs = [check_model_and_memory(report, Path(p), args, rt_eval, data, training_sample) for p in args.model_path]
     if len(probs) > 1:
         if all(p is not None for p in probs):
             report.run("ensemble", pf.check_ensemble, probs, data.labels)
@@ -145,8 +162,14 @@ def print_text(report) -> None:
 
 
 def check_and_print(argv) -> int:
+    from fashion_ft import userdef
+    from fashion_ft.errors import UsageError
+
     args = get_args_parser().parse_args(argv)
     args.model_path = args.model_path or [DEFAULT_MODEL]
+    args.definition = userdef.parse(args.model_def) if args.model_def else None
+    if args.normalize and not (math.isfinite(sum(args.normalize)) and args.normalize[1] > 0):
+        raise UsageError(f"--normalize: must be MEAN STD, finite, STD > 0, got {args.normalize}")
     report = run_checks(args)
     if args.json:  # strict JSON: Report.to_dict has turned every NaN/Inf into null with its reason
         print(json.dumps(report.to_dict(), indent=2, allow_nan=False))

@@ -26,12 +26,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import userdef
 from .data import CLASSES, MEAN, STD
 from .errors import UserError
 from .model import (  # unwrap lives beside the model; importing it from here keeps working
     ARCHS,
     NUM_CLASSES,
+    USER_ARCH,
     build_model,
+    build_source,
+    check_outputs,
     infer_arch,
     output_classes,
     resolve_arch_kwargs,
@@ -176,13 +180,14 @@ def save_json(obj: dict, path) -> None:
 
 
 def make_checkpoint(model, arch, arch_kwargs, *, mean=MEAN, std=STD, metrics=None, config=None,
-                    history=None, classes=CLASSES, split: dict | None = None) -> dict:
+                    history=None, classes=CLASSES, split: dict | None = None, model_def: dict | None = None) -> dict:
     """The checkpoint dict of DESIGN.md, loadable with torch.load(weights_only=True).
 
     `model` is the module or its state_dict (the weights alone, e.g. a best model's kept copy).
 
     `split` records the validation split the weights were trained with ({seed, val_size, fingerprint});
-    None (unknown) leaves it out.
+    None (unknown) leaves it out. `model_def` records a user's class (userdef.ModelDef.to_dict()), whose
+    constructor takes `arch_kwargs`.
     """
     weights = model if isinstance(model, dict) else unwrap(model).state_dict()
     ckpt = {
@@ -201,6 +206,8 @@ def make_checkpoint(model, arch, arch_kwargs, *, mean=MEAN, std=STD, metrics=Non
     }
     if split is not None:
         ckpt["split"] = dict(split)
+    if model_def is not None:
+        ckpt["model_def"] = dict(model_def)
     return ckpt
 
 
@@ -279,6 +286,15 @@ def _check_text(name: str, value) -> None:
     _require(isinstance(value, str), name, f"must be text, got {_show(value)}")
 
 
+def _check_model_def(value) -> None:
+    _check_dict("model_def", value)
+    for key in ("given", "class"):
+        _check_text(f"model_def.{key}", value.get(key))
+    for key in ("resolved", "sha256"):
+        _require(value.get(key) is None or isinstance(value[key], str), f"model_def.{key}",
+                 f"must be text or None, got {_show(value.get(key))}")
+
+
 # The fields of our format other code reads, each with its check; an absent field takes its default
 # (older files), a present one must be right.
 META_CHECKS = {
@@ -289,6 +305,7 @@ META_CHECKS = {
     "history": _check_history,
     "split": _check_split,
     "kind": partial(_check_text, "kind"),
+    "model_def": _check_model_def,
 }
 
 
@@ -330,9 +347,15 @@ class LoadedCheckpoint:
     classes: list = field(default_factory=lambda: list(CLASSES))
     meta: dict = field(default_factory=dict)  # the whole file when it is one of ours
     unpickled: bool = False  # read with weights_only=False (--trust-pickle): code in the file may have run
+    model_def: userdef.ModelDef | None = None  # the user's class, built with arch_kwargs
+    container: str | None = None  # where the weights sat: None (bare state_dict), a key, or FORMAT (ours)
+
+    @property
+    def normalize_recorded(self) -> bool:
+        return "normalize" in self.meta
 
     def build(self) -> nn.Module:
-        model = build_model(self.arch, self.arch_kwargs)
+        model = build_source(self.arch, self.arch_kwargs, self.model_def)
         model.load_state_dict(self.state_dict)
         return model
 
@@ -492,9 +515,38 @@ def _resolve_arch(found: _Extracted, state_dict: dict) -> tuple[str, dict]:
     return arch, arch_kwargs
 
 
-def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_HINT) -> LoadedCheckpoint:
+def _fit_keys(model: nn.Module, state_dict: dict) -> dict:
+    """The weights under the key names of the user's class: as saved when they match it, else without
+    the DataParallel/compile prefixes (a leading `module.` may be a real attribute of the class)."""
+    expected = set(model.state_dict())
+    if set(state_dict) == expected:
+        return state_dict
+    stripped = strip_prefixes(state_dict)
+    return stripped if len(expected & set(stripped)) > len(expected & set(state_dict)) else state_dict
+
+
+def _user_source(found: _Extracted, path: Path, explicit, kwargs) -> tuple[userdef.ModelDef, dict, dict]:
+    """(definition, kwargs, weights under its keys) of a user's class, checked against the weights."""
+    record = found.meta.get("model_def")
+    if explicit is not None and record is not None and record["class"] != explicit.cls:
+        raise UserError(f"its record names the class {record['given']}:{record['class']}, but --model-def "
+                        f"names {explicit.given}:{explicit.cls}; drop --model-def for this file or pass the right one")
+    definition = explicit or userdef.trusted(record, str(path))
+    kwargs = dict(found.meta.get("arch_kwargs") or {}) if kwargs is None else dict(kwargs)
+    model = userdef.build(definition, kwargs)
+    check_outputs(model, f"{definition.given}:{definition.cls}")
+    state_dict = _fit_keys(model, found.state_dict)
+    problems = shape_mismatches(model, state_dict)
+    if problems:
+        raise UserError(f"the weights do not fit {definition.given}:{definition.cls}: {'; '.join(problems[:3])}")
+    return definition, kwargs, state_dict
+
+
+def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_HINT,
+                    model_def: "userdef.ModelDef | None" = None, model_kwargs: dict | None = None) -> LoadedCheckpoint:
     """Read, recognise and verify a checkpoint; every failure is a UserError with one clear line that
-    names the file and, for a bad field, the field. `refusal_hint` ends the refusal of a pickle."""
+    names the file and, for a bad field, the field. `refusal_hint` ends the refusal of a pickle.
+    `model_def` (--model-def) and `model_kwargs` name the user's class for a file that records none."""
     path = Path(path)
     _check_readable(path)
     try:
@@ -502,8 +554,13 @@ def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_
         found = _extract(obj)
         _check_tensors(found.state_dict, found.where)
         _check_meta(found.meta)
-        state_dict = strip_prefixes(found.state_dict)
-        arch, arch_kwargs = _resolve_arch(found, state_dict)
+        definition = None
+        if model_def is not None or found.meta.get("model_def") is not None:
+            definition, arch_kwargs, state_dict = _user_source(found, path, model_def, model_kwargs)
+            arch = USER_ARCH
+        else:
+            state_dict = strip_prefixes(found.state_dict)
+            arch, arch_kwargs = _resolve_arch(found, state_dict)
     except (UserError, _BadField) as exc:
         message = str(exc)
         raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") from None
@@ -512,6 +569,7 @@ def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_
         path=path, source_format=found.source_format, arch=arch, arch_kwargs=arch_kwargs,
         state_dict=state_dict, mean=float(norm.get("mean", MEAN)), std=float(norm.get("std", STD)),
         classes=list(found.meta.get("classes", CLASSES)), meta=found.meta, unpickled=unpickled,
+        model_def=definition, container=FORMAT if found.meta else (found.where[:-1] or None),
     )
 
 

@@ -9,6 +9,8 @@ it recorded a signal is that interrupt: a signal may surface as another error (t
 into a RuntimeError) or be swallowed by a library, and the user asked to stop either way.
 """
 
+import argparse
+import json
 import os
 import select
 import sys
@@ -17,6 +19,29 @@ from collections.abc import Callable
 
 from .errors import Interrupted, UserError
 from .signals import SignalGuard
+
+
+def json_object(text: str) -> dict:
+    """argparse type of a JSON-object flag (--arch-kwargs, --model-kwargs), or a one-line usage error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"blocks\": 1}}', got {text}")
+    return value
+
+
+def model_source_flags(g) -> None:
+    """The flags both scripts take for a user's own network."""
+    g.add_argument("--model-def", default=None, metavar="FILE.py:CLASS",
+                   help="your own network class (a file path, hyphens allowed, or pkg.mod:CLASS), for a checkpoint "
+                        "of its weights; the file is imported without running its __main__ block")
+    g.add_argument("--model-kwargs", type=json_object, default=None, metavar="JSON",
+                   help="keyword arguments of its constructor, e.g. '{\"width\": 32}'")
+    g.add_argument("--normalize", type=float, nargs=2, default=None, metavar=("MEAN", "STD"),
+                   help="the input normalisation the model was trained with (pixels in [0, 1]); unset: the "
+                        "checkpoint's record, else Fashion-MNIST's 0.2860 0.3530 (MNIST's is 0.1307 0.3081)")
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -102,6 +127,12 @@ def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_
 def _unexpected(exc: Exception, debug: bool, prefix: Callable[[], str]) -> int:
     if debug:
         raise exc
+    from .system import mps_hint  # imported late: cli stays importable without torch
+
+    hint = mps_hint(exc)
+    if hint:
+        print(f"{prefix()}{hint}", file=sys.stderr)
+        return 1
     print(f"{prefix()}{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)",
           file=sys.stderr)
     return 1

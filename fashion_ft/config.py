@@ -31,6 +31,9 @@ class Config:
     arch: str = "cnn3"
     arch_kwargs: dict | None = None  # overrides of the arch's registry defaults, e.g. {"blocks": 1}
     max_params: int = MAX_PARAMETERS
+    model_def: str | None = None  # FILE.py:CLASS or pkg.mod:CLASS, the user's own network class
+    model_kwargs: dict | None = None  # its constructor's keyword arguments
+    normalize: list | None = None  # [mean, std] the model was trained with; None: the file's record, else Fashion-MNIST's
     trust_pickle: bool = False
     # data
     data_dir: str | None = None
@@ -62,6 +65,7 @@ class Config:
     ema_decay: float = 0.0  # 0: off; else validate, select and save an exponential moving average of the weights
     freeze_conv: bool = False
     freeze_bn: bool = False
+    trainable: str | None = None  # comma-separated module-name patterns: train only these layers
     # selection and stopping
     select: str = "val_acc"  # the validation metric that picks the best model
     monitor: str = "val_loss"  # early stopping and plateau: "validation loss did not improve for 15 epochs"
@@ -86,6 +90,10 @@ class Config:
     # console
     quiet: bool = False
     debug: bool = False
+
+    @property
+    def trainable_patterns(self) -> list[str] | None:
+        return [p.strip() for p in self.trainable.split(",") if p.strip()] if self.trainable else None
 
     @property
     def resolved_weight_decay(self) -> float:
@@ -129,12 +137,13 @@ PERMISSIONS = {"overwrite", "override_resume", "trust_pickle", "download"}
 # Fields that may differ between a run and its --resume without being a change of the experiment.
 RESUME_FREE_FIELDS = PERMISSIONS | {
     "epochs", "resume", "quiet", "debug", "device", "compile", "logdir", "run_name", "output", "data_dir",
-    "eval_batch_size", "model_path", "deterministic", "max_params",
+    "eval_batch_size", "model_path", "deterministic", "max_params", "model_def",
 }
 
 
 # Fields that define the data or the optimizer state itself: a resumed run cannot change them, even with override.
-RESUME_FIXED_FIELDS = {"optimizer", "freeze_conv", "freeze_bn", "arch", "arch_kwargs", "from_scratch", "val_size",
+RESUME_FIXED_FIELDS = {"optimizer", "freeze_conv", "freeze_bn", "trainable", "arch", "arch_kwargs", "from_scratch", "val_size",
+                       "model_kwargs", "normalize",
                        "split_seed"}
 
 
@@ -219,6 +228,9 @@ def validate(cfg: Config) -> None:
         _require(cfg.limit_train >= cfg.batch_size, "--limit-train",
                  f"must be >= --batch-size ({cfg.batch_size}), got {cfg.limit_train}")
     _require(cfg.max_params >= 1, "--max-params", f"must be >= 1, got {cfg.max_params}")
+    if cfg.normalize is not None:
+        _require(len(cfg.normalize) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in cfg.normalize)
+                 and cfg.normalize[1] > 0, "--normalize", f"must be MEAN STD, finite, STD > 0, got {cfg.normalize}")
 
 
 def check_conflicts(cfg: Config, origin: Callable[[str], str]) -> None:
@@ -235,6 +247,8 @@ def check_conflicts(cfg: Config, origin: Callable[[str], str]) -> None:
         return
     if cfg.freeze_conv:
         refuse("freeze_conv", "from_scratch", "frozen random filters learn nothing")
+    if cfg.model_def:
+        refuse("model_def", "from_scratch", "--from-scratch builds one of our networks (--arch)")
     if origin("model_path") != "default":
         refuse("model_path", "from_scratch", "random weights start from no checkpoint")
 

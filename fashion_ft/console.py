@@ -62,6 +62,7 @@ def epoch_line(row: dict, is_best: bool) -> str:
 
 def setup_lines(cfg, rt, lr: float, model: torch.nn.Module) -> list[str]:
     """The resolved configuration, as the run will use it."""
+    from .engine import trainable_summary
     from .model import count_parameters
 
     total, trainable = count_parameters(model)
@@ -75,7 +76,9 @@ def setup_lines(cfg, rt, lr: float, model: torch.nn.Module) -> list[str]:
         f"epochs: {cfg.epochs}" + (f"  ema: {cfg.ema_decay:g}" if cfg.ema_decay else ""),
         f"selection: best {cfg.select}; early stopping: {cfg.monitor}, patience {cfg.patience}  "
         f"seeds: training {cfg.seed}, split {cfg.split_seed}",
-        f"parameters: {total:,} ({trainable:,} trainable)  freeze-conv: {cfg.freeze_conv}  freeze-bn: {cfg.freeze_bn}",
+        f"parameters: {total:,} ({trainable:,} trainable)  freeze-conv: {cfg.freeze_conv}  freeze-bn: {cfg.freeze_bn}"
+        f"  input normalisation: {rt.mean:g} {rt.std:g}",
+        *([trainable_summary(model)] if total != trainable else []),
     ]
 
 
@@ -93,4 +96,6 @@ def summary_lines(summary: dict, files) -> list[str]:
     if best == 0:
         lines.append("no epoch beat the starting model; it was kept as the best model")
     lines.append(f"saved: {files.best} (best), {files.last} (resumable), {files.metrics}")
+    if files.plain.exists():
+        lines.append(f"plain state_dict: {files.plain} (for model.load_state_dict(torch.load(...)) in your own scripts)")
     return lines

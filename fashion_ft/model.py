@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import userdef
 from .errors import UserError
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 28, 28)
+USER_ARCH = "user"  # the arch of a checkpoint whose model_def names the user's own class
 
 
 class CNN3(nn.Module):
@@ -192,6 +194,28 @@ def build_model(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
         raise UserError(f"bad arch_kwargs for {arch!r}: {exc}") from None
 
 
+def build_source(arch: str, kwargs: dict, model_def: "userdef.ModelDef | None" = None) -> nn.Module:
+    """A fresh model of either source: the user's class (model_def) or our registry's arch."""
+    return userdef.build(model_def, kwargs) if model_def is not None else build_model(arch, kwargs)
+
+
+@torch.no_grad()
+def check_outputs(model: nn.Module, name: str) -> None:
+    """The model must give one score per class (logits or log-probabilities) for each image."""
+    was_training = model.training
+    try:
+        out = model.eval()(torch.zeros(2, *INPUT_SHAPE))
+    except Exception as exc:  # the user's forward may fail in any way
+        raise UserError(f"{name}: a forward pass of 2 blank images failed: {type(exc).__name__}: "
+                        f"{(str(exc).strip().splitlines() or [''])[0]}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, NUM_CLASSES):
+        got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
+        raise UserError(f"{name} gives {got} for 2 images; it must give {NUM_CLASSES} scores per image "
+                        "(logits or log_softmax)")
+
+
 def _most_common(values: list) -> int:
     return Counter(v for v in values if v is not None).most_common(1)[0][0]
 
@@ -265,10 +289,13 @@ def shape_mismatches(model: nn.Module, state_dict: dict) -> list[str]:
     problems = []
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
+    def shown(keys, tensors):
+        return ", ".join(f"{k} {tuple(tensors[k].shape)}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
+
     if missing:
-        problems.append(f"missing keys: {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+        problems.append(f"missing keys: {shown(missing, expected)}")
     if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected[:4])}" + (" ..." if len(unexpected) > 4 else ""))
+        problems.append(f"unexpected keys: {shown(unexpected, state_dict)}")
     for key, tensor in expected.items():
         if key in state_dict and tuple(state_dict[key].shape) != tuple(tensor.shape):
             problems.append(
@@ -295,7 +322,8 @@ def infer_arch(state_dict: dict) -> tuple[str, dict]:
             raise UserError(f"checkpoint looks like {arch} but does not match it: {'; '.join(problems)}")
     sample = ", ".join(list(shapes)[:3])
     raise UserError(
-        f"checkpoint matches no known architecture ({', '.join(sorted(ARCHS))}); its first keys: {sample}"
+        f"checkpoint matches no known architecture ({', '.join(sorted(ARCHS))}); its first keys: {sample}; "
+        "if it is your own network, pass --model-def FILE.py:CLASS (and --normalize MEAN STD)"
     )
 
 

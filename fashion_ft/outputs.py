@@ -30,7 +30,8 @@ from .errors import UsageError, UserError
 
 LOCK_NAME = ".lock"
 LOGDIR_MIN_FREE_BYTES = 1 << 20  # TensorBoard's event files of one run are far smaller than this
-ROLES = {"best": "the best model", "last": "last.pt", "metrics": "metrics.json", "lock": "the lock file"}
+ROLES = {"best": "the best model", "last": "last.pt", "metrics": "metrics.json", "lock": "the lock file",
+         "plain": "the best model as a plain state_dict"}
 # What would split a one-line message or the printed `tensorboard:` line: control characters (newline,
 # ESC, NUL), line and paragraph separators, and the surrogate escapes of bytes that are not UTF-8.
 UNPRINTABLE_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
@@ -44,6 +45,7 @@ class RunFiles:
     last: Path
     metrics: Path
     lock: Path
+    plain: Path  # the best weights as a plain state_dict, written when the input was one (a user's own file)
 
     @classmethod
     def for_output(cls, output: str) -> "RunFiles":
@@ -57,14 +59,16 @@ class RunFiles:
             raise UsageError(f"--output {output} is an existing folder; give the best model's file name, "
                              f"e.g. --output {best / 'model.pt'}")
         folder = best.parent
-        return cls(best, folder / "last.pt", folder / "metrics.json", folder / LOCK_NAME)
+        return cls(best, folder / "last.pt", folder / "metrics.json", folder / LOCK_NAME,
+                   folder / f"{best.stem}.state_dict.pt")
 
     def roles(self) -> dict[str, Path]:
-        return {"best": self.best, "last": self.last, "metrics": self.metrics, "lock": self.lock}
+        return {"best": self.best, "last": self.last, "metrics": self.metrics, "lock": self.lock,
+                "plain": self.plain}
 
     def names(self) -> tuple[str, ...]:
         """The file names written through atomic_write, whose temporaries a killed run leaves."""
-        return (self.best.name, self.last.name, self.metrics.name)
+        return (self.best.name, self.last.name, self.metrics.name, self.plain.name)
 
 
 # ---------------------------------------------------------------- paths
@@ -142,7 +146,7 @@ def check_run_files(files: RunFiles, *, inputs: dict[str, Path | None], resume: 
     for flag, path in inputs.items():
         if path is not None:
             check_input_kept(files, outputs, flag, resolve_path(path, flag), continuing and flag == "--resume")
-    for role in ("best", "last", "metrics"):
+    for role in ("best", "last", "metrics", "plain"):
         check_not_folder(files, role)
         if not overwrite and not continuing and os.path.lexists(files.roles()[role]):
             raise UsageError(existing_message(files.roles()[role], resume))
@@ -157,7 +161,7 @@ def resumes_in_place(files: RunFiles, resume: Path | None) -> bool:
 
 
 def check_outputs_apart(files: RunFiles, outputs: dict[str, Path]) -> None:
-    for role in ("last", "metrics", "lock"):
+    for role in ("last", "metrics", "lock", "plain"):
         if same_file(outputs["best"], outputs[role]):
             raise UsageError(f"--output {files.best} is where the run keeps {ROLES[role]}; give the best model "
                              f"another name, e.g. --output {files.best.parent / 'model.pt'}")

@@ -15,8 +15,17 @@ from .data import FILES, DeviceData, find_data_dir, load_split, make_batch
 from .engine import Runtime, TrainStep, build_optimizer, build_schedulers, logit_metrics, predict_logits
 from .errors import UserError
 from .model import count_parameters
+from .normalization import SAMPLE_IMAGES, compare, suggestion
 from .outputs import resolve_path
-from .system import broken_cuda_reason, cuda_report, peak_gpu_mb, process_memory_mb, resolve_amp, synchronize
+from .system import (
+    broken_cuda_reason,
+    cuda_report,
+    device_report,
+    peak_gpu_mb,
+    process_memory_mb,
+    resolve_amp,
+    synchronize,
+)
 
 # An accuracy measured on fewer images says little (on 100 images one standard error is already about
 # 3 points at 90%), and on none it is NaN: a test set this small fails the data check.
@@ -105,8 +114,8 @@ def check_file(path: Path):
     return f"{path}: {size / 1e6:.2f} MB, sha256 {sha[:16]}...", {"bytes": size, "sha256": sha}, sha
 
 
-def check_load(path: Path, trust_pickle: bool):
-    ckpt = load_checkpoint(path, trust_pickle=trust_pickle)
+def check_load(path: Path, trust_pickle: bool, model_def=None, model_kwargs=None):
+    ckpt = load_checkpoint(path, trust_pickle=trust_pickle, model_def=model_def, model_kwargs=model_kwargs)
     how = "trusted unpickling (--trust-pickle): code in the file could run" if ckpt.unpickled else "weights_only=True"
     return f"{ckpt.source_format}, loaded with {how}", {"format": ckpt.source_format}, ckpt
 
@@ -115,7 +124,8 @@ def check_arch(ckpt: LoadedCheckpoint):
     model = ckpt.build()  # load_state_dict is strict: every key and shape matched
     total, _ = count_parameters(model)
     kwargs = ", ".join(f"{k}={v}" for k, v in ckpt.arch_kwargs.items())
-    detail = f"{ckpt.arch} ({kwargs}); all {len(ckpt.state_dict)} tensors match; {total:,} parameters"
+    name = f"{ckpt.model_def.given}:{ckpt.model_def.cls}" if ckpt.model_def else ckpt.arch
+    detail = f"{name} ({kwargs}); all {len(ckpt.state_dict)} tensors match; {total:,} parameters"
     return detail, {"arch": ckpt.arch, "arch_kwargs": ckpt.arch_kwargs, "parameters": total}, model
 
 
@@ -127,6 +137,14 @@ def check_finite(ckpt: LoadedCheckpoint):
 
 
 def check_device(device: torch.device, require_gpu: bool, auto: bool = True):
+    if device.type == "mps":  # Apple's GPU: the same matrix product check as for CUDA
+        info = device_report(device)
+        a = torch.randn(256, 256, device=device)
+        if not torch.allclose((a @ a).cpu(), a.cpu() @ a.cpu(), atol=1e-2, rtol=1e-3):
+            raise CheckFailed(f"{info.get('name', 'MPS')}: a matrix product on the GPU disagrees with the CPU")
+        if require_gpu:
+            raise CheckFailed("Apple MPS is not a CUDA GPU (--require-gpu)")
+        return f"Apple MPS ({info.get('name', 'GPU')}), amp auto: {info.get('amp_auto')}", info, True
     info = cuda_report(device)
     if device.type != "cuda":
         broken = broken_cuda_reason()
@@ -197,10 +215,23 @@ def check_forward(model, rt: Runtime, n: int = 8):
         raise CheckFailed(f"output shape {tuple(logits.shape)}, expected ({n}, 10)")
     if not torch.isfinite(logits).all():
         raise CheckFailed("output holds NaN or Inf")
-    sums = logits.softmax(1).sum(1)
-    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
-        raise CheckFailed(f"probabilities sum to {sums.min().item():.4f}..{sums.max().item():.4f}, not 1")
-    return f"output {n} x 10, finite, probabilities sum to 1", {}, True
+    if torch.allclose(logits, logits[:1].expand_as(logits)):  # a dead network, or one that ignores its input
+        raise CheckFailed(f"the same output for {n} different images")
+    # log_softmax outputs (a model trained with nll_loss) are log-probabilities: each row's logsumexp is 0
+    kind = "log-probabilities" if torch.allclose(logits.logsumexp(1), torch.zeros(n, device=logits.device),
+                                                 atol=1e-3) else "logits"
+    return f"output {n} x 10, finite, varies with the image ({kind})", {"outputs": kind}, True
+
+
+def check_normalization(model, train: DeviceData, mean: float, std: float):
+    """For a file that does not record its normalisation: the common ones, on training images."""
+    current = (mean, std)
+    scores = compare(model, train.images, train.labels.cpu(), current)
+    advice = suggestion(scores, current)
+    if advice:
+        raise CheckFailed(f"{advice}; pass it to both scripts")
+    return (f"none recorded: {scores[current]:.0%} on {SAMPLE_IMAGES} training images with {mean:g} {std:g}, and no "
+            "common normalisation does clearly better", {"accuracy": scores[current]}, True)
 
 
 def eval_logits(model, rt: Runtime, data: DeviceData, batch_size: int):
@@ -240,6 +271,13 @@ def check_memory(device: torch.device):
 def check_ensemble(probs: list, labels: torch.Tensor):
     acc = (torch.stack(probs).mean(0).argmax(1) == labels).float().mean().item()
     return f"{len(probs)} models, averaged probabilities: accuracy {100 * acc:.2f}%", {"accuracy": acc}, acc
+
+
+def check_training_sample(data_dir, device):
+    """A few hundred training images (never the test set) for the normalisation check."""
+    images, labels = load_split(data_dir, "train")
+    data = DeviceData.create(images[:SAMPLE_IMAGES], labels[:SAMPLE_IMAGES], device)
+    return f"{len(data)} Fashion-MNIST training images", {"images": len(data)}, data
 
 
 def check_data(data_dir, n, device, allow_download: bool = False):

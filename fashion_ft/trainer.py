@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from . import tblog
+from . import tblog, userdef
 from .checkpoint import (
+    FORMAT,
     LoadedCheckpoint,
     load_checkpoint,
     make_checkpoint,
@@ -61,12 +62,16 @@ from .engine import (
     train_one_epoch,
 )
 from .errors import DivergenceError, Interrupted, UsageError, UserError
-from .model import build_model, resolve_arch_kwargs, unwrap
+from .model import build_model, build_source, resolve_arch_kwargs, unwrap
+from .normalization import compare, suggestion
 from .outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files, resumes_in_place
 from .signals import SignalGuard
 from .system import (
+    CHANNELS_LAST_MPS_REASON,
     AmpPolicy,
     broken_cuda_reason,
+    channels_last_ok,
+    check_distributed_device,
     configure_backends,
     default_eval_batch_size,
     peak_gpu_mb,
@@ -76,6 +81,7 @@ from .system import (
     seed_everything,
     set_cpu_threads,
 )
+from .userdef import ModelDef
 
 
 @dataclass
@@ -89,6 +95,12 @@ class StartModel:
     std: float = STD
     split: Split | None = None  # the split it was trained with; None: unknown
     source: str = "the model"
+    model_def: ModelDef | None = None  # the user's class, built with arch_kwargs
+    container: str | None = FORMAT  # a user's file: None (bare state_dict) or the key its weights sat under
+    normalize_known: bool = True  # recorded in the file or given as --normalize
+
+    def build(self) -> nn.Module:
+        return build_source(self.arch, self.arch_kwargs, self.model_def)
 
 
 @dataclass
@@ -162,23 +174,38 @@ def restoring(path: str):
 def load_start_model(cfg: Config, resume_meta: dict | None) -> StartModel:
     """From last.pt when resuming, else from --model-path, or a fresh one with --from-scratch."""
     if resume_meta is not None:
-        arch = resume_meta["arch"]
-        with restoring(cfg.resume):
-            kwargs = resolve_arch_kwargs(arch, resume_meta["arch_kwargs"])
-            model = build_model(arch, kwargs)
-            model.load_state_dict(resume_meta["model"])
-        norm = resume_meta["normalize"]
-        return StartModel(model, arch, kwargs, norm["mean"], norm["std"], source=str(cfg.resume))
+        return resumed_model(cfg, resume_meta)
     if cfg.from_scratch:
         seed_everything(cfg.seed)  # the random initial weights are part of the experiment
         kwargs = resolve_arch_kwargs(cfg.arch, cfg.arch_kwargs)
         return StartModel(build_model(cfg.arch, kwargs), cfg.arch, kwargs, source="random weights")
-    ckpt = load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle)
+    ckpt = load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle, model_def=explicit_def(cfg),
+                           model_kwargs=cfg.model_kwargs)
     bad = nonfinite_tensors(ckpt.state_dict)
     if bad:
         raise UserError(f"{cfg.model_path} has NaN/Inf weights in {', '.join(bad[:3])}")
-    return StartModel(ckpt.build(), ckpt.arch, ckpt.arch_kwargs, ckpt.mean, ckpt.std,
-                      split_record(ckpt), f"{cfg.model_path} ({ckpt.source_format}, arch {ckpt.arch})")
+    name = f"{ckpt.model_def.given}:{ckpt.model_def.cls}" if ckpt.model_def else f"arch {ckpt.arch}"
+    mean, std = cfg.normalize or (ckpt.mean, ckpt.std)
+    return StartModel(ckpt.build(), ckpt.arch, ckpt.arch_kwargs, mean, std, split_record(ckpt),
+                      f"{cfg.model_path} ({ckpt.source_format}, {name})", ckpt.model_def, ckpt.container,
+                      normalize_known=bool(cfg.normalize) or ckpt.normalize_recorded)
+
+
+def explicit_def(cfg: Config) -> ModelDef | None:
+    return userdef.parse(cfg.model_def) if cfg.model_def else None
+
+
+def resumed_model(cfg: Config, meta: dict) -> StartModel:
+    """The model of a last.pt: our arch, or the user's class (its recorded file, or --model-def)."""
+    arch, record = meta["arch"], meta.get("model_def")
+    definition = (explicit_def(cfg) or userdef.trusted(record, str(cfg.resume))) if record else None
+    with restoring(cfg.resume):
+        kwargs = dict(meta["arch_kwargs"]) if definition else resolve_arch_kwargs(arch, meta["arch_kwargs"])
+        model = build_source(arch, kwargs, definition)
+        model.load_state_dict(meta["model"])
+    norm = meta["normalize"]
+    return StartModel(model, arch, kwargs, norm["mean"], norm["std"], source=str(cfg.resume), model_def=definition,
+                      container=meta.get("input_container", FORMAT))
 
 
 def split_record(ckpt: LoadedCheckpoint) -> Split | None:
@@ -214,9 +241,20 @@ def load_data(cfg: Config, start: StartModel, device, console: Console) -> tuple
     return data, split
 
 
+def check_normalization(start: StartModel, train: DeviceData) -> None:
+    """A file that does not say how its inputs were normalised is tried under the common ones first:
+    training under one that gives near-chance accuracy while another fits would only unlearn the model."""
+    if start.normalize_known:
+        return
+    current = (start.mean, start.std)
+    advice = suggestion(compare(start.model, train.images, train.labels.cpu(), current), current)
+    if advice:
+        raise UsageError(f"{advice}; pass --normalize MEAN STD (the one the model was trained with)")
+
+
 def wrap_model(model: nn.Module, cfg: Config, rt: Runtime, info: dist.DistInfo) -> nn.Module:
     """Freeze, move, and wrap for DDP / torch.compile; the plain model stays reachable via unwrap()."""
-    apply_freezing(model, cfg.freeze_conv, cfg.freeze_bn)
+    apply_freezing(model, cfg.freeze_conv, cfg.freeze_bn, cfg.trainable_patterns)
     model = model.to(rt.device, memory_format=rt.memory_format)
     if info.enabled:
         if cfg.sync_bn:
@@ -249,7 +287,7 @@ def default_run_name(cfg: Config) -> str:
 
 
 def runtime_for(cfg: Config, device, start: StartModel, info: dist.DistInfo) -> Runtime:
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.channels_last and channels_last_ok(device) else torch.contiguous_format
     return Runtime(device, resolve_amp(cfg.amp, device), start.mean, start.std, memory_format, info.rank,
                    info.world_size, tta_flip=cfg.tta == "flip")
 
@@ -269,7 +307,7 @@ def claim_outputs(cfg: Config, files: RunFiles, start: StartModel, stack: ExitSt
     check_disk_space(files.best.parent, 8 * weight_bytes + 16 * 2**20)  # best + last with two AdamW moments
     stack.enter_context(RunLock(files.lock, clean=files.names()))
     if cfg.overwrite and not resumes_in_place(files, cfg.resume):
-        for path in (files.best, files.last, files.metrics):
+        for path in (files.best, files.last, files.metrics, files.plain):
             path.unlink(missing_ok=True)
 
 
@@ -280,6 +318,9 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
     if broken:  # hours on the CPU by mistake are worse than a clear stop
         raise UserError(f"{broken}; to train on the CPU anyway, pass --device cpu")
     device = resolve_device(cfg.device, info.local_rank if info.enabled else None)
+    check_distributed_device(device, info.world_size, info.launched)
+    if cfg.channels_last and not channels_last_ok(device):
+        console.print(CHANNELS_LAST_MPS_REASON)
     if cfg.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn: needs CUDA (SyncBatchNorm has no CPU implementation)")
     cfg = dataclasses.replace(cfg, run_name=cfg.run_name or (resume_meta or {}).get("run_name")
@@ -299,6 +340,7 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
         set_cpu_threads(info.local_world_size)
     with dist.main_process_first(info):  # --download: one process per machine fetches, the others wait
         data, split = load_data(cfg, start, device, console)
+    check_normalization(start, data.train)
     cfg = dataclasses.replace(cfg, split_seed=split.seed, val_size=split.val_size,
                               eval_batch_size=cfg.eval_batch_size or default_eval_batch_size(device))
     return Run.build(cfg, RunContext(info, console, files, start, split, log_dir), data, device, resume_meta)
@@ -380,7 +422,7 @@ class Run:
         with signals.polled() as received:
             while state.epoch < cfg.epochs and not state.stopper.should_stop:
                 epoch = state.epoch + 1
-                set_train_mode(unwrap(state.step.model), cfg.freeze_conv, cfg.freeze_bn)
+                set_train_mode(unwrap(state.step.model), cfg.freeze_conv, cfg.freeze_bn, cfg.trainable_patterns)
                 lr = state.step.optimizer.param_groups[0]["lr"]
                 reset_peak_memory(self.rt.device)
                 start = time.perf_counter()
@@ -440,9 +482,20 @@ class Run:
     # ------------------------------------------------------------ checkpoints and the end
 
     def checkpoint(self, weights: dict, metrics: dict) -> dict:
-        return make_checkpoint(weights, self.ctx.start.arch, self.ctx.start.arch_kwargs, mean=self.rt.mean,
-                               std=self.rt.std, metrics=metrics, config=self.cfg.to_dict(),
-                               history=self.state.history, split=self.ctx.split.to_dict())
+        start = self.ctx.start
+        return make_checkpoint(weights, start.arch, start.arch_kwargs, mean=self.rt.mean, std=self.rt.std,
+                               metrics=metrics, config=self.cfg.to_dict(), history=self.state.history,
+                               split=self.ctx.split.to_dict(),
+                               model_def=start.model_def.to_dict() if start.model_def else None)
+
+    def save_best(self, metrics: dict) -> None:
+        """The best model, and for a user whose input was a plain state_dict, the same weights in the
+        input's own container, under their class's key names, for their own scripts."""
+        files, start = self.ctx.files, self.ctx.start
+        save_checkpoint(self.checkpoint(self.state.best_state, metrics), files.best)
+        if start.container != FORMAT:
+            weights = {k: v.detach().cpu().contiguous() for k, v in self.state.best_state.items()}
+            save_checkpoint(weights if start.container is None else {start.container: weights}, files.plain)
 
     def best_row(self) -> dict:
         return next(r for r in self.state.history if r["epoch"] == self.state.selector.best_epoch)
@@ -450,9 +503,10 @@ class Run:
     def save(self, is_best: bool) -> None:
         files = self.ctx.files
         if is_best:
-            save_checkpoint(self.checkpoint(self.state.best_state, self.best_row()), files.best)
+            self.save_best(self.best_row())
         last = self.checkpoint(unwrap(self.state.step.model).state_dict(), self.state.history[-1])
-        last.update(kind="last", world_size=self.rt.world_size, **self.state.state_dict())
+        last.update(kind="last", world_size=self.rt.world_size, input_container=self.ctx.start.container,
+                    **self.state.state_dict())
         save_checkpoint(last, files.last)
         save_json({**self.summary, **self.progress(), "finished": False}, files.metrics)
 
@@ -468,7 +522,7 @@ class Run:
 
     def test_best(self) -> tuple[dict, torch.Tensor]:
         """The best weights on the test set, once, in fp32: exactly what test_model.py --full measures."""
-        model = build_model(self.ctx.start.arch, self.ctx.start.arch_kwargs)
+        model = self.ctx.start.build()
         model.load_state_dict(self.state.best_state)
         model = model.to(self.rt.device, memory_format=self.rt.memory_format)
         single = dataclasses.replace(self.rt, amp=AmpPolicy(None, False), rank=0, world_size=1)

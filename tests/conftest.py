@@ -91,3 +91,23 @@ def finetune(tmp_path, data_dir, model_path, *args, name="run", limit_train=1024
                         "--output", out / "best.pt", "--logdir", tmp_path / "tb", "--limit-train", limit_train,
                         *SMALL_RUN, *args)
     return result, out
+
+
+@pytest.fixture(scope="session")
+def small_splits(small_data_dir):
+    """(train images, train labels, test images, test labels) of the small subset."""
+    return (*read_split(small_data_dir, "train"), *read_split(small_data_dir, "test"))
+
+
+@pytest.fixture(scope="session")
+def foreign_nets(tmp_path_factory, small_splits):
+    """name -> Foreign, each trained once per session, on first use."""
+    nets = {}
+
+    def get(name):
+        if name not in nets:
+            from foreign import make_foreign
+
+            nets[name] = make_foreign(name, tmp_path_factory.mktemp(f"foreign_{name}"), *small_splits)
+        return nets[name]
+    return get

@@ -447,7 +447,7 @@ def test_a_refused_lock_removes_no_temporaries(tmp_path):
 
 def test_run_files_name_what_atomic_write_saves(tmp_path):
     files = RunFiles.for_output(str(tmp_path / "x" / "model[1].pt"))
-    assert files.names() == ("model[1].pt", "last.pt", "metrics.json")
+    assert files.names() == ("model[1].pt", "last.pt", "metrics.json", "model[1].state_dict.pt")
 
 
 def test_a_folder_held_by_a_live_run_is_refused(tmp_path):

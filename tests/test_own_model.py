@@ -1,0 +1,175 @@
+"""The user's own network, as the person this tool is for has it (tests/foreign.py): a class in their own
+script, a bare state_dict or a DataParallel dict, logits or log_softmax, their own normalisation."""
+
+import json
+
+import pytest
+import torch
+from conftest import SMALL_RUN, run_script
+
+import finetune_gpu
+import test_model
+
+pytestmark = pytest.mark.slow  # each network is trained once, then run through the real scripts
+
+BAD_DEFINITIONS = {  # name: (the user's file, the class to name, exit code, what the one line says)
+    "missing file": (None, "Net", 2, "not found"),
+    "no such class": ("class Other: pass\n", "Net", 1, "has no class Net"),
+    "not a module": ("Net = 3\n", "Net", 1, "is not an nn.Module subclass"),
+    "import raises": ("raise ValueError('no GPU here')\n", "Net", 1, "importing it failed: ValueError: no GPU here"),
+    "syntax error": ("def broken(:\n", "Net", 1, "syntax error"),
+    "top-level parse_args": ("import argparse\np = argparse.ArgumentParser()\np.add_argument('--epochs', required=True)\n"
+                             "p.parse_args()\n", "Net", 1, "importing it exited"),
+    "constructor fails": ("from torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n"
+                          "        raise RuntimeError('needs a config file')\n", "Net", 1, "failed: RuntimeError: needs a config"),
+    "weights do not fit": ("from torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                           "        self.fc = nn.Linear(784, 10)\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n",
+                           "Net", 1, "the weights do not fit"),
+    "a tuple as output": ("from torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                          "        self.fc = nn.Linear(784, 10)\n    def forward(self, x):\n        y = self.fc(x.flatten(1))\n"
+                          "        return y, y\n", "Net", 1, "gives a tuple"),
+}
+
+
+def bad_definition(tmp_path, case):
+    text, cls, code, fragment = BAD_DEFINITIONS[case]
+    path = tmp_path / "user-net.py"
+    if text is not None:
+        path.write_text(text)
+    return f"{path}:{cls}", code, fragment
+
+
+@pytest.mark.parametrize("case", list(BAD_DEFINITIONS))
+def test_a_bad_definition_is_one_line_and_writes_nothing(tmp_path, small_data_dir, foreign_nets, capsys, case):
+    spec, code, fragment = bad_definition(tmp_path, case)
+    net = foreign_nets("a")
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["--model-path", net.weights, "--model-def", spec, "--data-dir", small_data_dir, "--output",
+            tmp_path / "out" / "best.pt", "--logdir", tmp_path / "tb", *SMALL_RUN, "--epochs", 1]
+    assert finetune_gpu.main([str(a) for a in argv]) == code
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(tmp_path.rglob("*")) == before  # no output folder, no __pycache__ by the user's file
+
+
+@pytest.mark.parametrize("case", ["import raises", "missing file"])
+def test_a_bad_definition_in_a_real_process(tmp_path, foreign_nets, case):
+    spec, code, fragment = bad_definition(tmp_path, case)
+    result = run_script("test_model.py", "--model-path", foreign_nets("a").weights, "--model-def", spec,
+                        "--device", "cpu")
+    assert result.returncode == code and fragment in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def checked(net, path, *extra, definition=True):
+    """test_model.py --full --json on `path` (the user's class named when `definition`)."""
+    flags = ["--model-def", f"{net.file}:{net.cls}", "--model-kwargs", json.dumps(net.kwargs)] if definition else []
+    return run_script("test_model.py", "--model-path", path, *flags, *extra, "--device", "cpu", "--full", "--json")
+
+
+@pytest.mark.parametrize("name", "abcd")
+def test_test_model_gives_the_users_own_accuracy(name, foreign_nets, small_data_dir):
+    net = foreign_nets(name)
+    result = checked(net, net.weights, "--data-dir", small_data_dir, "--normalize", net.mean, net.std)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, result.stdout
+    quick = next(c for c in report["checks"] if c["name"] == "quick eval")
+    assert quick["data"]["accuracy"] == pytest.approx(net.accuracy, abs=1e-6)
+    assert "normalisation" not in [c["name"] for c in report["checks"]]  # given, so not guessed
+
+
+@pytest.mark.parametrize("name", "abcd")
+def test_fine_tune_resume_reload_and_the_plain_state_dict(name, foreign_nets, small_data_dir, tmp_path, capsys):
+    net = foreign_nets(name)
+    out = tmp_path / "run"
+    common = ["--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 512]
+    argv = ["--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}", "--model-kwargs",
+            json.dumps(net.kwargs), "--normalize", net.mean, net.std, "--output", out / "best.pt", *common,
+            "--epochs", 1]
+    assert finetune_gpu.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    resumed = ["--resume", out / "last.pt", "--epochs", 2, *common]  # no --model-def: the record is enough
+    assert finetune_gpu.main([str(a) for a in resumed]) == 0, capsys.readouterr().err
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["model_def"]["class"] == net.cls and best["normalize"] == {"mean": net.mean, "std": net.std}
+    assert test_model.main(["--model-path", str(out / "best.pt"), "--data-dir", str(small_data_dir), "--device",
+                            "cpu"]) == 0, capsys.readouterr().out
+    plain = torch.load(out / "best.state_dict.pt", weights_only=True)
+    if net.container != "bare":
+        plain = plain[net.container]
+    model = net.load_class()(**net.kwargs)
+    model.load_state_dict(plain)  # in the user's own script, with the key names of their class
+    assert all(torch.equal(plain[k], v) for k, v in best["model"].items())
+
+
+def test_a_recorded_definition_whose_file_changed_is_refused(foreign_nets, small_data_dir, tmp_path, capsys):
+    net = foreign_nets("b")
+    out = tmp_path / "run"
+    script = tmp_path / net.file.name
+    script.write_text(net.file.read_text())
+    argv = ["--model-path", net.weights, "--model-def", f"{script}:{net.cls}", "--output", out / "best.pt",
+            "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 256, "--epochs", 1]
+    assert finetune_gpu.main([str(a) for a in argv]) == 0
+    capsys.readouterr()
+    script.write_text(script.read_text() + "\n# edited\n")
+    assert test_model.main(["--model-path", str(out / "best.pt"), "--device", "cpu"]) == 1
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[FAIL] load"))
+    assert "changed since" in line and f"--model-def {script}:{net.cls}" in line
+
+
+SUGGESTION_RULE = [  # (accuracy in use, the best other, whether it is suggested)
+    (0.34, 0.93, True), (0.10, 0.41, True), (0.60, 0.91, True), (0.25, 0.54, False), (0.90, 0.93, False),
+]
+
+
+@pytest.mark.parametrize("current, other, suggested", SUGGESTION_RULE)
+def test_the_normalisation_rule(current, other, suggested):
+    from fashion_ft.normalization import CANDIDATES, suggestion
+
+    scores = {(0.2860, 0.3530): current, CANDIDATES["MNIST's"]: other, (0.0, 1.0): 0.1}
+    advice = suggestion(scores, (0.2860, 0.3530))
+    assert (advice is not None) == suggested
+    if suggested:
+        assert "MNIST's normalisation" in advice and "--normalize 0.1307 0.3081" in advice
+
+
+def test_fine_tuning_under_a_near_chance_normalisation_is_refused(foreign_nets, small_data_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    """The scores are fixed here (the rule is tested above): the refusal is exit 2, one line, nothing written."""
+    from fashion_ft import trainer
+    from fashion_ft.normalization import CANDIDATES
+
+    monkeypatch.setattr(trainer, "compare", lambda model, images, labels, current: {
+        current: 0.12, CANDIDATES["MNIST's"]: 0.81})
+    net = foreign_nets("a")
+    argv = ["--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}", "--output", tmp_path / "o" / "b.pt",
+            "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--epochs", 1]
+    assert finetune_gpu.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: this model looks trained with MNIST's normalisation: 81% with --normalize "
+                              "0.1307 0.3081, 12% with the one in use"), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", "abcd")
+def test_freeze_conv_keeps_every_feature_tensor_and_trains_the_head(name, foreign_nets, small_data_dir, tmp_path, capsys):
+    from fashion_ft.engine import head_parameters
+
+    net = foreign_nets(name)
+    out = tmp_path / "run"
+    argv = ["--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}", "--model-kwargs",
+            json.dumps(net.kwargs), "--normalize", net.mean, net.std, "--output", out / "best.pt", "--freeze-conv",
+            "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 512,
+            "--epochs", 2, "--select", "val_loss", "--lr", 0.01]
+    argv = [a for a in argv if a != "--quiet"]
+    assert finetune_gpu.main([str(a) for a in argv]) == 0
+    assert "trainable: " in capsys.readouterr().out
+    before, after = torch.load(out / "last.pt", weights_only=True)["model"], torch.load(net.weights, weights_only=True)
+    after = after.get("model_state_dict", after)
+    after = {k.removeprefix("module."): v for k, v in after.items()}
+    head = head_parameters(net.load_class()(**net.kwargs))
+    head_modules = {k.rpartition(".")[0] for k in head}  # their BatchNorm1d statistics train with them
+    for key, tensor in before.items():
+        if key.rpartition(".")[0] in head_modules:
+            continue
+        assert torch.equal(tensor, after[key]), key  # features: weights and BatchNorm statistics as loaded
+    assert any(not torch.equal(before[k], after[k]) for k in head)
