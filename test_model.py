@@ -13,7 +13,6 @@ Exit codes: 0 every check passed, 1 a check failed, 2 bad usage, 130/143 interru
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -163,13 +162,12 @@ def print_text(report) -> None:
 
 def check_and_print(argv) -> int:
     from fashion_ft import userdef
-    from fashion_ft.errors import UsageError
+    from fashion_ft.config import check_normalize
 
     args = get_args_parser().parse_args(argv)
     args.model_path = args.model_path or [DEFAULT_MODEL]
     args.definition = userdef.parse(args.model_def) if args.model_def else None
-    if args.normalize and not (math.isfinite(sum(args.normalize)) and args.normalize[1] > 0):
-        raise UsageError(f"--normalize: must be MEAN STD, finite, STD > 0, got {args.normalize}")
+    check_normalize(args.normalize)
     report = run_checks(args)
     if args.json:  # strict JSON: Report.to_dict has turned every NaN/Inf into null with its reason
         print(json.dumps(report.to_dict(), indent=2, allow_nan=False))

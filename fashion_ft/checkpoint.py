@@ -181,7 +181,7 @@ def save_json(obj: dict, path) -> None:
 
 def make_checkpoint(model, arch, arch_kwargs, *, mean=MEAN, std=STD, metrics=None, config=None,
                     history=None, classes=CLASSES, split: dict | None = None, model_def: dict | None = None) -> dict:
-    """The checkpoint dict of DESIGN.md, loadable with torch.load(weights_only=True).
+    """The checkpoint dict that every tool of this project reads, loadable with torch.load(weights_only=True).
 
     `model` is the module or its state_dict (the weights alone, e.g. a best model's kept copy).
 

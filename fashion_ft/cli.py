@@ -17,7 +17,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, first_line
 from .signals import SignalGuard
 
 
@@ -70,10 +70,6 @@ def silence(stream=None) -> None:
     so that the interpreter's own flush at exit does not fail a second time with a traceback."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, (stream or sys.stdout).fileno())
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _honouring(body: Callable[[], int], signals: SignalGuard | None) -> Callable[[], int]:
@@ -133,6 +129,6 @@ def _unexpected(exc: Exception, debug: bool, prefix: Callable[[], str]) -> int:
     if hint:
         print(f"{prefix()}{hint}", file=sys.stderr)
         return 1
-    print(f"{prefix()}{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)",
+    print(f"{prefix()}{type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)",
           file=sys.stderr)
     return 1

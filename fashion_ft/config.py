@@ -228,9 +228,14 @@ def validate(cfg: Config) -> None:
         _require(cfg.limit_train >= cfg.batch_size, "--limit-train",
                  f"must be >= --batch-size ({cfg.batch_size}), got {cfg.limit_train}")
     _require(cfg.max_params >= 1, "--max-params", f"must be >= 1, got {cfg.max_params}")
-    if cfg.normalize is not None:
-        _require(len(cfg.normalize) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in cfg.normalize)
-                 and cfg.normalize[1] > 0, "--normalize", f"must be MEAN STD, finite, STD > 0, got {cfg.normalize}")
+    check_normalize(cfg.normalize)
+
+
+def check_normalize(values: list | None) -> None:
+    """--normalize MEAN STD (both scripts): finite numbers, images are divided by STD."""
+    if values is not None:
+        _require(len(values) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+                 and values[1] > 0, "--normalize", f"must be MEAN STD, finite, STD > 0, got {values}")
 
 
 def check_conflicts(cfg: Config, origin: Callable[[str], str]) -> None:

@@ -17,7 +17,8 @@ from torch import nn
 from . import distributed as dist
 from .config import Config
 from .data import AugmentConfig, DeviceData, batch_slices, epoch_permutation, make_batch
-from .errors import DivergenceError, UserError
+from .errors import DivergenceError, UserError, first_line
+from .model import count_parameters
 from .system import AmpPolicy, autocast
 
 
@@ -120,9 +121,8 @@ def _head_tensors(model: nn.Module) -> set[int]:
         with torch.no_grad(), recorder:
             model.eval()(x)
     except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(f"cannot tell the head of this model (its forward on 2 zero images failed: "
-                        f"{type(exc).__name__}: {first_line}); {PATTERN_HINT}") from None
+                        f"{type(exc).__name__}: {first_line(exc)}); {PATTERN_HINT}") from None
     finally:
         for module, training in flags:
             module.training = training
@@ -243,8 +243,7 @@ def trainable_summary(model: nn.Module, limit: int = 8) -> str:
             visit(child, f"{prefix}.{child_name}" if prefix else child_name)
 
     visit(model, "")
-    total = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total, trained = count_parameters(model)
     shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
     return f"trainable: {shown or 'nothing'} ({trained:,} of {total:,} parameters)"
 

@@ -1,6 +1,11 @@
 """Errors the command-line scripts turn into one line on stderr and an exit code."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: what a one-line report can quote of it."""
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 class UserError(Exception):
     """Something the user can fix (a file, the data, a flag): exit code 1, no traceback."""
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import userdef
-from .errors import UserError
+from .errors import UserError, first_line
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 28, 28)
@@ -174,11 +174,8 @@ def check_architecture(build: Callable[[], nn.Module], max_params: int) -> int:
     except UserError:
         raise
     except Exception as exc:  # a constructor or forward that fails fails in any way
-        raise UserError(f"the model cannot be built or run: {type(exc).__name__}: "
-                        f"{(str(exc).strip().splitlines() or [''])[0]}") from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, NUM_CLASSES):
-        got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
-        raise UserError(f"the model gives {got} for 2 images; Fashion-MNIST needs {NUM_CLASSES} scores per image")
+        raise UserError(f"the model cannot be built or run: {type(exc).__name__}: {first_line(exc)}") from None
+    _check_scores(out, "the model")
     params = sum(p.numel() for p in model.parameters())
     if params > max_params:
         raise UserError(f"the model would have {params:,} parameters ({params * 4 / 2**20:,.0f} MiB per best "
@@ -207,12 +204,17 @@ def check_outputs(model: nn.Module, name: str) -> None:
         out = model.eval()(torch.zeros(2, *INPUT_SHAPE))
     except Exception as exc:  # the user's forward may fail in any way
         raise UserError(f"{name}: a forward pass of 2 blank images failed: {type(exc).__name__}: "
-                        f"{(str(exc).strip().splitlines() or [''])[0]}") from None
+                        f"{first_line(exc)}") from None
     finally:
         model.train(was_training)
+    _check_scores(out, name)
+
+
+def _check_scores(out, name: str) -> None:
+    """What a forward of 2 images gave must be one score per class for each (logits or log-probabilities)."""
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, NUM_CLASSES):
         got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
-        raise UserError(f"{name} gives {got} for 2 images; it must give {NUM_CLASSES} scores per image "
+        raise UserError(f"{name} gives {got} for 2 images; Fashion-MNIST needs {NUM_CLASSES} scores per image "
                         "(logits or log_softmax)")
 
 

@@ -13,7 +13,7 @@ from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors
 from .config import Config
 from .data import FILES, DeviceData, find_data_dir, load_split, make_batch
 from .engine import Runtime, TrainStep, build_optimizer, build_schedulers, logit_metrics, predict_logits
-from .errors import UserError
+from .errors import UserError, first_line
 from .model import count_parameters
 from .normalization import SAMPLE_IMAGES, compare, suggestion
 from .outputs import resolve_path
@@ -60,8 +60,7 @@ class Report:
         except Exception as exc:  # a pre-flight tool reports a broken GPU or model, it does not crash on it
             if self.debug:
                 raise
-            first_line = (str(exc).strip().splitlines() or [""])[0]
-            self.checks.append(Check(name, False, f"unexpected {type(exc).__name__}: {first_line} (--debug shows more)"))
+            self.checks.append(Check(name, False, f"unexpected {type(exc).__name__}: {first_line(exc)} (--debug shows more)"))
             return None
         self.checks.append(Check(name, True, detail, data))
         return value
@@ -136,12 +135,16 @@ def check_finite(ckpt: LoadedCheckpoint):
     return "no NaN or Inf in any weight", {}, True
 
 
+def _check_matmul(device: torch.device, name: str) -> None:
+    a = torch.randn(256, 256, device=device)
+    if not torch.allclose((a @ a).cpu(), a.cpu() @ a.cpu(), atol=1e-2, rtol=1e-3):
+        raise CheckFailed(f"{name}: a matrix product on the GPU disagrees with the CPU")
+
+
 def check_device(device: torch.device, require_gpu: bool, auto: bool = True):
     if device.type == "mps":  # Apple's GPU: the same matrix product check as for CUDA
         info = device_report(device)
-        a = torch.randn(256, 256, device=device)
-        if not torch.allclose((a @ a).cpu(), a.cpu() @ a.cpu(), atol=1e-2, rtol=1e-3):
-            raise CheckFailed(f"{info.get('name', 'MPS')}: a matrix product on the GPU disagrees with the CPU")
+        _check_matmul(device, info.get("name", "MPS"))
         if require_gpu:
             raise CheckFailed("Apple MPS is not a CUDA GPU (--require-gpu)")
         return f"Apple MPS ({info.get('name', 'GPU')}), amp auto: {info.get('amp_auto')}", info, True
@@ -153,9 +156,7 @@ def check_device(device: torch.device, require_gpu: bool, auto: bool = True):
         if require_gpu:
             raise CheckFailed("no CUDA GPU available (--require-gpu)")
         return "no CUDA GPU: running on the CPU", info, True
-    a = torch.randn(256, 256, device=device)
-    if not torch.allclose((a @ a).cpu(), a.cpu() @ a.cpu(), atol=1e-2, rtol=1e-3):
-        raise CheckFailed(f"{info['name']}: a matrix product on the GPU disagrees with the CPU")
+    _check_matmul(device, info["name"])
     detail = (f"{info['name']} (capability {info['capability']}), {info['free_memory_mb']:.0f} of "
               f"{info['total_memory_mb']:.0f} MiB free, CUDA {info['cuda_version']}, cuDNN {info['cudnn_version']}")
     return detail, info, True

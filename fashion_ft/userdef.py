@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import UsageError, UserError
+from .errors import UsageError, UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,7 @@ def _import(definition: ModelDef):
     except Exception as exc:  # the user's code may fail in any way
         if definition.resolved:
             sys.modules.pop(name, None)
-        raise UserError(f"{where}: importing it failed: {type(exc).__name__}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"{where}: importing it failed: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def build(definition: ModelDef, kwargs: dict) -> nn.Module:
@@ -147,4 +143,4 @@ def build(definition: ModelDef, kwargs: dict) -> nn.Module:
         return cls(**kwargs)
     except Exception as exc:
         raise UserError(f"{definition.given}:{definition.cls}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
-                        f"failed: {type(exc).__name__}: {_first_line(exc)}") from None
+                        f"failed: {type(exc).__name__}: {first_line(exc)}") from None
