@@ -45,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def model_and_data_flags(p: argparse.ArgumentParser, d: Config) -> None:
     """What to start from and what to train on."""
     from fashion_ft.cli import json_object, model_source_flags
-    from fashion_ft.data import AUGMENT_PRESETS
+    from fashion_ft.data import AUGMENT_PRESETS, VALIDATION_SOURCES
     from fashion_ft.model import ARCHS
 
     g = p.add_argument_group("model")
@@ -66,6 +66,10 @@ def model_and_data_flags(p: argparse.ArgumentParser, d: Config) -> None:
                    help="validation images held out of training; unset: the starting model's split, else 5000")
     g.add_argument("--split-seed", type=int, default=d.split_seed,
                    help="seed of the validation split; unset: the starting model's split, else 42")
+    g.add_argument("--val-from", choices=list(VALIDATION_SOURCES), default=d.val_from,
+                   help="validate on images held out of the training files, or on one half of the test files "
+                        "(testing on the other half); unset: the starting model's, else test-half for a model with "
+                        "no record of its training split and no --val-size, else train")
     g.add_argument("--limit-train", type=int, default=d.limit_train, help="use only N training images (smoke runs)")
     g.add_argument("--augment", choices=list(AUGMENT_PRESETS), default=d.augment,
                    help="light: rotation ±10°; strong: + shifts, horizontal flips, random erasing")

@@ -86,10 +86,12 @@ def check_model(report, path: Path, args, rt_eval, data, training_sample):
     if model is None or finite is None:
         return None
     model = model.to(rt_eval.device)
-    mean, std = args.normalize or (ckpt.mean, ckpt.std)
+    # in an ensemble, --normalize is for the files that do not record theirs (a user's model beside ours)
+    given = args.normalize if len(args.model_path) == 1 or not ckpt.normalize_recorded else None
+    mean, std = given or (ckpt.mean, ckpt.std)
     rt = dataclasses.replace(rt_eval, mean=mean, std=std)
     report.run(prefix + "forward pass", pf.check_forward, model, rt)
-    if not (args.normalize or ckpt.normalize_recorded):
+    if not (given or ckpt.normalize_recorded):
         sample = training_sample()
         if sample is None:
             report.skip(prefix + "normalisation", "no training images")
@@ -99,7 +101,11 @@ def check_model(report, path: Path, args, rt_eval, data, training_sample):
     if data is None:
         report.skip(prefix + "quick eval", "no test data")
         return None
-    return report.run(prefix + "quick eval", pf.check_eval, model, rt, data, args.batch_size, args.min_accuracy)
+    probs = report.run(prefix + "quick eval", pf.check_eval, model, rt, data, args.batch_size, args.min_accuracy)
+    split = ckpt.split or {}
+    if probs is not None and args.full and split.get("validation") == "test-half":
+        report.run(prefix + "held-out half", pf.check_held_out, probs, data.labels, split["seed"])
+    return probs
 
 
 def check_model_and_memory(report, path: Path, args, rt_eval, data, training_sample):

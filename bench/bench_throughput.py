@@ -5,6 +5,7 @@ warm-up, the paths' repeats interleaved so that a noisy neighbour slows them ali
 
     python -m bench.bench_throughput --device cpu --workers 2 --json bench.json
     python -m bench.bench_throughput --tiny          # seconds; its numbers mean nothing
+    python -m bench.bench_throughput --model-def bench/own_model/mnist-gpu.py:Net   # your own network
 
 original: torchvision FashionMNIST from uncompressed IDX files (written here in torchvision's layout),
     per-sample PIL RandomRotation(10) + ToTensor + Normalize, a DataLoader with workers, fp32 NCHW, AdamW.
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fashion_ft import cli
+from fashion_ft import cli, userdef
 from fashion_ft.config import Config
 from fashion_ft.data import (
     AUGMENT_PRESETS,
@@ -56,10 +57,11 @@ from fashion_ft.engine import (
     TrainStep,
     build_optimizer,
     build_schedulers,
+    choose_memory_format,
     evaluate,
     train_one_epoch,
 )
-from fashion_ft.model import ARCHS, INPUT_SHAPE, build_model, count_parameters
+from fashion_ft.model import ARCHS, INPUT_SHAPE, build_source, count_parameters, resolve_arch_kwargs
 from fashion_ft.system import (
     AMP_MODES,
     available_cpus,
@@ -80,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--arch", choices=sorted(ARCHS), default="cnn3", help="the model both paths train")
+    cli.model_source_flags(p)  # --model-def: your own network instead, built with --model-kwargs
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median reported)")
     p.add_argument("--steps", type=int, default=None, help="training steps per repeat (None: 20 on CPU, 100 on CUDA)")
     p.add_argument("--workers", type=int, default=None,
@@ -111,7 +114,8 @@ class Bench:
 
     device: torch.device
     rt: Runtime
-    arch: str
+    model_name: str
+    build: Callable[[], torch.nn.Module]  # a fresh model, the same weights for a given torch seed
     batch_size: int
     eval_batch_size: int
     workers: int
@@ -129,10 +133,17 @@ def resolve_settings(args) -> Bench:
         set_cpu_threads()  # as the trainer does; the original recipe runs on the same threads
     tiny = TINY if args.tiny else {}
     workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else min(8, available_cpus()))
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    definition = userdef.parse(args.model_def) if args.model_def else None
+    kwargs = (args.model_kwargs or {}) if definition else resolve_arch_kwargs(args.arch)
+    name = args.model_def or args.arch
+    memory_format, why_not = choose_memory_format(build_source(args.arch, kwargs, definition), device, args.channels_last)
+    if why_not:
+        print(why_not, file=sys.stderr)
+    mean, std = args.normalize or (MEAN, STD)
     return Bench(
-        device=device, rt=Runtime(device, resolve_amp(args.amp, device), MEAN, STD, memory_format),
-        arch=args.arch, workers=workers, augment=args.augment, tiny=args.tiny,
+        device=device, rt=Runtime(device, resolve_amp(args.amp, device), mean, std, memory_format),
+        model_name=name, build=lambda: build_source(args.arch, kwargs, definition),
+        workers=workers, augment=args.augment, tiny=args.tiny,
         batch_size=tiny.get("batch_size", args.batch_size),
         eval_batch_size=tiny.get("eval_batch_size", args.eval_batch_size or default_eval_batch_size(device)),
         steps=tiny.get("steps", args.steps or (20 if device.type == "cpu" else 100)),
@@ -206,7 +217,7 @@ def original_loaders(root: Path, bench: Bench):
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    normalize = transforms.Normalize((MEAN,), (STD,))
+    normalize = transforms.Normalize((bench.rt.mean,), (bench.rt.std,))
     train_tf = transforms.Compose([transforms.RandomRotation(10), transforms.ToTensor(), normalize])
     test_tf = transforms.Compose([transforms.ToTensor(), normalize])
     common = {"batch_size": bench.batch_size, "num_workers": bench.workers,
@@ -355,7 +366,7 @@ def works(bench: Bench, original: OriginalTrainer, ours: Ours, train: DeviceData
 def measure(bench: Bench, splits: dict) -> dict:
     """Every Measure, original and ours starting from the same initial weights."""
     torch.manual_seed(0)
-    model = build_model(bench.arch)
+    model = bench.build()
     original_model = copy.deepcopy(model).to(bench.device)  # the recipe's plain fp32 NCHW
     ours = Ours(model.to(bench.device, memory_format=bench.rt.memory_format), bench)
     train, test = (DeviceData.create(*splits[split], bench.device) for split in ("train", "test"))
@@ -386,7 +397,7 @@ def benchmark(bench: Bench, folder: Path) -> dict:
     if bench.tiny:
         splits = {split: (x[: TINY[split]], y[: TINY[split]]) for split, (x, y) in splits.items()}
     measures = measure(bench, splits)
-    model = build_model(bench.arch)
+    model = bench.build()
     flops = flops_per_image(model)
     per_image = {"train": flops["train"], "step": flops["train"], "eval": flops["forward"], "load": None}
     rows = {name: m.as_dict(per_image[name.split("_")[0]]) for name, m in measures.items()}  # by the name's stem
@@ -401,7 +412,7 @@ def benchmark(bench: Bench, folder: Path) -> dict:
         "epoch_seconds": EPOCH_IMAGES / rate["train_ours"],
         "device": str(bench.device), "torch": torch.__version__, "machine": machine(bench.device),
         "load_average": [load_before, os.getloadavg()[0]],
-        "model": {"arch": bench.arch, "parameters": count_parameters(model)[0], "flops_per_image": flops},
+        "model": {"arch": bench.model_name, "parameters": count_parameters(model)[0], "flops_per_image": flops},
         "settings": {"amp": bench.rt.amp.name, "channels_last": bench.rt.memory_format == torch.channels_last,
                      "batch_size": bench.batch_size, "eval_batch_size": bench.eval_batch_size,
                      "workers": bench.workers, "steps": bench.steps, "repeats": bench.repeats,

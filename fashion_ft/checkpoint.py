@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import userdef
-from .data import CLASSES, MEAN, STD
+from .data import CLASSES, MEAN, STD, VALIDATION_SOURCES
 from .errors import UserError
 from .model import (  # unwrap lives beside the model; importing it from here keeps working
     ARCHS,
@@ -280,6 +280,9 @@ def _check_split(value) -> None:
     # None: a split whose training files were not fingerprinted
     _require(fp is None or (isinstance(fp, str) and bool(fp)), "split.fingerprint",
              f"must be the training files' fingerprint (text), got {_show(fp)}")
+    validation = value.get("validation", "train")
+    _require(validation in VALIDATION_SOURCES, "split.validation",
+             f"must be one of {', '.join(VALIDATION_SOURCES)}, got {_show(validation)}")
 
 
 def _check_text(name: str, value) -> None:
@@ -546,7 +549,8 @@ def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_
                     model_def: "userdef.ModelDef | None" = None, model_kwargs: dict | None = None) -> LoadedCheckpoint:
     """Read, recognise and verify a checkpoint; every failure is a UserError with one clear line that
     names the file and, for a bad field, the field. `refusal_hint` ends the refusal of a pickle.
-    `model_def` (--model-def) and `model_kwargs` name the user's class for a file that records none."""
+    `model_def` (--model-def) and `model_kwargs` name the user's class for a file that records no
+    architecture; a file of one of ours is built from its record."""
     path = Path(path)
     _check_readable(path)
     try:
@@ -555,7 +559,7 @@ def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_
         _check_tensors(found.state_dict, found.where)
         _check_meta(found.meta)
         definition = None
-        if model_def is not None or found.meta.get("model_def") is not None:
+        if found.meta.get("model_def") is not None or (model_def is not None and not found.meta.get("arch")):
             definition, arch_kwargs, state_dict = _user_source(found, path, model_def, model_kwargs)
             arch = USER_ARCH
         else:

@@ -40,6 +40,7 @@ class Config:
     download: bool = False
     val_size: int | None = None  # None: the input checkpoint's split, else data.DEFAULT_SPLIT
     split_seed: int | None = None  # None: the input checkpoint's split, else data.DEFAULT_SPLIT
+    val_from: str | None = None  # data.VALIDATION_SOURCES; None: the input checkpoint's, else as data.choose_split says
     limit_train: int | None = None
     augment: str = "light"
     # optimisation
@@ -144,7 +145,7 @@ RESUME_FREE_FIELDS = PERMISSIONS | {
 # Fields that define the data or the optimizer state itself: a resumed run cannot change them, even with override.
 RESUME_FIXED_FIELDS = {"optimizer", "freeze_conv", "freeze_bn", "trainable", "arch", "arch_kwargs", "from_scratch", "val_size",
                        "model_kwargs", "normalize",
-                       "split_seed"}
+                       "split_seed", "val_from"}
 
 
 def resume_differences(saved: dict, current: "Config", explicit: set) -> list[str]:
@@ -173,13 +174,13 @@ def _require(ok: bool, flag: str, message: str) -> None:
 
 def choices() -> dict[str, tuple]:
     """The fields whose value is one of a list (imported late: data, model and system import torch)."""
-    from .data import AUGMENT_PRESETS
+    from .data import AUGMENT_PRESETS, VALIDATION_SOURCES
     from .model import ARCHS
     from .system import AMP_MODES
 
     return {"select": METRICS, "monitor": METRICS, "scheduler": SCHEDULERS, "optimizer": OPTIMIZERS,
             "augment": tuple(AUGMENT_PRESETS), "tta": TTA_MODES, "amp": AMP_MODES, "arch": tuple(ARCHS),
-            "preset": (None, *PRESETS)}
+            "preset": (None, *PRESETS), "val_from": (None, *VALIDATION_SOURCES)}
 
 
 def _check_types(cfg: Config) -> None:

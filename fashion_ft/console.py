@@ -87,6 +87,8 @@ def summary_lines(summary: dict, files) -> list[str]:
     best = summary["best_epoch"]
     head = (f"done ({summary['stop_reason']}): best epoch {best} of {summary['epochs_run']}, "
             f"val acc {100 * summary['best_val_acc']:.2f}%, test acc {100 * summary['test_acc']:.2f}%")
+    if summary["split"]["validation"] == "test-half":
+        head += f" (on the {summary['test_images']} test images that selection never saw)"
     if base is not None:
         head += f" (starting model: val acc {100 * base:.2f}%)"
     head += f", {summary['train_s']:.0f}s"

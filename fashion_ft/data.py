@@ -40,6 +40,11 @@ MAX_IDX_DATA = 60_000 * 28 * 28
 ENV_DIR = "FASHION_MNIST_DIR"
 MIN_IMAGES = 10  # fewer images than classes in a split cannot measure anything
 DEFAULT_SPLIT = (42, 5000)  # (seed, validation images) when neither the user nor the starting model says
+# Where the validation images come from: held out of the training files, or one stratified half of the
+# test files (the other half is then the test). A model whose training split is unknown may have seen every
+# training image, so it validates on the test half unless told its split (bench/results/own-model/).
+VALIDATION_SOURCES = ("train", "test-half")
+UNKNOWN_SPLIT_VALIDATION = "test-half"
 GET_DATA_HINT = (
     "get it with 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) "
     "or pass --download to fetch it into ./data"
@@ -265,11 +270,15 @@ class Split:
     seed: int
     val_size: int
     fingerprint: str | None = None  # of the training files' contents; None: unknown
+    validation: str = "train"  # one of VALIDATION_SOURCES
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "val_size": self.val_size, "fingerprint": self.fingerprint}
+        return {"seed": self.seed, "val_size": self.val_size, "fingerprint": self.fingerprint,
+                "validation": self.validation}
 
     def describe(self) -> str:
+        if self.validation == "test-half":
+            return f"half of the test images, split seed {self.seed}; the other half is the test"
         return f"split seed {self.seed}, {self.val_size} validation images"
 
 
@@ -282,22 +291,31 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
 
 def choose_split(asked: Split, record: Split | None, source: str | None,
                  labels: torch.Tensor | None = None) -> tuple[Split, list[str]]:
-    """The split a run uses, and warnings when it may validate on its starting model's training images.
+    """The split a run uses, and what it warns about: validating on its starting model's training images.
 
-    `asked` holds the user's --split-seed / --val-size (None where not given) and the data's fingerprint;
-    `record` is what the starting model `source` was trained with (None: unknown); `source` None: the run
-    starts from random weights, so any split is right. With the training `labels`, a split whose validation
-    images all lie in the recorded one (a smaller --val-size, same seed) is recognised as safe.
+    `asked` holds the user's --split-seed / --val-size / --val-from (None where not given) and the data's
+    fingerprint; `record` is what the starting model `source` was trained with (None: unknown); `source`
+    None: the run starts from random weights, so any split is right. With the training `labels`, a split
+    whose validation images all lie in the recorded one (a smaller --val-size, same seed) is recognised as safe.
     """
-    base = record or Split(*DEFAULT_SPLIT)
+    unknown = source is not None and record is None and asked.val_size is None  # --val-size: "I know its split"
+    base = record or Split(*DEFAULT_SPLIT, validation=UNKNOWN_SPLIT_VALIDATION if unknown else "train")
+    validation = asked.validation or base.validation
+    if validation == "test-half" and asked.val_size is not None:
+        raise UsageError("--val-size: with --val-from test-half the validation images are half of the test images")
     chosen = Split(base.seed if asked.seed is None else asked.seed,
-                   base.val_size if asked.val_size is None else asked.val_size, asked.fingerprint)
-    if source is None:
-        return chosen, []
+                   base.val_size if asked.val_size is None else asked.val_size, asked.fingerprint, validation)
+    if source is None or validation == "test-half":
+        return chosen, ([f"{source} has no record of its training split, so it may have trained on every training "
+                         f"image: this run validates on {chosen.describe()} (--val-from train: validate on "
+                         "training images)"] if unknown and validation == "test-half" else [])
     risk = "its validation images may have been in its training data, which biases the best-model choice"
     if record is None:
         return chosen, [f"{source} has no record of its validation split: {risk}; if you know the split it was "
                         "trained with, pass --split-seed and --val-size"]
+    if record.validation == "test-half":
+        return chosen, [f"{source} was trained on every training image (it validated on half of the test images): "
+                        f"{risk}; drop --val-from to validate as it did"]
     if record.fingerprint and asked.fingerprint and record.fingerprint != asked.fingerprint:
         return chosen, [f"{source} was trained on other training files (fingerprint {record.fingerprint}, "
                         f"these are {asked.fingerprint}): {risk}"]
@@ -316,18 +334,26 @@ def held_out(chosen: Split, record: Split, labels: torch.Tensor | None) -> bool:
     return bool(torch.isin(chosen_val, record_val).all())
 
 
-def split_indices(labels: torch.Tensor, split: Split, limit_train: int | None, seed: int):
-    """(train_idx, val_idx): the stratified split, then with --limit-train a seeded subset of the training part."""
-    if split.val_size >= len(labels):
-        raise UsageError(f"--val-size {split.val_size} leaves no training images: the training files hold only "
-                        f"{len(labels)} images")
-    train_idx, val_idx = stratified_split(labels, split.val_size, split.seed)
+def split_sets(train: tuple, test: tuple, split: Split, limit_train: int | None, seed: int) -> dict:
+    """{"train", "val", "test"} -> (images, labels): the stratified split of `split.validation`'s files, then
+    with --limit-train a seeded subset of the training part."""
+    (images, labels), (test_images, test_labels) = train, test
+    if split.validation == "test-half":
+        train_idx = torch.arange(len(labels))
+        test_idx, val_idx = stratified_split(test_labels, len(test_labels) // 2, split.seed)
+        sets = {"val": (test_images[val_idx], test_labels[val_idx]), "test": (test_images[test_idx], test_labels[test_idx])}
+    else:
+        if split.val_size >= len(labels):
+            raise UsageError(f"--val-size {split.val_size} leaves no training images: the training files hold only "
+                             f"{len(labels)} images")
+        train_idx, val_idx = stratified_split(labels, split.val_size, split.seed)
+        sets = {"val": (images[val_idx], labels[val_idx]), "test": test}
     if limit_train is not None:
         if limit_train > len(train_idx):
             raise UsageError(f"--limit-train {limit_train} exceeds the {len(train_idx)} training images")
         pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))
         train_idx = train_idx[pick[:limit_train]].sort().values
-    return train_idx, val_idx
+    return {"train": (images[train_idx], labels[train_idx]), **sets}
 
 
 # ---------------------------------------------------------------- device-resident data and batches

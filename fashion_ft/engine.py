@@ -18,8 +18,8 @@ from . import distributed as dist
 from .config import Config
 from .data import AugmentConfig, DeviceData, batch_slices, epoch_permutation, make_batch
 from .errors import DivergenceError, UserError, first_line
-from .model import count_parameters
-from .system import AmpPolicy, autocast
+from .model import INPUT_SHAPE, count_parameters
+from .system import CHANNELS_LAST_MPS_REASON, AmpPolicy, autocast, channels_last_ok
 
 
 @dataclass
@@ -35,6 +35,25 @@ class Runtime:
     world_size: int = 1
     tta_flip: bool = False  # predictions averaged over each image and its mirror image
 
+
+
+def choose_memory_format(model: nn.Module, device: torch.device, wanted: bool) -> tuple[torch.memory_format, str | None]:
+    """channels_last where it is asked for and works, and why not where it does not: never on MPS, nor for
+    a forward that cannot take it (`x.view(x.size(0), -1)` of a channels_last activation, common in users'
+    models), which one forward of a copy on the device finds."""
+    if not wanted:
+        return torch.contiguous_format, None
+    if not channels_last_ok(device):
+        return torch.contiguous_format, CHANNELS_LAST_MPS_REASON
+    probe = copy.deepcopy(model).to(device, memory_format=torch.channels_last).eval()
+    x = torch.zeros(2, *INPUT_SHAPE, device=device).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            probe(x)
+    except RuntimeError as exc:
+        return torch.contiguous_format, (f"channels_last is off, the model runs in NCHW: its forward fails on "
+                                         f"channels_last input ({first_line(exc)})")
+    return torch.channels_last, None
 
 # ---------------------------------------------------------------- freezing
 #

@@ -11,8 +11,16 @@ import torch
 
 from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors
 from .config import Config
-from .data import FILES, DeviceData, find_data_dir, load_split, make_batch
-from .engine import Runtime, TrainStep, build_optimizer, build_schedulers, logit_metrics, predict_logits
+from .data import FILES, DeviceData, find_data_dir, load_split, make_batch, stratified_split
+from .engine import (
+    Runtime,
+    TrainStep,
+    build_optimizer,
+    build_schedulers,
+    choose_memory_format,
+    logit_metrics,
+    predict_logits,
+)
 from .errors import UserError, first_line
 from .model import count_parameters
 from .normalization import SAMPLE_IMAGES, compare, suggestion
@@ -197,7 +205,7 @@ def check_train_step(model, data: DeviceData | None, mean: float, std: float, de
     """Forward, backward and optimizer step exactly as finetune_gpu.py's defaults run them on this device:
     its --amp auto precision policy, memory layout, optimizer and loss scaler."""
     cfg = Config()
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format, why_not = choose_memory_format(model, device, cfg.channels_last)
     rt = Runtime(device, resolve_amp(cfg.amp, device), mean, std, memory_format)
     loss, trained, changed = _train_step(model, data, rt, cfg)
     if not changed:
@@ -205,7 +213,8 @@ def check_train_step(model, data: DeviceData | None, mean: float, std: float, de
     if nonfinite_tensors(trained.state_dict()):
         raise CheckFailed(f"the {cfg.optimizer} step under amp {rt.amp.name} left NaN/Inf weights")
     detail = f"forward, backward and {cfg.optimizer} step under amp {rt.amp.name}: loss {loss:.4f}, weights updated"
-    return detail, {"amp": rt.amp.name, "optimizer": cfg.optimizer, "loss": loss}, True
+    return (detail + (f"; {why_not}" if why_not else ""),
+            {"amp": rt.amp.name, "optimizer": cfg.optimizer, "loss": loss, "channels_last": why_not is None}, True)
 
 
 def check_forward(model, rt: Runtime, n: int = 8):
@@ -256,6 +265,15 @@ def check_eval(model, rt: Runtime, data: DeviceData, batch_size: int, min_acc: f
     if not acc >= min_acc:  # also when it is NaN
         raise CheckFailed(f"{detail}; below the sane minimum of {100 * min_acc:.0f}%")
     return detail, stats, logits.softmax(1)
+
+
+def check_held_out(probs: torch.Tensor, labels: torch.Tensor, seed: int):
+    """A model selected on one half of the test images (--val-from test-half): the other half is the
+    accuracy that selection never saw."""
+    test_idx = stratified_split(labels.cpu(), len(labels) // 2, seed)[0].to(labels.device)
+    acc = (probs[test_idx].argmax(1) == labels[test_idx]).float().mean().item()
+    return (f"this model was selected on half of the test images (split seed {seed}); on the other "
+            f"{len(test_idx)}: accuracy {100 * acc:.2f}%", {"images": len(test_idx), "accuracy": acc}, True)
 
 
 def check_memory(device: torch.device):

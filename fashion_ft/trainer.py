@@ -43,7 +43,7 @@ from .data import (
     fingerprint,
     label_warning,
     load_split,
-    split_indices,
+    split_sets,
 )
 from .engine import (
     EarlyStopping,
@@ -53,6 +53,7 @@ from .engine import (
     apply_freezing,
     build_optimizer,
     build_schedulers,
+    choose_memory_format,
     evaluate,
     logit_metrics,
     make_ema,
@@ -67,10 +68,8 @@ from .normalization import compare, suggestion
 from .outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files, resumes_in_place
 from .signals import SignalGuard
 from .system import (
-    CHANNELS_LAST_MPS_REASON,
     AmpPolicy,
     broken_cuda_reason,
-    channels_last_ok,
     check_distributed_device,
     configure_backends,
     default_eval_batch_size,
@@ -181,6 +180,8 @@ def load_start_model(cfg: Config, resume_meta: dict | None) -> StartModel:
         return StartModel(build_model(cfg.arch, kwargs), cfg.arch, kwargs, source="random weights")
     ckpt = load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle, model_def=explicit_def(cfg),
                            model_kwargs=cfg.model_kwargs)
+    if cfg.model_def and ckpt.model_def is None:
+        raise UsageError(f"--model-def: {cfg.model_path} records its own architecture ({ckpt.arch}); drop --model-def")
     bad = nonfinite_tensors(ckpt.state_dict)
     if bad:
         raise UserError(f"{cfg.model_path} has NaN/Inf weights in {', '.join(bad[:3])}")
@@ -212,7 +213,8 @@ def split_record(ckpt: LoadedCheckpoint) -> Split | None:
     """The split a checkpoint was trained with. Files written before the split had its own record
     drew it from their --seed and --val-size, which their config keeps."""
     if ckpt.split is not None:
-        return Split(ckpt.split["seed"], ckpt.split["val_size"], ckpt.split.get("fingerprint"))
+        return Split(ckpt.split["seed"], ckpt.split["val_size"], ckpt.split.get("fingerprint"),
+                     ckpt.split.get("validation", "train"))
     config = ckpt.meta.get("config") if isinstance(ckpt.meta.get("config"), dict) else {}
     if isinstance(config.get("seed"), int) and isinstance(config.get("val_size"), int):
         return Split(config["seed"], config["val_size"])
@@ -221,24 +223,20 @@ def split_record(ckpt: LoadedCheckpoint) -> Split | None:
 
 def load_data(cfg: Config, start: StartModel, device, console: Console) -> tuple[Data, Split]:
     """(train, val, test) on the device, and the split used: the starting model's unless asked otherwise."""
-    images, labels = load_split(cfg.data_dir, "train", cfg.download)
-    test_images, test_labels = load_split(cfg.data_dir, "test", cfg.download)
-    asked = Split(cfg.split_seed, cfg.val_size, fingerprint(images, labels))
+    train = images, labels = load_split(cfg.data_dir, "train", cfg.download)
+    test = load_split(cfg.data_dir, "test", cfg.download)
+    asked = Split(cfg.split_seed, cfg.val_size, fingerprint(images, labels), cfg.val_from)
     source = None if cfg.from_scratch or cfg.resume else cfg.model_path
     split, warnings = choose_split(asked, start.split, source, labels)
-    for warning in warnings:
+    sets = split_sets(train, test, split, cfg.limit_train, cfg.seed)
+    split = dataclasses.replace(split, val_size=len(sets["val"][1]))
+    warnings += [label_warning(sets[name][1], f"the {what} images")
+                 for name, what in (("train", "training"), ("val", "validation"))]
+    for warning in filter(None, warnings):
         console.warn(warning)
-    train_idx, val_idx = split_indices(labels, split, cfg.limit_train, cfg.seed)
-    for warning in (label_warning(labels[train_idx], "the training images"),
-                    label_warning(labels[val_idx], "the validation images")):
-        if warning:
-            console.warn(warning)
-    console.print(f"data: {find_data_dir(cfg.data_dir, 'train')}: {len(train_idx)} train, {len(val_idx)} "
-                  f"validation ({split.describe()}), {len(test_labels)} test images")
-    data = Data(DeviceData.create(images[train_idx], labels[train_idx], device),
-                DeviceData.create(images[val_idx], labels[val_idx], device),
-                DeviceData.create(test_images, test_labels, device))
-    return data, split
+    console.print(f"data: {find_data_dir(cfg.data_dir, 'train')}: {len(sets['train'][1])} train, "
+                  f"{len(sets['val'][1])} validation ({split.describe()}), {len(sets['test'][1])} test images")
+    return Data(*(DeviceData.create(*sets[name], device) for name in ("train", "val", "test"))), split
 
 
 def check_normalization(start: StartModel, train: DeviceData) -> None:
@@ -286,8 +284,11 @@ def default_run_name(cfg: Config) -> str:
     return f"{stamp}_{plan}_{cfg.optimizer}_lr{cfg.lr:g}_bs{cfg.batch_size}"
 
 
-def runtime_for(cfg: Config, device, start: StartModel, info: dist.DistInfo) -> Runtime:
-    memory_format = torch.channels_last if cfg.channels_last and channels_last_ok(device) else torch.contiguous_format
+def runtime_for(cfg: Config, device, start: StartModel, ctx: RunContext) -> Runtime:
+    memory_format, why_not = choose_memory_format(start.model, device, cfg.channels_last)
+    if why_not:
+        ctx.console.print(why_not)
+    info = ctx.info
     return Runtime(device, resolve_amp(cfg.amp, device), start.mean, start.std, memory_format, info.rank,
                    info.world_size, tta_flip=cfg.tta == "flip")
 
@@ -319,8 +320,6 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
         raise UserError(f"{broken}; to train on the CPU anyway, pass --device cpu")
     device = resolve_device(cfg.device, info.local_rank if info.enabled else None)
     check_distributed_device(device, info.world_size, info.launched)
-    if cfg.channels_last and not channels_last_ok(device):
-        console.print(CHANNELS_LAST_MPS_REASON)
     if cfg.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn: needs CUDA (SyncBatchNorm has no CPU implementation)")
     cfg = dataclasses.replace(cfg, run_name=cfg.run_name or (resume_meta or {}).get("run_name")
@@ -341,7 +340,8 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
     with dist.main_process_first(info):  # --download: one process per machine fetches, the others wait
         data, split = load_data(cfg, start, device, console)
     check_normalization(start, data.train)
-    cfg = dataclasses.replace(cfg, split_seed=split.seed, val_size=split.val_size,
+    cfg = dataclasses.replace(cfg, split_seed=split.seed, val_from=split.validation,
+                              val_size=split.val_size if split.validation == "train" else None,
                               eval_batch_size=cfg.eval_batch_size or default_eval_batch_size(device))
     return Run.build(cfg, RunContext(info, console, files, start, split, log_dir), data, device, resume_meta)
 
@@ -368,7 +368,7 @@ class Run:
         if steps < 1:
             raise UsageError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is more than the "
                              f"{len(data.train)} training images")
-        rt = runtime_for(cfg, device, ctx.start, info)
+        rt = runtime_for(cfg, device, ctx.start, ctx)
         lr = cfg.lr * info.world_size if cfg.scale_lr else cfg.lr
         train_model = wrap_model(ctx.start.model, cfg, rt, info)
         state = build_state(cfg, train_model, rt, steps, lr)
@@ -528,7 +528,7 @@ class Run:
         single = dataclasses.replace(self.rt, amp=AmpPolicy(None, False), rank=0, world_size=1)
         logits = predict_logits(model, self.data.test.images, single, self.cfg.eval_batch_size)
         loss, acc = logit_metrics(logits, self.data.test.labels)
-        return {"test_loss": loss, "test_acc": acc}, logits.argmax(1)
+        return {"test_loss": loss, "test_acc": acc, "test_images": len(logits)}, logits.argmax(1)
 
     def finish(self) -> dict:
         """Rank 0: test the best model, store its test metrics, write metrics.json and the TB extras."""

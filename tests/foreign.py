@@ -121,7 +121,8 @@ class TinySequential(nn.Sequential):
                          nn.Linear(4, num_classes))
 '''
 
-# (d) an ordinary CNN returning logits; the user trained and saved it through nn.DataParallel.
+# (d) an ordinary CNN returning logits, flattened with the common `.view` (which channels_last input breaks);
+# the user trained and saved it through nn.DataParallel.
 _DP_MODEL = '''
 class SmallCNN(nn.Module):
     def __init__(self, channels=8):
@@ -133,7 +134,8 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Linear(2 * channels * 7 * 7, 10)
 
     def forward(self, x):
-        return self.classifier(torch.flatten(self.features(x), 1))
+        x = self.features(x)
+        return self.classifier(x.view(x.size(0), -1))
 '''
 
 

@@ -112,3 +112,21 @@ def test_missing_data_is_one_line_from_the_module(tmp_path):
     result = bench("--device", "cpu", "--data-dir", tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("error: Fashion-MNIST train files not found") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["a", "d"])
+def test_a_users_own_network(tmp_path, real_data_dir, name):
+    """--model-def: both paths train the user's class; (d) flattens with .view, so ours runs in NCHW and says so."""
+    from foreign import SPECS, write_script
+
+    spec = SPECS[name]
+    out = tmp_path / "bench.json"
+    definition = f"{write_script(name, tmp_path)}:{spec.cls}"
+    result = bench("--tiny", "--device", "cpu", "--workers", "0", "--model-def", definition, "--model-kwargs",
+                   json.dumps(spec.kwargs), "--normalize", *spec.norm, "--json", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["model"]["arch"] == definition and r["settings"]["channels_last"] == (name != "d")
+    assert ("channels_last is off, the model runs in NCHW" in result.stderr) == (name == "d")
+    assert r["train_speedup"] > 0 and not (tmp_path / "MAIN_RAN").exists()

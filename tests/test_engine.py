@@ -436,3 +436,34 @@ def test_every_scheduler_gives_its_lr_curve(scheduler):
         assert lrs[0] == pytest.approx(1e-3 / 25) and lrs[1] > lrs[0] and lrs[3] < lrs[2] < 1e-3
     else:
         assert lrs == pytest.approx(LR_CURVES[scheduler][1])
+
+
+class _Flatten(torch.nn.Module):
+    """A user's forward: conv, then `flatten` (any memory format) or `view` (contiguous only) into the head."""
+
+    def __init__(self, flatten: str):
+        super().__init__()
+        self.conv, self.fc, self.flatten = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(4 * 28 * 28, 10), flatten
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.fc(x.flatten(1) if self.flatten == "flatten" else x.view(x.size(0), -1))
+
+
+MEMORY_FORMATS = [  # (the forward's flatten, --channels-last, MPS, the format chosen, what the reason says)
+    ("flatten", True, False, torch.channels_last, None),
+    ("view", True, False, torch.contiguous_format, "its forward fails on channels_last input (view size"),
+    ("view", False, False, torch.contiguous_format, None),
+    ("flatten", True, True, torch.contiguous_format, "channels_last is off on MPS"),
+]
+
+
+@pytest.mark.parametrize("flatten, wanted, mps, chosen, reason", MEMORY_FORMATS)
+def test_channels_last_only_where_the_device_and_the_forward_take_it(monkeypatch, flatten, wanted, mps, chosen, reason):
+    monkeypatch.setattr(engine, "channels_last_ok", lambda device: not mps)
+    model = _Flatten(flatten)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    memory_format, why_not = engine.choose_memory_format(model, torch.device("cpu"), wanted)
+    assert memory_format == chosen
+    assert (why_not is None) == (reason is None) and (reason is None or reason in why_not), why_not
+    assert model.training and all(v.is_contiguous() and torch.equal(v, before[k]) for k, v in model.state_dict().items())

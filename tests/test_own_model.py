@@ -75,6 +75,8 @@ def test_test_model_gives_the_users_own_accuracy(name, foreign_nets, small_data_
     assert result.returncode == 0, result.stdout
     quick = next(c for c in report["checks"] if c["name"] == "quick eval")
     assert quick["data"]["accuracy"] == pytest.approx(net.accuracy, abs=1e-6)
+    step = next(c for c in report["checks"] if c["name"] == "train step")
+    assert step["data"]["channels_last"] == (name != "d")  # (d) flattens with .view: the step runs in NCHW
     assert "normalisation" not in [c["name"] for c in report["checks"]]  # given, so not guessed
 
 
@@ -162,7 +164,9 @@ def test_freeze_conv_keeps_every_feature_tensor_and_trains_the_head(name, foreig
             "--epochs", 2, "--select", "val_loss", "--lr", 0.01]
     argv = [a for a in argv if a != "--quiet"]
     assert finetune_gpu.main([str(a) for a in argv]) == 0
-    assert "trainable: " in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "trainable: " in out_text
+    assert ("channels_last is off, the model runs in NCHW" in out_text) == (name == "d")  # (d) flattens with .view
     before, after = torch.load(out / "last.pt", weights_only=True)["model"], torch.load(net.weights, weights_only=True)
     after = after.get("model_state_dict", after)
     after = {k.removeprefix("module."): v for k, v in after.items()}

@@ -60,10 +60,47 @@ def test_another_split_or_no_record_warns(tmp_path, small_data_dir, trained_chec
     assert "split seed 42" in other.stderr and "split seed 7" in other.stderr
     bare = tmp_path / "bare.pt"
     torch.save(load(trained_checkpoint)["model"], bare)  # a plain state_dict: from elsewhere
-    unknown, _ = finetune(tmp_path, small_data_dir, bare, "--epochs", 1, name="b")
+    unknown, _ = finetune(tmp_path, small_data_dir, bare, "--epochs", 1, name="b")  # SMALL_RUN's --val-size
     assert unknown.returncode == 0, unknown.stderr
     assert "has no record of its validation split" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_model_with_no_split_record_validates_on_half_the_test_images(tmp_path, small_data_dir, trained_checkpoint):
+    """It may have trained on every training image: selection on one half of the test images, the test on
+    the other half, all of it recorded; a second round from its best model validates the same way."""
+    bare = tmp_path / "bare.pt"
+    torch.save(load(trained_checkpoint)["model"], bare)
+
+    def finetune(model_path, *args, name):  # without SMALL_RUN's --val-size, which names a training split
+        out = tmp_path / name
+        return run_script("finetune_gpu.py", "--model-path", model_path, "--data-dir", small_data_dir, "--output",
+                          out / "best.pt", "--logdir", tmp_path / "tb", "--limit-train", 256, "--epochs", 1,
+                          "--batch-size", 64, "--device", "cpu", *args), out
+
+    result, out = finetune(bare, name="a")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"warning: {bare} has no record of its training split, so it may have trained on every training image: "
+        "this run validates on half of the test images, split seed 42; the other half is the test (--val-from "
+        "train: validate on training images)"]
+    assert "256 train, 500 validation (half of the test images" in result.stdout and "500 test images" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"]["validation"] == "test-half" and metrics["test_images"] == 500
+    best = load(out / "best.pt")
+    assert best["split"]["validation"] == "test-half" and best["config"]["val_from"] == "test-half"
+    check = run_script("test_model.py", "--model-path", out / "best.pt", "--data-dir", small_data_dir, "--full",
+                       "--json", "--device", "cpu")
+    held_out = next(c for c in json.loads(check.stdout)["checks"] if c["name"] == "held-out half")["data"]
+    assert held_out == {"images": 500, "accuracy": pytest.approx(metrics["test_acc"])}
+    second, out2 = finetune(out / "best.pt", name="b")
+    assert second.returncode == 0 and second.stderr == "", second.stderr
+    assert load(out2 / "best.pt")["split"] == {**best["split"]}
+    back, _ = finetune(out / "best.pt", "--val-from", "train", name="c")
+    assert "was trained on every training image" in back.stderr
+    refused, _ = finetune(bare, "--val-from", "test-half", "--val-size", 500, name="d")
+    assert refused.returncode == 2 and "--val-size: with --val-from test-half" in refused.stderr
 
 
 def test_choose_split_prefers_the_record_then_the_user():
@@ -74,6 +111,26 @@ def test_choose_split_prefers_the_record_then_the_user():
     _, warnings = choose_split(Split(None, None, "xyz"), record, "m.pt")
     assert "other training files" in warnings[0]
     assert choose_split(Split(None, None, "f"), None, None) == (Split(42, 5000, "f"), [])
+
+
+SPLIT_CHOICES = [  # (the record's validation or None, --val-size, --val-from, the validation chosen, a warning says)
+    (None, None, None, "test-half", "may have trained on every training image"),
+    (None, 1000, None, "train", "no record of its validation split"),  # --val-size: the user knows its split
+    (None, None, "train", "train", "no record of its validation split"),
+    ("train", None, None, "train", None),
+    ("train", None, "test-half", "test-half", None),
+    ("test-half", None, None, "test-half", None),
+    ("test-half", None, "train", "train", "was trained on every training image"),
+]
+
+
+@pytest.mark.parametrize("record, val_size, val_from, chosen, warning", SPLIT_CHOICES)
+def test_where_validation_images_come_from(record, val_size, val_from, chosen, warning):
+    recorded = Split(3, 700, "f", record) if record else None
+    split, warnings = choose_split(Split(None, val_size, "f", val_from), recorded, "m.pt")
+    assert split.validation == chosen
+    assert (warnings == []) if warning is None else (len(warnings) == 1 and warning in warnings[0]), warnings
+    assert choose_split(Split(None, None, "f", val_from), recorded, None)[1] == []  # random weights: nothing to warn
 
 
 def test_a_smaller_validation_set_inside_the_recorded_one_is_safe():

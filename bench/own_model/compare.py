@@ -1,0 +1,57 @@
+"""The accuracy of each model on the two stratified halves of the test images that `--val-from test-half`
+uses (split seed 42 unless given): the half that a test-half run selects on, and the half it never sees.
+Models of any validation source compare on the same held-out half.
+
+    python -m bench.own_model.compare MODEL.pt [MODEL.pt ...] --model-def bench/own_model/mnist-gpu.py:Net \
+        --normalize 0.1307 0.3081
+"""
+
+import argparse
+import sys
+
+import torch
+
+from fashion_ft import cli, userdef
+from fashion_ft.checkpoint import load_checkpoint
+from fashion_ft.data import load_split, stratified_split
+from fashion_ft.engine import Runtime, logit_metrics, predict_logits
+from fashion_ft.system import AmpPolicy
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.own_model.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("models", nargs="+", help="checkpoints to measure")
+    p.add_argument("--split-seed", type=int, default=42, help="the seed of the halves")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    cli.model_source_flags(p)  # for files with no record, as in test_model.py
+    return p.parse_args(argv)
+
+
+def halves(path: str, args, images, labels, held_out, selection) -> dict:
+    ckpt = load_checkpoint(path, model_def=userdef.parse(args.model_def) if args.model_def else None,
+                           model_kwargs=args.model_kwargs)
+    mean, std = (args.normalize if not ckpt.normalize_recorded else None) or (ckpt.mean, ckpt.std)
+    rt = Runtime(torch.device("cpu"), AmpPolicy(None, False), mean, std)
+    logits = predict_logits(ckpt.build(), images, rt, 1000)
+    return {name: logit_metrics(logits[idx], labels[idx])[1]
+            for name, idx in (("held-out half", held_out), ("selection half", selection), ("all", slice(None)))}
+
+
+def main(argv=None) -> int:
+    def body() -> int:
+        args = parse_args(argv)
+        images, labels = load_split(args.data_dir, "test")
+        held_out, selection = stratified_split(labels, len(labels) // 2, args.split_seed)
+        print(f"| model | held-out half ({len(held_out)}) | selection half ({len(selection)}) | all ({len(labels)}) |")
+        print("|---|---:|---:|---:|")
+        for path in args.models:
+            acc = halves(path, args, images, labels, held_out, selection)
+            print(f"| {path} | " + " | ".join(f"{100 * a:.2f}%" for a in acc.values()) + " |")
+        return 0
+
+    return cli.run(body, debug=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
