@@ -305,10 +305,12 @@ def choose_split(asked: Split, record: Split | None, source: str | None,
         raise UsageError("--val-size: with --val-from test-half the validation images are half of the test images")
     chosen = Split(base.seed if asked.seed is None else asked.seed,
                    base.val_size if asked.val_size is None else asked.val_size, asked.fingerprint, validation)
-    if source is None or validation == "test-half":
-        return chosen, ([f"{source} has no record of its training split, so it may have trained on every training "
-                         f"image: this run validates on {chosen.describe()} (--val-from train: validate on "
-                         "training images)"] if unknown and validation == "test-half" else [])
+    if unknown and validation == "test-half":
+        return chosen, [f"{source} has no record of its training split, so it may have trained on every training "
+                        f"image: this run validates on {chosen.describe()} (--val-from train: validate on "
+                        "training images)"]
+    if source is None or validation == "test-half":  # no training image validates
+        return chosen, []
     risk = "its validation images may have been in its training data, which biases the best-model choice"
     if record is None:
         return chosen, [f"{source} has no record of its validation split: {risk}; if you know the split it was "

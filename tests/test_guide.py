@@ -281,7 +281,8 @@ def measured_text() -> str:
     """Everything a figure may be quoted from: the model cards, the results table and the raw logs."""
     files = [*sorted((REPO / "model").glob("*.md")), RESULTS / "results.md", *sorted((RESULTS / "logs").glob("*.log")),
              RESULTS / "before-warmup" / "results.md", *sorted((RESULTS / "before-warmup" / "logs").glob("*.log")),
-             RESULTS / "resnet-candidates" / "README.md", *sorted((RESULTS / "resnet-candidates" / "logs").glob("*.log"))]
+             RESULTS / "resnet-candidates" / "README.md", *sorted((RESULTS / "resnet-candidates" / "logs").glob("*.log")),
+             RESULTS / "own-model" / "README.md", *sorted((RESULTS / "own-model" / "logs").glob("*.log"))]
     return "\n".join(read(f) for f in files)
 
 

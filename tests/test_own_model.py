@@ -81,6 +81,22 @@ def test_test_model_gives_the_users_own_accuracy(name, foreign_nets, small_data_
 
 
 @pytest.mark.parametrize("name", "abcd")
+def test_test_model_without_normalize_tries_the_common_ones(name, foreign_nets, small_data_dir):
+    """No --normalize and no record: the default (Fashion-MNIST's) is checked against the common ones on
+    training images. (b)-(d) were trained with it, so it passes and gives their own accuracy; (a) was trained
+    with MNIST's, and where the rule finds that clearly better it names the flag."""
+    net = foreign_nets(name)
+    report = json.loads(checked(net, net.weights, "--data-dir", small_data_dir).stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    row = checks["normalisation"]
+    if name == "a":
+        assert row["ok"] or "--normalize 0.1307 0.3081" in row["detail"], row
+    else:
+        assert row["ok"] and "none recorded" in row["detail"], row
+        assert checks["quick eval"]["data"]["accuracy"] == pytest.approx(net.accuracy, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", "abcd")
 def test_fine_tune_resume_reload_and_the_plain_state_dict(name, foreign_nets, small_data_dir, tmp_path, capsys):
     net = foreign_nets(name)
     out = tmp_path / "run"
