@@ -336,13 +336,18 @@ def held_out(chosen: Split, record: Split, labels: torch.Tensor | None) -> bool:
     return bool(torch.isin(chosen_val, record_val).all())
 
 
+def test_halves(test_labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(test, validation) indices of --val-from test-half: two stratified halves of the test images."""
+    return stratified_split(test_labels, len(test_labels) // 2, seed)
+
+
 def split_sets(train: tuple, test: tuple, split: Split, limit_train: int | None, seed: int) -> dict:
     """{"train", "val", "test"} -> (images, labels): the stratified split of `split.validation`'s files, then
     with --limit-train a seeded subset of the training part."""
     (images, labels), (test_images, test_labels) = train, test
     if split.validation == "test-half":
         train_idx = torch.arange(len(labels))
-        test_idx, val_idx = stratified_split(test_labels, len(test_labels) // 2, split.seed)
+        test_idx, val_idx = test_halves(test_labels, split.seed)
         sets = {"val": (test_images[val_idx], test_labels[val_idx]), "test": (test_images[test_idx], test_labels[test_idx])}
     else:
         if split.val_size >= len(labels):

@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors
 from .config import Config
-from .data import FILES, DeviceData, find_data_dir, load_split, make_batch, stratified_split
+from .data import FILES, DeviceData, find_data_dir, load_split, make_batch, test_halves
 from .engine import (
     Runtime,
     TrainStep,
@@ -270,7 +270,7 @@ def check_eval(model, rt: Runtime, data: DeviceData, batch_size: int, min_acc: f
 def check_held_out(probs: torch.Tensor, labels: torch.Tensor, seed: int):
     """A model selected on one half of the test images (--val-from test-half): the other half is the
     accuracy that selection never saw."""
-    test_idx = stratified_split(labels.cpu(), len(labels) // 2, seed)[0].to(labels.device)
+    test_idx = test_halves(labels.cpu(), seed)[0].to(labels.device)
     acc = (probs[test_idx].argmax(1) == labels[test_idx]).float().mean().item()
     return (f"this model was selected on half of the test images (split seed {seed}); on the other "
             f"{len(test_idx)}: accuracy {100 * acc:.2f}%", {"images": len(test_idx), "accuracy": acc}, True)

@@ -284,13 +284,12 @@ def default_run_name(cfg: Config) -> str:
     return f"{stamp}_{plan}_{cfg.optimizer}_lr{cfg.lr:g}_bs{cfg.batch_size}"
 
 
-def runtime_for(cfg: Config, device, start: StartModel, ctx: RunContext) -> Runtime:
-    memory_format, why_not = choose_memory_format(start.model, device, cfg.channels_last)
+def runtime_for(cfg: Config, device, ctx: RunContext) -> Runtime:
+    memory_format, why_not = choose_memory_format(ctx.start.model, device, cfg.channels_last)
     if why_not:
         ctx.console.print(why_not)
-    info = ctx.info
-    return Runtime(device, resolve_amp(cfg.amp, device), start.mean, start.std, memory_format, info.rank,
-                   info.world_size, tta_flip=cfg.tta == "flip")
+    return Runtime(device, resolve_amp(cfg.amp, device), ctx.start.mean, ctx.start.std, memory_format,
+                   ctx.info.rank, ctx.info.world_size, tta_flip=cfg.tta == "flip")
 
 
 def check_outputs(cfg: Config, files: RunFiles):
@@ -368,7 +367,7 @@ class Run:
         if steps < 1:
             raise UsageError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is more than the "
                              f"{len(data.train)} training images")
-        rt = runtime_for(cfg, device, ctx.start, ctx)
+        rt = runtime_for(cfg, device, ctx)
         lr = cfg.lr * info.world_size if cfg.scale_lr else cfg.lr
         train_model = wrap_model(ctx.start.model, cfg, rt, info)
         state = build_state(cfg, train_model, rt, steps, lr)

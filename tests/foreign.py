@@ -6,6 +6,7 @@ saved the way users save, and measured by the plain evaluation here ("the user's
 Tests use them to check that our tools work on a model they have never seen.
 """
 
+import ast
 import importlib.util
 import sys
 import textwrap
@@ -51,30 +52,19 @@ import torch.nn.functional as F
 
 '''
 
-# (a) a BatchNorm CNN with global average pooling and a BatchNorm1d head, MNIST normalisation, log_softmax.
-_MNIST_GPU = '''
-class Net(nn.Module):
-    def __init__(self, width=8, hidden=32, dropout=0.25):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(2 * width)
-        self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
-        self.bn3 = nn.BatchNorm2d(4 * width)
-        self.fc1 = nn.Linear(4 * width, hidden)
-        self.bn_fc = nn.BatchNorm1d(hidden)
-        self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, 10)
+# (a) a BatchNorm CNN with global average pooling and a BatchNorm1d head, MNIST normalisation, log_softmax:
+# the class of the user's script of the results (bench/own_model/mnist-gpu.py), so that the tests and the
+# measured row are one network (the tests narrow it through its kwargs).
+OWN_MODEL_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "own_model" / "mnist-gpu.py"
 
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        x = F.relu(self.bn3(self.conv3(x)))
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        x = self.dropout(F.relu(self.bn_fc(self.fc1(x))))
-        return F.log_softmax(self.fc2(x), dim=1)
-'''
+
+def _class_source(path: Path, name: str) -> str:
+    text = path.read_text()
+    node = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == name)
+    return "\n" + ast.get_source_segment(text, node) + "\n"
+
+
+_MNIST_GPU = _class_source(OWN_MODEL_SCRIPT, "Net")
 
 # (b) the pytorch/examples MNIST network, narrowed: no BatchNorm, no constructor arguments.
 _CLASSIC = '''

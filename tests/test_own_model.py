@@ -159,8 +159,9 @@ def test_fine_tuning_under_a_near_chance_normalisation_is_refused(foreign_nets, 
     monkeypatch.setattr(trainer, "compare", lambda model, images, labels, current: {
         current: 0.12, CANDIDATES["MNIST's"]: 0.81})
     net = foreign_nets("a")
-    argv = ["--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}", "--output", tmp_path / "o" / "b.pt",
-            "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--epochs", 1]
+    argv = ["--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}", "--model-kwargs", json.dumps(net.kwargs),
+            "--output", tmp_path / "o" / "b.pt", "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN,
+            "--epochs", 1]
     assert finetune_gpu.main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: this model looks trained with MNIST's normalisation: 81% with --normalize "

@@ -13,7 +13,7 @@ import torch
 
 from fashion_ft import cli, userdef
 from fashion_ft.checkpoint import load_checkpoint
-from fashion_ft.data import DeviceData, load_split, stratified_split
+from fashion_ft.data import DeviceData, load_split, test_halves
 from fashion_ft.engine import Runtime, logit_metrics, predict_logits
 from fashion_ft.system import AmpPolicy
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         test = DeviceData.create(*load_split(args.data_dir, "test"), torch.device("cpu"))
         images, labels = test.images, test.labels
-        held_out, selection = stratified_split(labels, len(labels) // 2, args.split_seed)
+        held_out, selection = test_halves(labels, args.split_seed)
         print(f"| model | held-out half ({len(held_out)}) | selection half ({len(selection)}) | all ({len(labels)}) |")
         print("|---|---:|---:|---:|")
         for path in args.models:
