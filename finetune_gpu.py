@@ -25,6 +25,7 @@ from fashion_ft.config import (
     SCHEDULERS,
     Config,
     check_conflicts,
+    flag_of,
     resolve_defaults,
     resume_differences,
     validate,
@@ -184,7 +185,7 @@ def load_resume(path: str) -> dict:
 
 def check_resume(saved: dict, cfg: Config, explicit: set) -> None:
     """Fixed fields may not change, whether a flag or a preset changes them; others need --override-resume."""
-    fixed = sorted(f"--{name.replace('_', '-')}" for name in RESUME_FIXED_FIELDS
+    fixed = sorted(flag_of(name) for name in RESUME_FIXED_FIELDS
                    if name in saved and saved[name] != getattr(cfg, name))
     if fixed:
         raise UsageError(f"--resume: {', '.join(fixed)} cannot change in a resumed run (a flag or --preset "
@@ -240,7 +241,7 @@ def check_arch(cfg: Config) -> None:
 def origins(explicit: set, preset: str | None):
     """origin(field): who set it, for messages: '--flag', '--flag (set by --preset P)', or 'default'."""
     def origin(name: str) -> str:
-        flag = f"--{name.replace('_', '-')}"
+        flag = flag_of(name)
         if name in explicit:
             return flag
         if preset and name in PRESETS[preset]:

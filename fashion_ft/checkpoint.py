@@ -20,7 +20,6 @@ import warnings
 import zipfile
 from contextlib import suppress
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,8 +27,8 @@ from torch import nn
 
 from . import userdef
 from .data import CLASSES, MEAN, STD, VALIDATION_SOURCES
-from .errors import UserError
-from .model import (  # unwrap lives beside the model; importing it from here keeps working
+from .errors import UserError, first_line
+from .model import (
     ARCHS,
     NUM_CLASSES,
     USER_ARCH,
@@ -132,7 +131,7 @@ def _write_failure(exc: BaseException, path: Path) -> str | None:
     if "No space left on device" in text or _disk_full(path.parent):
         return full
     if "inline_container.cc" in text or "file write failed" in text:
-        return f"cannot write {path}: torch could not write the file ({_first_sentence(exc)})"
+        return f"cannot write {path}: torch could not write the file ({first_line(exc, sentence=True)})"
     return None
 
 
@@ -238,84 +237,100 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_dict(name: str, value) -> None:
-    _require(isinstance(value, dict), name, f"must be a dict, got {_show(value)}")
-    bad = next((k for k in value if not isinstance(k, str)), None)
-    _require(bad is None, name, f"must have text keys, got the key {_show(bad)}")
+def _is_finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
 
 
-def _check_history(value) -> None:
-    _require(isinstance(value, list), "history", f"must be a list of per-epoch dicts, got {_show(value)}")
-    for i, row in enumerate(value):
-        _check_dict(f"history[{i}]", row)
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _check_normalize(value) -> None:
-    _check_dict("normalize", value)
-    mean, std = value.get("mean", MEAN), value.get("std", STD)
-    _require(_is_finite_number(mean), "normalize.mean", f"must be a finite number, got {_show(mean)}")
-    _require(_is_finite_number(std) and std > 0, "normalize.std",
-             f"must be a finite number > 0 (images are divided by it), got {_show(std)}")
+DICT = ("a dict with text keys", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v))
+TEXT = ("text", lambda v: isinstance(v, str))
+TEXT_OR_NONE = ("text or None", lambda v: v is None or isinstance(v, str))
+COUNT = ("a whole number >= 0", lambda v: _is_int(v) and v >= 0)
+WEIGHTS = ("a state_dict (names to tensors)", _is_state_dict)
+BEST = ("a number or None", lambda v: v is None or _is_number(v))  # +-inf or NaN after a diverged epoch
 
-
-def _check_classes(value) -> None:
-    _require(isinstance(value, (list, tuple)), "classes", f"must be a list of class names, got {_show(value)}")
-    for i, name in enumerate(value):
-        _require(isinstance(name, str) and bool(name), f"classes[{i}]", f"must be a class name, got {_show(name)}")
-    _require(len(value) == NUM_CLASSES, "classes", f"names {len(value)} classes, Fashion-MNIST has {NUM_CLASSES}")
-    _require(len(set(value)) == len(value), "classes", "names a class twice")
-
-
-def _check_split(value) -> None:
-    if value is None:  # not recorded
-        return
-    _check_dict("split", value)
-    seed, val_size, fp = value.get("seed"), value.get("val_size"), value.get("fingerprint")
-    _require(_is_int(seed) and 0 <= seed < 2**64, "split.seed", f"must be a whole number in 0..2**64-1, got {_show(seed)}")
-    _require(_is_int(val_size) and val_size >= 1, "split.val_size", f"must be a whole number >= 1, got {_show(val_size)}")
-    # None: a split whose training files were not fingerprinted
-    _require(fp is None or (isinstance(fp, str) and bool(fp)), "split.fingerprint",
-             f"must be the training files' fingerprint (text), got {_show(fp)}")
-    validation = value.get("validation", "train")
-    _require(validation in VALIDATION_SOURCES, "split.validation",
-             f"must be one of {', '.join(VALIDATION_SOURCES)}, got {_show(validation)}")
-
-
-def _check_text(name: str, value) -> None:
-    _require(isinstance(value, str), name, f"must be text, got {_show(value)}")
-
-
-def _check_model_def(value) -> None:
-    _check_dict("model_def", value)
-    for key in ("given", "class"):
-        _check_text(f"model_def.{key}", value.get(key))
-    for key in ("resolved", "sha256"):
-        _require(value.get(key) is None or isinstance(value[key], str), f"model_def.{key}",
-                 f"must be text or None, got {_show(value.get(key))}")
-
-
-# The fields of our format other code reads, each with its check; an absent field takes its default
-# (older files), a present one must be right.
-META_CHECKS = {
-    "normalize": _check_normalize,
-    "classes": _check_classes,
-    "metrics": partial(_check_dict, "metrics"),
-    "config": partial(_check_dict, "config"),
-    "history": _check_history,
-    "split": _check_split,
-    "kind": partial(_check_text, "kind"),
-    "model_def": _check_model_def,
+# The fields of our format that the tools read: key path -> (what it must be, test), checked in this order
+# by one loop ("[]": every item of a list). An absent field keeps its default (older files), except those
+# in REQUIRED, which a present parent must hold.
+FIELDS = {
+    "arch": TEXT_OR_NONE,  # None: inferred from the weights
+    "arch_kwargs": DICT,
+    "normalize": DICT,
+    "normalize.mean": ("a finite number", _is_finite),
+    "normalize.std": ("a finite number > 0 (images are divided by it)", lambda v: _is_finite(v) and v > 0),
+    "classes[]": ("a class name", lambda v: isinstance(v, str) and bool(v)),
+    "classes": (f"a list of {NUM_CLASSES} different class names (Fashion-MNIST's)",
+                lambda v: isinstance(v, (list, tuple)) and len(v) == NUM_CLASSES == len(set(map(repr, v)))),
+    "metrics": DICT,
+    "config": DICT,
+    "history": ("a list of per-epoch dicts", lambda v: isinstance(v, list)),
+    "history[]": DICT,
+    "split": ("a dict, or None when not recorded", lambda v: v is None or DICT[1](v)),
+    "split.seed": ("a whole number in 0..2**64-1", lambda v: _is_int(v) and 0 <= v < 2**64),
+    "split.val_size": ("a whole number >= 1", lambda v: _is_int(v) and v >= 1),
+    "split.fingerprint": ("the training files' fingerprint (text), or None", lambda v: v is None or TEXT[1](v)),
+    "split.validation": (f"one of {', '.join(VALIDATION_SOURCES)}", lambda v: v in VALIDATION_SOURCES),
+    "kind": TEXT,
+    "model_def": DICT,
+    "model_def.given": TEXT,
+    "model_def.class": TEXT,
+    "model_def.resolved": TEXT_OR_NONE,
+    "model_def.sha256": TEXT_OR_NONE,
 }
+# What resuming reads from a last.pt besides; `scaler` is {} for a run without a GradScaler (CPU, bf16), and
+# `selection` (older files: absent) falls back to `early_stopping`.
+RESUME_FIELDS = {
+    "arch": TEXT,
+    "model": WEIGHTS,
+    "optimizer": DICT,
+    "optimizer.state": ("a dict", lambda v: isinstance(v, dict)),
+    "optimizer.param_groups": ("a non-empty list of dicts",
+                               lambda v: isinstance(v, list) and bool(v) and all(isinstance(g, dict) for g in v)),
+    "schedulers": DICT,
+    "schedulers.per_batch": ("a dict", lambda v: isinstance(v, dict)),
+    "schedulers.plateau": ("a dict or None", lambda v: v is None or isinstance(v, dict)),
+    "scaler": DICT,
+    **{f"{name}{key}": rule for name in ("early_stopping", "selection")
+       for key, rule in (("", DICT), (".best", BEST), (".best_epoch", COUNT), (".bad_epochs", COUNT))},
+    "best_model": WEIGHTS,
+    "history[].epoch": ("a whole number", _is_int),
+    "epoch": COUNT,
+    "run_name": TEXT,
+    "ema": ("a state_dict, or None without --ema-decay", lambda v: v is None or _is_state_dict(v)),
+}
+REQUIRED = {"split.seed", "split.val_size", "model_def.given", "model_def.class"}
+RESUME_REQUIRED = REQUIRED | {"arch_kwargs", "normalize", "config", "history"} | {
+    k for k in RESUME_FIELDS if not k.startswith(("selection", "ema", "schedulers.plateau"))}
 
 
-def _check_meta(meta: dict) -> None:
-    for name, check in META_CHECKS.items():
-        if name in meta:
-            check(meta[name])
+def _found(obj, path: list[str], name: str, required: bool):
+    """(key path, value) of each value at `path` below obj; a missing one only when `required`."""
+    if not path:
+        yield name, obj
+        return
+    key, rest = path[0], path[1:]
+    if key == "[]":
+        for i, item in enumerate(obj if isinstance(obj, (list, tuple)) else ()):
+            yield from _found(item, rest, f"{name}[{i}]", required)
+    elif isinstance(obj, dict):
+        child = f"{name}.{key}" if name else key
+        if key in obj:
+            yield from _found(obj[key], rest, child, required)
+        elif required and not rest:
+            raise _BadField(child, "is missing")
+
+
+def _check_fields(meta: dict, fields: dict, required: set) -> None:
+    for path, (what, ok) in fields.items():
+        for name, value in _found(meta, path.replace("[]", ".[]").split("."), "", path in required):
+            _require(ok(value), name, f"must be {what}, got {_show(value)}")
 
 
 def _check_tensors(state_dict: dict, where: str) -> None:
@@ -366,12 +381,8 @@ class LoadedCheckpoint:
     def split(self) -> dict | None:
         """The recorded validation split {seed, val_size, fingerprint}, or None: an older file, a model
         from elsewhere, or a record that is not valid."""
-        value = self.meta.get("split")
-        try:
-            _check_split(value)
-        except _BadField:
-            return None
-        return dict(value) if value is not None else None
+        value = self.meta.get("split")  # checked at load
+        return dict(value) if isinstance(value, dict) else None
 
 
 def _check_readable(path: Path) -> None:
@@ -401,11 +412,6 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-def _first_sentence(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text.split(". ")[0].rstrip(".")
-
-
 def _torch_load(path: Path, trust_pickle: bool, refusal_hint: str) -> tuple[object, bool]:
     """(what the file holds, whether it was unpickled as trusted)."""
     try:
@@ -432,16 +438,12 @@ def _torch_load(path: Path, trust_pickle: bool, refusal_hint: str) -> tuple[obje
             ) from None
     except Exception as exc:  # garbage makes the unpickler fail with any type (KeyError, IndexError, ...)
         raise UserError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {_first_sentence(exc)}"
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {first_line(exc, sentence=True)}"
         ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False), True  # user passed --trust-pickle
     except Exception as exc:
-        raise UserError(f"{path} could not be unpickled even as trusted: {_first_sentence(exc)}") from None
-
-
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+        raise UserError(f"{path} could not be unpickled even as trusted: {first_line(exc, sentence=True)}") from None
 
 
 def strip_prefixes(state_dict: dict) -> dict:
@@ -494,11 +496,9 @@ def _extract(obj) -> _Extracted:
 
 
 def _arch_from_meta(meta: dict) -> tuple[str, dict]:
-    arch, arch_kwargs = meta["arch"], meta.get("arch_kwargs") or {}
-    _require(isinstance(arch, str), "arch", f"must be an arch name, got {_show(arch)}")
+    arch = meta["arch"]
     _require(arch in ARCHS, "arch", f"names an unknown arch {arch!r}; known: {', '.join(sorted(ARCHS))}")
-    _check_dict("arch_kwargs", arch_kwargs)
-    return arch, resolve_arch_kwargs(arch, arch_kwargs)
+    return arch, resolve_arch_kwargs(arch, meta.get("arch_kwargs") or {})
 
 
 def _resolve_arch(found: _Extracted, state_dict: dict) -> tuple[str, dict]:
@@ -557,7 +557,7 @@ def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_
         obj, unpickled = _torch_load(path, trust_pickle, refusal_hint)
         found = _extract(obj)
         _check_tensors(found.state_dict, found.where)
-        _check_meta(found.meta)
+        _check_fields(found.meta, FIELDS, REQUIRED)
         definition = None
         if found.meta.get("model_def") is not None or (model_def is not None and not found.meta.get("arch")):
             definition, arch_kwargs, state_dict = _user_source(found, path, model_def, model_kwargs)
@@ -579,91 +579,6 @@ def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_
 
 # ---------------------------------------------------------------- resuming
 
-def _check_state_dict(name: str, value) -> None:
-    _require(_is_state_dict(value), name, f"must be a state_dict (names to tensors), got {_show(value)}")
-    _check_tensors(value, f"{name}.")
-
-
-def _check_optimizer(value) -> None:
-    _check_dict("optimizer", value)
-    _require(isinstance(value.get("state"), dict), "optimizer.state", f"must be a dict, got {_show(value.get('state'))}")
-    groups = value.get("param_groups")
-    _require(isinstance(groups, list) and bool(groups) and all(isinstance(g, dict) for g in groups),
-             "optimizer.param_groups", f"must be a non-empty list of dicts, got {_show(groups)}")
-
-
-def _check_schedulers(value) -> None:
-    _check_dict("schedulers", value)
-    per_batch, plateau = value.get("per_batch"), value.get("plateau")
-    _require(isinstance(per_batch, dict), "schedulers.per_batch", f"must be a dict, got {_show(per_batch)}")
-    _require(plateau is None or isinstance(plateau, dict), "schedulers.plateau",
-             f"must be a dict or None, got {_show(plateau)}")
-
-
-def _check_stopper(name: str, value) -> None:
-    _check_dict(name, value)
-    best = value.get("best")  # None before the first epoch; +-inf or NaN after a diverged one
-    _require(best is None or (isinstance(best, (int, float)) and not isinstance(best, bool)), f"{name}.best",
-             f"must be a number or None, got {_show(best)}")
-    for key in ("best_epoch", "bad_epochs"):
-        _require(_is_int(value.get(key)) and value[key] >= 0, f"{name}.{key}",
-                 f"must be a whole number >= 0, got {_show(value.get(key))}")
-
-
-def _check_epoch(value) -> None:
-    _require(_is_int(value) and value >= 0, "epoch", f"must be a whole number >= 0, got {_show(value)}")
-
-
-def _check_resume_history(value) -> None:
-    _check_history(value)
-    for i, row in enumerate(value):
-        _require(_is_int(row.get("epoch")), f"history[{i}].epoch", f"must be a whole number, got {_show(row.get('epoch'))}")
-
-
-def _check_ema(value) -> None:
-    if value is not None:  # None: the run kept no moving average
-        _check_state_dict("ema", value)
-
-
-def _check_best_model(value, weights: dict) -> None:
-    _check_state_dict("best_model", value)
-    differ = next((k for k in weights if k not in value or value[k].shape != weights[k].shape), None)
-    extra = next((k for k in value if k not in weights), None)
-    _require(differ is None and extra is None, f"best_model.{differ or extra}",
-             "does not match the same tensor of 'model' (missing, extra or another shape)")
-
-
-# What resuming reads from a last.pt, each with its check. `scaler` is an empty dict for a run without
-# a GradScaler (CPU, bf16); `selection` (older files: absent) falls back to `early_stopping`.
-RESUME_CHECKS = {
-    "arch": partial(_check_text, "arch"),
-    "arch_kwargs": partial(_check_dict, "arch_kwargs"),
-    "normalize": _check_normalize,
-    "model": partial(_check_state_dict, "model"),
-    "optimizer": _check_optimizer,
-    "schedulers": _check_schedulers,
-    "scaler": partial(_check_dict, "scaler"),
-    "early_stopping": partial(_check_stopper, "early_stopping"),
-    "best_model": None,  # checked against 'model' below
-    "history": _check_resume_history,
-    "epoch": _check_epoch,
-    "config": partial(_check_dict, "config"),
-    "run_name": partial(_check_text, "run_name"),
-}
-RESUME_OPTIONAL = {"selection": partial(_check_stopper, "selection"), "ema": _check_ema}
-
-
-def _check_resumable(meta: dict) -> None:
-    for name, check in RESUME_CHECKS.items():
-        _require(name in meta, name, "is missing, and resuming needs it")
-        if check is not None:
-            check(meta[name])
-    _check_best_model(meta["best_model"], meta["model"])
-    for name, check in RESUME_OPTIONAL.items():
-        if name in meta:
-            check(meta[name])
-
-
 def validate_resumable(path, meta: dict) -> None:
     """Check that `meta` (LoadedCheckpoint.meta of `path`) holds everything resuming a run reads; a
     missing or wrong field is one UserError line naming the file and the field."""
@@ -671,7 +586,15 @@ def validate_resumable(path, meta: dict) -> None:
         raise UserError(f"{path} is not a resumable checkpoint (its 'kind' is {_show(meta.get('kind'))}, not "
                         "'last'); resume from the last.pt a run wrote")
     try:
-        _check_resumable(meta)
+        _check_fields(meta, FIELDS | RESUME_FIELDS, RESUME_REQUIRED)
+        for name in ("model", "best_model", "ema"):
+            if meta.get(name) is not None:
+                _check_tensors(meta[name], f"{name}.")
+        model, best = meta["model"], meta["best_model"]
+        odd = min(model.keys() ^ best.keys(), default=None) or next(
+            (k for k in model if model[k].shape != best[k].shape), None)
+        _require(odd is None, f"best_model.{odd}", "does not match the same tensor of 'model' (missing, extra or "
+                 "another shape)")
     except _BadField as exc:
         raise UserError(f"{path}: {exc}; start a new run from its weights with --model-path instead") from None
 

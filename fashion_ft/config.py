@@ -23,35 +23,52 @@ TTA_MODES = ("none", "flip")
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 5e-4}
 
 
+def free(default):
+    """A field that may differ between a run and its --resume without changing the experiment."""
+    return dataclasses.field(default=default, metadata={"resume": "free"})
+
+
+def fixed(default):
+    """A field that defines the data or the optimizer state: a resumed run cannot change it, even with
+    --override-resume. (Unmarked fields change on resume only with --override-resume.)"""
+    return dataclasses.field(default=default, metadata={"resume": "fixed"})
+
+
+def permission(default=False):
+    """A permission holds for the command that gives it: a resumed run never takes it from last.pt, so
+    that one run's --overwrite cannot replace another run's files."""
+    return dataclasses.field(default=default, metadata={"resume": "permission"})
+
+
 @dataclass
 class Config:
     # model
-    model_path: str = "model/mnist_cnn3.pt"
-    from_scratch: bool = False
-    arch: str = "cnn3"
-    arch_kwargs: dict | None = None  # overrides of the arch's registry defaults, e.g. {"blocks": 1}
-    max_params: int = MAX_PARAMETERS
-    model_def: str | None = None  # FILE.py:CLASS or pkg.mod:CLASS, the user's own network class
-    model_kwargs: dict | None = None  # its constructor's keyword arguments
-    normalize: list | None = None  # [mean, std] the model was trained with; None: the file's record, else Fashion-MNIST's
-    trust_pickle: bool = False
+    model_path: str = free("model/mnist_cnn3.pt")
+    from_scratch: bool = fixed(False)
+    arch: str = fixed("cnn3")
+    arch_kwargs: dict | None = fixed(None)  # overrides of the arch's registry defaults, e.g. {"blocks": 1}
+    max_params: int = free(MAX_PARAMETERS)
+    model_def: str | None = free(None)  # FILE.py:CLASS or pkg.mod:CLASS, the user's own network class
+    model_kwargs: dict | None = fixed(None)  # its constructor's keyword arguments
+    normalize: list | None = fixed(None)  # [mean, std] the model was trained with; None: the file's record, else Fashion-MNIST's
+    trust_pickle: bool = permission()
     # data
-    data_dir: str | None = None
-    download: bool = False
-    val_size: int | None = None  # None: the input checkpoint's split, else data.DEFAULT_SPLIT
-    split_seed: int | None = None  # None: the input checkpoint's split, else data.DEFAULT_SPLIT
-    val_from: str | None = None  # data.VALIDATION_SOURCES; None: the input checkpoint's, else as data.choose_split says
+    data_dir: str | None = free(None)
+    download: bool = permission()
+    val_size: int | None = fixed(None)  # None: the input checkpoint's split, else data.DEFAULT_SPLIT
+    split_seed: int | None = fixed(None)  # None: the input checkpoint's split, else data.DEFAULT_SPLIT
+    val_from: str | None = fixed(None)  # data.VALIDATION_SOURCES; None: the input checkpoint's, else as data.choose_split says
     limit_train: int | None = None
     augment: str = "light"
     # optimisation
     preset: str | None = None
     batch_size: int = 256
-    eval_batch_size: int | None = None  # None: system.default_eval_batch_size of the device
+    eval_batch_size: int | None = free(None)  # None: system.default_eval_batch_size of the device
     lr: float = 0.001
-    optimizer: str = "adamw"
+    optimizer: str = fixed("adamw")
     momentum: float = 0.9
     weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY of the optimizer
-    epochs: int = 30
+    epochs: int = free(30)
     scheduler: str = "cosine"
     warmup_epochs: float | None = None  # None: FINETUNE_WARMUP_EPOCHS when fine-tuning, else 0 (resolve_defaults)
     min_lr: float = 1e-6
@@ -64,9 +81,9 @@ class Config:
     tta: str = "none"  # "flip": validation and test predictions average each image and its mirror image
     max_grad_norm: float | None = None
     ema_decay: float = 0.0  # 0: off; else validate, select and save an exponential moving average of the weights
-    freeze_conv: bool = False
-    freeze_bn: bool = False
-    trainable: str | None = None  # comma-separated module-name patterns: train only these layers
+    freeze_conv: bool = fixed(False)
+    freeze_bn: bool = fixed(False)
+    trainable: str | None = fixed(None)  # comma-separated module-name patterns: train only these layers
     # selection and stopping
     select: str = "val_acc"  # the validation metric that picks the best model
     monitor: str = "val_loss"  # early stopping and plateau: "validation loss did not improve for 15 epochs"
@@ -74,23 +91,23 @@ class Config:
     min_delta: float = 0.0
     seed: int = 42  # shuffling, augmentation, dropout and --from-scratch weights; not the split
     # output
-    output: str = "result/mnist_cnn_finetuned.pt"
-    overwrite: bool = False
-    resume: str | None = None
-    override_resume: bool = False
-    logdir: str = "logs_finetune"
-    run_name: str | None = None
+    output: str = free("result/mnist_cnn_finetuned.pt")
+    overwrite: bool = permission()
+    resume: str | None = free(None)
+    override_resume: bool = permission()
+    logdir: str = free("logs_finetune")
+    run_name: str | None = free(None)
     # hardware
-    device: str = "auto"
+    device: str = free("auto")
     amp: str = "auto"
     channels_last: bool = True
-    compile: bool = False
-    deterministic: bool = False
+    compile: bool = free(False)
+    deterministic: bool = free(False)
     sync_bn: bool = False
     scale_lr: bool = False
     # console
-    quiet: bool = False
-    debug: bool = False
+    quiet: bool = free(False)
+    debug: bool = free(False)
 
     @property
     def trainable_patterns(self) -> list[str] | None:
@@ -131,21 +148,11 @@ PRESETS = {
                       "augment": "strong", "label_smoothing": 0.1, "epochs": 15, "monitor": "val_acc"},
 }
 
-# Permissions hold for the command that gives them: a resumed run never takes them from last.pt, so that
-# one run's --overwrite cannot replace another run's files.
-PERMISSIONS = {"overwrite", "override_resume", "trust_pickle", "download"}
-
-# Fields that may differ between a run and its --resume without being a change of the experiment.
-RESUME_FREE_FIELDS = PERMISSIONS | {
-    "epochs", "resume", "quiet", "debug", "device", "compile", "logdir", "run_name", "output", "data_dir",
-    "eval_batch_size", "model_path", "deterministic", "max_params", "model_def",
-}
-
-
-# Fields that define the data or the optimizer state itself: a resumed run cannot change them, even with override.
-RESUME_FIXED_FIELDS = {"optimizer", "freeze_conv", "freeze_bn", "trainable", "arch", "arch_kwargs", "from_scratch", "val_size",
-                       "model_kwargs", "normalize",
-                       "split_seed", "val_from"}
+# The rule of each field on --resume, read from its metadata (see free, fixed, permission).
+RESUME_RULES = {f.name: f.metadata.get("resume", "override") for f in dataclasses.fields(Config)}
+PERMISSIONS = {name for name, rule in RESUME_RULES.items() if rule == "permission"}
+RESUME_FREE_FIELDS = {name for name, rule in RESUME_RULES.items() if rule in ("free", "permission")}
+RESUME_FIXED_FIELDS = {name for name, rule in RESUME_RULES.items() if rule == "fixed"}
 
 
 def resume_differences(saved: dict, current: "Config", explicit: set) -> list[str]:
@@ -154,7 +161,7 @@ def resume_differences(saved: dict, current: "Config", explicit: set) -> list[st
     for name in sorted(explicit - RESUME_FREE_FIELDS):
         old, new = saved.get(name), getattr(current, name)
         if old != new:
-            diffs.append(f"--{name.replace('_', '-')} {old} -> {new}")
+            diffs.append(f"{flag_of(name)} {old} -> {new}")
     return diffs
 
 
@@ -190,17 +197,18 @@ def _check_types(cfg: Config) -> None:
     for name, hint in typing.get_type_hints(Config).items():
         value, allowed = getattr(cfg, name), typing.get_args(hint) or (hint,)
         allowed = tuple(t for t in allowed if isinstance(t, type)) + ((int,) if float in allowed else ())
-        _require(isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)), _flag(name),
+        _require(isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)), flag_of(name),
                  f"must be {' or '.join(t.__name__ for t in allowed if t is not type(None))}, got {value!r}")
         if isinstance(value, float):
-            _require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, _flag(name),
+            _require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, flag_of(name),
                      f"must be a finite number (at most {FLOAT32_MAX:.1e}), got {value}")
     for name, values in choices().items():
-        _require(getattr(cfg, name) in values, _flag(name), f"must be one of {', '.join(map(str, values))}, "
+        _require(getattr(cfg, name) in values, flag_of(name), f"must be one of {', '.join(map(str, values))}, "
                  f"got {getattr(cfg, name)!r}")
 
 
-def _flag(name: str) -> str:
+def flag_of(name: str) -> str:
+    """The command-line flag of a Config field."""
     return f"--{name.replace('_', '-')}"
 
 

@@ -152,11 +152,6 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     broadcast_tensors(list(module.buffers()), src)
 
 
-def broadcast_module(module: nn.Module, src: int = 0) -> None:
-    """Parameters and buffers: a module that DDP does not keep in step (a copy made on one rank)."""
-    broadcast_tensors([*module.parameters(), *module.buffers()], src)
-
-
 def is_peer_failure(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) is torch.distributed reporting that another rank went away:
     DistError and its subclasses (DistBackendError, DistNetworkError, DistStoreError), or the plain

@@ -1,9 +1,12 @@
 """Errors the command-line scripts turn into one line on stderr and an exit code."""
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message: what a one-line report can quote of it."""
-    return (str(exc).strip().splitlines() or [""])[0]
+def first_line(exc: BaseException, sentence: bool = False) -> str:
+    """The first line of an exception's message: what a one-line report can quote of it. `sentence`: only
+    its first sentence, or the exception's type when it has no message (torch's C++ writer, gloo and NCCL
+    append paragraphs of context and advice)."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__ if sentence else ""])[0]
+    return line.split(". ")[0].rstrip(".") if sentence else line
 
 
 class UserError(Exception):

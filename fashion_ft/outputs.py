@@ -19,6 +19,7 @@ import fcntl
 import itertools
 import os
 import shutil
+import tempfile
 import unicodedata
 import warnings
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from pathlib import Path
 from .errors import UsageError, UserError
 
 LOCK_NAME = ".lock"
+NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # what flock raises where a file system has none
 LOGDIR_MIN_FREE_BYTES = 1 << 20  # TensorBoard's event files of one run are far smaller than this
 ROLES = {"best": "the best model", "last": "last.pt", "metrics": "metrics.json", "lock": "the lock file",
          "plain": "the best model as a plain state_dict"}
@@ -111,24 +113,19 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def is_pseudo_fs(path: Path) -> bool:
-    """/proc, /sys, devpts and the like report a total size of 0: they cannot hold our files."""
-    return shutil.disk_usage(path).total == 0
-
-
 def check_writable_folder(folder: Path, flag: str) -> Path:
-    """`folder` exists or can be created, on a real file system, by us; returns its existing ancestor."""
+    """`folder` exists or can be created, by us: one probe, a nameless temporary file in its nearest
+    existing ancestor, which leaves nothing behind. Returns that ancestor."""
     resolve_path(folder, flag)  # a loop would otherwise read as "is a file", its link being the ancestor
     ancestor = existing_ancestor(folder)
     if not ancestor.is_dir():
         raise UsageError(f"{flag}: cannot create the folder {folder}: {ancestor} is a file, not a folder")
-    if is_pseudo_fs(ancestor):
-        raise UserError(f"{flag}: {ancestor} is on a pseudo file system (like /proc or /sys) that cannot hold "
-                        "files; cannot write there, choose a folder on a disk")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        read_only = os.statvfs(ancestor).f_flag & os.ST_RDONLY
-        cause = "the file system is read-only" if read_only else "permission denied"
-        raise UserError(f"{flag}: cannot write in {ancestor}: {cause}")
+    try:
+        tempfile.TemporaryFile(dir=ancestor).close()
+    except OSError as exc:  # /proc and /sys answer ENOENT or EACCES, which would mislead
+        pseudo = shutil.disk_usage(ancestor).total == 0
+        cause = "a pseudo file system (like /proc or /sys) that cannot hold files" if pseudo else exc.strerror
+        raise UserError(f"{flag}: cannot write in {ancestor}: {cause}; choose another folder") from None
     return ancestor
 
 
@@ -195,15 +192,10 @@ def existing_message(path: Path, resume: Path | None) -> str:
 
 
 def check_disk_space(folder: Path, needed_bytes: int, flag: str = "--output") -> None:
-    """At least `needed_bytes` free where `folder` is or will be created."""
-    resolve_path(folder, flag)  # disk_usage would raise a bare ELOOP
-    ancestor = existing_ancestor(folder)
-    usage = shutil.disk_usage(ancestor)
-    if usage.total == 0:
-        raise UserError(f"{flag}: {folder} is on a pseudo file system (like /proc or /sys) that cannot hold "
-                        "files; cannot write there, choose a folder on a disk")
-    if usage.free < needed_bytes:
-        raise UserError(f"{flag}: only {usage.free / 2**20:.1f} MiB free in {folder}; the run needs about "
+    """At least `needed_bytes` free where `folder` is or will be created (checked after the probe)."""
+    free = shutil.disk_usage(existing_ancestor(folder)).free
+    if free < needed_bytes:
+        raise UserError(f"{flag}: only {free / 2**20:.1f} MiB free in {folder}; the run needs about "
                         f"{needed_bytes / 2**20:.0f} MiB")
 
 
@@ -234,10 +226,8 @@ def check_logdir(logdir: str, run_name: str | None, *, resume: bool = False) -> 
     if root.exists() and not root.is_dir():
         raise UsageError(f"--logdir {logdir} is a file; TensorBoard needs a folder")
     run = Path(logdir) if run_name is None else run_folder(Path(logdir), root, run_name, resume)
-    ancestor = check_writable_folder(run, "--logdir")
-    free = shutil.disk_usage(ancestor).free
-    if free < LOGDIR_MIN_FREE_BYTES:
-        raise UserError(f"--logdir {logdir}: no space left on the device (only {free / 2**20:.2f} MiB free)")
+    check_writable_folder(run, "--logdir")
+    check_disk_space(run, LOGDIR_MIN_FREE_BYTES, "--logdir")
     return run
 
 
@@ -277,44 +267,6 @@ def taken(folder: Path) -> bool:
 
 # ---------------------------------------------------------------- the lock
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
-
-
-def read_pid(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 64, 0).decode().strip())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def try_flock(fd: int) -> bool | None:
-    """True: we hold it now; False: another open file holds it; None: the file system has no flock."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            return None
-        raise
-    return True
-
-
-def same_inode(fd: int, path: Path) -> bool:
-    try:
-        a, b = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
 def make_folders(folder: Path) -> list[Path]:
     """mkdir -p that returns, top-down, the folders it made itself (not those another process made)."""
     folder = Path(folder).absolute()
@@ -352,97 +304,90 @@ def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
 
 
 class RunLock:
-    """`with RunLock(files.lock): ...` holds an output folder for one live run.
+    """`with RunLock(files.lock, clean=files.names()): ...` holds an output folder for one live run.
 
-    The lock file holds the holder's pid, and the holder keeps an exclusive flock on it, which the
-    kernel drops when the process dies however it dies. A second run is refused (UserError naming
-    the folder and the pid) while the flock is held or the recorded pid is a live process other than
-    ours; a lock left by a dead process is taken over with a warning. (Should an unrelated process
-    reuse a dead holder's pid, the folder stays refused while it lives; the message names the file to
-    delete.) The lock is removed at exit, also on exceptions. Taking it is the run's first write: it
-    creates the output folder if needed, and the folders it created go again at exit while empty (a run
-    that failed before its first save leaves nothing). Once held, it removes the temporaries that a
-    killed run left of the files named in `clean` (RunFiles.names()). Under torchrun only rank 0 takes it.
+    The holder keeps an exclusive flock on the lock file, which the kernel drops when the process dies
+    however it dies, so a killed run's lock is simply taken again. The file holds the holder's pid, for
+    the message that refuses a second run. On a file system without flock, creating the file (O_EXCL) is
+    the lock, with a warning: a killed run's file must then be deleted by hand. Taking the lock is the
+    run's first write: it creates the output folder, and the folders it created go again at exit while
+    empty (a run that failed before its first save leaves nothing). Once held, it removes the temporaries
+    that a killed run left of the files named in `clean`. Under torchrun only rank 0 takes it.
     """
 
     def __init__(self, path: Path, flag: str = "--output", clean: Iterable[str] = ()):
-        self.path = Path(path)
-        self.flag = flag
-        self.clean = tuple(clean)
+        self.path, self.flag, self.clean = Path(path), flag, tuple(clean)
         self._fd: int | None = None
         self._created: list[Path] = []
 
     def __enter__(self) -> "RunLock":
         resolve_path(self.path, self.flag)  # a symlink loop is reported as everywhere else
         try:
-            return self._take()
+            for _ in range(5):  # an ending run may remove the file, or its empty folder, between our steps
+                self._created += make_folders(self.path.parent)
+                self._fd = self._take()
+                if self._fd is not None:
+                    remove_stale_temporaries(self.path.parent, self.clean)
+                    return self
+            raise UserError(f"{self.flag}: cannot take the lock {self.path}: other runs keep replacing it")
         except BaseException as exc:
             self.__exit__()
             if isinstance(exc, OSError):
-                raise UserError(f"{self.flag}: cannot take the lock {self.path}: {exc.strerror or exc}") from None
+                cause = "it is a symlink, which the lock never follows; delete it" if exc.errno == errno.ELOOP \
+                    else exc.strerror or exc
+                raise UserError(f"{self.flag}: cannot take the lock {self.path}: {cause}") from None
             raise
 
-    def _take(self) -> "RunLock":
-        for _ in range(5):  # another run may remove or replace the file, or the folder, between our steps
-            self._created += make_folders(self.path.parent)
-            self._fd = self._acquire()
-            if self._fd is not None:
-                remove_stale_temporaries(self.path.parent, self.clean)
-                return self
-        raise UserError(f"{self.flag}: cannot take the lock {self.path}: other runs keep replacing it")
+    def _take(self) -> int | None:
+        """Our descriptor holding the lock; None to try again; a UserError while another run holds it."""
+        try:
+            fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW), False  # never write through a link
+            except FileNotFoundError:  # its holder just removed it
+                return None
+        except FileNotFoundError:  # an ending run removed the empty folder it had made
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if created and exc.errno in NO_FLOCK:  # then the O_EXCL creation is the lock
+                warnings.warn(f"{self.flag}: {self.path.parent} has no flock; should this run be killed, "
+                              f"delete {self.path} before the next one", stacklevel=3)
+            else:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if not isinstance(exc, BlockingIOError) and exc.errno not in NO_FLOCK:
+                    raise
+                raise UserError(self.held_message(pid if pid.isdigit() else None)) from None
+        if not same_inode(fd, self.path):  # its holder removed it after we opened it
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def __exit__(self, *_exc) -> bool:
         if self._fd is not None:
-            try:
+            with suppress(OSError):  # the folder may have gone: nothing left to release but the descriptor
                 if same_inode(self._fd, self.path):
                     os.unlink(self.path)
-            except OSError:
-                pass  # the folder went away: nothing left to release but the descriptor
             os.close(self._fd)
             self._fd = None
         remove_empty(self._created)
         self._created = []
         return False
 
-    def _acquire(self) -> int | None:
-        """Our descriptor holding the lock, None to retry, or a UserError while a live run holds it."""
-        try:
-            fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
-        except FileNotFoundError:  # an ending run removed the empty folder it had made
-            return None
-        except FileExistsError:
-            try:
-                fd, created = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW), False  # never write through a link
-            except FileNotFoundError:  # its holder just removed it
-                return None
-            except OSError as exc:
-                if exc.errno != errno.ELOOP:
-                    raise
-                raise UserError(f"{self.flag}: cannot take the lock {self.path}: it is a symlink, which the "
-                                f"lock never follows; delete it") from None
-        try:
-            return self._claim(fd, created)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def _claim(self, fd: int, created: bool) -> int | None:
-        locked = try_flock(fd)
-        pid = None if created else read_pid(fd)
-        if locked is False or (pid is not None and pid != os.getpid() and pid_alive(pid)):
-            raise UserError(self.held_message(pid if pid is not None else read_pid(fd)))
-        if not same_inode(fd, self.path):  # removed or replaced after we opened it
-            os.close(fd)
-            return None
-        if not created:
-            who = f"pid {pid}" if pid is not None else "a run that recorded no pid"
-            warnings.warn(f"{self.flag}: took over the stale lock {self.path} left by {who}, "
-                          "which is no longer running", stacklevel=4)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
-
-    def held_message(self, pid: int | None) -> str:
-        who = f"pid {pid}" if pid is not None else "another process"
+    def held_message(self, pid: str | None) -> str:
+        who = f"pid {pid}" if pid else "another process"
         return (f"{self.flag} folder {self.path.parent} is in use by a running fine-tuning run ({who}); wait "
                 f"for it to end or choose another {self.flag} (if no run uses it, delete {self.path})")
+
+
+def same_inode(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

@@ -2,14 +2,13 @@
 
 import copy
 import hashlib
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors
+from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors, strict_json
 from .config import Config
 from .data import FILES, DeviceData, find_data_dir, load_split, make_batch, test_halves
 from .engine import (
@@ -81,24 +80,9 @@ class Report:
         return bool(self.checks) and all(c.ok for c in self.checks)
 
     def to_dict(self) -> dict:
-        """The report for strict JSON: no NaN or Infinity (see finite_or_null)."""
-        checks = [{**asdict(c), "data": finite_or_null(c.data)} for c in self.checks]
+        """The report for strict JSON: no NaN or Infinity (see checkpoint.strict_json)."""
+        checks = [{**asdict(c), "data": strict_json(c.data)} for c in self.checks]
         return {"passed": self.passed, "checks": checks}
-
-
-def finite_or_null(data: dict) -> dict:
-    """A copy with every NaN/Inf number replaced by None, and `nonfinite` saying what each one was:
-    strict JSON has no NaN or Infinity, and a reader must not take a missing value for a measured one."""
-    out, nonfinite = {}, {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            value = finite_or_null(value)
-        elif isinstance(value, float) and not math.isfinite(value):
-            nonfinite[key], value = str(value), None
-        out[key] = value
-    if nonfinite:
-        out["nonfinite"] = nonfinite
-    return out
 
 
 # ---------------------------------------------------------------- the checks

@@ -62,7 +62,7 @@ from .engine import (
     set_train_mode,
     train_one_epoch,
 )
-from .errors import DivergenceError, Interrupted, UsageError, UserError
+from .errors import DivergenceError, Interrupted, UsageError, UserError, first_line
 from .model import build_model, build_source, resolve_arch_kwargs, unwrap
 from .normalization import compare, suggestion
 from .outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files, resumes_in_place
@@ -584,14 +584,9 @@ def reported(exc: BaseException, signals: SignalGuard, files: RunFiles, started:
     if isinstance(exc, UserError):  # a full disk while saving, say: what was saved before can go on
         return exc if not started or isinstance(exc, UsageError) else UserError(f"{exc}; {resume_hint(files)}")
     if isinstance(exc, Exception) and dist.is_peer_failure(exc):
-        return UserError(f"another process of the run failed ({first_line(exc)}); {resume_hint(files)}")
+        return UserError(f"another process of the run failed ({first_line(exc, sentence=True)}); "
+                         f"{resume_hint(files)}")
     return exc
-
-
-def first_line(exc: BaseException) -> str:
-    """The first sentence: gloo and NCCL append paragraphs of advice to their messages."""
-    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return line.split(". ")[0].rstrip(".")
 
 
 def kept_hint(files: RunFiles) -> str:

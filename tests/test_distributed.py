@@ -29,6 +29,11 @@ from fashion_ft.errors import DivergenceError, UserError
 from fashion_ft.model import build_model
 from fashion_ft.system import AmpPolicy
 
+
+def broadcast_module(module, src: int = 0) -> None:
+    """Parameters and buffers: a module that DDP does not keep in step (a copy made on one rank)."""
+    dist.broadcast_tensors([*module.parameters(), *module.buffers()], src)
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # No dropout, no augmentation, BatchNorm frozen: each image's loss does not depend on how the batch is
 # split across processes, so two processes of 32 compute what one process of 64 computes.
@@ -132,7 +137,7 @@ def test_single_process_helpers_are_no_ops():
     model = build_model("cnn3", {"channels": [4, 8, 8], "hidden": 16})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dist.broadcast_buffers(model)
-    dist.broadcast_module(model)
+    broadcast_module(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -170,7 +175,7 @@ def broadcast_scenario(rank: int) -> dict:
     ema = ModelEma(model, 0.9)
     weight_before = model.features[0].weight.detach().clone()
     dist.broadcast_buffers(model)
-    dist.broadcast_module(ema.module)
+    broadcast_module(ema.module)
     bn = model.features[1]
     return {"running_mean": bn.running_mean.tolist(), "tracked": int(bn.num_batches_tracked),
             "weight_kept": torch.equal(model.features[0].weight, weight_before),

@@ -383,8 +383,8 @@ def test_report_json_is_strict():
     report.run("quick eval", lambda: ("nan", {"loss": float("inf"), "accuracy": float("nan"), "images": 3,
                                              "per_class": {"Bag": float("-inf"), "Shirt": 0.5}}, None))
     data = strict_json(json.dumps(report.to_dict(), allow_nan=False))["checks"][0]["data"]
-    assert data == {"loss": None, "accuracy": None, "images": 3, "nonfinite": {"loss": "inf", "accuracy": "nan"},
-                    "per_class": {"Bag": None, "Shirt": 0.5, "nonfinite": {"Bag": "-inf"}}}
+    assert data == {"loss": None, "accuracy": None, "images": 3, "per_class": {"Bag": None, "Shirt": 0.5},
+                    "nonfinite": {"loss": "was Infinity", "accuracy": "was NaN", "per_class.Bag": "was -Infinity"}}
 
 
 # ---------------------------------------------------------------- the GPU and the training step
