@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --ci
 PY=$(bash scripts/setup.sh --print-python)
 "$PY" -m ruff check .
-"$PY" -m pytest -q -n auto --maxprocesses 8 "$@"
+"$PY" -m pytest -q -n auto --maxprocesses 8 --dist worksteal "$@"

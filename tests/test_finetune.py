@@ -233,14 +233,6 @@ def test_scale_lr_multiplies_by_the_number_of_processes(tmp_path, small_data_dir
     assert load(out / "last.pt")["history"][1]["lr"] == pytest.approx(0.002)
 
 
-def test_compile_runs_and_reports_its_warmup(tmp_path, small_data_dir, trained_checkpoint):
-    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 2, "--limit-train", 256,
-                           "--compile")
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert "compile_warmup_s" in metrics and metrics["finished"] is True
-
-
 def test_a_training_set_of_one_class_is_warned_about(tmp_path, small_data_dir, trained_checkpoint):
     from conftest import read_split, write_split
 

@@ -71,7 +71,8 @@ def test_compile(foreign_nets, small_data_dir, tmp_path, capsys):
     net, out = foreign_nets("a"), tmp_path / "run"
     assert main(own(net, out, "--compile", "--epochs", 2) + common(small_data_dir, tmp_path)) == 0, \
         capsys.readouterr().err
-    assert "compile_warmup_s" in json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "compile_warmup_s" in metrics and metrics["finished"] is True
     model = net.load_class()(**net.kwargs)
     model.load_state_dict(load(out / "best.state_dict.pt"))  # no _orig_mod. prefix left by torch.compile
 
