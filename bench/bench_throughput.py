@@ -51,17 +51,9 @@ from fashion_ft.data import (
     read_split,
     write_idx,
 )
-from fashion_ft.engine import (
-    Runtime,
-    TrainData,
-    TrainStep,
-    build_optimizer,
-    build_schedulers,
-    choose_memory_format,
-    evaluate,
-    train_one_epoch,
-)
+from fashion_ft.engine import Runtime, TrainData, TrainStep, choose_memory_format, evaluate, train_one_epoch
 from fashion_ft.model import ARCHS, INPUT_SHAPE, build_source, count_parameters, resolve_arch_kwargs
+from fashion_ft.optim import build_optimizer, build_schedulers
 from fashion_ft.system import (
     AMP_MODES,
     available_cpus,

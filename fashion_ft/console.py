@@ -62,7 +62,7 @@ def epoch_line(row: dict, is_best: bool) -> str:
 
 def setup_lines(cfg, rt, lr: float, model: torch.nn.Module) -> list[str]:
     """The resolved configuration, as the run will use it."""
-    from .engine import trainable_summary
+    from .freezing import trainable_summary
     from .model import count_parameters
 
     total, trainable = count_parameters(model)

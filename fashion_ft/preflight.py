@@ -11,18 +11,11 @@ import torch
 from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors, strict_json
 from .config import Config
 from .data import FILES, DeviceData, find_data_dir, load_split, make_batch, test_halves
-from .engine import (
-    Runtime,
-    TrainStep,
-    build_optimizer,
-    build_schedulers,
-    choose_memory_format,
-    logit_metrics,
-    predict_logits,
-)
+from .engine import Runtime, TrainStep, choose_memory_format, logit_metrics, predict_logits
 from .errors import UserError, first_line
 from .model import count_parameters
 from .normalization import SAMPLE_IMAGES, compare, suggestion
+from .optim import build_optimizer, build_schedulers
 from .outputs import resolve_path
 from .system import (
     broken_cuda_reason,

@@ -46,25 +46,22 @@ from .data import (
     split_sets,
 )
 from .engine import (
-    EarlyStopping,
     Runtime,
     TrainData,
     TrainStep,
-    apply_freezing,
-    build_optimizer,
-    build_schedulers,
     choose_memory_format,
     evaluate,
     logit_metrics,
     make_ema,
     predict_logits,
     restore_optimization,
-    set_train_mode,
     train_one_epoch,
 )
 from .errors import DivergenceError, Interrupted, UsageError, UserError, first_line
+from .freezing import apply_freezing, set_train_mode
 from .model import build_model, build_source, resolve_arch_kwargs, unwrap
 from .normalization import compare, suggestion
+from .optim import BestTracker, build_optimizer, build_schedulers
 from .outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files, resumes_in_place
 from .signals import SignalGuard
 from .system import (
@@ -128,8 +125,8 @@ class RunState:
     """Everything the epoch loop changes, and everything last.pt must restore."""
 
     step: TrainStep
-    stopper: EarlyStopping  # --monitor: when to stop
-    selector: EarlyStopping  # --select: which epoch is the best model
+    stopper: BestTracker  # --monitor: when to stop
+    selector: BestTracker  # --select: which epoch is the best model
     best_state: dict
     history: list = field(default_factory=list)
     epoch: int = 0
@@ -272,8 +269,8 @@ def build_state(cfg: Config, model: nn.Module, rt: Runtime, steps_per_epoch: int
         label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm,
         ema=make_ema(unwrap(model), cfg.ema_decay), ema_source=unwrap(model),
     )
-    return RunState(step=step, stopper=EarlyStopping(cfg.monitor, cfg.patience, cfg.min_delta),
-                    selector=EarlyStopping(cfg.select, patience=0),
+    return RunState(step=step, stopper=BestTracker(cfg.monitor, cfg.patience, cfg.min_delta),
+                    selector=BestTracker(cfg.select, patience=0),
                     best_state=copy.deepcopy(unwrap(model).state_dict()),
                     run_name=cfg.run_name or default_run_name(cfg))
 

@@ -24,9 +24,10 @@ from conftest import REPO, run_script
 from fashion_ft import distributed as dist
 from fashion_ft.config import Config
 from fashion_ft.data import DeviceData
-from fashion_ft.engine import ModelEma, Runtime, TrainData, lr_multiplier, train_one_epoch
+from fashion_ft.engine import ModelEma, Runtime, TrainData, train_one_epoch
 from fashion_ft.errors import DivergenceError, UserError
 from fashion_ft.model import build_model
+from fashion_ft.optim import lr_multiplier
 from fashion_ft.system import AmpPolicy
 
 

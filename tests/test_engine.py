@@ -8,27 +8,21 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from fashion_ft import engine
+from fashion_ft import engine, optim
 from fashion_ft.config import Config
 from fashion_ft.data import AugmentConfig, affine_grid, augment, make_batch
-from fashion_ft.engine import (
-    EarlyStopping,
-    ModelEma,
-    Runtime,
-    TrainStep,
-    apply_freezing,
+from fashion_ft.engine import ModelEma, Runtime, TrainStep, make_ema, predict_logits, rank_shard, restore_optimization
+from fashion_ft.errors import UserError
+from fashion_ft.freezing import apply_freezing
+from fashion_ft.model import build_model
+from fashion_ft.optim import (
+    BestTracker,
     build_optimizer,
     build_schedulers,
     fused_adamw_supported,
     load_optimizer_state,
     lr_multiplier,
-    make_ema,
-    predict_logits,
-    rank_shard,
-    restore_optimization,
 )
-from fashion_ft.errors import DivergenceError, UserError
-from fashion_ft.model import build_model
 from fashion_ft.system import AmpPolicy
 
 
@@ -62,7 +56,7 @@ def test_nothing_to_train_is_an_error():
     ("val_loss", [1.0, 0.9, 0.95, 0.91], 4),
 ])
 def test_early_stopping_counts_epochs_without_improvement(monitor, values, stop_after):
-    stopper = EarlyStopping(monitor, patience=2)
+    stopper = BestTracker(monitor, patience=2)
     stopped_at = None
     for epoch, value in enumerate(values, 1):
         stopper.update(value, epoch)
@@ -74,7 +68,7 @@ def test_early_stopping_counts_epochs_without_improvement(monitor, values, stop_
 
 
 def test_min_delta_requires_a_real_improvement():
-    stopper = EarlyStopping("val_acc", patience=5, min_delta=0.01)
+    stopper = BestTracker("val_acc", patience=5, min_delta=0.01)
     assert stopper.update(0.80, 1) and not stopper.update(0.805, 2) and stopper.update(0.82, 3)
 
 
@@ -260,7 +254,7 @@ def test_adamw_is_fused_only_when_every_parameter_is_a_float_on_cuda():
 def test_build_optimizer_asks_for_fused_adamw_only_when_supported(monkeypatch):
     optimizer = build_optimizer(tiny_model(), Config(), 1e-3)  # on the CPU: torch's default, as before
     assert not any(g["fused"] for g in optimizer.param_groups)
-    monkeypatch.setattr(engine, "fused_adamw_supported", lambda params: True)  # as on a CUDA device
+    monkeypatch.setattr(optim, "fused_adamw_supported", lambda params: True)  # as on a CUDA device
     optimizer = build_optimizer(tiny_model(), Config(), 1e-3)
     assert all(g["fused"] for g in optimizer.param_groups)
 
@@ -403,10 +397,6 @@ def test_resume_restores_the_ema():
     resumed.ema = make_ema(resumed.model, 0.9)
     restore_optimization(resumed, {**saved(old), "ema": old.ema.state_dict()}, cfg, 0.01, 1)
     assert resumed.ema.updates == 1
-
-
-def test_divergence_error_is_still_importable_from_engine():
-    assert engine.DivergenceError is DivergenceError
 
 
 LR_CURVES = {  # scheduler -> (its settings, the LR each of 4 epochs starts with at lr 1e-3)

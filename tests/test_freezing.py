@@ -9,19 +9,11 @@ from foreign import SPECS, import_class, write_script
 from torch import nn
 
 from fashion_ft.config import Config
-from fashion_ft.engine import (
-    Runtime,
-    TrainStep,
-    apply_freezing,
-    build_optimizer,
-    build_schedulers,
-    frozen_modules,
-    head_parameters,
-    set_train_mode,
-    trainable_summary,
-)
+from fashion_ft.engine import Runtime, TrainStep
 from fashion_ft.errors import UserError
+from fashion_ft.freezing import apply_freezing, frozen_modules, head_parameters, set_train_mode, trainable_summary
 from fashion_ft.model import build_model
+from fashion_ft.optim import build_optimizer, build_schedulers
 from fashion_ft.system import AmpPolicy
 
 TINY_RESNET = {"widths": [8, 8, 16], "blocks": 1}

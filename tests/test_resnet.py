@@ -9,8 +9,8 @@ from conftest import SMALL_RUN, run_script
 
 from bench.bench_throughput import flops_per_image
 from fashion_ft.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from fashion_ft.engine import apply_freezing, set_train_mode
 from fashion_ft.errors import UserError
+from fashion_ft.freezing import apply_freezing, set_train_mode
 from fashion_ft.model import ARCHS, ResNet, build_model, count_parameters, infer_arch
 
 TINY = {"widths": [8, 8, 16], "blocks": 1, "num_classes": 10}  # 4 channels crash channels_last backward (torch 2.14.1, CPU)
