@@ -25,6 +25,22 @@ def pytest_configure(config):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# The tiny networks of the unit tests: fast to build and train, real in every other way. A ResNet's first stage
+# is 8 wide: from 4 channels, torch 2.14.1's channels_last backward of the 1x1 stride-2 shortcut crashes on CPU.
+TINY = {"channels": [4, 8, 8], "hidden": 16}
+TINY_RESNET = {"widths": [8, 8, 16], "blocks": 1, "num_classes": 10}
+
+
+def tiny_model(arch: str = "cnn3", **kwargs):
+    """A tiny network with seeded weights, in eval mode (`kwargs` override its TINY widths)."""
+    import torch
+
+    from fashion_ft.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(arch, {**(TINY if arch == "cnn3" else TINY_RESNET), **kwargs}).eval()
+
+
 def run_script(script: str, *args, cwd=None, timeout=300, env=None, subprocess_only=False) -> subprocess.CompletedProcess:
     """Run one of the real top-level scripts as a user would, capturing its output. Without `cwd` or
     `env`, the two scripts run in this process (their main(argv), the same code path after the

@@ -6,20 +6,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import TINY, run_script, tiny_model
 
 from fashion_ft.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, validate_resumable
 from fashion_ft.data import CLASSES
 from fashion_ft.errors import UserError
 from fashion_ft.model import build_model
 
-TINY = {"channels": [4, 8, 8], "hidden": 16}
 SPLIT = {"seed": 7, "val_size": 500, "fingerprint": "0123abcd"}
-
-
-def tiny_model(**kwargs):
-    torch.manual_seed(0)
-    return build_model("cnn3", {**TINY, **kwargs}).eval()
 
 
 def ours(**changes):

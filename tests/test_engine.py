@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fashion_ft import engine, optim
@@ -170,13 +171,9 @@ def test_flip_tta_logits_stay_finite_for_very_confident_models():
 CPU = Runtime(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25)
 
 
-def tiny_model():
-    return build_model("cnn3", {"channels": [4, 8, 8], "hidden": 16})
-
-
 def test_model_ema_gives_the_numbers_of_torch_averaged_model():
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_model().train()
     ours = ModelEma(model, 0.9)
     reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -199,7 +196,7 @@ def test_model_ema_gives_the_numbers_of_torch_averaged_model():
 
 def test_model_ema_state_round_trips_and_reads_averaged_model_states():
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_model().train()
     ema = ModelEma(model, 0.5)
     ema.update(model)
     with torch.no_grad():
@@ -208,14 +205,14 @@ def test_model_ema_state_round_trips_and_reads_averaged_model_states():
     ema.update(model)
     state = ema.state_dict()
     assert all(torch.is_tensor(v) for v in state.values())  # what a last.pt's "ema" field must hold
-    restored = ModelEma(tiny_model(), 0.5)
+    restored = ModelEma(tiny_model().train(), 0.5)
     restored.load_state_dict(state)
     assert restored.updates == 2
     for key, value in ema.module.state_dict().items():
         assert torch.equal(restored.module.state_dict()[key], value)
     old = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.5), use_buffers=True)
     old.update_parameters(model)
-    from_old = ModelEma(tiny_model(), 0.5)
+    from_old = ModelEma(tiny_model().train(), 0.5)
     from_old.load_state_dict(old.state_dict())
     assert from_old.updates == 1
     assert torch.equal(from_old.module.state_dict()["classifier.2.weight"], model.state_dict()["classifier.2.weight"])
@@ -228,7 +225,7 @@ def test_gradient_clipping_leaves_the_clipped_norm():
     norms = {}
     for max_norm in (None, 0.05):
         torch.manual_seed(1)  # the same weights for both
-        model = tiny_model()
+        model = tiny_model().train()
         cfg = Config(scheduler="none")
         optimizer = build_optimizer(model, cfg, 0.01)
         step = TrainStep(model, optimizer, build_schedulers(optimizer, cfg, 1),
@@ -252,10 +249,10 @@ def test_adamw_is_fused_only_when_every_parameter_is_a_float_on_cuda():
 
 
 def test_build_optimizer_asks_for_fused_adamw_only_when_supported(monkeypatch):
-    optimizer = build_optimizer(tiny_model(), Config(), 1e-3)  # on the CPU: torch's default, as before
+    optimizer = build_optimizer(tiny_model().train(), Config(), 1e-3)  # on the CPU: torch's default, as before
     assert not any(g["fused"] for g in optimizer.param_groups)
     monkeypatch.setattr(optim, "fused_adamw_supported", lambda params: True)  # as on a CUDA device
-    optimizer = build_optimizer(tiny_model(), Config(), 1e-3)
+    optimizer = build_optimizer(tiny_model().train(), Config(), 1e-3)
     assert all(g["fused"] for g in optimizer.param_groups)
 
 

@@ -5,6 +5,7 @@ training batch of one image through a BatchNorm1d."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_RESNET
 from foreign import SPECS, import_class, write_script
 from torch import nn
 
@@ -15,8 +16,6 @@ from fashion_ft.freezing import apply_freezing, frozen_modules, head_parameters,
 from fashion_ft.model import build_model
 from fashion_ft.optim import build_optimizer, build_schedulers
 from fashion_ft.system import AmpPolicy
-
-TINY_RESNET = {"widths": [8, 8, 16], "blocks": 1}
 
 
 def params_of(*modules: str) -> set[str]:

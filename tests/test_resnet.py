@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL_RUN, run_script
+from conftest import SMALL_RUN, TINY_RESNET, run_script
 
 from bench.bench_throughput import flops_per_image
 from fashion_ft.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
@@ -13,12 +13,10 @@ from fashion_ft.errors import UserError
 from fashion_ft.freezing import apply_freezing, set_train_mode
 from fashion_ft.model import ARCHS, ResNet, build_model, count_parameters, infer_arch
 
-TINY = {"widths": [8, 8, 16], "blocks": 1, "num_classes": 10}  # 4 channels crash channels_last backward (torch 2.14.1, CPU)
-
 
 def tiny_resnet() -> ResNet:
     torch.manual_seed(0)
-    return build_model("resnet", TINY)
+    return build_model("resnet", TINY_RESNET)
 
 
 def test_forward_gives_one_logit_per_class():
@@ -54,7 +52,7 @@ def test_counted_flops_match_a_hand_count():
     assert flops_per_image(tiny_resnet())["forward"] == 2 * macs == 2 * 1_373_728
 
 
-@pytest.mark.parametrize("kwargs", [ARCHS["resnet"].default_kwargs, TINY,
+@pytest.mark.parametrize("kwargs", [ARCHS["resnet"].default_kwargs, TINY_RESNET,
                                     {"widths": [8, 12], "blocks": 2, "num_classes": 10},
                                     {"widths": [6, 6, 12, 24], "blocks": 1, "num_classes": 7}])
 def test_bare_state_dict_is_recognised(kwargs):
@@ -104,14 +102,14 @@ def test_channels_last_bf16_autocast_forward_and_backward():
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_resnet()
     model.train()(torch.randn(16, 1, 28, 28))  # running statistics that differ from the initial ones
-    save_checkpoint(make_checkpoint(model, "resnet", TINY), tmp_path / "r.pt")
+    save_checkpoint(make_checkpoint(model, "resnet", TINY_RESNET), tmp_path / "r.pt")
     torch.save(model.state_dict(), tmp_path / "bare.pt")
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         expected = model.eval()(x)
         for path in (tmp_path / "r.pt", tmp_path / "bare.pt"):  # named by our file, inferred from the bare one
             ckpt = load_checkpoint(path)
-            assert (ckpt.arch, ckpt.arch_kwargs) == ("resnet", TINY)
+            assert (ckpt.arch, ckpt.arch_kwargs) == ("resnet", TINY_RESNET)
             assert torch.equal(ckpt.build().eval()(x), expected)
 
 
@@ -119,12 +117,12 @@ def test_checkpoint_round_trip(tmp_path):
 def test_from_scratch_preset_and_test_model_on_its_weights(tmp_path, small_data_dir):
     """The from-scratch preset at a tiny width, then test_model.py on the bare weights it wrote."""
     out = tmp_path / "run"
-    result = run_script("finetune_gpu.py", "--preset", "resnet20", "--arch-kwargs", json.dumps(TINY), "--epochs", 1,
+    result = run_script("finetune_gpu.py", "--preset", "resnet20", "--arch-kwargs", json.dumps(TINY_RESNET), "--epochs", 1,
                         "--limit-train", 512, "--data-dir", small_data_dir, "--output", out / "best.pt",
                         "--logdir", tmp_path / "tb", *SMALL_RUN, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
-    assert (best["arch"], best["arch_kwargs"]) == ("resnet", TINY) and best["config"]["arch_kwargs"] == TINY
+    assert (best["arch"], best["arch_kwargs"]) == ("resnet", TINY_RESNET) and best["config"]["arch_kwargs"] == TINY_RESNET
     assert best["config"]["from_scratch"] and best["config"]["scheduler"] == "onecycle"
     torch.save(best["model"], tmp_path / "bare.pt")  # test_model.py must infer the arch of these
     # one epoch on 512 images is no trained model: the check is that it loads and runs, not its accuracy
@@ -133,5 +131,5 @@ def test_from_scratch_preset_and_test_model_on_its_weights(tmp_path, small_data_
     assert check.returncode == 0, check.stdout + check.stderr
     report = json.loads(check.stdout)
     architecture = next(c for c in report["checks"] if c["name"] == "architecture")["data"]
-    assert report["passed"] and architecture["arch_kwargs"] == TINY
+    assert report["passed"] and architecture["arch_kwargs"] == TINY_RESNET
     assert architecture["parameters"] == count_parameters(tiny_resnet())[0]

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_script, write_idx, write_split
+from conftest import REPO, TINY, run_script, tiny_model, write_idx, write_split
 
 import test_model
 from fashion_ft import preflight, system
@@ -21,7 +21,6 @@ from fashion_ft.checkpoint import make_checkpoint, save_checkpoint
 from fashion_ft.data import FILES, LABELS_MAGIC
 from fashion_ft.model import build_model
 
-TINY = {"channels": [4, 8, 8], "hidden": 16}
 SHIPPED = REPO / "model" / "mnist_cnn3.pt"
 QUICK = ("--device", "cpu", "--batches", "1", "--batch-size", "64")
 
@@ -427,11 +426,6 @@ def test_precision_the_device_cannot_do_is_a_usage_error(v100, tmp_path, capsys,
     result = call_main("--model-path", SHIPPED, *args, capsys=capsys)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"error: {flag}") and result.stderr.count("\n") == 1
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return build_model("cnn3", TINY)
 
 
 @pytest.mark.parametrize("native_bf16, policy", [(True, "bf16"), (False, "off")])
