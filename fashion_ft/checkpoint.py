@@ -275,7 +275,7 @@ FIELDS = {
     "split": ("a dict, or None when not recorded", lambda v: v is None or DICT[1](v)),
     "split.seed": ("a whole number in 0..2**64-1", lambda v: _is_int(v) and 0 <= v < 2**64),
     "split.val_size": ("a whole number >= 1", lambda v: _is_int(v) and v >= 1),
-    "split.fingerprint": ("the training files' fingerprint (text), or None", lambda v: v is None or TEXT[1](v)),
+    "split.fingerprint": ("the training files' fingerprint (text), or None", lambda v: v is None or bool(TEXT[1](v) and v)),
     "split.validation": (f"one of {', '.join(VALIDATION_SOURCES)}", lambda v: v in VALIDATION_SOURCES),
     "kind": TEXT,
     "model_def": DICT,
@@ -306,8 +306,9 @@ RESUME_FIELDS = {
     "ema": ("a state_dict, or None without --ema-decay", lambda v: v is None or _is_state_dict(v)),
 }
 REQUIRED = {"split.seed", "split.val_size", "model_def.given", "model_def.class"}
-RESUME_REQUIRED = REQUIRED | {"arch_kwargs", "normalize", "config", "history"} | {
-    k for k in RESUME_FIELDS if not k.startswith(("selection", "ema", "schedulers.plateau"))}
+# A tracker's best is None before its first epoch; a last.pt without `ema` kept no moving average.
+RESUME_REQUIRED = REQUIRED | {"arch_kwargs", "normalize", "config", "history"} | (
+    RESUME_FIELDS.keys() - {"selection", "early_stopping.best", "selection.best", "schedulers.plateau", "ema"})
 
 
 def _found(obj, path: list[str], name: str, required: bool):
@@ -379,9 +380,9 @@ class LoadedCheckpoint:
 
     @property
     def split(self) -> dict | None:
-        """The recorded validation split {seed, val_size, fingerprint}, or None: an older file, a model
-        from elsewhere, or a record that is not valid."""
-        value = self.meta.get("split")  # checked at load
+        """The recorded validation split {seed, val_size, fingerprint}, or None: an older file or a model
+        from elsewhere (a record that is not valid was refused at load)."""
+        value = self.meta.get("split")
         return dict(value) if isinstance(value, dict) else None
 
 
