@@ -25,6 +25,7 @@ from fashion_ft.config import (
     SCHEDULERS,
     Config,
     check_conflicts,
+    default_run_name,
     flag_of,
     resolve_defaults,
     resume_differences,
@@ -206,21 +207,21 @@ def free_output(output: str) -> str:
     raise UsageError(f"--output: no free result/roundN folder beside {output}; pass --output")
 
 
-def resolve_output(cfg: Config, explicit: set) -> Config:
-    """A second round started from the default output (the specification's multi-round workflow) writes
-    to the next free round folder instead; an explicit --output may never be the input."""
+def resolve_output(cfg: Config, explicit: set) -> str:
+    """--output, except that a second round started from the default output (the multi-round workflow)
+    writes to the next free round folder instead; an explicit --output may never be the input."""
     from fashion_ft.outputs import resolve_path, same_file
 
     if cfg.from_scratch or cfg.resume or not same_file(resolve_path(Path(cfg.model_path), "--model-path"),
                                                         resolve_path(Path(cfg.output), "--output")):
-        return cfg
+        return cfg.output
     if "output" in explicit:
         raise UsageError(f"--output {cfg.output} is the --model-path input; choose another path, "
                          f"for example --output {free_output(cfg.output)}")
     output = free_output(cfg.output)
     if os.environ.get("RANK", "0") == "0":
         print(f"output: {output} (the default output is the input model)", flush=True)
-    return dataclasses.replace(cfg, output=output)
+    return output
 
 
 def check_arch(cfg: Config) -> None:
@@ -273,7 +274,8 @@ def build_config(argv) -> tuple[Config, dict | None]:
         check_conflicts(cfg, origins(explicit, preset))
     if cfg.from_scratch and not cfg.resume:
         check_arch(cfg)
-    return resolve_output(cfg, explicit), resume_meta
+    run_name = cfg.run_name or (resume_meta or {}).get("run_name") or default_run_name(cfg)
+    return dataclasses.replace(cfg, output=resolve_output(cfg, explicit), run_name=run_name), resume_meta
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ Defaults are written here once; finetune_gpu.py builds its argparse flags from t
 """
 
 import dataclasses
+import datetime
 import math
 import typing
 from collections.abc import Callable
@@ -163,6 +164,13 @@ def resume_differences(saved: dict, current: "Config", explicit: set) -> list[st
         if old != new:
             diffs.append(f"{flag_of(name)} {old} -> {new}")
     return diffs
+
+
+def default_run_name(cfg: Config) -> str:
+    """The TensorBoard run folder's name when --run-name is not given: time, plan, optimizer, LR, batch."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    plan = cfg.preset or ("scratch" if cfg.from_scratch else "finetune")
+    return f"{stamp}_{plan}_{cfg.optimizer}_lr{cfg.lr:g}_bs{cfg.batch_size}"
 
 
 def resolve_defaults(cfg: Config) -> Config:

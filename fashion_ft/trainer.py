@@ -1,8 +1,8 @@
 """A whole fine-tuning run, top to bottom: set-up, epoch 0, the epoch loop, the final test.
 
 `fine_tune` prepares a `Run` (what every part of a run shares: config, runtime, files, console, data,
-state, TensorBoard log) and executes it. One epoch reads in `Run.fit` and `Run.record`: the engine's
-`train_one_epoch` runs the optimisation steps, then the run validates, selects, saves and logs.
+state, TensorBoard log) and runs its epoch loop: the engine's `train_one_epoch` runs the optimisation
+steps, then `Run.record` validates, selects, saves and logs the epoch.
 """
 
 import copy
@@ -149,7 +149,7 @@ class RunState:
         self.selector.load_state_dict(meta.get("selection") or meta["early_stopping"])
         self.best_state = meta["best_model"]
         self.history = list(meta["history"])
-        self.run_name = cfg.run_name or meta["run_name"]
+        self.run_name = cfg.run_name  # last.pt's, unless --run-name renames it
 
 
 # ---------------------------------------------------------------- set-up
@@ -272,13 +272,7 @@ def build_state(cfg: Config, model: nn.Module, rt: Runtime, steps_per_epoch: int
     return RunState(step=step, stopper=BestTracker(cfg.monitor, cfg.patience, cfg.min_delta),
                     selector=BestTracker(cfg.select, patience=0),
                     best_state=copy.deepcopy(unwrap(model).state_dict()),
-                    run_name=cfg.run_name or default_run_name(cfg))
-
-
-def default_run_name(cfg: Config) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    plan = cfg.preset or ("scratch" if cfg.from_scratch else "finetune")
-    return f"{stamp}_{plan}_{cfg.optimizer}_lr{cfg.lr:g}_bs{cfg.batch_size}"
+                    run_name=cfg.run_name)
 
 
 def runtime_for(cfg: Config, device, ctx: RunContext) -> Runtime:
@@ -318,11 +312,7 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
     check_distributed_device(device, info.world_size, info.launched)
     if cfg.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn: needs CUDA (SyncBatchNorm has no CPU implementation)")
-    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or (resume_meta or {}).get("run_name")
-                              or default_run_name(cfg))
     log_dir = check_outputs(cfg, files) if info.is_main else None
-    if log_dir is not None:  # NAME_1 when another run has NAME: last.pt keeps it, so a resume finds it again
-        cfg = dataclasses.replace(cfg, run_name=log_dir.name)
     start = load_start_model(cfg, resume_meta)
     if resume_meta is None:
         console.print(f"model: {start.source}")
@@ -336,8 +326,10 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
     with dist.main_process_first(info):  # --download: one process per machine fetches, the others wait
         data, split = load_data(cfg, start, device, console)
     check_normalization(start, data.train)
-    cfg = dataclasses.replace(cfg, split_seed=split.seed, val_from=split.validation,
-                              val_size=split.val_size if split.validation == "train" else None,
+    # What only the run can know: NAME_1 when another run has NAME (last.pt keeps it, so a resume finds it
+    # again), the split the data gave, and the device's evaluation batch.
+    cfg = dataclasses.replace(cfg, run_name=log_dir.name if log_dir else cfg.run_name, split_seed=split.seed,
+                              val_from=split.validation, val_size=split.val_size if split.validation == "train" else None,
                               eval_batch_size=cfg.eval_batch_size or default_eval_batch_size(device))
     return Run.build(cfg, RunContext(info, console, files, start, split, log_dir), data, device, resume_meta)
 
@@ -411,29 +403,20 @@ class Run:
 
     # ------------------------------------------------------------ one epoch
 
-    def fit(self, signals: SignalGuard) -> None:
-        """Train until --epochs, early stopping or a signal (polled between steps)."""
-        cfg, state, loop_start = self.cfg, self.state, time.perf_counter()
-        self.summary["stop_reason"] = "epochs_done"
-        with signals.polled() as received:
-            while state.epoch < cfg.epochs and not state.stopper.should_stop:
-                epoch = state.epoch + 1
-                set_train_mode(unwrap(state.step.model), cfg.freeze_conv, cfg.freeze_bn, cfg.trainable_patterns)
-                lr = state.step.optimizer.param_groups[0]["lr"]
-                reset_peak_memory(self.rt.device)
-                start = time.perf_counter()
-                with self.ctx.console.progress_bar(epoch, cfg.epochs, self.steps_per_epoch) as bar:
-                    result = train_one_epoch(state.step, self.train_data, epoch, self.rt, self.on_sync(bar, received))
-                seconds = time.perf_counter() - start
-                if not result["stopped"]:  # else the unfinished epoch is dropped
-                    self.record({"epoch": epoch, "train_loss": result["loss"], "train_acc": result["acc"], "lr": lr,
-                                 "epoch_s": seconds, "images_per_s": result["images"] / seconds,
-                                 "peak_gpu_mb": peak_gpu_mb(self.rt.device), **self.validate()})
-                if dist.any_rank(bool(received), self.rt.device):
-                    raise signals.interrupted()
-        if state.stopper.should_stop:
-            self.summary["stop_reason"] = "early_stopping"
-        self.summary["train_s"] = time.perf_counter() - loop_start
+    def start_epoch(self) -> dict:
+        """Train mode (frozen layers stay as loaded) and a fresh peak-memory count; the epoch's row begun."""
+        state = self.state
+        set_train_mode(unwrap(state.step.model), self.cfg.freeze_conv, self.cfg.freeze_bn, self.cfg.trainable_patterns)
+        reset_peak_memory(self.rt.device)
+        return {"epoch": state.epoch + 1, "lr": state.step.optimizer.param_groups[0]["lr"],
+                "started": time.perf_counter()}
+
+    def epoch_row(self, begun: dict, result: dict) -> dict:
+        """A trained epoch's row of the history, validated."""
+        seconds = time.perf_counter() - begun["started"]
+        return {"epoch": begun["epoch"], "train_loss": result["loss"], "train_acc": result["acc"], "lr": begun["lr"],
+                "epoch_s": seconds, "images_per_s": result["images"] / seconds,
+                "peak_gpu_mb": peak_gpu_mb(self.rt.device), **self.validate()}
 
     def on_sync(self, bar, received: list):
         """Called every few steps: progress, and whether any rank received a signal."""
@@ -562,7 +545,19 @@ def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> di
             run = prepare(cfg, resume_meta, info, files, stack)
             stack.callback(run.close)
             run.begin()
-            run.fit(signals)
+            state, loop_start = run.state, time.perf_counter()
+            with signals.polled() as received:  # a signal is polled between steps: no step is torn in half
+                while state.epoch < run.cfg.epochs and not state.stopper.should_stop:
+                    begun = run.start_epoch()
+                    with run.ctx.console.progress_bar(begun["epoch"], run.cfg.epochs, run.steps_per_epoch) as bar:
+                        result = train_one_epoch(state.step, run.train_data, begun["epoch"], run.rt,
+                                                 run.on_sync(bar, received))
+                    if not result["stopped"]:  # else the unfinished epoch is dropped: last.pt keeps the one before
+                        run.record(run.epoch_row(begun, result))
+                    if dist.any_rank(bool(received), run.rt.device):
+                        raise signals.interrupted()
+            run.summary.update(stop_reason="early_stopping" if state.stopper.should_stop else "epochs_done",
+                               train_s=time.perf_counter() - loop_start)
             return run.finish()
         except BaseException as exc:
             told = reported(exc, signals, files, started=run is not None)
