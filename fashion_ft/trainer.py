@@ -487,17 +487,21 @@ class Run:
         last.update(kind="last", world_size=self.rt.world_size, input_container=self.ctx.start.container,
                     **self.state.state_dict())
         save_checkpoint(last, files.last)
-        save_json({**self.summary, **self.progress(), "finished": False}, files.metrics)
+        save_json(self.metrics_json(finished=False), files.metrics)
 
-    def progress(self) -> dict:
-        best = self.best_row()
+    def metrics_json(self, finished: bool, test: dict | None = None) -> dict:
+        """What metrics.json holds: the run's facts, its progress and, once finished, the best model's test."""
         history = self.state.history
-        base = history[0]["val_acc"] if history and history[0]["epoch"] == 0 else None
+        best, epoch_s = self.best_row(), [r["epoch_s"] for r in history if "epoch_s" in r]
         peaks = [r["peak_gpu_mb"] for r in history if r.get("peak_gpu_mb") is not None]
-        return {"best_epoch": best["epoch"], "epochs_run": self.state.epoch, "best_val_loss": best["val_loss"],
-                "best_val_acc": best["val_acc"], "base_val_acc": base,
-                "peak_gpu_mb": max(peaks) if peaks else None,
-                "epoch_s": [round(r["epoch_s"], 3) for r in history if "epoch_s" in r], "history": history}
+        summary = {**self.summary, "best_epoch": best["epoch"], "epochs_run": self.state.epoch,
+                   "best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"],
+                   "base_val_acc": history[0]["val_acc"] if history and history[0]["epoch"] == 0 else None,
+                   "peak_gpu_mb": max(peaks) if peaks else None, "epoch_s": [round(t, 3) for t in epoch_s],
+                   "history": history, **(test or {}), "finished": finished}
+        if self.cfg.compile and len(epoch_s) > 1:  # the first epoch pays for compilation
+            summary["compile_warmup_s"] = epoch_s[0] - statistics.median(epoch_s[1:])
+        return summary
 
     def test_best(self) -> tuple[dict, torch.Tensor]:
         """The best weights on the test set, once, in fp32: exactly what test_model.py --full measures."""
@@ -511,20 +515,18 @@ class Run:
 
     def finish(self) -> dict:
         """Rank 0: test the best model, store its test metrics, write metrics.json and the TB extras."""
-        summary = self.summary
-        epoch_s = [r["epoch_s"] for r in self.state.history if "epoch_s" in r]
-        if self.cfg.compile and len(epoch_s) > 1:  # the first epoch pays for compilation
-            summary["compile_warmup_s"] = epoch_s[0] - statistics.median(epoch_s[1:])
+        summary = self.metrics_json(finished=True)
         if self.is_main:
-            test_metrics, preds = self.test_best()
-            summary.update(self.progress(), **test_metrics)
-            summary["per_class_test_acc"] = tblog.log_test_figures(self.writer, self.data.test.images,
-                                                                   self.data.test.labels, preds, CLASSES)
-            tblog.log_hparams(self.writer, self.cfg.to_dict(), {"hparam/test_acc": test_metrics["test_acc"],
+            test, preds = self.test_best()
+            test["per_class_test_acc"] = tblog.log_test_figures(self.writer, self.data.test.images,
+                                                                self.data.test.labels, preds, CLASSES)
+            summary = self.metrics_json(finished=True, test=test)
+            tblog.log_hparams(self.writer, self.cfg.to_dict(), {"hparam/test_acc": test["test_acc"],
                                                                 "hparam/best_val_acc": summary["best_val_acc"]})
+            test_metrics = {k: test[k] for k in ("test_loss", "test_acc", "test_images")}
             save_checkpoint(self.checkpoint(self.state.best_state, {**self.best_row(), **test_metrics}),
                             self.ctx.files.best)
-            save_json({**summary, "finished": True}, self.ctx.files.metrics)
+            save_json(summary, self.ctx.files.metrics)
             for line in summary_lines(summary, self.ctx.files):
                 self.ctx.console.result(line)
         dist.barrier()
