@@ -15,7 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from fashion_ft.cli import add_shared, json_object
 from fashion_ft.config import (
+    DEFAULT_WEIGHT_DECAY,
     FINETUNE_WARMUP_EPOCHS,
     METRICS,
     OPTIMIZERS,
@@ -46,28 +48,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def model_and_data_flags(p: argparse.ArgumentParser, d: Config) -> None:
     """What to start from and what to train on."""
-    from fashion_ft.cli import json_object, model_source_flags
-    from fashion_ft.data import AUGMENT_PRESETS, VALIDATION_SOURCES
+    from fashion_ft.data import AUGMENT_PRESETS, DEFAULT_SPLIT, VALIDATION_SOURCES
     from fashion_ft.model import ARCHS
 
     g = p.add_argument_group("model")
     g.add_argument("--model-path", default=d.model_path, help="pretrained checkpoint to start from")
-    model_source_flags(g)
+    add_shared(g, "--model-def", "--model-kwargs", "--normalize")
     g.add_argument("--from-scratch", action="store_true", help="start from random weights (--arch) instead")
     g.add_argument("--arch", choices=list(ARCHS), default=d.arch, help="architecture for --from-scratch")
     g.add_argument("--arch-kwargs", type=json_object, default=d.arch_kwargs, metavar="JSON",
                    help='with --from-scratch: a JSON object overriding the arch\'s defaults, e.g. \'{"blocks": 1}\'')
     g.add_argument("--max-params", type=int, default=d.max_params,
                    help="refuse a --from-scratch model with more parameters (a typo in its widths)")
-    g.add_argument("--trust-pickle", action="store_true",
-                   help="allow a checkpoint holding pickled Python objects (runs code from the file!)")
+    add_shared(g, "--trust-pickle")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=d.data_dir, help="folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, then the Debian folder")
-    g.add_argument("--download", action="store_true", help="download Fashion-MNIST into ./data if missing")
+    add_shared(g, "--data-dir", "--download")
     g.add_argument("--val-size", type=int, default=d.val_size,
-                   help="validation images held out of training; unset: the starting model's split, else 5000")
+                   help=f"validation images held out of training; unset: the starting model's split, else {DEFAULT_SPLIT[1]}")
     g.add_argument("--split-seed", type=int, default=d.split_seed,
-                   help="seed of the validation split; unset: the starting model's split, else 42")
+                   help=f"seed of the validation split; unset: the starting model's split, else {DEFAULT_SPLIT[0]}")
     g.add_argument("--val-from", choices=list(VALIDATION_SOURCES), default=d.val_from,
                    help="validate on images held out of the training files, or on one half of the test files "
                         "(testing on the other half); unset: the starting model's, else test-half for a model with "
@@ -79,17 +78,22 @@ def model_and_data_flags(p: argparse.ArgumentParser, d: Config) -> None:
 
 def optimisation_flags(p: argparse.ArgumentParser, d: Config) -> None:
     """The plan, the optimizer, the schedule and the regularisation."""
+    from fashion_ft.system import EVAL_BATCH_SIZE
+
     g = p.add_argument_group("optimisation")
     presets = "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in vals.items()) for k, vals in PRESETS.items())
     g.add_argument("--preset", choices=list(PRESETS), default=d.preset,
                    help=f"a fine-tuning plan; flags given explicitly win ({presets})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="batch for validation and test; unset: 256 on CPU (fits the cache), 1024 on CUDA")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                   help=f"batch for validation and test; unset: {EVAL_BATCH_SIZE['cpu']} on the CPU (fits the cache), "
+                        f"{EVAL_BATCH_SIZE['gpu']} on a GPU")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="AdamW or SGD with Nesterov momentum")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (Nesterov)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="unset: 0.01 for adamw, 5e-4 for sgd; never on biases or BatchNorm")
+                   help=f"unset: {', '.join(f'{v:g} for {k}' for k, v in DEFAULT_WEIGHT_DECAY.items())}; never on "
+                        "biases or BatchNorm")
     g.add_argument("--epochs", type=int, default=d.epochs, help="at most this many epochs (early stopping may end sooner)")
     g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler, help="LR schedule over the run")
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
@@ -125,9 +129,7 @@ def selection_and_output_flags(p: argparse.ArgumentParser, d: Config) -> None:
     g.add_argument("--min-delta", type=float, default=d.min_delta, help="smallest change that counts")
     g.add_argument("--seed", type=int, default=d.seed,
                    help="shuffling, augmentation, dropout and --from-scratch weights (not the split: --split-seed)")
-    g.add_argument("--tta", choices=["none", "flip"], default=d.tta,
-                   help="flip: validation and test predictions average each image and its mirror image "
-                        "(pays off after --augment strong, which trains on mirror images)")
+    add_shared(g, "--tta")
     g = p.add_argument_group("output")
     g.add_argument("--output", default=d.output, help="best model; last.pt and metrics.json go beside it")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -142,7 +144,7 @@ def hardware_flags(p: argparse.ArgumentParser, d: Config) -> None:
     from fashion_ft.system import AMP_MODES
 
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", default=d.device, help="auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps")
+    add_shared(g, "--device")
     g.add_argument("--amp", choices=AMP_MODES, default=d.amp,
                    help="mixed precision; auto: bf16 on CPUs and GPUs that are fast at it (CUDA capability 8.0+), "
                         "fp16 with loss scaling on capability 7.x (V100, T4), else fp32")
@@ -155,7 +157,7 @@ def hardware_flags(p: argparse.ArgumentParser, d: Config) -> None:
     g.add_argument("--scale-lr", action="store_true", help="multiply --lr by the world size (linear scaling)")
     g = p.add_argument_group("console")
     g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_shared(g, "--debug")
 
 
 def explicit_flags(argv) -> set[str]:
@@ -172,8 +174,6 @@ def load_resume(path: str) -> dict:
 
     resolve_path(Path(path), "--resume")  # a symlink loop is worded as for every other path
     meta = load_checkpoint(path, refusal_hint=RESUME_HINT).meta
-    if meta.get("kind") != "last":
-        raise UserError(f"{path} is not a resumable checkpoint; resume from the last.pt a run wrote")
     validate_resumable(path, meta)
     try:  # what it restores passes the checks argv does
         saved = {k: v for k, v in meta["config"].items() if k in dataclasses.asdict(DEFAULTS)}

@@ -17,8 +17,6 @@ import sys
 import warnings
 from pathlib import Path
 
-DEFAULT_MODEL = "model/mnist_cnn3.pt"
-
 
 def positive_int(text: str) -> int:
     try:
@@ -41,33 +39,30 @@ def fraction(text: str) -> float:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from fashion_ft.cli import model_source_flags
+    from fashion_ft.cli import add_shared
+    from fashion_ft.config import Config
     from fashion_ft.system import AMP_MODES  # imports torch: after main() installed the signal handlers
 
     p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-path", nargs="+", action="extend", default=None,
                    help=f"one or more checkpoints (the flag may repeat); several also report their ensemble "
-                        f"(default: {DEFAULT_MODEL})")
-    model_source_flags(p)
-    p.add_argument("--data-dir", default=None, help="folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, then the Debian folder")
-    p.add_argument("--download", action="store_true", help="fetch Fashion-MNIST into ./data when it is not found")
+                        f"(default: {Config.model_path})")
+    add_shared(p, "--model-def", "--model-kwargs", "--normalize", "--data-dir", "--download")
     p.add_argument("--batches", type=positive_int, default=3, help="test batches for the quick eval")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per eval batch")
     p.add_argument("--full", action="store_true", help="evaluate on all 10,000 test images")
     p.add_argument("--min-accuracy", type=fraction, default=0.5,
                    help="quick-eval accuracy below this fraction (0..1) fails")
-    p.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps")
+    add_shared(p, "--device")
     p.add_argument("--amp", choices=AMP_MODES, default="off",
                    help="precision of the quick eval (off: exact fp32; fp16 needs a CUDA GPU). The train step "
                         "always uses the precision finetune_gpu.py's --amp auto picks on this device")
-    p.add_argument("--tta", choices=["none", "flip"], default="none",
-                   help="flip: average the predictions of each image and its mirror image")
+    add_shared(p, "--tta")
     p.add_argument("--require-gpu", action="store_true", help="fail when no CUDA GPU is available")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow a checkpoint holding pickled Python objects (runs code from the file!)")
+    add_shared(p, "--trust-pickle")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_shared(p, "--debug")
     return p
 
 
@@ -168,10 +163,10 @@ def print_text(report) -> None:
 
 def check_and_print(argv) -> int:
     from fashion_ft import userdef
-    from fashion_ft.config import check_normalize
+    from fashion_ft.config import Config, check_normalize
 
     args = get_args_parser().parse_args(argv)
-    args.model_path = args.model_path or [DEFAULT_MODEL]
+    args.model_path = args.model_path or [Config.model_path]
     args.definition = userdef.parse(args.model_def) if args.model_def else None
     check_normalize(args.normalize)
     report = run_checks(args)

@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--arch", choices=sorted(ARCHS), default="cnn3", help="the model both paths train")
-    cli.model_source_flags(p)  # --model-def: your own network instead, built with --model-kwargs
+    cli.add_shared(p, "--model-def", "--model-kwargs", "--normalize")  # your own network instead
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median reported)")
     p.add_argument("--steps", type=int, default=None, help="training steps per repeat (None: 20 on CPU, 100 on CUDA)")
     p.add_argument("--workers", type=int, default=None,

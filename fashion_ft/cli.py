@@ -32,16 +32,42 @@ def json_object(text: str) -> dict:
     return value
 
 
-def model_source_flags(g) -> None:
-    """The flags both scripts take for a user's own network."""
-    g.add_argument("--model-def", default=None, metavar="FILE.py:CLASS",
-                   help="your own network class (a file path, hyphens allowed, or pkg.mod:CLASS), for a checkpoint "
-                        "of its weights; the file is imported without running its __main__ block")
-    g.add_argument("--model-kwargs", type=json_object, default=None, metavar="JSON",
-                   help="keyword arguments of its constructor, e.g. '{\"width\": 32}'")
-    g.add_argument("--normalize", type=float, nargs=2, default=None, metavar=("MEAN", "STD"),
-                   help="the input normalisation the model was trained with (pixels in [0, 1]); unset: the "
-                        "checkpoint's record, else Fashion-MNIST's 0.2860 0.3530 (MNIST's is 0.1307 0.3081)")
+def shared_flags() -> dict[str, dict]:
+    """The flags both scripts take, each defined once: flag -> add_argument's keywords (imported late: the
+    constants' modules import torch, after the scripts installed their signal handlers)."""
+    from .config import TTA_MODES, Config
+    from .normalization import CANDIDATES
+
+    (fm_mean, fm_std), (m_mean, m_std) = CANDIDATES["Fashion-MNIST's"], CANDIDATES["MNIST's"]
+    d = Config()
+    return {
+        "--model-def": dict(default=d.model_def, metavar="FILE.py:CLASS",
+                            help="your own network class (a file path, hyphens allowed, or pkg.mod:CLASS), for a "
+                                 "checkpoint of its weights; the file is imported without running its __main__ block"),
+        "--model-kwargs": dict(type=json_object, default=d.model_kwargs, metavar="JSON",
+                               help="keyword arguments of its constructor, e.g. '{\"width\": 32}'"),
+        "--normalize": dict(type=float, nargs=2, default=d.normalize, metavar=("MEAN", "STD"),
+                            help=f"the input normalisation the model was trained with (pixels in [0, 1]); unset: the "
+                                 f"checkpoint's record, else Fashion-MNIST's {fm_mean:.4f} {fm_std:.4f} (MNIST's is "
+                                 f"{m_mean} {m_std})"),
+        "--trust-pickle": dict(action="store_true",
+                               help="allow a checkpoint holding pickled Python objects (runs code from the file!)"),
+        "--data-dir": dict(default=d.data_dir, help="folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, "
+                                                     "then the Debian folder"),
+        "--download": dict(action="store_true", help="download Fashion-MNIST into ./data if missing"),
+        "--device": dict(default=d.device, help="auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps"),
+        "--tta": dict(choices=TTA_MODES, default=d.tta,
+                      help="flip: predictions average each image and its mirror image (pays off after --augment "
+                           "strong, which trains on mirror images)"),
+        "--debug": dict(action="store_true", help="show tracebacks"),
+    }
+
+
+def add_shared(g, *flags: str) -> None:
+    """Add these of shared_flags() to a parser or argument group."""
+    table = shared_flags()
+    for flag in flags:
+        g.add_argument(flag, **table[flag])
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:

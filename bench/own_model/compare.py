@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("models", nargs="+", help="checkpoints to measure")
     p.add_argument("--split-seed", type=int, default=42, help="the seed of the halves")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    cli.model_source_flags(p)  # for files with no record, as in test_model.py
+    cli.add_shared(p, "--model-def", "--model-kwargs", "--normalize")  # for files with no record, as in test_model.py
     return p.parse_args(argv)
 
 
