@@ -177,15 +177,6 @@ def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
     Path(path).write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
-def write_split(folder: Path, split: str, images, labels) -> None:
-    """Both IDX files of a split (uint8 images N x 28 x 28, labels N), in the layout read_split reads."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    image_stem, label_stem = FILES[split]
-    write_idx(folder / image_stem, np.asarray(images), IMAGES_MAGIC)
-    write_idx(folder / label_stem, np.asarray(labels), LABELS_MAGIC)
-
-
 def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 N x 28 x 28, labels int64 N) of one split, checked for consistency."""
     image_stem, label_stem = FILES[split]

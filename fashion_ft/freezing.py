@@ -170,15 +170,6 @@ def _frozen_tensors(model: nn.Module, freeze_conv: bool, freeze_bn: bool, traina
     return frozen
 
 
-def frozen_modules(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainable=None) -> list[nn.Module]:
-    """Modules whose own parameters and running statistics all stay exactly as loaded: with freeze_conv
-    every one outside the head (head_parameters), with freeze_bn every BatchNorm, and with `trainable`
-    (fnmatch patterns over module names, e.g. ["fc*", "bn_fc"]) every one that no pattern names (a
-    pattern names a module and everything in it)."""
-    frozen = _frozen_tensors(model, freeze_conv, freeze_bn, trainable)
-    return [m for m in model.modules() if (own := _own_tensors(m)) and all(id(t) in frozen for t in own)]
-
-
 def apply_freezing(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainable=None) -> None:
     frozen = _frozen_tensors(model, freeze_conv, freeze_bn, trainable)
     for p in model.parameters():

@@ -5,12 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fashion_ft.data import find_data_dir, read_split, write_idx, write_split  # noqa: E402, F401 (tests import write_idx from here)
+from fashion_ft.data import FILES, IMAGES_MAGIC, LABELS_MAGIC, find_data_dir, read_split, write_idx  # noqa: E402, F401 (tests import read_split and write_idx from here)
 
 
 def pytest_configure(config):
@@ -23,6 +24,15 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def write_split(folder, split: str, images, labels) -> None:
+    """Both IDX files of a split (uint8 images N x 28 x 28, labels N), in the layout read_split reads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image_stem, label_stem = FILES[split]
+    write_idx(folder / image_stem, np.asarray(images), IMAGES_MAGIC)
+    write_idx(folder / label_stem, np.asarray(labels), LABELS_MAGIC)
 
 
 # The tiny networks of the unit tests: fast to build and train, real in every other way. A ResNet's first stage

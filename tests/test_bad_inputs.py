@@ -202,7 +202,7 @@ def test_a_failed_download_is_one_line_and_leaves_no_folders(workdir, monkeypatc
 
 
 def test_empty_data_names_the_file_not_a_flag(tmp_path, workdir, capsys):
-    from fashion_ft.data import write_split
+    from conftest import write_split
 
     empty = tmp_path / "empty"
     write_split(empty, "train", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))

@@ -12,10 +12,26 @@ from torch import nn
 from fashion_ft.config import Config
 from fashion_ft.engine import Runtime, TrainStep
 from fashion_ft.errors import UserError
-from fashion_ft.freezing import apply_freezing, frozen_modules, head_parameters, set_train_mode, trainable_summary
+from fashion_ft.freezing import (
+    _frozen_tensors,
+    _own_tensors,
+    apply_freezing,
+    head_parameters,
+    set_train_mode,
+    trainable_summary,
+)
 from fashion_ft.model import build_model
 from fashion_ft.optim import build_optimizer, build_schedulers
 from fashion_ft.system import AmpPolicy
+
+
+def frozen_modules(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainable=None) -> list[nn.Module]:
+    """Modules whose own parameters and running statistics all stay exactly as loaded: with freeze_conv
+    every one outside the head (head_parameters), with freeze_bn every BatchNorm, and with `trainable`
+    (fnmatch patterns over module names, e.g. ["fc*", "bn_fc"]) every one that no pattern names (a
+    pattern names a module and everything in it)."""
+    frozen = _frozen_tensors(model, freeze_conv, freeze_bn, trainable)
+    return [m for m in model.modules() if (own := _own_tensors(m)) and all(id(t) in frozen for t in own)]
 
 
 def params_of(*modules: str) -> set[str]:

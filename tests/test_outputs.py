@@ -22,10 +22,10 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL_RUN, run_script
+from conftest import REPO, SMALL_RUN, run_script, write_split
 
 from fashion_ft import outputs, tblog
-from fashion_ft.data import CLASSES, read_split, write_split
+from fashion_ft.data import CLASSES, read_split
 from fashion_ft.errors import UsageError, UserError
 from fashion_ft.outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files
 
