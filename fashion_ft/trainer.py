@@ -514,21 +514,23 @@ class Run:
         return {"test_loss": loss, "test_acc": acc, "test_images": len(logits)}, logits.argmax(1)
 
     def finish(self) -> dict:
-        """Rank 0: test the best model, store its test metrics, write metrics.json and the TB extras."""
-        summary = self.metrics_json(finished=True)
-        if self.is_main:
-            test, preds = self.test_best()
-            test["per_class_test_acc"] = tblog.log_test_figures(self.writer, self.data.test.images,
-                                                                self.data.test.labels, preds, CLASSES)
-            summary = self.metrics_json(finished=True, test=test)
-            tblog.log_hparams(self.writer, self.cfg.to_dict(), {"hparam/test_acc": test["test_acc"],
-                                                                "hparam/best_val_acc": summary["best_val_acc"]})
-            test_metrics = {k: test[k] for k in ("test_loss", "test_acc", "test_images")}
-            save_checkpoint(self.checkpoint(self.state.best_state, {**self.best_row(), **test_metrics}),
-                            self.ctx.files.best)
-            save_json(summary, self.ctx.files.metrics)
-            for line in summary_lines(summary, self.ctx.files):
-                self.ctx.console.result(line)
+        """Rank 0: test the best model, store its test metrics, write metrics.json and the TB extras; the
+        other ranks wait for it (the barrier), each returning its own summary."""
+        if not self.is_main:
+            dist.barrier()
+            return self.metrics_json(finished=True)
+        test, preds = self.test_best()
+        test["per_class_test_acc"] = tblog.log_test_figures(self.writer, self.data.test.images,
+                                                            self.data.test.labels, preds, CLASSES)
+        summary = self.metrics_json(finished=True, test=test)
+        tblog.log_hparams(self.writer, self.cfg.to_dict(), {"hparam/test_acc": test["test_acc"],
+                                                            "hparam/best_val_acc": summary["best_val_acc"]})
+        test_metrics = {k: test[k] for k in ("test_loss", "test_acc", "test_images")}
+        save_checkpoint(self.checkpoint(self.state.best_state, {**self.best_row(), **test_metrics}),
+                        self.ctx.files.best)
+        save_json(summary, self.ctx.files.metrics)
+        for line in summary_lines(summary, self.ctx.files):
+            self.ctx.console.result(line)
         dist.barrier()
         return summary
 
