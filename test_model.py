@@ -117,13 +117,13 @@ def check_model_and_memory(report, path: Path, args, rt_eval, data, training_sam
 def resolve_runtime(args):
     """How the models are evaluated, less the normalisation that each checkpoint brings; a bad --device
     or --amp is a usage error (exit 2)."""
-    from fashion_ft.engine import Runtime
+    from fashion_ft.engine import ComputeSettings
     from fashion_ft.system import resolve_amp, resolve_device
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the device check reports a CPU fall-back (and why) itself
         device = resolve_device(args.device)
-    return Runtime(device, resolve_amp(args.amp, device), mean=0.0, std=1.0, tta_flip=args.tta == "flip")
+    return ComputeSettings(device, resolve_amp(args.amp, device), mean=0.0, std=1.0, tta_flip=args.tta == "flip")
 
 
 def run_checks(args):

@@ -51,7 +51,7 @@ from fashion_ft.data import (
     read_split,
     write_idx,
 )
-from fashion_ft.engine import Runtime, TrainData, TrainStep, choose_memory_format, evaluate, train_one_epoch
+from fashion_ft.engine import ComputeSettings, TrainData, TrainStep, choose_memory_format, evaluate, train_one_epoch
 from fashion_ft.model import ARCHS, INPUT_SHAPE, build_source, count_parameters, resolve_arch_kwargs
 from fashion_ft.optim import build_optimizer, build_schedulers
 from fashion_ft.system import (
@@ -105,7 +105,7 @@ class Bench:
     """The resolved settings both paths share."""
 
     device: torch.device
-    rt: Runtime
+    rt: ComputeSettings
     model_name: str
     build: Callable[[], torch.nn.Module]  # a fresh model, the same weights for a given torch seed
     batch_size: int
@@ -133,7 +133,7 @@ def resolve_settings(args) -> Bench:
         print(why_not, file=sys.stderr)
     mean, std = args.normalize or (MEAN, STD)
     return Bench(
-        device=device, rt=Runtime(device, resolve_amp(args.amp, device), mean, std, memory_format),
+        device=device, rt=ComputeSettings(device, resolve_amp(args.amp, device), mean, std, memory_format),
         model_name=name, build=lambda: build_source(args.arch, kwargs, definition),
         workers=workers, augment=args.augment, tiny=args.tiny,
         batch_size=tiny.get("batch_size", args.batch_size),

@@ -23,8 +23,9 @@ from .system import CHANNELS_LAST_MPS_REASON, AmpPolicy, autocast, channels_last
 
 
 @dataclass
-class Runtime:
-    """Where and how the numbers are computed; shared by training and evaluation."""
+class ComputeSettings:
+    """Where and how a batch is computed: device, precision, input normalisation, memory layout, this
+    process's shard of the data, flip TTA; shared by training and evaluation."""
 
     device: torch.device
     amp: AmpPolicy
@@ -70,7 +71,7 @@ class TrainStep:
     ema: "ModelEma | None" = None  # updated from ema_source, the plain model, after every step
     ema_source: nn.Module | None = None
 
-    def __call__(self, x, y, rt: Runtime):
+    def __call__(self, x, y, rt: ComputeSettings):
         check_batch_for_batchnorm1d(self.model, len(x))
         with autocast(rt.device, rt.amp):
             logits = self.model(x)
@@ -178,7 +179,7 @@ class TrainData:
     sync_every: int = 25  # steps between host syncs (progress, the stop flag, the finite-loss check)
 
 
-def train_one_epoch(step: TrainStep, train: TrainData, epoch: int, rt: Runtime, on_sync=None) -> dict:
+def train_one_epoch(step: TrainStep, train: TrainData, epoch: int, rt: ComputeSettings, on_sync=None) -> dict:
     """One pass over this rank's shard. on_sync(done, total, loss) may return True to stop early."""
     data, aug, batch_size, seed, sync_every = train.data, train.aug, train.batch_size, train.seed, train.sync_every
     torch.manual_seed(epoch_seed(seed, epoch, rt.rank))
@@ -207,7 +208,7 @@ def train_one_epoch(step: TrainStep, train: TrainData, epoch: int, rt: Runtime, 
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images_uint8: torch.Tensor, rt: Runtime, batch_size: int) -> torch.Tensor:
+def predict_logits(model: nn.Module, images_uint8: torch.Tensor, rt: ComputeSettings, batch_size: int) -> torch.Tensor:
     """fp32 logits for every image (uint8 N x 1 x 28 x 28), in large batches, without augmentation.
 
     With `rt.tta_flip` they are the log of the probabilities averaged over the image and its mirror
@@ -233,7 +234,7 @@ def logit_metrics(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, fl
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
-def evaluate(model: nn.Module, data: DeviceData, rt: Runtime, batch_size: int) -> dict:
+def evaluate(model: nn.Module, data: DeviceData, rt: ComputeSettings, batch_size: int) -> dict:
     """Loss (plain cross-entropy) and accuracy over `data`, sharded across ranks and all-reduced."""
     idx = torch.arange(len(data), device=rt.device)[rt.rank::rt.world_size]  # every image once
     logits = predict_logits(model, data.images[idx], rt, batch_size)

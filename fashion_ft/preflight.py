@@ -11,7 +11,7 @@ import torch
 from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors, strict_json
 from .config import Config
 from .data import FILES, DeviceData, find_data_dir, load_split, make_batch, test_halves
-from .engine import Runtime, TrainStep, choose_memory_format, logit_metrics, predict_logits
+from .engine import ComputeSettings, TrainStep, choose_memory_format, logit_metrics, predict_logits
 from .errors import UserError, first_line
 from .model import count_parameters
 from .normalization import SAMPLE_IMAGES, compare, suggestion
@@ -156,7 +156,7 @@ def _train_batch(data: DeviceData | None, device: torch.device, n: int = TRAIN_S
     return images.to(device), torch.randint(0, 10, (n,), generator=gen).to(device)
 
 
-def _train_step(model, data: DeviceData | None, rt: Runtime, cfg: Config):
+def _train_step(model, data: DeviceData | None, rt: ComputeSettings, cfg: Config):
     """Up to three steps of finetune_gpu.py's TrainStep on a copy of model -> (loss, the copy, changed).
     With fp16 the loss scaler may skip the first step (an overflow at its starting scale), so a skipped
     step is retried; a real step changes the weights."""
@@ -183,7 +183,7 @@ def check_train_step(model, data: DeviceData | None, mean: float, std: float, de
     its --amp auto precision policy, memory layout, optimizer and loss scaler."""
     cfg = Config()
     memory_format, why_not = choose_memory_format(model, device, cfg.channels_last)
-    rt = Runtime(device, resolve_amp(cfg.amp, device), mean, std, memory_format)
+    rt = ComputeSettings(device, resolve_amp(cfg.amp, device), mean, std, memory_format)
     loss, trained, changed = _train_step(model, data, rt, cfg)
     if not changed:
         raise CheckFailed(f"three {cfg.optimizer} steps under amp {rt.amp.name} changed no weight")
@@ -194,7 +194,7 @@ def check_train_step(model, data: DeviceData | None, mean: float, std: float, de
             {"amp": rt.amp.name, "optimizer": cfg.optimizer, "loss": loss, "channels_last": why_not is None}, True)
 
 
-def check_forward(model, rt: Runtime, n: int = 8):
+def check_forward(model, rt: ComputeSettings, n: int = 8):
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen).to(rt.device)
     logits = predict_logits(model, images, rt, n)
@@ -221,7 +221,7 @@ def check_normalization(model, train: DeviceData, mean: float, std: float):
             "common normalisation does clearly better", {"accuracy": scores[current]}, True)
 
 
-def eval_logits(model, rt: Runtime, data: DeviceData, batch_size: int):
+def eval_logits(model, rt: ComputeSettings, data: DeviceData, batch_size: int):
     """(logits, seconds) with the clock started after one warm-up batch."""
     predict_logits(model, data.images[:batch_size], rt, batch_size)
     synchronize(rt.device)
@@ -231,7 +231,7 @@ def eval_logits(model, rt: Runtime, data: DeviceData, batch_size: int):
     return logits, time.perf_counter() - start
 
 
-def check_eval(model, rt: Runtime, data: DeviceData, batch_size: int, min_acc: float):
+def check_eval(model, rt: ComputeSettings, data: DeviceData, batch_size: int, min_acc: float):
     logits, seconds = eval_logits(model, rt, data, batch_size)
     if not torch.isfinite(logits).all():
         raise CheckFailed(f"the model's output holds NaN or Inf on {len(data)} test images")

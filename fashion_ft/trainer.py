@@ -1,8 +1,8 @@
 """A whole fine-tuning run, top to bottom: set-up, epoch 0, the epoch loop, the final test.
 
-`fine_tune` prepares a `Run` (what every part of a run shares: config, runtime, files, console, data,
-state, TensorBoard log) and runs its epoch loop: the engine's `train_one_epoch` runs the optimisation
-steps, then `Run.record` validates, selects, saves and logs the epoch.
+`fine_tune` prepares a `Run` (what every part of a run shares: config, compute settings, files, console,
+data, state, TensorBoard log) and runs its epoch loop: the engine's `train_one_epoch` runs the
+optimisation steps, then `Run.record` validates, selects, saves and logs the epoch.
 """
 
 import copy
@@ -46,7 +46,7 @@ from .data import (
     split_sets,
 )
 from .engine import (
-    Runtime,
+    ComputeSettings,
     TrainData,
     TrainStep,
     choose_memory_format,
@@ -247,7 +247,7 @@ def check_normalization(start: StartModel, train: DeviceData) -> None:
         raise UsageError(f"{advice}; pass --normalize MEAN STD (the one the model was trained with)")
 
 
-def wrap_model(model: nn.Module, cfg: Config, rt: Runtime, info: dist.DistInfo) -> nn.Module:
+def wrap_model(model: nn.Module, cfg: Config, rt: ComputeSettings, info: dist.DistInfo) -> nn.Module:
     """Freeze, move, and wrap for DDP / torch.compile; the plain model stays reachable via unwrap()."""
     apply_freezing(model, cfg.freeze_conv, cfg.freeze_bn, cfg.trainable_patterns)
     model = model.to(rt.device, memory_format=rt.memory_format)
@@ -261,7 +261,7 @@ def wrap_model(model: nn.Module, cfg: Config, rt: Runtime, info: dist.DistInfo) 
     return model
 
 
-def build_state(cfg: Config, model: nn.Module, rt: Runtime, steps_per_epoch: int, lr: float) -> RunState:
+def build_state(cfg: Config, model: nn.Module, rt: ComputeSettings, steps_per_epoch: int, lr: float) -> RunState:
     optimizer = build_optimizer(model, cfg, lr)
     step = TrainStep(
         model=model, optimizer=optimizer, schedulers=build_schedulers(optimizer, cfg, steps_per_epoch),
@@ -275,11 +275,11 @@ def build_state(cfg: Config, model: nn.Module, rt: Runtime, steps_per_epoch: int
                     run_name=cfg.run_name)
 
 
-def runtime_for(cfg: Config, device, ctx: RunContext) -> Runtime:
+def compute_settings(cfg: Config, device, ctx: RunContext) -> ComputeSettings:
     memory_format, why_not = choose_memory_format(ctx.start.model, device, cfg.channels_last)
     if why_not:
         ctx.console.print(why_not)
-    return Runtime(device, resolve_amp(cfg.amp, device), ctx.start.mean, ctx.start.std, memory_format,
+    return ComputeSettings(device, resolve_amp(cfg.amp, device), ctx.start.mean, ctx.start.std, memory_format,
                    ctx.info.rank, ctx.info.world_size, tta_flip=cfg.tta == "flip")
 
 
@@ -340,7 +340,7 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
 class Run:
     cfg: Config
     ctx: RunContext
-    rt: Runtime
+    rt: ComputeSettings
     data: Data
     state: RunState
     eval_model: nn.Module  # what is validated, selected and saved: the EMA with --ema-decay
@@ -356,7 +356,7 @@ class Run:
         if steps < 1:
             raise UsageError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is more than the "
                              f"{len(data.train)} training images")
-        rt = runtime_for(cfg, device, ctx)
+        rt = compute_settings(cfg, device, ctx)
         lr = cfg.lr * info.world_size if cfg.scale_lr else cfg.lr
         train_model = wrap_model(ctx.start.model, cfg, rt, info)
         state = build_state(cfg, train_model, rt, steps, lr)

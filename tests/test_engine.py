@@ -12,7 +12,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from fashion_ft import engine, optim
 from fashion_ft.config import Config
 from fashion_ft.data import AugmentConfig, affine_grid, augment, make_batch
-from fashion_ft.engine import ModelEma, Runtime, TrainStep, make_ema, predict_logits, rank_shard, restore_optimization
+from fashion_ft.engine import (
+    ComputeSettings,
+    ModelEma,
+    TrainStep,
+    make_ema,
+    predict_logits,
+    rank_shard,
+    restore_optimization,
+)
 from fashion_ft.errors import UserError
 from fashion_ft.freezing import apply_freezing
 from fashion_ft.model import build_model
@@ -125,7 +133,7 @@ def test_flip_tta_averages_the_probabilities_of_an_image_and_its_mirror_image():
     torch.manual_seed(0)
     model = build_model("cnn3").eval()
     images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
-    plain = Runtime(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25)
+    plain = ComputeSettings(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25)
     tta = dataclasses.replace(plain, tta_flip=True)
     expected = (predict_logits(model, images, plain, 4).softmax(1)
                 + predict_logits(model, images.flip(3), plain, 4).softmax(1)) / 2
@@ -144,7 +152,7 @@ def test_ema_is_the_moving_average_of_the_weights_after_each_step():
     optimizer = build_optimizer(model, cfg, 0.01)
     step = TrainStep(model, optimizer, build_schedulers(optimizer, cfg, 1), torch.amp.GradScaler("cpu", enabled=False),
                      0.0, None, ema=make_ema(model, 0.9), ema_source=model)
-    rt = Runtime(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25)
+    rt = ComputeSettings(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25)
     expected = None
     for _ in range(3):
         step(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), rt)
@@ -162,13 +170,13 @@ def test_flip_tta_logits_stay_finite_for_very_confident_models():
         def forward(self, x):
             return torch.tensor([0.0, 200.0, -200.0] + [0.0] * 7).expand(len(x), 10)
 
-    rt = Runtime(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25, tta_flip=True)
+    rt = ComputeSettings(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25, tta_flip=True)
     logits = predict_logits(Confident(), torch.zeros(2, 1, 28, 28, dtype=torch.uint8), rt, 2)
     assert torch.isfinite(logits).all()
     assert torch.isfinite(torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2])))
 
 
-CPU = Runtime(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25)
+CPU = ComputeSettings(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25)
 
 
 def test_model_ema_gives_the_numbers_of_torch_averaged_model():

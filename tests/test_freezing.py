@@ -10,7 +10,7 @@ from foreign import SPECS, import_class, write_script
 from torch import nn
 
 from fashion_ft.config import Config
-from fashion_ft.engine import Runtime, TrainStep
+from fashion_ft.engine import ComputeSettings, TrainStep
 from fashion_ft.errors import UserError
 from fashion_ft.freezing import (
     _frozen_tensors,
@@ -314,7 +314,7 @@ def test_a_training_batch_of_one_image_never_reaches_a_batchnorm1d(freeze_bn, fo
     apply_freezing(model, False, freeze_bn)
     set_train_mode(model, False, freeze_bn)
     step = train_step(model)
-    rt = Runtime(torch.device("cpu"), AmpPolicy(None, False), 0.0, 1.0)
+    rt = ComputeSettings(torch.device("cpu"), AmpPolicy(None, False), 0.0, 1.0)
     x, y = torch.randn(1, 1, 28, 28), torch.tensor([3])
     if freeze_bn:  # BatchNorm1d in eval mode uses its running statistics: one image is fine
         step(x, y, rt)

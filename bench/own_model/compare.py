@@ -14,7 +14,7 @@ import torch
 from fashion_ft import cli, userdef
 from fashion_ft.checkpoint import load_checkpoint
 from fashion_ft.data import DeviceData, load_split, test_halves
-from fashion_ft.engine import Runtime, logit_metrics, predict_logits
+from fashion_ft.engine import ComputeSettings, logit_metrics, predict_logits
 from fashion_ft.system import AmpPolicy
 
 
@@ -32,7 +32,7 @@ def halves(path: str, args, images, labels, held_out, selection) -> dict:
     ckpt = load_checkpoint(path, model_def=userdef.parse(args.model_def) if args.model_def else None,
                            model_kwargs=args.model_kwargs)
     mean, std = (args.normalize if not ckpt.normalize_recorded else None) or (ckpt.mean, ckpt.std)
-    rt = Runtime(torch.device("cpu"), AmpPolicy(None, False), mean, std)
+    rt = ComputeSettings(torch.device("cpu"), AmpPolicy(None, False), mean, std)
     logits = predict_logits(ckpt.build(), images, rt, 1000)
     return {name: logit_metrics(logits[idx], labels[idx])[1]
             for name, idx in (("held-out half", held_out), ("selection half", selection), ("all", slice(None)))}
