@@ -351,16 +351,16 @@ class RunLock:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._refuse(fd)
         except OSError as exc:
-            if created and exc.errno in NO_FLOCK:  # then the O_EXCL creation is the lock
-                warnings.warn(f"{self.flag}: {self.path.parent} has no flock; should this run be killed, "
-                              f"delete {self.path} before the next one", stacklevel=3)
-            else:
-                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if exc.errno not in NO_FLOCK:
                 os.close(fd)
-                if not isinstance(exc, BlockingIOError) and exc.errno not in NO_FLOCK:
-                    raise
-                raise UserError(self.held_message(pid if pid.isdigit() else None)) from None
+                raise
+            if not created:  # without flock, an existing file is a run's lock, live or killed
+                self._refuse(fd)
+            warnings.warn(f"{self.flag}: {self.path.parent} has no flock; should this run be killed, "
+                          f"delete {self.path} before the next one", stacklevel=3)
         if not same_inode(fd, self.path):  # its holder removed it after we opened it
             os.close(fd)
             return None
@@ -379,10 +379,13 @@ class RunLock:
         self._created = []
         return False
 
-    def held_message(self, pid: str | None) -> str:
-        who = f"pid {pid}" if pid else "another process"
-        return (f"{self.flag} folder {self.path.parent} is in use by a running fine-tuning run ({who}); wait "
-                f"for it to end or choose another {self.flag} (if no run uses it, delete {self.path})")
+    def _refuse(self, fd: int) -> None:
+        """Another run holds the folder: the UserError, naming its pid where the file gives one."""
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"pid {pid}" if pid.isdigit() else "another process"
+        raise UserError(f"{self.flag} folder {self.path.parent} is in use by a running fine-tuning run ({who}); "
+                        f"wait for it to end or choose another {self.flag} (if no run uses it, delete {self.path})")
 
 
 def same_inode(fd: int, path: Path) -> bool:
