@@ -11,8 +11,9 @@ import math
 import os
 import shutil
 import stat
+import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,7 @@ import torch.nn.functional as F
 from .errors import UsageError, UserError
 from .outputs import resolve_path
 
-CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 # Pixel statistics of the 60k training images, scaled to [0, 1].
 MEAN, STD = 0.2860, 0.3530
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -45,10 +43,8 @@ DEFAULT_SPLIT = (42, 5000)  # (seed, validation images) when neither the user no
 # training image, so it validates on the test half unless told its split (bench/results/own-model/).
 VALIDATION_SOURCES = ("train", "test-half")
 UNKNOWN_SPLIT_VALIDATION = "test-half"
-GET_DATA_HINT = (
-    "get it with 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) "
-    "or pass --download to fetch it into ./data"
-)
+GET_DATA_HINT = ("get it with 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) "
+                 "or pass --download to fetch it into ./data")
 
 
 # ---------------------------------------------------------------- finding and reading the files
@@ -73,25 +69,21 @@ def _idx_path(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def candidate_dirs(data_dir: str | None) -> list[Path]:
-    """Where the files are looked for, in order. A folder the user named (--data-dir, else
-    $FASHION_MNIST_DIR) is the only place looked at: reading some other copy would hide their mistake."""
-    named = data_dir or os.environ.get(ENV_DIR)
-    if named:
-        return [Path(named), Path(named) / "FashionMNIST" / "raw"]
-    return [Path("data"), Path("data/FashionMNIST/raw"), Path(DEBIAN_DIR)]
-
-
 def find_data_dir(data_dir: str | None = None, split: str = "train") -> Path:
-    """The first folder that holds both IDX files of `split`."""
+    """The first folder that holds both IDX files of `split`. A folder the user named (--data-dir, else
+    $FASHION_MNIST_DIR) is the only place looked at: reading some other copy would hide their mistake."""
     if data_dir:
         resolve_path(Path(data_dir), "--data-dir")  # a symlink loop is worded as for every other path
-    tried = candidate_dirs(data_dir)
+    named = data_dir or os.environ.get(ENV_DIR)
+    if named:
+        tried = [Path(named), Path(named) / "FashionMNIST" / "raw"]
+    else:
+        tried = [Path("data"), Path("data/FashionMNIST/raw"), Path(DEBIAN_DIR)]
     for folder in tried:
         if all(_idx_path(folder, stem) for stem in FILES[split]):
             return folder
     places = ", ".join(str(p) for p in tried)
-    if not data_dir and os.environ.get(ENV_DIR):
+    if named and not data_dir:
         raise DataNotFound(f"Fashion-MNIST {split} files not found (looked in: {places}, the folder ${ENV_DIR} "
                            f"names); point it at the files, or unset it and {GET_DATA_HINT}")
     raise DataNotFound(f"Fashion-MNIST {split} files not found (looked in: {places}); {GET_DATA_HINT}")
@@ -125,19 +117,18 @@ def _open_regular(path, flags):
     return fd
 
 
-def _read_dims(fh, path: Path, expected_magic: int) -> list[int]:
-    """The dimensions in the header of an open IDX file, after checking its magic number."""
+def _read_dims(fh, path: Path, expected_magic: int) -> tuple[int, ...]:
     head = fh.read(4)
     if len(head) < 4:
         raise UserError(f"{path} is not an IDX file (only {len(head)} bytes)")
     magic = int.from_bytes(head, "big")
     if magic != expected_magic:
         raise UserError(f"{path} has magic number {magic}, expected {expected_magic}: not the right IDX file")
-    ndim = magic & 0xFF
+    ndim = magic & 0xFF  # the magic number's last byte
     dims = fh.read(4 * ndim)
     if len(dims) < 4 * ndim:
         raise UserError(f"{path} is not an IDX file (only {4 + len(dims)} bytes)")
-    return [int.from_bytes(dims[i: i + 4], "big") for i in range(0, 4 * ndim, 4)]
+    return struct.unpack(f">{ndim}I", dims)
 
 
 def read_idx(path: Path, expected_magic: int) -> np.ndarray:
@@ -173,18 +164,16 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
 
 def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
     """An uncompressed IDX file of a uint8 array (the inverse of read_idx)."""
-    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
     Path(path).write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
 def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 N x 28 x 28, labels int64 N) of one split, checked for consistency."""
-    image_stem, label_stem = FILES[split]
-    image_path, label_path = _idx_path(folder, image_stem), _idx_path(folder, label_stem)
+    image_path, label_path = (_idx_path(folder, stem) for stem in FILES[split])
     if image_path is None or label_path is None:
         raise DataNotFound(f"Fashion-MNIST {split} files not found in {folder}; {GET_DATA_HINT}")
-    images = read_idx(image_path, IMAGES_MAGIC)
-    labels = read_idx(label_path, LABELS_MAGIC)
+    images, labels = read_idx(image_path, IMAGES_MAGIC), read_idx(label_path, LABELS_MAGIC)
     if images.shape[1:] != (28, 28):
         raise UserError(f"{image_path} holds {images.shape[1:]} images, expected 28 x 28")
     if len(images) != len(labels):
@@ -215,22 +204,17 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     n = len(labels)
     if not 0 <= val_size < n:
         raise UserError(f"validation size {val_size} must be between 0 and {n - 1}")
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=gen)
-    counts = torch.bincount(labels, minlength=len(CLASSES)).double()
-    quota = counts * val_size / n
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    quota = torch.bincount(labels, minlength=len(CLASSES)).double() * val_size / n
     take = quota.floor().long()
     # largest remainders get the leftover places, so the sizes add up to val_size exactly
     leftover = val_size - int(take.sum())
     take[torch.argsort(quota - take, descending=True, stable=True)[:leftover]] += 1
-    val_parts = []
     shuffled_labels = labels[perm]
-    for cls in range(len(CLASSES)):
-        val_parts.append(perm[shuffled_labels == cls][: int(take[cls])])
-    val_idx = torch.cat(val_parts).sort().values
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[val_idx] = False
-    return torch.arange(n)[mask], val_idx
+    val_idx = torch.cat([perm[shuffled_labels == cls][:int(take[cls])] for cls in range(len(CLASSES))]).sort().values
+    is_train = torch.ones(n, dtype=torch.bool)
+    is_train[val_idx] = False
+    return torch.arange(n)[is_train], val_idx
 
 
 def label_warning(labels: torch.Tensor, what: str) -> str | None:
@@ -264,8 +248,7 @@ class Split:
     validation: str = "train"  # one of VALIDATION_SOURCES
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, "val_size": self.val_size, "fingerprint": self.fingerprint,
-                "validation": self.validation}
+        return asdict(self)
 
     def describe(self) -> str:
         if self.validation == "test-half":
@@ -322,8 +305,7 @@ def held_out(chosen: Split, record: Split, labels: torch.Tensor | None) -> bool:
     """Whether every validation image of `chosen` was also held out by `record` (on these labels)."""
     if labels is None or max(chosen.val_size, record.val_size) >= len(labels):
         return False
-    chosen_val = stratified_split(labels, chosen.val_size, chosen.seed)[1]
-    record_val = stratified_split(labels, record.val_size, record.seed)[1]
+    chosen_val, record_val = (stratified_split(labels, s.val_size, s.seed)[1] for s in (chosen, record))
     return bool(torch.isin(chosen_val, record_val).all())
 
 
@@ -339,19 +321,19 @@ def split_sets(train: tuple, test: tuple, split: Split, limit_train: int | None,
     if split.validation == "test-half":
         train_idx = torch.arange(len(labels))
         test_idx, val_idx = test_halves(test_labels, split.seed)
-        sets = {"val": (test_images[val_idx], test_labels[val_idx]), "test": (test_images[test_idx], test_labels[test_idx])}
+        val, test = (test_images[val_idx], test_labels[val_idx]), (test_images[test_idx], test_labels[test_idx])
     else:
         if split.val_size >= len(labels):
             raise UsageError(f"--val-size {split.val_size} leaves no training images: the training files hold only "
                              f"{len(labels)} images")
         train_idx, val_idx = stratified_split(labels, split.val_size, split.seed)
-        sets = {"val": (images[val_idx], labels[val_idx]), "test": test}
+        val = (images[val_idx], labels[val_idx])
     if limit_train is not None:
         if limit_train > len(train_idx):
             raise UsageError(f"--limit-train {limit_train} exceeds the {len(train_idx)} training images")
         pick = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))
         train_idx = train_idx[pick[:limit_train]].sort().values
-    return {"train": (images[train_idx], labels[train_idx]), **sets}
+    return {"train": (images[train_idx], labels[train_idx]), "val": val, "test": test}
 
 
 # ---------------------------------------------------------------- device-resident data and batches
@@ -373,8 +355,7 @@ class DeviceData:
 
 def epoch_permutation(n: int, seed: int, epoch: int, device) -> torch.Tensor:
     """The same permutation on every rank and on resume: a function of (seed, epoch) alone."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=gen).to(device)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).to(device)
 
 
 def batch_slices(n: int, batch_size: int, drop_last: bool):
@@ -384,6 +365,7 @@ def batch_slices(n: int, batch_size: int, drop_last: bool):
 
 
 # ---------------------------------------------------------------- batched augmentation
+# Resume is bit-exact: each function below draws its random numbers in a fixed order, which must not change.
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -391,10 +373,6 @@ class AugmentConfig:
     shift_px: float = 0.0
     hflip: bool = False
     erase_p: float = 0.0
-
-    @property
-    def active(self) -> bool:
-        return bool(self.rotate_deg or self.shift_px or self.hflip or self.erase_p)
 
 
 AUGMENT_PRESETS = {
@@ -428,9 +406,7 @@ def random_affine(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> 
     tx = _uniform(n, -aug.shift_px, aug.shift_px, gen, device) * (2 / x.shape[-1])
     ty = _uniform(n, -aug.shift_px, aug.shift_px, gen, device) * (2 / x.shape[-2])
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack(
-        [torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1
-    )
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
     grid = affine_grid(theta.to(x.dtype), n, x.shape[-2], x.shape[-1])
     # zeros outside the image: black, which is Fashion-MNIST's background
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -446,13 +422,10 @@ def random_erase(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tenso
     ew = torch.sqrt(area / torch.exp(log_ratio)).clamp(1, w)
     top = torch.rand(n, generator=gen, device=device) * (h - eh)
     left = torch.rand(n, generator=gen, device=device) * (w - ew)
-    rows = torch.arange(h, device=device).view(1, h, 1)
-    cols = torch.arange(w, device=device).view(1, 1, w)
-    box = (
-        (rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
-        & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1))
-    )
-    chosen = (torch.rand(n, generator=gen, device=device) < p).view(n, 1, 1)
+    chosen = torch.rand(n, generator=gen, device=device) < p
+    top, left, eh, ew, chosen = (t.view(n, 1, 1) for t in (top, left, eh, ew, chosen))
+    rows, cols = torch.arange(h, device=device).view(1, h, 1), torch.arange(w, device=device).view(1, 1, w)
+    box = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
     return x.masked_fill((box & chosen).unsqueeze(1), 0.0)
 
 
@@ -468,7 +441,6 @@ def augment(x01: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> torc
 def make_batch(images_uint8, aug: AugmentConfig | None, gen, mean, std, memory_format=torch.contiguous_format):
     """uint8 batch -> augmented, normalised float batch, ready for the model."""
     x = images_uint8.float().div_(255.0)
-    if aug is not None and aug.active:
+    if aug is not None:
         x = augment(x, aug, gen)
-    x = x.sub_(mean).div_(std)
-    return x.contiguous(memory_format=memory_format)
+    return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)

@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from conftest import write_idx, write_split
+from conftest import write_split
 
 from fashion_ft import data
 from fashion_ft.data import (
@@ -193,86 +193,52 @@ def test_not_found_lists_places_and_both_remedies(every_place, monkeypatch, env_
 # ---------------------------------------------------------------- bad files: one clear UserError each
 
 
-def damage_truncate(folder):
-    path = folder / FILES["test"][0]
-    path.write_bytes(path.read_bytes()[:-100])
+def idx_header(magic, *dims):
+    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
 
 
-def damage_magic(folder):
+def idx_bytes(magic, array):
+    return idx_header(magic, *array.shape) + array.tobytes()
+
+
+LABELS = tiny_split()[1]
+IMAGES_FILE, LABELS_FILE = FILES["test"]
+# name: (gzip the files first, which file is damaged, its damaged contents from its contents, expected message)
+BAD_FILES = {
+    "truncated": (False, IMAGES_FILE, lambda raw: raw[:-100], "truncated or corrupt"),
     # a labels file where the images file belongs: the classic swapped-file mistake
-    images, labels = tiny_split()
-    write_idx(folder / FILES["test"][0], labels, LABELS_MAGIC)
-
-
-def damage_count(folder):
-    images, labels = tiny_split()
-    write_idx(folder / FILES["test"][1], labels[:-1], LABELS_MAGIC)
-
-
-def damage_label(folder):
-    labels = tiny_split()[1].copy()
-    labels[3] = len(CLASSES)
-    write_idx(folder / FILES["test"][1], labels, LABELS_MAGIC)
-
-
-def damage_shape(folder):
-    write_idx(folder / FILES["test"][0], np.zeros((20, 32, 32), np.uint8), IMAGES_MAGIC)
-
-
-def damage_empty(folder):
-    (folder / FILES["test"][1]).write_bytes(b"")
-
-
-def damage_gzip_truncated(folder):
-    gzip_folder(folder)
-    path = folder / (FILES["test"][0] + ".gz")
-    path.write_bytes(path.read_bytes()[:200])
-
-
-def damage_gzip_corrupt(folder):
-    gzip_folder(folder)
-    path = folder / (FILES["test"][0] + ".gz")
-    raw = bytearray(path.read_bytes())
-    raw[10:14] = bytes(b ^ 0xFF for b in raw[10:14])  # the first deflate block header: a zlib.error
-    path.write_bytes(bytes(raw))
-
-
-def damage_gzip_short(folder):
+    "swapped": (False, IMAGES_FILE, lambda raw: idx_bytes(LABELS_MAGIC, LABELS), "magic number 2049, expected 2051"),
+    "label missing": (False, LABELS_FILE, lambda raw: idx_bytes(LABELS_MAGIC, LABELS[:-1]), "20 images but"),
+    "label 10": (False, LABELS_FILE, lambda raw: raw[:-1] + bytes([len(CLASSES)]), "label 10, expected 0..9"),
+    "32 x 32": (False, IMAGES_FILE, lambda raw: idx_bytes(IMAGES_MAGIC, np.zeros((20, 32, 32), np.uint8)),
+                "expected 28 x 28"),
+    "empty": (False, LABELS_FILE, lambda raw: b"", "not an IDX file"),
+    "gzip truncated": (True, IMAGES_FILE, lambda raw: raw[:200], "cannot read"),
+    # the first deflate block header: a zlib.error
+    "gzip corrupt": (True, IMAGES_FILE, lambda raw: raw[:10] + bytes(b ^ 0xFF for b in raw[10:14]) + raw[14:],
+                     "cannot read"),
     # a well-formed .gz of a file that lost its end before it was compressed
-    damage_truncate(folder)
-    gzip_folder(folder)
+    "gzip short": (True, IMAGES_FILE, lambda raw: gzip.compress(gzip.decompress(raw)[:-100]),
+                   "is truncated or corrupt: header says 15696 bytes, it inflates to 15596"),
+    "raw long": (False, LABELS_FILE, lambda raw: raw + b"\0",
+                 "is truncated or corrupt: header says 28 bytes, file has 29"),
+}
 
 
-def damage_raw_long(folder):
-    with open(folder / FILES["test"][1], "ab") as fh:
-        fh.write(b"\0")
-
-
-@pytest.mark.parametrize("damage, expected", [
-    (damage_truncate, "truncated or corrupt"),
-    (damage_magic, "magic number 2049, expected 2051"),
-    (damage_count, "20 images but"),
-    (damage_label, "label 10, expected 0..9"),
-    (damage_shape, "expected 28 x 28"),
-    (damage_empty, "not an IDX file"),
-    (damage_gzip_truncated, "cannot read"),
-    (damage_gzip_corrupt, "cannot read"),
-    (damage_gzip_short, "is truncated or corrupt: header says 15696 bytes, it inflates to 15596"),
-    (damage_raw_long, "is truncated or corrupt: header says 28 bytes, file has 29"),
-])
-def test_bad_idx_file_is_a_clear_user_error(tmp_path, damage, expected):
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_idx_file_is_a_clear_user_error(tmp_path, name):
+    gzipped, which, damage, expected = BAD_FILES[name]
     write_split(tmp_path, "test", *tiny_split())
-    damage(tmp_path)
+    if gzipped:
+        gzip_folder(tmp_path)
+    path = tmp_path / (which + (".gz" if gzipped else ""))
+    path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(UserError) as err:
         read_split(tmp_path, "test")
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------- lying headers: refused before the data is read
-
-
-def idx_header(magic, *dims):
-    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
 
 
 def gzip_bomb(path):
