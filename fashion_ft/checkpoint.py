@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import warnings
@@ -45,10 +46,15 @@ from .model import (
 FORMAT = "fashion_ft.checkpoint"
 FORMAT_VERSION = 1
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
-PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DataParallel/DDP, torch.compile, nested either way
 TRUST_HINT = "pass --trust-pickle only if you trust where this file came from"
 RESUME_HINT = "--resume never unpickles: a last.pt this tool wrote holds none"
 FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk filled up
+WRITE_ERRNO_MESSAGES = {
+    errno.ENOSPC: "no space left on device while writing {path}",
+    errno.EDQUOT: "disk quota exceeded while writing {path}",
+    errno.EFBIG: "file too large while writing {path}: the file-size limit (ulimit -f) is smaller",
+}
 
 
 # ---------------------------------------------------------------- saving
@@ -58,7 +64,7 @@ class _CauseKeeper:
     write (a full disk, the file-size limit, a signal) as its own RuntimeError, and the cause is lost."""
 
     def __init__(self, fh):
-        self.fh, self.cause = fh, None
+        self.fh, self.flush, self.cause = fh, fh.flush, None
 
     def write(self, data) -> int:
         try:
@@ -66,9 +72,6 @@ class _CauseKeeper:
         except BaseException as exc:
             self.cause = exc
             raise
-
-    def flush(self) -> None:
-        self.fh.flush()
 
 
 def atomic_write(path, write) -> None:
@@ -93,7 +96,7 @@ def atomic_write(path, write) -> None:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException as exc:
-        cause = keeper.cause if keeper is not None and keeper.cause is not None else exc
+        cause = getattr(keeper, "cause", None) or exc
         message = _write_failure(cause, path)  # before the unlink: the temp file is what filled the disk
         with suppress(OSError):
             os.unlink(tmp)
@@ -116,20 +119,14 @@ def _write_failure(exc: BaseException, path: Path) -> str | None:
     ("file write failed", "unexpected pos ..."), not as an OSError, so for those the free space of the
     folder tells whether the disk filled up.
     """
-    full = f"no space left on device while writing {path}"
     if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return full
-        if exc.errno == errno.EDQUOT:
-            return f"disk quota exceeded while writing {path}"
-        if exc.errno == errno.EFBIG:
-            return f"file too large while writing {path}: the file-size limit (ulimit -f) is smaller"
-        return f"cannot write {path}: {exc.strerror or exc}"
+        message = WRITE_ERRNO_MESSAGES.get(exc.errno, "cannot write {path}: {reason}")
+        return message.format(path=path, reason=exc.strerror or exc)
     if not isinstance(exc, RuntimeError):
         return None
     text = str(exc)
     if "No space left on device" in text or _disk_full(path.parent):
-        return full
+        return WRITE_ERRNO_MESSAGES[errno.ENOSPC].format(path=path)
     if "inline_container.cc" in text or "file write failed" in text:
         return f"cannot write {path}: torch could not write the file ({first_line(exc, sentence=True)})"
     return None
@@ -158,7 +155,7 @@ def strict_json(obj: dict) -> dict:
     reader can tell a missing value from a diverged one. JSON has no NaN; Python's json module writes
     one by default, which other readers (jq, JavaScript, pandas' strict mode) refuse.
     """
-    found: dict = {}
+    found = {}
     clean = _nonfinite_to_null(obj, "", found)
     if not found:
         return clean
@@ -167,14 +164,9 @@ def strict_json(obj: dict) -> dict:
     return {**clean, "nonfinite": found}
 
 
-def dumps_json(obj: dict) -> str:
-    """Strict JSON text of `obj` (see strict_json), indented, with a final newline."""
-    return json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n"
-
-
 def save_json(obj: dict, path) -> None:
-    """Write `obj` as strict JSON (see strict_json), atomically."""
-    text = dumps_json(obj)
+    """Write `obj` as strict JSON (see strict_json), indented, with a final newline, atomically."""
+    text = json.dumps(strict_json(obj), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
@@ -182,10 +174,9 @@ def make_checkpoint(model, arch, arch_kwargs, *, mean=MEAN, std=STD, metrics=Non
                     history=None, classes=CLASSES, split: dict | None = None, model_def: dict | None = None) -> dict:
     """The checkpoint dict that every tool of this project reads, loadable with torch.load(weights_only=True).
 
-    `model` is the module or its state_dict (the weights alone, e.g. a best model's kept copy).
-
-    `split` records the validation split the weights were trained with ({seed, val_size, fingerprint});
-    None (unknown) leaves it out. `model_def` records a user's class (userdef.ModelDef.to_dict()), whose
+    `model` is the module or its state_dict (the weights alone, e.g. a best model's kept copy). `split`
+    records the validation split the weights were trained with ({seed, val_size, fingerprint}); None
+    (unknown) leaves it out. `model_def` records a user's class (userdef.ModelDef.to_dict()), whose
     constructor takes `arch_kwargs`.
     """
     weights = model if isinstance(model, dict) else unwrap(model).state_dict()
@@ -225,7 +216,6 @@ def _require(ok: bool, name: str, problem: str) -> None:
 
 
 def _show(value) -> str:
-    """A short one-line picture of a value for an error message."""
     if value is None or isinstance(value, (bool, int, float, str)):
         text = repr(value)
         return text if len(text) <= 40 else text[:37] + "..."
@@ -241,10 +231,6 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_finite(value) -> bool:
-    return _is_number(value) and math.isfinite(value)
-
-
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -253,6 +239,7 @@ DICT = ("a dict with text keys", lambda v: isinstance(v, dict) and all(isinstanc
 TEXT = ("text", lambda v: isinstance(v, str))
 TEXT_OR_NONE = ("text or None", lambda v: v is None or isinstance(v, str))
 COUNT = ("a whole number >= 0", lambda v: _is_int(v) and v >= 0)
+FINITE = ("a finite number", lambda v: _is_number(v) and math.isfinite(v))
 WEIGHTS = ("a state_dict (names to tensors)", _is_state_dict)
 BEST = ("a number or None", lambda v: v is None or _is_number(v))  # +-inf or NaN after a diverged epoch
 
@@ -263,8 +250,8 @@ FIELDS = {
     "arch": TEXT_OR_NONE,  # None: inferred from the weights
     "arch_kwargs": DICT,
     "normalize": DICT,
-    "normalize.mean": ("a finite number", _is_finite),
-    "normalize.std": ("a finite number > 0 (images are divided by it)", lambda v: _is_finite(v) and v > 0),
+    "normalize.mean": FINITE,
+    "normalize.std": ("a finite number > 0 (images are divided by it)", lambda v: FINITE[1](v) and v > 0),
     "classes[]": ("a class name", lambda v: isinstance(v, str) and bool(v)),
     "classes": (f"a list of {NUM_CLASSES} different class names (Fashion-MNIST's)",
                 lambda v: isinstance(v, (list, tuple)) and len(v) == NUM_CLASSES == len(set(map(repr, v)))),
@@ -275,7 +262,8 @@ FIELDS = {
     "split": ("a dict, or None when not recorded", lambda v: v is None or DICT[1](v)),
     "split.seed": ("a whole number in 0..2**64-1", lambda v: _is_int(v) and 0 <= v < 2**64),
     "split.val_size": ("a whole number >= 1", lambda v: _is_int(v) and v >= 1),
-    "split.fingerprint": ("the training files' fingerprint (text), or None", lambda v: v is None or bool(TEXT[1](v) and v)),
+    "split.fingerprint": ("the training files' fingerprint (text), or None",
+                          lambda v: v is None or (isinstance(v, str) and v != "")),
     "split.validation": (f"one of {', '.join(VALIDATION_SOURCES)}", lambda v: v in VALIDATION_SOURCES),
     "kind": TEXT,
     "model_def": DICT,
@@ -311,20 +299,18 @@ RESUME_REQUIRED = REQUIRED | {"arch_kwargs", "normalize", "config", "history"} |
     RESUME_FIELDS.keys() - {"selection", "early_stopping.best", "selection.best", "schedulers.plateau", "ema"})
 
 
-def _found(obj, path: list[str], name: str, required: bool):
-    """(key path, value) of each value at `path` below obj; a missing one only when `required`."""
-    if not path:
+def _found(obj, keys: list[str], name: str, required: bool):
+    """(key path, value) of each value at `keys` below obj; a missing one only when `required`."""
+    if not keys:
         yield name, obj
-        return
-    key, rest = path[0], path[1:]
-    if key == "[]":
+    elif keys[0] == "[]":
         for i, item in enumerate(obj if isinstance(obj, (list, tuple)) else ()):
-            yield from _found(item, rest, f"{name}[{i}]", required)
+            yield from _found(item, keys[1:], f"{name}[{i}]", required)
     elif isinstance(obj, dict):
-        child = f"{name}.{key}" if name else key
-        if key in obj:
-            yield from _found(obj[key], rest, child, required)
-        elif required and not rest:
+        child = f"{name}.{keys[0]}" if name else keys[0]
+        if keys[0] in obj:
+            yield from _found(obj[keys[0]], keys[1:], child, required)
+        elif required and len(keys) == 1:
             raise _BadField(child, "is missing")
 
 
@@ -338,18 +324,10 @@ def _check_tensors(state_dict: dict, where: str) -> None:
     """Weights must hold values: a meta-device tensor (from a model built on torch.device("meta")
     and saved before its weights were loaded) has a shape and no data."""
     empty = [k for k, v in state_dict.items() if v.is_meta]
-    more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
-    _require(not empty, f"{where}{empty[0] if empty else ''}",
-             f"is a meta-device tensor{more}: a shape without values; save the model after its weights were "
-             "loaded")
-
-
-def _check_head(model: nn.Module, set_by: str | None, where: str) -> None:
-    """The model must predict exactly the 10 Fashion-MNIST classes. The error names the field that set
-    the count (`set_by`), else the head's weight in the file (`where`: the key path of the weights)."""
-    outputs, head = output_classes(model)
-    _require(outputs == NUM_CLASSES, set_by or f"{where}{head}",
-             f"gives the model {outputs} output classes, Fashion-MNIST has {NUM_CLASSES}")
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise _BadField(f"{where}{empty[0]}", f"is a meta-device tensor{more}: a shape without values; save the "
+                        "model after its weights were loaded")
 
 
 # ---------------------------------------------------------------- loading
@@ -397,33 +375,24 @@ def _check_readable(path: Path) -> None:
         raise UserError(f"checkpoint is empty (0 bytes): {path}")
 
 
-def _looks_like_torch_file(path: Path) -> bool:
-    """torch.save writes a zip archive (before torch 1.6: a pickle, which starts with the PROTO opcode)."""
+def _refuse_other_files(path: Path) -> None:
+    """torch.save writes a zip archive (before torch 1.6: a pickle, which starts with the PROTO opcode);
+    torch.jit.save writes a zip like it, with compiled code and a constants.pkl beside the data."""
     with open(path, "rb") as fh:
         start = fh.read(4)
-    return start[:1] == b"\x80" or start == b"PK\x03\x04"  # a truncated zip still starts like one
-
-
-def _is_torchscript(path: Path) -> bool:
-    """torch.jit.save writes a zip like torch.save's, with compiled code and a constants.pkl beside the data."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+    if start[:1] != b"\x80" and start != b"PK\x03\x04":  # a truncated zip still starts like one
+        raise UserError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    with suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as archive:
+        if any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist()):
+            raise UserError(f"{path} is a TorchScript archive (torch.jit.save), not a checkpoint of weights; save its "
+                            f"state_dict once with: python -c \"import torch; torch.save(torch.jit.load('{path}')"
+                            ".state_dict(), 'weights.pt')\" and use weights.pt")
 
 
 def _torch_load(path: Path, trust_pickle: bool, refusal_hint: str) -> tuple[object, bool]:
     """(what the file holds, whether it was unpickled as trusted)."""
     try:
-        if not _looks_like_torch_file(path):
-            raise UserError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
-        if _is_torchscript(path):
-            raise UserError(
-                f"{path} is a TorchScript archive (torch.jit.save), not a checkpoint of weights; save its "
-                f"state_dict once with: python -c \"import torch; torch.save(torch.jit.load('{path}')"
-                ".state_dict(), 'weights.pt')\" and use weights.pt"
-            )
+        _refuse_other_files(path)
         with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True), False
@@ -433,10 +402,8 @@ def _torch_load(path: Path, trust_pickle: bool, refusal_hint: str) -> tuple[obje
         if "Weights only load failed" not in str(exc):
             raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?)") from None
         if not trust_pickle:
-            raise UserError(
-                f"{path} holds pickled Python objects, not just weights; loading it would run code from "
-                f"the file, so it was refused ({refusal_hint})"
-            ) from None
+            raise UserError(f"{path} holds pickled Python objects, not just weights; loading it would run code from "
+                            f"the file, so it was refused ({refusal_hint})") from None
     except Exception as exc:  # garbage makes the unpickler fail with any type (KeyError, IndexError, ...)
         raise UserError(
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {first_line(exc, sentence=True)}"
@@ -448,22 +415,13 @@ def _torch_load(path: Path, trust_pickle: bool, refusal_hint: str) -> tuple[obje
 
 
 def strip_prefixes(state_dict: dict) -> dict:
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        out[key] = value
-    return out
+    return {PREFIXES.sub("", key): value for key, value in state_dict.items()}
 
 
 @dataclass
 class _Extracted:
     state_dict: dict
-    source_format: str  # how the weights were stored, for the user
+    source_format: str
     meta: dict  # our metadata, or {} for other formats
     where: str = ""  # the key path of the weights inside the file, for error messages
 
@@ -475,47 +433,44 @@ def _extract(obj) -> _Extracted:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         version = obj.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise UserError(
-                f"checkpoint format version {version} is newer than this tool reads ({FORMAT_VERSION}); "
-                "upgrade fashion_ft"
-            )
+            raise UserError(f"checkpoint format version {version} is newer than this tool reads ({FORMAT_VERSION}); "
+                            "upgrade fashion_ft")
         if not _is_state_dict(obj.get("model")):
             raise UserError(f"checkpoint in {FORMAT} format holds no model weights under 'model'")
         return _Extracted(obj["model"], f"{FORMAT} v{version}", obj, "model.")
     if _is_state_dict(obj):
         return _Extracted(obj, "bare state_dict", {})
-    if isinstance(obj, dict):
-        for key in WRAPPER_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, nn.Module):
-                return _Extracted(inner.state_dict(), f"dict with a pickled nn.Module under {key!r} (trusted)", {})
-            if _is_state_dict(inner):
-                return _Extracted(inner, f"dict with state_dict under {key!r}", {}, f"{key}.")
-        keys = ", ".join(map(str, list(obj)[:6]))
-        raise UserError(f"no model weights found in the checkpoint (its top-level keys: {keys})")
-    raise UserError(f"checkpoint holds a {type(obj).__name__}, not model weights")
-
-
-def _arch_from_meta(meta: dict) -> tuple[str, dict]:
-    arch = meta["arch"]
-    _require(arch in ARCHS, "arch", f"names an unknown arch {arch!r}; known: {', '.join(sorted(ARCHS))}")
-    return arch, resolve_arch_kwargs(arch, meta.get("arch_kwargs") or {})
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint holds a {type(obj).__name__}, not model weights")
+    for key in WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, nn.Module):
+            return _Extracted(inner.state_dict(), f"dict with a pickled nn.Module under {key!r} (trusted)", {})
+        if _is_state_dict(inner):
+            return _Extracted(inner, f"dict with state_dict under {key!r}", {}, f"{key}.")
+    keys = ", ".join(map(str, list(obj)[:6]))
+    raise UserError(f"no model weights found in the checkpoint (its top-level keys: {keys})")
 
 
 def _resolve_arch(found: _Extracted, state_dict: dict) -> tuple[str, dict]:
-    """(arch, kwargs) named by our file and checked against its weights, or inferred from the weights."""
-    meta, set_by = found.meta, None
-    if meta.get("arch") is None:
+    """(arch, kwargs) named by our file and checked against its weights, or inferred from the weights. The
+    model must predict exactly the 10 Fashion-MNIST classes; the error names the field that set the count,
+    else the head's weight in the file."""
+    arch, set_by = found.meta.get("arch"), None
+    if arch is None:
         arch, arch_kwargs = infer_arch(state_dict)
-        model = build_model(arch, arch_kwargs)
     else:
-        arch, arch_kwargs = _arch_from_meta(meta)
-        model = build_model(arch, arch_kwargs)
-        problems = shape_mismatches(model, state_dict)
-        if problems:
-            raise UserError(f"weights do not match arch {arch}: {'; '.join(problems)}")
-        set_by = "arch_kwargs.num_classes" if "num_classes" in meta.get("arch_kwargs", {}) else None
-    _check_head(model, set_by, found.where)
+        _require(arch in ARCHS, "arch", f"names an unknown arch {arch!r}; known: {', '.join(sorted(ARCHS))}")
+        arch_kwargs = resolve_arch_kwargs(arch, found.meta.get("arch_kwargs") or {})
+        if "num_classes" in found.meta.get("arch_kwargs", {}):
+            set_by = "arch_kwargs.num_classes"
+    model = build_model(arch, arch_kwargs)
+    problems = shape_mismatches(model, state_dict)
+    if problems:
+        raise UserError(f"weights do not match arch {arch}: {'; '.join(problems)}")
+    outputs, head = output_classes(model)
+    _require(outputs == NUM_CLASSES, set_by or f"{found.where}{head}",
+             f"gives the model {outputs} output classes, Fashion-MNIST has {NUM_CLASSES}")
     return arch, arch_kwargs
 
 
@@ -601,8 +556,4 @@ def validate_resumable(path, meta: dict) -> None:
 
 
 def nonfinite_tensors(state_dict: dict) -> list[str]:
-    """Names of floating-point tensors holding NaN or Inf."""
-    return [
-        k for k, v in state_dict.items()
-        if v.is_floating_point() and not torch.isfinite(v).all()
-    ]
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -16,7 +16,6 @@ from fashion_ft import checkpoint, model
 from fashion_ft.checkpoint import (
     FORMAT_VERSION,
     atomic_write,
-    dumps_json,
     load_checkpoint,
     make_checkpoint,
     nonfinite_tensors,
@@ -227,6 +226,13 @@ def test_save_leaves_only_the_target(tmp_path):
     assert torch.equal(torch.load(tmp_path / "sub" / "c.pt", weights_only=True)["x"], torch.ones(3))
 
 
+def half_then(error):
+    def write(fh):
+        fh.write(b"half a checkpoint")
+        raise error
+    return write
+
+
 @pytest.mark.parametrize("error, raised", [
     (RuntimeError("crash mid-write"), RuntimeError),  # a bug, not the file system: its traceback helps
     (OSError(errno.ENOSPC, "No space left on device"), UserError),  # disk full: a user problem, one line
@@ -237,13 +243,8 @@ def test_failed_write_keeps_old_file_and_no_temp(tmp_path, error, raised):
     target = tmp_path / "best.pt"
     save_checkpoint({"version": torch.tensor(1)}, target)
     old_bytes = target.read_bytes()
-
-    def write_half_then_fail(fh):
-        fh.write(b"half a checkpoint")
-        raise error
-
     with pytest.raises(raised):
-        atomic_write(target, write_half_then_fail)
+        atomic_write(target, half_then(error))
     assert target.read_bytes() == old_bytes
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
 
@@ -295,13 +296,6 @@ def old_best(tmp_path):
     target = tmp_path / "best.pt"
     save_checkpoint(make_checkpoint(randomized(NARROW), "cnn3", NARROW), target)
     return target, sha256(target)
-
-
-def half_then(error):
-    def write(fh):
-        fh.write(b"half a checkpoint")
-        raise error
-    return write
 
 
 def torch_save_into(room):
@@ -392,13 +386,14 @@ def test_json_without_nonfinite_values_is_unchanged(tmp_path):
     summary = {"passed": True, "checks": [{"name": "load", "data": {"accuracy": 0.9133, "n": 3}}], "x": None}
     save_json(summary, tmp_path / "s.json")
     assert json.loads((tmp_path / "s.json").read_text()) == summary == strict_json(summary)
-    assert dumps_json(summary) == json.dumps(summary, indent=2) + "\n"
+    assert (tmp_path / "s.json").read_text() == json.dumps(summary, indent=2) + "\n"
 
 
 @pytest.mark.parametrize("obj", [[float("nan")], {"nonfinite": 1, "loss": float("inf")}])
-def test_json_nonfinite_that_cannot_be_recorded_is_refused(obj):
+def test_json_nonfinite_that_cannot_be_recorded_is_refused(tmp_path, obj):
     with pytest.raises(ValueError):
-        dumps_json(obj)
+        save_json(obj, tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
 
 
 # ---------------------------------------------------------------- unwrap

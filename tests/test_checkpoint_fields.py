@@ -148,21 +148,18 @@ def test_ten_class_head_still_loads_in_every_format(tmp_path):
 
 # ---------------------------------------------------------------- TorchScript archives
 
-def torchscript(kind: str):
+def save_torchscript(kind: str, path):
     model = tiny_model()
     with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export; users still have these
         warnings.simplefilter("ignore")
-        if kind == "traced":
-            return torch.jit.trace(model, torch.zeros(1, 1, 28, 28))
-        return torch.jit.script(model)
+        traced = torch.jit.trace(model, torch.zeros(1, 1, 28, 28)) if kind == "traced" else torch.jit.script(model)
+        torch.jit.save(traced, path)
+    return path
 
 
 @pytest.mark.parametrize("kind, trust_pickle", [("scripted", False), ("scripted", True), ("traced", False)])
 def test_torchscript_archive_says_what_it_is_and_how_to_convert(tmp_path, kind, trust_pickle):
-    path = tmp_path / f"{kind}.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torchscript(kind), path)
+    path = save_torchscript(kind, tmp_path / f"{kind}.pt")
     with pytest.raises(UserError) as err:
         load_checkpoint(path, trust_pickle=trust_pickle)
     message = str(err.value)
@@ -172,10 +169,9 @@ def test_torchscript_archive_says_what_it_is_and_how_to_convert(tmp_path, kind, 
 
 
 def test_the_suggested_conversion_loads(tmp_path):
-    path = tmp_path / "scripted.pt"
+    path = save_torchscript("scripted", tmp_path / "scripted.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.save(torchscript("scripted"), path)
         torch.save(torch.jit.load(path).state_dict(), tmp_path / "weights.pt")
     assert load_checkpoint(tmp_path / "weights.pt").arch_kwargs["channels"] == TINY["channels"]
 
