@@ -25,8 +25,8 @@ def available_cpus() -> int:
 
 
 def set_cpu_threads(local_world_size: int = 1) -> int:
-    """Use the cores available to this process, shared fairly between local ranks, unless the user
-    (or torchrun) chose a number with OMP_NUM_THREADS."""
+    """Share the available cores fairly between local ranks, unless the user (or torchrun) chose a number
+    with OMP_NUM_THREADS."""
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     threads = max(1, available_cpus() // max(1, local_world_size))
@@ -35,8 +35,8 @@ def set_cpu_threads(local_world_size: int = 1) -> int:
 
 
 def nvidia_gpu_evidence(device_file: str = "/dev/nvidia0") -> str | None:
-    """What shows that this machine has an NVIDIA GPU, whatever PyTorch thinks: its device file or
-    the driver's nvidia-smi; None when neither is there."""
+    """What shows that this machine has an NVIDIA GPU, whatever PyTorch thinks: its device file or the
+    driver's nvidia-smi."""
     if os.path.exists(device_file):
         return device_file
     return "nvidia-smi" if shutil.which("nvidia-smi") else None
@@ -45,9 +45,7 @@ def nvidia_gpu_evidence(device_file: str = "/dev/nvidia0") -> str | None:
 def broken_cuda_reason() -> str | None:
     """Why CUDA does not work on a machine that has an NVIDIA GPU (a CPU-only build of torch, a driver
     too old for torch's CUDA); None when CUDA works or there is no NVIDIA GPU."""
-    if torch.cuda.is_available():
-        return None
-    evidence = nvidia_gpu_evidence()
+    evidence = None if torch.cuda.is_available() else nvidia_gpu_evidence()
     if evidence is None:
         return None
     if torch.version.cuda is None:
@@ -70,31 +68,27 @@ def torch_version() -> tuple[int, int]:
 
 
 def macos_version() -> tuple[int, ...] | None:
-    """This Mac's macOS version from platform.mac_ver(), e.g. (14, 5); None when not on macOS."""
-    release = platform.mac_ver()[0]
-    parts = re.findall(r"\d+", release)
-    return tuple(int(p) for p in parts) if parts else None
+    """e.g. (14, 5); None when not on macOS."""
+    parts = re.findall(r"\d+", platform.mac_ver()[0])
+    return tuple(map(int, parts)) if parts else None
 
 
 def _dotted(version: tuple[int, ...] | None) -> str:
     return ".".join(map(str, version)) if version else "unknown"
 
 
-# What Apple MPS can do, by torch (major, minor) and macOS version. The installed torch (2.14.1) has
-# no version history, so each rule names where it comes from:
-# - MPS itself: macOS 12.3+ (PyTorch's MPS backend notes, since torch 1.12); from torch 2.9 macOS 14+
-#   ("PyTorch 2.8 is the last release that will support GPU acceleration on MacOS Ventura", 2.8.0
-#   release notes, Deprecations, meta-pytorch/torch-release-notes 2.8.0/final.md).
-# - fp16 autocast: torch 2.5 (pytorch/pytorch#99272; "autocasting to float16 has been added for MPS
-#   in 2.5.0", pytorch/pytorch#142397). Before, torch.autocast("mps") raises "unsupported autocast
-#   device_type" even with enabled=False (autocast_mode.py checks is_autocast_available first).
-# - bf16 autocast: torch 2.6 and macOS 14+ (pytorch/pytorch#139390 for #139386: "bf16 support is only
-#   available on macOS 14 and later"). In 2.14.1 torch/amp/autocast_mode.py lists bf16 and fp16 for
-#   every device but CUDA and privateuse1, and an unsupported dtype only warns and sets enabled=False:
-#   a wrong choice would silently train in fp32, hence the explicit gates here.
-# - GradScaler: torch 2.8 ("Grad Scaler implementation", pytorch/pytorch#150255, in the 2.8.0 MPS
-#   release notes). Before, GradScaler.unscale_ failed on MPS (no float64: pytorch/pytorch#142397);
-#   2.14.1's grad_scaler.py unscale_ still special-cases mps:0 to skip the float64 reciprocal.
+# What Apple MPS can do, by torch (major, minor) and macOS version. The installed torch (2.14.1) has no
+# version history, so each rule names its source:
+# - MPS itself: macOS 12.3+ (PyTorch's MPS backend notes, since torch 1.12); from torch 2.9 macOS 14+ ("PyTorch
+#   2.8 is the last release that will support GPU acceleration on MacOS Ventura", 2.8.0 release notes,
+#   Deprecations, meta-pytorch/torch-release-notes 2.8.0/final.md).
+# - fp16 autocast: torch 2.5 (pytorch/pytorch#99272, #142397). Before, torch.autocast("mps") raises
+#   "unsupported autocast device_type" even with enabled=False (autocast_mode.py checks is_autocast_available).
+# - bf16 autocast: torch 2.6 and macOS 14+ (pytorch/pytorch#139390 for #139386). 2.14.1's autocast_mode.py
+#   lists bf16 and fp16 for every device but CUDA and privateuse1, and an unsupported dtype only warns and
+#   sets enabled=False: a wrong choice would silently train in fp32, hence the explicit gates here.
+# - GradScaler: torch 2.8 (pytorch/pytorch#150255, in the 2.8.0 MPS release notes). Before, unscale_ failed on
+#   MPS (no float64: pytorch/pytorch#142397); 2.14.1's unscale_ still skips the float64 reciprocal on mps:0.
 MPS_MIN_MACOS_BEFORE_2_9, MPS_MIN_MACOS = (12, 3), (14, 0)
 MPS_FP16_AUTOCAST_SINCE = (2, 5)
 MPS_BF16_AUTOCAST_SINCE, MPS_BF16_MIN_MACOS = (2, 6), (14, 0)
@@ -113,17 +107,14 @@ CHANNELS_LAST_MPS_REASON = ("channels_last is off on MPS: BatchNorm backward in 
                             "gradients there (pytorch/pytorch#175189)")
 
 
-def mps_min_macos() -> tuple[int, int]:
-    return MPS_MIN_MACOS if torch_version() >= (2, 9) else MPS_MIN_MACOS_BEFORE_2_9
-
-
 def mps_unavailable_reason() -> str | None:
     """Why this torch cannot use an Apple GPU (MPS); None where it can."""
     if torch.backends.mps.is_available():
         return None
     if not torch.backends.mps.is_built():
         return f"torch {torch.__version__} is not built with MPS (Apple GPU) support"
-    mac, need = macos_version(), mps_min_macos()
+    mac = macos_version()
+    need = MPS_MIN_MACOS if torch_version() >= (2, 9) else MPS_MIN_MACOS_BEFORE_2_9
     if mac is None:
         return f"torch {torch.__version__} is built with MPS but this is not macOS"
     if mac < need:
@@ -133,61 +124,42 @@ def mps_unavailable_reason() -> str | None:
 
 
 def check_distributed_device(device: torch.device, world_size: int, launched: bool = False) -> None:
-    """Refuse torchrun on MPS (one line): no torch.distributed backend takes MPS tensors. launched: started
-    by torchrun even with one process, which still takes the DDP path (collectives)."""
+    """Refuse torchrun on MPS. launched: started by torchrun even with one process, which still takes the
+    DDP path (collectives)."""
     if device.type == "mps" and (world_size > 1 or launched):
         raise UsageError(f"--device {device.type}: {MPS_NO_DISTRIBUTED}; run one process without torchrun, "
                          "or use --device cpu under torchrun")
 
 
 def channels_last_ok(device: torch.device) -> bool:
-    """Whether --channels-last may be used on this device; False on MPS (CHANNELS_LAST_MPS_REASON)."""
-    return device.type != "mps"
+    return device.type != "mps"  # CHANNELS_LAST_MPS_REASON
 
 
-# aten/src/ATen/mps/MPSFallback.mm (pytorch/pytorch): without the fallback an op with no MPS kernel raises
-# TORCH_CHECK_NOT_IMPLEMENTED (Python NotImplementedError) "The operator '<op>' is not currently implemented
-# for the MPS device ... set the environment variable `PYTORCH_ENABLE_MPS_FALLBACK=1`" (an early version wrote
-# "not current implemented"); the variable is read by getenv in a TORCH_LIBRARY_IMPL block, at load.
+# aten/src/ATen/mps/MPSFallback.mm (pytorch/pytorch): an op with no MPS kernel raises NotImplementedError "The
+# operator '<op>' is not currently implemented for the MPS device ... set the environment variable
+# `PYTORCH_ENABLE_MPS_FALLBACK=1`" (early versions: "not current implemented"); the variable is read by getenv
+# in a TORCH_LIBRARY_IMPL block, at load.
 _MPS_MISSING_OP = re.compile(r"(?:operator '([^']+)' )?is not current(?:ly)? implemented for the MPS device",
                              re.IGNORECASE)
 
 
 def mps_hint(exc: BaseException) -> str | None:
-    """One line of advice for torch's NotImplementedError of an op without an MPS kernel (MPSFallback.mm:
-    "The operator 'aten::x' is not currently implemented for the MPS device ..."), looked for along the
-    exception's cause/context chain; None for any other error. PYTORCH_ENABLE_MPS_FALLBACK is read once,
-    when torch registers its MPS kernels at import, so it has to be in the environment before Python."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
+    """One line of advice for torch's NotImplementedError of an op without an MPS kernel, looked for along
+    the exception's cause/context chain; None for any other error."""
+    op, seen = None, set()
+    while op is None and exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         match = _MPS_MISSING_OP.search(str(exc)) if isinstance(exc, NotImplementedError) else None
-        if match:
-            op = match[1] or "an operator"
-            if os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK", "0").strip() not in ("", "0"):
-                return (f"{op} is not implemented on MPS in torch {torch.__version__}: PYTORCH_ENABLE_MPS_FALLBACK=1 "
-                        "only takes effect when set before Python starts (export it in the shell), "
-                        "or use --device cpu")
-            return (f"{op} is not implemented on MPS in torch {torch.__version__}: set PYTORCH_ENABLE_MPS_FALLBACK=1 "
-                    "in the environment to run it on the CPU (slower), or use --device cpu")
+        op = match and (match[1] or "an operator")
         exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _rank_gpu(spec: str, local_rank: int | None) -> int:
-    """The GPU index of this process when --device does not name one."""
-    count = torch.cuda.device_count()
-    index = local_rank or 0
-    if index < count:
-        return index
-    # A scheduler that binds one GPU to each process (SLURM --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set
-    # per task) shows every process its own GPU as cuda:0 while LOCAL_RANK still counts the processes on
-    # the node. Without CUDA_VISIBLE_DEVICES the process sees the whole machine, so more processes than
-    # GPUs is a launch mistake (two ranks on one GPU): refuse that instead of guessing.
-    if count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
-        return 0
-    raise UsageError(f"--device {spec}: LOCAL_RANK is {index} but only {count} CUDA device(s) are visible; "
-                     f"start at most {count} process(es) per node")
+    if op is None:
+        return None
+    if os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK", "0").strip() not in ("", "0"):  # read at import: too late
+        advice = ("PYTORCH_ENABLE_MPS_FALLBACK=1 only takes effect when set before Python starts "
+                  "(export it in the shell)")
+    else:
+        advice = "set PYTORCH_ENABLE_MPS_FALLBACK=1 in the environment to run it on the CPU (slower)"
+    return f"{op} is not implemented on MPS in torch {torch.__version__}: {advice}, or use --device cpu"
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
@@ -195,20 +167,7 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     auto: CUDA, else Apple MPS, else the CPU (with a warning saying why). local_rank is given under
     torchrun only: there MPS is refused (no distributed backend) and auto skips it for the CPU."""
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", _rank_gpu(spec, local_rank))
-        broken = broken_cuda_reason()
-        if broken is None and torch.backends.mps.is_available():
-            if local_rank is None:
-                return torch.device("mps", 0)
-            warnings.warn(f"{MPS_NO_DISTRIBUTED}: running on the CPU (--device auto)", stacklevel=2)
-            return torch.device("cpu")
-        reason = broken or "no CUDA GPU found"
-        no_mps = mps_unavailable_reason() if torch.backends.mps.is_built() else None
-        if no_mps:  # a macOS build of torch: say why its Apple GPU is not used either
-            reason += f", and {no_mps}"
-        warnings.warn(f"{reason}: running on the CPU (--device auto)", stacklevel=2)
-        return torch.device("cpu")
+        return _auto_device(local_rank)
     try:
         device = torch.device(spec)
     except RuntimeError:
@@ -230,6 +189,38 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     if device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
     return device
+
+
+def _auto_device(local_rank: int | None) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", _rank_gpu("auto", local_rank))
+    broken = broken_cuda_reason()
+    if broken is None and torch.backends.mps.is_available():
+        if local_rank is None:
+            return torch.device("mps", 0)
+        reason = MPS_NO_DISTRIBUTED
+    else:
+        reason = broken or "no CUDA GPU found"
+        no_mps = mps_unavailable_reason() if torch.backends.mps.is_built() else None
+        if no_mps:  # a macOS build of torch: say why its Apple GPU is not used either
+            reason += f", and {no_mps}"
+    warnings.warn(f"{reason}: running on the CPU (--device auto)", stacklevel=3)  # at resolve_device's caller
+    return torch.device("cpu")
+
+
+def _rank_gpu(spec: str, local_rank: int | None) -> int:
+    """The GPU index of this process when --device does not name one."""
+    count, index = torch.cuda.device_count(), local_rank or 0
+    if index < count:
+        return index
+    # A scheduler that binds one GPU to each process (SLURM --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set
+    # per task) shows every process its own GPU as cuda:0 while LOCAL_RANK still counts the processes on
+    # the node. Without CUDA_VISIBLE_DEVICES the process sees the whole machine, so more processes than
+    # GPUs is a launch mistake (two ranks on one GPU): refuse that instead of guessing.
+    if count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
+        return 0
+    raise UsageError(f"--device {spec}: LOCAL_RANK is {index} but only {count} CUDA device(s) are visible; "
+                     f"start at most {count} process(es) per node")
 
 
 def _resolve_mps(spec: str, device: torch.device, local_rank: int | None) -> torch.device:
@@ -256,24 +247,20 @@ def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
     """(model name, feature flags) of the first CPU; the platform's processor name and no flags where
     there is no /proc/cpuinfo."""
     name, flags = "", frozenset()
-    try:
-        with open(path) as fh:
-            for line in fh:
-                if not line.strip():  # the end of the first processor's block: the others repeat it
-                    break
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() in ("flags", "Features"):  # x86, ARM
-                    flags = frozenset(value.split())
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open(path) as fh:
+        for line in fh:
+            if not line.strip():  # the end of the first processor's block: the others repeat it
+                break
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() in ("flags", "Features"):  # x86, ARM
+                flags = frozenset(value.split())
     return name or platform.processor() or "unknown", flags
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True where the CPU does bf16 matrix work natively (AVX512-BF16 or AMX)."""
-    return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})  # bf16 matrix work in hardware
 
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")  # the --amp choices of every script
@@ -303,14 +290,14 @@ def cuda_bf16_native(device: torch.device) -> bool:
 
 
 def _cuda_amp(mode: str, device: torch.device) -> AmpPolicy:
-    native_bf16 = cuda_bf16_native(device)
+    native_bf16, capability = cuda_bf16_native(device), torch.cuda.get_device_capability(device)
     if mode == "bf16" and not native_bf16:
-        major, minor = torch.cuda.get_device_capability(device)
-        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
-                         "has no bf16 convolutions (they need 8.0 or newer); use --amp fp16 or auto")
+        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} (compute capability "
+                         f"{_dotted(capability)}) has no bf16 convolutions (they need 8.0 or newer); "
+                         "use --amp fp16 or auto")
     if mode == "bf16" or (mode == "auto" and native_bf16):
         return BF16
-    if mode == "fp16" or torch.cuda.get_device_capability(device) >= (7, 0):  # tensor cores from Volta on
+    if mode == "fp16" or capability >= (7, 0):  # tensor cores from Volta on
         return FP16
     return FP32  # Pascal and older: fp16 without tensor cores gains little and risks overflow
 
@@ -384,64 +371,43 @@ def seed_everything(seed: int) -> None:
 def process_memory_mb() -> dict:
     """Resident memory now and at its peak, in MiB."""
     current = None
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    current = int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/status") as fh:
+        current = next((int(line.split()[1]) / 1024 for line in fh if line.startswith("VmRSS:")), None)
     # ru_maxrss is in KiB on Linux but in bytes on macOS (getrusage(2) of each)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
     return {"rss_mb": current, "peak_rss_mb": peak}
 
 
 def cuda_report(device: torch.device) -> dict:
-    """What users ask about their GPU: name, capability, memory, CUDA and cuDNN versions."""
     if device.type != "cuda":
         return {"cuda_available": torch.cuda.is_available()}
-    props = torch.cuda.get_device_properties(device)
-    free, total = torch.cuda.mem_get_info(device)
+    props, (free, total) = torch.cuda.get_device_properties(device), torch.cuda.mem_get_info(device)
     return {
-        "cuda_available": True,
-        "name": props.name,
-        "capability": f"{props.major}.{props.minor}",
-        "total_memory_mb": total / 2**20,
-        "free_memory_mb": free / 2**20,
-        "cuda_version": torch.version.cuda,
-        "cudnn_version": torch.backends.cudnn.version(),
-        "bf16_supported": cuda_bf16_native(device),
-        "amp_auto": resolve_amp("auto", device).name,
+        "cuda_available": True, "name": props.name, "capability": f"{props.major}.{props.minor}",
+        "total_memory_mb": total / 2**20, "free_memory_mb": free / 2**20,
+        "cuda_version": torch.version.cuda, "cudnn_version": torch.backends.cudnn.version(),
+        "bf16_supported": cuda_bf16_native(device), "amp_auto": resolve_amp("auto", device).name,
     }
 
 
 def mps_report(device: torch.device) -> dict:
-    """cuda_report's counterpart for an Apple GPU: name, cores, macOS, memory, what AMP auto picks."""
     if device.type != "mps":
         return {"mps_available": torch.backends.mps.is_available()}
-
-    def optional(module, name):  # get_name, get_core_count, recommended_max_memory: not in every torch
-        fn = getattr(module, name, None)
-        return fn() if fn is not None else None
-
-    recommended = optional(torch.mps, "recommended_max_memory")
+    # get_name, get_core_count and recommended_max_memory are not in every torch
+    recommended = getattr(torch.mps, "recommended_max_memory", lambda: None)()
     return {
-        "mps_available": True,
-        "name": optional(torch.backends.mps, "get_name"),
-        "gpu_cores": optional(torch.backends.mps, "get_core_count"),
-        "macos": _dotted(macos_version()),
-        "torch_version": str(torch.__version__),
+        "mps_available": True, "name": getattr(torch.backends.mps, "get_name", lambda: None)(),
+        "gpu_cores": getattr(torch.backends.mps, "get_core_count", lambda: None)(),
+        "macos": _dotted(macos_version()), "torch_version": str(torch.__version__),
         "recommended_max_memory_mb": None if recommended is None else recommended / 2**20,
         "allocated_memory_mb": torch.mps.current_allocated_memory() / 2**20,
         "driver_memory_mb": torch.mps.driver_allocated_memory() / 2**20,
-        "bf16_supported": mps_bf16_reason() is None,
-        "amp_auto": resolve_amp("auto", device).name,
+        "bf16_supported": mps_bf16_reason() is None, "amp_auto": resolve_amp("auto", device).name,
         "channels_last": channels_last_ok(device),
     }
 
 
 def device_report(device: torch.device) -> dict:
-    """cuda_report on CUDA and the CPU (as before), mps_report on MPS."""
     return mps_report(device) if device.type == "mps" else cuda_report(device)
 
 
@@ -471,52 +437,32 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-# torch.mps has no peak API (2.14.1: current_allocated_memory, driver_allocated_memory,
-# recommended_max_memory). torch.accelerator.memory_stats gives an allocator peak where the MPS
-# allocator reports one (it did not: pytorch/pytorch#167447; added by #186748; whether 2.14.1 has it is
-# in C++, not visible here, so it is detected by asking); otherwise what is
-# reported is torch.mps.driver_allocated_memory(): Metal's memory for this process, the allocator's cached
-# pool included. reset_peak_memory empties that pool, and freed blocks stay in it, so at the end of an
-# epoch it approximates the epoch's high-water mark from above (less when memory pressure made the
-# allocator release cached blocks).
-MPS_PEAK_FROM_STATS = "peak allocated by tensors (torch.accelerator memory stats)"
-MPS_PEAK_FROM_DRIVER = ("Metal driver memory of the process, cached pool included (no peak API on MPS): "
-                        "about the peak, from above")
-
-
-def _mps_stats_peak(device: torch.device) -> int | None:
-    try:
-        stats = torch.accelerator.memory_stats(device)
-    except Exception:  # no torch.accelerator, or an MPS allocator without stats
-        return None
-    return stats.get("allocated_bytes.all.peak") or None
-
-
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak for peak_gpu_mb (per run, per model)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif device.type == "mps":
         torch.mps.empty_cache()  # the driver's pool restarts from what live tensors hold
-        try:
+        with contextlib.suppress(Exception):  # as in peak_gpu_mb
             torch.accelerator.reset_peak_memory_stats(device)
-        except Exception:  # as in _mps_stats_peak
-            pass
 
 
 def peak_gpu_mb(device: torch.device) -> float | None:
-    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU. On MPS see
-    gpu_memory_source for what the number is."""
-    if device.type == "mps":
-        peak = _mps_stats_peak(device)
-        return (peak if peak is not None else torch.mps.driver_allocated_memory()) / 2**20
-    if device.type != "cuda":
+    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU.
+
+    torch.mps has no peak API (2.14.1: current_allocated_memory, driver_allocated_memory,
+    recommended_max_memory). torch.accelerator.memory_stats gives an allocator peak where the MPS allocator
+    reports one (it did not: pytorch/pytorch#167447; added by #186748; whether 2.14.1 has it is in C++, not
+    visible here, so it is detected by asking). Otherwise this is torch.mps.driver_allocated_memory(): Metal's
+    memory for this process, cached pool included. reset_peak_memory empties that pool and freed blocks stay
+    in it, so at an epoch's end it approximates the epoch's high-water mark from above (less when memory
+    pressure made the allocator release cached blocks)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type != "mps":
         return None
-    return torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def gpu_memory_source(device: torch.device) -> str | None:
-    """One line on what peak_gpu_mb reports on this device; None on the CPU."""
-    if device.type == "mps":
-        return MPS_PEAK_FROM_STATS if _mps_stats_peak(device) is not None else MPS_PEAK_FROM_DRIVER
-    return "peak allocated by tensors (torch.cuda.max_memory_allocated)" if device.type == "cuda" else None
+    try:
+        peak = torch.accelerator.memory_stats(device).get("allocated_bytes.all.peak")
+    except Exception:  # no torch.accelerator, or an MPS allocator without stats
+        peak = None
+    return (peak or torch.mps.driver_allocated_memory()) / 2**20
