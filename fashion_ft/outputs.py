@@ -1,23 +1,21 @@
-"""Guards for a run's files, checked before any work and without creating anything: where the best
-model, last.pt, metrics.json and the lock go, that they never replace an input or earlier results,
-that the folders can be written, and which TensorBoard run folder is this run's; and the lock that
-keeps two live runs out of one output folder.
+"""Guards for a run's files, checked before any work and creating nothing: where the best model, last.pt,
+metrics.json and the lock go, that they never replace an input or earlier results, that the folders can be
+written, and which TensorBoard run folder is this run's; and the lock that keeps two live runs out of one
+output folder.
 
-Exit codes follow one rule:
-- UsageError (exit 2): the command line is what is wrong, and changing it is the fix. A path that is
-  malformed (a trailing '/', a --run-name that leaves --logdir, also through a symlink, or holds a
-  control character), names the wrong kind of thing (a folder where a file goes, a file where a folder
-  goes), cannot be resolved (a symlink loop, always reported by resolve_path), collides with another
-  output or with an input, or would replace earlier results without --overwrite.
-- UserError (exit 1): the command line is fine but the file system cannot take the run now: no
-  permission, a read-only or pseudo file system (/proc, /sys), too little free space, or an output
-  folder that a live run holds.
+Exit codes follow one rule. UsageError (exit 2): the command line is what is wrong, and changing it is the
+fix: a malformed path (a trailing '/', a --run-name that leaves --logdir or holds a control character), the
+wrong kind of thing (a folder where a file goes, or the reverse), a symlink loop (always reported by
+resolve_path), a collision with another output or an input, earlier results without --overwrite.
+UserError (exit 1): the command line is fine but the file system cannot take the run now: no permission, a
+read-only or pseudo file system (/proc, /sys), too little free space, or an output folder a live run holds.
 """
 
 import errno
 import fcntl
 import itertools
 import os
+import re
 import shutil
 import tempfile
 import unicodedata
@@ -29,7 +27,6 @@ from pathlib import Path
 
 from .errors import UsageError, UserError
 
-LOCK_NAME = ".lock"
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # what flock raises where a file system has none
 LOGDIR_MIN_FREE_BYTES = 1 << 20  # TensorBoard's event files of one run are far smaller than this
 ROLES = {"best": "the best model", "last": "last.pt", "metrics": "metrics.json", "lock": "the lock file",
@@ -51,9 +48,7 @@ class RunFiles:
 
     @classmethod
     def for_output(cls, output: str) -> "RunFiles":
-        """Refuses (UsageError) an --output that names a folder rather than the best model's file."""
-        name = os.path.basename(output)
-        if not output or output.endswith(("/", os.sep)) or name in ("", ".", ".."):
+        if os.path.basename(output) in ("", ".", ".."):  # also an empty --output or one ending in a separator
             raise UsageError(f"--output {output!r} names a folder; give the best model's file name, "
                              f"e.g. --output {os.path.join(output, 'model.pt')}")
         best = Path(output)
@@ -61,35 +56,31 @@ class RunFiles:
             raise UsageError(f"--output {output} is an existing folder; give the best model's file name, "
                              f"e.g. --output {best / 'model.pt'}")
         folder = best.parent
-        return cls(best, folder / "last.pt", folder / "metrics.json", folder / LOCK_NAME,
+        return cls(best, folder / "last.pt", folder / "metrics.json", folder / ".lock",
                    folder / f"{best.stem}.state_dict.pt")
 
     def roles(self) -> dict[str, Path]:
-        return {"best": self.best, "last": self.last, "metrics": self.metrics, "lock": self.lock,
-                "plain": self.plain}
+        return {role: getattr(self, role) for role in ROLES}
 
     def names(self) -> tuple[str, ...]:
         """The file names written through atomic_write, whose temporaries a killed run leaves."""
-        return (self.best.name, self.last.name, self.metrics.name, self.plain.name)
+        return tuple(path.name for path in (self.best, self.last, self.metrics, self.plain))
 
 
 # ---------------------------------------------------------------- paths
 
 def resolve_path(path: Path, flag: str) -> Path:
-    """The absolute path with every symlink followed; a symlink loop is a UsageError naming `flag`
-    (Path.resolve raises RuntimeError for it before Python 3.13, and returns the looping path after)."""
-    loop = f"{flag} {path}: symlink loop; point {flag} at a real path"
+    """The absolute path with every symlink followed. A symlink loop, which realpath leaves in the path, is a
+    UsageError naming `flag`, as is a name too long; a path not there yet is fine."""
     try:
-        resolved = Path(path).resolve()
-    except RuntimeError:
-        raise UsageError(loop) from None
-    except OSError as exc:
-        raise UsageError(loop if exc.errno == errno.ELOOP else f"{flag} {path}: {exc.strerror}") from None
+        resolved = Path(os.path.realpath(path))
+    except OSError as exc:  # the working folder has gone
+        raise UsageError(f"{flag} {path}: {exc.strerror}") from None
     try:
         os.stat(resolved)
-    except OSError as exc:  # not there yet is fine; what cannot be named is not
+    except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UsageError(loop) from None
+            raise UsageError(f"{flag} {path}: symlink loop; point {flag} at a real path") from None
         if exc.errno == errno.ENAMETOOLONG:
             raise UsageError(f"{flag} {path}: file name too long") from None
     return resolved
@@ -113,9 +104,9 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_writable_folder(folder: Path, flag: str) -> Path:
+def check_writable_folder(folder: Path, flag: str) -> None:
     """`folder` exists or can be created, by us: one probe, a nameless temporary file in its nearest
-    existing ancestor, which leaves nothing behind. Returns that ancestor."""
+    existing ancestor, which leaves nothing behind."""
     resolve_path(folder, flag)  # a loop would otherwise read as "is a file", its link being the ancestor
     ancestor = existing_ancestor(folder)
     if not ancestor.is_dir():
@@ -126,7 +117,14 @@ def check_writable_folder(folder: Path, flag: str) -> Path:
         pseudo = shutil.disk_usage(ancestor).total == 0
         cause = "a pseudo file system (like /proc or /sys) that cannot hold files" if pseudo else exc.strerror
         raise UserError(f"{flag}: cannot write in {ancestor}: {cause}; choose another folder") from None
-    return ancestor
+
+
+def check_disk_space(folder: Path, needed_bytes: int, flag: str = "--output") -> None:
+    """At least `needed_bytes` free where `folder` is or will be created (checked after the probe)."""
+    free = shutil.disk_usage(existing_ancestor(folder)).free
+    if free < needed_bytes:
+        raise UserError(f"{flag}: only {free / 2**20:.1f} MiB free in {folder}; the run needs about "
+                        f"{needed_bytes / 2**20:.0f} MiB")
 
 
 # ---------------------------------------------------------------- the run's files
@@ -140,13 +138,17 @@ def check_run_files(files: RunFiles, *, inputs: dict[str, Path | None], resume: 
     outputs = {role: resolve_path(path, "--output") for role, path in files.roles().items()}
     check_outputs_apart(files, outputs)
     continuing = resumes_in_place(files, resume)
-    for flag, path in inputs.items():
-        if path is not None:
-            check_input_kept(files, outputs, flag, resolve_path(path, flag), continuing and flag == "--resume")
+    check_inputs_kept(files, outputs, inputs, continuing)
     for role in ("best", "last", "metrics", "plain"):
-        check_not_folder(files, role)
-        if not overwrite and not continuing and os.path.lexists(files.roles()[role]):
-            raise UsageError(existing_message(files.roles()[role], resume))
+        path = files.roles()[role]
+        if path.is_dir():
+            raise UsageError(f"--output: {path} is a folder, but the run writes {ROLES[role]} there; "
+                             "choose another --output")
+        if not overwrite and not continuing and os.path.lexists(path):
+            elsewhere = "" if resume is None else (f" and is not part of the resumed run (--resume {resume} "
+                                                   "continues in place only with an --output beside it)")
+            raise UsageError(f"--output: {path} already exists{elsewhere}; pass --overwrite to replace it or "
+                             "choose another --output")
     check_writable_folder(files.best.parent, "--output")
 
 
@@ -166,50 +168,30 @@ def check_outputs_apart(files: RunFiles, outputs: dict[str, Path]) -> None:
         raise UsageError(f"--output: {files.last} and {files.metrics} are one file; choose another folder")
 
 
-def check_input_kept(files: RunFiles, outputs: dict[str, Path], flag: str, source: Path, in_place: bool) -> None:
-    """An input is never written to; `in_place`: this is --resume continuing its own last.pt."""
-    for role, target in outputs.items():
-        if role == "last" and in_place:
+def check_inputs_kept(files: RunFiles, outputs: dict[str, Path], inputs: dict[str, Path | None],
+                      continuing: bool) -> None:
+    """No input is ever written to, but the last.pt that a resumed run (`continuing`) goes on with."""
+    for flag, path in inputs.items():
+        if path is None:
             continue
-        if same_file(source, target):
-            where = "" if role == "best" else f": the run writes {ROLES[role]} to {files.roles()[role]}, which"
-            raise UsageError(f"--output {files.best}{where} is the {flag} input; an input is never replaced, "
-                             "not even with --overwrite: choose another --output")
-
-
-def check_not_folder(files: RunFiles, role: str) -> None:
-    path = files.roles()[role]
-    if path.is_dir():
-        raise UsageError(f"--output: {path} is a folder, but the run writes {ROLES[role]} there; "
-                         "choose another --output")
-
-
-def existing_message(path: Path, resume: Path | None) -> str:
-    if resume is None:
-        return f"--output: {path} already exists; pass --overwrite to replace it or choose another --output"
-    return (f"--output: {path} already exists and is not part of the resumed run (--resume {resume} continues "
-            f"in place only with an --output beside it); pass --overwrite to replace it or choose another --output")
-
-
-def check_disk_space(folder: Path, needed_bytes: int, flag: str = "--output") -> None:
-    """At least `needed_bytes` free where `folder` is or will be created (checked after the probe)."""
-    free = shutil.disk_usage(existing_ancestor(folder)).free
-    if free < needed_bytes:
-        raise UserError(f"{flag}: only {free / 2**20:.1f} MiB free in {folder}; the run needs about "
-                        f"{needed_bytes / 2**20:.0f} MiB")
+        source = resolve_path(path, flag)
+        for role, target in outputs.items():
+            if same_file(source, target) and not (continuing and flag == "--resume" and role == "last"):
+                where = "" if role == "best" else f": the run writes {ROLES[role]} to {files.roles()[role]}, which"
+                raise UsageError(f"--output {files.best}{where} is the {flag} input; an input is never replaced, "
+                                 "not even with --overwrite: choose another --output")
 
 
 # ---------------------------------------------------------------- TensorBoard folder
 
 def check_run_name(run_name: str) -> None:
     """One plain folder name: nothing that would put the run outside --logdir or break a printed line."""
-    seps = [s for s in (os.sep, os.altsep, "/") if s]
     if not run_name:
         raise UsageError(f"--run-name {run_name!r}: give a plain folder name")
     if any(unicodedata.category(c) in UNPRINTABLE_CATEGORIES for c in run_name):
         raise UsageError(f"--run-name {run_name!r} has a control character or a line break; "
                          "give a plain folder name")
-    if os.path.isabs(run_name) or any(s in run_name for s in seps) or run_name in (".", ".."):
+    if os.path.isabs(run_name) or run_name in (".", "..") or any(s and s in run_name for s in (os.sep, os.altsep)):
         raise UsageError(f"--run-name {run_name!r} would leave --logdir; give a plain folder name "
                          "(no '/', no '..', not absolute)")
 
@@ -240,17 +222,12 @@ def run_folder(logdir: Path, root: Path, run_name: str, resume: bool) -> Path:
         raise UsageError(f"--run-name {run_name}: {named} is a file; TensorBoard needs a folder")
     for n in itertools.count():  # ends: finitely many names exist (see taken)
         run = logdir / f"{run_name}_{n}" if n else named
-        check_inside(run, root, logdir)
+        resolved = resolve_path(run, "--run-name")
+        if root not in resolved.parents:  # a planted symlink must not send the logs out of --logdir
+            raise UsageError(f"--run-name {run.name}: {run} links to {resolved}, outside --logdir {logdir}; "
+                             "remove the link or choose another --run-name")
         if resume or not taken(run):
             return run
-
-
-def check_inside(run: Path, root: Path, logdir: Path) -> None:
-    """A planted symlink must not send the logs out of --logdir."""
-    resolved = resolve_path(run, "--run-name")
-    if root not in resolved.parents:
-        raise UsageError(f"--run-name {run.name}: {run} links to {resolved}, outside --logdir {logdir}; "
-                         "remove the link or choose another --run-name")
 
 
 def taken(folder: Path) -> bool:
@@ -278,27 +255,14 @@ def make_folders(folder: Path) -> list[Path]:
     return created
 
 
-def remove_empty(folders: list[Path]) -> None:
-    """Bottom-up, while empty: the first folder that holds anything keeps itself and its parents."""
-    for folder in reversed(folders):
-        try:
-            os.rmdir(folder)
-        except OSError:
-            return
-
-
-def is_temporary_of(entry: str, name: str) -> bool:
-    """`entry` is one of checkpoint.atomic_write's .<name>.XXXXXXXX.tmp files."""
-    prefix, suffix = f".{name}.", ".tmp"
-    return entry.startswith(prefix) and entry.endswith(suffix) and len(entry) > len(prefix) + len(suffix)
-
-
 def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
-    """What a run killed mid-save left (up to the size of last.pt each); called with the lock held, so no
-    live run of ours writes them. Never fails: a file we cannot remove costs space, not the run."""
+    """checkpoint.atomic_write's .<name>.XXXXXXXX.tmp files that a run killed mid-save left (up to the size
+    of last.pt each); called with the lock held, so no live run of ours writes them. Never fails: a file we
+    cannot remove costs space, not the run."""
+    ours = [re.compile(rf"\.{re.escape(name)}\..+\.tmp", re.DOTALL) for name in names]
     with suppress(OSError), os.scandir(folder) as entries:
         for entry in entries:
-            if any(is_temporary_of(entry.name, n) for n in names) and entry.is_file(follow_symlinks=False):
+            if any(p.fullmatch(entry.name) for p in ours) and entry.is_file(follow_symlinks=False):
                 with suppress(OSError):
                     os.unlink(entry.path)
 
@@ -306,14 +270,13 @@ def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
 class RunLock:
     """`with RunLock(files.lock, clean=files.names()): ...` holds an output folder for one live run.
 
-    The holder keeps an exclusive flock on the lock file, which the kernel drops when the process dies
-    however it dies, so a killed run's lock is simply taken again. The file holds the holder's pid, for
-    the message that refuses a second run. On a file system without flock, creating the file (O_EXCL) is
-    the lock, with a warning: a killed run's file must then be deleted by hand. Taking the lock is the
-    run's first write: it creates the output folder, and the folders it created go again at exit while
-    empty (a run that failed before its first save leaves nothing). Once held, it removes the temporaries
-    that a killed run left of the files named in `clean`. Under torchrun only rank 0 takes it.
-    """
+    The holder keeps an exclusive flock on the lock file, which the kernel drops however the process dies,
+    so a killed run's lock is simply taken again; the file holds the holder's pid, for the message that
+    refuses a second run. Without flock, creating the file (O_EXCL) is the lock, with a warning: a killed
+    run's file must then be deleted by hand. Taking the lock is the run's first write: it creates the output
+    folder, and the folders it created go again at exit while empty (a run that failed before its first save
+    leaves nothing). Once held, it removes what a killed run left of the files named in `clean`. Under
+    torchrun only rank 0 takes it."""
 
     def __init__(self, path: Path, flag: str = "--output", clean: Iterable[str] = ()):
         self.path, self.flag, self.clean = Path(path), flag, tuple(clean)
@@ -341,13 +304,11 @@ class RunLock:
     def _take(self) -> int | None:
         """Our descriptor holding the lock; None to try again; a UserError while another run holds it."""
         try:
-            fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
-        except FileExistsError:
             try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
                 fd, created = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW), False  # never write through a link
-            except FileNotFoundError:  # its holder just removed it
-                return None
-        except FileNotFoundError:  # an ending run removed the empty folder it had made
+        except FileNotFoundError:  # its holder just removed it, or an ending run the empty folder it had made
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -375,7 +336,11 @@ class RunLock:
                     os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
-        remove_empty(self._created)
+        for folder in reversed(self._created):  # while empty: one that holds anything keeps itself and its parents
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
         self._created = []
         return False
 

@@ -4,13 +4,14 @@ trouble in the middle of a run stops the logging, not the run.
 
 Every refusal is checked for the flag it names and for leaving the file tree exactly as it was.
 Permission bits do not stop root (CI runs the tests as root): the chmod test skips there, and the
-"not writable" message is also tested with os.access patched to deny."""
+"cannot write" message is also tested with the write probe patched to fail."""
 
 import contextlib
 import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +49,21 @@ def tree(folder: Path) -> dict:
     return state
 
 
+def make(folder: Path, entries) -> None:
+    """'name/': an empty folder; 'name/file': a folder holding a file (another run's events);
+    'name': a file; 'name@target': a symlink to target."""
+    folder.mkdir(exist_ok=True)
+    for entry in entries:
+        path = folder / entry.split("@")[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if "@" in entry:
+            path.symlink_to(entry.split("@")[1])
+        elif entry.endswith("/"):
+            path.mkdir()
+        else:
+            path.write_bytes(b"events")
+
+
 def make_run(folder: Path, best: str = "model.pt") -> RunFiles:
     """A finished run's three files, each with its own content."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -72,25 +88,33 @@ def check(files: RunFiles, model_path=None, resume=None, overwrite=False) -> Non
                     overwrite=overwrite)
 
 
+def output(path: Path) -> RunFiles:
+    return RunFiles.for_output(str(path))
+
+
 # ---------------------------------------------------------------- --output names a file
 
-@pytest.mark.parametrize("suffix", ["result/x/", "result/x/.", "result/x/..", "result/", "."])
-def test_an_output_naming_a_folder_is_a_usage_error(tmp_path, suffix):
-    message = refused(UsageError, "--output", tmp_path, RunFiles.for_output, f"{tmp_path}/{suffix}")
-    assert "file name" in message
+FOLDER_OUTPUTS = {  # an --output under tmp_path that names a folder -> what the refusal says of it
+    **dict.fromkeys(["result/x/", "result/x/.", "result/x/..", "result/", "."], "names a folder"),
+    **dict.fromkeys(["result/x", "result"], "is an existing folder"),
+}
 
 
-def test_an_existing_folder_as_output_is_refused_before_any_work(tmp_path):
-    (tmp_path / "result" / "x").mkdir(parents=True)
-    for output in (tmp_path / "result" / "x", tmp_path / "result"):
-        message = refused(UsageError, "--output .* is an existing folder", tmp_path, RunFiles.for_output, str(output))
-        assert f"{output}/model.pt" in message
+@pytest.mark.parametrize("name,fault", FOLDER_OUTPUTS.items())
+def test_an_output_naming_a_folder_is_a_usage_error_that_shows_a_file_name(tmp_path, name, fault):
+    if fault == "is an existing folder":
+        (tmp_path / "result" / "x").mkdir(parents=True)
+    path = f"{tmp_path}/{name}"
+    message = refused(UsageError, f"--output .* {fault}; give the best model's file name", tmp_path,
+                      RunFiles.for_output, path)
+    assert message.endswith(f"e.g. --output {os.path.join(path, 'model.pt')}")
 
 
-def test_last_metrics_and_lock_go_beside_the_best_model(tmp_path):
-    files = RunFiles.for_output(str(tmp_path / "r" / "best.pt"))
-    assert (files.last, files.metrics, files.lock) == (tmp_path / "r" / "last.pt", tmp_path / "r" / "metrics.json",
-                                                       tmp_path / "r" / ".lock")
+def test_the_other_files_go_beside_the_best_model(tmp_path):
+    files = output(tmp_path / "r" / "model[1].pt")  # a name with glob characters
+    assert (files.last, files.metrics, files.lock, files.plain) == tuple(
+        tmp_path / "r" / name for name in ("last.pt", "metrics.json", ".lock", "model[1].state_dict.pt"))
+    assert files.names() == ("model[1].pt", "last.pt", "metrics.json", "model[1].state_dict.pt")  # atomic_write's
 
 
 # ---------------------------------------------------------------- outputs never collide
@@ -99,70 +123,58 @@ def test_last_metrics_and_lock_go_beside_the_best_model(tmp_path):
                                        (".lock", "the lock file")])
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_the_best_model_never_takes_another_outputs_place(tmp_path, name, role, overwrite):
-    files = RunFiles.for_output(str(tmp_path / "result" / "x" / name))
-    message = refused(UsageError, f"--output .* keeps {role}", tmp_path, check, files, overwrite=overwrite)
+    message = refused(UsageError, f"--output .* keeps {role}", tmp_path, check,
+                      output(tmp_path / "result" / "x" / name), overwrite=overwrite)
     assert str(tmp_path / "result" / "x" / "model.pt") in message
 
 
-def test_an_output_that_links_to_another_output_collides(tmp_path):
-    folder = tmp_path / "x"
-    folder.mkdir()
-    (folder / "last.pt").write_bytes(b"last")
-    (folder / "best.pt").symlink_to("last.pt")
-    (folder / "m.pt").symlink_to("metrics.json")  # a link to a file that does not exist yet
-    for name in ("best.pt", "m.pt"):
-        refused(UsageError, "--output .* keeps", tmp_path, check, RunFiles.for_output(str(folder / name)),
-                overwrite=True)
+@pytest.mark.parametrize("best,entries,fault", [
+    ("best.pt", ["last.pt", "best.pt@last.pt"], "--output .* keeps last.pt"),
+    ("m.pt", ["m.pt@metrics.json"], "--output .* keeps metrics.json"),  # a link to a file not written yet
+    ("model.pt", ["last.pt@metrics.json"], "--output: .*last.pt and .*metrics.json are one file"),
+])
+def test_an_output_that_links_to_another_output_collides(tmp_path, best, entries, fault):
+    make(tmp_path / "x", entries)
+    refused(UsageError, fault, tmp_path, check, output(tmp_path / "x" / best), overwrite=True)
 
 
 # ---------------------------------------------------------------- inputs are never replaced
 
+INPUT_COLLISIONS = {  # --output, the input (under tmp_path; "rel:" spelled relative to the cwd) -> the refusal
+    "model path is the output": ("x/model.pt", {"model_path": "x/model.pt"},
+                                 "--output .* is the --model-path input; an input is never replaced"),
+    "model path spelled relative": ("x/model.pt", {"model_path": "rel:x/model.pt"},
+                                    "--output .* is the --model-path input; an input is never replaced"),
+    "model path is last.pt": ("x/other.pt", {"model_path": "x/last.pt"},
+                              "--output .*: the run writes last.pt to .*, which is the --model-path input"),
+    "model path is metrics.json": ("x/other.pt", {"model_path": "x/metrics.json"},
+                                   "--output .*: the run writes metrics.json to .*, which is the --model-path input"),
+    "a link to the output": ("x/model.pt", {"model_path": "soft.pt"}, "is the --model-path input"),
+    "a hard link to last.pt": ("x/model.pt", {"model_path": "hard.pt"}, "writes last.pt to .*--model-path input"),
+    "resume is the output": ("saved/run.pt", {"resume": "saved/run.pt"}, "--output .* is the --resume input"),
+}
+
+
+@pytest.mark.parametrize("case", INPUT_COLLISIONS)
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_output_equal_to_the_model_path_is_refused_even_with_overwrite(tmp_path, overwrite):
-    model = tmp_path / "x" / "model.pt"
+def test_an_input_is_never_replaced_even_with_overwrite(tmp_path, case, overwrite):
+    best, inputs, fault = INPUT_COLLISIONS[case]
     make_run(tmp_path / "x")
-    for spelling in (model, Path(os.path.relpath(model))):
-        refused(UsageError, "--output .* is the --model-path input; an input is never replaced", tmp_path,
-                check, RunFiles.for_output(str(model)), model_path=spelling, overwrite=overwrite)
-
-
-@pytest.mark.parametrize("name", ["last.pt", "metrics.json"])
-def test_a_model_path_in_the_output_folder_is_never_replaced_even_with_overwrite(tmp_path, name):
-    make_run(tmp_path / "x")
-    message = refused(UsageError, "--model-path input", tmp_path, check,
-                      RunFiles.for_output(str(tmp_path / "x" / "other.pt")),
-                      model_path=tmp_path / "x" / name, overwrite=True)
-    assert f"writes {name} to" in message
-
-
-def test_a_link_or_hard_link_to_the_output_is_the_same_input(tmp_path):
-    make_run(tmp_path / "x")
-    (tmp_path / "soft.pt").symlink_to(tmp_path / "x" / "model.pt")
+    make(tmp_path, ["soft.pt@x/model.pt", "saved/run.pt"])  # saved/run.pt: a last.pt the user renamed
     os.link(tmp_path / "x" / "last.pt", tmp_path / "hard.pt")
-    files = RunFiles.for_output(str(tmp_path / "x" / "model.pt"))
-    for source in (tmp_path / "soft.pt", tmp_path / "hard.pt"):
-        refused(UsageError, "--model-path input", tmp_path, check, files, model_path=source, overwrite=True)
-
-
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_output_equal_to_resume_is_refused(tmp_path, overwrite):
-    resume = tmp_path / "saved" / "run.pt"  # a last.pt the user renamed
-    resume.parent.mkdir()
-    resume.write_bytes(b"resumable")
-    refused(UsageError, "--output .* is the --resume input", tmp_path, check,
-            RunFiles.for_output(str(resume)), resume=resume, overwrite=overwrite)
+    inputs = {flag: Path(os.path.relpath(tmp_path / path[4:])) if path.startswith("rel:") else tmp_path / path
+              for flag, path in inputs.items()}
+    refused(UsageError, fault, tmp_path, check, output(tmp_path / best), overwrite=overwrite, **inputs)
 
 
 # ---------------------------------------------------------------- earlier results need --overwrite
 
-@pytest.mark.parametrize("existing", ["model.pt", "last.pt", "metrics.json"])
+@pytest.mark.parametrize("existing", ["model.pt", "last.pt", "metrics.json", "model.state_dict.pt"])
 def test_each_existing_result_needs_overwrite(tmp_path, existing):
-    folder = tmp_path / "x"
-    folder.mkdir()
-    (folder / existing).write_bytes(b"earlier")
-    files = RunFiles.for_output(str(folder / "model.pt"))
+    make(tmp_path / "x", [existing])
+    files = output(tmp_path / "x" / "model.pt")
     message = refused(UsageError, "--output: .* already exists; pass --overwrite", tmp_path, check, files)
-    assert str(folder / existing) in message
+    assert str(tmp_path / "x" / existing) in message
     check(files, overwrite=True)
 
 
@@ -184,13 +196,15 @@ def test_resume_elsewhere_never_replaces_another_runs_files_without_overwrite(tm
                       check, run_b, resume=run_a.last)
     assert "--overwrite" in message and str(run_a.last) in message
     check(run_b, resume=run_a.last, overwrite=True)  # the user said so
-    check(RunFiles.for_output(str(tmp_path / "c" / "model.pt")), resume=run_a.last)  # a fresh folder
+    check(output(tmp_path / "c" / "model.pt"), resume=run_a.last)  # a fresh folder
 
 
-def test_an_output_file_that_is_a_folder_is_refused_even_with_overwrite(tmp_path):
-    (tmp_path / "x" / "last.pt").mkdir(parents=True)
-    refused(UsageError, "--output: .*last.pt is a folder", tmp_path, check,
-            RunFiles.for_output(str(tmp_path / "x" / "model.pt")), overwrite=True)
+@pytest.mark.parametrize("name,role", [("last.pt", "last.pt"), ("metrics.json", "metrics.json"),
+                                       ("model.state_dict.pt", "the best model as a plain state_dict")])
+def test_an_output_file_that_is_a_folder_is_refused_even_with_overwrite(tmp_path, name, role):
+    make(tmp_path / "x", [f"{name}/"])
+    refused(UsageError, f"--output: .*x/{name} is a folder, but the run writes {role} there", tmp_path, check,
+            output(tmp_path / "x" / "model.pt"), overwrite=True)
 
 
 # ---------------------------------------------------------------- folders that cannot be written
@@ -208,7 +222,7 @@ def test_output_on_a_pseudo_file_system_cannot_be_written(sub):
 def test_a_file_where_the_output_folder_goes_is_refused(tmp_path, sub):
     (tmp_path / "notes.txt").write_text("a file")
     message = refused(UsageError, "--output: cannot create the folder", tmp_path, check,
-                      RunFiles.for_output(str(tmp_path / "notes.txt" / sub)))
+                      output(tmp_path / "notes.txt" / sub))
     assert f"{tmp_path / 'notes.txt'} is a file" in message
 
 
@@ -219,7 +233,7 @@ def test_a_read_only_output_folder_is_refused(tmp_path):
     folder.chmod(0o555)
     try:
         refused(UserError, "--output: cannot write in .*Permission denied", tmp_path, check,
-                RunFiles.for_output(str(folder / "sub" / "model.pt")))
+                output(folder / "sub" / "model.pt"))
     finally:
         folder.chmod(0o755)
 
@@ -239,27 +253,20 @@ def test_a_folder_we_may_not_write_is_refused_with_one_line(tmp_path, monkeypatc
     real_probe = outputs.tempfile.TemporaryFile
     monkeypatch.setattr(outputs.tempfile, "TemporaryFile", probe)
     refused(UserError, f"--output: cannot write in {folder}: {cause}; choose another folder", tmp_path, check,
-            RunFiles.for_output(str(folder / "model.pt")))
+            output(folder / "model.pt"))
     refused(UserError, f"--logdir: cannot write in {folder}: {cause}", tmp_path, check_logdir, str(folder), "run")
 
 
-@pytest.mark.parametrize("flag", ["--output", "--model-path", "--resume"])
-def test_a_symlink_loop_is_a_usage_error_naming_the_flag(tmp_path, flag):
-    (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    (tmp_path / "a").symlink_to(tmp_path / "b")
-    (tmp_path / "b").symlink_to(tmp_path / "a")
-    for looped in (tmp_path / "loop" / "model.pt", tmp_path / "a"):
-        output = looped if flag == "--output" else tmp_path / "out" / "model.pt"
-        source = None if flag == "--output" else looped
-        inputs = {"--model-path": source if flag == "--model-path" else None,
-                  "--resume": source if flag == "--resume" else None}
-        refused(UsageError, f"{flag} .*symlink loop", tmp_path, check_run_files, RunFiles.for_output(str(output)),
-                inputs=inputs, resume=inputs["--resume"], overwrite=True)
-
-
-LOOP_REPORTS = {  # every check that meets a loop, with the flag and the path it reports
-    "--output folder": (lambda t: check_run_files(RunFiles.for_output(str(t / "a" / "sub" / "m.pt")), inputs={},
-                                                  resume=None, overwrite=False), "--output", "a/sub/m.pt"),
+LOOP_REPORTS = {  # every check that meets a loop (a <-> b, x/self -> self), with the flag and the path it reports
+    "--output": (lambda t: check(output(t / "a")), "--output", "a"),
+    "--output below a loop": (lambda t: check(output(t / "x" / "self" / "m.pt")), "--output", "x/self/m.pt"),
+    "--output folder": (lambda t: check(output(t / "a" / "sub" / "m.pt")), "--output", "a/sub/m.pt"),
+    "--model-path": (lambda t: check(output(t / "out" / "m.pt"), model_path=t / "a"), "--model-path", "a"),
+    "--model-path below a loop": (lambda t: check(output(t / "out" / "m.pt"), model_path=t / "x" / "self" / "m.pt"),
+                                  "--model-path", "x/self/m.pt"),
+    "--resume": (lambda t: check(output(t / "out" / "m.pt"), resume=t / "a"), "--resume", "a"),
+    "--resume below a loop": (lambda t: check(output(t / "out" / "m.pt"), resume=t / "x" / "self" / "m.pt"),
+                              "--resume", "x/self/m.pt"),
     "--logdir": (lambda t: check_logdir(str(t / "a"), "run"), "--logdir", "a"),
     "--logdir below": (lambda t: check_logdir(str(t / "a" / "sub"), None), "--logdir", "a/sub"),
     "--run-name": (lambda t: check_logdir(str(t), "a"), "--run-name", "a"),
@@ -270,11 +277,8 @@ LOOP_REPORTS = {  # every check that meets a loop, with the flag and the path it
 
 
 @pytest.mark.parametrize("where", LOOP_REPORTS)
-def test_every_symlink_loop_is_reported_in_one_form(tmp_path, where):
-    (tmp_path / "a").symlink_to("b")
-    (tmp_path / "b").symlink_to("a")
-    (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "self").symlink_to("self")
+def test_every_symlink_loop_is_a_usage_error_in_one_form_naming_the_flag(tmp_path, where):
+    make(tmp_path, ["a@b", "b@a", "x/self@self"])
     call, flag, path = LOOP_REPORTS[where]
     message = refused(UsageError, "symlink loop", tmp_path, call, tmp_path)
     assert message == f"{flag} {tmp_path / path}: symlink loop; point {flag} at a real path"
@@ -282,7 +286,7 @@ def test_every_symlink_loop_is_reported_in_one_form(tmp_path, where):
 
 def test_a_good_output_passes_and_creates_nothing(tmp_path):
     before = tree(tmp_path)
-    check(RunFiles.for_output(str(tmp_path / "result" / "new" / "model.pt")), model_path=tmp_path / "in.pt")
+    check(output(tmp_path / "result" / "new" / "model.pt"), model_path=tmp_path / "in.pt")
     assert tree(tmp_path) == before
 
 
@@ -299,16 +303,18 @@ def test_low_disk_space_names_the_folder_and_the_space(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- --logdir and --run-name
 
-@pytest.mark.parametrize("name", ["../escape", "a/b", "/abs/run", "..", ".", ""])
-def test_a_run_name_that_leaves_the_logdir_is_refused(tmp_path, name):
-    refused(UsageError, "--run-name", tmp_path, check_logdir, str(tmp_path / "logs"), name)
+BAD_RUN_NAMES = {  # a --run-name -> what the refusal says of it
+    "": "give a plain folder name",
+    **dict.fromkeys(["../escape", "a/b", "/abs/run", "..", "."], "would leave --logdir"),
+    **dict.fromkeys(["two\nlines", "cr\r", "esc\x1b[31mred", "tab\there", "nul\0", "del\x7f", "c1\x85",
+                     "line\u2028sep", "para\u2029sep", "undecodable\udcff"], "has a control character"),
+}
 
 
-@pytest.mark.parametrize("name", ["two\nlines", "cr\r", "esc\x1b[31mred", "tab\there", "nul\0", "del\x7f",
-                                  "c1\x85", "line\u2028sep", "para\u2029sep", "undecodable\udcff"])
-def test_a_run_name_with_a_control_character_is_refused_on_one_line(tmp_path, name):
-    message = refused(UsageError, "--run-name .* control character", tmp_path, check_logdir, str(tmp_path), name)
-    assert repr(name) in message and message.isprintable()
+@pytest.mark.parametrize("name,fault", BAD_RUN_NAMES.items())
+def test_a_run_name_that_is_not_a_plain_folder_name_is_refused_on_one_printable_line(tmp_path, name, fault):
+    message = refused(UsageError, "--run-name", tmp_path, check_logdir, str(tmp_path / "logs"), name)
+    assert message.startswith(f"--run-name {name!r}") and fault in message and message.isprintable()
 
 
 @pytest.mark.parametrize("name", ["run 1", "café_ü", "模型", "a-b.c_d~e"])
@@ -316,17 +322,14 @@ def test_a_run_name_of_printable_characters_is_kept(tmp_path, name):
     assert check_logdir(str(tmp_path), name) == tmp_path / name
 
 
-def test_a_logdir_that_is_a_file_or_under_a_file_is_refused(tmp_path):
-    (tmp_path / "logs").write_text("a file")
-    refused(UsageError, "--logdir .*logs is a file", tmp_path, check_logdir, str(tmp_path / "logs"), "run")
-    refused(UsageError, "--logdir: cannot create the folder", tmp_path, check_logdir, str(tmp_path / "logs" / "sub"),
-            "run")
-
-
-def test_a_run_folder_that_is_a_file_is_refused(tmp_path):
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "run").write_text("a file")
-    refused(UsageError, "--run-name run: .* is a file", tmp_path, check_logdir, str(tmp_path / "logs"), "run")
+@pytest.mark.parametrize("entries,logdir,fault", [
+    (["logs"], "logs", "--logdir .*logs is a file; TensorBoard needs a folder"),
+    (["logs"], "logs/sub", "--logdir: cannot create the folder"),
+    (["logs/run"], "logs", "--run-name run: .*run is a file; TensorBoard needs a folder"),
+])
+def test_a_file_where_a_log_folder_goes_is_refused(tmp_path, entries, logdir, fault):
+    make(tmp_path, entries)
+    refused(UsageError, fault, tmp_path, check_logdir, str(tmp_path / logdir), "run")
 
 
 def test_a_logdir_on_a_full_disk_or_a_pseudo_file_system_is_refused(tmp_path, monkeypatch):
@@ -368,14 +371,6 @@ def hold_lock(path: Path) -> subprocess.Popen:
     return proc
 
 
-def test_the_lock_creates_the_folder_holds_our_pid_and_goes_at_exit(tmp_path):
-    lock = tmp_path / "result" / "x" / ".lock"
-    with RunLock(lock):
-        assert lock.read_text() == f"{os.getpid()}\n"
-        (lock.parent / "best.pt").write_bytes(b"saved")
-    assert tree(tmp_path / "result") == {"x": "dir", "x/best.pt": tree(lock.parent)["best.pt"]}
-
-
 @pytest.mark.parametrize("existing,written,left", [
     ([], [], []),  # failed before its first save: nothing left
     (["result"], [], ["result"]),  # a folder that was there before is not ours to remove
@@ -384,11 +379,13 @@ def test_the_lock_creates_the_folder_holds_our_pid_and_goes_at_exit(tmp_path):
     ([], ["result/x/y/"], ["result", "result/x", "result/x/y"]),  # not empty: stop there
 ])
 @pytest.mark.parametrize("fails", [False, True])
-def test_the_folders_the_lock_made_go_at_exit_while_empty(tmp_path, existing, written, left, fails):
+def test_the_lock_holds_our_pid_and_its_folders_go_at_exit_while_empty(tmp_path, existing, written, left, fails):
+    lock = tmp_path / "result" / "x" / ".lock"
     for folder in existing:
         (tmp_path / folder).mkdir()
     with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
-        with RunLock(tmp_path / "result" / "x" / ".lock"):
+        with RunLock(lock):
+            assert lock.read_text() == f"{os.getpid()}\n"
             for path in written:
                 target = tmp_path / path
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -396,6 +393,8 @@ def test_the_folders_the_lock_made_go_at_exit_while_empty(tmp_path, existing, wr
             if fails:
                 raise RuntimeError("bad data")
     assert sorted(tree(tmp_path)) == left
+    with RunLock(lock):  # and free again
+        pass
 
 
 def test_a_lock_that_fails_after_making_folders_leaves_none(tmp_path, monkeypatch):
@@ -414,51 +413,29 @@ STALE = {  # an entry beside the lock -> whether a run that takes the lock remov
     "last.pt": False, ".last.pt.tmp": False, ".last.pt.ab12cd_9": False, "last.pt.ab12cd_9.tmp": False,
     "notes.tmp": False, ".model1.pt.q.tmp": False,
     ".last.pt.dir.tmp/": False,  # a folder: never ours
-    ".last.pt.link.tmp@": False,  # a link: never ours, nor what it points to
+    ".last.pt.link.tmp@../victim.pt": False,  # a link: never ours, nor what it points to
 }
 
 
 @pytest.mark.parametrize("entry,removed", STALE.items())
 def test_taking_the_lock_removes_only_our_stale_temporaries(tmp_path, entry, removed):
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (tmp_path / "victim.pt").write_bytes(b"precious")
-    name = entry.rstrip("/@")
-    if entry.endswith("/"):
-        (folder / name).mkdir()
-    elif entry.endswith("@"):
-        (folder / name).symlink_to(tmp_path / "victim.pt")
-    else:
-        (folder / name).write_bytes(b"half written")
+    make(tmp_path, ["victim.pt", f"run/{entry}"])
+    folder, name = tmp_path / "run", entry.split("@")[0].rstrip("/")
     with RunLock(folder / ".lock", clean=NAMES):
         assert os.path.lexists(folder / name) != removed
-    assert (tmp_path / "victim.pt").read_bytes() == b"precious"
+    assert (tmp_path / "victim.pt").read_bytes() == b"events"
     with RunLock(folder / ".lock"):  # the callers' RunLock(files.lock) removes nothing
         pass
     assert os.path.lexists(folder / name) != removed
 
 
-def test_a_refused_lock_removes_no_temporaries(tmp_path):
+def test_a_folder_held_by_a_live_run_is_refused_and_keeps_its_temporaries(tmp_path):
     lock = tmp_path / "x" / ".lock"
     holder = hold_lock(lock)
     try:
         (lock.parent / ".last.pt.ab12cd_9.tmp").write_bytes(b"the live run is writing this")
-        refused(UserError, "in use", tmp_path, RunLock(lock, clean=("last.pt",)).__enter__)
-    finally:
-        holder.communicate("")
-
-
-def test_run_files_name_what_atomic_write_saves(tmp_path):
-    files = RunFiles.for_output(str(tmp_path / "x" / "model[1].pt"))
-    assert files.names() == ("model[1].pt", "last.pt", "metrics.json", "model[1].state_dict.pt")
-
-
-def test_a_folder_held_by_a_live_run_is_refused(tmp_path):
-    lock = tmp_path / "x" / ".lock"
-    holder = hold_lock(lock)
-    try:
         message = refused(UserError, f"--output folder {tmp_path / 'x'} is in use .*pid {holder.pid}", tmp_path,
-                          RunLock(lock).__enter__)
+                          RunLock(lock, clean=("last.pt",)).__enter__)
         assert str(lock) in message
     finally:
         holder.communicate("")
@@ -490,46 +467,30 @@ def test_a_killed_runs_lock_is_taken_again(tmp_path):
 
 @pytest.mark.parametrize("created", [True, False])
 def test_without_flock_the_created_file_is_the_lock(tmp_path, monkeypatch, created):
-    lock = tmp_path / ".lock"
-    if not created:
-        lock.write_text("4242\n")  # a live run's, or a killed one's: without flock they look alike
-
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(outputs.fcntl, "flock", no_flock)
-    if not created:
+    lock = tmp_path / ".lock"
+    if created:
+        with pytest.warns(UserWarning, match="has no flock; should this run be killed, delete"):
+            with RunLock(lock):
+                assert lock.read_text() == f"{os.getpid()}\n"
+        assert not lock.exists()
+    else:
+        lock.write_text("4242\n")  # a live run's, or a killed one's: without flock they look alike
         refused(UserError, "in use by a running fine-tuning run .pid 4242.*delete .*\\.lock", tmp_path,
                 RunLock(lock).__enter__)
-        return
-    with pytest.warns(UserWarning, match="has no flock; should this run be killed, delete"):
-        with RunLock(lock):
-            assert lock.read_text() == f"{os.getpid()}\n"
-    assert not lock.exists()
 
 
-def test_the_lock_is_released_when_the_run_fails(tmp_path):
-    lock = tmp_path / ".lock"
-    with pytest.raises(RuntimeError, match="diverged"):
-        with RunLock(lock):
-            raise RuntimeError("diverged")
-    assert not lock.exists()
-    with RunLock(lock):
-        pass
-
-
-def test_a_lock_that_cannot_be_created_is_one_line(tmp_path):
-    (tmp_path / "file").write_text("x")
-    refused(UserError, "--output: cannot take the lock .*file/.lock", tmp_path,
-            RunLock(tmp_path / "file" / ".lock").__enter__)
-
-
-def test_the_lock_never_writes_through_a_planted_link(tmp_path):
-    (tmp_path / "victim.pt").write_bytes(b"precious")
-    (tmp_path / "x").mkdir()
-    (tmp_path / "x" / ".lock").symlink_to(tmp_path / "victim.pt")
-    refused(UserError, "--output: cannot take the lock .*: it is a symlink, which the lock never follows; delete it",
-            tmp_path, RunLock(tmp_path / "x" / ".lock").__enter__)
+@pytest.mark.parametrize("entries,lock,cause", [
+    (["file"], "file/.lock", "Not a directory"),
+    (["victim.pt", "x/.lock@../victim.pt"], "x/.lock", "it is a symlink, which the lock never follows; delete it"),
+])
+def test_a_lock_that_cannot_be_taken_is_one_line_and_writes_nothing(tmp_path, entries, lock, cause):
+    make(tmp_path, entries)
+    refused(UserError, re.escape(f"--output: cannot take the lock {tmp_path / lock}: {cause}"), tmp_path,
+            RunLock(tmp_path / lock).__enter__)
 
 
 # ---------------------------------------------------------------- TensorBoard trouble mid-run
@@ -638,24 +599,28 @@ def one_line_error(result, code: int, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["last.pt", "metrics.json", ".lock"])
-def test_cli_output_colliding_with_another_output_exits_2(tmp_path, small_data_dir, name):
-    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir,
-                        "--output", tmp_path / "x" / name, "--logdir", tmp_path / "tb", *QUICK)
-    one_line_error(result, 2, "--output")
-    assert not (tmp_path / "x").exists() and not (tmp_path / "tb").exists()
+CLI_USAGE_ERRORS = {  # a wrong command line ({t}: tmp_path, which holds x/ and file; a later --logdir wins) -> its flag
+    "--output is last.pt": (("--output", "{t}/x/last.pt"), "--output"),
+    "--output is metrics.json": (("--output", "{t}/x/metrics.json"), "--output"),
+    "--output is the lock": (("--output", "{t}/x/.lock"), "--output"),
+    "--output is a folder": (("--output", "{t}/x"), "--output"),
+    "--output ends in a slash": (("--output", "{t}/x/"), "--output"),
+    "--logdir is a file": (("--output", "{t}/out/model.pt", "--logdir", "{t}/file"), "--logdir"),
+    "--run-name leaves --logdir": (("--output", "{t}/out/model.pt", "--run-name", "../escape"), "--run-name"),
+    "--run-name breaks the line": (("--output", "{t}/out/model.pt", "--run-name", "two\nlines\x1b[2J"), "--run-name"),
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", ["folder", "slash"])
-def test_cli_output_naming_a_folder_exits_2_before_any_work(tmp_path, small_data_dir, make):
-    (tmp_path / "x").mkdir()
-    output = str(tmp_path / "x") + ("/" if make == "slash" else "")
-    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--output", output,
-                        "--logdir", tmp_path / "tb", *QUICK)
-    one_line_error(result, 2, "--output")
-    assert tree(tmp_path) == {"x": "dir"}
+@pytest.mark.parametrize("case", CLI_USAGE_ERRORS)
+def test_cli_a_wrong_command_line_exits_2_before_any_work(tmp_path, small_data_dir, case):
+    flags, flag = CLI_USAGE_ERRORS[case]
+    make(tmp_path, ["x/", "file"])
+    before = tree(tmp_path)
+    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--logdir", tmp_path / "tb",
+                        *[a.format(t=tmp_path) for a in flags], *QUICK)
+    one_line_error(result, 2, flag)
+    assert tree(tmp_path) == before
 
 
 @pytest.mark.slow
@@ -687,21 +652,6 @@ def test_cli_output_on_a_pseudo_file_system_exits_1(tmp_path, small_data_dir):
     result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir,
                         "--output", f"{PSEUDO_FS[0]}/fashion_ft/model.pt", "--logdir", tmp_path / "tb", *QUICK)
     one_line_error(result, 1, "--output", "a pseudo file system")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("flags,flag", [(("--logdir", "FILE"), "--logdir"),
-                                        (("--run-name", "../escape"), "--run-name"),
-                                        (("--run-name", "two\nlines\x1b[2J"), "--run-name")])
-def test_cli_bad_logdir_or_run_name_exits_2_before_any_work(tmp_path, small_data_dir, flags, flag):
-    (tmp_path / "file").write_text("x")
-    args = [str(tmp_path / "file") if a == "FILE" else a for a in flags]
-    if flag != "--logdir":
-        args += ["--logdir", str(tmp_path / "tb")]
-    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir,
-                        "--output", tmp_path / "out" / "model.pt", *args, *QUICK)
-    one_line_error(result, 2, flag)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
 
 
 @pytest.mark.slow

@@ -3,29 +3,13 @@ a resumed run goes on in its own, a planted symlink never sends the logs out of 
 check creates nothing."""
 
 import os
-from pathlib import Path
 
 import pytest
 from conftest import SMALL_RUN, run_script
-from test_outputs import refused, tree
+from test_outputs import make, refused, tree
 
 from fashion_ft.errors import UsageError
 from fashion_ft.outputs import check_logdir
-
-
-def make(logdir: Path, entries) -> None:
-    """'name/': an empty folder; 'name/file': a folder holding a file (another run's events);
-    'name': a file; 'name@target': a symlink to target."""
-    logdir.mkdir(exist_ok=True)
-    for entry in entries:
-        path = logdir / entry.split("@")[0]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if "@" in entry:
-            path.symlink_to(entry.split("@")[1])
-        elif entry.endswith("/"):
-            path.mkdir()
-        else:
-            path.write_bytes(b"events")
 
 
 @pytest.mark.parametrize("entries,resume,expected", [
