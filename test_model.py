@@ -12,30 +12,28 @@ Exit codes: 0 every check passed, 1 a check failed, 2 bad usage, 130/143 interru
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import warnings
 from pathlib import Path
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def bounded(convert, noun: str, ok, rule: str):
+    """An argparse type: convert(text), which must satisfy ok, else a one-line usage error."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+        return value
+    return parse
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (0.9 for 90%), got {value}")
-    return value
+positive_int = bounded(int, "a whole number", lambda v: v >= 1, "must be >= 1")
+fraction = bounded(float, "a number", lambda v: 0 <= v <= 1, "must be a fraction between 0 and 1 (0.9 for 90%)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -71,9 +69,9 @@ def check_model(report, path: Path, args, rt_eval, data, training_sample):
     from fashion_ft import preflight as pf
 
     prefix = f"{path}: " if len(args.model_path) > 1 else ""
-    if report.run(prefix + "file", pf.check_file, path) is None:
-        return None
-    ckpt = report.run(prefix + "load", pf.check_load, path, args.trust_pickle, args.definition, args.model_kwargs)
+    # each of these runs only if the one before passed
+    ckpt = (report.run(prefix + "file", pf.check_file, path)
+            and report.run(prefix + "load", pf.check_load, path, args.trust_pickle, args.definition, args.model_kwargs))
     if ckpt is None:
         return None
     model = report.run(prefix + "architecture", pf.check_arch, ckpt)
@@ -103,17 +101,6 @@ def check_model(report, path: Path, args, rt_eval, data, training_sample):
     return probs
 
 
-def check_model_and_memory(report, path: Path, args, rt_eval, data, training_sample):
-    """check_model, then this model's memory: the GPU peak is reset per model, so each reports its own."""
-    from fashion_ft import preflight as pf
-    from fashion_ft.system import reset_peak_memory
-
-    reset_peak_memory(rt_eval.device)
-    probs = check_model(report, path, args, rt_eval, data, training_sample)
-    report.run(f"{path}: memory" if len(args.model_path) > 1 else "memory", pf.check_memory, rt_eval.device)
-    return probs
-
-
 def resolve_runtime(args):
     """How the models are evaluated, less the normalisation that each checkpoint brings; a bad --device
     or --amp is a usage error (exit 2)."""
@@ -128,21 +115,23 @@ def resolve_runtime(args):
 
 def run_checks(args):
     from fashion_ft import preflight as pf
+    from fashion_ft.normalization import SAMPLE_IMAGES
+    from fashion_ft.system import reset_peak_memory
 
     report = pf.Report(debug=args.debug)
     rt_eval = resolve_runtime(args)
     device = rt_eval.device
     report.run("device", pf.check_device, device, args.require_gpu, args.device == "auto")
     n = None if args.full else args.batches * args.batch_size
-    data = report.run("test data", pf.check_data, args.data_dir, n, device, args.download)
-    loaded = []
-
-    def training_sample():  # read once, and only for a model whose file does not record its normalisation
-        if not loaded:
-            loaded.append(report.run("training images", pf.check_training_sample, args.data_dir, device))
-        return loaded[0]
-
-    probs = [check_model_and_memory(report, Path(p), args, rt_eval, data, training_sample) for p in args.model_path]
+    data = report.run("test data", pf.check_data, args.data_dir, "test", n, device, args.download)
+    # read once, and only for a model whose file does not record its normalisation
+    training_sample = functools.cache(
+        lambda: report.run("training images", pf.check_data, args.data_dir, "train", SAMPLE_IMAGES, device))
+    probs = []
+    for path in map(Path, args.model_path):
+        reset_peak_memory(device)  # per model, so that each reports its own GPU peak
+        probs.append(check_model(report, path, args, rt_eval, data, training_sample))
+        report.run(f"{path}: memory" if len(args.model_path) > 1 else "memory", pf.check_memory, device)
     if len(probs) > 1:
         if all(p is not None for p in probs):
             report.run("ensemble", pf.check_ensemble, probs, data.labels)
@@ -155,10 +144,8 @@ def print_text(report) -> None:
     for check in report.checks:
         print(f"[{'PASS' if check.ok else 'FAIL'}] {check.name:<16} {check.detail}")
     failed = [c.name for c in report.checks if not c.ok]
-    if failed:
-        print(f"{len(failed)} of {len(report.checks)} checks failed: {', '.join(failed)}")
-    else:
-        print(f"all {len(report.checks)} checks passed")
+    total = len(report.checks)
+    print(f"{len(failed)} of {total} checks failed: {', '.join(failed)}" if failed else f"all {total} checks passed")
 
 
 def check_and_print(argv) -> int:

@@ -17,15 +17,7 @@ from .model import count_parameters
 from .normalization import SAMPLE_IMAGES, compare, suggestion
 from .optim import build_optimizer, build_schedulers
 from .outputs import resolve_path
-from .system import (
-    broken_cuda_reason,
-    cuda_report,
-    device_report,
-    peak_gpu_mb,
-    process_memory_mb,
-    resolve_amp,
-    synchronize,
-)
+from .system import broken_cuda_reason, device_report, peak_gpu_mb, process_memory_mb, resolve_amp, synchronize
 
 # An accuracy measured on fewer images says little (on 100 images one standard error is already about
 # 3 points at 90%), and on none it is NaN: a test set this small fails the data check.
@@ -60,7 +52,8 @@ class Report:
         except Exception as exc:  # a pre-flight tool reports a broken GPU or model, it does not crash on it
             if self.debug:
                 raise
-            self.checks.append(Check(name, False, f"unexpected {type(exc).__name__}: {first_line(exc)} (--debug shows more)"))
+            detail = f"unexpected {type(exc).__name__}: {first_line(exc)} (--debug shows more)"
+            self.checks.append(Check(name, False, detail))
             return None
         self.checks.append(Check(name, True, detail, data))
         return value
@@ -77,8 +70,6 @@ class Report:
         checks = [{**asdict(c), "data": strict_json(c.data)} for c in self.checks]
         return {"passed": self.passed, "checks": checks}
 
-
-# ---------------------------------------------------------------- the checks
 
 def check_file(path: Path):
     resolve_path(path, "--model-path")  # a symlink loop is worded as for every other path
@@ -120,84 +111,71 @@ def check_finite(ckpt: LoadedCheckpoint):
     return "no NaN or Inf in any weight", {}, True
 
 
-def _check_matmul(device: torch.device, name: str) -> None:
-    a = torch.randn(256, 256, device=device)
-    if not torch.allclose((a @ a).cpu(), a.cpu() @ a.cpu(), atol=1e-2, rtol=1e-3):
-        raise CheckFailed(f"{name}: a matrix product on the GPU disagrees with the CPU")
-
-
 def check_device(device: torch.device, require_gpu: bool, auto: bool = True):
-    if device.type == "mps":  # Apple's GPU: the same matrix product check as for CUDA
-        info = device_report(device)
-        _check_matmul(device, info.get("name", "MPS"))
+    info = device_report(device)  # mps_report on Apple's GPU, else cuda_report
+    if device.type in ("cuda", "mps"):
+        a = torch.randn(256, 256, device=device)
+        if not torch.allclose((a @ a).cpu(), a.cpu() @ a.cpu(), atol=1e-2, rtol=1e-3):
+            raise CheckFailed(f"{info.get('name', 'MPS')}: a matrix product on the GPU disagrees with the CPU")
+    if device.type == "cuda":
+        return (f"{info['name']} (capability {info['capability']}), {info['free_memory_mb']:.0f} of "
+                f"{info['total_memory_mb']:.0f} MiB free, CUDA {info['cuda_version']}, cuDNN {info['cudnn_version']}",
+                info, True)
+    if device.type == "mps":
         if require_gpu:
             raise CheckFailed("Apple MPS is not a CUDA GPU (--require-gpu)")
         return f"Apple MPS ({info.get('name', 'GPU')}), amp auto: {info.get('amp_auto')}", info, True
-    info = cuda_report(device)
-    if device.type != "cuda":
-        broken = broken_cuda_reason()
-        if broken and (auto or require_gpu):  # an NVIDIA GPU that CUDA cannot use: never pass on the CPU
-            raise CheckFailed(broken)
-        if require_gpu:
-            raise CheckFailed("no CUDA GPU available (--require-gpu)")
-        return "no CUDA GPU: running on the CPU", info, True
-    _check_matmul(device, info["name"])
-    detail = (f"{info['name']} (capability {info['capability']}), {info['free_memory_mb']:.0f} of "
-              f"{info['total_memory_mb']:.0f} MiB free, CUDA {info['cuda_version']}, cuDNN {info['cudnn_version']}")
-    return detail, info, True
+    broken = broken_cuda_reason()
+    if broken and (auto or require_gpu):  # an NVIDIA GPU that CUDA cannot use: never pass on the CPU
+        raise CheckFailed(broken)
+    if require_gpu:
+        raise CheckFailed("no CUDA GPU available (--require-gpu)")
+    return "no CUDA GPU: running on the CPU", info, True
 
 
-def _train_batch(data: DeviceData | None, device: torch.device, n: int = TRAIN_STEP_IMAGES):
-    """Real test images when there are some (a realistic loss), else random ones (still every kernel)."""
-    if data is not None:
-        return data.images[:n], data.labels[:n]
+def _random_batch(n: int, device: torch.device):
+    """Seeded random images and labels: every kernel runs, on the same input every time."""
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen)
     return images.to(device), torch.randint(0, 10, (n,), generator=gen).to(device)
 
 
-def _train_step(model, data: DeviceData | None, rt: ComputeSettings, cfg: Config):
-    """Up to three steps of finetune_gpu.py's TrainStep on a copy of model -> (loss, the copy, changed).
-    With fp16 the loss scaler may skip the first step (an overflow at its starting scale), so a skipped
-    step is retried; a real step changes the weights."""
-    trained = copy.deepcopy(model).to(memory_format=rt.memory_format).train()
+def check_train_step(model, data: DeviceData | None, mean: float, std: float, device: torch.device):
+    """Forward, backward and optimizer step on a copy of model, exactly as finetune_gpu.py's defaults run
+    them on this device: its --amp auto precision policy, memory layout, optimizer and loss scaler. With
+    fp16 the loss scaler may skip the first step (an overflow at its starting scale), so up to three steps
+    are taken; a real step changes the weights."""
+    cfg = Config()
+    memory_format, why_not = choose_memory_format(model, device, cfg.channels_last)
+    rt = ComputeSettings(device, resolve_amp(cfg.amp, device), mean, std, memory_format)
+    trained = copy.deepcopy(model).to(memory_format=memory_format).train()
     optimizer = build_optimizer(trained, cfg, cfg.lr)
     step = TrainStep(trained, optimizer, build_schedulers(optimizer, cfg, 1),
-                     torch.amp.GradScaler(rt.device.type, enabled=rt.amp.use_scaler),
+                     torch.amp.GradScaler(device.type, enabled=rt.amp.use_scaler),
                      cfg.label_smoothing, cfg.max_grad_norm)
-    images, labels = _train_batch(data, rt.device)
-    x = make_batch(images, None, None, rt.mean, rt.std, rt.memory_format)
+    # real test images when there are some (a realistic loss), else random ones (still every kernel)
+    n = TRAIN_STEP_IMAGES
+    images, labels = (data.images[:n], data.labels[:n]) if data is not None else _random_batch(n, device)
+    x = make_batch(images, None, None, mean, std, memory_format)
     before = [p.detach().clone() for p in trained.parameters()]
     for _ in range(3):
         loss, logits = step(x, labels, rt)
         if not (torch.isfinite(loss) and torch.isfinite(logits).all()):
             raise CheckFailed(f"the training step under amp {rt.amp.name} gave a non-finite loss or output")
-        changed = any(not torch.equal(b, p) for b, p in zip(before, trained.parameters()))
-        if changed:
+        if any(not torch.equal(b, p) for b, p in zip(before, trained.parameters())):
             break
-    return loss.item(), trained, changed
-
-
-def check_train_step(model, data: DeviceData | None, mean: float, std: float, device: torch.device):
-    """Forward, backward and optimizer step exactly as finetune_gpu.py's defaults run them on this device:
-    its --amp auto precision policy, memory layout, optimizer and loss scaler."""
-    cfg = Config()
-    memory_format, why_not = choose_memory_format(model, device, cfg.channels_last)
-    rt = ComputeSettings(device, resolve_amp(cfg.amp, device), mean, std, memory_format)
-    loss, trained, changed = _train_step(model, data, rt, cfg)
-    if not changed:
+    else:
         raise CheckFailed(f"three {cfg.optimizer} steps under amp {rt.amp.name} changed no weight")
     if nonfinite_tensors(trained.state_dict()):
         raise CheckFailed(f"the {cfg.optimizer} step under amp {rt.amp.name} left NaN/Inf weights")
+    loss = loss.item()
     detail = f"forward, backward and {cfg.optimizer} step under amp {rt.amp.name}: loss {loss:.4f}, weights updated"
     return (detail + (f"; {why_not}" if why_not else ""),
             {"amp": rt.amp.name, "optimizer": cfg.optimizer, "loss": loss, "channels_last": why_not is None}, True)
 
 
 def check_forward(model, rt: ComputeSettings, n: int = 8):
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen).to(rt.device)
-    logits = predict_logits(model, images, rt, n)
+    logits = predict_logits(model, _random_batch(n, rt.device)[0], rt, n)
     if tuple(logits.shape) != (n, 10):
         raise CheckFailed(f"output shape {tuple(logits.shape)}, expected ({n}, 10)")
     if not torch.isfinite(logits).all():
@@ -205,8 +183,8 @@ def check_forward(model, rt: ComputeSettings, n: int = 8):
     if torch.allclose(logits, logits[:1].expand_as(logits)):  # a dead network, or one that ignores its input
         raise CheckFailed(f"the same output for {n} different images")
     # log_softmax outputs (a model trained with nll_loss) are log-probabilities: each row's logsumexp is 0
-    kind = "log-probabilities" if torch.allclose(logits.logsumexp(1), torch.zeros(n, device=logits.device),
-                                                 atol=1e-3) else "logits"
+    log_probs = torch.allclose(logits.logsumexp(1), torch.zeros(n, device=logits.device), atol=1e-3)
+    kind = "log-probabilities" if log_probs else "logits"
     return f"output {n} x 10, finite, varies with the image ({kind})", {"outputs": kind}, True
 
 
@@ -221,24 +199,20 @@ def check_normalization(model, train: DeviceData, mean: float, std: float):
             "common normalisation does clearly better", {"accuracy": scores[current]}, True)
 
 
-def eval_logits(model, rt: ComputeSettings, data: DeviceData, batch_size: int):
-    """(logits, seconds) with the clock started after one warm-up batch."""
-    predict_logits(model, data.images[:batch_size], rt, batch_size)
+def check_eval(model, rt: ComputeSettings, data: DeviceData, batch_size: int, min_acc: float):
+    predict_logits(model, data.images[:batch_size], rt, batch_size)  # warm-up: the clock starts after it
     synchronize(rt.device)
     start = time.perf_counter()
     logits = predict_logits(model, data.images, rt, batch_size)
     synchronize(rt.device)
-    return logits, time.perf_counter() - start
-
-
-def check_eval(model, rt: ComputeSettings, data: DeviceData, batch_size: int, min_acc: float):
-    logits, seconds = eval_logits(model, rt, data, batch_size)
+    seconds, n = time.perf_counter() - start, len(data)
     if not torch.isfinite(logits).all():
-        raise CheckFailed(f"the model's output holds NaN or Inf on {len(data)} test images")
+        raise CheckFailed(f"the model's output holds NaN or Inf on {n} test images")
     loss, acc = logit_metrics(logits, data.labels)
-    stats = {"images": len(data), "accuracy": acc, "loss": loss, "seconds": seconds,
-             "images_per_s": len(data) / seconds, "tta": "flip" if rt.tta_flip else "none"}
-    detail = f"{len(data)} test images{' with flip TTA' if rt.tta_flip else ''}: accuracy {100 * acc:.2f}%, loss {loss:.4f}, {len(data) / seconds:.0f} img/s"
+    stats = {"images": n, "accuracy": acc, "loss": loss, "seconds": seconds, "images_per_s": n / seconds,
+             "tta": "flip" if rt.tta_flip else "none"}
+    detail = (f"{n} test images{' with flip TTA' if rt.tta_flip else ''}: accuracy {100 * acc:.2f}%, "
+              f"loss {loss:.4f}, {n / seconds:.0f} img/s")
     if not acc >= min_acc:  # also when it is NaN
         raise CheckFailed(f"{detail}; below the sane minimum of {100 * min_acc:.0f}%")
     return detail, stats, logits.softmax(1)
@@ -269,20 +243,13 @@ def check_ensemble(probs: list, labels: torch.Tensor):
     return f"{len(probs)} models, averaged probabilities: accuracy {100 * acc:.2f}%", {"accuracy": acc}, acc
 
 
-def check_training_sample(data_dir, device):
-    """A few hundred training images (never the test set) for the normalisation check."""
-    images, labels = load_split(data_dir, "train")
-    data = DeviceData.create(images[:SAMPLE_IMAGES], labels[:SAMPLE_IMAGES], device)
-    return f"{len(data)} Fashion-MNIST training images", {"images": len(data)}, data
-
-
-def check_data(data_dir, n, device, allow_download: bool = False):
-    images, labels = load_split(data_dir, "test", allow_download)
-    if len(labels) < MIN_TEST_IMAGES:
+def check_data(data_dir, split: str, n: int | None, device, allow_download: bool = False):
+    """The first n images of a split (None: all). The normalisation check takes a training sample: the
+    test images never choose anything."""
+    images, labels = load_split(data_dir, split, allow_download)
+    if split == "test" and len(labels) < MIN_TEST_IMAGES:
         path = find_data_dir(data_dir, "test") / FILES["test"][0]
         raise CheckFailed(f"{path}: only {len(labels)} test images; a meaningful accuracy needs at least "
                           f"{MIN_TEST_IMAGES}")
-    if n is not None:
-        images, labels = images[:n], labels[:n]
-    data = DeviceData.create(images, labels, device)
-    return f"{len(data)} Fashion-MNIST test images", {"images": len(data)}, data
+    data = DeviceData.create(images[:n], labels[:n], device)
+    return f"{len(data)} Fashion-MNIST {'test' if split == 'test' else 'training'} images", {"images": len(data)}, data

@@ -5,10 +5,10 @@ slow one."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -55,39 +55,27 @@ def listing(folder):
     return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
 
 
-def run_subprocess(cwd, *args):
-    """Run test_model.py in cwd as a user does and check that it wrote nothing there."""
-    before = listing(cwd)
-    result = run_script("test_model.py", *args, cwd=cwd)
-    assert listing(cwd) == before, "test_model.py must not write files"
-    return result
-
-
-class Result(NamedTuple):
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def cli_runner(mode: str, monkeypatch, capsys):
-    """run(cwd, *args): test_model.py in cwd (checked to write nothing there) -> Result."""
-    def in_process(cwd, *args):
-        monkeypatch.chdir(cwd)
-        try:
-            code = test_model.main([str(a) for a in args])
-        except SystemExit as exc:  # argparse's own usage errors
-            code = exc.code
-        return Result(code, *capsys.readouterr())
-
+def cli_runner(mode: str, monkeypatch=None, capsys=None):
+    """run(cwd, *args): test_model.py in cwd, in this process or as a real one, checked to write nothing
+    there -> its exit code and output."""
     def run(cwd, *args):
-        if mode == "subprocess":
-            return run_subprocess(cwd, *args)
         before = listing(cwd)
-        result = in_process(cwd, *args)
+        if mode == "subprocess":
+            result = run_script("test_model.py", *args, cwd=cwd)
+        else:
+            monkeypatch.chdir(cwd)
+            try:
+                code = test_model.main([str(a) for a in args])
+            except SystemExit as exc:  # argparse's own usage errors
+                code = exc.code
+            result = subprocess.CompletedProcess(args, code, *capsys.readouterr())
         assert listing(cwd) == before, "test_model.py must not write files"
         return result
 
     return run
+
+
+run_subprocess = cli_runner("subprocess")
 
 
 @pytest.fixture(params=["in-process", pytest.param("subprocess", marks=pytest.mark.slow)])
@@ -127,30 +115,13 @@ def tiny_checkpoint(path, **changes):
 # ---------------------------------------------------------------- bad checkpoints
 
 
-def make_missing(folder):
-    return folder / "nope.pt"
-
-
-def make_empty(folder):
-    (folder / "empty.pt").write_bytes(b"")
-    return folder / "empty.pt"
-
-
-def make_truncated(folder):
-    path = tiny_checkpoint(folder / "half.pt")
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+def write(path, content: bytes):
+    path.write_bytes(content)
     return path
 
 
-def make_random(folder):
-    gen = np.random.default_rng(0)
-    (folder / "random.pt").write_bytes(gen.integers(0, 256, 100_000, dtype=np.uint8).tobytes())
-    return folder / "random.pt"
-
-
-def make_text(folder):
-    (folder / "notes.pt").write_text("this is my model, trained for 30 epochs\n")
-    return folder / "notes.pt"
+def halve(path):
+    return write(path, path.read_bytes()[: path.stat().st_size // 2])
 
 
 def make_resnet(folder):
@@ -169,27 +140,27 @@ def make_wrong_shape(folder):
     return folder / "wrong.pt"
 
 
-def make_nan(folder):
-    return tiny_checkpoint(folder / "nan.pt", **{"classifier.5.bias": torch.full((10,), float("nan"))})
+RANDOM_BYTES = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+NAN_BIAS = {"classifier.5.bias": torch.full((10,), float("nan"))}
+WRONG_SHAPE = f"features.4.weight has shape {(*CONV2_OUT_IN, 5, 5)}, expected {(*CONV2_OUT_IN, 3, 3)}"
 
-
-BAD_CHECKPOINTS = {  # name: (how to make it, the check that fails, what its line must say)
-    "missing": (make_missing, "file", ["nope.pt", "not found"]),
-    "empty": (make_empty, "file", ["empty.pt", "empty"]),
-    "truncated": (make_truncated, "load", ["half.pt", "truncated or corrupt"]),
-    "random-bytes": (make_random, "load", ["random.pt", "not a PyTorch checkpoint"]),
-    "text": (make_text, "load", ["notes.pt", "not a PyTorch checkpoint"]),
+BAD_CHECKPOINTS = {  # name: (how to make it in a folder, the check that fails, what its line must say)
+    "missing": (lambda d: d / "nope.pt", "file", ["nope.pt", "not found"]),
+    "empty": (lambda d: write(d / "empty.pt", b""), "file", ["empty.pt", "empty"]),
+    "truncated": (lambda d: halve(tiny_checkpoint(d / "half.pt")), "load", ["half.pt", "truncated or corrupt"]),
+    "random-bytes": (lambda d: write(d / "random.pt", RANDOM_BYTES), "load", ["random.pt", "not a PyTorch checkpoint"]),
+    "text": (lambda d: write(d / "notes.pt", b"this is my model, trained for 30 epochs\n"), "load",
+             ["notes.pt", "not a PyTorch checkpoint"]),
     "resnet18": (make_resnet, "load", ["resnet18.pt", "matches no known architecture"]),
-    "wrong-shape": (make_wrong_shape, "load", [f"features.4.weight has shape {(*CONV2_OUT_IN, 5, 5)}, expected {(*CONV2_OUT_IN, 3, 3)}"]),
-    "nan-weights": (make_nan, "weights finite", ["NaN/Inf", "classifier.5.bias"]),
+    "wrong-shape": (make_wrong_shape, "load", [WRONG_SHAPE]),
+    "nan-weights": (lambda d: tiny_checkpoint(d / "nan.pt", **NAN_BIAS), "weights finite",
+                    ["NaN/Inf", "classifier.5.bias"]),
 }
 
 
-@pytest.mark.parametrize("name", list(BAD_CHECKPOINTS))
-def test_bad_checkpoint(tmp_path, small_data_dir, name, run_in_process):
-    make, check, fragments = BAD_CHECKPOINTS[name]
-    path = make(tmp_path)
-    result = run_in_process(tmp_path, "--model-path", path, "--data-dir", small_data_dir, *QUICK)
+@pytest.mark.parametrize("make, check, fragments", BAD_CHECKPOINTS.values(), ids=list(BAD_CHECKPOINTS))
+def test_bad_checkpoint(tmp_path, small_data_dir, make, check, fragments, run_in_process):
+    result = run_in_process(tmp_path, "--model-path", make(tmp_path), "--data-dir", small_data_dir, *QUICK)
     assert_fails_cleanly(result, check, *fragments)
 
 
@@ -219,7 +190,7 @@ def test_trusted_unpickling_is_reported_as_such(tmp_path, small_data_dir, traine
 
 def test_repeated_model_path_flags_accumulate(tmp_path, small_data_dir, trained_checkpoint, run_in_process):
     result = run_in_process(tmp_path, "--model-path", tmp_path / "missing.pt", "--model-path", trained_checkpoint,
-                            "--data-dir", small_data_dir, *QUICK)
+                                   "--data-dir", small_data_dir, *QUICK)
     assert result.returncode == 1
     assert "missing.pt: not found" in result.stdout and "ensemble" in result.stdout
 
@@ -227,26 +198,26 @@ def test_repeated_model_path_flags_accumulate(tmp_path, small_data_dir, trained_
 # ---------------------------------------------------------------- bad data
 
 
-def data_missing(folder):
-    return folder / "no-such-folder"
+def blank_test_split(folder, n=64):
+    """folder/d holding a test split of n blank images."""
+    write_split(folder / "d", "test", np.zeros((n, 28, 28), np.uint8), np.zeros(n, np.uint8))
+    return folder / "d"
 
 
 def data_truncated(folder):
-    write_split(folder / "d", "test", np.zeros((64, 28, 28), np.uint8), np.zeros(64, np.uint8))
-    images = folder / "d" / FILES["test"][0]
-    images.write_bytes(images.read_bytes()[:5000])
+    halve(blank_test_split(folder) / FILES["test"][0])
     return folder / "d"
 
 
 def data_corrupt(folder):
     # a labels file in the images file's place: right size class, wrong magic number
-    write_split(folder / "d", "test", np.zeros((64, 28, 28), np.uint8), np.zeros(64, np.uint8))
-    write_idx(folder / "d" / FILES["test"][0], np.zeros(64, np.uint8), LABELS_MAGIC)
+    write_idx(blank_test_split(folder) / FILES["test"][0], np.zeros(64, np.uint8), LABELS_MAGIC)
     return folder / "d"
 
 
 @pytest.mark.parametrize("make, fragments", [
-    (data_missing, ["not found", "no-such-folder", "apt-get install dataset-fashion-mnist", "--download"]),
+    (lambda d: d / "no-such-folder",
+     ["not found", "no-such-folder", "apt-get install dataset-fashion-mnist", "--download"]),
     (data_truncated, ["truncated or corrupt"]),
     (data_corrupt, ["magic number 2049, expected 2051"]),
 ], ids=["missing", "truncated", "corrupt"])
@@ -271,24 +242,29 @@ def test_batches_must_be_positive(tmp_path, value, run_in_process):
 # ---------------------------------------------------------------- the happy path
 
 
+EVERY_CHECK = ("device", "test data", "file", "load", "architecture", "weights finite", "forward pass",
+               "train step", "quick eval", "memory")
+
+
 def passed_count(stdout):
     return sum(line.startswith("[PASS]") for line in stdout.splitlines())
 
 
 @pytest.mark.slow
 def test_trained_checkpoint_passes_every_check(tmp_path, trained_checkpoint, small_data_dir):
-    result = run_subprocess(tmp_path, "--model-path", trained_checkpoint, "--data-dir", small_data_dir, "--device", "cpu")
+    result = run_subprocess(tmp_path, "--model-path", trained_checkpoint, "--data-dir", small_data_dir,
+                            "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[FAIL]" not in result.stdout
     assert result.stdout.splitlines()[-1] == f"all {passed_count(result.stdout)} checks passed"
-    for check in ("file", "load", "architecture", "weights finite", "device", "forward pass", "train step",
-                  "quick eval", "memory"):
+    for check in EVERY_CHECK:
         assert f"[PASS] {check} " in result.stdout
 
 
 @pytest.mark.slow
 def test_json_report_is_one_document(tmp_path, trained_checkpoint, small_data_dir):
-    result = run_subprocess(tmp_path, "--model-path", trained_checkpoint, "--data-dir", small_data_dir, "--json", *QUICK)
+    result = run_subprocess(tmp_path, "--model-path", trained_checkpoint, "--data-dir", small_data_dir, "--json",
+                            *QUICK)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # the whole stdout is one JSON document
     assert report["passed"] is True
@@ -301,7 +277,7 @@ def test_full_evaluates_the_whole_real_test_set(tmp_path, real_data_dir):
     # a tiny untrained model keeps 10,000 CPU images fast; --min-accuracy 0 because it only guesses
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
     result = run_subprocess(tmp_path, "--model-path", ckpt, "--data-dir", real_data_dir, "--full", "--json",
-                     "--min-accuracy", "0", "--device", "cpu")
+                            "--min-accuracy", "0", "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
     assert checks["test data"]["data"]["images"] == 10_000
@@ -314,7 +290,7 @@ def test_two_models_report_their_ensemble(tmp_path, trained_checkpoint, small_da
     weights = torch.load(trained_checkpoint, weights_only=True)["model"]
     torch.save({"state_dict": {"module." + k: v for k, v in weights.items()}}, tmp_path / "ddp.pt")
     result = run_subprocess(tmp_path, "--model-path", trained_checkpoint, tmp_path / "ddp.pt",
-                     "--data-dir", small_data_dir, *QUICK)
+                            "--data-dir", small_data_dir, *QUICK)
     assert result.returncode == 0, result.stdout + result.stderr
     ensemble = [line for line in result.stdout.splitlines() if line.startswith("[PASS] ensemble ")]
     assert len(ensemble) == 1 and "2 models" in ensemble[0]
@@ -342,13 +318,6 @@ def test_unexpected_error_in_a_check_is_a_failed_check():
         preflight.Report(debug=True).run("device", broken)
 
 
-# ---------------------------------------------------------------- the shipped model, fast
-
-
-EVERY_CHECK = ("device", "test data", "file", "load", "architecture", "weights finite", "forward pass",
-               "train step", "quick eval", "memory")
-
-
 def test_shipped_model_passes_every_check(tmp_path, small_data_dir, run_cli):
     result = run_cli(tmp_path, "--model-path", SHIPPED, "--data-dir", small_data_dir, *QUICK)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -369,8 +338,7 @@ def strict_json(text):
 
 @pytest.mark.parametrize("n", [0, preflight.MIN_TEST_IMAGES - 1])
 def test_too_small_test_set_is_a_failed_check_naming_the_file(tmp_path, n, run_in_process):
-    write_split(tmp_path / "d", "test", np.zeros((n, 28, 28), np.uint8), np.zeros(n, np.uint8))
-    args = ("--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir", tmp_path / "d", *QUICK)
+    args = ("--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir", blank_test_split(tmp_path, n), *QUICK)
     assert_fails_cleanly(run_in_process(tmp_path, *args), "test data", FILES["test"][0], f" {n} ")
     report = strict_json(run_in_process(tmp_path, *args, "--json").stdout)
     assert report["passed"] is False
@@ -389,15 +357,10 @@ def test_report_json_is_strict():
 # ---------------------------------------------------------------- the GPU and the training step
 
 
-def call_main(*args, capsys):
-    code = test_model.main([str(a) for a in args])
-    return Result(code, *capsys.readouterr())
-
-
 def test_gpu_without_working_cuda_fails_instead_of_passing_on_the_cpu(broken_cuda, tmp_path, small_data_dir,
-                                                                     capsys):
-    result = call_main("--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir", small_data_dir,
-                       "--batches", "1", "--batch-size", "64", "--min-accuracy", "0", capsys=capsys)
+                                                                     run_in_process):
+    result = run_in_process(tmp_path, "--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir",
+                            small_data_dir, "--batches", "1", "--batch-size", "64", "--min-accuracy", "0")
     assert result.returncode == 1
     device = next(line for line in result.stdout.splitlines() if " device " in line)
     assert device.startswith("[FAIL] device ") and "an NVIDIA GPU is present (/dev/nvidia0)" in device
@@ -405,9 +368,10 @@ def test_gpu_without_working_cuda_fails_instead_of_passing_on_the_cpu(broken_cud
     assert "checks passed" not in result.stdout and "Traceback" not in result.stderr
 
 
-def test_gpu_without_working_cuda_still_checks_on_an_explicit_cpu(broken_cuda, tmp_path, small_data_dir, capsys):
-    result = call_main("--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir", small_data_dir, *QUICK,
-                       "--min-accuracy", "0", capsys=capsys)
+def test_gpu_without_working_cuda_still_checks_on_an_explicit_cpu(broken_cuda, tmp_path, small_data_dir,
+                                                                 run_in_process):
+    result = run_in_process(tmp_path, "--model-path", tiny_checkpoint(tmp_path / "model.pt"), "--data-dir",
+                            small_data_dir, *QUICK, "--min-accuracy", "0")
     assert result.returncode == 0, result.stdout
 
 
@@ -422,8 +386,8 @@ def v100(monkeypatch):
 
 @pytest.mark.parametrize("args, flag", [(("--amp", "bf16"), "--amp bf16: Tesla V100"),
                                         (("--amp", "fp16", "--device", "cpu"), "--amp fp16: for CUDA GPUs only")])
-def test_precision_the_device_cannot_do_is_a_usage_error(v100, tmp_path, capsys, args, flag):
-    result = call_main("--model-path", SHIPPED, *args, capsys=capsys)
+def test_precision_the_device_cannot_do_is_a_usage_error(v100, tmp_path, run_in_process, args, flag):
+    result = run_in_process(tmp_path, "--model-path", SHIPPED, *args)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"error: {flag}") and result.stderr.count("\n") == 1
 
@@ -457,27 +421,24 @@ class FailsWhenTraining(NanWhenTraining):
         return super().forward(x)
 
 
-def test_train_step_with_non_finite_values_fails():
+@pytest.mark.parametrize("model, detail", [
+    (NanWhenTraining, r"the training step under amp \w+ gave a non-finite loss or output"),
+    (FailsWhenTraining, re.escape("unexpected RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling "
+                                  "cublasGemmEx (--debug shows more)")),
+], ids=["non-finite", "error"])
+def test_broken_train_step_is_a_one_line_failed_check(model, detail):
     report = preflight.Report()
-    assert report.run("train step", preflight.check_train_step, NanWhenTraining(), None, 0.0, 1.0,
-                      torch.device("cpu")) is None
-    assert not report.checks[0].ok and "non-finite loss or output" in report.checks[0].detail
+    assert report.run("train step", preflight.check_train_step, model(), None, 0.0, 1.0, torch.device("cpu")) is None
+    assert not report.passed and re.fullmatch(detail, report.checks[0].detail), report.checks[0].detail
 
 
-def test_train_step_that_errors_fails_in_one_line():
-    report = preflight.Report()
-    report.run("train step", preflight.check_train_step, FailsWhenTraining(), None, 0.0, 1.0, torch.device("cpu"))
-    assert report.checks[0].detail == ("unexpected RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when "
-                                       "calling cublasGemmEx (--debug shows more)")
-
-
-def test_peak_gpu_memory_is_reset_and_reported_per_model(tmp_path, small_data_dir, monkeypatch, capsys):
+def test_peak_gpu_memory_is_reset_and_reported_per_model(tmp_path, small_data_dir, monkeypatch, run_in_process):
     resets, peaks = [], iter([12.5, 30.0])
     monkeypatch.setattr(system, "reset_peak_memory", resets.append)
     monkeypatch.setattr(preflight, "peak_gpu_mb", lambda device: next(peaks))
     first, second = tiny_checkpoint(tmp_path / "a.pt"), tiny_checkpoint(tmp_path / "b.pt")
-    result = call_main("--model-path", first, second, "--data-dir", small_data_dir, "--json", *QUICK,
-                       "--min-accuracy", "0", capsys=capsys)
+    result = run_in_process(tmp_path, "--model-path", first, second, "--data-dir", small_data_dir, "--json", *QUICK,
+                            "--min-accuracy", "0")
     assert result.returncode == 0, result.stdout
     checks = {c["name"]: c for c in strict_json(result.stdout)["checks"]}
     assert checks[f"{first}: memory"]["data"]["peak_gpu_mb"] == 12.5
