@@ -1,4 +1,9 @@
-"""Freezing for any CNN: which tensors --freeze-conv, --freeze-bn and --trainable keep as loaded."""
+"""Freezing for any CNN: which tensors --freeze-conv, --freeze-bn and --trainable keep as loaded.
+
+What --freeze-conv freezes is found, for any model, from one forward pass: the head is every layer from
+the first fully connected layer that runs after the last convolution to the output; the rest (the
+convolutions, and a BatchNorm or pooling right after the last of them) are the features.
+"""
 
 import fnmatch
 import itertools
@@ -7,27 +12,23 @@ import torch
 from torch import nn
 
 from .errors import UserError, first_line
-from .model import count_parameters
-
-# What --freeze-conv freezes is found, for any model, from one forward pass: the head is every layer from
-# the first fully connected layer that runs after the last convolution to the output; the rest (the
-# convolutions, and a BatchNorm or pooling right after the last of them) are the features.
+from .model import INPUT_SHAPE, count_parameters
 
 CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
                       "convolution", "_convolution"})
 FC_OPS = frozenset({"linear", "addmm", "matmul", "mm"})  # the last three count only with a 2-D parameter
 PATTERN_HINT = "name the trainable layers with --trainable PATTERN"
+# The model attribute that keeps its traced head (by tensor name, so that it survives .to(device), which
+# replaces buffers), as set_train_mode asks for it every epoch
+HEAD_ATTR = "_fashion_ft_head"
 
 
 def _tensors(tree):
     """Every tensor in a nest of tuples, lists and dicts (a torch function's args and kwargs)."""
     if isinstance(tree, torch.Tensor):
         yield tree
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from _tensors(item)
-    elif isinstance(tree, dict):
-        for item in tree.values():
+    elif isinstance(tree, (list, tuple, dict)):
+        for item in tree.values() if isinstance(tree, dict) else tree:
             yield from _tensors(item)
 
 
@@ -40,8 +41,7 @@ class _OpRecorder(torch.overrides.TorchFunctionMode):
     def __init__(self, ids: set[int]):
         super().__init__()
         self.ids = ids
-        self.derived: dict[int, tuple[set[int], bool]] = {}
-        self.keep = []  # the derived tensors, alive so that their ids are not reused
+        self.derived: dict[int, tuple[set[int], torch.Tensor]] = {}  # the tensor kept, so its id is not reused
         self.ops: list[tuple[str, set[int], bool]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -51,19 +51,16 @@ class _OpRecorder(torch.overrides.TorchFunctionMode):
         for t in _tensors((args, kwargs)):
             if id(t) in self.ids:
                 used.add(id(t))
-                matrix |= t.dim() == 2
             elif id(t) in self.derived:
-                ids, _ = self.derived[id(t)]
-                used |= ids
-                matrix |= t.dim() == 2
+                used |= self.derived[id(t)][0]
             else:
                 activation = True
+                continue
+            matrix |= t.dim() == 2
         if used and activation:
             self.ops.append((getattr(func, "__name__", str(func)), used, matrix))
         elif used:
-            for t in _tensors(out):
-                self.derived[id(t)] = (used, t.dim() == 2)
-                self.keep.append(t)
+            self.derived.update({id(t): (used, t) for t in _tensors(out)})
         return out
 
 
@@ -79,15 +76,14 @@ def _tensor_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def _head_tensors(model: nn.Module) -> set[int]:
-    """ids of the parameters and buffers of the head (see the top of this section), from one eval forward
-    of two zero images; a UserError when the model has no such head or shares a tensor across it."""
-    names = _tensor_names(model)
+def _trace(model: nn.Module, ids: set[int]) -> list[tuple[str, set[int], bool]]:
+    """The ops (see _OpRecorder) of one eval forward of 2 zero images on the model's device, under no_grad;
+    every train/eval flag is put back as it was."""
     first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    x = torch.zeros(2, 1, 28, 28, device=first.device if first is not None else None,
+    x = torch.zeros(2, *INPUT_SHAPE, device=first.device if first is not None else None,
                     dtype=first.dtype if first is not None and first.is_floating_point() else None)
     flags = [(m, m.training) for m in model.modules()]
-    recorder = _OpRecorder(set(names))
+    recorder = _OpRecorder(ids)
     try:
         with torch.no_grad(), recorder:
             model.eval()(x)
@@ -97,7 +93,18 @@ def _head_tensors(model: nn.Module) -> set[int]:
     finally:
         for module, training in flags:
             module.training = training
-    ops = recorder.ops
+    return recorder.ops
+
+
+def _head_tensors(model: nn.Module) -> set[int]:
+    """ids of the parameters and buffers of the head (see the top of this file), traced once per model; a
+    UserError when the model has no such head or shares a tensor across it."""
+    names = _tensor_names(model)
+    structure = tuple(names.values())
+    cached = vars(model).get(HEAD_ATTR)
+    if cached is not None and cached[0] == structure:
+        return {i for i, name in names.items() if name in cached[1]}
+    ops = _trace(model, set(names))
     convs = [i for i, (op, _, _) in enumerate(ops) if op in CONV_OPS]
     if not convs:
         raise UserError(f"cannot tell the head of this model (no convolution in its forward); {PATTERN_HINT}")
@@ -119,15 +126,14 @@ def _head_tensors(model: nn.Module) -> set[int]:
         own = {id(t) for t in _own_tensors(module)}
         if own & head:
             head |= own & unseen
+    vars(model)[HEAD_ATTR] = (structure, frozenset(names[i] for i in head))
     return head
 
 
 def head_parameters(model: nn.Module) -> set[str]:
-    """Names of the parameters of the model's head: from the first fully connected layer that runs after
-    the last convolution, to the output (cnn3 and resnet: exactly their `classifier`'s). Found from one
-    eval forward of 2 zero images on the model's device, functional calls (F.conv2d(x, self.w)) included;
-    the model's train/eval flags are left as they were. A UserError when there is no convolution, no
-    fully connected layer after the last one, or a parameter used on both sides."""
+    """Names of the parameters of the model's head (cnn3 and resnet: exactly their `classifier`'s), functional
+    calls (F.conv2d(x, self.w)) included. A UserError when there is no convolution, no fully connected layer
+    after the last one, or a parameter used on both sides."""
     head = _head_tensors(model)
     return {name for name, p in model.named_parameters() if id(p) in head}
 
@@ -136,8 +142,10 @@ def _trainable_tensors(model: nn.Module, patterns: list[str]) -> set[int]:
     """ids of the tensors of the modules that a pattern names, directly or through an enclosing module
     ("classifier" names classifier.2 too); a tensor of the model itself, outside any module, by its own
     name. A pattern that names nothing is a UserError listing the names there are."""
-    names = [name for name, _ in model.named_modules() if name]
-    names += [name for name, _ in [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)]]
+    def own_named(module):
+        return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+
+    names = [name for name, _ in model.named_modules() if name] + [name for name, _ in own_named(model)]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             shown = ", ".join(names[:24]) + (f", ... ({len(names)} in all)" if len(names) > 24 else "")
@@ -147,12 +155,7 @@ def _trainable_tensors(model: nn.Module, patterns: list[str]) -> set[int]:
         parts = name.split(".")
         return any(fnmatch.fnmatchcase(".".join(parts[:k]), p) for k in range(1, len(parts) + 1) for p in patterns)
 
-    kept = set()
-    for name, module in model.named_modules():
-        for tname, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if named(name or tname):
-                kept.add(id(t))
-    return kept
+    return {id(t) for name, module in model.named_modules() for tname, t in own_named(module) if named(name or tname)}
 
 
 def _frozen_tensors(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainable=None) -> set[int]:

@@ -1,9 +1,11 @@
 """The CNNs and the arch registry: a name maps to a constructor and its default kwargs.
 
 Checkpoints store `arch` + `arch_kwargs`, so a model is rebuilt from the file alone (as nanoGPT
-does with its model args).
+does with its model args). Our networks are `features` (all that `--freeze-conv` freezes) and a
+`classifier` (the head that stays trainable).
 """
 
+import re
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,31 +22,20 @@ USER_ARCH = "user"  # the arch of a checkpoint whose model_def names the user's 
 
 
 class CNN3(nn.Module):
-    """Three conv blocks (conv -> BatchNorm -> ReLU -> 2x2 max-pool), then an MLP head with dropout.
-
-    `features` holds everything `--freeze-conv` freezes; `classifier` is the head that stays trainable.
-    """
+    """Three conv blocks (conv -> BatchNorm -> ReLU -> 2x2 max-pool), then an MLP head with dropout."""
 
     def __init__(self, channels=(48, 96, 192), hidden=384, dropout=0.3, num_classes=NUM_CLASSES):
         super().__init__()
         blocks, in_ch = [], INPUT_SHAPE[0]
         for out_ch in channels:
-            blocks += [
-                nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(out_ch),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            ]
+            blocks += [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(out_ch),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             in_ch = out_ch
         self.features = nn.Sequential(*blocks)
         side = INPUT_SHAPE[1] // 2 ** len(channels)  # 28 -> 14 -> 7 -> 3
         self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Dropout(dropout),
-            nn.Linear(in_ch * side * side, hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_ch * side * side, hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x):
@@ -52,10 +43,8 @@ class CNN3(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut, ReLU after the add (He et al. 2016).
-
-    The shortcut is a 1x1 conv + BN wherever the shape changes ("option B"), else the identity.
-    """
+    """conv3x3-BN-ReLU-conv3x3-BN plus a shortcut, ReLU after the add (He et al. 2016). The shortcut is
+    a 1x1 conv + BN wherever the shape changes ("option B"), else the identity."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
         super().__init__()
@@ -79,10 +68,8 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """The CIFAR ResNet of He et al. 2016 for 1x28x28 input: a 3x3 stem, one stage of `blocks` BasicBlocks
     per width (each stage after the first halves the side: 28 -> 14 -> 7), global average pooling, a
-    linear head. The defaults are ResNet-20 (6 * blocks + 2 layers).
-
-    `features` holds everything `--freeze-conv` freezes; `classifier` is the head that stays trainable.
-    Stages are named `stage1`, `stage2`, ... so that a bare state_dict tells its widths and depth.
+    linear head. The defaults are ResNet-20 (6 * blocks + 2 layers). Stages are named `stage1`,
+    `stage2`, ... so that a bare state_dict tells its widths and depth.
     """
 
     def __init__(self, widths=(16, 32, 64), blocks=3, num_classes=NUM_CLASSES):
@@ -90,24 +77,17 @@ class ResNet(nn.Module):
         if not widths or blocks < 1:
             raise ValueError(f"a ResNet needs at least one width and one block per stage, got {widths}, {blocks}")
         layers = OrderedDict(stem=nn.Sequential(
-            nn.Conv2d(INPUT_SHAPE[0], widths[0], kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU(inplace=True),
-        ))
+            nn.Conv2d(INPUT_SHAPE[0], widths[0], kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True)))
         in_ch = widths[0]
         for i, out_ch in enumerate(widths):
-            stride = 1 if i == 0 else 2
             layers[f"stage{i + 1}"] = nn.Sequential(
-                *(BasicBlock(in_ch if b == 0 else out_ch, out_ch, stride if b == 0 else 1) for b in range(blocks))
+                BasicBlock(in_ch, out_ch, 1 if i == 0 else 2), *(BasicBlock(out_ch, out_ch) for _ in range(blocks - 1))
             )
             in_ch = out_ch
-        layers["pool"] = nn.AdaptiveAvgPool2d(1)
-        layers["flatten"] = nn.Flatten()
+        layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())
         self.features = nn.Sequential(layers)
         self.classifier = nn.Sequential(nn.Linear(in_ch, num_classes))
-        self._init_weights()
-
-    def _init_weights(self):
         # torchvision's ResNet init; the last BN of each branch keeps gamma 1 (zero-init not measured here)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -132,36 +112,34 @@ ARCHS = {
 }
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# What a kwarg must be, by the type of its registry default: (test, what the message says it must be)
+KWARG_RULES = {
+    list: (lambda v: isinstance(v, list) and bool(v) and all(map(_whole, v)), "a non-empty list of whole numbers >= 1"),
+    int: (_whole, "a whole number >= 1"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"),
+}
+
+
 def resolve_arch_kwargs(arch: str, arch_kwargs: dict | None = None) -> dict:
     """The registry defaults overlaid with the given kwargs (lists, so they survive torch.save)."""
     if arch not in ARCHS:
         raise UserError(f"unknown arch {arch!r}; known: {', '.join(sorted(ARCHS))}")
-    kwargs = dict(ARCHS[arch].default_kwargs)
-    kwargs.update(arch_kwargs or {})
-    return kwargs
+    return {**ARCHS[arch].default_kwargs, **(arch_kwargs or {})}
 
 
 def check_kwarg_types(arch: str, kwargs: dict) -> None:
-    """Each kwarg has the shape of its registry default, read off the default itself: a list of whole
-    numbers >= 1 (widths), a whole number >= 1 (depth, head size, classes), a fraction in [0, 1) (dropout)."""
+    """Each kwarg has the shape of its registry default (widths, depth, head size, classes, dropout)."""
+    defaults = ARCHS[arch].default_kwargs
     for name, value in kwargs.items():
-        if name not in ARCHS[arch].default_kwargs:
-            raise UserError(f"unexpected keyword {name!r} for {arch}; it takes {', '.join(ARCHS[arch].default_kwargs)}")
-        default = ARCHS[arch].default_kwargs[name]
-        if isinstance(default, list):
-            ok, want = isinstance(value, list) and bool(value) and all(_whole(v) for v in value), \
-                "a non-empty list of whole numbers >= 1"
-        elif isinstance(default, int):
-            ok, want = _whole(value), "a whole number >= 1"
-        else:
-            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, \
-                "a number in [0, 1)"
-        if not ok:
+        if name not in defaults:
+            raise UserError(f"unexpected keyword {name!r} for {arch}; it takes {', '.join(defaults)}")
+        ok, want = KWARG_RULES[type(defaults[name])]
+        if not ok(value):
             raise UserError(f"{name} must be {want}, got {value!r}")
-
-
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def check_architecture(build: Callable[[], nn.Module], max_params: int) -> int:
@@ -211,74 +189,67 @@ def check_outputs(model: nn.Module, name: str) -> None:
 
 
 def _check_scores(out, name: str) -> None:
-    """What a forward of 2 images gave must be one score per class for each (logits or log-probabilities)."""
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, NUM_CLASSES):
         got = f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
         raise UserError(f"{name} gives {got} for 2 images; Fashion-MNIST needs {NUM_CLASSES} scores per image "
                         "(logits or log_softmax)")
 
 
+# Reading the kwargs of our networks off a bare state_dict. Each size is the majority vote of every tensor
+# that carries it, so that one damaged tensor is reported by name instead of hiding the whole architecture.
+# The class count is read, not assumed: a head for another class count must be reported as such.
+
 def _most_common(values: list) -> int:
     return Counter(v for v in values if v is not None).most_common(1)[0][0]
 
 
-def _cnn3_kwargs_from_shapes(shapes: dict) -> dict | None:
-    """Read channel widths and head size of a cnn3 off its state_dict shapes, or None.
+def _bias(weight_key: str) -> str:
+    return weight_key.removesuffix("weight") + "bias"
 
-    Each width is the majority vote of every tensor that carries it (conv out, BatchNorm, next conv in,
-    head), so that one damaged tensor is reported by name instead of hiding the whole architecture.
-    """
+
+def _cnn3_kwargs_from_shapes(shapes: dict) -> dict | None:
+    """Channel widths, head size and class count of a cnn3 (conv out, BatchNorm, next conv in, head), or None."""
     convs = [k for k in shapes if k.startswith("features.") and k.endswith(".weight") and len(shapes[k]) == 4]
     linears = [k for k in shapes if k.startswith("classifier.") and k.endswith(".weight") and len(shapes[k]) == 2]
     if len(convs) != 3 or len(linears) != 2:
         return None
-    convs.sort(key=lambda k: int(k.split(".")[1]))
-    linears.sort(key=lambda k: int(k.split(".")[1]))
+    layer = {k: int(k.split(".")[1]) for k in convs + linears}
+    convs.sort(key=layer.get)
+    first, last = sorted(linears, key=layer.get)
 
     def dim(key, axis):
         shape = shapes.get(key)
         return shape[axis] if shape is not None and len(shape) > axis else None
 
     channels = []
-    for i, conv in enumerate(convs):
-        bn = f"features.{int(conv.split('.')[1]) + 1}."
-        votes = [dim(conv, 0)] + [dim(bn + name, 0) for name in ("weight", "bias", "running_mean", "running_var")]
-        votes.append(dim(convs[i + 1], 1) if i + 1 < len(convs) else None)
-        channels.append(_most_common(votes))
-    first_bias = linears[0][: -len("weight")] + "bias"
-    hidden = _most_common([dim(linears[0], 0), dim(first_bias, 0), dim(linears[1], 1)])
-    # read, not assumed: a head for another class count must be reported as such, not as a damaged tensor
-    num_classes = _most_common([dim(linears[1], 0), dim(linears[1][: -len("weight")] + "bias", 0)])
+    for conv, next_conv in zip(convs, [*convs[1:], None]):
+        bn = f"features.{layer[conv] + 1}."
+        bn_dims = [dim(bn + name, 0) for name in ("weight", "bias", "running_mean", "running_var")]
+        channels.append(_most_common([dim(conv, 0), *bn_dims, dim(next_conv, 1)]))
+    hidden = _most_common([dim(first, 0), dim(_bias(first), 0), dim(last, 1)])
+    num_classes = _most_common([dim(last, 0), dim(_bias(last), 0)])
     return {"channels": channels, "hidden": hidden, "num_classes": num_classes}
 
 
 def _resnet_kwargs_from_shapes(shapes: dict) -> dict | None:
-    """Read widths, blocks per stage and class count of a ResNet off its state_dict, or None.
-
-    A stage's width is the majority vote of every conv and BatchNorm tensor in it (the stem counts for
-    the first stage) and the depth the majority over the stages, so that one damaged tensor is reported
-    by name instead of hiding the whole architecture.
-    """
-    stage_keys: dict[int, list[str]] = {}
+    """Widths (a stage's convs and BatchNorms, the stem's for the first), blocks per stage (the majority
+    over the stages) and class count of a ResNet, or None."""
+    stages: dict[int, list[str]] = {}
     for key in shapes:
-        parts = key.split(".")
-        if len(parts) > 2 and parts[0] == "features" and parts[1].startswith("stage") and parts[1][5:].isdigit():
-            stage_keys.setdefault(int(parts[1][5:]), []).append(key)
+        if match := re.match(r"features\.stage(\d+)\.", key):
+            stages.setdefault(int(match[1]), []).append(key)
     stem = [k for k in shapes if k.startswith("features.stem.")]
     head = [k for k in shapes if k.startswith("classifier.") and k.endswith(".weight") and len(shapes[k]) == 2]
-    if not stem or not stage_keys or sorted(stage_keys) != list(range(1, len(stage_keys) + 1)) or not head:
+    if not stem or not stages or sorted(stages) != list(range(1, len(stages) + 1)) or not head:
         return None
 
     def out_channels(keys):  # dim 0 of conv weights and BatchNorm vectors; num_batches_tracked has none
         return [shapes[k][0] for k in keys if len(shapes[k]) in (1, 4)]
 
-    widths = [_most_common(out_channels(stage_keys[i] + (stem if i == 1 else [])))
-              for i in sorted(stage_keys)]
-    blocks = _most_common([len({k.split(".")[2] for k in keys}) for keys in stage_keys.values()])
-    last_weight = head[-1]
-    # read, not assumed: a head for another class count must be reported as such, not as a damaged tensor
-    bias = last_weight[: -len("weight")] + "bias"
-    num_classes = _most_common([shapes[last_weight][0], *out_channels([bias] if bias in shapes else [])])
+    widths = [_most_common(out_channels(stages[i] + (stem if i == 1 else []))) for i in sorted(stages)]
+    blocks = _most_common([len({k.split(".")[2] for k in keys}) for keys in stages.values()])
+    bias = _bias(head[-1])
+    num_classes = _most_common([shapes[head[-1]][0], *out_channels([bias] if bias in shapes else [])])
     return {"widths": widths, "blocks": blocks, "num_classes": num_classes}
 
 
@@ -288,22 +259,18 @@ KWARGS_FROM_SHAPES = {"cnn3": _cnn3_kwargs_from_shapes, "resnet": _resnet_kwargs
 def shape_mismatches(model: nn.Module, state_dict: dict) -> list[str]:
     """Human-readable differences between a model's state_dict and a loaded one (empty: they match)."""
     expected = model.state_dict()
-    problems = []
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+
     def shown(keys, tensors):
         return ", ".join(f"{k} {tuple(tensors[k].shape)}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
 
-    if missing:
-        problems.append(f"missing keys: {shown(missing, expected)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {shown(unexpected, state_dict)}")
-    for key, tensor in expected.items():
-        if key in state_dict and tuple(state_dict[key].shape) != tuple(tensor.shape):
-            problems.append(
-                f"{key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)}"
-            )
-    return problems
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    problems = [f"{what} keys: {shown(keys, tensors)}"
+                for what, keys, tensors in [("missing", missing, expected), ("unexpected", unexpected, state_dict)]
+                if keys]
+    return problems + [f"{key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)}"
+                       for key, tensor in expected.items()
+                       if key in state_dict and tuple(state_dict[key].shape) != tuple(tensor.shape)]
 
 
 def infer_arch(state_dict: dict) -> tuple[str, dict]:
@@ -323,10 +290,8 @@ def infer_arch(state_dict: dict) -> tuple[str, dict]:
         if len(problems) <= 2:  # the right family with a damaged tensor: say which one
             raise UserError(f"checkpoint looks like {arch} but does not match it: {'; '.join(problems)}")
     sample = ", ".join(list(shapes)[:3])
-    raise UserError(
-        f"checkpoint matches no known architecture ({', '.join(sorted(ARCHS))}); its first keys: {sample}; "
-        "if it is your own network, pass --model-def FILE.py:CLASS (and --normalize MEAN STD)"
-    )
+    raise UserError(f"checkpoint matches no known architecture ({', '.join(sorted(ARCHS))}); its first keys: {sample}; "
+                    "if it is your own network, pass --model-def FILE.py:CLASS (and --normalize MEAN STD)")
 
 
 def output_classes(model: nn.Module) -> tuple[int, str]:
@@ -342,17 +307,11 @@ def output_classes(model: nn.Module) -> tuple[int, str]:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP / torch.compile wrappers, so that checkpoints load anywhere."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = model.module if hasattr(model, "module") else model._orig_mod
+    return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(all, trainable) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
+    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)

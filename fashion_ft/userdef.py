@@ -1,11 +1,11 @@
 """A user's own network class: `--model-def FILE.py:CLASS` (or `pkg.mod:CLASS`) with `--model-kwargs`.
 
-The file is the user's own code, as trusted as any script they run; the weights beside it are still
-loaded with weights_only=True. A checkpoint we write records the definition (the path as given and
-resolved, the class, the file's sha256), so that the tools need no `--model-def` on the machine where
-the run was made. A record alone never makes a checkpoint into code that runs: it is imported only
-while the file at its resolved path still has the recorded sha256, and a dotted module never (finding
-it already runs package code); otherwise the message prints the exact `--model-def` to pass.
+The file is the user's own code, as trusted as any script they run (the weights beside it still load with
+weights_only=True). Our checkpoints record the definition (path as given and resolved, class, the file's
+sha256), so that the tools need no `--model-def` on the machine of the run. A record alone never makes a
+checkpoint into code that runs: the file is imported only while it still has the recorded sha256, and a
+dotted module never (finding it already runs package code); otherwise the message prints the exact
+`--model-def` to pass.
 """
 
 import hashlib
@@ -30,11 +30,6 @@ class ModelDef:
     resolved: str | None = None  # the file's absolute path; None: a dotted module
     sha256: str | None = None  # of the file's bytes when it was recorded
 
-    @property
-    def flag(self) -> str:
-        """The --model-def that names this definition (the resolved file, when there is one)."""
-        return f"--model-def {shlex.quote(f'{self.resolved or self.given}:{self.cls}')}"
-
     def to_dict(self) -> dict:
         return {"given": self.given, "resolved": self.resolved, "class": self.cls, "sha256": self.sha256}
 
@@ -43,17 +38,13 @@ class ModelDef:
         return cls(str(record["given"]), str(record["class"]), record.get("resolved"), record.get("sha256"))
 
 
-def is_file_spec(target: str) -> bool:
-    return target.endswith(".py") or "/" in target
-
-
 def parse(text: str) -> ModelDef:
     """'path/to/mnist-gpu.py:Net' or 'pkg.mod:Net' -> ModelDef; a UsageError names what is wrong."""
     target, sep, cls = text.rpartition(":")
     if not sep or not target or not cls.isidentifier():
         raise UsageError(f"--model-def {text!r}: expected FILE.py:CLASS or package.module:CLASS, e.g. "
                          "--model-def mnist-gpu.py:Net")
-    if not is_file_spec(target):
+    if not (target.endswith(".py") or "/" in target):
         return ModelDef(target, cls)
     path = Path(target).expanduser()
     if not path.is_file():
@@ -76,8 +67,9 @@ def trusted(record: dict, where: str) -> ModelDef:
         reason = f"{definition.resolved} changed since (its sha256 differs)"
     else:
         return definition
+    flag = shlex.quote(f"{definition.resolved or definition.given}:{definition.cls}")
     raise UserError(f"{where}: its model class {definition.cls} was defined in {definition.given}, but "
-                    f"{reason}; if you trust the file, pass {definition.flag}")
+                    f"{reason}; if you trust the file, pass --model-def {flag}")
 
 
 @contextmanager
@@ -92,7 +84,7 @@ def _user_import(path: Path):
     held = io.StringIO()
     try:
         with redirect_stderr(held):
-            yield held
+            yield
     except SystemExit as exc:
         said = (held.getvalue().strip().splitlines() or [f"code {exc.code}"])[-1]
         raise UserError(f"{path}: importing it exited ({said}): a top-level parse_args() or sys.exit()? move it "
@@ -104,29 +96,25 @@ def _user_import(path: Path):
 
 
 def _import(definition: ModelDef):
-    where = definition.given
+    where, name = definition.given, None
     try:
         if definition.resolved is None:
             with _user_import(Path.cwd() / "_"):
-                return importlib.import_module(definition.given)
+                return importlib.import_module(where)
         name = f"fashion_ft_user_{(definition.sha256 or '')[:16]}_{Path(where).stem.replace('-', '_')}"
-        if name in sys.modules:  # one import per process: every model built from it shares its classes
-            return sys.modules[name]
-        spec = importlib.util.spec_from_file_location(name, definition.resolved)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses and pickling look their module up while it runs
-        with _user_import(Path(definition.resolved)):
-            spec.loader.exec_module(module)
-        return module
-    except UserError:
-        if definition.resolved:
-            sys.modules.pop(name, None)
-        raise
-    except SyntaxError as exc:
-        raise UserError(f"{exc.filename or where}:{exc.lineno}: syntax error: {exc.msg}") from None
-    except Exception as exc:  # the user's code may fail in any way
-        if definition.resolved:
-            sys.modules.pop(name, None)
+        if name not in sys.modules:  # one import per process: every model built from it shares its classes
+            spec = importlib.util.spec_from_file_location(name, definition.resolved)
+            # in sys.modules before it runs: dataclasses and pickling look their module up meanwhile
+            module = sys.modules[name] = importlib.util.module_from_spec(spec)
+            with _user_import(Path(definition.resolved)):
+                spec.loader.exec_module(module)
+        return sys.modules[name]
+    except Exception as exc:  # the user's code may fail in any way; a half-run module is not kept
+        sys.modules.pop(name, None)
+        if isinstance(exc, UserError):
+            raise
+        if isinstance(exc, SyntaxError):
+            raise UserError(f"{exc.filename or where}:{exc.lineno}: syntax error: {exc.msg}") from None
         raise UserError(f"{where}: importing it failed: {type(exc).__name__}: {first_line(exc)}") from None
 
 

@@ -157,6 +157,23 @@ def test_the_trace_leaves_every_train_eval_flag_as_it_was(foreign_class):
     assert model.eval() is model and head_parameters(model) and not model.training
 
 
+def test_the_head_is_traced_once_per_model_and_again_when_its_tensors_change(foreign_class):
+    """set_train_mode runs every epoch: it reuses the trace of apply_freezing, also after .to() gave the
+    BatchNorms new running-statistics tensors, and traces again once the model holds other tensors."""
+    model = make("a", foreign_class)
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    apply_freezing(model, True, False)
+    model.double()
+    for _ in range(3):
+        set_train_mode(model, True, False)
+    assert len(forwards) == 1
+    assert not model.bn3.training and model.bn_fc.training  # the features' BatchNorm frozen, the head's trains
+    model.unused = nn.BatchNorm1d(4)
+    set_train_mode(model, True, False)
+    assert len(forwards) == 2 and not model.unused.training and model.bn_fc.training
+
+
 @pytest.mark.parametrize("cls, message", [
     (NoConv, r"cannot tell the head of this model \(no convolution"),
     (AllConv, r"cannot tell the head of this model \(no fully connected layer after its last convolution"),
