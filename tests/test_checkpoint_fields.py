@@ -300,3 +300,15 @@ def test_test_model_names_each_bad_field(tmp_path):
     assert "Traceback" not in output
     for name, (_, field) in files.items():
         assert f"{tmp_path / name}: checkpoint field '{field}' " in output, output
+
+
+def test_a_failed_import_of_the_users_file_is_not_kept(tmp_path):
+    """The second build in one process repeats the first one's error: the half-run module is dropped."""
+    from fashion_ft import userdef
+
+    path = tmp_path / "user-net.py"
+    path.write_text("def broken(:\n")
+    definition = userdef.parse(f"{path}:Net")
+    for _ in range(2):
+        with pytest.raises(UserError, match="syntax error"):
+            userdef.build(definition, {})
