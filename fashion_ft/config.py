@@ -187,6 +187,26 @@ def _require(ok: bool, flag: str, message: str) -> None:
         raise UsageError(f"{flag}: {message}")
 
 
+POSITIVE, AT_LEAST_1, NOT_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0")
+SHARE, FACTOR = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 < v <= 1, "in (0, 1]")
+SEED = (lambda v: 0 <= v < SEED_LIMIT, "in [0, 2**32)")
+# field -> (test, what it must be): checked whenever the field is set (None leaves the default to apply)
+LIMITS = {
+    "lr": POSITIVE, "batch_size": AT_LEAST_1, "eval_batch_size": AT_LEAST_1, "epochs": AT_LEAST_1,
+    "patience": NOT_NEGATIVE, "min_delta": NOT_NEGATIVE, "warmup_epochs": NOT_NEGATIVE,
+    "val_size": (lambda v: v >= 10, ">= 10 (model selection needs a validation set)"),
+    "seed": SEED, "split_seed": SEED, "label_smoothing": SHARE, "weight_decay": NOT_NEGATIVE, "momentum": SHARE,
+    "ema_decay": (SHARE[0], "in [0, 1) (0 turns it off)"), "max_grad_norm": POSITIVE, "max_params": AT_LEAST_1,
+}
+# A scheduler's own settings are checked only when it is chosen: a default that it ignores never fails.
+SCHEDULE_LIMITS = {
+    "step": {"step_size": AT_LEAST_1, "step_gamma": FACTOR},
+    "exponential": {"exp_gamma": FACTOR},
+    "plateau": {"plateau_factor": (lambda v: 0 < v < 1, "in (0, 1)"), "plateau_patience": NOT_NEGATIVE},
+    "cosine": {"min_lr": (NOT_NEGATIVE[0], "in [0, --lr)")},
+}
+
+
 def choices() -> dict[str, tuple]:
     """The fields whose value is one of a list (imported late: data, model and system import torch)."""
     from .data import AUGMENT_PRESETS, VALIDATION_SOURCES
@@ -223,28 +243,15 @@ def flag_of(name: str) -> str:
 def validate(cfg: Config) -> None:
     """Every bad value found before any work, whatever set it: a UsageError (exit 2) naming the flag."""
     _check_types(cfg)
-    _require(cfg.lr > 0, "--lr", f"must be > 0, got {cfg.lr}")
-    _require(cfg.batch_size >= 1, "--batch-size", f"must be >= 1, got {cfg.batch_size}")
-    _require(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "--eval-batch-size",
-             f"must be >= 1, got {cfg.eval_batch_size}")
-    _require(cfg.epochs >= 1, "--epochs", f"must be >= 1, got {cfg.epochs}")
-    _require(cfg.patience >= 0, "--patience", f"must be >= 0, got {cfg.patience}")
-    _require(cfg.min_delta >= 0, "--min-delta", f"must be >= 0, got {cfg.min_delta}")
-    _require(cfg.val_size is None or cfg.val_size >= 10, "--val-size",
-             f"must be >= 10 (model selection needs a validation set), got {cfg.val_size}")
-    for flag, seed in (("--seed", cfg.seed), ("--split-seed", cfg.split_seed)):
-        _require(seed is None or 0 <= seed < SEED_LIMIT, flag, f"must be in [0, 2**32), got {seed}")
-    _require(cfg.warmup_epochs >= 0, "--warmup-epochs", f"must be >= 0, got {cfg.warmup_epochs}")
-    _require(0 <= cfg.label_smoothing < 1, "--label-smoothing", f"must be in [0, 1), got {cfg.label_smoothing}")
-    _require(cfg.weight_decay is None or cfg.weight_decay >= 0, "--weight-decay", "must be >= 0")
-    _require(0 <= cfg.momentum < 1, "--momentum", f"must be in [0, 1), got {cfg.momentum}")
-    _require(0 <= cfg.ema_decay < 1, "--ema-decay", f"must be in [0, 1) (0 turns it off), got {cfg.ema_decay}")
-    _require(cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "--max-grad-norm", "must be > 0")
-    _validate_schedule(cfg)
-    if cfg.limit_train is not None:
-        _require(cfg.limit_train >= cfg.batch_size, "--limit-train",
-                 f"must be >= --batch-size ({cfg.batch_size}), got {cfg.limit_train}")
-    _require(cfg.max_params >= 1, "--max-params", f"must be >= 1, got {cfg.max_params}")
+    for name, (ok, what) in {**LIMITS, **SCHEDULE_LIMITS.get(cfg.scheduler, {})}.items():
+        value = getattr(cfg, name)
+        _require(value is None or ok(value), flag_of(name), f"must be {what}, got {value}")
+    _require(cfg.scheduler != "cosine" or cfg.min_lr < cfg.lr, "--min-lr", f"must be in [0, --lr), got {cfg.min_lr}")
+    _require(not (cfg.scheduler == "onecycle" and cfg.warmup_epochs), "--warmup-epochs",
+             "onecycle has its own warm-up; drop --warmup-epochs")
+    _require(cfg.warmup_epochs < cfg.epochs, "--warmup-epochs", "must be shorter than --epochs")
+    _require(cfg.limit_train is None or cfg.limit_train >= cfg.batch_size, "--limit-train",
+             f"must be >= --batch-size ({cfg.batch_size}), got {cfg.limit_train}")
     check_normalize(cfg.normalize)
 
 
@@ -273,20 +280,3 @@ def check_conflicts(cfg: Config, origin: Callable[[str], str]) -> None:
         refuse("model_def", "from_scratch", "--from-scratch builds one of our networks (--arch)")
     if origin("model_path") != "default":
         refuse("model_path", "from_scratch", "random weights start from no checkpoint")
-
-
-def _validate_schedule(cfg: Config) -> None:
-    """Only the settings of the chosen scheduler are checked: a default that it ignores never fails."""
-    if cfg.scheduler == "step":
-        _require(cfg.step_size >= 1, "--step-size", "must be >= 1")
-        _require(0 < cfg.step_gamma <= 1, "--step-gamma", "must be in (0, 1]")
-    if cfg.scheduler == "exponential":
-        _require(0 < cfg.exp_gamma <= 1, "--exp-gamma", "must be in (0, 1]")
-    if cfg.scheduler == "plateau":
-        _require(0 < cfg.plateau_factor < 1, "--plateau-factor", "must be in (0, 1)")
-        _require(cfg.plateau_patience >= 0, "--plateau-patience", "must be >= 0")
-    if cfg.scheduler == "cosine":
-        _require(0 <= cfg.min_lr < cfg.lr, "--min-lr", f"must be in [0, --lr), got {cfg.min_lr}")
-    _require(not (cfg.scheduler == "onecycle" and cfg.warmup_epochs), "--warmup-epochs",
-             "onecycle has its own warm-up; drop --warmup-epochs")
-    _require(cfg.warmup_epochs < cfg.epochs, "--warmup-epochs", "must be shorter than --epochs")
