@@ -170,8 +170,8 @@ def save_json(obj: dict, path) -> None:
     atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
-def make_checkpoint(model, arch, arch_kwargs, *, mean=MEAN, std=STD, metrics=None, config=None,
-                    history=None, classes=CLASSES, split: dict | None = None, model_def: dict | None = None) -> dict:
+def make_checkpoint(model, arch, arch_kwargs, *, normalize=(MEAN, STD), metrics=None, config=None, history=None,
+                    split: dict | None = None, model_def: dict | None = None) -> dict:
     """The checkpoint dict that every tool of this project reads, loadable with torch.load(weights_only=True).
 
     `model` is the module or its state_dict (the weights alone, e.g. a best model's kept copy). `split`
@@ -186,8 +186,8 @@ def make_checkpoint(model, arch, arch_kwargs, *, mean=MEAN, std=STD, metrics=Non
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs),
         "model": {k: v.detach().cpu().contiguous() for k, v in weights.items()},  # channels_last -> NCHW
-        "classes": list(classes),
-        "normalize": {"mean": float(mean), "std": float(std)},
+        "classes": list(CLASSES),
+        "normalize": {"mean": float(normalize[0]), "std": float(normalize[1])},
         "metrics": dict(metrics or {}),
         "config": dict(config or {}),
         "history": list(history or []),

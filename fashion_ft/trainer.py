@@ -99,59 +99,6 @@ class StartModel:
         return build_source(self.arch, self.arch_kwargs, self.model_def)
 
 
-@dataclass
-class Data:
-    """The three splits, on the training device."""
-
-    train: DeviceData
-    val: DeviceData
-    test: DeviceData
-
-
-@dataclass
-class RunContext:
-    """What a run knows of its surroundings: its process, console, files, starting model and split."""
-
-    info: dist.DistInfo
-    console: Console
-    files: RunFiles
-    start: StartModel
-    split: Split
-    log_dir: Path | None = None  # the TensorBoard run folder (rank 0)
-
-
-@dataclass
-class RunState:
-    """Everything the epoch loop changes, and everything last.pt must restore."""
-
-    step: TrainStep
-    stopper: BestTracker  # --monitor: when to stop
-    selector: BestTracker  # --select: which epoch is the best model
-    best_state: dict
-    history: list = field(default_factory=list)
-    epoch: int = 0
-    run_name: str = ""
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch, "run_name": self.run_name, "history": self.history,
-            "optimizer": self.step.optimizer.state_dict(), "schedulers": self.step.schedulers.state_dict(),
-            "scaler": self.step.scaler.state_dict(), "early_stopping": self.stopper.state_dict(),
-            "selection": self.selector.state_dict(), "best_model": self.best_state,
-            "ema": self.step.ema.state_dict() if self.step.ema is not None else None,
-        }
-
-    def load_state_dict(self, meta: dict, cfg: Config, lr: float) -> None:
-        """Continue exactly where last.pt stopped (RNG needs nothing: it is derived from seed and epoch)."""
-        self.epoch = int(meta["epoch"])
-        restore_optimization(self.step, meta, cfg, lr, self.epoch)
-        self.stopper.load_state_dict(meta["early_stopping"])
-        self.selector.load_state_dict(meta.get("selection") or meta["early_stopping"])
-        self.best_state = meta["best_model"]
-        self.history = list(meta["history"])
-        self.run_name = cfg.run_name  # last.pt's, unless --run-name renames it
-
-
 # ---------------------------------------------------------------- set-up
 
 @contextmanager
@@ -218,8 +165,8 @@ def split_record(ckpt: LoadedCheckpoint) -> Split | None:
     return None
 
 
-def load_data(cfg: Config, start: StartModel, device, console: Console) -> tuple[Data, Split]:
-    """(train, val, test) on the device, and the split used: the starting model's unless asked otherwise."""
+def load_data(cfg: Config, start: StartModel, device, console: Console) -> tuple[dict, Split]:
+    """{train, val, test} on the device, and the split used: the starting model's unless asked otherwise."""
     train = images, labels = load_split(cfg.data_dir, "train", cfg.download)
     test = load_split(cfg.data_dir, "test", cfg.download)
     asked = Split(cfg.split_seed, cfg.val_size, fingerprint(images, labels), cfg.val_from)
@@ -233,7 +180,7 @@ def load_data(cfg: Config, start: StartModel, device, console: Console) -> tuple
         console.warn(warning)
     console.print(f"data: {find_data_dir(cfg.data_dir, 'train')}: {len(sets['train'][1])} train, "
                   f"{len(sets['val'][1])} validation ({split.describe()}), {len(sets['test'][1])} test images")
-    return Data(*(DeviceData.create(*sets[name], device) for name in ("train", "val", "test"))), split
+    return {name: DeviceData.create(*pair, device) for name, pair in sets.items()}, split
 
 
 def check_normalization(start: StartModel, train: DeviceData) -> None:
@@ -245,6 +192,17 @@ def check_normalization(start: StartModel, train: DeviceData) -> None:
     advice = suggestion(compare(start.model, train.images, train.labels.cpu(), current), current)
     if advice:
         raise UsageError(f"{advice}; pass --normalize MEAN STD (the one the model was trained with)")
+
+
+def choose_device(cfg: Config, info: dist.DistInfo) -> torch.device:
+    broken = broken_cuda_reason() if cfg.device == "auto" else None
+    if broken:  # hours on the CPU by mistake are worse than a clear stop
+        raise UserError(f"{broken}; to train on the CPU anyway, pass --device cpu")
+    device = resolve_device(cfg.device, info.local_rank if info.enabled else None)
+    check_distributed_device(device, info.world_size, info.launched)
+    if cfg.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn: needs CUDA (SyncBatchNorm has no CPU implementation)")
+    return device
 
 
 def wrap_model(model: nn.Module, cfg: Config, rt: ComputeSettings, info: dist.DistInfo) -> nn.Module:
@@ -261,26 +219,31 @@ def wrap_model(model: nn.Module, cfg: Config, rt: ComputeSettings, info: dist.Di
     return model
 
 
-def build_state(cfg: Config, model: nn.Module, rt: ComputeSettings, steps_per_epoch: int, lr: float) -> RunState:
+def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: dist.DistInfo, images: int) -> dict:
+    """The run's fields that optimise `model` (placed on the device, not yet wrapped) over `images` images."""
+    steps = (images // info.world_size) // cfg.batch_size
+    if steps < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is more than the "
+                         f"{images} training images")
+    lr = cfg.lr * info.world_size if cfg.scale_lr else cfg.lr
+    model = wrap_model(model, cfg, rt, info)
     optimizer = build_optimizer(model, cfg, lr)
     step = TrainStep(
-        model=model, optimizer=optimizer, schedulers=build_schedulers(optimizer, cfg, steps_per_epoch),
+        model=model, optimizer=optimizer, schedulers=build_schedulers(optimizer, cfg, steps),
         scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.amp.use_scaler),
         label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm,
         ema=make_ema(unwrap(model), cfg.ema_decay), ema_source=unwrap(model),
     )
-    return RunState(step=step, stopper=BestTracker(cfg.monitor, cfg.patience, cfg.min_delta),
-                    selector=BestTracker(cfg.select, patience=0),
-                    best_state=copy.deepcopy(unwrap(model).state_dict()),
-                    run_name=cfg.run_name)
+    return dict(lr=lr, steps_per_epoch=steps, step=step, stopper=BestTracker(cfg.monitor, cfg.patience, cfg.min_delta),
+                selector=BestTracker(cfg.select, patience=0), best_state=copy.deepcopy(unwrap(model).state_dict()))
 
 
-def compute_settings(cfg: Config, device, ctx: RunContext) -> ComputeSettings:
-    memory_format, why_not = choose_memory_format(ctx.start.model, device, cfg.channels_last)
+def compute_settings(cfg: Config, device, start: StartModel, info: dist.DistInfo, console: Console) -> ComputeSettings:
+    memory_format, why_not = choose_memory_format(start.model, device, cfg.channels_last)
     if why_not:
-        ctx.console.print(why_not)
-    return ComputeSettings(device, resolve_amp(cfg.amp, device), ctx.start.mean, ctx.start.std, memory_format,
-                   ctx.info.rank, ctx.info.world_size, tta_flip=cfg.tta == "flip")
+        console.print(why_not)
+    return ComputeSettings(device, resolve_amp(cfg.amp, device), start.mean, start.std, memory_format,
+                           info.rank, info.world_size, tta_flip=cfg.tta == "flip")
 
 
 def check_outputs(cfg: Config, files: RunFiles):
@@ -305,13 +268,7 @@ def claim_outputs(cfg: Config, files: RunFiles, start: StartModel, stack: ExitSt
 def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: RunFiles, stack: ExitStack) -> "Run":
     """Everything checked, loaded and placed before the first step."""
     console = Console(cfg.quiet, info.is_main)
-    broken = broken_cuda_reason() if cfg.device == "auto" else None
-    if broken:  # hours on the CPU by mistake are worse than a clear stop
-        raise UserError(f"{broken}; to train on the CPU anyway, pass --device cpu")
-    device = resolve_device(cfg.device, info.local_rank if info.enabled else None)
-    check_distributed_device(device, info.world_size, info.launched)
-    if cfg.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn: needs CUDA (SyncBatchNorm has no CPU implementation)")
+    device = choose_device(cfg, info)
     log_dir = check_outputs(cfg, files) if info.is_main else None
     start = load_start_model(cfg, resume_meta)
     if resume_meta is None:
@@ -325,77 +282,103 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
         set_cpu_threads(info.local_world_size)
     with dist.main_process_first(info):  # --download: one process per machine fetches, the others wait
         data, split = load_data(cfg, start, device, console)
-    check_normalization(start, data.train)
+    check_normalization(start, data["train"])
     # What only the run can know: NAME_1 when another run has NAME (last.pt keeps it, so a resume finds it
     # again), the split the data gave, and the device's evaluation batch.
     cfg = dataclasses.replace(cfg, run_name=log_dir.name if log_dir else cfg.run_name, split_seed=split.seed,
                               val_from=split.validation, val_size=split.val_size if split.validation == "train" else None,
                               eval_batch_size=cfg.eval_batch_size or default_eval_batch_size(device))
-    return Run.build(cfg, RunContext(info, console, files, start, split, log_dir), data, device, resume_meta)
+    rt = compute_settings(cfg, device, start, info, console)
+    run = Run(cfg, info, console, files, start, split, log_dir, rt, **data,
+              **optimisation(cfg, start.model, rt, info, len(data["train"])))
+    if resume_meta is not None:
+        with restoring(cfg.resume):
+            run.load_state_dict(resume_meta)
+    return run
 
 
 # ---------------------------------------------------------------- the run
 
 @dataclass
 class Run:
+    """Everything a run shares from its set-up to its final test. What the epoch loop changes, last.pt
+    restores: see state_dict."""
+
     cfg: Config
-    ctx: RunContext
+    info: dist.DistInfo
+    console: Console
+    files: RunFiles
+    start: StartModel
+    split: Split
+    log_dir: Path | None  # the TensorBoard run folder (rank 0)
     rt: ComputeSettings
-    data: Data
-    state: RunState
-    eval_model: nn.Module  # what is validated, selected and saved: the EMA with --ema-decay
+    train: DeviceData
+    val: DeviceData
+    test: DeviceData
     lr: float
     steps_per_epoch: int
+    step: TrainStep
+    stopper: BestTracker  # --monitor: when to stop
+    selector: BestTracker  # --select: which epoch is the best model
+    best_state: dict
+    history: list = field(default_factory=list)
+    epoch: int = 0
     writer: object = None
     summary: dict = field(default_factory=dict)
 
-    @classmethod
-    def build(cls, cfg: Config, ctx: RunContext, data: Data, device, resume_meta: dict | None) -> "Run":
-        info = ctx.info
-        steps = (len(data.train) // info.world_size) // cfg.batch_size
-        if steps < 1:
-            raise UsageError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is more than the "
-                             f"{len(data.train)} training images")
-        rt = compute_settings(cfg, device, ctx)
-        lr = cfg.lr * info.world_size if cfg.scale_lr else cfg.lr
-        train_model = wrap_model(ctx.start.model, cfg, rt, info)
-        state = build_state(cfg, train_model, rt, steps, lr)
-        if resume_meta is not None:
-            with restoring(cfg.resume):
-                state.load_state_dict(resume_meta, cfg, lr)
-        eval_model = state.step.ema.module if state.step.ema is not None else unwrap(train_model)
-        run = cls(cfg, ctx, rt, data, state, eval_model, lr, steps)
-        run.summary = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(rt.device),
-                       "amp": rt.amp.name, "world_size": info.world_size,
-                       "global_batch_size": cfg.batch_size * info.world_size, "backend": dist.backend(),
-                       "split": ctx.split.to_dict()}
-        return run
+    def state_dict(self) -> dict:
+        """What last.pt holds besides the model and its records."""
+        step = self.step
+        return {
+            "epoch": self.epoch, "run_name": self.cfg.run_name, "history": self.history,
+            "optimizer": step.optimizer.state_dict(), "schedulers": step.schedulers.state_dict(),
+            "scaler": step.scaler.state_dict(), "early_stopping": self.stopper.state_dict(),
+            "selection": self.selector.state_dict(), "best_model": self.best_state,
+            "ema": step.ema.state_dict() if step.ema is not None else None,
+        }
+
+    def load_state_dict(self, meta: dict) -> None:
+        """Continue exactly where last.pt stopped (RNG needs nothing: it is derived from seed and epoch)."""
+        self.epoch = int(meta["epoch"])
+        restore_optimization(self.step, meta, self.cfg, self.lr, self.epoch)
+        self.stopper.load_state_dict(meta["early_stopping"])
+        self.selector.load_state_dict(meta.get("selection") or meta["early_stopping"])
+        self.best_state = meta["best_model"]
+        self.history = list(meta["history"])
 
     @property
     def is_main(self) -> bool:
-        return self.ctx.info.is_main
+        return self.info.is_main
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is validated, selected and saved: the moving average with --ema-decay."""
+        return self.step.ema.module if self.step.ema is not None else unwrap(self.step.model)
 
     @property
     def train_data(self) -> TrainData:
-        return TrainData(self.data.train, AUGMENT_PRESETS[self.cfg.augment], self.cfg.batch_size, self.cfg.seed)
+        return TrainData(self.train, AUGMENT_PRESETS[self.cfg.augment], self.cfg.batch_size, self.cfg.seed)
 
     def begin(self) -> None:
         """Say what will run, open the log and (fine-tuning) validate the starting model as epoch 0."""
-        console = self.ctx.console
         if self.cfg.resume:
-            console.print(f"resumed from {self.cfg.resume} at epoch {self.state.epoch} (run {self.state.run_name})")
-        for line in setup_lines(self.cfg, self.rt, self.lr, unwrap(self.state.step.model)):
-            console.print(line)
+            self.console.print(f"resumed from {self.cfg.resume} at epoch {self.epoch} (run {self.cfg.run_name})")
+        for line in setup_lines(self.cfg, self.rt, self.lr, unwrap(self.step.model)):
+            self.console.print(line)
+        self.summary = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(self.rt.device),
+                        "amp": self.rt.amp.name, "world_size": self.info.world_size,
+                        "global_batch_size": self.cfg.batch_size * self.info.world_size, "backend": dist.backend(),
+                        "split": self.split.to_dict()}
         self.open_log()
-        if not self.state.history and not self.cfg.from_scratch:
+        if not self.history and not self.cfg.from_scratch:
             self.record({"epoch": 0, **self.validate()})  # the starting model is the first candidate
 
     def open_log(self) -> None:
         if not self.is_main:
             return
-        self.writer = tblog.open_writer(str(self.ctx.log_dir))
+        self.writer = tblog.open_writer(str(self.log_dir))
         tblog.log_config(self.writer, self.cfg.to_dict())
-        self.ctx.console.print(f"tensorboard: tensorboard --logdir {self.cfg.logdir}  (run {self.state.run_name})")
+        self.console.print(f"tensorboard: tensorboard --logdir {self.cfg.logdir}  (run {self.cfg.run_name})")
 
     def close(self) -> None:
         if self.writer is not None:
@@ -405,10 +388,9 @@ class Run:
 
     def start_epoch(self) -> dict:
         """Train mode (frozen layers stay as loaded) and a fresh peak-memory count; the epoch's row begun."""
-        state = self.state
-        set_train_mode(unwrap(state.step.model), self.cfg.freeze_conv, self.cfg.freeze_bn, self.cfg.trainable_patterns)
+        set_train_mode(unwrap(self.step.model), self.cfg.freeze_conv, self.cfg.freeze_bn, self.cfg.trainable_patterns)
         reset_peak_memory(self.rt.device)
-        return {"epoch": state.epoch + 1, "lr": state.step.optimizer.param_groups[0]["lr"],
+        return {"epoch": self.epoch + 1, "lr": self.step.optimizer.param_groups[0]["lr"],
                 "started": time.perf_counter()}
 
     def epoch_row(self, begun: dict, result: dict) -> dict:
@@ -433,68 +415,65 @@ class Run:
 
     def validate(self) -> dict:
         dist.broadcast_buffers(self.eval_model)  # every rank evaluates what rank 0 saves
-        metrics = evaluate(self.eval_model, self.data.val, self.rt, self.cfg.eval_batch_size)
+        metrics = evaluate(self.eval_model, self.val, self.rt, self.cfg.eval_batch_size)
         if not math.isfinite(metrics["loss"]):
-            raise DivergenceError(f"validation loss became {metrics['loss']} in epoch {self.state.epoch + 1}")
+            raise DivergenceError(f"validation loss became {metrics['loss']} in epoch {self.epoch + 1}")
         return {"val_loss": metrics["loss"], "val_acc": metrics["acc"]}
 
     def record(self, row: dict) -> None:
         """Select, decide about stopping, save and log one validated epoch (0: the starting model)."""
-        state = self.state
-        is_best = state.selector.update(row[self.cfg.select], row["epoch"])
-        state.stopper.update(row[self.cfg.monitor], row["epoch"])
+        is_best = self.selector.update(row[self.cfg.select], row["epoch"])
+        self.stopper.update(row[self.cfg.monitor], row["epoch"])
         if row["epoch"]:
-            state.step.schedulers.after_epoch(row[self.cfg.monitor])
-        state.history.append(row)
-        state.epoch = row["epoch"]
+            self.step.schedulers.after_epoch(row[self.cfg.monitor])
+        self.history.append(row)
+        self.epoch = row["epoch"]
         if is_best:  # the weights just validated: the moving average with --ema-decay
-            state.best_state = copy.deepcopy(unwrap(self.eval_model).state_dict())
+            self.best_state = copy.deepcopy(unwrap(self.eval_model).state_dict())
         if self.is_main:
             self.save(is_best)
-            tblog.log_epoch(self.writer, state.epoch, row)
-        self.ctx.console.print(epoch_line(row, is_best))
-        if state.stopper.should_stop:
-            s = state.stopper
-            self.ctx.console.print(f"early stopping: {self.cfg.monitor} did not improve for {s.bad_epochs} epochs "
-                                   f"(best {s.best:.4f} at epoch {s.best_epoch})")
+            tblog.log_epoch(self.writer, self.epoch, row)
+        self.console.print(epoch_line(row, is_best))
+        if self.stopper.should_stop:
+            s = self.stopper
+            self.console.print(f"early stopping: {self.cfg.monitor} did not improve for {s.bad_epochs} epochs "
+                               f"(best {s.best:.4f} at epoch {s.best_epoch})")
 
     # ------------------------------------------------------------ checkpoints and the end
 
     def checkpoint(self, weights: dict, metrics: dict) -> dict:
-        start = self.ctx.start
-        return make_checkpoint(weights, start.arch, start.arch_kwargs, mean=self.rt.mean, std=self.rt.std,
-                               metrics=metrics, config=self.cfg.to_dict(), history=self.state.history,
-                               split=self.ctx.split.to_dict(),
-                               model_def=start.model_def.to_dict() if start.model_def else None)
+        start = self.start
+        return make_checkpoint(weights, start.arch, start.arch_kwargs, normalize=(self.rt.mean, self.rt.std),
+                               metrics=metrics, config=self.cfg.to_dict(), history=self.history,
+                               split=self.split.to_dict(), model_def=start.model_def.to_dict() if start.model_def else None)
 
     def save_best(self, metrics: dict) -> None:
         """The best model, and for a user whose input was a plain state_dict, the same weights in the
         input's own container, under their class's key names, for their own scripts."""
-        files, start = self.ctx.files, self.ctx.start
-        save_checkpoint(self.checkpoint(self.state.best_state, metrics), files.best)
-        if start.container != FORMAT:
-            weights = {k: v.detach().cpu().contiguous() for k, v in self.state.best_state.items()}
-            save_checkpoint(weights if start.container is None else {start.container: weights}, files.plain)
+        save_checkpoint(self.checkpoint(self.best_state, metrics), self.files.best)
+        if self.start.container != FORMAT:
+            weights = {k: v.detach().cpu().contiguous() for k, v in self.best_state.items()}
+            save_checkpoint(weights if self.start.container is None else {self.start.container: weights},
+                            self.files.plain)
 
     def best_row(self) -> dict:
-        return next(r for r in self.state.history if r["epoch"] == self.state.selector.best_epoch)
+        return next(r for r in self.history if r["epoch"] == self.selector.best_epoch)
 
     def save(self, is_best: bool) -> None:
-        files = self.ctx.files
         if is_best:
             self.save_best(self.best_row())
-        last = self.checkpoint(unwrap(self.state.step.model).state_dict(), self.state.history[-1])
-        last.update(kind="last", world_size=self.rt.world_size, input_container=self.ctx.start.container,
-                    **self.state.state_dict())
-        save_checkpoint(last, files.last)
-        save_json(self.metrics_json(finished=False), files.metrics)
+        last = self.checkpoint(unwrap(self.step.model).state_dict(), self.history[-1])
+        last.update(kind="last", world_size=self.rt.world_size, input_container=self.start.container,
+                    **self.state_dict())
+        save_checkpoint(last, self.files.last)
+        save_json(self.metrics_json(finished=False), self.files.metrics)
 
     def metrics_json(self, finished: bool, test: dict | None = None) -> dict:
         """What metrics.json holds: the run's facts, its progress and, once finished, the best model's test."""
-        history = self.state.history
+        history = self.history
         best, epoch_s = self.best_row(), [r["epoch_s"] for r in history if "epoch_s" in r]
         peaks = [r["peak_gpu_mb"] for r in history if r.get("peak_gpu_mb") is not None]
-        summary = {**self.summary, "best_epoch": best["epoch"], "epochs_run": self.state.epoch,
+        summary = {**self.summary, "best_epoch": best["epoch"], "epochs_run": self.epoch,
                    "best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"],
                    "base_val_acc": history[0]["val_acc"] if history and history[0]["epoch"] == 0 else None,
                    "peak_gpu_mb": max(peaks) if peaks else None, "epoch_s": [round(t, 3) for t in epoch_s],
@@ -505,12 +484,12 @@ class Run:
 
     def test_best(self) -> tuple[dict, torch.Tensor]:
         """The best weights on the test set, once, in fp32: exactly what test_model.py --full measures."""
-        model = self.ctx.start.build()
-        model.load_state_dict(self.state.best_state)
+        model = self.start.build()
+        model.load_state_dict(self.best_state)
         model = model.to(self.rt.device, memory_format=self.rt.memory_format)
         single = dataclasses.replace(self.rt, amp=AmpPolicy(None, False), rank=0, world_size=1)
-        logits = predict_logits(model, self.data.test.images, single, self.cfg.eval_batch_size)
-        loss, acc = logit_metrics(logits, self.data.test.labels)
+        logits = predict_logits(model, self.test.images, single, self.cfg.eval_batch_size)
+        loss, acc = logit_metrics(logits, self.test.labels)
         return {"test_loss": loss, "test_acc": acc, "test_images": len(logits)}, logits.argmax(1)
 
     def finish(self) -> dict:
@@ -520,17 +499,16 @@ class Run:
             dist.barrier()
             return self.metrics_json(finished=True)
         test, preds = self.test_best()
-        test["per_class_test_acc"] = tblog.log_test_figures(self.writer, self.data.test.images,
-                                                            self.data.test.labels, preds, CLASSES)
+        test["per_class_test_acc"] = tblog.log_test_figures(self.writer, self.test.images, self.test.labels, preds,
+                                                            CLASSES)
         summary = self.metrics_json(finished=True, test=test)
         tblog.log_hparams(self.writer, self.cfg.to_dict(), {"hparam/test_acc": test["test_acc"],
                                                             "hparam/best_val_acc": summary["best_val_acc"]})
         test_metrics = {k: test[k] for k in ("test_loss", "test_acc", "test_images")}
-        save_checkpoint(self.checkpoint(self.state.best_state, {**self.best_row(), **test_metrics}),
-                        self.ctx.files.best)
-        save_json(summary, self.ctx.files.metrics)
-        for line in summary_lines(summary, self.ctx.files):
-            self.ctx.console.result(line)
+        save_checkpoint(self.checkpoint(self.best_state, {**self.best_row(), **test_metrics}), self.files.best)
+        save_json(summary, self.files.metrics)
+        for line in summary_lines(summary, self.files):
+            self.console.result(line)
         dist.barrier()
         return summary
 
@@ -549,18 +527,18 @@ def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> di
             run = prepare(cfg, resume_meta, info, files, stack)
             stack.callback(run.close)
             run.begin()
-            state, loop_start = run.state, time.perf_counter()
+            loop_start = time.perf_counter()
             with signals.polled() as received:  # a signal is polled between steps: no step is torn in half
-                while state.epoch < run.cfg.epochs and not state.stopper.should_stop:
+                while run.epoch < run.cfg.epochs and not run.stopper.should_stop:
                     begun = run.start_epoch()
-                    with run.ctx.console.progress_bar(begun["epoch"], run.cfg.epochs, run.steps_per_epoch) as bar:
-                        result = train_one_epoch(state.step, run.train_data, begun["epoch"], run.rt,
+                    with run.console.progress_bar(begun["epoch"], run.cfg.epochs, run.steps_per_epoch) as bar:
+                        result = train_one_epoch(run.step, run.train_data, begun["epoch"], run.rt,
                                                  run.on_sync(bar, received))
                     if not result["stopped"]:  # else the unfinished epoch is dropped: last.pt keeps the one before
                         run.record(run.epoch_row(begun, result))
                     if dist.any_rank(bool(received), run.rt.device):
                         raise signals.interrupted()
-            run.summary.update(stop_reason="early_stopping" if state.stopper.should_stop else "epochs_done",
+            run.summary.update(stop_reason="early_stopping" if run.stopper.should_stop else "epochs_done",
                                train_s=time.perf_counter() - loop_start)
             return run.finish()
         except BaseException as exc:
