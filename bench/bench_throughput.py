@@ -18,6 +18,7 @@ the load average is printed with the numbers; on a busy machine compare with `--
 
 import argparse
 import copy
+import functools
 import itertools
 import json
 import os
@@ -80,13 +81,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None,
                    help="the original recipe's DataLoader workers (None: 8 on CUDA, min(8, cores) on CPU)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch (both) and the original's eval batch")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="our evaluation batch (None: the trainer's default)")
+    p.add_argument("--eval-batch-size", type=int, default=None,
+                   help="our evaluation batch (None: the trainer's default)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for both paths (None: the cores available, as the trainer sets; 1 with --tiny)")
+                   help="torch CPU threads for both paths (None: the cores available, as the trainer sets; "
+                        "1 with --tiny)")
     p.add_argument("--amp", choices=AMP_MODES, default="auto", help="our autocast policy")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="our memory format")
     p.add_argument("--augment", choices=sorted(AUGMENT_PRESETS), default="light", help="our augmentation preset")
-    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files (None: as the trainer searches)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the Fashion-MNIST IDX files (None: as the trainer searches)")
     p.add_argument("--tiny", action="store_true", help="a few steps on a few hundred images (for the tests)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
@@ -124,18 +128,18 @@ def resolve_settings(args) -> Bench:
     elif device.type == "cpu":
         set_cpu_threads()  # as the trainer does; the original recipe runs on the same threads
     tiny = TINY if args.tiny else {}
-    workers = args.workers if args.workers is not None else (8 if device.type == "cuda" else min(8, available_cpus()))
+    default_workers = 8 if device.type == "cuda" else min(8, available_cpus())
     definition = userdef.parse(args.model_def) if args.model_def else None
     kwargs = (args.model_kwargs or {}) if definition else resolve_arch_kwargs(args.arch)
-    name = args.model_def or args.arch
-    memory_format, why_not = choose_memory_format(build_source(args.arch, kwargs, definition), device, args.channels_last)
+    build = functools.partial(build_source, args.arch, kwargs, definition)
+    memory_format, why_not = choose_memory_format(build(), device, args.channels_last)
     if why_not:
         print(why_not, file=sys.stderr)
     mean, std = args.normalize or (MEAN, STD)
     return Bench(
         device=device, rt=ComputeSettings(device, resolve_amp(args.amp, device), mean, std, memory_format),
-        model_name=name, build=lambda: build_source(args.arch, kwargs, definition),
-        workers=workers, augment=args.augment, tiny=args.tiny,
+        model_name=args.model_def or args.arch, build=build, augment=args.augment, tiny=args.tiny,
+        workers=default_workers if args.workers is None else args.workers,
         batch_size=tiny.get("batch_size", args.batch_size),
         eval_batch_size=tiny.get("eval_batch_size", args.eval_batch_size or default_eval_batch_size(device)),
         steps=tiny.get("steps", args.steps or (20 if device.type == "cpu" else 100)),
@@ -143,54 +147,34 @@ def resolve_settings(args) -> Bench:
     )
 
 
-# ---------------------------------------------------------------- timing
-
 @dataclass
 class Work:
-    """One timed piece of work: run() -> (images, steps); prepare and settle run untimed around it."""
+    """One timed piece of work: run() -> (images, steps), timed once per call of time(); prepare and settle
+    run untimed around it."""
 
+    label: str
     run: Callable[[], tuple[int, int]]
     prepare: Callable[[], None] = lambda: None
     settle: Callable[[], None] = lambda: None
-
-
-@dataclass
-class Measure:
-    """Seconds of each timed repeat of a piece of work that handles `images` images in `steps` steps."""
-
-    label: str
-    images: int = 0
-    steps: int = 0
+    counts: tuple = (0, 0)  # (images, steps) of the last timed run
     seconds: list = field(default_factory=list)
 
-    def add(self, work: Work, device) -> None:
-        work.prepare()
+    def time(self, device) -> None:
+        self.prepare()
         synchronize(device)  # CUDA work is asynchronous: time from idle to idle
         start = time.perf_counter()
-        self.images, self.steps = work.run()
+        self.counts = self.run()
         synchronize(device)
         self.seconds.append(time.perf_counter() - start)
-        work.settle()
+        self.settle()
 
     def as_dict(self, flops_per_image: float | None) -> dict:
-        rate = self.images / statistics.median(self.seconds)
-        return {"label": self.label, "images_per_s": rate, "step_ms": 1000 * statistics.median(self.seconds) / self.steps,
+        (images, steps), median = self.counts, statistics.median(self.seconds)
+        rate = images / median
+        return {"label": self.label, "images_per_s": rate, "step_ms": 1000 * median / steps,
                 "gflop_per_s": None if flops_per_image is None else flops_per_image * rate / 1e9,
-                "images": self.images, "steps": self.steps, "seconds": self.seconds}
+                "images": images, "steps": steps, "seconds": self.seconds}
 
-
-def interleave(works: dict, bench: Bench) -> dict:
-    """{name: (label, Work)} -> {name: Measure}: each work once per round, in turn, so that drift on a
-    shared machine hits all of them."""
-    measures = {name: Measure(label) for name, (label, _) in works.items()}
-    for r in range(bench.repeats):
-        print(f"  ... round {r + 1}/{bench.repeats}", file=sys.stderr, flush=True)
-        for name, (_, work) in works.items():
-            measures[name].add(work, bench.device)
-    return measures
-
-
-# ---------------------------------------------------------------- data
 
 def write_torchvision_raw(root: Path, splits: dict) -> None:
     """Uncompressed IDX files in torchvision's layout (<root>/FashionMNIST/raw), as its downloader leaves them."""
@@ -201,35 +185,27 @@ def write_torchvision_raw(root: Path, splits: dict) -> None:
             write_idx(raw / stem, tensor.numpy(), magic)
 
 
-# ---------------------------------------------------------------- the original recipe
-
-def original_loaders(root: Path, bench: Bench):
-    """The recipe's per-sample PIL pipeline. Persistent workers, so that steady state is what is timed
-    (the recipe re-spawned its workers every epoch, which would only make it slower)."""
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
-
-    normalize = transforms.Normalize((bench.rt.mean,), (bench.rt.std,))
-    train_tf = transforms.Compose([transforms.RandomRotation(10), transforms.ToTensor(), normalize])
-    test_tf = transforms.Compose([transforms.ToTensor(), normalize])
-    common = {"batch_size": bench.batch_size, "num_workers": bench.workers,
-              "pin_memory": bench.device.type == "cuda", "persistent_workers": bench.workers > 0}
-    train = DataLoader(datasets.FashionMNIST(root, train=True, transform=train_tf), shuffle=True, drop_last=True,
-                       **common)
-    test = DataLoader(datasets.FashionMNIST(root, train=False, transform=test_tf), shuffle=False, **common)
-    return train, test
-
-
 class OriginalTrainer:
-    """The recipe's loop: DataLoader batches -> device -> fp32 NCHW model -> AdamW.
+    """The recipe's loop: per-sample PIL DataLoader batches -> device -> fp32 NCHW model -> AdamW.
 
-    Its workers keep prefetch_factor x workers batches ready. Made while the other path is timed, they
-    would come free to the next repeat and steal CPU from the other path, so each repeat first takes
-    the ready batches untimed (drain) and afterwards waits while the workers refill the queue (settle).
+    Persistent workers, so that steady state is what is timed (the recipe re-spawned its workers every epoch,
+    which would only make it slower). They keep prefetch_factor x workers batches ready; made while the other
+    path is timed, those would come free to the next repeat and steal CPU from the other path, so each repeat
+    first takes the ready batches untimed and afterwards waits while the workers refill the queue.
     """
 
-    def __init__(self, model, loaders: tuple, device):
-        self.model, self.device, (train, self.test) = model, device, loaders
+    def __init__(self, model, root: Path, bench: Bench):
+        from torch.utils.data import DataLoader
+        from torchvision import datasets, transforms
+
+        normalize = transforms.Normalize((bench.rt.mean,), (bench.rt.std,))
+        train_tf = transforms.Compose([transforms.RandomRotation(10), transforms.ToTensor(), normalize])
+        test_tf = transforms.Compose([transforms.ToTensor(), normalize])
+        loader = functools.partial(DataLoader, batch_size=bench.batch_size, num_workers=bench.workers,
+                                   pin_memory=bench.device.type == "cuda", persistent_workers=bench.workers > 0)
+        train = loader(datasets.FashionMNIST(root, train=True, transform=train_tf), shuffle=True, drop_last=True)
+        self.test = loader(datasets.FashionMNIST(root, train=False, transform=test_tf), shuffle=False)
+        self.model, self.device = model, bench.device
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         self.batches = itertools.chain.from_iterable(itertools.repeat(train))  # across epochs, for any steps
         self.ready = (train.prefetch_factor or 0) * train.num_workers
@@ -250,15 +226,9 @@ class OriginalTrainer:
         self.batch_seconds = (time.perf_counter() - start) / steps
         return steps * len(y), steps
 
-    def drain(self) -> None:
-        for _ in range(self.ready):
-            next(self.batches)
-
-    def settle(self) -> None:
-        time.sleep(self.ready * self.batch_seconds)
-
-    def work(self, steps: int) -> Work:
-        return Work(lambda: self.train(steps), self.drain, self.settle)
+    def train_work(self, label: str, steps: int) -> Work:
+        return Work(label, lambda: self.train(steps), prepare=lambda: list(itertools.islice(self.batches, self.ready)),
+                    settle=lambda: time.sleep(self.ready * self.batch_seconds))
 
     @torch.no_grad()
     def eval(self):
@@ -270,8 +240,6 @@ class OriginalTrainer:
         correct.item()
         return len(self.test.dataset), len(self.test)
 
-
-# ---------------------------------------------------------------- our path
 
 class Ours:
     """The trainer's TrainStep with the default config (AdamW, cosine schedule) and the package's loops."""
@@ -286,12 +254,11 @@ class Ours:
 
     def train(self, data: DeviceData, aug_name: str, steps: int):
         """train_one_epoch itself (the trainer's hot loop, its periodic syncs included), stopped after `steps`."""
-        b = self.bench
         self.step.model.train()
-        plan = TrainData(data, AUGMENT_PRESETS[aug_name], b.batch_size, seed=0, sync_every=min(25, steps))
-        result = train_one_epoch(self.step, plan, next(self.epochs), b.rt,
+        plan = TrainData(data, AUGMENT_PRESETS[aug_name], self.bench.batch_size, seed=0, sync_every=min(25, steps))
+        result = train_one_epoch(self.step, plan, next(self.epochs), self.bench.rt,
                                  on_sync=lambda done, total, loss: done >= steps)
-        return result["images"], result["images"] // b.batch_size
+        return result["images"], result["images"] // self.bench.batch_size
 
     def fixed_batch(self, x, y, steps: int):
         """Training steps on one ready batch: the model's share of a step, with no loading or augmentation."""
@@ -330,54 +297,57 @@ def flops_per_image(model) -> dict:
     return {"forward": forward, "train": counter.get_total_flops() / len(x)}
 
 
-# ---------------------------------------------------------------- the benchmark
-
 def works(bench: Bench, original: OriginalTrainer, ours: Ours, train: DeviceData, test: DeviceData) -> dict:
-    """{name: (label, Work)}: original vs ours in training and evaluation, and the parts of our step."""
+    """{name: Work}: original vs ours in training and evaluation, and the parts of our step."""
     steps, rt, aug = bench.steps, bench.rt, bench.augment
     fmt = "channels_last" if rt.memory_format == torch.channels_last else "NCHW"
     idx = epoch_permutation(len(train), 1, 0, bench.device)[: bench.batch_size]
     x, y = make_batch(train.images[idx], None, None, rt.mean, rt.std, rt.memory_format), train.labels[idx]
     return {
-        "train_original": (f"train original: torchvision, PIL RandomRotation(10), {bench.workers} workers, fp32 NCHW",
-                           original.work(steps)),
-        "train_ours": (f"train ours: uint8 on {bench.device.type}, batched augment {aug}, amp {rt.amp.name}, {fmt}",
-                       Work(lambda: ours.train(train, aug, steps))),
-        "eval_original": (f"eval original: DataLoader, batch {bench.batch_size}, fp32 NCHW, no_grad",
-                          Work(original.eval)),
-        "eval_ours": (f"eval ours: predict_logits, batch {bench.eval_batch_size}, amp {rt.amp.name}, {fmt}, "
-                      "inference_mode", Work(lambda: ours.eval(test))),
-        "step_augment": (f"our step, augment {aug}", Work(lambda: ours.train(train, aug, steps))),
-        "step_no_augment": ("our step, augment none", Work(lambda: ours.train(train, "none", steps))),
-        "step_fixed_batch": ("our step, one ready batch (no loading, no augment)",
-                             Work(lambda: ours.fixed_batch(x, y, steps))),
-        "load_augment": (f"load + augment {aug} alone", Work(lambda: ours.loading(train, aug, steps))),
+        "train_original": original.train_work(
+            f"train original: torchvision, PIL RandomRotation(10), {bench.workers} workers, fp32 NCHW", steps),
+        "train_ours": Work(f"train ours: uint8 on {bench.device.type}, batched augment {aug}, amp {rt.amp.name}, {fmt}",
+                           lambda: ours.train(train, aug, steps)),
+        "eval_original": Work(f"eval original: DataLoader, batch {bench.batch_size}, fp32 NCHW, no_grad",
+                              original.eval),
+        "eval_ours": Work(f"eval ours: predict_logits, batch {bench.eval_batch_size}, amp {rt.amp.name}, {fmt}, "
+                          "inference_mode", lambda: ours.eval(test)),
+        "step_augment": Work(f"our step, augment {aug}", lambda: ours.train(train, aug, steps)),
+        "step_no_augment": Work("our step, augment none", lambda: ours.train(train, "none", steps)),
+        "step_fixed_batch": Work("our step, one ready batch (no loading, no augment)",
+                                 lambda: ours.fixed_batch(x, y, steps)),
+        "load_augment": Work(f"load + augment {aug} alone", lambda: ours.loading(train, aug, steps)),
     }
 
 
-def measure(bench: Bench, splits: dict) -> dict:
-    """Every Measure, original and ours starting from the same initial weights."""
+def measure(bench: Bench, splits: dict, flops: dict) -> dict:
+    """{name: its row}, original and ours starting from the same initial weights; each work once per round,
+    in turn, so that drift on a shared machine hits all of them."""
     torch.manual_seed(0)
     model = bench.build()
     original_model = copy.deepcopy(model).to(bench.device)  # the recipe's plain fp32 NCHW
     ours = Ours(model.to(bench.device, memory_format=bench.rt.memory_format), bench)
     train, test = (DeviceData.create(*splits[split], bench.device) for split in ("train", "test"))
+    per_image = {"train": flops["train"], "step": flops["train"], "eval": flops["forward"], "load": None}
     with tempfile.TemporaryDirectory(prefix="fmnist-tv-") as root:
         write_torchvision_raw(Path(root), splits)
-        original = OriginalTrainer(original_model, original_loaders(Path(root), bench), bench.device)
+        original = OriginalTrainer(original_model, Path(root), bench)
         todo = works(bench, original, ours, train, test)
-        for _, work in todo.values():  # warm-up: starts the workers, runs every shape of work once
+        for work in todo.values():  # warm-up: starts the workers, runs every shape of work once
             work.run()
-        measures = interleave(todo, bench)
+        for r in range(bench.repeats):
+            print(f"  ... round {r + 1}/{bench.repeats}", file=sys.stderr, flush=True)
+            for work in todo.values():
+                work.time(bench.device)
+        rows = {name: work.as_dict(per_image[name.split("_")[0]]) for name, work in todo.items()}  # by the name's stem
         del original, todo  # shuts the persistent workers down before their folder goes
-    return measures
+    return rows
 
 
 def machine(device: torch.device) -> dict:
     import torchvision
 
-    return {"cpu": cpu_info()[0], "cores": available_cpus(),
-            "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_info()[0], "cores": available_cpus(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "torchvision": torchvision.__version__, "python": platform.python_version()}
 
@@ -388,11 +358,9 @@ def benchmark(bench: Bench, folder: Path) -> dict:
     splits = {split: read_split(folder, split) for split in ("train", "test")}
     if bench.tiny:
         splits = {split: (x[: TINY[split]], y[: TINY[split]]) for split, (x, y) in splits.items()}
-    measures = measure(bench, splits)
     model = bench.build()
     flops = flops_per_image(model)
-    per_image = {"train": flops["train"], "step": flops["train"], "eval": flops["forward"], "load": None}
-    rows = {name: m.as_dict(per_image[name.split("_")[0]]) for name, m in measures.items()}  # by the name's stem
+    rows = measure(bench, splits, flops)
     rate = {name: row["images_per_s"] for name, row in rows.items()}
     step_ms = {name: row["step_ms"] for name, row in rows.items()}
     return {
@@ -413,8 +381,6 @@ def benchmark(bench: Bench, folder: Path) -> dict:
         "measurements": rows,
     }
 
-
-# ---------------------------------------------------------------- the table
 
 def print_table(r: dict) -> None:
     """The report from its JSON alone, so that a saved file prints the same table."""

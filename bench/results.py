@@ -6,26 +6,25 @@ From the repository root:
     python -m bench.results --tiny                # a few seconds per plan, to check the script works
     python -m bench.results --resume              # after a stop: runs only the plans not finished yet
 
-Runs, each as a separate `finetune_gpu.py` process: the four presets from the shipped cnn3 (light, head,
-deep, conservative), a second round (lr 0.0005) from the light plan's output, the ResNet-20 from random
-weights with two seeds and its fine-tuning plan from the shipped ResNet-20; then, for each network, the
-ensemble of its models (`test_model.py --full` with several --model-path). Writes results.json,
-results.md and the raw log of every run into --report-dir.
+Runs, each as a separate `finetune_gpu.py` process, the plans of PLANS; then, for each network, the ensemble
+of its models (`test_model.py --full` with several --model-path). Writes results.json, results.md and the raw
+log of every run into --report-dir.
 """
 
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-from fashion_ft.system import cpu_info
+from fashion_ft.system import available_cpus, cpu_info
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 class Plan(NamedTuple):
     network: str  # also the ensemble it joins
     start: str | None  # "shipped" (the network's shipped base model), another plan's name, or None: random weights
@@ -65,7 +64,7 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu_info()[0]}, {len(os.sched_getaffinity(0))} cores, {gpu}, torch {torch.__version__}"
+    return f"{cpu_info()[0]}, {available_cpus()} cores, {gpu}, torch {torch.__version__}"
 
 
 def command_text(cmd: list) -> str:
@@ -73,34 +72,27 @@ def command_text(cmd: list) -> str:
     return " ".join(cmd[1:])
 
 
-def run(cmd: list, log: Path) -> tuple[int, float]:
-    """Run one process, its output going to `log`; returns (exit code, seconds)."""
-    start = time.perf_counter()
-    with open(log, "w") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        code = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
-    return code, time.perf_counter() - start
-
-
-def plan_command(name: str, args, base: Path | None, out: Path) -> list:
-    cmd = [sys.executable, "finetune_gpu.py", *(["--model-path", str(base)] if base else []), *PLANS[name].flags,
-           "--output", str(out), "--logdir", str(out.parent.parent / "tb"), "--run-name", name, "--overwrite",
-           "--device", args.device]
-    return cmd + (["--data-dir", args.data_dir] if args.data_dir else []) + (TINY if args.tiny else [])
-
-
-def plan_base(name: str, args, rows: list) -> Path | None:
-    """The model a plan starts from: a shipped one, another plan's output, or None (random weights)."""
+def plan_command(name: str, args, rows: dict, out: Path) -> list:
+    """The finetune_gpu.py command of a plan, from a shipped model, another plan's output or random weights."""
     plan = PLANS[name]
     if plan.start == "shipped":
-        return REPO / {"cnn3": args.model_path, "resnet20": args.resnet_model_path}[plan.network]
-    return None if plan.start is None else Path(next(r for r in rows if r["plan"] == plan.start)["checkpoint"])
+        base = REPO / {"cnn3": args.model_path, "resnet20": args.resnet_model_path}[plan.network]
+    else:
+        base = rows[plan.start]["checkpoint"] if plan.start else None
+    return [sys.executable, "finetune_gpu.py", *(["--model-path", str(base)] if base else []), *plan.flags,
+            "--output", str(out), "--logdir", str(out.parent.parent / "tb"), "--run-name", name, "--overwrite",
+            "--device", args.device, *(["--data-dir", args.data_dir] if args.data_dir else []),
+            *(TINY if args.tiny else [])]
 
 
 def run_plan(name: str, cmd: list, out: Path, logs: Path) -> dict:
-    code, seconds = run(cmd, logs / f"{name}.log")
-    row = {"plan": name, "command": command_text(cmd), "exit_code": code, "wall_s": round(seconds, 1)}
+    start = time.perf_counter()
+    with open(logs / f"{name}.log", "w") as fh:  # streamed, so that a stopped run keeps its log
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        code = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT).returncode
+    row = {"plan": name, "command": command_text(cmd), "exit_code": code,
+           "wall_s": round(time.perf_counter() - start, 1)}
     if code == 0:
         m = json.loads((out.parent / "metrics.json").read_text())
         row.update(test_acc=m["test_acc"], val_acc=m["best_val_acc"], best_epoch=m["best_epoch"],
@@ -130,23 +122,21 @@ def run_ensemble(network: str, paths: list, args, logs: Path) -> dict:
     return row
 
 
-def percent(row: dict, key: str) -> str:
-    return f"{100 * row[key]:.2f}%" if key in row else "-"
-
-
 def markdown(rows: list, header: str) -> str:
-    lines = [header, "", "| plan | test acc | val acc | best epoch | epochs run | wall time |",
-             "|---|---|---|---|---|---|"]
+    def percent(row: dict, key: str) -> str:
+        return f"{100 * row[key]:.2f}%" if key in row else "-"
+
+    lines = [header, "", "| plan | test acc | val acc | best epoch | epochs run | wall time |", "|---|---|---|---|---|---|"]
     for r in rows:
         status = "" if r["exit_code"] == 0 else f" (failed, exit {r['exit_code']})"
-        lines.append(f"| {r['plan']}{status} | {percent(r, 'test_acc')} | {percent(r, 'val_acc')} | {r.get('best_epoch', '-')} "
-                     f"| {r.get('epochs_run', '-')} | {r['wall_s'] / 60:.1f} min |")
+        lines.append(f"| {r['plan']}{status} | {percent(r, 'test_acc')} | {percent(r, 'val_acc')} "
+                     f"| {r.get('best_epoch', '-')} | {r.get('epochs_run', '-')} | {r['wall_s'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(rows: list, report: Path, tiny: bool) -> str:
-    header = (f"Measured {datetime.date.today()} on {machine()}"
-              + (" (--tiny: 1 epoch on 1,024 images, not a result)" if tiny else ""))
+    header = f"Measured {datetime.date.today()} on {machine()}"
+    header += " (--tiny: 1 epoch on 1,024 images, not a result)" if tiny else ""
     table = markdown(rows, header)
     (report / "results.md").write_text(table)
     (report / "results.json").write_text(json.dumps({"machine": header, "rows": rows}, indent=2) + "\n")
@@ -162,27 +152,27 @@ def main(argv=None) -> int:
         start = PLANS[name].start
         if start in PLANS and start not in args.plans:
             raise SystemExit(f"--plans: {name} starts from the {start} plan's output; add {start}")
-    earlier, rows = finished_rows(report) if args.resume else {}, []
+    earlier, rows = finished_rows(report) if args.resume else {}, {}  # rows: {plan: row}
     for name in sorted(args.plans, key=list(PLANS).index):  # light before two-round
         start = PLANS[name].start
-        if start in PLANS and not next(r for r in rows if r["plan"] == start).get("checkpoint"):
-            rows.append({"plan": name, "exit_code": -1, "wall_s": 0.0, "command": f"skipped: {start} failed"})
+        if start in PLANS and not rows[start].get("checkpoint"):
+            rows[name] = {"plan": name, "exit_code": -1, "wall_s": 0.0, "command": f"skipped: {start} failed"}
             continue
-        base = plan_base(name, args, rows)
         out = work / name / "best.pt"
-        cmd = plan_command(name, args, base, out)
-        kept = earlier.get(name)
-        rows.append(kept if kept and kept["command"] == command_text(cmd) else run_plan(name, cmd, out, logs))
-        print(markdown(rows[-1:], "").splitlines()[-1] + ("  (kept from the earlier run)" if rows[-1] is kept else ""),
-              flush=True)
-        write_report(rows, report, args.tiny)  # after every plan: a stopped run keeps what it measured
-    plan_rows = list(rows)
-    for network in dict.fromkeys(PLANS[r["plan"]].network for r in plan_rows):
-        paths = [r["checkpoint"] for r in plan_rows if r.get("checkpoint") and PLANS[r["plan"]].network == network]
+        cmd, kept = plan_command(name, args, rows, out), earlier.get(name)
+        rows[name] = kept if kept and kept["command"] == command_text(cmd) else run_plan(name, cmd, out, logs)
+        kept_note = "  (kept from the earlier run)" if rows[name] is kept else ""
+        print(markdown([rows[name]], "").splitlines()[-1] + kept_note, flush=True)
+        write_report(list(rows.values()), report, args.tiny)  # after every plan: a stopped run keeps what it measured
+    members = {}  # network -> the models its plans made
+    for name, row in rows.items():
+        if row.get("checkpoint"):
+            members.setdefault(PLANS[name].network, []).append(row["checkpoint"])
+    for network, paths in members.items():
         if len(paths) > 1:  # members of one network: a weaker network's vote would only dilute a stronger one's
-            rows.append(run_ensemble(network, paths, args, logs))
-    print(write_report(rows, report, args.tiny))
-    return 0 if all(r["exit_code"] == 0 for r in rows) else 1
+            rows[f"{network} ensemble"] = run_ensemble(network, paths, args, logs)
+    print(write_report(list(rows.values()), report, args.tiny))
+    return 0 if all(r["exit_code"] == 0 for r in rows.values()) else 1
 
 
 if __name__ == "__main__":

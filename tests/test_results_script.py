@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO
@@ -33,21 +34,33 @@ def test_tiny_results_table(tmp_path, small_data_dir):
     assert sorted(p.name for p in (report / "logs").iterdir()) == ["ensemble_cnn3.log", "light.log", "two-round.log"]
 
 
-def fake_row(name, cmd, out):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(b"a model")
-    return {"plan": name, "command": " ".join(cmd[1:]), "exit_code": 0, "wall_s": 60.0, "test_acc": 0.93,
-            "checkpoint": str(out)}
+@pytest.fixture
+def runs(monkeypatch):
+    """Plans that finish at once with a model and 93% (or stop the run at `stop_at`), and ensembles; records
+    the (plan, command) and (network, paths) that main ran."""
+    runs = SimpleNamespace(plans=[], ensembles=[], stop_at=None)
 
-
-def test_a_stopped_run_keeps_the_plans_it_finished(tmp_path, monkeypatch):
-    """Every finished plan is written at once, so stopping the hours-long run loses only the plan in progress."""
     def fake_plan(name, cmd, out, logs):
-        if name == "deep":
+        if name == runs.stop_at:
             raise KeyboardInterrupt
-        return fake_row(name, cmd, out)
+        runs.plans.append((name, cmd))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"a model")
+        return {"plan": name, "command": " ".join(cmd[1:]), "exit_code": 0, "wall_s": 60.0, "test_acc": 0.93,
+                "checkpoint": str(out)}
+
+    def fake_ensemble(network, paths, args, logs):
+        runs.ensembles.append((network, [str(p) for p in paths]))
+        return {"plan": f"{network} ensemble of {len(paths)}", "exit_code": 0, "wall_s": 1.0, "command": "x"}
 
     monkeypatch.setattr(results, "run_plan", fake_plan)
+    monkeypatch.setattr(results, "run_ensemble", fake_ensemble)
+    return runs
+
+
+def test_a_stopped_run_keeps_the_plans_it_finished(tmp_path, runs):
+    """Every finished plan is written at once, so stopping the hours-long run loses only the plan in progress."""
+    runs.stop_at = "deep"
     report = tmp_path / "report"
     with pytest.raises(KeyboardInterrupt):
         results.main(["--plans", "light", "two-round", "deep", "--report-dir", str(report),
@@ -58,47 +71,27 @@ def test_a_stopped_run_keeps_the_plans_it_finished(tmp_path, monkeypatch):
     assert "| two-round | 93.00% |" in (report / "results.md").read_text()
 
 
-def test_resume_runs_only_what_is_missing_or_changed(tmp_path, monkeypatch):
-    ran = []
-
-    def fake_plan(name, cmd, out, logs):
-        ran.append(name)
-        return fake_row(name, cmd, out)
-
-    monkeypatch.setattr(results, "run_plan", fake_plan)
-    monkeypatch.setattr(results, "run_ensemble", lambda network, paths, args, logs: {
-        "plan": "ensemble", "exit_code": 0, "wall_s": 1.0, "command": "test_model.py"})
+def test_resume_runs_only_what_is_missing_or_changed(tmp_path, runs):
     common = ["--report-dir", str(tmp_path / "report"), "--work-dir", str(tmp_path / "work")]
     results.main(["--plans", "light", "head", *common])
     (tmp_path / "work" / "head" / "best.pt").unlink()  # a lost model is measured again
     results.main(["--plans", "light", "head", "conservative", "--resume", *common])
     results.main(["--plans", "light", "--resume", "--device", "cpu", *common])  # another command: run again
-    assert ran == ["light", "head", "conservative", "head", "light"]  # in the order of PLANS
+    assert [name for name, _ in runs.plans] == ["light", "head", "conservative", "head", "light"]  # in PLANS order
     saved = json.loads((tmp_path / "report" / "results.json").read_text())["rows"]
     assert [r["plan"] for r in saved] == ["light"] and "--device cpu" in saved[0]["command"]
 
 
-def test_each_network_gets_its_own_ensemble_and_the_resnet_starts_from_random_weights(tmp_path, monkeypatch):
-    commands, ensembles = {}, []
-
-    def fake_plan(name, cmd, out, logs):
-        commands[name] = cmd
-        return fake_row(name, cmd, out)
-
-    def fake_ensemble(network, paths, args, logs):
-        ensembles.append((network, [str(p) for p in paths]))
-        return {"plan": f"{network} ensemble of {len(paths)}", "exit_code": 0, "wall_s": 1.0, "command": "x"}
-
-    monkeypatch.setattr(results, "run_plan", fake_plan)
-    monkeypatch.setattr(results, "run_ensemble", fake_ensemble)
+def test_each_network_gets_its_own_ensemble_and_the_resnet_starts_from_random_weights(tmp_path, runs):
     work = tmp_path / "work"
     results.main(["--plans", "head", "resnet20-tune", "light", "resnet20", "--report-dir", str(tmp_path / "report"),
                   "--work-dir", str(work), "--resnet-model-path", "my/resnet.pt"])
+    commands = dict(runs.plans)
     assert list(commands) == ["light", "head", "resnet20", "resnet20-tune"]
     assert "--model-path" not in commands["resnet20"] and "--preset resnet20 " in " ".join(commands["resnet20"])
     assert "--model-path " + str(REPO / "my/resnet.pt") in " ".join(commands["resnet20-tune"])
-    assert ensembles == [("cnn3", [str(work / p / "best.pt") for p in ("light", "head")]),
-                         ("resnet20", [str(work / p / "best.pt") for p in ("resnet20", "resnet20-tune")])]
+    assert runs.ensembles == [("cnn3", [str(work / p / "best.pt") for p in ("light", "head")]),
+                              ("resnet20", [str(work / p / "best.pt") for p in ("resnet20", "resnet20-tune")])]
 
 
 def test_a_plan_needs_the_plan_it_starts_from():

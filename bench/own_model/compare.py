@@ -15,7 +15,9 @@ from fashion_ft import cli, userdef
 from fashion_ft.checkpoint import load_checkpoint
 from fashion_ft.data import DeviceData, load_split, test_halves
 from fashion_ft.engine import ComputeSettings, logit_metrics, predict_logits
-from fashion_ft.system import AmpPolicy
+from fashion_ft.system import FP32
+
+CPU = torch.device("cpu")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,27 +30,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def halves(path: str, args, images, labels, held_out, selection) -> dict:
-    ckpt = load_checkpoint(path, model_def=userdef.parse(args.model_def) if args.model_def else None,
-                           model_kwargs=args.model_kwargs)
-    mean, std = (args.normalize if not ckpt.normalize_recorded else None) or (ckpt.mean, ckpt.std)
-    rt = ComputeSettings(torch.device("cpu"), AmpPolicy(None, False), mean, std)
-    logits = predict_logits(ckpt.build(), images, rt, 1000)
-    return {name: logit_metrics(logits[idx], labels[idx])[1]
-            for name, idx in (("held-out half", held_out), ("selection half", selection), ("all", slice(None)))}
-
-
 def main(argv=None) -> int:
     def body() -> int:
         args = parse_args(argv)
-        test = DeviceData.create(*load_split(args.data_dir, "test"), torch.device("cpu"))
-        images, labels = test.images, test.labels
-        held_out, selection = test_halves(labels, args.split_seed)
-        print(f"| model | held-out half ({len(held_out)}) | selection half ({len(selection)}) | all ({len(labels)}) |")
+        test = DeviceData.create(*load_split(args.data_dir, "test"), CPU)
+        held_out, selection = test_halves(test.labels, args.split_seed)
+        halves = {"held-out half": held_out, "selection half": selection, "all": slice(None)}
+        print("| model | " + " | ".join(f"{name} ({len(test.labels[idx])})" for name, idx in halves.items()) + " |")
         print("|---|---:|---:|---:|")
+        definition = userdef.parse(args.model_def) if args.model_def else None
         for path in args.models:
-            acc = halves(path, args, images, labels, held_out, selection)
-            print(f"| {path} | " + " | ".join(f"{100 * a:.2f}%" for a in acc.values()) + " |")
+            ckpt = load_checkpoint(path, model_def=definition, model_kwargs=args.model_kwargs)
+            # --normalize is for the files that record none (a user's model beside ours), as in a test_model.py ensemble
+            mean, std = (ckpt.mean, ckpt.std) if ckpt.normalize_recorded or not args.normalize else args.normalize
+            logits = predict_logits(ckpt.build(), test.images, ComputeSettings(CPU, FP32, mean, std), 1000)
+            accuracies = [logit_metrics(logits[idx], test.labels[idx])[1] for idx in halves.values()]
+            print(f"| {path} | " + " | ".join(f"{100 * a:.2f}%" for a in accuracies) + " |")
         return 0
 
     return cli.run(body, debug=False)
