@@ -52,7 +52,7 @@ from fashion_ft.data import (
     read_split,
     write_idx,
 )
-from fashion_ft.engine import ComputeSettings, TrainData, TrainStep, choose_memory_format, evaluate, train_one_epoch
+from fashion_ft.engine import ComputeSettings, TrainStep, choose_memory_format, evaluate, train_one_epoch
 from fashion_ft.model import ARCHS, INPUT_SHAPE, build_source, count_parameters, resolve_arch_kwargs
 from fashion_ft.optim import build_optimizer, build_schedulers
 from fashion_ft.system import (
@@ -255,9 +255,9 @@ class Ours:
     def train(self, data: DeviceData, aug_name: str, steps: int):
         """train_one_epoch itself (the trainer's hot loop, its periodic syncs included), stopped after `steps`."""
         self.step.model.train()
-        plan = TrainData(data, AUGMENT_PRESETS[aug_name], self.bench.batch_size, seed=0, sync_every=min(25, steps))
-        result = train_one_epoch(self.step, plan, next(self.epochs), self.bench.rt,
-                                 on_sync=lambda done, total, loss: done >= steps)
+        recipe = Config(augment=aug_name, batch_size=self.bench.batch_size, seed=0)
+        result = train_one_epoch(self.step, data, next(self.epochs), self.bench.rt, recipe,
+                                 on_sync=lambda done, total, loss: done >= steps, sync_every=min(25, steps))
         return result["images"], result["images"] // self.bench.batch_size
 
     def fixed_batch(self, x, y, steps: int):

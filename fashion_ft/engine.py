@@ -1,6 +1,6 @@
 """Training and evaluation: the step, the moving average, one epoch, predictions and metrics.
 
-The hot loops keep metrics on the device and sync with the host only every `sync_every` steps
+The hot loops keep metrics on the device and sync with the host only every `SYNC_EVERY` steps
 (progress, the stop flag, the finite-loss check), never per step.
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from . import distributed as dist
 from .config import Config
-from .data import AugmentConfig, DeviceData, batch_slices, epoch_permutation, make_batch
+from .data import AUGMENT_PRESETS, DeviceData, batch_slices, epoch_permutation, make_batch
 from .errors import DivergenceError, first_line
 from .freezing import check_batch_for_batchnorm1d
 from .model import INPUT_SHAPE
@@ -168,20 +168,14 @@ def check_finite_loss(mean_loss: torch.Tensor, epoch: int, step: int, rank: int)
     return losses[rank]
 
 
-@dataclass(frozen=True)
-class TrainData:
-    """What every epoch of a run draws its batches from."""
-
-    data: DeviceData
-    aug: AugmentConfig | None
-    batch_size: int
-    seed: int
-    sync_every: int = 25  # steps between host syncs (progress, the stop flag, the finite-loss check)
+SYNC_EVERY = 25  # steps between host syncs (progress, the stop flag, the finite-loss check)
 
 
-def train_one_epoch(step: TrainStep, train: TrainData, epoch: int, rt: ComputeSettings, on_sync=None) -> dict:
-    """One pass over this rank's shard. on_sync(done, total, loss) may return True to stop early."""
-    data, aug, batch_size, seed, sync_every = train.data, train.aug, train.batch_size, train.seed, train.sync_every
+def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSettings, cfg: Config, on_sync=None,
+                    sync_every: int = SYNC_EVERY) -> dict:
+    """One pass over this rank's shard of `data`, in batches drawn as `cfg` says (--augment, --batch-size,
+    --seed). on_sync(done, total, loss) may return True to stop early."""
+    aug, batch_size, seed = AUGMENT_PRESETS[cfg.augment], cfg.batch_size, cfg.seed
     torch.manual_seed(epoch_seed(seed, epoch, rt.rank))
     gen = torch.Generator(device=rt.device).manual_seed(epoch_seed(seed, epoch, rt.rank))
     shard = rank_shard(epoch_permutation(len(data), seed, epoch, rt.device), rt.rank, rt.world_size)

@@ -32,7 +32,6 @@ from .checkpoint import (
 from .config import Config
 from .console import Console, epoch_line, setup_lines, summary_lines
 from .data import (
-    AUGMENT_PRESETS,
     CLASSES,
     MEAN,
     STD,
@@ -47,7 +46,6 @@ from .data import (
 )
 from .engine import (
     ComputeSettings,
-    TrainData,
     TrainStep,
     choose_memory_format,
     evaluate,
@@ -355,10 +353,6 @@ class Run:
         """What is validated, selected and saved: the moving average with --ema-decay."""
         return self.step.ema.module if self.step.ema is not None else unwrap(self.step.model)
 
-    @property
-    def train_data(self) -> TrainData:
-        return TrainData(self.train, AUGMENT_PRESETS[self.cfg.augment], self.cfg.batch_size, self.cfg.seed)
-
     def begin(self) -> None:
         """Say what will run, open the log and (fine-tuning) validate the starting model as epoch 0."""
         if self.cfg.resume:
@@ -532,7 +526,7 @@ def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> di
                 while run.epoch < run.cfg.epochs and not run.stopper.should_stop:
                     begun = run.start_epoch()
                     with run.console.progress_bar(begun["epoch"], run.cfg.epochs, run.steps_per_epoch) as bar:
-                        result = train_one_epoch(run.step, run.train_data, begun["epoch"], run.rt,
+                        result = train_one_epoch(run.step, run.train, begun["epoch"], run.rt, run.cfg,
                                                  run.on_sync(bar, received))
                     if not result["stopped"]:  # else the unfinished epoch is dropped: last.pt keeps the one before
                         run.record(run.epoch_row(begun, result))

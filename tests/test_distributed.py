@@ -24,7 +24,7 @@ from conftest import REPO, run_script
 from fashion_ft import distributed as dist
 from fashion_ft.config import Config
 from fashion_ft.data import DeviceData
-from fashion_ft.engine import ComputeSettings, ModelEma, TrainData, train_one_epoch
+from fashion_ft.engine import ComputeSettings, ModelEma, train_one_epoch
 from fashion_ft.errors import DivergenceError, UserError
 from fashion_ft.model import build_model
 from fashion_ft.optim import lr_multiplier
@@ -160,7 +160,7 @@ def divergence_scenario(rank: int) -> dict:
     data = DeviceData.create(torch.zeros(64, 28, 28, dtype=torch.uint8), torch.zeros(64, dtype=torch.long), "cpu")
     rt = ComputeSettings(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25, rank=rank, world_size=2)
     try:
-        train_one_epoch(NanOnRankOne(rank), TrainData(data, None, 4, 0, sync_every=2), 1, rt)
+        train_one_epoch(NanOnRankOne(rank), data, 1, rt, Config(augment="none", batch_size=4, seed=0), sync_every=2)
     except DivergenceError as exc:
         return {"message": str(exc)}
     return {"message": None}
