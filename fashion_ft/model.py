@@ -209,8 +209,8 @@ def _bias(weight_key: str) -> str:
 
 def _cnn3_kwargs_from_shapes(shapes: dict) -> dict | None:
     """Channel widths, head size and class count of a cnn3 (conv out, BatchNorm, next conv in, head), or None."""
-    convs = [k for k in shapes if k.startswith("features.") and k.endswith(".weight") and len(shapes[k]) == 4]
-    linears = [k for k in shapes if k.startswith("classifier.") and k.endswith(".weight") and len(shapes[k]) == 2]
+    convs = [k for k in shapes if re.fullmatch(r"features\.\d+\.weight", k) and len(shapes[k]) == 4]
+    linears = [k for k in shapes if re.fullmatch(r"classifier\.\d+\.weight", k) and len(shapes[k]) == 2]
     if len(convs) != 3 or len(linears) != 2:
         return None
     layer = {k: int(k.split(".")[1]) for k in convs + linears}

@@ -64,6 +64,11 @@ def test_cnn3_is_still_recognised_and_unknown_weights_still_refused():
     assert infer_arch(build_model("cnn3", cnn3).state_dict()) == ("cnn3", cnn3)
     with pytest.raises(UserError, match="matches no known architecture"):
         infer_arch({"encoder.weight": torch.zeros(3, 3), "decoder.weight": torch.zeros(3, 3)})
+    # cnn3's layout with a named layer where cnn3 numbers them: another network, not a crash
+    named = {f"features.{i}.weight": torch.zeros(8, 8, 3, 3) for i in ("conv", 3, 6)}
+    named.update({"classifier.0.weight": torch.zeros(16, 72), "classifier.out.weight": torch.zeros(10, 16)})
+    with pytest.raises(UserError, match="matches no known architecture"):
+        infer_arch(named)
 
 
 @pytest.mark.parametrize("key", ["features.stage2.0.conv1.weight", "features.stem.1.running_var",
