@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from . import tblog, userdef
+from . import engine, system, tblog, userdef
 from .checkpoint import (
     FORMAT,
     LoadedCheckpoint,
@@ -44,17 +44,7 @@ from .data import (
     load_split,
     split_sets,
 )
-from .engine import (
-    ComputeSettings,
-    TrainStep,
-    choose_memory_format,
-    evaluate,
-    logit_metrics,
-    make_ema,
-    predict_logits,
-    restore_optimization,
-    train_one_epoch,
-)
+from .engine import ComputeSettings, TrainStep
 from .errors import DivergenceError, Interrupted, UsageError, UserError, first_line
 from .freezing import apply_freezing, set_train_mode
 from .model import build_model, build_source, resolve_arch_kwargs, unwrap
@@ -62,19 +52,6 @@ from .normalization import compare, suggestion
 from .optim import BestTracker, build_optimizer, build_schedulers
 from .outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files, resumes_in_place
 from .signals import SignalGuard
-from .system import (
-    AmpPolicy,
-    broken_cuda_reason,
-    check_distributed_device,
-    configure_backends,
-    default_eval_batch_size,
-    peak_gpu_mb,
-    reset_peak_memory,
-    resolve_amp,
-    resolve_device,
-    seed_everything,
-    set_cpu_threads,
-)
 from .userdef import ModelDef
 
 
@@ -117,7 +94,7 @@ def load_start_model(cfg: Config, resume_meta: dict | None) -> StartModel:
     if resume_meta is not None:
         return resumed_model(cfg, resume_meta)
     if cfg.from_scratch:
-        seed_everything(cfg.seed)  # the random initial weights are part of the experiment
+        system.seed_everything(cfg.seed)  # the random initial weights are part of the experiment
         kwargs = resolve_arch_kwargs(cfg.arch, cfg.arch_kwargs)
         return StartModel(build_model(cfg.arch, kwargs), cfg.arch, kwargs, source="random weights")
     ckpt = load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle, model_def=explicit_def(cfg),
@@ -193,11 +170,11 @@ def check_normalization(start: StartModel, train: DeviceData) -> None:
 
 
 def choose_device(cfg: Config, info: dist.DistInfo) -> torch.device:
-    broken = broken_cuda_reason() if cfg.device == "auto" else None
+    broken = system.broken_cuda_reason() if cfg.device == "auto" else None
     if broken:  # hours on the CPU by mistake are worse than a clear stop
         raise UserError(f"{broken}; to train on the CPU anyway, pass --device cpu")
-    device = resolve_device(cfg.device, info.local_rank if info.enabled else None)
-    check_distributed_device(device, info.world_size, info.launched)
+    device = system.resolve_device(cfg.device, info.local_rank if info.enabled else None)
+    system.check_distributed_device(device, info.world_size, info.launched)
     if cfg.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn: needs CUDA (SyncBatchNorm has no CPU implementation)")
     return device
@@ -230,17 +207,17 @@ def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: dist.
         model=model, optimizer=optimizer, schedulers=build_schedulers(optimizer, cfg, steps),
         scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.amp.use_scaler),
         label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm,
-        ema=make_ema(unwrap(model), cfg.ema_decay), ema_source=unwrap(model),
+        ema=engine.make_ema(unwrap(model), cfg.ema_decay), ema_source=unwrap(model),
     )
     return dict(lr=lr, steps_per_epoch=steps, step=step, stopper=BestTracker(cfg.monitor, cfg.patience, cfg.min_delta),
                 selector=BestTracker(cfg.select, patience=0), best_state=copy.deepcopy(unwrap(model).state_dict()))
 
 
 def compute_settings(cfg: Config, device, start: StartModel, info: dist.DistInfo, console: Console) -> ComputeSettings:
-    memory_format, why_not = choose_memory_format(start.model, device, cfg.channels_last)
+    memory_format, why_not = engine.choose_memory_format(start.model, device, cfg.channels_last)
     if why_not:
         console.print(why_not)
-    return ComputeSettings(device, resolve_amp(cfg.amp, device), start.mean, start.std, memory_format,
+    return ComputeSettings(device, system.resolve_amp(cfg.amp, device), start.mean, start.std, memory_format,
                            info.rank, info.world_size, tta_flip=cfg.tta == "flip")
 
 
@@ -275,9 +252,9 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
         claim_outputs(cfg, files, start, stack)
     stack.callback(dist.shutdown)
     dist.init(info, device)
-    configure_backends(device, cfg.deterministic)
+    system.configure_backends(device, cfg.deterministic)
     if device.type == "cpu":
-        set_cpu_threads(info.local_world_size)
+        system.set_cpu_threads(info.local_world_size)
     with dist.main_process_first(info):  # --download: one process per machine fetches, the others wait
         data, split = load_data(cfg, start, device, console)
     check_normalization(start, data["train"])
@@ -285,7 +262,7 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
     # again), the split the data gave, and the device's evaluation batch.
     cfg = dataclasses.replace(cfg, run_name=log_dir.name if log_dir else cfg.run_name, split_seed=split.seed,
                               val_from=split.validation, val_size=split.val_size if split.validation == "train" else None,
-                              eval_batch_size=cfg.eval_batch_size or default_eval_batch_size(device))
+                              eval_batch_size=cfg.eval_batch_size or system.default_eval_batch_size(device))
     rt = compute_settings(cfg, device, start, info, console)
     run = Run(cfg, info, console, files, start, split, log_dir, rt, **data,
               **optimisation(cfg, start.model, rt, info, len(data["train"])))
@@ -338,7 +315,7 @@ class Run:
     def load_state_dict(self, meta: dict) -> None:
         """Continue exactly where last.pt stopped (RNG needs nothing: it is derived from seed and epoch)."""
         self.epoch = int(meta["epoch"])
-        restore_optimization(self.step, meta, self.cfg, self.lr, self.epoch)
+        engine.restore_optimization(self.step, meta, self.cfg, self.lr, self.epoch)
         self.stopper.load_state_dict(meta["early_stopping"])
         self.selector.load_state_dict(meta.get("selection") or meta["early_stopping"])
         self.best_state = meta["best_model"]
@@ -383,7 +360,7 @@ class Run:
     def start_epoch(self) -> dict:
         """Train mode (frozen layers stay as loaded) and a fresh peak-memory count; the epoch's row begun."""
         set_train_mode(unwrap(self.step.model), self.cfg.freeze_conv, self.cfg.freeze_bn, self.cfg.trainable_patterns)
-        reset_peak_memory(self.rt.device)
+        system.reset_peak_memory(self.rt.device)
         return {"epoch": self.epoch + 1, "lr": self.step.optimizer.param_groups[0]["lr"],
                 "started": time.perf_counter()}
 
@@ -392,7 +369,7 @@ class Run:
         seconds = time.perf_counter() - begun["started"]
         return {"epoch": begun["epoch"], "train_loss": result["loss"], "train_acc": result["acc"], "lr": begun["lr"],
                 "epoch_s": seconds, "images_per_s": result["images"] / seconds,
-                "peak_gpu_mb": peak_gpu_mb(self.rt.device), **self.validate()}
+                "peak_gpu_mb": system.peak_gpu_mb(self.rt.device), **self.validate()}
 
     def on_sync(self, bar, received: list):
         """Called every few steps: progress, and whether any rank received a signal."""
@@ -409,7 +386,7 @@ class Run:
 
     def validate(self) -> dict:
         dist.broadcast_buffers(self.eval_model)  # every rank evaluates what rank 0 saves
-        metrics = evaluate(self.eval_model, self.val, self.rt, self.cfg.eval_batch_size)
+        metrics = engine.evaluate(self.eval_model, self.val, self.rt, self.cfg.eval_batch_size)
         if not math.isfinite(metrics["loss"]):
             raise DivergenceError(f"validation loss became {metrics['loss']} in epoch {self.epoch + 1}")
         return {"val_loss": metrics["loss"], "val_acc": metrics["acc"]}
@@ -481,9 +458,9 @@ class Run:
         model = self.start.build()
         model.load_state_dict(self.best_state)
         model = model.to(self.rt.device, memory_format=self.rt.memory_format)
-        single = dataclasses.replace(self.rt, amp=AmpPolicy(None, False), rank=0, world_size=1)
-        logits = predict_logits(model, self.test.images, single, self.cfg.eval_batch_size)
-        loss, acc = logit_metrics(logits, self.test.labels)
+        single = dataclasses.replace(self.rt, amp=system.AmpPolicy(None, False), rank=0, world_size=1)
+        logits = engine.predict_logits(model, self.test.images, single, self.cfg.eval_batch_size)
+        loss, acc = engine.logit_metrics(logits, self.test.labels)
         return {"test_loss": loss, "test_acc": acc, "test_images": len(logits)}, logits.argmax(1)
 
     def finish(self) -> dict:
@@ -526,7 +503,7 @@ def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> di
                 while run.epoch < run.cfg.epochs and not run.stopper.should_stop:
                     begun = run.start_epoch()
                     with run.console.progress_bar(begun["epoch"], run.cfg.epochs, run.steps_per_epoch) as bar:
-                        result = train_one_epoch(run.step, run.train, begun["epoch"], run.rt, run.cfg,
+                        result = engine.train_one_epoch(run.step, run.train, begun["epoch"], run.rt, run.cfg,
                                                  run.on_sync(bar, received))
                     if not result["stopped"]:  # else the unfinished epoch is dropped: last.pt keeps the one before
                         run.record(run.epoch_row(begun, result))
