@@ -19,14 +19,13 @@ class Console:
     alive: bool = True
 
     def _write(self, text: str, stream=None) -> None:
-        if not (self.is_main and self.alive):
-            return
-        stream = stream or sys.stdout
-        try:
-            print(text, file=stream, flush=True)
-        except BrokenPipeError:
-            self.alive = False
-            silence(stream)
+        if self.is_main and self.alive:
+            stream = stream or sys.stdout  # looked up at each call: pytest and others replace sys.stdout
+            try:
+                print(text, file=stream, flush=True)
+            except BrokenPipeError:
+                self.alive = False
+                silence(stream)
 
     def print(self, text: str) -> None:
         if not self.quiet:
@@ -40,28 +39,26 @@ class Console:
         self._write(f"warning: {text}", sys.stderr)
 
     def progress_bar(self, epoch: int, epochs: int, total: int):
-        """A tqdm bar on a terminal; elsewhere a disabled one that does nothing."""
         from tqdm import tqdm
 
-        shown = not self.quiet and self.is_main and self.alive and sys.stderr.isatty()
+        shown = not self.quiet and self.is_main and self.alive and sys.stderr.isatty()  # elsewhere: a no-op bar
         return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, file=sys.stderr,
                     disable=not shown)
 
 
 def epoch_line(row: dict, is_best: bool) -> str:
+    val = f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%"
     if row["epoch"] == 0:
-        return (f"epoch   0  (the starting model)  val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%"
-                + ("  *best" if is_best else ""))
-    line = (f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  "
-            f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%  lr {row['lr']:.2e}  "
-            f"{row['epoch_s']:.1f}s ({row['images_per_s']:.0f} img/s)")
-    if row.get("peak_gpu_mb") is not None:
-        line += f"  peak GPU {row['peak_gpu_mb']:.0f} MiB"
+        line = f"epoch   0  (the starting model)  {val}"
+    else:
+        line = (f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  "
+                f"{val}  lr {row['lr']:.2e}  {row['epoch_s']:.1f}s ({row['images_per_s']:.0f} img/s)")
+        if row.get("peak_gpu_mb") is not None:
+            line += f"  peak GPU {row['peak_gpu_mb']:.0f} MiB"
     return line + ("  *best" if is_best else "")
 
 
 def setup_lines(cfg, rt, lr: float, model: torch.nn.Module) -> list[str]:
-    """The resolved configuration, as the run will use it."""
     from .freezing import trainable_summary
     from .model import count_parameters
 
@@ -83,21 +80,18 @@ def setup_lines(cfg, rt, lr: float, model: torch.nn.Module) -> list[str]:
 
 
 def summary_lines(summary: dict, files) -> list[str]:
-    base = summary.get("base_val_acc")
     best = summary["best_epoch"]
     head = (f"done ({summary['stop_reason']}): best epoch {best} of {summary['epochs_run']}, "
             f"val acc {100 * summary['best_val_acc']:.2f}%, test acc {100 * summary['test_acc']:.2f}%")
     if summary["split"]["validation"] == "test-half":
         head += f" (on the {summary['test_images']} test images that selection never saw)"
-    if base is not None:
-        head += f" (starting model: val acc {100 * base:.2f}%)"
+    if summary.get("base_val_acc") is not None:
+        head += f" (starting model: val acc {100 * summary['base_val_acc']:.2f}%)"
     head += f", {summary['train_s']:.0f}s"
     if "compile_warmup_s" in summary:
         head += f" (compile warm-up about {summary['compile_warmup_s']:.0f}s)"
-    lines = [head]
-    if best == 0:
-        lines.append("no epoch beat the starting model; it was kept as the best model")
-    lines.append(f"saved: {files.best} (best), {files.last} (resumable), {files.metrics}")
-    if files.plain.exists():
-        lines.append(f"plain state_dict: {files.plain} (for model.load_state_dict(torch.load(...)) in your own scripts)")
-    return lines
+    return [head,
+            *(["no epoch beat the starting model; it was kept as the best model"] if best == 0 else []),
+            f"saved: {files.best} (best), {files.last} (resumable), {files.metrics}",
+            *([f"plain state_dict: {files.plain} (for model.load_state_dict(torch.load(...)) in your own scripts)"]
+              if files.plain.exists() else [])]

@@ -1,28 +1,30 @@
 """TensorBoard output: per-epoch scalars, and at the end test metrics, hparams, a confusion matrix,
 per-class accuracy and a grid of misclassified images (drawn with Pillow, no matplotlib needed).
 
-TensorBoard is a view of the run, never a reason to lose it: when writing the event file fails in the
-middle of a run (a full disk, the folder removed), one line `warning: TensorBoard logging stopped:
-<reason>; training goes on` is printed, every later call is a no-op, and training, checkpoints and
-metrics.json carry on. --logdir and --run-name are checked before any work (outputs.check_logdir),
-so this only happens when the file system changes during the run.
+TensorBoard is a view of the run, never a reason to lose it: when writing the event file fails mid-run
+(a full disk, the folder removed; --logdir itself is checked up front by outputs.check_logdir), one line
+`warning: TensorBoard logging stopped: <reason>; training goes on` is printed, every later call is a no-op,
+and training, checkpoints and metrics.json carry on.
 
-The writer thread of torch.utils.tensorboard (tensorboard's _AsyncWriterThread) stores its exception,
-which the next add_*/flush/close re-raises in the main thread, and then re-raises it in the thread,
-where threading.excepthook prints "Exception in thread ..." and a traceback on stderr. While a
-SafeWriter is open, it installs a threading.excepthook that drops exceptions of tensorboard's own
-threads (the main thread reports them, once) and passes every other thread's to the previous hook;
-close() puts the previous hook back.
+tensorboard's writer thread (_AsyncWriterThread) stores its exception for the main thread's next call and
+also re-raises it in the thread, where threading.excepthook would print "Exception in thread ..." and a
+traceback; so while a SafeWriter is open, its hook drops the exceptions of tensorboard's own threads.
 """
 
+import contextlib
 import json
 import os
 import threading
 import warnings
+from operator import attrgetter
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+EPOCH_SCALARS = {"train/loss": "train_loss", "train/acc": "train_acc", "val/loss": "val_loss", "val/acc": "val_acc",
+                 "lr": "lr", "throughput/train_images_per_s": "images_per_s", "time/epoch_s": "epoch_s",
+                 "memory/peak_gpu_mb": "peak_gpu_mb"}  # TensorBoard tag -> key of the epoch's row
 
 
 def failure_reason(exc: BaseException, logdir: str) -> str:
@@ -31,8 +33,21 @@ def failure_reason(exc: BaseException, logdir: str) -> str:
     return f"{type(exc).__name__}: {exc} (writing in {logdir})"
 
 
+def _guarded(name: str):
+    """SummaryWriter.<name> (a dotted path), unless logging is off; its failure switches logging off."""
+    def method(self, *args, **kwargs) -> None:
+        self._call(lambda writer: attrgetter(name)(writer)(*args, **kwargs))
+    return method
+
+
 class SafeWriter:
     """The SummaryWriter calls this project uses; the first failure warns once and switches logging off."""
+
+    add_scalar = _guarded("add_scalar")
+    add_text = _guarded("add_text")
+    add_image = _guarded("add_image")
+    flush = _guarded("flush")
+    add_summary = _guarded("file_writer.add_summary")  # the run's own event file: hparams without a sub-run
 
     def __init__(self, logdir: str):
         self.logdir = logdir
@@ -51,68 +66,35 @@ class SafeWriter:
         return self._writer is not None
 
     def _thread_hook(self, args) -> None:
-        if type(args.thread).__module__.startswith("tensorboard."):
-            return  # re-raised by the writer's next call in the main thread, and reported there
-        self._previous_hook(args)
+        if not type(args.thread).__module__.startswith("tensorboard."):
+            self._previous_hook(args)  # tensorboard's own: re-raised by the next call in the main thread, reported there
 
     def _call(self, action) -> None:
-        """action(SummaryWriter), unless logging is off; its failure switches logging off."""
-        if self._writer is None:
-            return
-        try:
-            action(self._writer)
-        except Exception as exc:
-            self._stop(exc)
+        if self._writer is not None:
+            try:
+                action(self._writer)
+            except Exception as exc:
+                self._stop(exc)
 
     def _stop(self, exc: Exception) -> None:
         warnings.warn(f"TensorBoard logging stopped: {failure_reason(exc, self.logdir)}; training goes on", stacklevel=4)
-        writers = getattr(self._writer, "all_writers", None) or {}
-        for file_writer in writers.values():  # stop the writer threads; their last flush fails too
-            try:
+        for file_writer in (getattr(self._writer, "all_writers", None) or {}).values():
+            with contextlib.suppress(Exception):  # stop the writer threads; their last flush fails too
                 file_writer.close()
-            except Exception:
-                pass
         self._writer = None
 
-    def add_scalar(self, tag: str, value, step: int) -> None:
-        self._call(lambda w: w.add_scalar(tag, value, step))
-
-    def add_text(self, tag: str, text: str, step: int) -> None:
-        self._call(lambda w: w.add_text(tag, text, step))
-
-    def add_image(self, tag: str, image, step: int, dataformats: str = "CHW") -> None:
-        self._call(lambda w: w.add_image(tag, image, step, dataformats=dataformats))
-
-    def add_summary(self, summary) -> None:
-        """A raw Summary proto into the run's own event file (hparams without a sub-run)."""
-        self._call(lambda w: w.file_writer.add_summary(summary))
-
-    def flush(self) -> None:
-        self._call(lambda w: w.flush())
-
     def close(self) -> None:
-        self._call(lambda w: w.close())
+        self._call(lambda writer: writer.close())
         self._writer = None
         if threading.excepthook == self._thread_hook:
             threading.excepthook = self._previous_hook
 
-    def __enter__(self) -> "SafeWriter":
-        return self
 
-    def __exit__(self, *_exc) -> bool:
-        self.close()
-        return False
-
-
-def open_writer(logdir: str) -> SafeWriter:
-    """Never raises: a writer that cannot start warns and does nothing."""
-    return SafeWriter(logdir)
+open_writer = SafeWriter  # never raises: a writer that cannot start warns and does nothing
 
 
 def log_epoch(writer, epoch: int, row: dict) -> None:
-    for tag, key in (("train/loss", "train_loss"), ("train/acc", "train_acc"), ("val/loss", "val_loss"),
-                     ("val/acc", "val_acc"), ("lr", "lr"), ("throughput/train_images_per_s", "images_per_s"),
-                     ("time/epoch_s", "epoch_s"), ("memory/peak_gpu_mb", "peak_gpu_mb")):
+    for tag, key in EPOCH_SCALARS.items():
         if row.get(key) is not None:
             writer.add_scalar(tag, row[key], epoch)
     writer.flush()
@@ -133,56 +115,38 @@ def log_hparams(writer, config: dict, metrics: dict) -> None:
         writer.add_scalar(key, value, 0)
 
 
-def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> np.ndarray:
-    flat = (labels.cpu() * num_classes + preds.cpu()).long()
-    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes).numpy()
-
-
-def _font():
-    return ImageFont.load_default()
-
+# The figures' text is in Pillow's default font: ImageDraw's own when no font is given.
 
 def render_confusion(cm: np.ndarray, classes: list[str], cell: int = 44) -> np.ndarray:
-    """Rows true, columns predicted; each cell shaded by its share of the row, with its count."""
-    n = len(classes)
-    margin = 90
+    n, margin = len(classes), 90
     img = Image.new("RGB", (margin + n * cell, margin + n * cell), "white")
     draw = ImageDraw.Draw(img)
     row_share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     for i in range(n):
-        draw.text((2, margin + i * cell + cell // 3), classes[i][:12], fill="black", font=_font())
-        draw.text((margin + i * cell + 2, margin - 14 - (i % 2) * 14), classes[i][:7], fill="black", font=_font())
+        draw.text((2, margin + i * cell + cell // 3), classes[i][:12], fill="black")
+        draw.text((margin + i * cell + 2, margin - 14 - (i % 2) * 14), classes[i][:7], fill="black")
         for j in range(n):
             shade = int(255 * (1 - row_share[i, j]))
             x0, y0 = margin + j * cell, margin + i * cell
             draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=(shade, shade, 255), outline="gray")
-            draw.text((x0 + 4, y0 + cell // 3), str(int(cm[i, j])), fill="black" if shade > 110 else "white",
-                      font=_font())
-    draw.text((2, 2), "rows: true class, columns: predicted", fill="black", font=_font())
+            draw.text((x0 + 4, y0 + cell // 3), str(int(cm[i, j])), fill="black" if shade > 110 else "white")
+    draw.text((2, 2), "rows: true class, columns: predicted", fill="black")
     return np.asarray(img)
 
 
-def per_class_accuracy(cm: np.ndarray) -> list[float | None]:
-    """Each class's share of its test images predicted right; None for a class with no test images
-    (0.0 would say the model got all of them wrong)."""
-    return [float(cm[i, i] / total) if total else None for i, total in enumerate(cm.sum(1))]
-
-
 def render_per_class(acc: list[float | None], classes: list[str], width: int = 360) -> np.ndarray:
-    """One bar per class; a class with no test images (None) gets no bar and 'n/a'."""
     row = 20
     img = Image.new("RGB", (110 + width + 60, row * len(classes) + 10), "white")
     draw = ImageDraw.Draw(img)
     for i, (name, a) in enumerate(zip(classes, acc, strict=True)):
         y = 5 + i * row
-        draw.text((2, y + 3), name[:16], fill="black", font=_font())
+        draw.text((2, y + 3), name[:16], fill="black")
         draw.rectangle([110, y, 110 + int((a or 0) * width), y + row - 4], fill=(70, 110, 200))
-        draw.text((110 + width + 6, y + 3), "n/a" if a is None else f"{100 * a:.1f}%", fill="black", font=_font())
+        draw.text((110 + width + 6, y + 3), "n/a" if a is None else f"{100 * a:.1f}%", fill="black")
     return np.asarray(img)
 
 
 def render_misclassified(images: torch.Tensor, labels, preds, classes, limit: int = 32, scale: int = 3) -> np.ndarray:
-    """A grid of wrong predictions, each captioned 'true > predicted'."""
     wrong = (labels != preds).nonzero().flatten()[:limit].cpu()
     cols, tile = 8, 28 * scale
     rows = max(1, (len(wrong) + cols - 1) // cols)
@@ -192,20 +156,21 @@ def render_misclassified(images: torch.Tensor, labels, preds, classes, limit: in
         pixels = images[i].reshape(28, 28).cpu().numpy().astype(np.uint8)
         x0, y0 = (k % cols) * (tile + 4), (k // cols) * (tile + 28)
         img.paste(Image.fromarray(pixels).resize((tile, tile), Image.NEAREST).convert("RGB"), (x0, y0))
-        draw.text((x0, y0 + tile + 1), classes[int(labels[i])][:11], fill="darkgreen", font=_font())
-        draw.text((x0, y0 + tile + 13), "> " + classes[int(preds[i])][:9], fill="red", font=_font())
+        draw.text((x0, y0 + tile + 1), classes[int(labels[i])][:11], fill="darkgreen")
+        draw.text((x0, y0 + tile + 13), "> " + classes[int(preds[i])][:9], fill="red")
     return np.asarray(img)
 
 
 def log_test_figures(writer, images, labels, preds, classes) -> dict:
-    """Confusion matrix, per-class accuracy and misclassified images; returns per-class accuracy (None
-    for a class the test set has no images of: no scalar is logged for it)."""
-    cm = confusion_matrix(labels, preds, len(classes))
-    per_class = per_class_accuracy(cm)
-    writer.add_image("test/confusion_matrix", render_confusion(cm, classes), 0, dataformats="HWC")
-    writer.add_image("test/per_class_accuracy", render_per_class(per_class, classes), 0, dataformats="HWC")
-    writer.add_image("test/misclassified", render_misclassified(images, labels, preds, classes), 0,
-                     dataformats="HWC")
+    """Returns per-class accuracy; a class the test set has no images of gets None (0.0 would say the model
+    got all of them wrong) and no scalar."""
+    n = len(classes)
+    cm = torch.bincount((labels.cpu() * n + preds.cpu()).long(), minlength=n**2).reshape(n, n).numpy()
+    per_class = [float(cm[i, i] / total) if total else None for i, total in enumerate(cm.sum(1))]
+    for tag, image in (("test/confusion_matrix", render_confusion(cm, classes)),
+                       ("test/per_class_accuracy", render_per_class(per_class, classes)),
+                       ("test/misclassified", render_misclassified(images, labels, preds, classes))):
+        writer.add_image(tag, image, 0, dataformats="HWC")
     for name, acc in zip(classes, per_class, strict=True):
         if acc is not None:
             writer.add_scalar(f"test_per_class/{name.replace('/', '_').replace(' ', '_')}", acc, 0)
