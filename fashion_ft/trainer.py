@@ -195,7 +195,7 @@ def wrap_model(model: nn.Module, cfg: Config, rt: ComputeSettings, info: dist.Di
 
 
 def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: dist.DistInfo, images: int) -> dict:
-    """The run's fields that optimise `model` (placed on the device, not yet wrapped) over `images` images."""
+    """The Run fields that optimise `model` (the starting model: frozen, moved and wrapped here) over `images` images."""
     steps = (images // info.world_size) // cfg.batch_size
     if steps < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is more than the "
