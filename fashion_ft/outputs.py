@@ -317,6 +317,8 @@ class RunLock:
         except OSError as exc:
             if exc.errno not in NO_FLOCK:
                 os.close(fd)
+                if created:
+                    os.unlink(self.path)
                 raise
             if not created:  # without flock, an existing file is a run's lock, live or killed
                 self._refuse(fd)

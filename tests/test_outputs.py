@@ -482,6 +482,15 @@ def test_without_flock_the_created_file_is_the_lock(tmp_path, monkeypatch, creat
                 RunLock(lock).__enter__)
 
 
+def test_an_unexpected_flock_error_is_one_line_and_leaves_no_lock_file(tmp_path, monkeypatch):
+    def failing_flock(fd, op):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(outputs.fcntl, "flock", failing_flock)
+    refused(UserError, re.escape(f"--output: cannot take the lock {tmp_path / 'run/.lock'}: Input/output error"),
+            tmp_path, RunLock(tmp_path / "run/.lock").__enter__)
+
+
 @pytest.mark.parametrize("entries,lock,cause", [
     (["file"], "file/.lock", "Not a directory"),
     (["victim.pt", "x/.lock@../victim.pt"], "x/.lock", "it is a symlink, which the lock never follows; delete it"),
