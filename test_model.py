@@ -67,6 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_model(report, path: Path, args, rt_eval, data, training_sample):
     """The per-model checks; returns the quick eval's probabilities (or None)."""
     from fashion_ft import preflight as pf
+    from fashion_ft.normalization import given_for
 
     prefix = f"{path}: " if len(args.model_path) > 1 else ""
     # each of these runs only if the one before passed
@@ -79,8 +80,7 @@ def check_model(report, path: Path, args, rt_eval, data, training_sample):
     if model is None or finite is None:
         return None
     model = model.to(rt_eval.device)
-    # in an ensemble, --normalize is for the files that do not record theirs (a user's model beside ours)
-    given = args.normalize if len(args.model_path) == 1 or not ckpt.normalize_recorded else None
+    given = given_for(args.normalize, ckpt.normalize_recorded, len(args.model_path))
     mean, std = given or (ckpt.mean, ckpt.std)
     rt = dataclasses.replace(rt_eval, mean=mean, std=std)
     report.run(prefix + "forward pass", pf.check_forward, model, rt)

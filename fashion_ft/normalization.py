@@ -35,6 +35,12 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean:
         model.train(was_training)
 
 
+def given_for(normalize: tuple[float, float] | None, recorded: bool, models: int) -> tuple[float, float] | None:
+    """--normalize as it applies to one of `models` files: a single model always takes it; in a set, only the
+    files that record none do (a user's model beside ours)."""
+    return normalize if models == 1 or not recorded else None
+
+
 def compare(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             current: tuple[float, float]) -> dict[tuple[float, float], float]:
     """{(mean, std): accuracy} for the normalisation in use and every candidate, on the first images."""

@@ -130,3 +130,37 @@ def test_a_users_own_network(tmp_path, real_data_dir, name):
     assert r["model"]["arch"] == definition and r["settings"]["channels_last"] == (name != "d")
     assert ("channels_last is off, the model runs in NCHW" in result.stderr) == (name == "d")
     assert r["train_speedup"] > 0 and not (tmp_path / "MAIN_RAN").exists()
+
+
+@pytest.mark.parametrize("recorded,models,used", [
+    (True, 1, (0.5, 0.5)),  # one model: --normalize is what runs, as in test_model.py
+    (False, 1, (0.5, 0.5)),
+    (True, 2, (0.0, 1.0)),  # in a set, a file's own record wins
+    (False, 2, (0.5, 0.5)),
+])
+def test_compare_applies_normalize_as_test_model_does(tmp_path, small_data_dir, monkeypatch, capsys,
+                                                      recorded, models, used):
+    from conftest import TINY, tiny_model
+
+    from bench.own_model import compare
+    from fashion_ft.checkpoint import make_checkpoint
+
+    model = tiny_model()
+    ckpt = make_checkpoint(model, "cnn3", TINY, normalize=(0.0, 1.0)) if recorded else model.state_dict()
+    paths = [tmp_path / f"m{i}.pt" for i in range(models)]
+    for path in paths:
+        torch.save(ckpt, path)
+    seen = []
+
+    def predict(model, images, rt, batch):
+        seen.append((rt.mean, rt.std))
+        return torch.zeros(len(images), 10)
+
+    monkeypatch.setattr(compare, "predict_logits", predict)
+    argv = [*map(str, paths), "--data-dir", str(small_data_dir), "--normalize", "0.5", "0.5"]
+    if not recorded:
+        argv += ["--model-kwargs", json.dumps(TINY)]
+    assert compare.main(argv) == 0
+    assert seen == [used] * models
+    out = capsys.readouterr().out
+    assert all(f"| {path} | " in out for path in paths)

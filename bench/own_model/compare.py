@@ -15,6 +15,7 @@ from fashion_ft import cli, userdef
 from fashion_ft.checkpoint import load_checkpoint
 from fashion_ft.data import DeviceData, load_split, test_halves
 from fashion_ft.engine import ComputeSettings, logit_metrics, predict_logits
+from fashion_ft.normalization import given_for
 from fashion_ft.system import FP32
 
 CPU = torch.device("cpu")
@@ -26,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("models", nargs="+", help="checkpoints to measure")
     p.add_argument("--split-seed", type=int, default=42, help="the seed of the halves")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    cli.add_shared(p, "--model-def", "--model-kwargs", "--normalize")  # for files with no record, as in test_model.py
+    cli.add_shared(p, "--model-def", "--model-kwargs", "--normalize")  # applied as test_model.py applies it
     return p.parse_args(argv)
 
 
@@ -41,8 +42,7 @@ def main(argv=None) -> int:
         definition = userdef.parse(args.model_def) if args.model_def else None
         for path in args.models:
             ckpt = load_checkpoint(path, model_def=definition, model_kwargs=args.model_kwargs)
-            # --normalize is for the files that record none (a user's model beside ours), as in a test_model.py ensemble
-            mean, std = (ckpt.mean, ckpt.std) if ckpt.normalize_recorded or not args.normalize else args.normalize
+            mean, std = given_for(args.normalize, ckpt.normalize_recorded, len(args.models)) or (ckpt.mean, ckpt.std)
             logits = predict_logits(ckpt.build(), test.images, ComputeSettings(CPU, FP32, mean, std), 1000)
             accuracies = [logit_metrics(logits[idx], test.labels[idx])[1] for idx in halves.values()]
             print(f"| {path} | " + " | ".join(f"{100 * a:.2f}%" for a in accuracies) + " |")
