@@ -130,14 +130,6 @@ def _head_tensors(model: nn.Module) -> set[int]:
     return head
 
 
-def head_parameters(model: nn.Module) -> set[str]:
-    """Names of the parameters of the model's head (cnn3 and resnet: exactly their `classifier`'s), functional
-    calls (F.conv2d(x, self.w)) included. A UserError when there is no convolution, no fully connected layer
-    after the last one, or a parameter used on both sides."""
-    head = _head_tensors(model)
-    return {name for name, p in model.named_parameters() if id(p) in head}
-
-
 def _trainable_tensors(model: nn.Module, patterns: list[str]) -> set[int]:
     """ids of the tensors of the modules that a pattern names, directly or through an enclosing module
     ("classifier" names classifier.2 too); a tensor of the model itself, outside any module, by its own

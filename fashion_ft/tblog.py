@@ -61,10 +61,6 @@ class SafeWriter:
         except Exception as exc:
             self._stop(exc)
 
-    @property
-    def active(self) -> bool:
-        return self._writer is not None
-
     def _thread_hook(self, args) -> None:
         if not type(args.thread).__module__.startswith("tensorboard."):
             self._previous_hook(args)  # tensorboard's own: re-raised by the next call in the main thread, reported there

@@ -51,6 +51,14 @@ def tiny_model(arch: str = "cnn3", **kwargs):
     return build_model(arch, {**(TINY if arch == "cnn3" else TINY_RESNET), **kwargs}).eval()
 
 
+def head_parameters(model) -> set[str]:
+    """Names of the parameters that --freeze-conv leaves trainable: the head the forward's trace finds."""
+    from fashion_ft.freezing import _head_tensors
+
+    head = _head_tensors(model)
+    return {name for name, p in model.named_parameters() if id(p) in head}
+
+
 def run_script(script: str, *args, cwd=None, timeout=300, env=None, subprocess_only=False) -> subprocess.CompletedProcess:
     """Run one of the real top-level scripts as a user would, capturing its output. Without `cwd` or
     `env`, the two scripts run in this process (their main(argv), the same code path after the

@@ -5,7 +5,7 @@ training batch of one image through a BatchNorm1d."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_RESNET
+from conftest import TINY_RESNET, head_parameters
 from foreign import SPECS, import_class, write_script
 from torch import nn
 
@@ -16,7 +16,6 @@ from fashion_ft.freezing import (
     _frozen_tensors,
     _own_tensors,
     apply_freezing,
-    head_parameters,
     set_train_mode,
     trainable_summary,
 )

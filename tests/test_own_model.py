@@ -171,7 +171,7 @@ def test_fine_tuning_under_a_near_chance_normalisation_is_refused(foreign_nets, 
 
 @pytest.mark.parametrize("name", "abcd")
 def test_freeze_conv_keeps_every_feature_tensor_and_trains_the_head(name, foreign_nets, small_data_dir, tmp_path, capsys):
-    from fashion_ft.freezing import head_parameters
+    from conftest import head_parameters
 
     net = foreign_nets(name)
     out = tmp_path / "run"

@@ -34,7 +34,7 @@ BREAK_WRITER = textwrap.dedent("""
         tblog.log_epoch(writer, epoch, {"train_loss": 1.0, "val_acc": 0.5, "lr": 0.01})
     tblog.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
     writer.close()
-    print("training went on; logging active:", writer.active)
+    print("training went on; logging active:", writer._writer is not None)
 """)
 
 
@@ -54,7 +54,7 @@ def test_a_writer_that_cannot_start_warns_and_does_nothing(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.warns(UserWarning, match="TensorBoard logging stopped: .*file"):
         writer = tblog.open_writer(str(tmp_path / "file" / "run"))
-    assert not writer.active
+    assert writer._writer is None
     tblog.log_epoch(writer, 1, {"train_loss": 1.0})
     writer.close()
 
@@ -65,7 +65,7 @@ def test_a_working_writer_logs_and_puts_the_thread_hook_back(tmp_path):
     assert threading.excepthook != hook
     tblog.log_epoch(writer, 1, {"train_loss": 1.0, "val_acc": 0.5})
     tblog.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
-    assert writer.active
+    assert writer._writer is not None
     writer.close()
     assert threading.excepthook == hook
     events = list((tmp_path / "run").glob("events.out.tfevents.*"))
