@@ -107,7 +107,7 @@ def test_early_stopping_triggers(tmp_path, small_data_dir, trained_checkpoint):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stop_reason"] == "early_stopping"
-    assert metrics["epochs_run"] == 2 and metrics["best_epoch"] == 0
+    assert metrics["epochs_run"] == 2 and load(out / "last.pt")["early_stopping"]["best_epoch"] == 0
 
 
 def test_best_model_is_selected_on_validation_only(tmp_path, small_data_dir, trained_checkpoint):
