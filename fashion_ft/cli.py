@@ -98,34 +98,23 @@ def silence(stream=None) -> None:
     os.dup2(devnull, (stream or sys.stdout).fileno())
 
 
-def _honouring(body: Callable[[], int], signals: SignalGuard | None) -> Callable[[], int]:
-    """body, with any end after a recorded signal turned into that interrupt."""
-    def guarded() -> int:
-        try:
-            code = body()
-        except Interrupted:
-            raise
-        except BaseException:
-            if signals is not None and signals.received:
-                raise signals.interrupted() from None
-            raise
-        if signals is not None and signals.received:
-            raise signals.interrupted()
-        return code
-
-    return guarded
-
-
 def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_prefix,
         signals: SignalGuard | None = None) -> int:
     """body() -> its exit code; every way it can fail -> one line on stderr and the matching code."""
     warnings.formatwarning = one_line_warning
     try:
         try:
-            return _honouring(body, signals)()
+            code = body()
+        except BaseException as exc:
+            if signals is not None and signals.received and not isinstance(exc, Interrupted):
+                raise signals.interrupted() from None
+            raise
         finally:
             if sys.stdout is not None and not sys.stdout.closed:
                 sys.stdout.flush()  # a vanished reader shows up here, while it can still be handled
+        if signals is not None and signals.received:
+            raise signals.interrupted()
+        return code
     except BrokenPipeError as exc:
         if not _stdout_gone():
             return _unexpected(exc, debug, prefix)
