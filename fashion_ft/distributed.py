@@ -156,12 +156,11 @@ def is_peer_failure(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) is torch.distributed reporting that another rank went away:
     DistError and its subclasses (DistBackendError, DistNetworkError, DistStoreError), or the plain
     RuntimeError that gloo raises ("Connection closed by peer", "Connection reset by peer")."""
-    dist_errors = tuple(getattr(tdist, name) for name in ("DistError", "DistBackendError", "DistNetworkError",
-                                                          "DistStoreError") if hasattr(tdist, name))
+    dist_error = getattr(tdist, "DistError", ())  # the base of the others (torch 2.1 on)
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, dist_errors):
+        if isinstance(exc, dist_error):
             return True
         if isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in PEER_FAILURE_MARKERS):
             return True
