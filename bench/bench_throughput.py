@@ -67,7 +67,7 @@ from fashion_ft.system import (
 )
 
 EPOCH_IMAGES = 55_000  # a training epoch with the default 5,000 validation images held out
-TINY = {"train": 512, "test": 256, "batch_size": 64, "eval_batch_size": 128, "steps": 3, "repeats": 2}
+TINY = {"train": 512, "test": 256, "batch_size": 64, "eval_batch_size": 128, "steps": 3, "repeats": 1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

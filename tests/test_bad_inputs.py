@@ -161,8 +161,8 @@ def test_newer_checkpoint_format_is_refused(workdir, small_data_dir):
 
 
 @pytest.mark.slow
-def test_a_preset_may_not_change_a_fixed_field_on_resume(workdir, small_data_dir):
-    first = run_script("finetune_gpu.py", "--model-path", "input.pt", "--data-dir", small_data_dir, "--output",
+def test_a_preset_may_not_change_a_fixed_field_on_resume(workdir, small_data_dir, trained_checkpoint):
+    first = run_script("finetune_gpu.py", "--model-path", trained_checkpoint, "--data-dir", small_data_dir, "--output",
                        "run/best.pt", "--logdir", "tb", "--epochs", "1", "--limit-train", "256", "--val-size", "500",
                        "--batch-size", "64", "--device", "cpu", "--quiet", cwd=workdir)
     assert first.returncode == 0, first.stderr
