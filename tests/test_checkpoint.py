@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import SMALL_CNN3
 from torch import nn
 
 from fashion_ft import checkpoint, model
@@ -28,7 +29,6 @@ from fashion_ft.model import ARCHS, build_model
 
 DEFAULT_WIDTH = {k: ARCHS["cnn3"].default_kwargs[k] for k in ("channels", "hidden")}
 EARLIER_BASE_WIDTH = {"channels": [32, 64, 128], "hidden": 256}  # the shipped base model until 2026-11-28
-NARROW = {"channels": [16, 32, 64], "hidden": 128}
 
 
 class RunsCode:
@@ -52,7 +52,7 @@ def randomized(arch_kwargs, seed=0):
     return model.eval()
 
 
-@pytest.fixture(params=[DEFAULT_WIDTH, EARLIER_BASE_WIDTH, NARROW], ids=["default-width", "earlier-base", "narrow"])
+@pytest.fixture(params=[DEFAULT_WIDTH, EARLIER_BASE_WIDTH, SMALL_CNN3], ids=["default-width", "earlier-base", "narrow"])
 def reference(request):
     """(model, its kwargs, a batch, its logits)."""
     model = randomized(request.param)
@@ -116,7 +116,7 @@ def test_code_running_pickle_is_refused_without_running(tmp_path):
 
 
 def test_newer_format_version_is_refused(tmp_path):
-    ckpt = make_checkpoint(randomized(NARROW), "cnn3", NARROW)
+    ckpt = make_checkpoint(randomized(SMALL_CNN3), "cnn3", SMALL_CNN3)
     ckpt["format_version"] = FORMAT_VERSION + 1
     torch.save(ckpt, tmp_path / "future.pt")
     with pytest.raises(UserError, match="newer than this tool"):
@@ -124,22 +124,22 @@ def test_newer_format_version_is_refused(tmp_path):
 
 
 def test_our_checkpoint_loads_with_plain_weights_only(tmp_path):
-    save_checkpoint(make_checkpoint(randomized(NARROW), "cnn3", NARROW, metrics={"val_acc": 0.9}), tmp_path / "c.pt")
+    save_checkpoint(make_checkpoint(randomized(SMALL_CNN3), "cnn3", SMALL_CNN3, metrics={"val_acc": 0.9}), tmp_path / "c.pt")
     # no fashion_ft needed to read it: anyone's torch.load(weights_only=True) works
     raw = torch.load(tmp_path / "c.pt", weights_only=True)
-    assert raw["arch"] == "cnn3" and raw["arch_kwargs"]["channels"] == NARROW["channels"]
+    assert raw["arch"] == "cnn3" and raw["arch_kwargs"]["channels"] == SMALL_CNN3["channels"]
     assert raw["metrics"] == {"val_acc": 0.9} and "features.0.weight" in raw["model"]
 
 
 def test_our_checkpoint_without_arch_falls_back_to_inference(tmp_path):
-    ckpt = make_checkpoint(randomized(NARROW), "cnn3", NARROW)
+    ckpt = make_checkpoint(randomized(SMALL_CNN3), "cnn3", SMALL_CNN3)
     del ckpt["arch"], ckpt["arch_kwargs"]
     torch.save(ckpt, tmp_path / "c.pt")
-    assert load_checkpoint(tmp_path / "c.pt").arch_kwargs["channels"] == NARROW["channels"]
+    assert load_checkpoint(tmp_path / "c.pt").arch_kwargs["channels"] == SMALL_CNN3["channels"]
 
 
 def test_our_format_without_weights_is_a_user_error(tmp_path):
-    ckpt = make_checkpoint(randomized(NARROW), "cnn3", NARROW)
+    ckpt = make_checkpoint(randomized(SMALL_CNN3), "cnn3", SMALL_CNN3)
     ckpt["model"] = None
     torch.save(ckpt, tmp_path / "c.pt")
     with pytest.raises(UserError, match="no model weights"):
@@ -156,7 +156,7 @@ def test_our_format_without_weights_is_a_user_error(tmp_path):
     ("classifier.5.bias", (11,)),
 ])
 def test_one_wrong_shape_names_key_and_both_shapes(tmp_path, key, bad_shape):
-    state_dict = randomized(NARROW).state_dict()
+    state_dict = randomized(SMALL_CNN3).state_dict()
     good_shape = tuple(state_dict[key].shape)
     state_dict[key] = torch.zeros(bad_shape)
     torch.save(state_dict, tmp_path / "c.pt")
@@ -166,7 +166,7 @@ def test_one_wrong_shape_names_key_and_both_shapes(tmp_path, key, bad_shape):
 
 
 def test_wrong_shape_in_our_format_names_the_key(tmp_path):
-    ckpt = make_checkpoint(randomized(NARROW), "cnn3", NARROW)
+    ckpt = make_checkpoint(randomized(SMALL_CNN3), "cnn3", SMALL_CNN3)
     ckpt["model"]["classifier.5.weight"] = torch.zeros(10, 7)
     torch.save(ckpt, tmp_path / "c.pt")
     with pytest.raises(UserError, match=r"classifier.5.weight has shape \(10, 7\), expected \(10, 128\)"):
@@ -174,7 +174,7 @@ def test_wrong_shape_in_our_format_names_the_key(tmp_path):
 
 
 def test_nonfinite_tensors_are_named():
-    state_dict = randomized(NARROW).state_dict()
+    state_dict = randomized(SMALL_CNN3).state_dict()
     state_dict["features.4.weight"][0, 0, 0, 0] = float("nan")
     state_dict["classifier.5.bias"][3] = float("inf")
     assert nonfinite_tensors(state_dict) == ["features.4.weight", "classifier.5.bias"]
@@ -191,7 +191,7 @@ def not_a_checkpoint(tmp_path, kind):
         gen = torch.Generator().manual_seed(int(kind.split("-")[1]))
         path.write_bytes(torch.randint(0, 256, (4096,), generator=gen, dtype=torch.uint8).numpy().tobytes())
     elif kind == "truncated":
-        save_checkpoint(make_checkpoint(randomized(NARROW), "cnn3", NARROW), path)
+        save_checkpoint(make_checkpoint(randomized(SMALL_CNN3), "cnn3", SMALL_CNN3), path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif kind == "empty":
         path.write_bytes(b"")
@@ -294,12 +294,12 @@ def full_disk(monkeypatch, tmp_path):
 
 def old_best(tmp_path):
     target = tmp_path / "best.pt"
-    save_checkpoint(make_checkpoint(randomized(NARROW), "cnn3", NARROW), target)
+    save_checkpoint(make_checkpoint(randomized(SMALL_CNN3), "cnn3", SMALL_CNN3), target)
     return target, sha256(target)
 
 
 def torch_save_into(room):
-    return lambda fh: torch.save(make_checkpoint(randomized(NARROW, seed=1), "cnn3", NARROW), FillsUp(fh, room))
+    return lambda fh: torch.save(make_checkpoint(randomized(SMALL_CNN3, seed=1), "cnn3", SMALL_CNN3), FillsUp(fh, room))
 
 
 @pytest.mark.parametrize("writer", [
@@ -400,7 +400,7 @@ def test_json_nonfinite_that_cannot_be_recorded_is_refused(tmp_path, obj):
 
 
 def test_unwrap_finds_the_model_inside_ddp_and_compile():
-    net = build_model("cnn3", NARROW)
+    net = build_model("cnn3", SMALL_CNN3)
 
     class Wrapper(nn.Module):  # DDP's and torch.compile's shapes, without starting either
         def __init__(self, attr, inner):

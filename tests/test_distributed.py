@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-from conftest import REPO, run_script
+from conftest import REPO, TINY, TINY_RESNET, run_script
 
 from fashion_ft import distributed as dist
 from fashion_ft.config import Config
@@ -138,7 +138,7 @@ def test_a_peer_failure_behind_another_exception_is_recognised():
 
 def test_single_process_helpers_are_no_ops():
     assert dist.per_rank(torch.tensor(2.5)) == [2.5]
-    model = build_model("cnn3", {"channels": [4, 8, 8], "hidden": 16})
+    model = build_model("cnn3", TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dist.broadcast_buffers(model)
     broadcast_module(model)
@@ -171,7 +171,7 @@ def divergence_scenario(rank: int) -> dict:
 
 def broadcast_scenario(rank: int) -> dict:
     torch.manual_seed(rank)  # different weights and statistics on each rank
-    model = build_model("cnn3", {"channels": [4, 8, 8], "hidden": 16}).to(memory_format=torch.channels_last)
+    model = build_model("cnn3", TINY).to(memory_format=torch.channels_last)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.fill_(rank + 1.0)
@@ -460,13 +460,12 @@ def test_a_failing_rank_fails_the_job_with_its_message(tmp_path, small_data_dir)
 @pytest.mark.slow
 def test_the_resnet_preset_trains_under_torchrun(tmp_path, small_data_dir):
     """BatchNorm in every block, strong augmentation: two processes train it and rank 0 saves the plain model."""
-    tiny = {"widths": [8, 8, 16], "blocks": 1, "num_classes": 10}  # see TINY in test_resnet.py
-    result = torchrun("--preset", "resnet20", "--arch-kwargs", json.dumps(tiny), "--epochs", 1, "--batch-size", 32,
+    result = torchrun("--preset", "resnet20", "--arch-kwargs", json.dumps(TINY_RESNET), "--epochs", 1, "--batch-size", 32,
                       "--limit-train", 1024, "--val-size", 500, "--device", "cpu", "--quiet", "--data-dir",
                       small_data_dir, "--output", tmp_path / "run" / "best.pt", "--logdir", tmp_path / "tb",
                       env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     saved = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    assert (saved["arch"], saved["arch_kwargs"]) == ("resnet", tiny)
+    assert (saved["arch"], saved["arch_kwargs"]) == ("resnet", TINY_RESNET)
     assert not any(k.startswith("module.") for k in saved["model"])
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2

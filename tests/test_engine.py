@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TINY, tiny_model
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fashion_ft import engine, optim
@@ -147,7 +147,7 @@ def test_flip_tta_averages_the_probabilities_of_an_image_and_its_mirror_image():
 
 def test_ema_is_the_moving_average_of_the_weights_after_each_step():
     torch.manual_seed(0)
-    model = build_model("cnn3", {"channels": [4, 8, 8], "hidden": 16})
+    model = build_model("cnn3", TINY)
     cfg = Config(ema_decay=0.9, scheduler="none")
     optimizer = build_optimizer(model, cfg, 0.01)
     step = TrainStep(model, optimizer, build_schedulers(optimizer, cfg, 1), torch.amp.GradScaler("cpu", enabled=False),
