@@ -32,9 +32,9 @@ def statuses(report):
 
 
 @pytest.mark.slow
-def test_a_failing_step_does_not_hide_the_others(tmp_path, small_data_dir):
+def test_a_failing_step_does_not_hide_the_others(tmp_path, small_data_dir, trained_checkpoint):
     """The pre-flight is made to fail (no model reaches 100%); the runs and the benchmark still run and pass."""
-    result, report, log = gpu_check(tmp_path, FASHION_MNIST_DIR=str(small_data_dir),
+    result, report, log = gpu_check(tmp_path, FASHION_MNIST_DIR=str(small_data_dir), MODEL=str(trained_checkpoint),
                                     GPU_CHECK_PREFLIGHT_ARGS="--min-accuracy 1")
     assert result.returncode == 1, result.stdout[-3000:]
     assert [s["name"] for s in report["steps"]] == STEPS
