@@ -16,11 +16,11 @@ from fashion_ft.system import cpu_info
 
 
 @pytest.mark.slow
-def test_tiny_results_table(tmp_path, small_data_dir):
+def test_tiny_results_table(tmp_path, small_data_dir, trained_checkpoint):
     report = tmp_path / "report"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.results", "--tiny", "--plans", "light", "two-round",
-         "--device", "cpu", "--data-dir", str(small_data_dir), "--report-dir", str(report),
+        [sys.executable, "-m", "bench.results", "--tiny", "--plans", "light", "two-round", "--model-path",
+         str(trained_checkpoint), "--device", "cpu", "--data-dir", str(small_data_dir), "--report-dir", str(report),
          "--work-dir", str(tmp_path / "work")],
         cwd=REPO, capture_output=True, text=True, timeout=600,  # minutes when other processes share the CPU
     )
