@@ -221,10 +221,10 @@ def data_corrupt(folder):
     (data_truncated, ["truncated or corrupt"]),
     (data_corrupt, ["magic number 2049, expected 2051"]),
 ], ids=["missing", "truncated", "corrupt"])
-def test_bad_data_folder(tmp_path, make, fragments, run_cli):
+def test_bad_data_folder(tmp_path, make, fragments, run_in_process):
     data_dir = make(tmp_path)
     ckpt = tiny_checkpoint(tmp_path / "model.pt")
-    result = run_cli(tmp_path, "--model-path", ckpt, "--data-dir", data_dir, *QUICK)
+    result = run_in_process(tmp_path, "--model-path", ckpt, "--data-dir", data_dir, *QUICK)
     assert_fails_cleanly(result, "test data", *fragments)
 
 
@@ -250,9 +250,8 @@ def passed_count(stdout):
     return sum(line.startswith("[PASS]") for line in stdout.splitlines())
 
 
-@pytest.mark.slow
-def test_trained_checkpoint_passes_every_check(tmp_path, trained_checkpoint, small_data_dir):
-    result = run_subprocess(tmp_path, "--model-path", trained_checkpoint, "--data-dir", small_data_dir,
+def test_trained_checkpoint_passes_every_check(tmp_path, trained_checkpoint, small_data_dir, run_in_process):
+    result = run_in_process(tmp_path, "--model-path", trained_checkpoint, "--data-dir", small_data_dir,
                             "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[FAIL]" not in result.stdout
@@ -272,11 +271,10 @@ def test_json_report_is_one_document(tmp_path, trained_checkpoint, small_data_di
     assert all(c["ok"] for c in report["checks"])
 
 
-@pytest.mark.slow
-def test_full_evaluates_the_whole_real_test_set(tmp_path, real_data_dir):
+def test_full_evaluates_the_whole_real_test_set(tmp_path, real_data_dir, run_in_process):
     # a tiny untrained model keeps 10,000 CPU images fast; --min-accuracy 0 because it only guesses
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    result = run_subprocess(tmp_path, "--model-path", ckpt, "--data-dir", real_data_dir, "--full", "--json",
+    result = run_in_process(tmp_path, "--model-path", ckpt, "--data-dir", real_data_dir, "--full", "--json",
                             "--min-accuracy", "0", "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
@@ -284,12 +282,11 @@ def test_full_evaluates_the_whole_real_test_set(tmp_path, real_data_dir):
     assert checks["quick eval"]["data"]["images"] == 10_000
 
 
-@pytest.mark.slow
-def test_two_models_report_their_ensemble(tmp_path, trained_checkpoint, small_data_dir):
+def test_two_models_report_their_ensemble(tmp_path, trained_checkpoint, small_data_dir, run_in_process):
     # the second model is the same weights in a legacy DataParallel layout: same accuracy, and a second format
     weights = torch.load(trained_checkpoint, weights_only=True)["model"]
     torch.save({"state_dict": {"module." + k: v for k, v in weights.items()}}, tmp_path / "ddp.pt")
-    result = run_subprocess(tmp_path, "--model-path", trained_checkpoint, tmp_path / "ddp.pt",
+    result = run_in_process(tmp_path, "--model-path", trained_checkpoint, tmp_path / "ddp.pt",
                             "--data-dir", small_data_dir, *QUICK)
     assert result.returncode == 0, result.stdout + result.stderr
     ensemble = [line for line in result.stdout.splitlines() if line.startswith("[PASS] ensemble ")]
