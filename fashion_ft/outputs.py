@@ -318,7 +318,8 @@ class RunLock:
             if exc.errno not in NO_FLOCK:
                 os.close(fd)
                 if created:
-                    os.unlink(self.path)
+                    with suppress(OSError):  # the flock error is the one to report
+                        os.unlink(self.path)
                 raise
             if not created:  # without flock, an existing file is a run's lock, live or killed
                 self._refuse(fd)
