@@ -90,8 +90,10 @@ def summary_lines(summary: dict, files) -> list[str]:
     head += f", {summary['train_s']:.0f}s"
     if "compile_warmup_s" in summary:
         head += f" (compile warm-up about {summary['compile_warmup_s']:.0f}s)"
-    return [head,
-            *(["no epoch beat the starting model; it was kept as the best model"] if best == 0 else []),
-            f"saved: {files.best} (best), {files.last} (resumable), {files.metrics}",
-            *([f"plain state_dict: {files.plain} (for model.load_state_dict(torch.load(...)) in your own scripts)"]
-              if files.plain.exists() else [])]
+    lines = [head]
+    if best == 0:
+        lines.append("no epoch beat the starting model; it was kept as the best model")
+    lines.append(f"saved: {files.best} (best), {files.last} (resumable), {files.metrics}")
+    if files.plain.exists():
+        lines.append(f"plain state_dict: {files.plain} (for model.load_state_dict(torch.load(...)) in your own scripts)")
+    return lines

@@ -504,7 +504,7 @@ def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> di
                     begun = run.start_epoch()
                     with run.console.progress_bar(begun["epoch"], run.cfg.epochs, run.steps_per_epoch) as bar:
                         result = engine.train_one_epoch(run.step, run.train, begun["epoch"], run.rt, run.cfg,
-                                                 run.on_sync(bar, received))
+                                                        run.on_sync(bar, received))
                     if not result["stopped"]:  # else the unfinished epoch is dropped: last.pt keeps the one before
                         run.record(run.epoch_row(begun, result))
                     if dist.any_rank(bool(received), run.rt.device):

@@ -9,9 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, TINY, tiny_model
 
 from bench.bench_throughput import flops_per_image, main, print_table
+from bench.own_model import compare
+from fashion_ft.checkpoint import make_checkpoint
 from fashion_ft.model import ARCHS, build_model, count_parameters
 
 MEASUREMENTS = ["train_original", "train_ours", "eval_original", "eval_ours",
@@ -140,11 +142,6 @@ def test_a_users_own_network(tmp_path, real_data_dir, name):
 ])
 def test_compare_applies_normalize_as_test_model_does(tmp_path, small_data_dir, monkeypatch, capsys,
                                                       recorded, models, used):
-    from conftest import TINY, tiny_model
-
-    from bench.own_model import compare
-    from fashion_ft.checkpoint import make_checkpoint
-
     model = tiny_model()
     ckpt = make_checkpoint(model, "cnn3", TINY, normalize=(0.0, 1.0)) if recorded else model.state_dict()
     paths = [tmp_path / f"m{i}.pt" for i in range(models)]
