@@ -43,7 +43,9 @@ SMALL = ("--val-size", "500", "--eval-batch-size", "500", "--device", "cpu", "--
 COMMON = (*SMALL, "--epochs", "2")
 # SGD for the DDP-against-one-process pair: AdamW divides each step by the gradient's own size, so the
 # order of floating-point sums changes its near-zero entries by a whole step and the two runs drift apart.
-SGD = ("--optimizer", "sgd", "--lr", "0.05")
+# At a learning rate that improves the model: one that wrecks it (0.05 does) amplifies those rounding
+# differences until the pair disagrees on some CPUs.
+SGD = ("--optimizer", "sgd", "--lr", "0.01")
 
 
 def torchrun(*args, nproc=2, timeout=300, env=None):
@@ -341,6 +343,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(ddp_run, single_run,
     assert one.returncode == 0, one.stderr[-2000:]
     ddp_rows, one_rows = history(ddp_out / "run"), history(one_out / "run")
     assert sorted(ddp_rows) == sorted(one_rows) == [0, 1, 2]
+    assert one_rows[2]["val_loss"] < one_rows[0]["val_loss"]  # a fine-tune, not a divergence that amplifies noise
     for epoch in (1, 2):  # the same images per step in fp32: only the order of floating-point sums differs
         for key in ("train_loss", "val_loss", "lr"):
             assert ddp_rows[epoch][key] == pytest.approx(one_rows[epoch][key], rel=1e-4), (epoch, key)
@@ -350,8 +353,8 @@ def test_ddp_matches_one_process_with_the_same_global_batch(ddp_run, single_run,
     for key, value in one_weights.items():
         change = (value - start[key]).double().norm()  # what 32 SGD steps moved the tensor
         difference = (ddp_weights[key] - value).double()
-        assert difference.norm() <= 5e-3 * change, key  # (measured: at most 1e-4 of the change)
-        assert difference.abs().max() < 3e-4, key  # (measured: at most 7e-5)
+        assert difference.norm() <= 5e-3 * change, key  # (measured: at most 5e-6 of the change)
+        assert difference.abs().max() < 3e-4, key  # (measured: at most 1e-7)
 
 
 @pytest.mark.slow
