@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError, UserError
+from .errors import UsageError, UserError, first_line
 from .outputs import resolve_path
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -101,7 +101,7 @@ def download(root: str = "data") -> Path:
     except Exception as exc:  # network errors come in many types, with several lines of detail
         if first_new is not None:
             shutil.rmtree(first_new, ignore_errors=True)
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc) or type(exc).__name__
         raise UserError(f"--download: fetching Fashion-MNIST into {root} failed ({reason}); "
                         f"without a network: {GET_DATA_HINT.split(' or ')[0]}") from None
     return Path(root) / "FashionMNIST" / "raw"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 
 def available_cpus() -> int:
@@ -55,7 +55,7 @@ def broken_cuda_reason() -> str | None:
         torch.cuda.init()  # raises with the driver's own explanation
         cause = "torch.cuda.is_available() is False"
     except Exception as exc:  # RuntimeError or AssertionError, depending on the cause
-        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        cause = first_line(exc) or type(exc).__name__
     return (f"an NVIDIA GPU is present ({evidence}) but CUDA does not work in torch {torch.__version__} "
             f"(built for CUDA {torch.version.cuda}): {cause}; check the driver with nvidia-smi")
 
