@@ -299,7 +299,8 @@ class Run:
     history: list = field(default_factory=list)
     epoch: int = 0
     writer: object = None
-    summary: dict = field(default_factory=dict)
+    started: str = ""  # when the run (or this resumed part of it) began
+    train_s: float | None = None  # the epoch loop's seconds, once it ended
 
     def state_dict(self) -> dict:
         """What last.pt holds besides the model and its records."""
@@ -336,10 +337,7 @@ class Run:
             self.console.print(f"resumed from {self.cfg.resume} at epoch {self.epoch} (run {self.cfg.run_name})")
         for line in setup_lines(self.cfg, self.rt, self.lr, unwrap(self.step.model)):
             self.console.print(line)
-        self.summary = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(self.rt.device),
-                        "amp": self.rt.amp.name, "world_size": self.info.world_size,
-                        "global_batch_size": self.cfg.batch_size * self.info.world_size, "backend": dist.backend(),
-                        "split": self.split.to_dict()}
+        self.started = datetime.datetime.now().isoformat(timespec="seconds")
         self.open_log()
         if not self.history and not self.cfg.from_scratch:
             self.record({"epoch": 0, **self.validate()})  # the starting model is the first candidate
@@ -440,15 +438,22 @@ class Run:
         save_json(self.metrics_json(finished=False), self.files.metrics)
 
     def metrics_json(self, finished: bool, test: dict | None = None) -> dict:
-        """What metrics.json holds: the run's facts, its progress and, once finished, the best model's test."""
+        """What metrics.json holds: the run's facts, its progress and, once finished, how it ended and the
+        best model's test."""
         history = self.history
         best, epoch_s = self.best_row(), [r["epoch_s"] for r in history if "epoch_s" in r]
         peaks = [r["peak_gpu_mb"] for r in history if r.get("peak_gpu_mb") is not None]
-        summary = {**self.summary, "best_epoch": best["epoch"], "epochs_run": self.epoch,
-                   "best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"],
-                   "base_val_acc": history[0]["val_acc"] if history and history[0]["epoch"] == 0 else None,
-                   "peak_gpu_mb": max(peaks) if peaks else None, "epoch_s": [round(t, 3) for t in epoch_s],
-                   "history": history, **(test or {}), "finished": finished}
+        summary = {"started": self.started, "device": str(self.rt.device), "amp": self.rt.amp.name,
+                   "world_size": self.info.world_size, "global_batch_size": self.cfg.batch_size * self.info.world_size,
+                   "backend": dist.backend(), "split": self.split.to_dict()}
+        if finished:
+            summary.update(stop_reason="early_stopping" if self.stopper.should_stop else "epochs_done",
+                           train_s=self.train_s)
+        summary |= {"best_epoch": best["epoch"], "epochs_run": self.epoch,
+                    "best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"],
+                    "base_val_acc": history[0]["val_acc"] if history and history[0]["epoch"] == 0 else None,
+                    "peak_gpu_mb": max(peaks) if peaks else None, "epoch_s": [round(t, 3) for t in epoch_s],
+                    "history": history, **(test or {}), "finished": finished}
         if self.cfg.compile and len(epoch_s) > 1:  # the first epoch pays for compilation
             summary["compile_warmup_s"] = epoch_s[0] - statistics.median(epoch_s[1:])
         return summary
@@ -509,8 +514,7 @@ def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> di
                         run.record(run.epoch_row(begun, result))
                     if dist.any_rank(bool(received), run.rt.device):
                         raise signals.interrupted()
-            run.summary.update(stop_reason="early_stopping" if run.stopper.should_stop else "epochs_done",
-                               train_s=time.perf_counter() - loop_start)
+            run.train_s = time.perf_counter() - loop_start
             return run.finish()
         except BaseException as exc:
             told = reported(exc, signals, files, started=run is not None)

@@ -31,6 +31,10 @@ def test_run_leaves_best_last_metrics_and_tensorboard(tmp_path, small_data_dir, 
     assert 0.5 < metrics["test_acc"] <= 1 and metrics["epochs_run"] == 2
     assert [r["epoch"] for r in best["history"]] == [0, 1, 2] and best["config"]["epochs"] == 2
     assert metrics["finished"] is True and metrics["history"] == last["history"]
+    assert list(metrics) == ["started", "device", "amp", "world_size", "global_batch_size", "backend", "split",
+                             "stop_reason", "train_s", "best_epoch", "epochs_run", "best_val_loss", "best_val_acc",
+                             "base_val_acc", "peak_gpu_mb", "epoch_s", "history", "test_loss", "test_acc",
+                             "test_images", "per_class_test_acc", "finished"]
     assert (tmp_path / "tb" / "r1").is_dir()
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
 

@@ -154,7 +154,8 @@ def test_sigterm_anywhere_in_the_run_is_one_line_and_exit_143(tmp_path, small_da
     assert stderr.strip().splitlines()[-1].startswith("interrupted (SIGTERM): ")
     if (out / "last.pt").exists():
         assert f"--resume {out / 'last.pt'}" in stderr
-        assert json.loads((out / "metrics.json").read_text())["finished"] is False
+        unfinished = json.loads((out / "metrics.json").read_text())
+        assert unfinished["finished"] is False and unfinished["device"] == "cpu" and "stop_reason" not in unfinished
     else:
         assert "nothing to resume" in stderr and not (out / "metrics.json").exists()
     assert not (out / ".lock").exists()
