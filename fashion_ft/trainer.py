@@ -303,9 +303,10 @@ class Run:
     train_s: float | None = None  # the epoch loop's seconds, once it ended
 
     def state_dict(self) -> dict:
-        """What last.pt holds besides the model and its records."""
+        """What last.pt holds besides the checkpoint of its model (weights, records, config)."""
         step = self.step
         return {
+            "kind": "last", "world_size": self.rt.world_size, "input_container": self.start.container,
             "epoch": self.epoch, "run_name": self.cfg.run_name, "history": self.history,
             "optimizer": step.optimizer.state_dict(), "schedulers": step.schedulers.state_dict(),
             "scaler": step.scaler.state_dict(), "early_stopping": self.stopper.state_dict(),
@@ -432,9 +433,7 @@ class Run:
         if is_best:
             self.save_best(self.best_row())
         last = self.checkpoint(unwrap(self.step.model).state_dict(), self.history[-1])
-        last.update(kind="last", world_size=self.rt.world_size, input_container=self.start.container,
-                    **self.state_dict())
-        save_checkpoint(last, self.files.last)
+        save_checkpoint({**last, **self.state_dict()}, self.files.last)
         save_json(self.metrics_json(finished=False), self.files.metrics)
 
     def metrics_json(self, finished: bool, test: dict | None = None) -> dict:
