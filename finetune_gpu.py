@@ -224,7 +224,7 @@ def resolve_output(cfg: Config, explicit: set) -> str:
     return output
 
 
-def check_arch(cfg: Config) -> None:
+def check_from_scratch_model(cfg: Config) -> None:
     """The --from-scratch model, built on the meta device (milliseconds, no memory): bad --arch-kwargs,
     another class count or an absurd size exit 2 before any work."""
     from functools import partial
@@ -273,7 +273,7 @@ def build_config(argv) -> tuple[Config, dict | None]:
     if not cfg.resume:
         check_conflicts(cfg, origins(explicit, preset))
     if cfg.from_scratch and not cfg.resume:
-        check_arch(cfg)
+        check_from_scratch_model(cfg)
     run_name = cfg.run_name or (resume_meta or {}).get("run_name") or default_run_name(cfg)
     return dataclasses.replace(cfg, output=resolve_output(cfg, explicit), run_name=run_name), resume_meta
 
