@@ -1,11 +1,13 @@
 """Training and evaluation: the step, the moving average, one epoch, predictions and metrics.
 
 The hot loops keep metrics on the device and sync with the host only every `SYNC_EVERY` steps
-(progress, the stop flag, the finite-loss check), never per step.
+(progress, the finite-loss check, and under torchrun the stop flag the ranks agree on), never per step;
+a single process reads its stop flag, a host value, after every step.
 """
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -168,13 +170,15 @@ def check_finite_loss(mean_loss: torch.Tensor, epoch: int, step: int, rank: int)
     return losses[rank]
 
 
-SYNC_EVERY = 25  # steps between host syncs (progress, the stop flag, the finite-loss check)
+SYNC_EVERY = 25  # steps between host syncs (progress, the finite-loss check, torchrun's stop flag)
 
 
 def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSettings, cfg: Config, on_sync=None,
-                    sync_every: int = SYNC_EVERY) -> dict:
+                    sync_every: int = SYNC_EVERY, stop: Callable[[], bool] | None = None) -> dict:
     """One pass over this rank's shard of `data`, in batches drawn as `cfg` says (--augment, --batch-size,
-    --seed). on_sync(done, total, loss) may return True to stop early."""
+    --seed). on_sync(done, total, loss) may return True to stop early; so may stop(), which a single process
+    asks after every step (the ranks of a distributed run must stop at the same step: on_sync decides)."""
+    poll = stop if rt.world_size == 1 else None
     aug, batch_size, seed = AUGMENT_PRESETS[cfg.augment], cfg.batch_size, cfg.seed
     torch.manual_seed(epoch_seed(seed, epoch, rt.rank))
     gen = torch.Generator(device=rt.device).manual_seed(epoch_seed(seed, epoch, rt.rank))
@@ -196,6 +200,9 @@ def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSe
             if on_sync is not None and on_sync(i, len(slices), mean_loss):
                 stopped = True
                 break
+        if poll is not None and poll():
+            stopped = True
+            break
     totals = dist.all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=rt.device)]))
     return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(), "stopped": stopped,
             "images": int(totals[2].item())}

@@ -26,10 +26,10 @@ class DivergenceError(UserError):
 
 
 class Interrupted(BaseException):
-    """SIGINT/SIGTERM stopped a run; `hint` tells the user how to go on. A BaseException, as
+    """SIGINT/SIGTERM/SIGHUP stopped a run; `hint` tells the user how to go on. A BaseException, as
     KeyboardInterrupt is, so that no `except Exception` on the way (ours, torch's, a library's) eats it."""
 
-    EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+    EXIT_CODES = {"SIGHUP": 129, "SIGINT": 130, "SIGTERM": 143}
 
     def __init__(self, signal_name: str, hint: str = ""):
         super().__init__(signal_name)

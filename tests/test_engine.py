@@ -11,7 +11,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fashion_ft import engine, optim
 from fashion_ft.config import Config
-from fashion_ft.data import AugmentConfig, affine_grid, augment, make_batch
+from fashion_ft.data import AugmentConfig, DeviceData, affine_grid, augment, make_batch
 from fashion_ft.engine import (
     ComputeSettings,
     ModelEma,
@@ -177,6 +177,27 @@ def test_flip_tta_logits_stay_finite_for_very_confident_models():
 
 
 CPU = ComputeSettings(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25)
+
+
+class CountingStep:
+    """A stand-in for TrainStep that counts its steps."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x, y, rt):
+        self.calls += 1
+        return torch.tensor(0.5), torch.zeros(len(y), 10)
+
+
+@pytest.mark.parametrize("world_size, steps", [(1, 3), (2, 8)], ids=["alone", "torchrun: on_sync decides"])
+def test_a_single_process_stops_right_after_the_step_that_set_the_flag(world_size, steps):
+    step = CountingStep()
+    data = DeviceData.create(torch.zeros(64, 28, 28, dtype=torch.uint8), torch.zeros(64, dtype=torch.long), "cpu")
+    rt = dataclasses.replace(CPU, world_size=world_size)
+    result = engine.train_one_epoch(step, data, 1, rt, Config(augment="none", batch_size=4, seed=0),
+                                    sync_every=100, stop=lambda: step.calls >= 3)
+    assert step.calls == steps and result["stopped"] == (world_size == 1) and result["images"] == 4 * steps
 
 
 def test_model_ema_gives_the_numbers_of_torch_averaged_model():

@@ -1,11 +1,14 @@
-"""A signal is honoured wherever it lands: swallowed by a library, turned into a C++ error by torch.save,
-during a checkpoint's load, or while torch is still being imported."""
+"""A signal is honoured wherever it lands: swallowed by a library, turned into a C++ error, held back until a
+checkpoint's write is done, during a checkpoint's load, or while torch is still being imported; a hang-up
+stops a run unless nohup ignored it; signals after the interrupt tear nothing."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -15,7 +18,16 @@ from conftest import REPO
 from fashion_ft import cli
 from fashion_ft.checkpoint import load_checkpoint, save_checkpoint
 from fashion_ft.errors import Interrupted, UserError
-from fashion_ft.signals import SignalGuard
+from fashion_ft.signals import HANDLED_SIGNALS, SignalGuard, deferred
+
+
+@pytest.fixture(autouse=True)
+def pytest_keeps_its_handlers():
+    """A guard that received a signal leaves its quiet handler for the process's shutdown: pytest gets its own back."""
+    handlers = {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
 
 
 def signal_self(signum=signal.SIGTERM):
@@ -60,14 +72,15 @@ def test_a_signal_before_the_loop_stops_it_at_the_first_poll():
 
 
 class SignalsMidWrite:
-    """The temporary file, whose third write receives SIGTERM, as a run does while torch.save writes."""
+    """The temporary file, whose third write (and fourth, with `signals=2`) receives SIGTERM, as a run does
+    while torch.save writes."""
 
-    def __init__(self, fh):
-        self.fh, self.writes = fh, 0
+    def __init__(self, fh, signals=1):
+        self.fh, self.writes, self.signals = fh, 0, signals
 
     def write(self, data):
         self.writes += 1
-        if self.writes == 3:
+        if 3 <= self.writes < 3 + self.signals:
             signal_self()
         return self.fh.write(data)
 
@@ -81,15 +94,98 @@ class SignalsMidWrite:
         self.fh.close()
 
 
-def test_a_signal_inside_torch_save_stays_the_signal(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signals, polling, raised", [(1, False, True), (2, False, True), (1, True, False),
+                                                      (2, True, True)])
+def test_a_signal_inside_torch_save_waits_for_the_file(tmp_path, monkeypatch, signals, polling, raised):
+    """Outside the loop the interrupt comes once the file is in place; inside it one signal stays a flag."""
     path = tmp_path / "last.pt"
     save_checkpoint({"old": torch.zeros(3)}, path)
-    old = path.read_bytes()
+    new = {str(i): torch.randn(1000) for i in range(20)}
     real_fdopen = os.fdopen
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: SignalsMidWrite(real_fdopen(fd, mode)))
-    with SignalGuard(), pytest.raises(Interrupted):
-        save_checkpoint({str(i): torch.randn(1000) for i in range(20)}, path)
-    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: SignalsMidWrite(real_fdopen(fd, mode), signals))
+    with SignalGuard() as guard, guard.polled() if polling else contextlib.nullcontext():
+        with pytest.raises(Interrupted) if raised else contextlib.nullcontext():
+            save_checkpoint(new, path)
+    assert set(guard.received) == {"SIGTERM"}
+    assert torch.equal(torch.load(path, weights_only=True)["7"], new["7"])
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_deferrals_nest_and_put_the_handlers_back():
+    held = None
+    with SignalGuard() as guard:
+        handlers = {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
+        with pytest.raises(Interrupted):
+            with deferred():
+                with deferred():
+                    signal_self()
+                held = list(guard.received)  # the outer write is still going on
+        assert {s: signal.getsignal(s) for s in HANDLED_SIGNALS} == handlers
+    assert held == [] and guard.received == ["SIGTERM"]
+
+
+def test_off_the_main_thread_deferred_does_nothing():
+    failures = []
+
+    def write():
+        try:
+            with deferred():
+                pass
+        except BaseException as exc:  # signal.signal raises ValueError off the main thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join()
+    assert failures == []
+
+
+@pytest.mark.parametrize("before, code", [(signal.SIG_DFL, 129), (signal.SIG_IGN, 0)], ids=["terminal", "nohup"])
+def test_a_hangup_stops_the_run_unless_it_was_ignored(before, code, capsys):
+    signal.signal(signal.SIGHUP, before)
+    with SignalGuard() as signals:
+        assert cli.run(lambda: signal_self(signal.SIGHUP) or 0, debug=False, signals=signals) == code
+    assert capsys.readouterr().err.strip() == ("interrupted (SIGHUP)" if code else "")
+    if not code:
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+
+
+def test_signals_after_the_interrupt_are_only_recorded():
+    """The cleanup on the way out (the lock's release, the report) is not torn, nor is the shutdown."""
+    with SignalGuard() as signals:
+        with pytest.raises(Interrupted):
+            signal_self()
+        signal_self()
+        signal_self(signal.SIGINT)
+    signal_self(signal.SIGINT)
+    assert signals.received == ["SIGTERM", "SIGTERM", "SIGINT", "SIGINT"]
+
+
+def test_a_guard_without_a_signal_puts_the_handlers_back():
+    handlers = {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
+    with SignalGuard():
+        pass
+    assert {s: signal.getsignal(s) for s in HANDLED_SIGNALS} == handlers
+
+
+SHUTDOWN = textwrap.dedent(f"""
+    import atexit, os, signal, sys, time
+    sys.path.insert(0, {str(REPO)!r})
+    from fashion_ft import cli
+    from fashion_ft.signals import SignalGuard
+    signum = getattr(signal, sys.argv[1])
+    atexit.register(lambda: (os.kill(os.getpid(), signum), time.sleep(0.05)))  # a second one as the process ends
+    with SignalGuard() as signals:
+        code = cli.run(lambda: os.kill(os.getpid(), signum), debug=False, signals=signals)
+    sys.exit(code)
+""")
+
+
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_second_signal_during_the_shutdown_changes_nothing(name, code):
+    """Without torch: a fraction of a second."""
+    result = subprocess.run([sys.executable, "-c", SHUTDOWN, name], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (code, f"interrupted ({name})\n")
 
 
 def test_the_file_size_limit_is_named(tmp_path):
