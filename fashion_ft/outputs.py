@@ -5,8 +5,9 @@ output folder.
 
 Exit codes follow one rule. UsageError (exit 2): the command line is what is wrong, and changing it is the
 fix: a malformed path (a trailing '/', a --run-name that leaves --logdir or holds a control character), the
-wrong kind of thing (a folder where a file goes, or the reverse), a symlink loop (always reported by
-resolve_path), a collision with another output or an input, earlier results without --overwrite.
+wrong kind of thing (anything but a regular file where the run writes one, a file where a folder goes), a
+symlink loop (always reported by resolve_path), a collision with another output or an input, earlier
+results without --overwrite.
 UserError (exit 1): the command line is fine but the file system cannot take the run now: no permission, a
 read-only or pseudo file system (/proc, /sys), too little free space, or an output folder a live run holds.
 """
@@ -17,6 +18,7 @@ import itertools
 import os
 import re
 import shutil
+import stat
 import tempfile
 import unicodedata
 import warnings
@@ -34,6 +36,8 @@ ROLES = {"best": "the best model", "last": "last.pt", "metrics": "metrics.json",
 # What would split a one-line message or the printed `tensorboard:` line: control characters (newline,
 # ESC, NUL), line and paragraph separators, and the surrogate escapes of bytes that are not UTF-8.
 UNPRINTABLE_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
+KINDS = {stat.S_IFDIR: "a folder", stat.S_IFLNK: "a symlink", stat.S_IFCHR: "a character device",
+         stat.S_IFBLK: "a block device", stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket"}
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,11 @@ class RunFiles:
     last: Path
     metrics: Path
     lock: Path
-    plain: Path  # the best weights as a plain state_dict, written when the input was one (a user's own file)
+    plain: Path | None  # the best weights as a plain state_dict, when the input was one (a user's own file)
 
     @classmethod
-    def for_output(cls, output: str) -> "RunFiles":
+    def for_output(cls, output: str, *, plain: bool = True) -> "RunFiles":
+        """`plain`: whether this run writes the plain state_dict; if not, that path is none of its business."""
         if os.path.basename(output) in ("", ".", ".."):  # also an empty --output or one ending in a separator
             raise UsageError(f"--output {output!r} names a folder; give the best model's file name, "
                              f"e.g. --output {os.path.join(output, 'model.pt')}")
@@ -57,14 +62,19 @@ class RunFiles:
                              f"e.g. --output {best / 'model.pt'}")
         folder = best.parent
         return cls(best, folder / "last.pt", folder / "metrics.json", folder / ".lock",
-                   folder / f"{best.stem}.state_dict.pt")
+                   folder / f"{best.stem}.state_dict.pt" if plain else None)
 
     def roles(self) -> dict[str, Path]:
-        return {role: getattr(self, role) for role in ROLES}
+        """The files this run writes, by role."""
+        return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
+
+    def results(self) -> list[Path]:
+        """What the run saves, all but the lock: what --overwrite clears, what atomic_write writes."""
+        return [path for role, path in self.roles().items() if role != "lock"]
 
     def names(self) -> tuple[str, ...]:
         """The file names written through atomic_write, whose temporaries a killed run leaves."""
-        return tuple(path.name for path in (self.best, self.last, self.metrics, self.plain))
+        return tuple(path.name for path in self.results())
 
 
 # ---------------------------------------------------------------- paths
@@ -131,25 +141,37 @@ def check_disk_space(folder: Path, needed_bytes: int, flag: str = "--output") ->
 
 def check_run_files(files: RunFiles, *, inputs: dict[str, Path | None], resume: Path | None,
                     overwrite: bool) -> None:
-    """Refuse, before any work and creating nothing, outputs that collide with each other or with an
-    input (never allowed, not even with --overwrite), existing results without --overwrite (except a
-    resumed run continuing in its own folder: `resume` is then exactly `files.last`), and an output
-    folder that cannot be written. `inputs` maps each flag to the file the run reads, None if unused."""
-    outputs = {role: resolve_path(path, "--output") for role, path in files.roles().items()}
+    """Refuse, before any work and creating nothing, anything but a regular file where the run writes
+    one, outputs that collide with each other or with an input (never allowed, not even with --overwrite),
+    existing results without --overwrite (except a resumed run continuing in its own folder: `resume` is
+    then exactly `files.last`), and an output folder that cannot be written. `inputs` maps each flag to
+    the file the run reads, None if unused."""
+    outputs = {role: resolve_path(path, "--output") for role, path in files.roles().items()}  # a loop as a loop
+    for role, path in files.roles().items():
+        check_regular_or_absent(path, role)
     check_outputs_apart(files, outputs)
     continuing = resumes_in_place(files, resume)
     check_inputs_kept(files, outputs, inputs, continuing)
-    for role in ("best", "last", "metrics", "plain"):
-        path = files.roles()[role]
-        if path.is_dir():
-            raise UsageError(f"--output: {path} is a folder, but the run writes {ROLES[role]} there; "
-                             "choose another --output")
+    for path in files.results():
         if not overwrite and not continuing and os.path.lexists(path):
             elsewhere = "" if resume is None else (f" and is not part of the resumed run (--resume {resume} "
                                                    "continues in place only with an --output beside it)")
             raise UsageError(f"--output: {path} already exists{elsewhere}; pass --overwrite to replace it or "
                              "choose another --output")
     check_writable_folder(files.best.parent, "--output")
+
+
+def check_regular_or_absent(path: Path, role: str) -> None:
+    """Replacing a device, a pipe, a socket, a symlink or a folder is never what a run is for, so only a
+    regular file may stand where it writes; lstat, since a link is never followed."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # absent, or below a file, which check_writable_folder reports
+        return
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"--output: {path} is {KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, but the run "
+                         f"writes {ROLES[role]} there and replaces nothing but a regular file, not even with "
+                         "--overwrite; choose another --output")
 
 
 def resumes_in_place(files: RunFiles, resume: Path | None) -> bool:
@@ -160,12 +182,10 @@ def resumes_in_place(files: RunFiles, resume: Path | None) -> bool:
 
 
 def check_outputs_apart(files: RunFiles, outputs: dict[str, Path]) -> None:
-    for role in ("last", "metrics", "lock", "plain"):
-        if same_file(outputs["best"], outputs[role]):
+    for role, target in outputs.items():
+        if role != "best" and same_file(outputs["best"], target):
             raise UsageError(f"--output {files.best} is where the run keeps {ROLES[role]}; give the best model "
                              f"another name, e.g. --output {files.best.parent / 'model.pt'}")
-    if same_file(outputs["last"], outputs["metrics"]):  # only through a symlink planted in the folder
-        raise UsageError(f"--output: {files.last} and {files.metrics} are one file; choose another folder")
 
 
 def check_inputs_kept(files: RunFiles, outputs: dict[str, Path], inputs: dict[str, Path | None],

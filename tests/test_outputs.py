@@ -1,6 +1,6 @@
-"""A run's files: outputs never collide with each other or with an input, earlier results are kept
-without --overwrite, folders are checked up front, and one live run per output folder (TensorBoard
-trouble mid-run: test_tblog.py).
+"""A run's files: outputs never collide with each other or with an input, only a regular file is ever
+replaced, earlier results are kept without --overwrite, folders are checked up front, and one live run
+per output folder (TensorBoard trouble mid-run: test_tblog.py).
 
 Every refusal is checked for the flag it names and for leaving the file tree exactly as it was.
 Permission bits do not stop root (CI runs the tests as root): the chmod test skips there, and the
@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -33,30 +35,35 @@ PSEUDO_FS = [p for p in ("/proc", "/sys") if os.path.isdir(p) and shutil.disk_us
 
 
 def tree(folder: Path) -> dict:
-    """Every entry under folder: sha256 of files, the target of links, 'dir' for folders."""
+    """Every entry under folder: sha256 of files, the target of links, 'dir' for folders, the type and
+    permissions of anything else (never read: a pipe would block, a device might never end)."""
     state = {}
     for root, dirs, files in os.walk(folder):
         for name in dirs + files:
             path = Path(root, name)
-            rel = str(path.relative_to(folder))
-            if path.is_symlink():
+            rel, mode = str(path.relative_to(folder)), path.lstat().st_mode
+            if stat.S_ISLNK(mode):
                 state[rel] = "-> " + os.readlink(path)
-            elif path.is_dir():
+            elif stat.S_ISDIR(mode):
                 state[rel] = "dir"
-            else:
+            elif stat.S_ISREG(mode):
                 state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                state[rel] = stat.filemode(mode)
     return state
 
 
 def make(folder: Path, entries) -> None:
     """'name/': an empty folder; 'name/file': a folder holding a file (another run's events);
-    'name': a file; 'name@target': a symlink to target."""
+    'name': a file; 'name@target': a symlink to target; 'name|': a named pipe."""
     folder.mkdir(exist_ok=True)
     for entry in entries:
-        path = folder / entry.split("@")[0]
+        path = folder / entry.split("@")[0].rstrip("|")
         path.parent.mkdir(parents=True, exist_ok=True)
         if "@" in entry:
             path.symlink_to(entry.split("@")[1])
+        elif entry.endswith("|"):
+            os.mkfifo(path)
         elif entry.endswith("/"):
             path.mkdir()
         else:
@@ -87,8 +94,8 @@ def check(files: RunFiles, model_path=None, resume=None, overwrite=False) -> Non
                     overwrite=overwrite)
 
 
-def output(path: Path) -> RunFiles:
-    return RunFiles.for_output(str(path))
+def output(path: Path, plain: bool = True) -> RunFiles:
+    return RunFiles.for_output(str(path), plain=plain)
 
 
 # ---------------------------------------------------------------- --output names a file
@@ -114,6 +121,9 @@ def test_the_other_files_go_beside_the_best_model(tmp_path):
     assert (files.last, files.metrics, files.lock, files.plain) == tuple(
         tmp_path / "r" / name for name in ("last.pt", "metrics.json", ".lock", "model[1].state_dict.pt"))
     assert files.names() == ("model[1].pt", "last.pt", "metrics.json", "model[1].state_dict.pt")  # atomic_write's
+    files = output(tmp_path / "r" / "model.pt", plain=False)  # a run whose input was no plain state_dict
+    assert files.plain is None and "plain" not in files.roles()
+    assert files.names() == ("model.pt", "last.pt", "metrics.json")
 
 
 # ---------------------------------------------------------------- outputs never collide
@@ -125,16 +135,6 @@ def test_the_best_model_never_takes_another_outputs_place(tmp_path, name, role, 
     message = refused(UsageError, f"--output .* keeps {role}", tmp_path, check,
                       output(tmp_path / "result" / "x" / name), overwrite=overwrite)
     assert str(tmp_path / "result" / "x" / "model.pt") in message
-
-
-@pytest.mark.parametrize("best,entries,fault", [
-    ("best.pt", ["last.pt", "best.pt@last.pt"], "--output .* keeps last.pt"),
-    ("m.pt", ["m.pt@metrics.json"], "--output .* keeps metrics.json"),  # a link to a file not written yet
-    ("model.pt", ["last.pt@metrics.json"], "--output: .*last.pt and .*metrics.json are one file"),
-])
-def test_an_output_that_links_to_another_output_collides(tmp_path, best, entries, fault):
-    make(tmp_path / "x", entries)
-    refused(UsageError, fault, tmp_path, check, output(tmp_path / "x" / best), overwrite=True)
 
 
 # ---------------------------------------------------------------- inputs are never replaced
@@ -151,6 +151,8 @@ INPUT_COLLISIONS = {  # --output, the input (under tmp_path; "rel:" spelled rela
     "a link to the output": ("x/model.pt", {"model_path": "soft.pt"}, "is the --model-path input"),
     "a hard link to last.pt": ("x/model.pt", {"model_path": "hard.pt"}, "writes last.pt to .*--model-path input"),
     "resume is the output": ("saved/run.pt", {"resume": "saved/run.pt"}, "--output .* is the --resume input"),
+    "model path is the plain state_dict": ("x/model.pt", {"model_path": "x/model.state_dict.pt"},
+                                           "writes the best model as a plain state_dict to .*--model-path input"),
 }
 
 
@@ -198,12 +200,75 @@ def test_resume_elsewhere_never_replaces_another_runs_files_without_overwrite(tm
     check(output(tmp_path / "c" / "model.pt"), resume=run_a.last)  # a fresh folder
 
 
-@pytest.mark.parametrize("name,role", [("last.pt", "last.pt"), ("metrics.json", "metrics.json"),
-                                       ("model.state_dict.pt", "the best model as a plain state_dict")])
-def test_an_output_file_that_is_a_folder_is_refused_even_with_overwrite(tmp_path, name, role):
-    make(tmp_path / "x", [f"{name}/"])
-    refused(UsageError, f"--output: .*x/{name} is a folder, but the run writes {role} there", tmp_path, check,
-            output(tmp_path / "x" / "model.pt"), overwrite=True)
+@pytest.mark.parametrize("existing", ["model.state_dict.pt", "model.state_dict.pt|"])
+def test_a_plain_state_dict_the_run_does_not_write_is_neither_checked_nor_in_the_way(tmp_path, existing):
+    make(tmp_path / "x", [existing])
+    check(output(tmp_path / "x" / "model.pt", plain=False))
+
+
+def bind_socket(path: Path) -> None:
+    """A unix socket at path, bound by its name alone: a socket's whole path must be short."""
+    cwd = os.getcwd()
+    os.chdir(path.parent)
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(path.name)
+    finally:
+        os.chdir(cwd)
+
+
+def full_device(path: Path) -> None:
+    """A copy of /dev/full (writes fail, reads never end), as root may make one."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    except PermissionError:
+        pytest.skip("mknod needs root")
+
+
+NOT_FILES = {  # what stands where the run writes a file -> (how the refusal names it, how to make it)
+    "folder": ("a folder", os.mkdir),
+    "link to a file": ("a symlink", lambda p: p.symlink_to("../victim.pt")),
+    "link to another output": ("a symlink", lambda p: p.symlink_to({"last.pt": "metrics.json"}.get(p.name, "last.pt"))),
+    "named pipe": ("a named pipe", os.mkfifo),
+    "socket": ("a socket", bind_socket),
+    "device": ("a character device", full_device),
+}
+FILE_ROLES = {"model.pt": "the best model", "last.pt": "last.pt", "metrics.json": "metrics.json",
+              "model.state_dict.pt": "the best model as a plain state_dict", ".lock": "the lock file"}
+
+
+@pytest.mark.parametrize("name,kind", [(name, kind) for name in FILE_ROLES for kind in NOT_FILES
+                                       if (name, kind) != ("model.pt", "folder")])  # that one: FOLDER_OUTPUTS
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_anything_but_a_regular_file_where_the_run_writes_is_refused_even_with_overwrite(tmp_path, name, kind,
+                                                                                           overwrite):
+    what, plant = NOT_FILES[kind]
+    make(tmp_path, ["victim.pt", "x/"])
+    plant(tmp_path / "x" / name)
+    message = refused(UsageError, f"--output: {tmp_path / 'x' / name} is {what}, but the run writes "
+                      f"{FILE_ROLES[name]} there", tmp_path, check, output(tmp_path / "x" / "model.pt"),
+                      overwrite=overwrite)
+    assert message.endswith("not even with --overwrite; choose another --output")
+
+
+def test_the_systems_own_device_as_output_is_refused(tmp_path):
+    refused(UsageError, f"--output: {os.devnull} is a character device", tmp_path, check, output(Path(os.devnull)),
+            overwrite=True)
+    assert stat.S_ISCHR(os.lstat(os.devnull).st_mode)
+
+
+def test_with_overwrite_only_the_files_the_run_writes_are_removed(tmp_path):
+    """claim_outputs clears an earlier run's files, never a plain state_dict that this run will not write."""
+    import torch
+
+    from fashion_ft.config import Config
+    from fashion_ft.trainer import StartModel, claim_outputs
+
+    make(tmp_path / "x", ["model.pt", "last.pt", "metrics.json", "model.state_dict.pt"])
+    start = StartModel(torch.nn.Linear(2, 2), "cnn3", {})
+    with contextlib.ExitStack() as stack:
+        claim_outputs(Config(overwrite=True), output(tmp_path / "x" / "model.pt", plain=False), start, stack)
+        assert sorted(os.listdir(tmp_path / "x")) == [".lock", "model.state_dict.pt"]
 
 
 # ---------------------------------------------------------------- folders that cannot be written
@@ -514,12 +579,13 @@ def one_line_error(result, code: int, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
-CLI_USAGE_ERRORS = {  # a wrong command line ({t}: tmp_path, which holds x/ and file; a later --logdir wins) -> its flag
+CLI_USAGE_ERRORS = {  # a wrong command line ({t}: tmp_path, holding x/, file, pipe; a later --logdir wins) -> its flag
     "--output is last.pt": (("--output", "{t}/x/last.pt"), "--output"),
     "--output is metrics.json": (("--output", "{t}/x/metrics.json"), "--output"),
     "--output is the lock": (("--output", "{t}/x/.lock"), "--output"),
     "--output is a folder": (("--output", "{t}/x"), "--output"),
     "--output ends in a slash": (("--output", "{t}/x/"), "--output"),
+    "--output is a named pipe": (("--output", "{t}/pipe", "--overwrite"), "--output"),
     "--logdir is a file": (("--output", "{t}/out/model.pt", "--logdir", "{t}/file"), "--logdir"),
     "--run-name leaves --logdir": (("--output", "{t}/out/model.pt", "--run-name", "../escape"), "--run-name"),
     "--run-name breaks the line": (("--output", "{t}/out/model.pt", "--run-name", "two\nlines\x1b[2J"), "--run-name"),
@@ -530,7 +596,7 @@ CLI_USAGE_ERRORS = {  # a wrong command line ({t}: tmp_path, which holds x/ and 
 @pytest.mark.parametrize("case", CLI_USAGE_ERRORS)
 def test_cli_a_wrong_command_line_exits_2_before_any_work(tmp_path, small_data_dir, case):
     flags, flag = CLI_USAGE_ERRORS[case]
-    make(tmp_path, ["x/", "file"])
+    make(tmp_path, ["x/", "file", "pipe|"])
     before = tree(tmp_path)
     result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--logdir", tmp_path / "tb",
                         *[a.format(t=tmp_path) for a in flags], *QUICK)
@@ -557,6 +623,32 @@ def test_cli_model_path_is_never_replaced_even_with_overwrite(tmp_path, small_da
     result = run_script("finetune_gpu.py", "--model-path", tmp_path / "x" / "last.pt", "--overwrite",
                         "--data-dir", small_data_dir, "--output", tmp_path / "x" / "other.pt",
                         "--logdir", tmp_path / "tb", *QUICK)
+    one_line_error(result, 2, "--output", "--model-path")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overwrite", [(), ("--overwrite",)])
+def test_cli_a_run_from_our_checkpoint_leaves_a_plain_state_dict_alone(tmp_path, small_data_dir, trained_checkpoint,
+                                                                       overwrite):
+    """Only a run from a plain state_dict writes one: another's, by the best model's name, is the user's."""
+    make(tmp_path, ["x/model.state_dict.pt"])
+    result = run_script("finetune_gpu.py", "--model-path", trained_checkpoint, *overwrite, "--data-dir", small_data_dir,
+                        "--output", tmp_path / "x" / "model.pt", "--logdir", tmp_path / "tb", *QUICK)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "x" / "model.state_dict.pt").read_bytes() == b"events"
+
+
+@pytest.mark.slow
+def test_cli_a_resumed_run_never_replaces_its_original_model_path(tmp_path, small_data_dir, trained_checkpoint):
+    """The resumed run's --model-path, restored from last.pt, is an input as much as --resume."""
+    shutil.copy(trained_checkpoint, tmp_path / "in.pt")
+    first = run_script("finetune_gpu.py", "--model-path", tmp_path / "in.pt", "--data-dir", small_data_dir,
+                       "--output", tmp_path / "a" / "model.pt", "--logdir", tmp_path / "tb", *QUICK)
+    assert first.returncode == 0, first.stderr
+    before = tree(tmp_path)
+    result = run_script("finetune_gpu.py", "--resume", tmp_path / "a" / "last.pt", "--epochs", "2", "--overwrite",
+                        "--output", tmp_path / "in.pt", "--quiet", "--device", "cpu")
     one_line_error(result, 2, "--output", "--model-path")
     assert tree(tmp_path) == before
 
