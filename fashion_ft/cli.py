@@ -2,7 +2,7 @@
 
     sys.exit(cli.run(lambda: body(argv), debug="--debug" in argv))
 
-Exit codes: what body returns; UserError: its own (1, or 2 for usage); Interrupted: 130 (SIGINT) or
+Exit codes: what body returns; UserError: its own (1, or 2 for usage); Interrupted: 130 (SIGINT), 129 (SIGHUP) or
 143 (SIGTERM); Ctrl-C: 130; anything unexpected: 1, with the traceback only under --debug. A reader
 that goes away (`script | head -1`) ends the script quietly with 1. With a SignalGuard, any end after
 it recorded a signal is that interrupt: a signal may surface as another error (torch.save turns it
@@ -12,13 +12,27 @@ into a RuntimeError) or be swallowed by a library, and the user asked to stop ei
 import argparse
 import json
 import os
+import re
 import select
 import sys
 import warnings
 from collections.abc import Callable
+from contextlib import suppress
 
 from .errors import Interrupted, UserError, first_line
 from .signals import SignalGuard
+
+# requirements.txt: a script that cannot import one of these runs in a Python the project was not set up in
+REQUIRED_PACKAGES = ("torch", "torchvision", "tensorboard", "numpy", "tqdm")
+# The unicode categories Cc (C0, DEL, C1), Zl, Zp and Cs (lone surrogates, from undecodable file names):
+# each can end a line or drive a terminal
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """text as one terminal line: control characters escaped as Python writes them (\\n, \\x1b, \\u2028),
+    so that a path given by the user cannot split a printed line; any other text, in any script, as it is."""
+    return _CONTROL.sub(lambda m: repr(m[0])[1:-1], text)
 
 
 def json_object(text: str) -> dict:
@@ -71,7 +85,7 @@ def add_shared(g, *flags: str) -> None:
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
+    return printable(f"warning: {message}") + "\n"
 
 
 def error_prefix() -> str:
@@ -123,10 +137,11 @@ def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_
     except UserError as exc:
         if debug:
             raise
-        print(f"{prefix()}{exc}", file=sys.stderr)
+        print(printable(f"{prefix()}{exc}"), file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
-        print(f"interrupted ({exc})" + (f": {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        with suppress(OSError):  # after a hang-up the terminal is gone: the exit code still tells
+            print(printable(f"interrupted ({exc})" + (f": {exc.hint}" if exc.hint else "")), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -138,12 +153,26 @@ def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_
 def _unexpected(exc: Exception, debug: bool, prefix: Callable[[], str]) -> int:
     if debug:
         raise exc
-    from .system import mps_hint  # imported late: cli stays importable without torch
-
-    hint = mps_hint(exc)
-    if hint:
-        print(f"{prefix()}{hint}", file=sys.stderr)
-        return 1
-    print(f"{prefix()}{type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)",
-          file=sys.stderr)
+    hint = missing_package_hint(exc) or _mps_hint(exc)
+    line = hint or f"{type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)"
+    print(printable(prefix() + line), file=sys.stderr)
     return 1
+
+
+def missing_package_hint(exc: BaseException) -> str | None:
+    """The set-up advice for a package of requirements.txt that this Python lacks; None for any other error."""
+    package = (getattr(exc, "name", None) or "").partition(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or package not in REQUIRED_PACKAGES:
+        return None
+    script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "SCRIPT.py"
+    return (f"{package} is not installed in {sys.executable}, the Python running this script: set the project "
+            f"up with `bash scripts/setup.sh`, then `source .venv/bin/activate` (or run `.venv/bin/python "
+            f"{script} ...`)")
+
+
+def _mps_hint(exc: BaseException) -> str | None:
+    if "torch" not in sys.modules:  # no torch, no MPS error; and importing .system would need torch
+        return None
+    from .system import mps_hint
+
+    return mps_hint(exc)

@@ -6,6 +6,7 @@ Defaults are written here once; finetune_gpu.py builds its argparse flags from t
 import dataclasses
 import datetime
 import math
+import numbers
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ def fixed(default):
 
 def permission(default=False):
     """A permission holds for the command that gives it: a resumed run never takes it from last.pt, so
-    that one run's --overwrite cannot replace another run's files."""
+    that one run's --overwrite cannot replace another run's files, nor its record choose code to run."""
     return dataclasses.field(default=default, metadata={"resume": "permission"})
 
 
@@ -49,7 +50,7 @@ class Config:
     arch: str = fixed("cnn3")
     arch_kwargs: dict | None = fixed(None)  # overrides of the arch's registry defaults, e.g. {"blocks": 1}
     max_params: int = free(MAX_PARAMETERS)
-    model_def: str | None = free(None)  # FILE.py:CLASS or pkg.mod:CLASS, the user's own network class
+    model_def: str | None = permission(None)  # FILE.py:CLASS or pkg.mod:CLASS: named on every load, never restored
     model_kwargs: dict | None = fixed(None)  # its constructor's keyword arguments
     normalize: list | None = fixed(None)  # [mean, std] the model was trained with; None: the file's record, else Fashion-MNIST's
     trust_pickle: bool = permission()
@@ -252,14 +253,30 @@ def validate(cfg: Config) -> None:
     _require(cfg.warmup_epochs < cfg.epochs, "--warmup-epochs", "must be shorter than --epochs")
     _require(cfg.limit_train is None or cfg.limit_train >= cfg.batch_size, "--limit-train",
              f"must be >= --batch-size ({cfg.batch_size}), got {cfg.limit_train}")
+    # an empty value would otherwise mean the flag was not given (the last two: train every layer)
+    _require(cfg.model_def != "", "--model-def", "expected FILE.py:CLASS or package.module:CLASS, got ''")
+    _require(cfg.trainable is None or bool(cfg.trainable_patterns), "--trainable",
+             f"expected comma-separated layer-name patterns such as 'fc*,bn_fc', got {cfg.trainable!r}")
     check_normalize(cfg.normalize)
 
 
+# Wide enough for any normalisation of pixels in [0, 1] (0-255 pixels unnormalised: STD 1/255), narrow
+# enough that (x - MEAN) / STD stays within 11,000 in size, where fp16 (65,504) and float32 hold it
+NORMALIZE_MIN_STD, NORMALIZE_MAX_MEAN = 1e-3, 10.0
+NORMALIZE_RULE = f"finite numbers MEAN STD with |MEAN| <= {NORMALIZE_MAX_MEAN:g} and STD >= {NORMALIZE_MIN_STD:g}"
+
+
+def normalize_ok(mean, std) -> bool:
+    """Whether a normalisation keeps NORMALIZE_RULE: --normalize's, and a checkpoint's record of it."""
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (mean, std)):
+        return False
+    return abs(mean) <= NORMALIZE_MAX_MEAN and NORMALIZE_MIN_STD <= std < math.inf
+
+
 def check_normalize(values: list | None) -> None:
-    """--normalize MEAN STD (both scripts): finite numbers, images are divided by STD."""
+    """--normalize MEAN STD (both scripts)."""
     if values is not None:
-        _require(len(values) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-                 and values[1] > 0, "--normalize", f"must be MEAN STD, finite, STD > 0, got {values}")
+        _require(len(values) == 2 and normalize_ok(*values), "--normalize", f"must be {NORMALIZE_RULE}, got {values}")
 
 
 def check_conflicts(cfg: Config, origin: Callable[[str], str]) -> None:

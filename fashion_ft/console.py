@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cli import silence
+from .cli import printable, silence
 
 
 @dataclass
@@ -19,10 +19,11 @@ class Console:
     alive: bool = True
 
     def _write(self, text: str, stream=None) -> None:
+        """One line: a path in the text (--output, --logdir, --model-path) may hold a newline."""
         if self.is_main and self.alive:
             stream = stream or sys.stdout  # looked up at each call: pytest and others replace sys.stdout
             try:
-                print(text, file=stream, flush=True)
+                print(printable(text), file=stream, flush=True)
             except BrokenPipeError:
                 self.alive = False
                 silence(stream)
@@ -94,6 +95,6 @@ def summary_lines(summary: dict, files) -> list[str]:
     if best == 0:
         lines.append("no epoch beat the starting model; it was kept as the best model")
     lines.append(f"saved: {files.best} (best), {files.last} (resumable), {files.metrics}")
-    if files.plain.exists():
+    if files.plain:
         lines.append(f"plain state_dict: {files.plain} (for model.load_state_dict(torch.load(...)) in your own scripts)")
     return lines

@@ -7,11 +7,12 @@ convolutions, and a BatchNorm or pooling right after the last of them) are the f
 
 import fnmatch
 import itertools
+import warnings
 
 import torch
 from torch import nn
 
-from .errors import UserError, first_line
+from .errors import UsageError, UserError, first_line
 from .model import INPUT_SHAPE, count_parameters
 
 CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
@@ -133,7 +134,7 @@ def _head_tensors(model: nn.Module) -> set[int]:
 def _trainable_tensors(model: nn.Module, patterns: list[str]) -> set[int]:
     """ids of the tensors of the modules that a pattern names, directly or through an enclosing module
     ("classifier" names classifier.2 too); a tensor of the model itself, outside any module, by its own
-    name. A pattern that names nothing is a UserError listing the names there are."""
+    name. A pattern that names nothing is a UsageError listing the names there are."""
     def own_named(module):
         return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
 
@@ -141,7 +142,7 @@ def _trainable_tensors(model: nn.Module, patterns: list[str]) -> set[int]:
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             shown = ", ".join(names[:24]) + (f", ... ({len(names)} in all)" if len(names) > 24 else "")
-            raise UserError(f"--trainable {pattern!r} matches no layer of this model; its layers are: {shown}")
+            raise UsageError(f"--trainable {pattern!r} matches no layer of this model; its layers are: {shown}")
 
     def named(name: str) -> bool:  # the name or an enclosing module's
         parts = name.split(".")
@@ -166,6 +167,8 @@ def _frozen_tensors(model: nn.Module, freeze_conv: bool, freeze_bn: bool, traina
 
 
 def apply_freezing(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainable=None) -> None:
+    if freeze_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        warnings.warn("this model has no BatchNorm layer, so --freeze-bn changes nothing", stacklevel=2)
     frozen = _frozen_tensors(model, freeze_conv, freeze_bn, trainable)
     for p in model.parameters():
         if id(p) in frozen:

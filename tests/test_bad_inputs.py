@@ -73,6 +73,13 @@ FINETUNE_CASES = {
     "output exists": (["--output", "existing/best.pt"], 2, "--overwrite"),
     "output under a file": (["--output", "input.pt/best.pt"], 2, "--output"),
     "resume from a best model": (["--resume", "input.pt"], 1, "not a resumable checkpoint"),
+    "normalize std tiny": (["--normalize", "0", "1e-40"], 2, "--normalize: must be"),
+    "normalize mean huge": (["--normalize", "1e300", "1"], 2, "--normalize: must be"),
+    "model-def empty": (["--model-def", ""], 2, "--model-def: expected"),
+    "trainable empty": (["--trainable", ""], 2, "--trainable: expected"),
+    "trainable only commas": (["--trainable", ",,"], 2, "--trainable: expected"),
+    "trainable matching nothing": (["--trainable", "fc*"], 2, "--trainable 'fc*' matches no layer"),
+    "trainable unclosed bracket": (["--trainable", "["], 2, "--trainable '[' matches no layer"),
 }
 
 TEST_MODEL_CASES = {
@@ -82,6 +89,9 @@ TEST_MODEL_CASES = {
     "cuda without a GPU": (["--device", "cuda"], 2, "--device"),
     "unknown amp": (["--amp", "fp8"], 2, "--amp"),
     "min-accuracy as a percentage": (["--min-accuracy", "90"], 2, "--min-accuracy"),
+    "normalize std tiny": (["--normalize", "0", "1e-40"], 2, "--normalize: must be"),
+    "normalize mean huge": (["--normalize", "1e300", "1"], 2, "--normalize: must be"),
+    "model-def empty": (["--model-def", ""], 2, "--model-def"),
 }
 
 

@@ -2,6 +2,9 @@
 --freeze-bn and --trainable patterns keeping every frozen tensor bit-identical, the summary line, and no
 training batch of one image through a BatchNorm1d."""
 
+import re
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +14,7 @@ from torch import nn
 
 from fashion_ft.config import Config
 from fashion_ft.engine import ComputeSettings, TrainStep
-from fashion_ft.errors import UserError
+from fashion_ft.errors import UsageError, UserError
 from fashion_ft.freezing import (
     _frozen_tensors,
     _own_tensors,
@@ -288,10 +291,21 @@ def test_trainable_patterns_freeze_batchnorm_statistics_they_do_not_name(foreign
     assert not torch.equal(before["fc1.weight"], model.fc1.weight)
 
 
-def test_a_pattern_matching_nothing_is_a_user_error_listing_the_layers(foreign_class):
-    with pytest.raises(UserError, match=r"--trainable 'head\*' matches no layer of this model; its layers are: "
-                                        r"conv1, bn1, .*fc1, bn_fc, dropout, fc2"):
-        apply_freezing(make("a", foreign_class), False, False, ["fc*", "head*"])
+@pytest.mark.parametrize("pattern", ["head*", "["])
+def test_a_pattern_matching_nothing_is_a_usage_error_listing_the_layers(foreign_class, pattern):
+    with pytest.raises(UsageError, match=re.escape(f"--trainable {pattern!r} matches no layer of this model; its "
+                                                   "layers are: conv1, bn1, ") + ".*fc1, bn_fc, dropout, fc2") as info:
+        apply_freezing(make("a", foreign_class), False, False, ["fc*", pattern])
+    assert info.value.exit_code == 2
+
+
+def test_freeze_bn_on_a_model_without_batchnorm_says_it_changes_nothing():
+    with pytest.warns(UserWarning, match="^this model has no BatchNorm layer, so --freeze-bn changes nothing$"):
+        apply_freezing(FunctionalConv(), freeze_conv=False, freeze_bn=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_freezing(FunctionalConv(), freeze_conv=False, freeze_bn=False)
+        apply_freezing(build_model("cnn3"), freeze_conv=False, freeze_bn=True)
 
 
 # ---------------------------------------------------------------- the summary line
