@@ -59,7 +59,8 @@ def model_and_data_flags(p: argparse.ArgumentParser, d: Config) -> None:
     g.add_argument("--arch-kwargs", type=json_object, default=d.arch_kwargs, metavar="JSON",
                    help='with --from-scratch: a JSON object overriding the arch\'s defaults, e.g. \'{"blocks": 1}\'')
     g.add_argument("--max-params", type=int, default=d.max_params,
-                   help="refuse a --from-scratch model with more parameters (a typo in its widths)")
+                   help="refuse a model with more parameters (a typo in --arch-kwargs, or widths recorded in a "
+                        "damaged checkpoint), before any memory is taken")
     add_shared(g, "--trust-pickle")
     g = p.add_argument_group("data")
     add_shared(g, "--data-dir", "--download")
@@ -147,7 +148,8 @@ def hardware_flags(p: argparse.ArgumentParser, d: Config) -> None:
     add_shared(g, "--device")
     g.add_argument("--amp", choices=AMP_MODES, default=d.amp,
                    help="mixed precision; auto: bf16 on CPUs and GPUs that are fast at it (CUDA capability 8.0+), "
-                        "fp16 with loss scaling on capability 7.x (V100, T4), else fp32")
+                        "fp16 with loss scaling on capability 7.x (V100, T4), else fp32; on Apple MPS fp32, with bf16 "
+                        "or fp16 only when asked for")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
                    help="NHWC memory layout (faster convolutions)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -168,12 +170,15 @@ def explicit_flags(argv) -> set[str]:
     return {k for k, v in vars(parser.parse_args(argv)).items() if v is not marker}
 
 
-def load_resume(path: str) -> dict:
+def load_resume(path: str, model_def: str | None) -> dict:
+    """last.pt's contents, checked; a user's class is built from --model-def only (never from the record)."""
+    from fashion_ft import userdef
     from fashion_ft.checkpoint import RESUME_HINT, load_checkpoint, validate_resumable
     from fashion_ft.outputs import resolve_path
 
     resolve_path(Path(path), "--resume")  # a symlink loop is worded as for every other path
-    meta = load_checkpoint(path, refusal_hint=RESUME_HINT).meta
+    definition = userdef.parse(model_def) if model_def else None
+    meta = load_checkpoint(path, refusal_hint=RESUME_HINT, model_def=definition).meta
     validate_resumable(path, meta)
     try:  # what it restores passes the checks argv does
         saved = {k: v for k, v in meta["config"].items() if k in dataclasses.asdict(DEFAULTS)}
@@ -210,6 +215,7 @@ def free_output(output: str) -> str:
 def resolve_output(cfg: Config, explicit: set) -> str:
     """--output, except that a second round started from the default output (the multi-round workflow)
     writes to the next free round folder instead; an explicit --output may never be the input."""
+    from fashion_ft.cli import printable
     from fashion_ft.outputs import resolve_path, same_file
 
     if cfg.from_scratch or cfg.resume or not same_file(resolve_path(Path(cfg.model_path), "--model-path"),
@@ -220,7 +226,7 @@ def resolve_output(cfg: Config, explicit: set) -> str:
                          f"for example --output {free_output(cfg.output)}")
     output = free_output(cfg.output)
     if os.environ.get("RANK", "0") == "0":
-        print(f"output: {output} (the default output is the input model)", flush=True)
+        print(printable(f"output: {output} (the default output is the input model)"), flush=True)
     return output
 
 
@@ -258,7 +264,7 @@ def build_config(argv) -> tuple[Config, dict | None]:
     values = dataclasses.asdict(DEFAULTS)
     resume_meta = None
     if args.resume:
-        resume_meta = load_resume(args.resume)
+        resume_meta = load_resume(args.resume, args.model_def)
         values.update({k: v for k, v in resume_meta["config"].items() if k in values and k not in PERMISSIONS})
         if "split_seed" not in resume_meta["config"]:  # written before the split had its own seed
             values["split_seed"] = resume_meta["config"].get("seed")

@@ -11,6 +11,7 @@ Exit codes: 0 every check passed, 1 a check failed, 2 bad usage, 130/143 interru
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -54,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="quick-eval accuracy below this fraction (0..1) fails")
     add_shared(p, "--device")
     p.add_argument("--amp", choices=AMP_MODES, default="off",
-                   help="precision of the quick eval (off: exact fp32; fp16 needs a CUDA GPU). The train step "
+                   help="precision of the quick eval (off: exact fp32; fp16 needs a CUDA GPU, or Apple MPS with torch 2.8+). The train step "
                         "always uses the precision finetune_gpu.py's --amp auto picks on this device")
     add_shared(p, "--tta")
     p.add_argument("--require-gpu", action="store_true", help="fail when no CUDA GPU is available")
@@ -141,8 +142,10 @@ def run_checks(args):
 
 
 def print_text(report) -> None:
+    from fashion_ft.cli import printable
+
     for check in report.checks:
-        print(f"[{'PASS' if check.ok else 'FAIL'}] {check.name:<16} {check.detail}")
+        print(printable(f"[{'PASS' if check.ok else 'FAIL'}] {check.name:<16} {check.detail}"))
     failed = [c.name for c in report.checks if not c.ok]
     total = len(report.checks)
     print(f"{len(failed)} of {total} checks failed: {', '.join(failed)}" if failed else f"all {total} checks passed")
@@ -154,9 +157,10 @@ def check_and_print(argv) -> int:
 
     args = get_args_parser().parse_args(argv)
     args.model_path = args.model_path or [Config.model_path]
-    args.definition = userdef.parse(args.model_def) if args.model_def else None
+    args.definition = userdef.parse(args.model_def) if args.model_def is not None else None
     check_normalize(args.normalize)
-    report = run_checks(args)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        report = run_checks(args)  # under --json, what the user's module prints goes to stderr: stdout is one document
     if args.json:  # strict JSON: Report.to_dict has turned every NaN/Inf into null with its reason
         print(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import userdef
+from .config import MAX_PARAMETERS, NORMALIZE_MAX_MEAN, NORMALIZE_MIN_STD, normalize_ok
 from .data import CLASSES, MEAN, STD, VALIDATION_SOURCES
 from .errors import UserError, first_line
 from .model import (
@@ -37,11 +38,13 @@ from .model import (
     build_source,
     check_outputs,
     infer_arch,
+    on_meta,
     output_classes,
     resolve_arch_kwargs,
     shape_mismatches,
     unwrap,
 )
+from .signals import deferred
 
 FORMAT = "fashion_ft.checkpoint"
 FORMAT_VERSION = 1
@@ -49,6 +52,7 @@ WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DataParallel/DDP, torch.compile, nested either way
 TRUST_HINT = "pass --trust-pickle only if you trust where this file came from"
 RESUME_HINT = "--resume never unpickles: a last.pt this tool wrote holds none"
+DECLARED_SLACK_BYTES = 64 << 20  # what a zip's entries may add up to beyond the file's size (its own records)
 FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk filled up
 WRITE_ERRNO_MESSAGES = {
     errno.ENOSPC: "no space left on device while writing {path}",
@@ -75,6 +79,11 @@ class _CauseKeeper:
 
 
 def atomic_write(path, write) -> None:
+    with deferred():  # a signal never tears a save: it is honoured once the file is in place
+        _atomic_write(path, write)
+
+
+def _atomic_write(path, write) -> None:
     """Call write(binary file) on a temporary file beside `path`, fsync, then rename it into place.
 
     A failure leaves the previous file untouched and no temporary file; a full disk or another
@@ -250,8 +259,9 @@ FIELDS = {
     "arch": TEXT_OR_NONE,  # None: inferred from the weights
     "arch_kwargs": DICT,
     "normalize": DICT,
-    "normalize.mean": FINITE,
-    "normalize.std": ("a finite number > 0 (images are divided by it)", lambda v: FINITE[1](v) and v > 0),
+    "normalize.mean": (f"a number with |mean| <= {NORMALIZE_MAX_MEAN:g}", lambda v: normalize_ok(v, 1.0)),
+    "normalize.std": (f"a finite number >= {NORMALIZE_MIN_STD:g} (images are divided by it)",
+                      lambda v: normalize_ok(0.0, v)),
     "classes[]": ("a class name", lambda v: isinstance(v, str) and bool(v)),
     "classes": (f"a list of {NUM_CLASSES} different class names (Fashion-MNIST's)",
                 lambda v: isinstance(v, (list, tuple)) and len(v) == NUM_CLASSES == len(set(map(repr, v)))),
@@ -377,16 +387,47 @@ def _check_readable(path: Path) -> None:
 
 def _refuse_other_files(path: Path) -> None:
     """torch.save writes a zip archive (before torch 1.6: a pickle, which starts with the PROTO opcode);
-    torch.jit.save writes a zip like it, with compiled code and a constants.pkl beside the data."""
+    torch.jit.save writes a zip like it, with compiled code and a constants.pkl beside the data. torch.load
+    allocates the size that the file declares for each tensor before reading it, so a file that declares
+    far more than it holds is refused unread: torch.save stores a zip's entries uncompressed."""
     with open(path, "rb") as fh:
         start = fh.read(4)
     if start[:1] != b"\x80" and start != b"PK\x03\x04":  # a truncated zip still starts like one
         raise UserError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+    declared = 0
     with suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as archive:
         if any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist()):
             raise UserError(f"{path} is a TorchScript archive (torch.jit.save), not a checkpoint of weights; save its "
                             f"state_dict once with: python -c \"import torch; torch.save(torch.jit.load('{path}')"
                             ".state_dict(), 'weights.pt')\" and use weights.pt")
+        declared = sum(entry.file_size for entry in archive.infolist())
+    if start[:1] == b"\x80":
+        declared = _legacy_storage_bytes(path)
+    size = path.stat().st_size
+    if declared > size + DECLARED_SLACK_BYTES:
+        raise UserError(f"{path} declares {declared / 2**20:,.0f} MiB of data in a file of {size:,} bytes: it is "
+                        "damaged or crafted, and was not loaded")
+
+
+def _legacy_storage_bytes(path: Path) -> int:
+    """The bytes that the tensors of a pre-1.6 file declare: its pickle read with the tensors on the meta
+    device (FakeTensorMode), where torch's loader allocates nothing; 0 when it cannot be read that way (the
+    real load then says why)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # seconds to import; old files only
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        for item in obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ():
+            yield from tensors(item)
+
+    try:
+        with FakeTensorMode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors(obj)}.values())
+    except Exception:
+        return 0
 
 
 def _torch_load(path: Path, trust_pickle: bool, refusal_hint: str) -> tuple[object, bool]:
@@ -435,8 +476,12 @@ def _extract(obj) -> _Extracted:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise UserError(f"checkpoint format version {version} is newer than this tool reads ({FORMAT_VERSION}); "
                             "upgrade fashion_ft")
-        if not _is_state_dict(obj.get("model")):
-            raise UserError(f"checkpoint in {FORMAT} format holds no model weights under 'model'")
+        weights = obj.get("model")
+        if not _is_state_dict(weights):
+            odd = next((k for k, v in weights.items() if not isinstance(v, torch.Tensor)), None) \
+                if isinstance(weights, dict) and weights else None
+            raise UserError(f"checkpoint field 'model.{odd}' must be a tensor, got {_show(weights[odd])}" if odd is not None
+                            else f"checkpoint in {FORMAT} format holds no model weights under 'model'")
         return _Extracted(obj["model"], f"{FORMAT} v{version}", obj, "model.")
     if _is_state_dict(obj):
         return _Extracted(obj, "bare state_dict", {})
@@ -452,7 +497,7 @@ def _extract(obj) -> _Extracted:
     raise UserError(f"no model weights found in the checkpoint (its top-level keys: {keys})")
 
 
-def _resolve_arch(found: _Extracted, state_dict: dict) -> tuple[str, dict]:
+def _resolve_arch(found: _Extracted, state_dict: dict, max_params: int) -> tuple[str, dict]:
     """(arch, kwargs) named by our file and checked against its weights, or inferred from the weights. The
     model must predict exactly the 10 Fashion-MNIST classes; the error names the field that set the count,
     else the head's weight in the file."""
@@ -464,7 +509,7 @@ def _resolve_arch(found: _Extracted, state_dict: dict) -> tuple[str, dict]:
         arch_kwargs = resolve_arch_kwargs(arch, found.meta.get("arch_kwargs") or {})
         if "num_classes" in found.meta.get("arch_kwargs", {}):
             set_by = "arch_kwargs.num_classes"
-    model = build_model(arch, arch_kwargs)
+    model = on_meta(lambda: build_model(arch, arch_kwargs), max_params)
     problems = shape_mismatches(model, state_dict)
     if problems:
         raise UserError(f"weights do not match arch {arch}: {'; '.join(problems)}")
@@ -484,29 +529,31 @@ def _fit_keys(model: nn.Module, state_dict: dict) -> dict:
     return stripped if len(expected & set(stripped)) > len(expected & set(state_dict)) else state_dict
 
 
-def _user_source(found: _Extracted, path: Path, explicit, kwargs) -> tuple[userdef.ModelDef, dict, dict]:
-    """(definition, kwargs, weights under its keys) of a user's class, checked against the weights."""
-    record = found.meta.get("model_def")
-    if explicit is not None and record is not None and record["class"] != explicit.cls:
-        raise UserError(f"its record names the class {record['given']}:{record['class']}, but --model-def "
-                        f"names {explicit.given}:{explicit.cls}; drop --model-def for this file or pass the right one")
-    definition = explicit or userdef.trusted(record, str(path))
+def _user_source(found: _Extracted, path: Path, definition, kwargs, max_params: int):
+    """(kwargs, weights under its keys) of a user's class, checked against the weights: the shapes on the meta
+    device first, so that a recorded width cannot take the memory."""
+    if definition is None:
+        raise userdef.refusal(found.meta["model_def"], str(path))
     kwargs = dict(found.meta.get("arch_kwargs") or {}) if kwargs is None else dict(kwargs)
-    model = userdef.build(definition, kwargs)
-    check_outputs(model, f"{definition.given}:{definition.cls}")
-    state_dict = _fit_keys(model, found.state_dict)
-    problems = shape_mismatches(model, state_dict)
+    name = f"{definition.given}:{definition.cls}"
+    shapes = on_meta(lambda: userdef.build(definition, kwargs), max_params)
+    state_dict = _fit_keys(shapes, found.state_dict)
+    problems = shape_mismatches(shapes, state_dict)
     if problems:
-        raise UserError(f"the weights do not fit {definition.given}:{definition.cls}: {'; '.join(problems[:3])}")
-    return definition, kwargs, state_dict
+        raise UserError(f"the weights do not fit {name}: {'; '.join(problems[:3])}")
+    check_outputs(userdef.build(definition, kwargs), name)
+    return kwargs, state_dict
 
 
 def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_HINT,
-                    model_def: "userdef.ModelDef | None" = None, model_kwargs: dict | None = None) -> LoadedCheckpoint:
+                    model_def: "userdef.ModelDef | None" = None, model_kwargs: dict | None = None,
+                    max_params: int = MAX_PARAMETERS) -> LoadedCheckpoint:
     """Read, recognise and verify a checkpoint; every failure is a UserError with one clear line that
     names the file and, for a bad field, the field. `refusal_hint` ends the refusal of a pickle.
-    `model_def` (--model-def) and `model_kwargs` name the user's class for a file that records no
-    architecture; a file of one of ours is built from its record."""
+    `model_def` (--model-def) and `model_kwargs` name the user's class, for a file that records it or
+    records no architecture; a file of one of ours is built from its record. Whatever architecture the
+    file records is built on the meta device and matched against its weights before anything is
+    allocated, and may have at most `max_params` parameters."""
     path = Path(path)
     _check_readable(path)
     try:
@@ -516,11 +563,11 @@ def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_
         _check_fields(found.meta, FIELDS, REQUIRED)
         definition = None
         if found.meta.get("model_def") is not None or (model_def is not None and not found.meta.get("arch")):
-            definition, arch_kwargs, state_dict = _user_source(found, path, model_def, model_kwargs)
-            arch = USER_ARCH
+            definition, arch = model_def, USER_ARCH
+            arch_kwargs, state_dict = _user_source(found, path, model_def, model_kwargs, max_params)
         else:
             state_dict = strip_prefixes(found.state_dict)
-            arch, arch_kwargs = _resolve_arch(found, state_dict)
+            arch, arch_kwargs = _resolve_arch(found, state_dict, max_params)
     except (UserError, _BadField) as exc:
         message = str(exc)
         raise UserError(message if message.startswith(str(path)) else f"{path}: {message}") from None

@@ -142,23 +142,34 @@ def check_kwarg_types(arch: str, kwargs: dict) -> None:
             raise UserError(f"{name} must be {want}, got {value!r}")
 
 
-def check_architecture(build: Callable[[], nn.Module], max_params: int) -> int:
-    """Build the model on the meta device and run one meta forward: its size and its output's shape,
-    without allocating a byte. Returns the parameter count; a UserError says what is wrong."""
+def on_meta(build: Callable[[], nn.Module], max_params: int) -> nn.Module:
+    """The model that build() makes, on the meta device: its shapes and size without allocating a byte, so
+    that widths recorded in a file or typed in a flag can be refused before they take the memory. A
+    UserError says what is wrong."""
     try:
         with torch.device("meta"):
             model = build()
-            out = model.eval()(torch.empty(2, *INPUT_SHAPE))
     except UserError:
         raise
-    except Exception as exc:  # a constructor or forward that fails fails in any way
-        raise UserError(f"the model cannot be built or run: {type(exc).__name__}: {first_line(exc)}") from None
-    _check_scores(out, "the model")
+    except Exception as exc:  # a constructor fails in any way
+        raise UserError(f"the model cannot be built: {type(exc).__name__}: {first_line(exc)}") from None
     params = sum(p.numel() for p in model.parameters())
     if params > max_params:
         raise UserError(f"the model would have {params:,} parameters ({params * 4 / 2**20:,.0f} MiB per best "
                         f"model, about 4x that for last.pt with AdamW); the limit is {max_params:,} (--max-params)")
-    return params
+    return model
+
+
+def check_architecture(build: Callable[[], nn.Module], max_params: int) -> int:
+    """on_meta, and one meta forward: its output's shape. Returns the parameter count."""
+    model = on_meta(build, max_params)
+    try:
+        with torch.device("meta"):
+            out = model.eval()(torch.empty(2, *INPUT_SHAPE))
+    except Exception as exc:  # a forward that fails fails in any way
+        raise UserError(f"the model cannot be run: {type(exc).__name__}: {first_line(exc)}") from None
+    _check_scores(out, "the model")
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_model(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
@@ -186,6 +197,9 @@ def check_outputs(model: nn.Module, name: str) -> None:
     finally:
         model.train(was_training)
     _check_scores(out, name)
+    if (out >= 0).all() and torch.allclose(out.sum(1), torch.ones(2)):
+        raise UserError(f"{name} returns probabilities (each row non-negative, summing to 1), and cross-entropy "
+                        "on probabilities trains wrongly: return the logits, or log_softmax of them")
 
 
 def _check_scores(out, name: str) -> None:
@@ -268,9 +282,19 @@ def shape_mismatches(model: nn.Module, state_dict: dict) -> list[str]:
     problems = [f"{what} keys: {shown(keys, tensors)}"
                 for what, keys, tensors in [("missing", missing, expected), ("unexpected", unexpected, state_dict)]
                 if keys]
-    return problems + [f"{key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)}"
-                       for key, tensor in expected.items()
-                       if key in state_dict and tuple(state_dict[key].shape) != tuple(tensor.shape)]
+    return problems + [
+        f"{key} has shape {tuple(state_dict[key].shape)}, expected {tuple(tensor.shape)}"
+        if tuple(state_dict[key].shape) != tuple(tensor.shape) else
+        f"{key} holds {state_dict[key].dtype} values, expected {_kind(tensor)} ({tensor.dtype})"
+        for key, tensor in expected.items()
+        if key in state_dict and (tuple(state_dict[key].shape), _kind(state_dict[key])) != (tuple(tensor.shape), _kind(tensor))]
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    """What load_state_dict would cast silently between: floating-point, complex, integer, bool."""
+    if tensor.is_complex() or tensor.is_floating_point():
+        return "complex" if tensor.is_complex() else "floating-point"
+    return "bool" if tensor.dtype == torch.bool else "integer"
 
 
 def infer_arch(state_dict: dict) -> tuple[str, dict]:
@@ -281,7 +305,8 @@ def infer_arch(state_dict: dict) -> tuple[str, dict]:
         if kwargs is None:
             continue
         try:
-            model = build_model(arch, kwargs)
+            with torch.device("meta"):  # the shapes alone: nothing allocated
+                model = build_model(arch, kwargs)
         except UserError:
             continue
         problems = shape_mismatches(model, state_dict)

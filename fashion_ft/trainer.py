@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import datetime
 import math
+import shlex
 import statistics
 import time
 from contextlib import ExitStack, contextmanager
@@ -98,7 +99,7 @@ def load_start_model(cfg: Config, resume_meta: dict | None) -> StartModel:
         kwargs = resolve_arch_kwargs(cfg.arch, cfg.arch_kwargs)
         return StartModel(build_model(cfg.arch, kwargs), cfg.arch, kwargs, source="random weights")
     ckpt = load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle, model_def=explicit_def(cfg),
-                           model_kwargs=cfg.model_kwargs)
+                           model_kwargs=cfg.model_kwargs, max_params=cfg.max_params)
     if cfg.model_def and ckpt.model_def is None:
         raise UsageError(f"--model-def: {cfg.model_path} records its own architecture ({ckpt.arch}); drop --model-def")
     bad = nonfinite_tensors(ckpt.state_dict)
@@ -116,9 +117,13 @@ def explicit_def(cfg: Config) -> ModelDef | None:
 
 
 def resumed_model(cfg: Config, meta: dict) -> StartModel:
-    """The model of a last.pt: our arch, or the user's class (its recorded file, or --model-def)."""
-    arch, record = meta["arch"], meta.get("model_def")
-    definition = (explicit_def(cfg) or userdef.trusted(record, str(cfg.resume))) if record else None
+    """The model of a last.pt: our arch, or the user's class from --model-def (the file as it is now: the
+    new last.pt records its sha256)."""
+    arch, definition = meta["arch"], explicit_def(cfg)
+    if definition is None and meta.get("model_def"):
+        raise userdef.refusal(meta["model_def"], str(cfg.resume))
+    if definition is not None and not meta.get("model_def"):
+        raise UsageError(f"--model-def: {cfg.resume} records its own architecture ({arch}); drop --model-def")
     with restoring(cfg.resume):
         kwargs = dict(meta["arch_kwargs"]) if definition else resolve_arch_kwargs(arch, meta["arch_kwargs"])
         model = build_source(arch, kwargs, definition)
@@ -158,14 +163,17 @@ def load_data(cfg: Config, start: StartModel, device, console: Console) -> tuple
     return {name: DeviceData.create(*pair, device) for name, pair in sets.items()}, split
 
 
-def check_normalization(start: StartModel, train: DeviceData) -> None:
-    """A file that does not say how its inputs were normalised is tried under the common ones first:
-    training under one that gives near-chance accuracy while another fits would only unlearn the model."""
-    if start.normalize_known:
+def check_normalization(cfg: Config, start: StartModel, train: DeviceData, console: Console) -> None:
+    """The normalisation in use is tried against the common ones unless the file records it: training under
+    one that gives near-chance accuracy while another fits would only unlearn the model. Without a record
+    that stops the run; an explicit --normalize is the user's to keep, with a warning."""
+    if cfg.resume or (start.normalize_known and cfg.normalize is None):
         return
     current = (start.mean, start.std)
     advice = suggestion(compare(start.model, train.images, train.labels.cpu(), current), current)
-    if advice:
+    if advice and cfg.normalize is not None:
+        console.warn(f"{advice}: is --normalize {current[0]:g} {current[1]:g} the one the model was trained with?")
+    elif advice:
         raise UsageError(f"{advice}; pass --normalize MEAN STD (the one the model was trained with)")
 
 
@@ -181,8 +189,7 @@ def choose_device(cfg: Config, info: dist.DistInfo) -> torch.device:
 
 
 def wrap_model(model: nn.Module, cfg: Config, rt: ComputeSettings, info: dist.DistInfo) -> nn.Module:
-    """Freeze, move, and wrap for DDP / torch.compile; the plain model stays reachable via unwrap()."""
-    apply_freezing(model, cfg.freeze_conv, cfg.freeze_bn, cfg.trainable_patterns)
+    """Move and wrap for DDP / torch.compile; the plain model stays reachable via unwrap()."""
     model = model.to(rt.device, memory_format=rt.memory_format)
     if info.enabled:
         if cfg.sync_bn:
@@ -195,7 +202,7 @@ def wrap_model(model: nn.Module, cfg: Config, rt: ComputeSettings, info: dist.Di
 
 
 def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: dist.DistInfo, images: int) -> dict:
-    """The Run fields that optimise `model` (the starting model: frozen, moved and wrapped here) over `images` images."""
+    """The Run fields that optimise `model` (the starting model, frozen: moved and wrapped here) over `images` images."""
     steps = (images // info.world_size) // cfg.batch_size
     if steps < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is more than the "
@@ -224,7 +231,8 @@ def compute_settings(cfg: Config, device, start: StartModel, info: dist.DistInfo
 def check_outputs(cfg: Config, files: RunFiles):
     """Rank 0, before any work and without creating anything: the outputs, the inputs they may not
     replace, and the TensorBoard folder. Returns the TensorBoard run folder."""
-    inputs = {"--model-path": None if cfg.from_scratch or cfg.resume else cfg.model_path, "--resume": cfg.resume}
+    # On --resume, --model-path is the first run's (restored from last.pt): still an input, kept as any other.
+    inputs = {"--model-path": None if cfg.from_scratch else cfg.model_path, "--resume": cfg.resume}
     check_run_files(files, inputs=inputs, resume=cfg.resume, overwrite=cfg.overwrite)
     return check_logdir(cfg.logdir, cfg.run_name, resume=cfg.resume is not None)
 
@@ -236,7 +244,7 @@ def claim_outputs(cfg: Config, files: RunFiles, start: StartModel, stack: ExitSt
     check_disk_space(files.best.parent, 8 * weight_bytes + 16 * 2**20)  # best + last with two AdamW moments
     stack.enter_context(RunLock(files.lock, clean=files.names()))
     if cfg.overwrite and not resumes_in_place(files, cfg.resume):
-        for path in (files.best, files.last, files.metrics, files.plain):
+        for path in files.results():
             path.unlink(missing_ok=True)
 
 
@@ -244,8 +252,11 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
     """Everything checked, loaded and placed before the first step."""
     console = Console(cfg.quiet, info.is_main)
     device = choose_device(cfg, info)
-    log_dir = check_outputs(cfg, files) if info.is_main else None
     start = load_start_model(cfg, resume_meta)
+    apply_freezing(start.model, cfg.freeze_conv, cfg.freeze_bn, cfg.trainable_patterns)  # a bad pattern: before any work
+    if start.container == FORMAT:  # only a run from a plain state_dict writes one (save_best)
+        files = dataclasses.replace(files, plain=None)
+    log_dir = check_outputs(cfg, files) if info.is_main else None
     if resume_meta is None:
         console.print(f"model: {start.source}")
     if info.is_main:
@@ -257,7 +268,7 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
         system.set_cpu_threads(info.local_world_size)
     with dist.main_process_first(info):  # --download: one process per machine fetches, the others wait
         data, split = load_data(cfg, start, device, console)
-    check_normalization(start, data["train"])
+    check_normalization(cfg, start, data["train"], console)
     # What only the run can know: NAME_1 when another run has NAME (last.pt keeps it, so a resume finds it
     # again), the split the data gave, and the device's evaluation batch.
     cfg = dataclasses.replace(cfg, run_name=log_dir.name if log_dir else cfg.run_name, split_seed=split.seed,
@@ -421,7 +432,7 @@ class Run:
         """The best model, and for a user whose input was a plain state_dict, the same weights in the
         input's own container, under their class's key names, for their own scripts."""
         save_checkpoint(self.checkpoint(self.best_state, metrics), self.files.best)
-        if self.start.container != FORMAT:
+        if self.files.plain:
             weights = {k: v.detach().cpu().contiguous() for k, v in self.best_state.items()}
             save_checkpoint(weights if self.start.container is None else {self.start.container: weights},
                             self.files.plain)
@@ -508,7 +519,7 @@ def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> di
                     begun = run.start_epoch()
                     with run.console.progress_bar(begun["epoch"], run.cfg.epochs, run.steps_per_epoch) as bar:
                         result = engine.train_one_epoch(run.step, run.train, begun["epoch"], run.rt, run.cfg,
-                                                        run.on_sync(bar, received))
+                                                        run.on_sync(bar, received), stop=lambda: bool(received))
                     if not result["stopped"]:  # else the unfinished epoch is dropped: last.pt keeps the one before
                         run.record(run.epoch_row(begun, result))
                     if dist.any_rank(bool(received), run.rt.device):
@@ -516,24 +527,25 @@ def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> di
             run.train_s = time.perf_counter() - loop_start
             return run.finish()
         except BaseException as exc:
-            told = reported(exc, signals, files, started=run is not None)
+            told = reported(exc, signals, files, cfg.model_def, started=run is not None)
             if told is exc:
                 raise
             raise told from None
 
 
-def reported(exc: BaseException, signals: SignalGuard, files: RunFiles, started: bool) -> BaseException:
-    """What a failure is reported as, with how to go on: after a signal, whatever failed (torch.save
-    turns a signal into a RuntimeError), the interrupt."""
+def reported(exc: BaseException, signals: SignalGuard, files: RunFiles, model_def: str | None,
+             started: bool) -> BaseException:
+    """What a failure is reported as, with how to go on (`model_def`: the --model-def that the resume command
+    needs): after a signal, whatever failed (torch.save turns a signal into a RuntimeError), the interrupt."""
     if isinstance(exc, Interrupted) or signals.received:
-        return Interrupted(signals.received[0] if signals.received else str(exc), resume_hint(files))
+        return Interrupted(signals.received[0] if signals.received else str(exc), resume_hint(files, model_def))
     if isinstance(exc, DivergenceError):
         return DivergenceError(f"{exc}; {kept_hint(files)}; try a lower --lr or --max-grad-norm 1.0")
     if isinstance(exc, UserError):  # a full disk while saving, say: what was saved before can go on
-        return exc if not started or isinstance(exc, UsageError) else UserError(f"{exc}; {resume_hint(files)}")
+        return exc if not started or isinstance(exc, UsageError) else UserError(f"{exc}; {resume_hint(files, model_def)}")
     if isinstance(exc, Exception) and dist.is_peer_failure(exc):
         return UserError(f"another process of the run failed ({first_line(exc, sentence=True)}); "
-                         f"{resume_hint(files)}")
+                         f"{resume_hint(files, model_def)}")
     return exc
 
 
@@ -541,7 +553,9 @@ def kept_hint(files: RunFiles) -> str:
     return f"the best model so far stays in {files.best}" if files.best.exists() else "nothing was saved"
 
 
-def resume_hint(files: RunFiles) -> str:
+def resume_hint(files: RunFiles, model_def: str | None = None) -> str:
+    """The command that continues the run: a user's class is named again (a checkpoint never chooses code)."""
     if not files.last.exists():
         return "no epoch had finished, so there is nothing to resume"
-    return f"resume with: python finetune_gpu.py --resume {files.last}"
+    flags = ["--resume", str(files.last), *(["--model-def", model_def] if model_def else [])]
+    return f"resume with: python finetune_gpu.py {shlex.join(flags)}"

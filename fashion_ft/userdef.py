@@ -2,16 +2,16 @@
 
 The file is the user's own code, as trusted as any script they run (the weights beside it still load with
 weights_only=True). Our checkpoints record the definition (path as given and resolved, class, the file's
-sha256), so that the tools need no `--model-def` on the machine of the run. A record alone never makes a
-checkpoint into code that runs: the file is imported only while it still has the recorded sha256, and a
-dotted module never (finding it already runs package code); otherwise the message prints the exact
-`--model-def` to pass.
+sha256) for the user to read, never to act on: a checkpoint never chooses code to run. The class is
+imported only when the user names its file with `--model-def`, on every load (as `trust_remote_code=True`
+is asked for on every load); the refusal prints the exact flag to pass.
 """
 
 import hashlib
 import importlib
 import importlib.util
 import io
+import os
 import shlex
 import sys
 from contextlib import contextmanager, redirect_stderr
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .cli import printable
 from .errors import UsageError, UserError, first_line
 
 
@@ -56,34 +57,45 @@ def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def trusted(record: dict, where: str) -> ModelDef:
-    """The recorded definition of checkpoint `where`, if its file is still the one recorded."""
+def refusal(record: dict, where: str) -> UserError:
+    """Why checkpoint `where`, which records a user's class, is not built without --model-def."""
     definition = ModelDef.from_dict(record)
-    if definition.resolved is None:
-        reason = "a module is imported only when you name it"
-    elif not Path(definition.resolved).is_file():
-        reason = f"{definition.resolved} is gone"
-    elif file_sha256(definition.resolved) != definition.sha256:
-        reason = f"{definition.resolved} changed since (its sha256 differs)"
-    else:
-        return definition
-    flag = shlex.quote(f"{definition.resolved or definition.given}:{definition.cls}")
-    raise UserError(f"{where}: its model class {definition.cls} was defined in {definition.given}, but "
-                    f"{reason}; if you trust the file, pass --model-def {flag}")
+    flag = printable(shlex.quote(f"{definition.resolved or definition.given}:{definition.cls}"))
+    return UserError(f"{where}: its model is your class {printable(definition.cls)}, and a checkpoint never chooses "
+                     f"code to run; if you trust the file, pass --model-def {flag}")
+
+
+@contextmanager
+def _stdin_from_devnull():
+    """A module that reads stdin at import (input(), a prompt) gets end-of-file instead of waiting forever
+    on a terminal or an open pipe: descriptor 0 itself points at /dev/null meanwhile."""
+    try:
+        saved = os.dup(0)
+    except OSError:  # no stdin at all: reading it fails at once
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
 
 
 @contextmanager
 def _user_import(path: Path):
     """Import as the user's script would be, less what must not happen: no __main__ block (the module
     has another name), no bytecode written into their folder, no reading of our argv by a top-level
-    parse_args, their folder on sys.path for its sibling modules only while importing. What it writes to
-    stderr is held back, and passed on unless the import exits (argparse's usage text)."""
+    parse_args nor of our stdin, their folder on sys.path for its sibling modules only while importing.
+    What it writes to stderr is held back, and passed on unless the import exits (argparse's usage text)."""
     saved = sys.argv, sys.dont_write_bytecode, list(sys.path)
     sys.argv, sys.dont_write_bytecode = [str(path)], True
     sys.path.insert(0, str(path.parent))
     held = io.StringIO()
     try:
-        with redirect_stderr(held):
+        with redirect_stderr(held), _stdin_from_devnull():
             yield
     except SystemExit as exc:
         said = (held.getvalue().strip().splitlines() or [f"code {exc.code}"])[-1]
@@ -115,7 +127,16 @@ def _import(definition: ModelDef):
             raise
         if isinstance(exc, SyntaxError):
             raise UserError(f"{exc.filename or where}:{exc.lineno}: syntax error: {exc.msg}") from None
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            raise UserError(missing_module(where, exc.name)) from None
         raise UserError(f"{where}: importing it failed: {type(exc).__name__}: {first_line(exc)}") from None
+
+
+def missing_module(where: str, module: str) -> str:
+    top = module.partition(".")[0]
+    return (f"{where} imports {module}, which this Python ({sys.executable}) does not have: install it with "
+            f"{shlex.quote(sys.executable)} -m pip install {top} (its package may have another name), or put "
+            "the class in a file of its own that imports only what the class needs")
 
 
 def build(definition: ModelDef, kwargs: dict) -> nn.Module:

@@ -12,6 +12,8 @@ import test_model
 
 pytestmark = pytest.mark.slow  # each network is trained once, then run through the real scripts
 
+OWN_CLASS = ("import pathlib\nexec(pathlib.Path({net_file!r}).read_text())\nclass Mine(Net):\n    def forward(self, x):\n"
+             "        y = super().forward(x)\n")
 BAD_DEFINITIONS = {  # name: (the user's file, the class to name, exit code, what the one line says)
     "missing file": (None, "Net", 2, "not found"),
     "no such class": ("class Other: pass\n", "Net", 1, "has no class Net"),
@@ -25,26 +27,28 @@ BAD_DEFINITIONS = {  # name: (the user's file, the class to name, exit code, wha
     "weights do not fit": ("from torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
                            "        self.fc = nn.Linear(784, 10)\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n",
                            "Net", 1, "the weights do not fit"),
-    "a tuple as output": ("from torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-                          "        self.fc = nn.Linear(784, 10)\n    def forward(self, x):\n        y = self.fc(x.flatten(1))\n"
-                          "        return y, y\n", "Net", 1, "gives a tuple"),
+    # the user's own class (its weights fit), with another forward
+    "a tuple as output": (f"{OWN_CLASS}        return y, y\n", "Mine", 1, "gives a tuple"),
+    "probabilities": (f"{OWN_CLASS}        return y.softmax(1)\n", "Mine", 1, "returns probabilities"),
+    "a missing module": ("import tensorboardX\n", "Net", 1, "-m pip install tensorboardX"),
 }
 
 
-def bad_definition(tmp_path, case):
+def bad_definition(tmp_path, case, net=None):
     text, cls, code, fragment = BAD_DEFINITIONS[case]
     path = tmp_path / "user-net.py"
     if text is not None:
-        path.write_text(text)
+        path.write_text(text.format(net_file=str(net.file)) if net else text)
     return f"{path}:{cls}", code, fragment
 
 
 @pytest.mark.parametrize("case", list(BAD_DEFINITIONS))
 def test_a_bad_definition_is_one_line_and_writes_nothing(tmp_path, small_data_dir, foreign_nets, capsys, case):
-    spec, code, fragment = bad_definition(tmp_path, case)
     net = foreign_nets("a")
+    spec, code, fragment = bad_definition(tmp_path, case, net)
     before = sorted(tmp_path.rglob("*"))
-    argv = ["--model-path", net.weights, "--model-def", spec, "--data-dir", small_data_dir, "--output",
+    kwargs = ["--model-kwargs", json.dumps(net.kwargs)] if spec.endswith(":Mine") else []
+    argv = ["--model-path", net.weights, "--model-def", spec, *kwargs, "--data-dir", small_data_dir, "--output",
             tmp_path / "out" / "best.pt", "--logdir", tmp_path / "tb", *SMALL_RUN, "--epochs", 1]
     assert finetune_gpu.main([str(a) for a in argv]) == code
     err = capsys.readouterr().err
@@ -105,12 +109,13 @@ def test_fine_tune_resume_reload_and_the_plain_state_dict(name, foreign_nets, sm
             json.dumps(net.kwargs), "--normalize", net.mean, net.std, "--output", out / "best.pt", *common,
             "--epochs", 1]
     assert finetune_gpu.main([str(a) for a in argv]) == 0, capsys.readouterr().err
-    resumed = ["--resume", out / "last.pt", "--epochs", 2, *common]  # no --model-def: the record is enough
+    definition = ["--model-def", f"{net.file}:{net.cls}"]  # on every load: the record never chooses code
+    resumed = ["--resume", out / "last.pt", "--epochs", 2, *definition, *common]
     assert finetune_gpu.main([str(a) for a in resumed]) == 0, capsys.readouterr().err
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["model_def"]["class"] == net.cls and best["normalize"] == {"mean": net.mean, "std": net.std}
-    assert test_model.main(["--model-path", str(out / "best.pt"), "--data-dir", str(small_data_dir), "--device",
-                            "cpu"]) == 0, capsys.readouterr().out
+    assert test_model.main(["--model-path", str(out / "best.pt"), *definition, "--data-dir", str(small_data_dir),
+                            "--device", "cpu"]) == 0, capsys.readouterr().out
     plain = torch.load(out / "best.state_dict.pt", weights_only=True)
     if net.container != "bare":
         plain = plain[net.container]
@@ -119,19 +124,34 @@ def test_fine_tune_resume_reload_and_the_plain_state_dict(name, foreign_nets, sm
     assert all(torch.equal(plain[k], v) for k, v in best["model"].items())
 
 
-def test_a_recorded_definition_whose_file_changed_is_refused(foreign_nets, small_data_dir, tmp_path, capsys):
+def test_a_recorded_definition_is_never_imported_and_an_edited_one_resumes(foreign_nets, small_data_dir, tmp_path,
+                                                                            capsys):
+    """The record (path and sha256 of the file) names the class; only --model-def runs it, on every load. The
+    file edited since is the user's choice: --resume with --model-def goes on, and records the new sha256."""
     net = foreign_nets("b")
     out = tmp_path / "run"
     script = tmp_path / net.file.name
-    script.write_text(net.file.read_text())
-    argv = ["--model-path", net.weights, "--model-def", f"{script}:{net.cls}", "--output", out / "best.pt",
-            "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 256, "--epochs", 1]
+    script.write_text(net.file.read_text() + "\nopen(__file__ + '.imported', 'w').close()\n")
+    common = ["--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 256]
+    argv = ["--model-path", net.weights, "--model-def", f"{script}:{net.cls}", "--output", out / "best.pt", *common,
+            "--epochs", 1]
     assert finetune_gpu.main([str(a) for a in argv]) == 0
+    sentinel = tmp_path / (script.name + ".imported")
+    sentinel.unlink()
     capsys.readouterr()
+    assert test_model.main(["--model-path", str(out / "best.pt"), "--device", "cpu", "--json"]) == 1
+    load = next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "load")
+    assert f"pass --model-def {script}:{net.cls}" in load["detail"], load
+    resume = ["--resume", out / "last.pt", "--epochs", 2, *common]
+    assert finetune_gpu.main([str(a) for a in resume]) == 1
+    assert f"pass --model-def {script}:{net.cls}" in capsys.readouterr().err
+    assert not sentinel.exists()  # neither script imported the recorded file
     script.write_text(script.read_text() + "\n# edited\n")
-    assert test_model.main(["--model-path", str(out / "best.pt"), "--device", "cpu"]) == 1
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[FAIL] load"))
-    assert "changed since" in line and f"--model-def {script}:{net.cls}" in line
+    assert finetune_gpu.main([str(a) for a in [*resume, "--model-def", f"{script}:{net.cls}"]]) == 0, \
+        capsys.readouterr().err
+    from fashion_ft.userdef import file_sha256
+
+    assert torch.load(out / "last.pt", weights_only=True)["model_def"]["sha256"] == file_sha256(script)
 
 
 SUGGESTION_RULE = [  # (accuracy in use, the best other, whether it is suggested)

@@ -262,3 +262,40 @@ def test_a_damaged_last_pt_fails_at_start_naming_the_file(tmp_path, small_data_d
     if code:
         assert err.strip().splitlines() == [next(line for line in err.splitlines() if text in line)]
         assert str(tmp_path / "last.pt") in err
+
+
+def test_a_failed_last_pt_write_never_reads_as_a_finished_run(tmp_path, small_data_dir, trained_checkpoint,
+                                                              monkeypatch, capsys):
+    """The final epoch's last.pt cannot be written (a full disk, say): exit 1, and metrics.json does not say
+    the run finished."""
+    from fashion_ft import trainer
+    from fashion_ft.errors import UserError
+
+    original = trainer.save_checkpoint
+
+    def save(obj, path):
+        if obj.get("kind") == "last" and obj["epoch"] == 2:
+            raise UserError(f"no space left on device while writing {path}")
+        original(obj, path)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    out = tmp_path / "run"
+    assert finetune_gpu.main([str(a) for a in args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2)]) == 1
+    assert "no space left" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["finished"] is False
+
+
+def test_a_resumed_run_never_replaces_its_original_input(tmp_path, small_data_dir, trained_checkpoint, capsys):
+    """The --model-path recorded in last.pt stays an input on --resume, whether an --output would replace it
+    as the best model or as the plain state_dict written beside it, --overwrite or not."""
+    source = tmp_path / "in" / "x.state_dict.pt"  # a bare state_dict: the run writes one beside its best model
+    source.parent.mkdir()
+    torch.save(weights(trained_checkpoint), source)
+    out = tmp_path / "run"
+    assert finetune_gpu.main([str(a) for a in args_for(small_data_dir, source, out, "--epochs", 1)]) == 0
+    before = source.read_bytes()
+    for output in (source, source.parent / "x.pt"):  # the best model; the plain state_dict beside x.pt
+        argv = ["--resume", out / "last.pt", "--output", output, "--overwrite", "--epochs", 2, "--logdir", tmp_path / "tb"]
+        assert finetune_gpu.main([str(a) for a in argv]) == 2
+        assert "is the --model-path input" in capsys.readouterr().err
+    assert source.read_bytes() == before
