@@ -118,6 +118,13 @@ def optimisation_flags(p: argparse.ArgumentParser, d: Config) -> None:
     g.add_argument("--trainable", default=d.trainable, metavar="PATTERNS",
                    help="train only the layers whose names match these comma-separated patterns, e.g. 'fc*,bn_fc' "
                         "(where --freeze-conv cannot tell a model's head)")
+    g = p.add_argument_group("distillation (a stronger model teaches this one)")
+    g.add_argument("--teacher", nargs="+", default=d.teacher, metavar="PATH",
+                   help="checkpoints of our architectures (e.g. model/resnet20.pt); several: their softmax averaged")
+    g.add_argument("--kd-alpha", type=float, default=d.kd_alpha,
+                   help="weight of the teachers' term in the loss (1 - it: the labels')")
+    g.add_argument("--kd-temperature", type=float, default=d.kd_temperature,
+                   help="softmax temperature of teachers and model in that term (higher: softer targets)")
 
 
 def selection_and_output_flags(p: argparse.ArgumentParser, d: Config) -> None:

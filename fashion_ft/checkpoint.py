@@ -281,6 +281,8 @@ FIELDS = {
     "model_def.class": TEXT,
     "model_def.resolved": TEXT_OR_NONE,
     "model_def.sha256": TEXT_OR_NONE,
+    "teachers": ("a list of {path, sha256}", lambda v: isinstance(v, list) and all(
+        isinstance(r, dict) and isinstance(r.get("path"), str) and isinstance(r.get("sha256"), str) for r in v)),
 }
 # What resuming reads from a last.pt besides; `scaler` is {} for a run without a GradScaler (CPU, bf16), and
 # `selection` (older files: absent) falls back to `early_stopping`.
@@ -356,6 +358,7 @@ class LoadedCheckpoint:
     unpickled: bool = False  # read with weights_only=False (--trust-pickle): code in the file may have run
     model_def: userdef.ModelDef | None = None  # the user's class, built with arch_kwargs
     container: str | None = None  # where the weights sat: None (bare state_dict), a key, or FORMAT (ours)
+    sha256: str | None = None  # of the file, where a caller records it (a teacher)
 
     @property
     def normalize_recorded(self) -> bool:
@@ -547,13 +550,14 @@ def _user_source(found: _Extracted, path: Path, definition, kwargs, max_params: 
 
 def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_HINT,
                     model_def: "userdef.ModelDef | None" = None, model_kwargs: dict | None = None,
-                    max_params: int = MAX_PARAMETERS) -> LoadedCheckpoint:
+                    max_params: int = MAX_PARAMETERS, ours_only: bool = False) -> LoadedCheckpoint:
     """Read, recognise and verify a checkpoint; every failure is a UserError with one clear line that
     names the file and, for a bad field, the field. `refusal_hint` ends the refusal of a pickle.
     `model_def` (--model-def) and `model_kwargs` name the user's class, for a file that records it or
     records no architecture; a file of one of ours is built from its record. Whatever architecture the
     file records is built on the meta device and matched against its weights before anything is
-    allocated, and may have at most `max_params` parameters."""
+    allocated, and may have at most `max_params` parameters. `ours_only`: a file this tool wrote of one of
+    our architectures, which records its normalisation (a teacher)."""
     path = Path(path)
     _check_readable(path)
     try:
@@ -561,6 +565,10 @@ def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_
         found = _extract(obj)
         _check_tensors(found.state_dict, found.where)
         _check_fields(found.meta, FIELDS, REQUIRED)
+        if ours_only and (found.meta.get("model_def") is not None or found.meta.get("arch") not in ARCHS):
+            raise UserError(f"only a checkpoint this tool wrote of one of its architectures ({', '.join(ARCHS)}) can "
+                            "teach: it records its normalisation, and a class of your own runs only as the model "
+                            "trained (--model-def)")
         definition = None
         if found.meta.get("model_def") is not None or (model_def is not None and not found.meta.get("arch")):
             definition, arch = model_def, USER_ARCH

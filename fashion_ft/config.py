@@ -83,6 +83,12 @@ class Config:
     tta: str = "none"  # "flip": validation and test predictions average each image and its mirror image
     max_grad_norm: float | None = None
     ema_decay: float = 0.0  # 0: off; else validate, select and save an exponential moving average of the weights
+    # distillation: the loss is (1 - kd_alpha) * CE(labels) + kd_alpha * T^2 * KL(teachers' softmax at T || the model's)
+    # alpha and T: the best validation accuracy of the screen (bench/results/distill/): accuracy fell as T rose
+    # (the shipped teacher's targets near uniform at T 4) and alpha 0.9 trailed 0.5 at every T
+    teacher: list | None = None  # checkpoints of our architectures, whose averaged predictions teach
+    kd_alpha: float = 0.5
+    kd_temperature: float = 1.0
     freeze_conv: bool = fixed(False)
     freeze_bn: bool = fixed(False)
     trainable: str | None = fixed(None)  # comma-separated module-name patterns: train only these layers
@@ -198,6 +204,8 @@ LIMITS = {
     "val_size": (lambda v: v >= 10, ">= 10 (model selection needs a validation set)"),
     "seed": SEED, "split_seed": SEED, "label_smoothing": SHARE, "weight_decay": NOT_NEGATIVE, "momentum": SHARE,
     "ema_decay": (SHARE[0], "in [0, 1) (0 turns it off)"), "max_grad_norm": POSITIVE, "max_params": AT_LEAST_1,
+    "teacher": (lambda v: bool(v) and all(isinstance(p, str) and p for p in v), "one or more checkpoint paths"),
+    "kd_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"), "kd_temperature": POSITIVE,
 }
 # A scheduler's own settings are checked only when it is chosen: a default that it ignores never fails.
 SCHEDULE_LIMITS = {
@@ -284,6 +292,10 @@ def check_conflicts(cfg: Config, origin: Callable[[str], str]) -> None:
     or the preset that set it), so that an explicit flag never silently loses to a preset."""
     def refuse(a: str, b: str, why: str) -> None:
         raise UsageError(f"{origin(a)} and {origin(b)} cannot be combined: {why}")
+
+    for name in ("kd_alpha", "kd_temperature"):
+        if not cfg.teacher and origin(name) != "default":
+            raise UsageError(f"{origin(name)}: only with --teacher (it weighs the teachers' predictions)")
 
     if not cfg.from_scratch:
         for name in ("arch", "arch_kwargs"):

@@ -438,9 +438,18 @@ def augment(x01: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> torc
     return x01
 
 
+def augmented(images_uint8, aug: AugmentConfig | None, gen) -> torch.Tensor:
+    """uint8 batch -> float batch in [0, 1], augmented: what every model of a step sees, before each
+    normalises it its own way (a teacher and its student may have been trained with different ones)."""
+    x = images_uint8.float().div_(255.0)
+    return augment(x, aug, gen) if aug is not None else x
+
+
+def normalize(x01, mean, std, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """(x01 - mean) / std in place, in `memory_format`."""
+    return x01.sub_(mean).div_(std).contiguous(memory_format=memory_format)
+
+
 def make_batch(images_uint8, aug: AugmentConfig | None, gen, mean, std, memory_format=torch.contiguous_format):
     """uint8 batch -> augmented, normalised float batch, ready for the model."""
-    x = images_uint8.float().div_(255.0)
-    if aug is not None:
-        x = augment(x, aug, gen)
-    return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)
+    return normalize(augmented(images_uint8, aug, gen), mean, std, memory_format)

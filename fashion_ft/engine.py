@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed as dist
 from .config import Config
-from .data import AUGMENT_PRESETS, DeviceData, batch_slices, epoch_permutation, make_batch
+from .data import AUGMENT_PRESETS, DeviceData, augmented, batch_slices, epoch_permutation, make_batch, normalize
 from .errors import DivergenceError, first_line
 from .freezing import check_batch_for_batchnorm1d
 from .model import INPUT_SHAPE
@@ -61,6 +61,38 @@ def choose_memory_format(model: nn.Module, device: torch.device, wanted: bool) -
 # ---------------------------------------------------------------- train and evaluate
 
 @dataclass
+class Teacher:
+    model: nn.Module  # eval mode, no gradients, on the device in its own memory format
+    mean: float  # the normalisation it was trained with
+    std: float
+    memory_format: torch.memory_format = torch.contiguous_format
+
+
+@dataclass
+class Teachers:
+    """What a student distils from (--teacher): the mean of the teachers' softmax at `temperature`, each
+    teacher on the batch normalised its own way, under the student's autocast. Without augmentation an
+    image's targets never change: `cache` holds those of every training image, computed once."""
+
+    teachers: list[Teacher]
+    temperature: float
+    sources: list[dict]  # [{path, sha256}], recorded in the checkpoints: a resume checks the files
+    cache: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def targets(self, x01: torch.Tensor, rt: "ComputeSettings") -> torch.Tensor:
+        """fp32 target probabilities of a batch in [0, 1] (x01 itself is left as it is)."""
+        with autocast(rt.device, rt.amp):
+            probs = [(t.model(normalize(x01.clone(), t.mean, t.std, t.memory_format)).float() / self.temperature)
+                     .softmax(1) for t in self.teachers]
+        return torch.stack(probs).mean(0)
+
+    def fill_cache(self, images_uint8: torch.Tensor, rt: "ComputeSettings", batch_size: int) -> None:
+        self.cache = torch.cat([self.targets(augmented(images_uint8[sl], None, None), rt)
+                                for sl in batch_slices(len(images_uint8), batch_size, drop_last=False)])
+
+
+@dataclass
 class TrainStep:
     """What one optimisation step needs besides the batch."""
 
@@ -72,12 +104,18 @@ class TrainStep:
     max_grad_norm: float | None
     ema: "ModelEma | None" = None  # updated from ema_source, the plain model, after every step
     ema_source: nn.Module | None = None
+    teachers: Teachers | None = None  # distillation: targets for every batch, weighted by kd_alpha
+    kd_alpha: float = 0.0
 
-    def __call__(self, x, y, rt: ComputeSettings):
+    def __call__(self, x, y, rt: ComputeSettings, targets: torch.Tensor | None = None):
         check_batch_for_batchnorm1d(self.model, len(x))
         with autocast(rt.device, rt.amp):
             logits = self.model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+            if targets is not None:  # Hinton et al.: T^2 keeps the soft term's gradients at the hard term's scale
+                t = self.teachers.temperature
+                kd = F.kl_div(F.log_softmax(logits.float() / t, 1), targets, reduction="batchmean") * t * t
+                loss = (1 - self.kd_alpha) * loss + self.kd_alpha * kd
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.max_grad_norm:
@@ -189,9 +227,13 @@ def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSe
     seen, stopped = 0, False
     for i, sl in enumerate(slices, 1):
         idx = shard[sl]
-        x = make_batch(data.images[idx], aug, gen, rt.mean, rt.std, rt.memory_format)
+        x01 = augmented(data.images[idx], aug, gen)
+        teachers = step.teachers
+        targets = None if teachers is None else teachers.cache[idx] if teachers.cache is not None else \
+            teachers.targets(x01, rt)
+        x = normalize(x01, rt.mean, rt.std, rt.memory_format)
         y = data.labels[idx]
-        loss, logits = step(x, y, rt)
+        loss, logits = step(x, y, rt, targets)
         loss_sum += loss.float() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)

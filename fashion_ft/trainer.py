@@ -38,6 +38,7 @@ from .data import (
     STD,
     DeviceData,
     Split,
+    augmented,
     choose_split,
     find_data_dir,
     fingerprint,
@@ -48,7 +49,7 @@ from .data import (
 from .engine import ComputeSettings, TrainStep
 from .errors import DivergenceError, Interrupted, UsageError, UserError, first_line
 from .freezing import apply_freezing, set_train_mode
-from .model import build_model, build_source, resolve_arch_kwargs, unwrap
+from .model import NUM_CLASSES, build_model, build_source, resolve_arch_kwargs, unwrap
 from .normalization import compare, suggestion
 from .optim import BestTracker, build_optimizer, build_schedulers
 from .outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files, resumes_in_place
@@ -133,6 +134,84 @@ def resumed_model(cfg: Config, meta: dict) -> StartModel:
                       container=meta.get("input_container", FORMAT))
 
 
+def load_teachers(cfg: Config, resume_meta: dict | None) -> list[LoadedCheckpoint]:
+    """--teacher's checkpoints, read and checked before anything is written: ours (a class of the user's
+    runs only as the student, from --model-def), finite, and on --resume the files the run began with."""
+    found = []
+    for path in cfg.teacher or []:
+        try:
+            ckpt = load_checkpoint(path, max_params=cfg.max_params, ours_only=True)
+        except UserError as exc:
+            raise UserError(f"--teacher: {exc}") from None
+        bad = nonfinite_tensors(ckpt.state_dict)
+        if bad:
+            raise UserError(f"--teacher: {path} has NaN/Inf weights in {', '.join(bad[:3])}")
+        ckpt.sha256 = userdef.file_sha256(path)
+        found.append(ckpt)
+    recorded = {r["path"]: r["sha256"] for r in (resume_meta or {}).get("teachers") or []}
+    changed = [c.path for c in found if recorded.get(str(c.path), c.sha256) != c.sha256]
+    if changed and not cfg.override_resume:
+        raise UsageError(f"--resume: --teacher {changed[0]} changed since the run began (its sha256 differs); "
+                         "pass --override-resume to accept")
+    return found
+
+
+def teaching(cfg: Config, found: list[LoadedCheckpoint], split: Split, run_rt: ComputeSettings, train: DeviceData,
+             console: Console) -> engine.Teachers | None:
+    """The teachers on the device, each in its own memory format, after the split check: a teacher
+    validated on other images may have trained on this run's validation images, which would bias the
+    best-model choice. Without augmentation their targets are computed once per image."""
+    if not found:
+        return None
+    teachers = []
+    for ckpt in found:
+        theirs = split_record(ckpt)
+        if split.validation != "test-half" and theirs is None:
+            console.warn(f"--teacher {ckpt.path} has no record of its validation split: it may have trained on this "
+                         "run's validation images")
+        elif split.validation != "test-half" and not same_split(theirs, split):
+            raise UsageError(f"--teacher {ckpt.path} was trained with another validation split ({theirs.describe()}; "
+                             f"this run: {split.describe()}), so it may have trained on this run's validation "
+                             "images: choose a teacher of this split, or validate on the test half (--val-from "
+                             "test-half)")
+        model = ckpt.build().eval().requires_grad_(False)
+        memory_format, _ = engine.choose_memory_format(model, run_rt.device, cfg.channels_last)
+        teachers.append(engine.Teacher(model.to(run_rt.device, memory_format=memory_format), ckpt.mean, ckpt.std,
+                                       memory_format))
+    result = engine.Teachers(teachers, cfg.kd_temperature,
+                             sources=[{"path": str(c.path), "sha256": c.sha256} for c in found])
+    started = time.perf_counter()
+    if cfg.augment == "none":
+        result.fill_cache(train.images, run_rt, cfg.eval_batch_size)
+        console.print(f"teachers: their targets for {len(train)} images computed once ({time.perf_counter() - started:.1f}s)")
+    describe_targets(result, train, run_rt, console)
+    return result
+
+
+TARGET_SAMPLE = 1024  # training images whose targets describe the teachers, when they are not all cached
+# Targets this close to uniform teach noise: the shipped ResNet-20 (trained with label smoothing 0.1) gives
+# 2.20 nats at T 4 (96% of uniform's 2.30), 1.77 at T 2, 0.57 at T 1 (bench/results/distill/)
+UNIFORM_SHARE = 0.9
+
+
+def describe_targets(teachers: engine.Teachers, train: DeviceData, rt: ComputeSettings, console: Console) -> None:
+    """How much the targets say: their mean top probability and entropy, with a warning near uniform."""
+    sample = teachers.cache if teachers.cache is not None else \
+        teachers.targets(augmented(train.images[:TARGET_SAMPLE], None, None), rt)
+    top, entropy = sample.max(1).values.mean().item(), -(sample * sample.clamp_min(1e-12).log()).sum(1).mean().item()
+    t = teachers.temperature
+    console.print(f"teachers: {len(teachers.teachers)}, targets at T {t:g}: mean top probability {top:.2f}, entropy "
+                  f"{entropy:.2f} nats (uniform: {math.log(NUM_CLASSES):.2f}) on {len(sample)} images")
+    if entropy > UNIFORM_SHARE * math.log(NUM_CLASSES):
+        console.warn(f"the teachers' targets at --kd-temperature {t:g} are almost uniform: they carry little but "
+                     "noise; a lower --kd-temperature (1 or 2) keeps what the teachers know")
+
+
+def same_split(a: Split, b: Split) -> bool:
+    known = a.fingerprint is None or b.fingerprint is None or a.fingerprint == b.fingerprint
+    return known and (a.seed, a.val_size, a.validation) == (b.seed, b.val_size, b.validation)
+
+
 def split_record(ckpt: LoadedCheckpoint) -> Split | None:
     """The split a checkpoint was trained with. Files written before the split had its own record
     drew it from their --seed and --val-size, which their config keeps."""
@@ -214,7 +293,7 @@ def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: dist.
         model=model, optimizer=optimizer, schedulers=build_schedulers(optimizer, cfg, steps),
         scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.amp.use_scaler),
         label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm,
-        ema=engine.make_ema(unwrap(model), cfg.ema_decay), ema_source=unwrap(model),
+        ema=engine.make_ema(unwrap(model), cfg.ema_decay), ema_source=unwrap(model), kd_alpha=cfg.kd_alpha,
     )
     return dict(lr=lr, steps_per_epoch=steps, step=step, stopper=BestTracker(cfg.monitor, cfg.patience, cfg.min_delta),
                 selector=BestTracker(cfg.select, patience=0), best_state=copy.deepcopy(unwrap(model).state_dict()))
@@ -232,7 +311,8 @@ def check_outputs(cfg: Config, files: RunFiles):
     """Rank 0, before any work and without creating anything: the outputs, the inputs they may not
     replace, and the TensorBoard folder. Returns the TensorBoard run folder."""
     # On --resume, --model-path is the first run's (restored from last.pt): still an input, kept as any other.
-    inputs = {"--model-path": None if cfg.from_scratch else cfg.model_path, "--resume": cfg.resume}
+    inputs = {"--model-path": None if cfg.from_scratch else cfg.model_path, "--resume": cfg.resume,
+              **{f"--teacher {path}": path for path in cfg.teacher or []}}
     check_run_files(files, inputs=inputs, resume=cfg.resume, overwrite=cfg.overwrite)
     return check_logdir(cfg.logdir, cfg.run_name, resume=cfg.resume is not None)
 
@@ -254,6 +334,7 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
     device = choose_device(cfg, info)
     start = load_start_model(cfg, resume_meta)
     apply_freezing(start.model, cfg.freeze_conv, cfg.freeze_bn, cfg.trainable_patterns)  # a bad pattern: before any work
+    teachers = load_teachers(cfg, resume_meta)
     if start.container == FORMAT:  # only a run from a plain state_dict writes one (save_best)
         files = dataclasses.replace(files, plain=None)
     log_dir = check_outputs(cfg, files) if info.is_main else None
@@ -277,6 +358,7 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
     rt = compute_settings(cfg, device, start, info, console)
     run = Run(cfg, info, console, files, start, split, log_dir, rt, **data,
               **optimisation(cfg, start.model, rt, info, len(data["train"])))
+    run.step.teachers = teaching(cfg, teachers, split, rt, data["train"], console)
     if resume_meta is not None:
         with restoring(cfg.resume):
             run.load_state_dict(resume_meta)
@@ -423,10 +505,11 @@ class Run:
     # ------------------------------------------------------------ checkpoints and the end
 
     def checkpoint(self, weights: dict, metrics: dict) -> dict:
-        start = self.start
-        return make_checkpoint(weights, start.arch, start.arch_kwargs, normalize=(self.rt.mean, self.rt.std),
+        start, teachers = self.start, self.step.teachers
+        ckpt = make_checkpoint(weights, start.arch, start.arch_kwargs, normalize=(self.rt.mean, self.rt.std),
                                metrics=metrics, config=self.cfg.to_dict(), history=self.history,
                                split=self.split.to_dict(), model_def=start.model_def.to_dict() if start.model_def else None)
+        return {**ckpt, "teachers": teachers.sources} if teachers else ckpt
 
     def save_best(self, metrics: dict) -> None:
         """The best model, and for a user whose input was a plain state_dict, the same weights in the

@@ -152,10 +152,12 @@ def test_single_process_helpers_are_no_ops():
 class NanOnRankOne:
     """A stand-in for TrainStep: the loss of rank 1 becomes NaN at its third step."""
 
+    teachers = None
+
     def __init__(self, rank):
         self.rank, self.calls = rank, 0
 
-    def __call__(self, x, y, rt):
+    def __call__(self, x, y, rt, targets=None):
         self.calls += 1
         loss = float("nan") if self.rank == 1 and self.calls == 3 else 0.5
         return torch.tensor(loss), torch.zeros(len(y), 10)

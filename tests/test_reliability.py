@@ -201,9 +201,9 @@ def fail_after(calls: int, monkeypatch):
     original = engine.TrainStep.__call__
     count = {"n": 0}
 
-    def step(self, x, y, rt):
+    def step(self, x, y, rt, targets=None):
         count["n"] += 1
-        loss, logits = original(self, x, y, rt)
+        loss, logits = original(self, x, y, rt, targets)
         return (loss * float("nan"), logits) if count["n"] >= calls else (loss, logits)
 
     monkeypatch.setattr(engine.TrainStep, "__call__", step)

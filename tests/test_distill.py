@@ -1,0 +1,213 @@
+"""Distillation (--teacher): the loss, each teacher's own normalisation, the cached targets, the bad teachers,
+and a distilled run that resumes exactly and reloads, for our cnn3 and for a user's class."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SMALL_RUN, finetune, run_script
+from torch import nn
+
+import finetune_gpu
+from fashion_ft import system
+from fashion_ft.checkpoint import make_checkpoint
+from fashion_ft.config import Config
+from fashion_ft.engine import ComputeSettings, Teacher, Teachers, TrainStep
+from fashion_ft.model import build_model
+from fashion_ft.optim import build_optimizer, build_schedulers
+
+CPU = ComputeSettings(torch.device("cpu"), system.AmpPolicy(None, False), 0.0, 1.0)
+
+
+def step_of(model, alpha=0.7, temperature=2.0):
+    cfg = Config()
+    optimizer = build_optimizer(model, cfg, cfg.lr)
+    teachers = Teachers([], temperature, sources=[])
+    return TrainStep(model, optimizer, build_schedulers(optimizer, cfg, 10), torch.amp.GradScaler("cpu", enabled=False),
+                     0.0, None, teachers=teachers, kd_alpha=alpha)
+
+
+class LogSoftmax(nn.Module):
+    """The same network returning log-probabilities, as a user's model trained with nll_loss does."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).log_softmax(1)
+
+
+def test_the_loss_is_hintons_and_a_log_softmax_model_gives_the_same():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    twin = LogSoftmax(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
+    twin.inner.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    targets = torch.rand(8, 10).softmax(1)
+    logits = model(x).detach()
+    expected = 0.3 * F.cross_entropy(logits, y) + 0.7 * 4 * F.kl_div((logits / 2).log_softmax(1), targets,
+                                                                      reduction="sum") / 8
+    losses = [step_of(m)(x, y, CPU, targets)[0] for m in (model, twin)]
+    assert losses[0].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+
+
+class Recording(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return x.flatten(1)[:, :10] * 3
+
+
+def test_each_teacher_sees_the_batch_normalised_its_own_way():
+    a, b = Recording(), Recording()
+    teachers = Teachers([Teacher(a, 0.5, 0.25), Teacher(b, 0.1307, 0.3081)], 2.0, sources=[])
+    x01 = torch.rand(4, 1, 28, 28)
+    before = x01.clone()
+    targets = teachers.targets(x01, CPU)
+    assert torch.equal(x01, before)  # the student's input is normalised from it afterwards
+    assert torch.allclose(a.seen[0], (before - 0.5) / 0.25) and torch.allclose(b.seen[0], (before - 0.1307) / 0.3081)
+    expected = ((a.seen[0].flatten(1)[:, :10] * 3 / 2).softmax(1) + (b.seen[0].flatten(1)[:, :10] * 3 / 2).softmax(1)) / 2
+    assert torch.allclose(targets, expected, atol=1e-6)
+
+
+def test_cached_targets_are_the_ones_computed_per_batch():
+    torch.manual_seed(0)
+    teacher = build_model("cnn3", {"channels": [4, 8, 8], "hidden": 16}).eval()
+    teachers = Teachers([Teacher(teacher, 0.286, 0.353)], 1.0, sources=[])
+    images = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8)
+    teachers.fill_cache(images, CPU, batch_size=16)
+    from fashion_ft.data import augmented
+
+    assert torch.allclose(teachers.cache[7:19], teachers.targets(augmented(images[7:19], None, None), CPU), atol=1e-6)
+
+
+def saved(tmp_path, name, obj):
+    torch.save(obj, tmp_path / name)
+    return tmp_path / name
+
+
+def user_class(tmp_path, trained):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["model_def"] = {"given": "net.py", "resolved": None, "class": "Net", "sha256": None}
+    ckpt["arch"] = "user"
+    return saved(tmp_path, "user.pt", ckpt)
+
+
+def with_nan(tmp_path, trained):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["model"]["features.0.weight"][0, 0, 0, 0] = float("nan")
+    return saved(tmp_path, "nan.pt", ckpt)
+
+
+def five_classes(tmp_path, trained):
+    small = {"channels": [4, 8, 8], "hidden": 16, "num_classes": 5}
+    return saved(tmp_path, "five.pt", make_checkpoint(build_model("cnn3", small), "cnn3", small))
+
+
+BAD_TEACHERS = {  # name: (teacher, extra flags, exit code, what the one line says)
+    "missing": (lambda t, c: t / "none.pt", [], 1, "checkpoint not found"),
+    "a user's class": (user_class, [], 1, "only a checkpoint this tool wrote"),
+    "a bare state_dict": (lambda t, c: saved(t, "bare.pt", torch.load(c, weights_only=True)["model"]), [], 1,
+                          "only a checkpoint this tool wrote"),
+    "NaN weights": (with_nan, [], 1, "NaN/Inf weights"),
+    "five classes": (five_classes, [], 1, "5 output classes"),
+    "another split": (lambda t, c: c, ["--val-size", "600"], 2, "was trained with another validation split"),
+    "alpha above 1": (lambda t, c: c, ["--kd-alpha", "1.5"], 2, "--kd-alpha: must be in [0, 1]"),
+    "temperature 0": (lambda t, c: c, ["--kd-temperature", "0"], 2, "--kd-temperature: must be > 0"),
+    "alpha without a teacher": (None, ["--kd-alpha", "0.5"], 2, "--kd-alpha: only with --teacher"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEACHERS))
+def test_a_bad_teacher_is_one_line_and_writes_nothing(case, tmp_path, small_data_dir, trained_checkpoint, capsys):
+    make, extra, code, fragment = BAD_TEACHERS[case]
+    teacher = ["--teacher", make(tmp_path, trained_checkpoint)] if make else []
+    out = tmp_path / "out"
+    argv = ["--model-path", trained_checkpoint, *teacher, "--data-dir", small_data_dir, "--output", out / "b.pt",
+            "--logdir", tmp_path / "tb", "--limit-train", 256, "--epochs", 1, *SMALL_RUN, *extra]
+    assert finetune_gpu.main([str(a) for a in argv]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert fragment in err[-1] and "Traceback" not in "\n".join(err), err
+    assert not out.exists() and not (tmp_path / "tb").exists()
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.slow  # three short runs
+@pytest.mark.parametrize("augment", ["none", "light"], ids=["cached targets", "targets every step"])
+def test_a_distilled_run_resumes_exactly_and_reloads(augment, tmp_path, small_data_dir, trained_checkpoint):
+    kd = ["--teacher", trained_checkpoint, "--kd-alpha", 0.8, "--kd-temperature", 2, "--augment", augment,
+          "--scheduler", "none", "--warmup-epochs", 0]
+    straight, out = finetune(tmp_path, small_data_dir, trained_checkpoint, *kd, "--epochs", 2, name="straight",
+                             limit_train=512)
+    assert straight.returncode == 0, straight.stderr
+    first, split = finetune(tmp_path, small_data_dir, trained_checkpoint, *kd, "--epochs", 1, name="split",
+                            limit_train=512)
+    assert first.returncode == 0, first.stderr
+    resumed = run_script("finetune_gpu.py", "--resume", split / "last.pt", "--epochs", 2, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = weights(out / "last.pt"), weights(split / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    last = torch.load(split / "last.pt", weights_only=True)
+    assert last["config"]["teacher"] == [str(trained_checkpoint)] and last["config"]["kd_alpha"] == 0.8
+    assert last["teachers"][0]["path"] == str(trained_checkpoint) and len(last["teachers"][0]["sha256"]) == 64
+    checked = run_script("test_model.py", "--model-path", split / "best.pt", "--data-dir", small_data_dir, "--device",
+                         "cpu")
+    assert checked.returncode == 0, checked.stdout
+
+
+@pytest.mark.slow
+def test_a_changed_teacher_stops_a_resume_unless_overridden(tmp_path, small_data_dir, trained_checkpoint):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(trained_checkpoint.read_bytes())
+    first, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--teacher", teacher, "--epochs", 1,
+                          limit_train=256)
+    assert first.returncode == 0, first.stderr
+    ckpt = torch.load(teacher, weights_only=True)
+    ckpt["created"] = "another day"
+    torch.save(ckpt, teacher)
+    refused = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--quiet")
+    assert refused.returncode == 2 and "changed since the run began" in refused.stderr
+    allowed = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--quiet", "--override-resume")
+    assert allowed.returncode == 0, allowed.stderr
+
+
+@pytest.mark.slow  # trains the user's network once
+def test_a_users_class_learns_from_our_teacher_resumes_and_reloads(foreign_nets, small_data_dir, trained_checkpoint,
+                                                                    tmp_path):
+    """Network (a): MNIST's normalisation, log_softmax, no split record (so it validates on the test half); the
+    teacher keeps Fashion-MNIST's."""
+    net = foreign_nets("a")
+    definition = ["--model-def", f"{net.file}:{net.cls}", "--model-kwargs", json.dumps(net.kwargs)]
+    out = tmp_path / "run"
+    common = ["--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 512]
+    argv = ["--model-path", net.weights, *definition, "--normalize", net.mean, net.std, "--teacher", trained_checkpoint,
+            "--output", out / "best.pt", "--epochs", 1, *common]
+    first = run_script("finetune_gpu.py", *argv)
+    assert first.returncode == 0, first.stderr
+    resumed = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, *definition[:2], "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+    checked = run_script("test_model.py", "--model-path", out / "best.pt", *definition[:2], "--data-dir",
+                         small_data_dir, "--device", "cpu")
+    assert checked.returncode == 0, checked.stdout
+
+
+@pytest.mark.parametrize("temperature, warned", [(1, False), (50, True)])
+def test_targets_near_uniform_are_described_and_warned_of(temperature, warned, tmp_path, small_data_dir,
+                                                          trained_checkpoint, capsys):
+    argv = ["--model-path", trained_checkpoint, "--teacher", trained_checkpoint, "--kd-temperature", temperature,
+            "--augment", "none", "--data-dir", small_data_dir, "--output", tmp_path / "o" / "b.pt", "--logdir",
+            tmp_path / "tb", "--limit-train", 256, "--epochs", 1, *[a for a in SMALL_RUN if a != "--quiet"]]
+    assert finetune_gpu.main([str(a) for a in argv]) == 0
+    out, err = capsys.readouterr()
+    assert f"targets at T {temperature}: mean top probability" in out and "computed once" in out, out
+    assert ("are almost uniform" in err) == warned, err
