@@ -214,3 +214,19 @@ def test_freeze_conv_keeps_every_feature_tensor_and_trains_the_head(name, foreig
             continue
         assert torch.equal(tensor, after[key]), key  # features: weights and BatchNorm statistics as loaded
     assert any(not torch.equal(before[k], after[k]) for k in head)
+
+
+def test_an_explicit_normalisation_far_worse_than_a_candidate_is_warned_of(small_data_dir, trained_checkpoint, tmp_path,
+                                                                          capsys, monkeypatch):
+    """--normalize is the user's to keep: the run goes on, after a warning that names the better one."""
+    from fashion_ft import trainer
+    from fashion_ft.normalization import CANDIDATES
+
+    monkeypatch.setattr(trainer, "compare", lambda model, images, labels, current: {
+        current: 0.13, CANDIDATES["MNIST's"]: 0.97})
+    argv = ["--model-path", trained_checkpoint, "--normalize", 0.5, 0.5, "--output", tmp_path / "o" / "b.pt",
+            "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 256, "--epochs", 1]
+    assert finetune_gpu.main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    assert "warning: this model looks trained with MNIST's normalisation: 97% with --normalize 0.1307 0.3081" in err
+    assert "is --normalize 0.5 0.5 the one the model was trained with?" in err
