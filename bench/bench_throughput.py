@@ -6,6 +6,7 @@ warm-up, the paths' repeats interleaved so that a noisy neighbour slows them ali
     python -m bench.bench_throughput --device cpu --workers 2 --json bench.json
     python -m bench.bench_throughput --tiny          # seconds; its numbers mean nothing
     python -m bench.bench_throughput --model-def bench/own_model/mnist-gpu.py:Net   # your own network
+    python -m bench.bench_throughput --teacher model/resnet20.pt   # our step with and without a teacher
 
 original: torchvision FashionMNIST from uncompressed IDX files (written here in torchvision's layout),
     per-sample PIL RandomRotation(10) + ToTensor + Normalize, a DataLoader with workers, fp32 NCHW, AdamW.
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fashion_ft import cli, userdef
+from fashion_ft.checkpoint import load_checkpoint
 from fashion_ft.config import Config
 from fashion_ft.data import (
     AUGMENT_PRESETS,
@@ -52,7 +54,15 @@ from fashion_ft.data import (
     read_split,
     write_idx,
 )
-from fashion_ft.engine import ComputeSettings, TrainStep, choose_memory_format, evaluate, train_one_epoch
+from fashion_ft.engine import (
+    ComputeSettings,
+    Teacher,
+    Teachers,
+    TrainStep,
+    choose_memory_format,
+    evaluate,
+    train_one_epoch,
+)
 from fashion_ft.model import ARCHS, INPUT_SHAPE, build_source, count_parameters, resolve_arch_kwargs
 from fashion_ft.optim import build_optimizer, build_schedulers
 from fashion_ft.system import (
@@ -91,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--augment", choices=sorted(AUGMENT_PRESETS), default="light", help="our augmentation preset")
     p.add_argument("--data-dir", default=None,
                    help="folder with the Fashion-MNIST IDX files (None: as the trainer searches)")
+    p.add_argument("--teacher", nargs="+", default=None, metavar="PATH",
+                   help="also time our step distilling from these checkpoints (finetune_gpu.py's --teacher)")
     p.add_argument("--tiny", action="store_true", help="a few steps on a few hundred images (for the tests)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number to this JSON file")
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
@@ -119,6 +131,20 @@ class Bench:
     repeats: int
     augment: str
     tiny: bool
+    teachers: Teachers | None = None  # --teacher: the step is also timed with them
+
+
+def load_teachers(paths: list[str] | None, rt: ComputeSettings, channels_last: bool) -> Teachers | None:
+    """The trainer's teachers: our checkpoints on the device, each in its own memory format, at T 1."""
+    if not paths:
+        return None
+    teachers = []
+    for path in paths:
+        ckpt = load_checkpoint(path, ours_only=True)
+        model = ckpt.build().eval().requires_grad_(False)
+        memory_format, _ = choose_memory_format(model, rt.device, channels_last)
+        teachers.append(Teacher(model.to(rt.device, memory_format=memory_format), ckpt.mean, ckpt.std, memory_format))
+    return Teachers(teachers, 1.0, sources=[])
 
 
 def resolve_settings(args) -> Bench:
@@ -136,8 +162,9 @@ def resolve_settings(args) -> Bench:
     if why_not:
         print(why_not, file=sys.stderr)
     mean, std = args.normalize or (MEAN, STD)
+    rt = ComputeSettings(device, resolve_amp(args.amp, device), mean, std, memory_format)
     return Bench(
-        device=device, rt=ComputeSettings(device, resolve_amp(args.amp, device), mean, std, memory_format),
+        device=device, rt=rt, teachers=load_teachers(args.teacher, rt, args.channels_last),
         model_name=args.model_def or args.arch, build=build, augment=args.augment, tiny=args.tiny,
         workers=default_workers if args.workers is None else args.workers,
         batch_size=tiny.get("batch_size", args.batch_size),
@@ -251,12 +278,15 @@ class Ours:
                               scaler=torch.amp.GradScaler(bench.device.type, enabled=bench.rt.amp.use_scaler),
                               label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm)
         self.bench, self.epochs = bench, itertools.count()  # a new permutation for every call
+        self.taught = copy.copy(self.step)
+        self.taught.teachers, self.taught.kd_alpha = bench.teachers, cfg.kd_alpha
 
-    def train(self, data: DeviceData, aug_name: str, steps: int):
-        """train_one_epoch itself (the trainer's hot loop, its periodic syncs included), stopped after `steps`."""
+    def train(self, data: DeviceData, aug_name: str, steps: int, taught: bool = False):
+        """train_one_epoch itself (the trainer's hot loop, its periodic syncs included), stopped after `steps`;
+        `taught`: with the teachers, their targets computed every step as under augmentation."""
         self.step.model.train()
         recipe = Config(augment=aug_name, batch_size=self.bench.batch_size, seed=0)
-        result = train_one_epoch(self.step, data, next(self.epochs), self.bench.rt, recipe,
+        result = train_one_epoch(self.taught if taught else self.step, data, next(self.epochs), self.bench.rt, recipe,
                                  on_sync=lambda done, total, loss: done >= steps, sync_every=min(25, steps))
         return result["images"], result["images"] // self.bench.batch_size
 
@@ -317,6 +347,8 @@ def works(bench: Bench, original: OriginalTrainer, ours: Ours, train: DeviceData
         "step_fixed_batch": Work("our step, one ready batch (no loading, no augment)",
                                  lambda: ours.fixed_batch(x, y, steps)),
         "load_augment": Work(f"load + augment {aug} alone", lambda: ours.loading(train, aug, steps)),
+        **({"step_teachers": Work(f"our step, augment {aug}, with {len(bench.teachers.teachers)} teacher(s)",
+                                  lambda: ours.train(train, aug, steps, taught=True))} if bench.teachers else {}),
     }
 
 
@@ -370,6 +402,8 @@ def benchmark(bench: Bench, folder: Path) -> dict:
         "augment_cost_pct": 100 * (step_ms["step_augment"] - step_ms["step_no_augment"]) / step_ms["step_augment"],
         "loop_minus_model_pct": 100 * (step_ms["step_augment"] - step_ms["step_fixed_batch"]) / step_ms["step_augment"],
         "epoch_seconds": EPOCH_IMAGES / rate["train_ours"],
+        "teachers_cost_pct": 100 * (step_ms["step_teachers"] - step_ms["step_augment"]) / step_ms["step_augment"]
+        if "step_teachers" in step_ms else None,
         "device": str(bench.device), "torch": torch.__version__, "machine": machine(bench.device),
         "load_average": [load_before, os.getloadavg()[0]],
         "model": {"arch": bench.model_name, "parameters": count_parameters(model)[0], "flops_per_image": flops},
@@ -404,6 +438,8 @@ def print_table(r: dict) -> None:
     print(f"load + augment: {r['pipeline_pct']:.1f}% of a training step | augment on vs off: "
           f"{r['augment_cost_pct']:+.1f}% | full loop vs one ready batch: {r['loop_minus_model_pct']:+.1f}% "
           "(differences of noisy medians)")
+    if r.get("teachers_cost_pct") is not None:
+        print(f"the teachers add {r['teachers_cost_pct']:+.1f}% to a training step")
 
 
 def main(argv=None) -> int:

@@ -161,3 +161,16 @@ def test_compare_applies_normalize_as_test_model_does(tmp_path, small_data_dir, 
     assert seen == [used] * models
     out = capsys.readouterr().out
     assert all(f"| {path} | " in out for path in paths)
+
+
+@pytest.mark.slow
+def test_the_step_is_also_timed_with_teachers(tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench("--tiny", "--device", "cpu", "--workers", "0", "--teacher", REPO / "model" / "resnet20.pt",
+                   "--json", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(out.read_text())
+    row, plain = r["measurements"]["step_teachers"], r["measurements"]["step_augment"]
+    assert "with 1 teacher(s)" in row["label"] and row["images_per_s"] > 0
+    assert r["teachers_cost_pct"] == pytest.approx(100 * (row["step_ms"] - plain["step_ms"]) / plain["step_ms"])
+    assert f"the teachers add {r['teachers_cost_pct']:+.1f}% to a training step" in result.stdout
