@@ -474,3 +474,16 @@ def test_the_resnet_preset_trains_under_torchrun(tmp_path, small_data_dir):
     assert (saved["arch"], saved["arch_kwargs"]) == ("resnet", TINY_RESNET)
     assert not any(k.startswith("module.") for k in saved["model"])
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_distil_each_its_own_shard(tmp_path, small_data_dir, trained_checkpoint):
+    """Every rank runs the teacher on its own batches (targets every step under augmentation), and the run
+    records it as one process does."""
+    result = torchrun("--model-path", trained_checkpoint, "--teacher", trained_checkpoint, "--data-dir", small_data_dir,
+                      "--batch-size", 32, "--output", tmp_path / "run" / "best.pt", "--logdir", tmp_path / "tb", *SMALL,
+                      "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["world_size"] == 2 and last["teachers"][0]["path"] == str(trained_checkpoint)
+    assert last["history"][-1]["epoch"] == 1
