@@ -52,7 +52,8 @@ WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 PREFIXES = re.compile(r"^(?:module\.|_orig_mod\.)+")  # DataParallel/DDP, torch.compile, nested either way
 TRUST_HINT = "pass --trust-pickle only if you trust where this file came from"
 RESUME_HINT = "--resume never unpickles: a last.pt this tool wrote holds none"
-DECLARED_SLACK_BYTES = 64 << 20  # what a zip's entries may add up to beyond the file's size (its own records)
+# torch.save stores a zip's entries uncompressed, so they add up to less than the file; slack for other writers
+DECLARED_SLACK_BYTES = 64 << 20
 FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk filled up
 WRITE_ERRNO_MESSAGES = {
     errno.ENOSPC: "no space left on device while writing {path}",
@@ -416,7 +417,7 @@ def _legacy_storage_bytes(path: Path) -> int:
     """The bytes that the tensors of a pre-1.6 file declare: its pickle read with the tensors on the meta
     device (FakeTensorMode), where torch's loader allocates nothing; 0 when it cannot be read that way (the
     real load then says why)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode  # seconds to import; old files only
+    from torch._subclasses.fake_tensor import FakeTensorMode  # about a second to import: old files only
 
     def tensors(obj):
         if isinstance(obj, torch.Tensor):
