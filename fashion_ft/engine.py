@@ -87,6 +87,10 @@ class Teachers:
                      .softmax(1) for t in self.teachers]
         return torch.stack(probs).mean(0)
 
+    def for_batch(self, idx: torch.Tensor, x01: torch.Tensor, rt: "ComputeSettings") -> torch.Tensor:
+        """The targets of training images `idx`, whose batch in [0, 1] is x01: cached, or computed now."""
+        return self.cache[idx] if self.cache is not None else self.targets(x01, rt)
+
     def fill_cache(self, images_uint8: torch.Tensor, rt: "ComputeSettings", batch_size: int) -> None:
         self.cache = torch.cat([self.targets(augmented(images_uint8[sl], None, None), rt)
                                 for sl in batch_slices(len(images_uint8), batch_size, drop_last=False)])
@@ -228,9 +232,7 @@ def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSe
     for i, sl in enumerate(slices, 1):
         idx = shard[sl]
         x01 = augmented(data.images[idx], aug, gen)
-        teachers = step.teachers
-        targets = None if teachers is None else teachers.cache[idx] if teachers.cache is not None else \
-            teachers.targets(x01, rt)
+        targets = step.teachers.for_batch(idx, x01, rt) if step.teachers is not None else None
         x = normalize(x01, rt.mean, rt.std, rt.memory_format)
         y = data.labels[idx]
         loss, logits = step(x, y, rt, targets)

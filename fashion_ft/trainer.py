@@ -120,9 +120,7 @@ def explicit_def(cfg: Config) -> ModelDef | None:
 def resumed_model(cfg: Config, meta: dict) -> StartModel:
     """The model of a last.pt: our arch, or the user's class from --model-def (the file as it is now: the
     new last.pt records its sha256)."""
-    arch, definition = meta["arch"], explicit_def(cfg)
-    if definition is None and meta.get("model_def"):
-        raise userdef.refusal(meta["model_def"], str(cfg.resume))
+    arch, definition = meta["arch"], explicit_def(cfg)  # a record without --model-def was refused by load_resume
     if definition is not None and not meta.get("model_def"):
         raise UsageError(f"--model-def: {cfg.resume} records its own architecture ({arch}); drop --model-def")
     with restoring(cfg.resume):
