@@ -77,6 +77,7 @@ from fashion_ft.system import (
 )
 
 EPOCH_IMAGES = 55_000  # a training epoch with the default 5,000 validation images held out
+MATMUL_SIZE = 1024
 TINY = {"train": 512, "test": 256, "batch_size": 64, "eval_batch_size": 128, "steps": 3, "repeats": 1}
 
 
@@ -347,9 +348,24 @@ def works(bench: Bench, original: OriginalTrainer, ours: Ours, train: DeviceData
         "step_fixed_batch": Work("our step, one ready batch (no loading, no augment)",
                                  lambda: ours.fixed_batch(x, y, steps)),
         "load_augment": Work(f"load + augment {aug} alone", lambda: ours.loading(train, aug, steps)),
+        **{f"matmul_{name}": Work(f"{name} matmul {MATMUL_SIZE} x {MATMUL_SIZE} (the machine's rate; one product a "
+                                  "batch)", functools.partial(matmuls, bench.device, dtype)) for name, dtype in
+           matmul_dtypes(rt).items()},
         **({"step_teachers": Work(f"our step, augment {aug}, with {len(bench.teachers.teachers)} teacher(s)",
                                   lambda: ours.train(train, aug, steps, taught=True))} if bench.teachers else {}),
     }
+
+
+def matmul_dtypes(rt: ComputeSettings) -> dict:
+    """fp32, and the dtype that autocast trains in when it is another."""
+    return {"fp32": torch.float32, **({rt.amp.name: rt.amp.dtype} if rt.amp.dtype else {})}
+
+
+def matmuls(device: torch.device, dtype: torch.dtype, count: int = 10) -> tuple[int, int]:
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype)
+    for _ in range(count):
+        a @ a
+    return count, count
 
 
 def measure(bench: Bench, splits: dict, flops: dict) -> dict:
@@ -360,7 +376,8 @@ def measure(bench: Bench, splits: dict, flops: dict) -> dict:
     original_model = copy.deepcopy(model).to(bench.device)  # the recipe's plain fp32 NCHW
     ours = Ours(model.to(bench.device, memory_format=bench.rt.memory_format), bench)
     train, test = (DeviceData.create(*splits[split], bench.device) for split in ("train", "test"))
-    per_image = {"train": flops["train"], "step": flops["train"], "eval": flops["forward"], "load": None}
+    per_image = {"train": flops["train"], "step": flops["train"], "eval": flops["forward"], "load": None,
+                 "matmul": 2 * MATMUL_SIZE**3}
     with tempfile.TemporaryDirectory(prefix="fmnist-tv-") as root:
         write_torchvision_raw(Path(root), splits)
         original = OriginalTrainer(original_model, Path(root), bench)
@@ -402,6 +419,8 @@ def benchmark(bench: Bench, folder: Path) -> dict:
         "augment_cost_pct": 100 * (step_ms["step_augment"] - step_ms["step_no_augment"]) / step_ms["step_augment"],
         "loop_minus_model_pct": 100 * (step_ms["step_augment"] - step_ms["step_fixed_batch"]) / step_ms["step_augment"],
         "epoch_seconds": EPOCH_IMAGES / rate["train_ours"],
+        "matmul_share_pct": {name.removeprefix("matmul_"): 100 * rows["train_ours"]["gflop_per_s"] / row["gflop_per_s"]
+                             for name, row in rows.items() if name.startswith("matmul_")},
         "teachers_cost_pct": 100 * (step_ms["step_teachers"] - step_ms["step_augment"]) / step_ms["step_augment"]
         if "step_teachers" in step_ms else None,
         "device": str(bench.device), "torch": torch.__version__, "machine": machine(bench.device),
@@ -438,6 +457,8 @@ def print_table(r: dict) -> None:
     print(f"load + augment: {r['pipeline_pct']:.1f}% of a training step | augment on vs off: "
           f"{r['augment_cost_pct']:+.1f}% | full loop vs one ready batch: {r['loop_minus_model_pct']:+.1f}% "
           "(differences of noisy medians)")
+    print("our training reaches " + " | ".join(f"{pct:.0f}% of the {name} matmul rate"
+                                               for name, pct in r["matmul_share_pct"].items()))
     if r.get("teachers_cost_pct") is not None:
         print(f"the teachers add {r['teachers_cost_pct']:+.1f}% to a training step")
 

@@ -144,6 +144,10 @@ PRESETS = {
     "deep": {"lr": 0.002, "batch_size": 512, "epochs": 100, "augment": "strong", "label_smoothing": 0.1,
              "patience": 30, "monitor": "val_acc"},
     "conservative": {"lr": 0.0005, "batch_size": 256},
+    # The light plan taught by the shipped ResNet-20 at the screen's best alpha and T (bench/results/distill/).
+    # It waits the whole cosine: a converged model falls at the peak LR and gains, if at all, as the LR decays.
+    "distill": {"lr": 0.001, "batch_size": 256, "epochs": 30, "scheduler": "cosine", "patience": 30,
+                "teacher": ["model/resnet20.pt"], "kd_alpha": 0.5, "kd_temperature": 1.0},
     # The guide's last step, a deeper network trained from random weights (bench/results/resnet-candidates/):
     # the candidates' 4-epoch recipe run for as many epochs as fit in 90 minutes on 2 CPU threads. OneCycle
     # sets the LR from start to end, so early stopping waits the whole run; selection still keeps the best.

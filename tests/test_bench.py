@@ -43,11 +43,14 @@ def test_json_holds_the_speedups_and_the_facts(tiny_run):
     assert r["model"]["parameters"] == count_parameters(build_model(arch))[0]
     assert r["model"]["flops_per_image"] == pytest.approx(flops_per_image(build_model(arch)))
     rows = r["measurements"]
-    assert list(rows) == MEASUREMENTS
+    matmuls = [name for name in rows if name.startswith("matmul_")]
+    assert list(rows) == MEASUREMENTS + matmuls
+    assert list(r["matmul_share_pct"]) == [n.removeprefix("matmul_") for n in matmuls]
     for name, row in rows.items():
         assert row["images_per_s"] > 0 and row["step_ms"] > 0, name
         assert len(row["seconds"]) == r["settings"]["repeats"], name
         assert (row["gflop_per_s"] is None) == (name == "load_augment"), name
+    assert matmuls in (["matmul_fp32"], ["matmul_fp32", f"matmul_{r['settings']['amp']}"])
 
 
 @pytest.mark.slow
@@ -59,6 +62,9 @@ def test_ratios_follow_from_the_medians(tiny_run):
     assert r["eval_speedup"] == pytest.approx(rate["eval_ours"] / rate["eval_original"])
     assert r["pipeline_pct"] == pytest.approx(100 * rows["load_augment"]["step_ms"] / rows["step_augment"]["step_ms"])
     assert 0 < r["pipeline_pct"] < 100
+    assert r["matmul_share_pct"]["fp32"] == pytest.approx(
+        100 * rows["train_ours"]["gflop_per_s"] / rows["matmul_fp32"]["gflop_per_s"])
+    assert rows["matmul_fp32"]["gflop_per_s"] == pytest.approx(2 * 1024**3 * rate["matmul_fp32"] / 1e9)
     forward = r["model"]["flops_per_image"]["forward"]
     assert rows["eval_ours"]["gflop_per_s"] == pytest.approx(forward * rate["eval_ours"] / 1e9)
 
@@ -70,7 +76,7 @@ def test_the_printed_table_is_the_json_printed(tiny_run, capsys):
     assert stdout == capsys.readouterr().out
     lines = stdout.splitlines()
     header = lines.index("| measurement | images/s | ms per batch | GFLOP/s |")
-    assert [line.split(" | ")[0] for line in lines[header + 2: header + 10]] == \
+    assert [line.split(" | ")[0] for line in lines[header + 2: header + 2 + len(r["measurements"])]] == \
         [f"| {row['label']}" for row in r["measurements"].values()]
     assert "TINY: a smoke run, not a measurement" in stdout and f"train speed-up: {r['train_speedup']:.2f}x" in stdout
 
@@ -161,6 +167,19 @@ def test_compare_applies_normalize_as_test_model_does(tmp_path, small_data_dir, 
     assert seen == [used] * models
     out = capsys.readouterr().out
     assert all(f"| {path} | " in out for path in paths)
+
+
+@pytest.mark.parametrize("gained, lost, expected", [
+    (0, 0, "the same predictions"),
+    (5, 2, "+5 / -2 images, p = 0.453"),  # 2 * (1 + 7 + 21) / 2**7
+    (30, 10, "+30 / -10 images, p = 0.002"),
+    (10, 10, "+10 / -10 images, p = 1.000"),
+])
+def test_mcnemar_counts_the_images_only_one_model_gets_right(gained, lost, expected):
+    both = 50
+    first = torch.tensor([True] * both + [False] * gained + [True] * lost + [False] * 7)
+    other = torch.tensor([True] * both + [True] * gained + [False] * lost + [False] * 7)
+    assert compare.mcnemar(first, other) == expected
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SMALL_RUN, finetune, run_script
+from conftest import REPO, SMALL_RUN, finetune, run_script
 from torch import nn
 
 import finetune_gpu
@@ -180,24 +180,31 @@ def test_a_changed_teacher_stops_a_resume_unless_overridden(tmp_path, small_data
     assert allowed.returncode == 0, allowed.stderr
 
 
-@pytest.mark.slow  # trains the user's network once
-def test_a_users_class_learns_from_our_teacher_resumes_and_reloads(foreign_nets, small_data_dir, trained_checkpoint,
-                                                                    tmp_path):
-    """Network (a): MNIST's normalisation, log_softmax, no split record (so it validates on the test half); the
-    teacher keeps Fashion-MNIST's."""
-    net = foreign_nets("a")
-    definition = ["--model-def", f"{net.file}:{net.cls}", "--model-kwargs", json.dumps(net.kwargs)]
+@pytest.mark.slow  # two short runs each
+@pytest.mark.parametrize("student", ["users_class", "shipped_cnn3"])
+def test_the_distill_plan_teaches_resumes_and_reloads(student, foreign_nets, small_data_dir, tmp_path):
+    """--preset distill: the shipped ResNet-20 teaches the user's network (a) (MNIST's normalisation,
+    log_softmax, no split record) or our shipped cnn3; validation on the test half, so that no teacher's
+    split record matters on this small data."""
+    if student == "users_class":
+        net = foreign_nets("a")
+        definition = ["--model-def", f"{net.file}:{net.cls}", "--model-kwargs", json.dumps(net.kwargs)]
+        model = ["--model-path", net.weights, *definition, "--normalize", net.mean, net.std]
+    else:
+        definition, model = [], ["--model-path", REPO / "model" / "mnist_cnn3.pt"]
     out = tmp_path / "run"
-    common = ["--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 512]
-    argv = ["--model-path", net.weights, *definition, "--normalize", net.mean, net.std, "--teacher", trained_checkpoint,
-            "--output", out / "best.pt", "--epochs", 1, *common]
-    first = run_script("finetune_gpu.py", *argv)
+    first = run_script("finetune_gpu.py", *model, "--preset", "distill", "--val-from", "test-half", "--epochs", 1,
+                       "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", "--limit-train", 512,
+                       "--batch-size", 64, "--output", out / "best.pt", "--quiet", "--device", "cpu", cwd=REPO)
     assert first.returncode == 0, first.stderr
-    resumed = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, *definition[:2], "--quiet")
+    config = torch.load(out / "last.pt", weights_only=True)["config"]
+    assert (config["teacher"], config["kd_alpha"], config["kd_temperature"]) == (["model/resnet20.pt"], 0.5, 1.0)
+    resumed = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, *definition[:2], "--quiet",
+                         cwd=REPO)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
     checked = run_script("test_model.py", "--model-path", out / "best.pt", *definition[:2], "--data-dir",
-                         small_data_dir, "--device", "cpu")
+                         small_data_dir, "--device", "cpu", cwd=REPO)
     assert checked.returncode == 0, checked.stdout
 
 
