@@ -10,7 +10,6 @@ import hashlib
 import math
 import os
 import shutil
-import stat
 import struct
 import zlib
 from dataclasses import asdict, dataclass
@@ -21,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError, UserError, first_line
-from .outputs import resolve_path
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 # Pixel statistics of the 60k training images, scaled to [0, 1].
@@ -32,8 +30,7 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
-# The largest Fashion-MNIST file holds 60,000 x 28 x 28 bytes of data: a header that promises more is
-# corrupt, and believing it would size the read (or a gzip bomb's inflation) by whatever it says.
+# The data of the largest Fashion-MNIST file: a header that promises more is corrupt, not believed.
 MAX_IDX_DATA = 60_000 * 28 * 28
 ENV_DIR = "FASHION_MNIST_DIR"
 MIN_IMAGES = 10  # fewer images than classes in a split cannot measure anything
@@ -54,38 +51,21 @@ class DataNotFound(UserError):
 
 
 def _idx_path(folder: Path, stem: str) -> Path | None:
-    """The raw or .gz file of `stem` in `folder`; a name taken by something else (a folder, a FIFO, a
-    device) is an error, since skipping it would report the files as missing, or read another copy."""
-    for path in (folder / stem, folder / (stem + ".gz")):
-        try:
-            mode = os.stat(path).st_mode  # follows symbolic links: a link to a regular file is fine
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as exc:
-            raise UserError(f"cannot read {path}: {exc.strerror}") from None
-        if not stat.S_ISREG(mode):
-            raise UserError(f"{path} is not a regular file")
-        return path
-    return None
+    """The raw or else the .gz file of `stem` in `folder`, if either is there. Whatever stands there is
+    returned, file or not: read_idx names what is not a file, where skipping it would read another copy."""
+    return next((path for path in (folder / stem, folder / f"{stem}.gz") if path.exists()), None)
 
 
 def find_data_dir(data_dir: str | None = None, split: str = "train") -> Path:
     """The first folder that holds both IDX files of `split`. A folder the user named (--data-dir, else
     $FASHION_MNIST_DIR) is the only place looked at: reading some other copy would hide their mistake."""
-    if data_dir:
-        resolve_path(Path(data_dir), "--data-dir")  # a symlink loop is worded as for every other path
     named = data_dir or os.environ.get(ENV_DIR)
-    if named:
-        tried = [Path(named), Path(named) / "FashionMNIST" / "raw"]
-    else:
-        tried = [Path("data"), Path("data/FashionMNIST/raw"), Path(DEBIAN_DIR)]
+    tried = ([Path(named), Path(named) / "FashionMNIST" / "raw"] if named
+             else [Path("data"), Path("data/FashionMNIST/raw"), Path(DEBIAN_DIR)])
     for folder in tried:
         if all(_idx_path(folder, stem) for stem in FILES[split]):
             return folder
-    places = ", ".join(str(p) for p in tried)
-    if named and not data_dir:
-        raise DataNotFound(f"Fashion-MNIST {split} files not found (looked in: {places}, the folder ${ENV_DIR} "
-                           f"names); point it at the files, or unset it and {GET_DATA_HINT}")
+    places = ", ".join(map(str, tried)) + (f", as ${ENV_DIR} says" if named and not data_dir else "")
     raise DataNotFound(f"Fashion-MNIST {split} files not found (looked in: {places}); {GET_DATA_HINT}")
 
 
@@ -107,58 +87,35 @@ def download(root: str = "data") -> Path:
     return Path(root) / "FashionMNIST" / "raw"
 
 
-def _open_regular(path, flags):
-    """open()'s opener for regular files only: with O_NONBLOCK a FIFO in a file's place opens at once
-    instead of waiting for a writer, and is turned away with folders and devices before any read."""
-    fd = os.open(path, flags | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UserError(f"{path} is not a regular file")
-    return fd
-
-
-def _read_dims(fh, path: Path, expected_magic: int) -> tuple[int, ...]:
-    head = fh.read(4)
-    if len(head) < 4:
-        raise UserError(f"{path} is not an IDX file (only {len(head)} bytes)")
-    magic = int.from_bytes(head, "big")
-    if magic != expected_magic:
-        raise UserError(f"{path} has magic number {magic}, expected {expected_magic}: not the right IDX file")
-    ndim = magic & 0xFF  # the magic number's last byte
-    dims = fh.read(4 * ndim)
-    if len(dims) < 4 * ndim:
-        raise UserError(f"{path} is not an IDX file (only {4 + len(dims)} bytes)")
-    return struct.unpack(f">{ndim}I", dims)
-
-
-def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """One IDX file as a uint8 array, after checking its magic number, dimensions and length.
-
-    The header is read first, and the data only once its size is known to be sane and (for a raw file)
-    to match the file's: a lying header, a sparse file or a gzip bomb costs no more than the data it promises.
-    """
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """One IDX file as a uint8 array. Only a regular file is opened (a FIFO would block, a device never
+    end), and no more is read than its header promises, which a raw file's size must match and no file may
+    put above MAX_IDX_DATA: a lying header or a gzip bomb costs no more than the data of a real file."""
     path = Path(path)
-    compressed = path.suffix == ".gz"
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file")
+    gz = path.suffix == ".gz"
     try:
-        with open(path, "rb", opener=_open_regular) as file:
-            fh = gzip.GzipFile(fileobj=file) if compressed else file
-            dims = _read_dims(fh, path, expected_magic)
+        with (gzip.open if gz else open)(path, "rb") as fh:
+            found = int.from_bytes(fh.read(4), "big")
+            if found != magic:
+                raise UserError(f"{path} is not the right IDX file: magic number {found}, expected {magic}")
+            dims = struct.unpack(f">{magic & 0xFF}I", fh.read(4 * (magic & 0xFF)))  # the magic's last byte
             header, size = 4 + 4 * len(dims), math.prod(dims)
             if size > MAX_IDX_DATA:
-                raise UserError(f"{path} is corrupt: its header says {size} bytes of data, more than the "
-                                f"{MAX_IDX_DATA} of the largest Fashion-MNIST file")
-            file_size = os.fstat(file.fileno()).st_size
-            if not compressed and file_size != header + size:
-                raise UserError(f"{path} is truncated or corrupt: header says {header + size} bytes, "
-                                f"file has {file_size}")
-            data = fh.read(size + 1)  # one byte more than promised tells a longer stream from an exact one
-    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; bad deflate data is zlib.error
+                raise UserError(f"{path} is corrupt: its header promises {size} bytes of data, more than any "
+                                "Fashion-MNIST file holds")
+            if not gz and path.stat().st_size != header + size:
+                raise UserError(f"{path} is truncated or corrupt: its header promises {header + size} bytes, "
+                                f"the file has {path.stat().st_size}")
+            data = fh.read(size + 1)  # one byte past the promise tells a longer stream from an exact one
+    except struct.error:
+        raise UserError(f"{path} is truncated: its header ends early") from None
+    except (OSError, EOFError, zlib.error) as exc:  # a damaged .gz raises any of these
         raise UserError(f"cannot read {path}: {exc}") from None
-    if len(data) > size:
-        raise UserError(f"{path} inflates to more than the {header + size} bytes its header says")
-    if len(data) < size:
-        raise UserError(f"{path} is truncated or corrupt: header says {header + size} bytes, "
-                        f"it {'inflates to' if compressed else 'has'} {header + len(data)}")
+    if len(data) != size:
+        raise UserError(f"{path} is truncated or corrupt: its header promises {header + size} bytes, it inflates "
+                        f"to {'more' if len(data) > size else header + len(data)}")
     return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
@@ -221,20 +178,15 @@ def label_warning(labels: torch.Tensor, what: str) -> str | None:
     """A one-line warning when `what` ("the training images", ...) lacks classes or holds too few of one
     (under a tenth of its fair share), else None. An empty set is the caller's matter, not a mix of classes."""
     counts = torch.bincount(labels.flatten().cpu(), minlength=len(CLASSES)).tolist()
-    n = sum(counts)
-    present = [name for name, count in zip(CLASSES, counts) if count]
-    if n and len(present) < len(CLASSES):
-        missing = [name for name in CLASSES if name not in present]
-        # name the shorter list: "(Trouser)" rather than nine names, "(no Bag)" rather than nine
+    n, present = sum(counts), [name for name, count in zip(CLASSES, counts) if count]
+    missing = [name for name in CLASSES if name not in present]
+    if n and missing:  # the shorter list: "(Trouser)" rather than nine names, "(no Bag)" rather than nine
         names = ", ".join(present) if len(present) <= len(missing) else "no " + ", ".join(missing)
-        return (f"{what} hold only {len(present)} of the {len(CLASSES)} classes ({names}): "
-                "nothing is learned or measured on the others")
-    fair = n / len(CLASSES)
-    scarce = [f"{name} {count}" for name, count in zip(CLASSES, counts) if count < fair / 10]
-    if scarce:
-        return (f"{what} hold too few of some classes ({', '.join(scarce)} of {n}, a fair share being "
-                f"{fair:.0f}): what is learned or measured on them is unreliable")
-    return None
+        return (f"{what} hold only {len(present)} of the {len(CLASSES)} classes ({names}): nothing is learned "
+                "or measured on the others")
+    scarce = [f"{name} {count}" for name, count in zip(CLASSES, counts) if count < n / len(CLASSES) / 10]
+    return (f"{what} hold too few of some classes ({', '.join(scarce)} of {n}, a fair share being "
+            f"{n / len(CLASSES):.0f}): what is learned or measured on them is unreliable") if scarce else None
 
 
 @dataclass(frozen=True)
@@ -319,8 +271,7 @@ def split_sets(train: tuple, test: tuple, split: Split, limit_train: int | None,
     with --limit-train a seeded subset of the training part."""
     (images, labels), (test_images, test_labels) = train, test
     if split.validation == "test-half":
-        train_idx = torch.arange(len(labels))
-        test_idx, val_idx = test_halves(test_labels, split.seed)
+        train_idx, (test_idx, val_idx) = torch.arange(len(labels)), test_halves(test_labels, split.seed)
         val, test = (test_images[val_idx], test_labels[val_idx]), (test_images[test_idx], test_labels[test_idx])
     else:
         if split.val_size >= len(labels):
