@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError, UserError, first_line
+from .outputs import resolve_path
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 # Pixel statistics of the 60k training images, scaled to [0, 1].
@@ -59,6 +60,8 @@ def _idx_path(folder: Path, stem: str) -> Path | None:
 def find_data_dir(data_dir: str | None = None, split: str = "train") -> Path:
     """The first folder that holds both IDX files of `split`. A folder the user named (--data-dir, else
     $FASHION_MNIST_DIR) is the only place looked at: reading some other copy would hide their mistake."""
+    if data_dir:
+        resolve_path(Path(data_dir), "--data-dir")  # a symlink loop is a bad flag, worded as for every path
     named = data_dir or os.environ.get(ENV_DIR)
     tried = ([Path(named), Path(named) / "FashionMNIST" / "raw"] if named
              else [Path("data"), Path("data/FashionMNIST/raw"), Path(DEBIAN_DIR)])

@@ -1,13 +1,15 @@
 """A table of bad inputs to both scripts: each exits with the right code, names the problem in one line
 on stderr, and creates or changes no file."""
 
+import gzip
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import FILES, IMAGES_MAGIC, LABELS_MAGIC, REPO, run_script, write_idx, write_split
 
 import finetune_gpu
 import test_model
@@ -211,15 +213,32 @@ def test_a_failed_download_is_one_line_and_leaves_no_folders(workdir, monkeypatc
     assert not (workdir / "fresh").exists() and snapshot(workdir) == before
 
 
-def test_empty_data_names_the_file_not_a_flag(tmp_path, workdir, capsys):
-    from conftest import write_split
+def replaced_by(make):
+    return lambda path: (path.unlink(), make(path))
 
-    empty = tmp_path / "empty"
-    write_split(empty, "train", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))
-    write_split(empty, "test", np.zeros((20, 28, 28), np.uint8), np.zeros(20, np.uint8))
-    code, err = call(finetune_gpu.main, ["--model-path", "input.pt", "--data-dir", str(empty), "--output",
-                                         "out/best.pt", "--device", "cpu"], capsys)
-    assert code == 1 and "train-images-idx3-ubyte holds 0 images" in err and "--val-size" not in err
+
+BAD_DATA = {  # what is done to the training images file of a good split
+    "no images": lambda path: write_split(path.parent, "train", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8)),
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:-100]),
+    "labels in its place": lambda path: write_idx(path, np.zeros(20, np.uint8), LABELS_MAGIC),
+    "a folder in its place": replaced_by(Path.mkdir),
+    # 20 images promised, 10 MB of zeros behind them
+    "a gzip bomb": replaced_by(lambda path: Path(f"{path}.gz").write_bytes(
+        gzip.compress(struct.pack(">4I", IMAGES_MAGIC, 20, 28, 28) + bytes(10**7), 1))),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_a_bad_data_file_is_one_line_naming_the_file_not_a_flag(case, workdir, capsys):
+    for split in ("train", "test"):
+        write_split(workdir / "d", split, np.zeros((20, 28, 28), np.uint8), np.arange(20, dtype=np.uint8) % 10)
+    BAD_DATA[case](workdir / "d" / FILES["train"][0])
+    before = snapshot(workdir)
+    code, err = call(finetune_gpu.main, ["--model-path", "input.pt", "--data-dir", "d", "--output", "out/best.pt",
+                                         "--device", "cpu"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+    assert FILES["train"][0] in err and "--val-size" not in err and "Traceback" not in err
+    assert snapshot(workdir) == before
 
 
 def test_resume_never_unpickles_and_says_so(workdir, capsys):
