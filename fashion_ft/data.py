@@ -68,8 +68,8 @@ def find_data_dir(data_dir: str | None = None, split: str = "train") -> Path:
     for folder in tried:
         if all(_idx_path(folder, stem) for stem in FILES[split]):
             return folder
-    places = ", ".join(map(str, tried)) + (f", as ${ENV_DIR} says" if named and not data_dir else "")
-    raise DataNotFound(f"Fashion-MNIST {split} files not found (looked in: {places}); {GET_DATA_HINT}")
+    hint = f"point ${ENV_DIR} at them, or unset it and {GET_DATA_HINT}" if named and not data_dir else GET_DATA_HINT
+    raise DataNotFound(f"Fashion-MNIST {split} files not found (looked in: {', '.join(map(str, tried))}); {hint}")
 
 
 def download(root: str = "data") -> Path:
