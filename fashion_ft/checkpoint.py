@@ -1,10 +1,9 @@
 """Checkpoints: atomic save, safe load, and the formats users already have.
 
-Saving writes a temporary file in the target folder, fsyncs it and `os.replace`s it, so a crash, Ctrl-C
-or kill -9 leaves either the old or the new complete file. Loading uses `torch.load(weights_only=True)`;
-unpickling arbitrary objects (a whole pickled nn.Module) runs code and happens only when the caller passes
-trust_pickle=True on the user's explicit request. What a tool reads from a file is checked at load, what
---resume reads besides by validate_resumable: a bad field is one line naming the file and the field.
+A save is a temporary file, fsynced and `os.replace`d, so a crash, Ctrl-C or kill -9 leaves the old or the
+new complete file. A load is `torch.load(weights_only=True)`; unpickling (which runs code) happens only with
+--trust-pickle. The fields that the tools read are checked at load, those --resume reads besides by
+validate_resumable: a bad one is one line naming the file and the field.
 """
 
 import datetime
@@ -31,7 +30,6 @@ from .model import (
     ARCHS,
     NUM_CLASSES,
     USER_ARCH,
-    build_model,
     build_source,
     check_outputs,
     infer_arch,
@@ -228,8 +226,7 @@ def _show(value) -> str:
 
 
 def _check(path, meta: dict, table: dict, every: bool = False) -> None:
-    """Each field of `table` that `meta` holds passes its test; with `every`, each that the test does not
-    allow to be None is there."""
+    """Each field of `table` in `meta` passes its test; with `every`, one whose test refuses None is there."""
     for key, (ok, what) in table.items():
         if key in meta and not ok(meta[key]):
             raise UserError(f"{path}: checkpoint field {key!r} must be {what}, got {_show(meta[key])}")
@@ -274,18 +271,15 @@ class LoadedCheckpoint:
         return model
 
     @property
-    def split(self) -> dict | None:
-        """The recorded validation split {seed, val_size, fingerprint}, or None: an older file or a model
-        from elsewhere (a record that is not valid was refused at load)."""
-        value = self.meta.get("split")
-        return dict(value) if isinstance(value, dict) else None
+    def split(self) -> dict | None:  # None: an older file, or a model from elsewhere
+        return dict(self.meta["split"]) if self.meta.get("split") else None
 
 
-def _refuse_other_files(path: Path) -> None:
-    """torch.save writes a zip archive (before torch 1.6: a pickle, which starts with the PROTO opcode);
-    torch.jit.save writes a zip like it, with compiled code and a constants.pkl beside the data. torch.load
-    allocates the size that the file declares for each tensor before reading it, so a file that declares
-    far more than it holds is refused unread: torch.save stores a zip's entries uncompressed."""
+def _torch_load(path: Path, trust_pickle: bool, refusal_hint: str) -> tuple[object, bool]:
+    """(what the file holds, whether it was unpickled as trusted). torch.save writes a zip archive (before
+    torch 1.6: a pickle, which starts with the PROTO opcode); torch.jit.save writes a zip like it, with
+    compiled code and a constants.pkl beside the data. torch.load allocates the size that the file declares
+    for each tensor before reading it, so a file that declares far more than it holds is refused unread."""
     if not path.is_file():  # opening a named pipe would wait for a writer
         raise UserError(f"checkpoint not found: {path}" if not path.exists() else f"checkpoint is not a file: {path}")
     try:
@@ -308,6 +302,21 @@ def _refuse_other_files(path: Path) -> None:
     if declared > size + DECLARED_SLACK_BYTES:
         raise UserError(f"{path} declares {declared / 2**20:,.0f} MiB of data in a file of {size:,} bytes: it is "
                         "damaged or crafted, and was not loaded")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True), False
+    except Exception as exc:  # garbage makes the unpickler fail with any type (KeyError, IndexError, ...)
+        if not (isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc)):
+            raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                            f"{first_line(exc, sentence=True)}") from None
+        if not trust_pickle:
+            raise UserError(f"{path} holds pickled Python objects, not just weights; loading it would run code from "
+                            f"the file, so it was refused ({refusal_hint})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False), True  # user passed --trust-pickle
+    except Exception as exc:
+        raise UserError(f"{path} could not be unpickled even as trusted: {first_line(exc, sentence=True)}") from None
 
 
 def _legacy_storage_bytes(path: Path) -> int:
@@ -331,121 +340,73 @@ def _legacy_storage_bytes(path: Path) -> int:
         return 0
 
 
-def _torch_load(path: Path, trust_pickle: bool, refusal_hint: str) -> tuple[object, bool]:
-    """(what the file holds, whether it was unpickled as trusted)."""
-    _refuse_other_files(path)
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols it then refuses anyway
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True), False
-    except Exception as exc:  # garbage makes the unpickler fail with any type (KeyError, IndexError, ...)
-        if not (isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc)):
-            raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-                            f"{first_line(exc, sentence=True)}") from None
-        if not trust_pickle:
-            raise UserError(f"{path} holds pickled Python objects, not just weights; loading it would run code from "
-                            f"the file, so it was refused ({refusal_hint})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False), True  # user passed --trust-pickle
-    except Exception as exc:
-        raise UserError(f"{path} could not be unpickled even as trusted: {first_line(exc, sentence=True)}") from None
-
-
 def strip_prefixes(state_dict: dict) -> dict:
     return {PREFIXES.sub("", key): value for key, value in state_dict.items()}
 
 
-@dataclass
-class _Extracted:
-    state_dict: dict
-    source_format: str
-    meta: dict  # our metadata, or {} for other formats
-    where: str = ""  # the key path of the weights inside the file, for error messages
-
-
-def _extract(obj, path: Path) -> _Extracted:
-    """The weights and our metadata from whatever torch.load returned."""
+def _extract(obj, path: Path) -> tuple[dict, str, dict, str]:
+    """(weights, how they were stored, our metadata or {}, their key path in the file)."""
     if isinstance(obj, nn.Module):
-        return _Extracted(obj.state_dict(), "pickled nn.Module (trusted)", {})
+        return obj.state_dict(), "pickled nn.Module (trusted)", {}, ""
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         version = obj.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise UserError(f"{path}: checkpoint format version {version} is newer than this tool reads "
                             f"({FORMAT_VERSION}); upgrade fashion_ft")
         _check(path, obj, {"model": RESUME_FIELDS["model"]}, every=True)
-        return _Extracted(obj["model"], f"{FORMAT} v{version}", obj, "model.")
+        return obj["model"], f"{FORMAT} v{version}", obj, "model."
     if _weights(obj):
-        return _Extracted(obj, "bare state_dict", {})
+        return obj, "bare state_dict", {}, ""
+    for key in WRAPPER_KEYS if isinstance(obj, dict) else ():
+        if isinstance(obj.get(key), nn.Module):
+            return obj[key].state_dict(), f"dict with a pickled nn.Module under {key!r} (trusted)", {}, ""
+        if _weights(obj.get(key)):
+            return obj[key], f"dict with state_dict under {key!r}", {}, f"{key}."
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not model weights")
-    for key in WRAPPER_KEYS:
-        inner = obj.get(key)
-        if isinstance(inner, nn.Module):
-            return _Extracted(inner.state_dict(), f"dict with a pickled nn.Module under {key!r} (trusted)", {})
-        if _weights(inner):
-            return _Extracted(inner, f"dict with state_dict under {key!r}", {}, f"{key}.")
     raise UserError(f"{path}: no model weights found (its top-level keys: {', '.join(map(str, list(obj)[:6]))})")
 
 
-def _resolve_arch(found: _Extracted, state_dict: dict, max_params: int) -> tuple[str, dict]:
-    """(arch, kwargs) named by our file and checked against its weights, or inferred from the weights. The
-    model must predict exactly the 10 Fashion-MNIST classes; the error names the field that set the count,
-    else the head's weight in the file."""
-    arch = found.meta.get("arch")
-    if arch is None:
-        arch, arch_kwargs = infer_arch(state_dict)
+def _matched(meta: dict, weights: dict, where: str, definition, model_kwargs, max_params: int):
+    """(arch, kwargs, weights under the model's key names): the user's class, the file's arch or the one its
+    weights match, built on the meta device (a recorded width takes no memory), must fit the weights and
+    predict the 10 classes; the error names the field that set the count, else the head's tensor."""
+    if definition is not None:
+        arch, kwargs = USER_ARCH, dict(meta.get("arch_kwargs") or {}) if model_kwargs is None else dict(model_kwargs)
+    elif meta.get("arch") is None:
+        arch, kwargs = infer_arch(strip_prefixes(weights))
     else:
-        arch_kwargs = resolve_arch_kwargs(arch, found.meta.get("arch_kwargs") or {})
-    model = on_meta(lambda: build_model(arch, arch_kwargs), max_params)
-    problems = shape_mismatches(model, state_dict)
-    if problems:
-        raise UserError(f"weights do not match arch {arch}: {'; '.join(problems)}")
-    outputs, head = output_classes(model)
-    if outputs != NUM_CLASSES:
-        named = "arch_kwargs.num_classes" if "num_classes" in found.meta.get("arch_kwargs", {}) else found.where + head
-        raise UserError(f"checkpoint field {named!r} gives the model {outputs} output classes, Fashion-MNIST has "
-                        f"{NUM_CLASSES}")
-    return arch, arch_kwargs
-
-
-def _fit_keys(model: nn.Module, state_dict: dict) -> dict:
-    """The weights under the key names of the user's class: as saved when they match it, else without
-    the DataParallel/compile prefixes (a leading `module.` may be a real attribute of the class)."""
-    expected = set(model.state_dict())
-    if set(state_dict) == expected:
-        return state_dict
-    stripped = strip_prefixes(state_dict)
-    return stripped if len(expected & set(stripped)) > len(expected & set(state_dict)) else state_dict
-
-
-def _user_source(found: _Extracted, definition, kwargs, max_params: int):
-    """(kwargs, weights under its keys) of a user's class, checked against the weights: the shapes on the meta
-    device first, so that a recorded width cannot take the memory."""
-    kwargs = dict(found.meta.get("arch_kwargs") or {}) if kwargs is None else dict(kwargs)
-    name = f"{definition.given}:{definition.cls}"
-    shapes = on_meta(lambda: userdef.build(definition, kwargs), max_params)
-    state_dict = _fit_keys(shapes, found.state_dict)
-    problems = shape_mismatches(shapes, state_dict)
+        arch, kwargs = meta["arch"], resolve_arch_kwargs(meta["arch"], meta.get("arch_kwargs"))
+    name = f"{definition.given}:{definition.cls}" if definition else f"arch {arch}"
+    shapes = on_meta(lambda: build_source(arch, kwargs, definition), max_params)
+    if set(weights) != set(shapes.state_dict()):  # as saved if they fit: `module.` may be a real attribute
+        weights = strip_prefixes(weights)
+    problems = shape_mismatches(shapes, weights)
     if problems:
         raise UserError(f"the weights do not fit {name}: {'; '.join(problems[:3])}")
-    check_outputs(userdef.build(definition, kwargs), name)
-    return kwargs, state_dict
+    if definition is not None:  # its forward may end in anything but a Linear layer: it runs once for real
+        check_outputs(userdef.build(definition, kwargs), name)
+        return arch, kwargs, weights
+    outputs, head = output_classes(shapes)
+    if outputs != NUM_CLASSES:
+        field = "arch_kwargs.num_classes" if "num_classes" in meta.get("arch_kwargs", {}) else where + head
+        raise UserError(f"checkpoint field {field!r} gives the model {outputs} output classes, Fashion-MNIST has "
+                        f"{NUM_CLASSES}")
+    return arch, kwargs, weights
 
 
 def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_HINT,
                     model_def: "userdef.ModelDef | None" = None, model_kwargs: dict | None = None,
                     max_params: int = MAX_PARAMETERS, ours_only: bool = False) -> LoadedCheckpoint:
-    """Read, recognise and check a checkpoint; each failure is one UserError line naming the file (and the
-    field). `refusal_hint` ends the refusal of a pickle. `model_def` and `model_kwargs` (--model-def,
-    --model-kwargs) build a file that records the user's class or no architecture. The model is built on the
-    meta device and matched against the weights before anything is allocated, with at most `max_params`
-    parameters. `ours_only`: one of our architectures, written by this tool (a teacher)."""
+    """Read, recognise and check a checkpoint; each failure is one UserError line naming the file. `refusal_hint`
+    ends the refusal of a pickle; `model_def` and `model_kwargs` (--model-def) build a file that records the
+    user's class or no architecture; `ours_only`: one of our architectures, written by this tool (a teacher)."""
     path = Path(path)
     obj, unpickled = _torch_load(path, trust_pickle, refusal_hint)
-    found = _extract(obj, path)
-    meta, recorded = found.meta, found.meta.get("model_def")
-    _check_tensors(path, found.state_dict, found.where)
+    weights, source_format, meta, where = _extract(obj, path)
+    _check_tensors(path, weights, where)
     _check(path, meta, FIELDS)
+    recorded = meta.get("model_def")
     if ours_only and (recorded is not None or meta.get("arch") not in ARCHS):
         raise UserError(f"{path}: only a checkpoint this tool wrote of one of its architectures ({', '.join(ARCHS)}) "
                         "can teach: it records its normalisation, and a class of your own runs only as the model "
@@ -453,27 +414,22 @@ def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_
     if recorded is not None and model_def is None:
         raise userdef.refusal(recorded, str(path))
     definition = model_def if recorded is not None or (model_def is not None and not meta.get("arch")) else None
-    try:  # the model's own checks cannot know the file: it is named here
-        if definition is not None:
-            arch, (arch_kwargs, state_dict) = USER_ARCH, _user_source(found, definition, model_kwargs, max_params)
-        else:
-            state_dict = strip_prefixes(found.state_dict)
-            arch, arch_kwargs = _resolve_arch(found, state_dict, max_params)
+    try:  # the model's checks cannot know the file: it is named here
+        arch, arch_kwargs, weights = _matched(meta, weights, where, definition, model_kwargs, max_params)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
     norm = meta.get("normalize", {})
     return LoadedCheckpoint(
-        path=path, source_format=found.source_format, arch=arch, arch_kwargs=arch_kwargs, state_dict=state_dict,
+        path=path, source_format=source_format, arch=arch, arch_kwargs=arch_kwargs, state_dict=weights,
         mean=float(norm.get("mean", MEAN)), std=float(norm.get("std", STD)), meta=meta, unpickled=unpickled,
-        model_def=definition, container=FORMAT if meta else (found.where[:-1] or None),
+        model_def=definition, container=FORMAT if meta else (where[:-1] or None),
     )
 
 
 # ---------------------------------------------------------------- resuming
 
 def validate_resumable(path, meta: dict) -> None:
-    """Check that `meta` (LoadedCheckpoint.meta of `path`) holds everything resuming a run reads; a
-    missing or wrong field is one UserError line naming the file and the field."""
+    """Whether `meta` (LoadedCheckpoint.meta of `path`) holds what resuming reads: else one UserError line."""
     if meta.get("kind") != "last":
         raise UserError(f"{path} is not a resumable checkpoint (its 'kind' is {_show(meta.get('kind'))}, not "
                         "'last'); resume from the last.pt a run wrote")
