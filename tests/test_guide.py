@@ -249,8 +249,8 @@ def test_flags_are_documented_by_help(lang):
 def test_presets_table_matches_the_code(lang):
     rows = table_rows(TEXTS[lang])
     for name, values in PRESETS.items():
-        flags = " ".join(f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
-                         for k, v in values.items())
+        flags = " ".join(f"--{k.replace('_', '-')}" if v is True else
+                         f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in values.items())
         row = next((r for r in rows if r[0] == f"`{name}`"), None)
         assert row is not None, f"{GUIDES[lang].name}: no table row for the preset {name}"
         assert f"`{flags}`" in row[1], f"{GUIDES[lang].name}: preset {name} is `{flags}` in the code, not {row[1]}"
