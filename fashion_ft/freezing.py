@@ -67,11 +67,8 @@ def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def _tensor_names(model: nn.Module) -> dict[int, str]:
-    """id -> name of every parameter and buffer (a tied tensor under its first name)."""
-    names = {}
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        names.setdefault(id(t), name)
-    return names
+    """id -> name of every parameter and buffer (a tied tensor under its first name, as named_* give it)."""
+    return {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
 def _trace(model: nn.Module, ids: set[int]) -> list[tuple[str, set[int], bool]]:
@@ -99,13 +96,11 @@ def _head_tensors(model: nn.Module) -> set[int]:
     names = _tensor_names(model)
     ops = _trace(model, set(names))
     convs = [i for i, (op, _, _) in enumerate(ops) if op in CONV_OPS]
-    if not convs:
-        raise UserError(f"cannot tell the head of this model (no convolution in its forward); {PATTERN_HINT}")
     start = next((i for i, (op, _, matrix) in enumerate(ops)
-                  if i > convs[-1] and (op == "linear" or (op in FC_OPS and matrix))), None)
+                  if convs and i > convs[-1] and (op == "linear" or (op in FC_OPS and matrix))), None)
     if start is None:
-        raise UserError("cannot tell the head of this model (no fully connected layer after its last "
-                        f"convolution); {PATTERN_HINT}")
+        why = "no fully connected layer after its last convolution" if convs else "no convolution in its forward"
+        raise UserError(f"cannot tell the head of this model ({why}); {PATTERN_HINT}")
     features = set().union(*(used for _, used, _ in ops[:start]))
     head = set().union(*(used for _, used, _ in ops[start:]))
     shared = sorted(names[i] for i in features & head)

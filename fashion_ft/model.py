@@ -137,7 +137,7 @@ def check_kwarg_types(arch: str, kwargs: dict) -> None:
 
 
 def build_model(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
-    """One of our networks; kwargs from a flag or a file are checked here, so a constructor never fails."""
+    """One of our networks; kwargs from a flag or a file are checked here, before its constructor sees them."""
     kwargs = resolve_arch_kwargs(arch, arch_kwargs)
     check_kwarg_types(arch, kwargs)
     return ARCHS[arch].build(**kwargs)
