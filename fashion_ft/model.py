@@ -235,13 +235,10 @@ def _resnet_kwargs(shapes: dict) -> dict:
     return {"widths": widths, "blocks": blocks, "num_classes": num_classes}
 
 
-KWARGS_FROM_SHAPES = {"cnn3": _cnn3_kwargs, "resnet": _resnet_kwargs}
-
-
 def infer_arch(state_dict: dict) -> tuple[str, dict]:
     """Match a bare state_dict against the registry by keys and shapes."""
     shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    for arch, kwargs_from_shapes in KWARGS_FROM_SHAPES.items():
+    for arch, kwargs_from_shapes in (("cnn3", _cnn3_kwargs), ("resnet", _resnet_kwargs)):
         kwargs = kwargs_from_shapes(shapes)
         try:
             with torch.device("meta"):  # the shapes alone: nothing allocated
