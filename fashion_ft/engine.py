@@ -18,7 +18,6 @@ from . import distributed as dist
 from .config import Config
 from .data import AUGMENT_PRESETS, DeviceData, augmented, batch_slices, epoch_permutation, make_batch, normalize
 from .errors import DivergenceError, first_line
-from .freezing import check_batch_for_batchnorm1d
 from .model import INPUT_SHAPE
 from .optim import Schedulers, apply_hyperparameters, load_optimizer_state
 from .system import CHANNELS_LAST_MPS_REASON, AmpPolicy, autocast, channels_last_ok
@@ -112,7 +111,6 @@ class TrainStep:
     kd_alpha: float = 0.0
 
     def __call__(self, x, y, rt: ComputeSettings, targets: torch.Tensor | None = None):
-        check_batch_for_batchnorm1d(self.model, len(x))
         with autocast(rt.device, rt.amp):
             logits = self.model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)

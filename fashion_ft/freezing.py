@@ -3,14 +3,15 @@
 What --freeze-conv freezes is found, for any model, from one forward pass: the head is every layer from
 the first fully connected layer that runs after the last convolution to the output; the rest (the
 convolutions, and a BatchNorm or pooling right after the last of them) are the features.
+apply_freezing records which modules hold frozen buffers; set_train_mode keeps those in eval mode.
 """
 
 import fnmatch
-import itertools
 import warnings
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .errors import UsageError, UserError, first_line
 from .model import INPUT_SHAPE, count_parameters
@@ -19,18 +20,14 @@ CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_tr
                       "convolution", "_convolution"})
 FC_OPS = frozenset({"linear", "addmm", "matmul", "mm"})  # the last three count only with a 2-D parameter
 PATTERN_HINT = "name the trainable layers with --trainable PATTERN"
-# The model attribute that keeps its traced head (by tensor name, so that it survives .to(device), which
-# replaces buffers), as set_train_mode asks for it every epoch
-HEAD_ATTR = "_fashion_ft_head"
+# The model attribute that names the modules holding frozen buffers (names, not tensors, survive .to(device)
+# and SyncBatchNorm's conversion), which set_train_mode keeps in eval mode every epoch
+FROZEN_ATTR = "_fashion_ft_frozen_modules"
 
 
-def _tensors(tree):
+def _tensors(tree) -> list[torch.Tensor]:
     """Every tensor in a nest of tuples, lists and dicts (a torch function's args and kwargs)."""
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, (list, tuple, dict)):
-        for item in tree.values() if isinstance(tree, dict) else tree:
-            yield from _tensors(item)
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
 
 
 class _OpRecorder(torch.overrides.TorchFunctionMode):
@@ -70,19 +67,15 @@ def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def _tensor_names(model: nn.Module) -> dict[int, str]:
-    """id -> name of every parameter and buffer (a tied tensor under its first name)."""
-    names = {}
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        names.setdefault(id(t), name)
-    return names
+    """id -> name of every parameter and buffer (a tied tensor under its first name, as named_* give it)."""
+    return {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
 def _trace(model: nn.Module, ids: set[int]) -> list[tuple[str, set[int], bool]]:
     """The ops (see _OpRecorder) of one eval forward of 2 zero images on the model's device, under no_grad;
     every train/eval flag is put back as it was."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    x = torch.zeros(2, *INPUT_SHAPE, device=first.device if first is not None else None,
-                    dtype=first.dtype if first is not None and first.is_floating_point() else None)
+    like = next(model.parameters(), torch.zeros(()))
+    x = torch.zeros(2, *INPUT_SHAPE, device=like.device, dtype=like.dtype)
     flags = [(m, m.training) for m in model.modules()]
     recorder = _OpRecorder(ids)
     try:
@@ -98,36 +91,28 @@ def _trace(model: nn.Module, ids: set[int]) -> list[tuple[str, set[int], bool]]:
 
 
 def _head_tensors(model: nn.Module) -> set[int]:
-    """ids of the parameters and buffers of the head (see the top of this file), traced once per model; a
-    UserError when the model has no such head or shares a tensor across it."""
+    """ids of the parameters and buffers of the head (see the top of this file); a UserError when the
+    model has no such head or shares a tensor across it."""
     names = _tensor_names(model)
-    structure = tuple(names.values())
-    cached = vars(model).get(HEAD_ATTR)
-    if cached is not None and cached[0] == structure:
-        return {i for i, name in names.items() if name in cached[1]}
     ops = _trace(model, set(names))
     convs = [i for i, (op, _, _) in enumerate(ops) if op in CONV_OPS]
-    if not convs:
-        raise UserError(f"cannot tell the head of this model (no convolution in its forward); {PATTERN_HINT}")
     start = next((i for i, (op, _, matrix) in enumerate(ops)
-                  if i > convs[-1] and (op == "linear" or (op in FC_OPS and matrix))), None)
+                  if convs and i > convs[-1] and (op == "linear" or (op in FC_OPS and matrix))), None)
     if start is None:
-        raise UserError("cannot tell the head of this model (no fully connected layer after its last "
-                        f"convolution); {PATTERN_HINT}")
+        why = "no fully connected layer after its last convolution" if convs else "no convolution in its forward"
+        raise UserError(f"cannot tell the head of this model ({why}); {PATTERN_HINT}")
     features = set().union(*(used for _, used, _ in ops[:start]))
     head = set().union(*(used for _, used, _ in ops[start:]))
     shared = sorted(names[i] for i in features & head)
     if shared:
-        raise UserError(f"cannot tell the head of this model: {', '.join(shared)} "
-                        f"{'is' if len(shared) == 1 else 'are'} used both before and after its first fully "
-                        f"connected layer after the convolutions; {PATTERN_HINT}")
+        raise UserError(f"cannot tell the head of this model: {', '.join(shared)} used both before and after its "
+                        f"first fully connected layer after the convolutions; {PATTERN_HINT}")
     # a tensor the forward did not pass to a torch function (num_batches_tracked) goes with its module's
     unseen = set(names) - features - head
     for module in model.modules():
         own = {id(t) for t in _own_tensors(module)}
         if own & head:
             head |= own & unseen
-    vars(model)[HEAD_ATTR] = (structure, frozenset(names[i] for i in head))
     return head
 
 
@@ -135,54 +120,47 @@ def _trainable_tensors(model: nn.Module, patterns: list[str]) -> set[int]:
     """ids of the tensors of the modules that a pattern names, directly or through an enclosing module
     ("classifier" names classifier.2 too); a tensor of the model itself, outside any module, by its own
     name. A pattern that names nothing is a UsageError listing the names there are."""
-    def own_named(module):
-        return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-
-    names = [name for name, _ in model.named_modules() if name] + [name for name, _ in own_named(model)]
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    layers = [name for name, _ in model.named_modules() if name] + [name for name, _ in tensors if "." not in name]
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            shown = ", ".join(names[:24]) + (f", ... ({len(names)} in all)" if len(names) > 24 else "")
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+            shown = ", ".join(layers[:24]) + (f", ... ({len(layers)} in all)" if len(layers) > 24 else "")
             raise UsageError(f"--trainable {pattern!r} matches no layer of this model; its layers are: {shown}")
 
-    def named(name: str) -> bool:  # the name or an enclosing module's
-        parts = name.split(".")
+    def named(layer: str) -> bool:  # the layer or an enclosing module
+        parts = layer.split(".")
         return any(fnmatch.fnmatchcase(".".join(parts[:k]), p) for k in range(1, len(parts) + 1) for p in patterns)
 
-    return {id(t) for name, module in model.named_modules() for tname, t in own_named(module) if named(name or tname)}
-
-
-def _frozen_tensors(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainable=None) -> set[int]:
-    """ids of the parameters and buffers that stay exactly as loaded."""
-    everything = set(_tensor_names(model))
-    frozen = set()
-    if freeze_conv:  # every tensor outside the head: features' weights and BatchNorm statistics
-        frozen |= everything - _head_tensors(model)
-    if freeze_bn:  # BatchNorm1d/2d/3d and SyncBatchNorm: statistics and affine parameters
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                frozen |= {id(t) for t in _own_tensors(m)}
-    if trainable:
-        frozen |= everything - _trainable_tensors(model, list(trainable))
-    return frozen
+    return {id(t) for name, t in tensors if named(name.rpartition(".")[0] or name)}
 
 
 def apply_freezing(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainable=None) -> None:
-    if freeze_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    """Keeps tensors exactly as loaded: with freeze_conv every one outside the head (the features' weights and
+    BatchNorm statistics), with freeze_bn every BatchNorm's (1d/2d/3d, SyncBatchNorm), with `trainable` every
+    one no pattern names. Their parameters stop requiring gradients; their buffers are for set_train_mode."""
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if freeze_bn and not batchnorms:
         warnings.warn("this model has no BatchNorm layer, so --freeze-bn changes nothing", stacklevel=2)
-    frozen = _frozen_tensors(model, freeze_conv, freeze_bn, trainable)
+    everything = set(_tensor_names(model))
+    frozen = everything - _head_tensors(model) if freeze_conv else set()
+    if freeze_bn:
+        frozen |= {id(t) for m in batchnorms for t in _own_tensors(m)}
+    if trainable:
+        frozen |= everything - _trainable_tensors(model, list(trainable))
     for p in model.parameters():
         if id(p) in frozen:
             p.requires_grad_(False)
+    vars(model)[FROZEN_ATTR] = {name for name, m in model.named_modules()
+                                if any(id(b) in frozen for b in m.buffers(recurse=False))}
 
 
-def set_train_mode(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainable=None) -> None:
-    """model.train(), except that every module holding frozen buffers (BatchNorm's running statistics)
-    stays in eval mode, so that they do not move. Only that module's own flag: its children, and layers
-    without tensors (dropout), follow model.train()."""
-    frozen = _frozen_tensors(model, freeze_conv, freeze_bn, trainable)
-    model.train()
-    for m in model.modules():
-        if any(id(b) in frozen for b in m.buffers(recurse=False)):
+def set_train_mode(model: nn.Module) -> None:
+    """model.train(), except that every module apply_freezing found holding frozen buffers (BatchNorm's
+    running statistics) stays in eval mode, so that they do not move. Only that module's own flag: its
+    children, and layers without tensors (dropout), follow model.train()."""
+    frozen = vars(model).get(FROZEN_ATTR, set())
+    for name, m in model.train().named_modules():
+        if name in frozen:
             m.training = False
 
 
@@ -206,14 +184,3 @@ def trainable_summary(model: nn.Module, limit: int = 8) -> str:
     total, trained = count_parameters(model)
     shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
     return f"trainable: {shown or 'nothing'} ({trained:,} of {total:,} parameters)"
-
-
-def check_batch_for_batchnorm1d(model: nn.Module, batch: int) -> None:
-    """A UserError for a training batch of one image through a BatchNorm1d in training mode: BatchNorm needs
-    more than one value per channel (torch would stop with a ValueError in the middle of the forward)."""
-    if batch > 1:
-        return
-    layers = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm1d) and m.training]
-    if layers:
-        raise UserError(f"a training batch of one image cannot train BatchNorm1d {', '.join(layers)} (it needs "
-                        "at least 2 images per batch): use --batch-size 2 or more, or freeze it (--freeze-bn)")

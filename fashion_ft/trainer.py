@@ -449,7 +449,7 @@ class Run:
 
     def start_epoch(self) -> dict:
         """Train mode (frozen layers stay as loaded) and a fresh peak-memory count; the epoch's row begun."""
-        set_train_mode(unwrap(self.step.model), self.cfg.freeze_conv, self.cfg.freeze_bn, self.cfg.trainable_patterns)
+        set_train_mode(unwrap(self.step.model))
         system.reset_peak_memory(self.rt.device)
         return {"epoch": self.epoch + 1, "lr": self.step.optimizer.param_groups[0]["lr"],
                 "started": time.perf_counter()}

@@ -14,7 +14,7 @@ import io
 import os
 import shlex
 import sys
-from contextlib import contextmanager, redirect_stderr
+from contextlib import redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +33,6 @@ class ModelDef:
 
     def to_dict(self) -> dict:
         return {"given": self.given, "resolved": self.resolved, "class": self.cls, "sha256": self.sha256}
-
-    @classmethod
-    def from_dict(cls, record: dict) -> "ModelDef":
-        return cls(str(record["given"]), str(record["class"]), record.get("resolved"), record.get("sha256"))
 
 
 def parse(text: str) -> ModelDef:
@@ -58,91 +54,61 @@ def file_sha256(path) -> str:
 
 
 def refusal(record: dict, where: str) -> UserError:
-    """Why checkpoint `where`, which records a user's class, is not built without --model-def."""
-    definition = ModelDef.from_dict(record)
-    flag = printable(shlex.quote(f"{definition.resolved or definition.given}:{definition.cls}"))
-    return UserError(f"{where}: its model is your class {printable(definition.cls)}, and a checkpoint never chooses "
-                     f"code to run; if you trust the file, pass --model-def {flag}")
-
-
-@contextmanager
-def _stdin_from_devnull():
-    """A module that reads stdin at import (input(), a prompt) gets end-of-file instead of waiting forever
-    on a terminal or an open pipe: descriptor 0 itself points at /dev/null meanwhile."""
-    try:
-        saved = os.dup(0)
-    except OSError:  # no stdin at all: reading it fails at once
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 0)
-        os.close(saved)
-
-
-@contextmanager
-def _user_import(path: Path):
-    """Import as the user's script would be, less what must not happen: no __main__ block (the module
-    has another name), no bytecode written into their folder, no reading of our argv by a top-level
-    parse_args nor of our stdin, their folder on sys.path for its sibling modules only while importing.
-    What it writes to stderr is held back, and passed on unless the import exits (argparse's usage text)."""
-    saved = sys.argv, sys.dont_write_bytecode, list(sys.path)
-    sys.argv, sys.dont_write_bytecode = [str(path)], True
-    sys.path.insert(0, str(path.parent))
-    held = io.StringIO()
-    try:
-        with redirect_stderr(held), _stdin_from_devnull():
-            yield
-    except SystemExit as exc:
-        said = (held.getvalue().strip().splitlines() or [f"code {exc.code}"])[-1]
-        raise UserError(f"{path}: importing it exited ({said}): a top-level parse_args() or sys.exit()? move it "
-                        "under if __name__ == \"__main__\":") from None
-    else:
-        sys.stderr.write(held.getvalue())
-    finally:
-        sys.argv, sys.dont_write_bytecode, sys.path[:] = saved
+    """Why checkpoint `where`, which records a user's class (ModelDef.to_dict()), is not built without
+    --model-def."""
+    flag = printable(shlex.quote(f"{record.get('resolved') or record['given']}:{record['class']}"))
+    return UserError(f"{where}: its model is your class {printable(str(record['class']))}, and a checkpoint never "
+                     f"chooses code to run; if you trust the file, pass --model-def {flag}")
 
 
 def _import(definition: ModelDef):
+    """The user's module, imported as their script would be, less what must not happen: no __main__ block
+    (the module has another name), no bytecode written into their folder, no reading of our argv (a
+    top-level parse_args) nor of our stdin (input() gets end-of-file), their folder on sys.path for its
+    sibling modules only meanwhile. What it writes to stderr is passed on once it is imported: a failure
+    (argparse's usage text) stays one line. One import per process, under a name of its own: every model
+    built from it shares its classes."""
     where, name = definition.given, None
+    path = Path(definition.resolved or Path.cwd() / "_")
+    saved, held = (sys.argv, sys.dont_write_bytecode, list(sys.path), sys.stdin), io.StringIO()
     try:
-        if definition.resolved is None:
-            with _user_import(Path.cwd() / "_"):
-                return importlib.import_module(where)
-        name = f"fashion_ft_user_{(definition.sha256 or '')[:16]}_{Path(where).stem.replace('-', '_')}"
-        if name not in sys.modules:  # one import per process: every model built from it shares its classes
-            spec = importlib.util.spec_from_file_location(name, definition.resolved)
-            # in sys.modules before it runs: dataclasses and pickling look their module up meanwhile
-            module = sys.modules[name] = importlib.util.module_from_spec(spec)
-            with _user_import(Path(definition.resolved)):
-                spec.loader.exec_module(module)
-        return sys.modules[name]
-    except Exception as exc:  # the user's code may fail in any way; a half-run module is not kept
+        with open(os.devnull) as devnull, redirect_stderr(held):
+            sys.argv, sys.dont_write_bytecode, sys.stdin = [str(path)], True, devnull
+            sys.path.insert(0, str(path.parent))
+            if definition.resolved is None:
+                module = importlib.import_module(where)
+            else:
+                name = f"fashion_ft_user_{(definition.sha256 or '')[:16]}_{path.stem.replace('-', '_')}"
+                if name not in sys.modules:
+                    spec = importlib.util.spec_from_file_location(name, path)
+                    # in sys.modules before it runs: dataclasses and pickling look their module up meanwhile
+                    sys.modules[name] = importlib.util.module_from_spec(spec)
+                    spec.loader.exec_module(sys.modules[name])
+                module = sys.modules[name]
+    except (Exception, SystemExit) as exc:  # the user's code may fail in any way; a half-run module is not kept
         sys.modules.pop(name, None)
-        if isinstance(exc, UserError):
-            raise
+        if isinstance(exc, SystemExit):
+            said = (held.getvalue().strip().splitlines() or [f"code {exc.code}"])[-1]
+            raise UserError(f"{where}: importing it exited ({said}): a top-level parse_args() or sys.exit()? move "
+                            "it under if __name__ == \"__main__\":") from None
         if isinstance(exc, SyntaxError):
             raise UserError(f"{exc.filename or where}:{exc.lineno}: syntax error: {exc.msg}") from None
         if isinstance(exc, ModuleNotFoundError) and exc.name:
-            raise UserError(missing_module(where, exc.name)) from None
+            python = sys.executable
+            raise UserError(f"{where} imports {exc.name}, which this Python ({python}) does not have: install it "
+                            f"with {shlex.quote(python)} -m pip install {exc.name.partition('.')[0]} (its package may "
+                            "have another name), or put the class in a file of its own that imports only what the "
+                            "class needs") from None
         raise UserError(f"{where}: importing it failed: {type(exc).__name__}: {first_line(exc)}") from None
-
-
-def missing_module(where: str, module: str) -> str:
-    top = module.partition(".")[0]
-    return (f"{where} imports {module}, which this Python ({sys.executable}) does not have: install it with "
-            f"{shlex.quote(sys.executable)} -m pip install {top} (its package may have another name), or put "
-            "the class in a file of its own that imports only what the class needs")
+    finally:
+        sys.argv, sys.dont_write_bytecode, sys.path[:], sys.stdin = saved
+    sys.stderr.write(held.getvalue())
+    return module
 
 
 def build(definition: ModelDef, kwargs: dict) -> nn.Module:
     """An instance of the user's class with `kwargs`; every failure is one UserError line."""
-    module = _import(definition)
-    cls = getattr(module, definition.cls, None)
+    cls = getattr(_import(definition), definition.cls, None)
     if cls is None:
         raise UserError(f"{definition.given} has no class {definition.cls}")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):

@@ -13,18 +13,12 @@ import finetune_gpu
 pytestmark = pytest.mark.slow
 
 
-def own(net, out, *extra):
+def own(net, out, small_data_dir, tmp_path, *extra) -> list[str]:
     """finetune_gpu.py's argv for network `net` into folder `out`."""
-    return ["--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}", "--model-kwargs",
-            json.dumps(net.kwargs), "--normalize", net.mean, net.std, "--output", out / "best.pt", *extra]
-
-
-def common(small_data_dir, tmp_path, *extra):
-    return ["--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 512, *extra]
-
-
-def main(argv) -> int:
-    return finetune_gpu.main([str(a) for a in argv])
+    return [str(a) for a in ["--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}", "--model-kwargs",
+                             json.dumps(net.kwargs), "--normalize", net.mean, net.std, "--output", out / "best.pt",
+                             "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN,
+                             "--limit-train", 512, *extra]]
 
 
 def load(path):
@@ -35,8 +29,9 @@ def test_ema_flip_tta_tensorboard_and_never_worse(foreign_nets, small_data_dir, 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     net, out = foreign_nets("a"), tmp_path / "run"
-    argv = own(net, out, "--ema-decay", 0.9, "--tta", "flip", "--run-name", "own", "--epochs", 1)  # best: 0 or last
-    assert main(argv + common(small_data_dir, tmp_path)) == 0, capsys.readouterr().err
+    argv = own(net, out, small_data_dir, tmp_path, "--ema-decay", 0.9, "--tta", "flip", "--run-name", "own",
+               "--epochs", 1)  # best: 0 or last
+    assert finetune_gpu.main(argv) == 0, capsys.readouterr().err
     best, last = load(out / "best.pt"), load(out / "last.pt")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["best_val_acc"] >= metrics["base_val_acc"]  # epoch 0, the user's model, is a candidate
@@ -58,33 +53,30 @@ def test_resume_is_bit_exact(foreign_nets, small_data_dir, tmp_path, capsys):
     net = foreign_nets("a")
     constant = ("--scheduler", "none", "--warmup-epochs", 0)  # so that --epochs does not move the schedule
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(own(net, straight, "--epochs", 2, *constant) + common(small_data_dir, tmp_path)) == 0
-    assert main(own(net, split, "--epochs", 1, *constant) + common(small_data_dir, tmp_path)) == 0
-    resume = ["--resume", split / "last.pt", "--model-def", f"{net.file}:{net.cls}", "--epochs", 2, "--quiet"]
-    assert main(resume) == 0, capsys.readouterr().err
+    assert finetune_gpu.main(own(net, straight, small_data_dir, tmp_path, "--epochs", 2, *constant)) == 0
+    assert finetune_gpu.main(own(net, split, small_data_dir, tmp_path, "--epochs", 1, *constant)) == 0
+    resume = ["--resume", str(split / "last.pt"), "--model-def", f"{net.file}:{net.cls}", "--epochs", "2", "--quiet"]
+    assert finetune_gpu.main(resume) == 0, capsys.readouterr().err
     for name in ("best.pt", "last.pt", "best.state_dict.pt"):
         a, b = load(straight / name), load(split / name)
         a, b = a.get("model", a), b.get("model", b)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_compile(foreign_nets, small_data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("wrapper", ["compile", "torchrun"])
+def test_a_wrapped_run_saves_weights_the_users_class_loads(wrapper, foreign_nets, small_data_dir, tmp_path, capsys):
+    """No _orig_mod. prefix left by torch.compile, no module. prefix by DDP."""
     net, out = foreign_nets("a"), tmp_path / "run"
-    assert main(own(net, out, "--compile", "--epochs", 2) + common(small_data_dir, tmp_path)) == 0, \
-        capsys.readouterr().err
+    if wrapper == "compile":  # the second epoch tells the compilation's cost
+        assert finetune_gpu.main(own(net, out, small_data_dir, tmp_path, "--compile", "--epochs", 2)) == 0, \
+            capsys.readouterr().err
+    else:
+        result = torchrun(*own(net, out, small_data_dir, tmp_path, "--epochs", 1, "--amp", "off"))
+        assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert "compile_warmup_s" in metrics and metrics["finished"] is True
-    model = net.load_class()(**net.kwargs)
-    model.load_state_dict(load(out / "best.state_dict.pt"))  # no _orig_mod. prefix left by torch.compile
-
-
-def test_torchrun_with_two_processes(foreign_nets, small_data_dir, tmp_path):
-    net, out = foreign_nets("a"), tmp_path / "run"
-    result = torchrun(*own(net, out, "--epochs", 1), *common(small_data_dir, tmp_path), "--amp", "off")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
-    model = net.load_class()(**net.kwargs)
-    model.load_state_dict(load(out / "best.state_dict.pt"))  # no module. prefix left by DDP
+    assert metrics["finished"] and metrics["world_size"] == (2 if wrapper == "torchrun" else 1)
+    assert ("compile_warmup_s" in metrics) == (wrapper == "compile")
+    net.load_class()(**net.kwargs).load_state_dict(load(out / "best.state_dict.pt"))
 
 
 def test_an_ensemble_of_the_users_model_and_ours(foreign_nets, small_data_dir, trained_checkpoint):
@@ -102,9 +94,9 @@ def test_an_ensemble_of_the_users_model_and_ours(foreign_nets, small_data_dir, t
 def test_model_def_for_a_file_of_our_own_architecture_is_refused(foreign_nets, trained_checkpoint, small_data_dir,
                                                                    tmp_path, capsys):
     net = foreign_nets("a")
-    argv = ["--model-path", trained_checkpoint, "--model-def", f"{net.file}:{net.cls}", "--output",
-            tmp_path / "o" / "best.pt", *common(small_data_dir, tmp_path)]
-    assert main(argv) == 2
+    argv = own(net, tmp_path / "o", small_data_dir, tmp_path)
+    argv[argv.index("--model-path") + 1] = str(trained_checkpoint)
+    assert finetune_gpu.main(argv) == 2
     assert capsys.readouterr().err.strip() == (f"error: --model-def: {trained_checkpoint} records its own "
                                                "architecture (cnn3); drop --model-def")
     assert not (tmp_path / "o").exists()

@@ -1,5 +1,6 @@
-"""The CIFAR-style ResNet in the arch registry: shape, size, FLOPs, recognition of bare weights, freezing,
-mixed precision, checkpoints, and a from-scratch run through the real CLIs."""
+"""The arch registry: the CIFAR-style ResNet's shape, size and FLOPs, recognition of bare weights of both
+networks, the kwargs a flag or a file may give, mixed precision, checkpoints, and a from-scratch run through
+the real CLIs. (Freezing: test_freezing.py.)"""
 
 import json
 
@@ -10,7 +11,6 @@ from conftest import SMALL_RUN, TINY_RESNET, run_script
 from bench.bench_throughput import flops_per_image
 from fashion_ft.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from fashion_ft.errors import UserError
-from fashion_ft.freezing import apply_freezing, set_train_mode
 from fashion_ft.model import ARCHS, ResNet, build_model, count_parameters, infer_arch
 
 
@@ -52,23 +52,25 @@ def test_counted_flops_match_a_hand_count():
     assert flops_per_image(tiny_resnet())["forward"] == 2 * macs == 2 * 1_373_728
 
 
-@pytest.mark.parametrize("kwargs", [ARCHS["resnet"].default_kwargs, TINY_RESNET,
-                                    {"widths": [8, 12], "blocks": 2, "num_classes": 10},
-                                    {"widths": [6, 6, 12, 24], "blocks": 1, "num_classes": 7}])
-def test_bare_state_dict_is_recognised(kwargs):
-    assert infer_arch(build_model("resnet", kwargs).state_dict()) == ("resnet", kwargs)
+@pytest.mark.parametrize("arch, kwargs", [
+    ("resnet", ARCHS["resnet"].default_kwargs), ("resnet", TINY_RESNET),
+    ("resnet", {"widths": [8, 12], "blocks": 2, "num_classes": 10}),
+    ("resnet", {"widths": [6, 6, 12, 24], "blocks": 1, "num_classes": 7}),
+    ("cnn3", {"channels": [8, 16, 32], "hidden": 24, "dropout": 0.3, "num_classes": 10}),
+])
+def test_bare_state_dict_is_recognised(arch, kwargs):
+    assert infer_arch(build_model(arch, kwargs).state_dict()) == (arch, kwargs)
 
 
-def test_cnn3_is_still_recognised_and_unknown_weights_still_refused():
-    cnn3 = {"channels": [8, 16, 32], "hidden": 24, "dropout": 0.3, "num_classes": 10}
-    assert infer_arch(build_model("cnn3", cnn3).state_dict()) == ("cnn3", cnn3)
+NAMED_LAYER = {f"features.{i}.weight": torch.zeros(8, 8, 3, 3) for i in ("conv", 3, 6)}  # where cnn3 numbers them
+NAMED_LAYER.update({"classifier.0.weight": torch.zeros(16, 72), "classifier.out.weight": torch.zeros(10, 16)})
+
+
+@pytest.mark.parametrize("state_dict", [{"encoder.weight": torch.zeros(3, 3), "decoder.weight": torch.zeros(3, 3)},
+                                        NAMED_LAYER, {"features.0.weight": torch.zeros(0, 1, 3, 3)}])
+def test_unknown_weights_are_refused(state_dict):
     with pytest.raises(UserError, match="matches no known architecture"):
-        infer_arch({"encoder.weight": torch.zeros(3, 3), "decoder.weight": torch.zeros(3, 3)})
-    # cnn3's layout with a named layer where cnn3 numbers them: another network, not a crash
-    named = {f"features.{i}.weight": torch.zeros(8, 8, 3, 3) for i in ("conv", 3, 6)}
-    named.update({"classifier.0.weight": torch.zeros(16, 72), "classifier.out.weight": torch.zeros(10, 16)})
-    with pytest.raises(UserError, match="matches no known architecture"):
-        infer_arch(named)
+        infer_arch(state_dict)
 
 
 @pytest.mark.parametrize("key", ["features.stage2.0.conv1.weight", "features.stem.1.running_var",
@@ -81,17 +83,15 @@ def test_one_damaged_tensor_is_named(key):
         infer_arch(state_dict)
 
 
-def test_freeze_conv_trains_only_the_head_and_keeps_batchnorm_statistics():
-    model = tiny_resnet()
-    apply_freezing(model, True, False)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"classifier.0.weight", "classifier.0.bias"}
-    before = {k: v.clone() for k, v in model.features.state_dict().items()}
-    set_train_mode(model, True, False)
-    model(torch.randn(8, 1, 28, 28)).sum().backward()
-    after = model.features.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats and num_batches_tracked
-    assert model.classifier[0].weight.grad is not None
+@pytest.mark.parametrize("arch, kwargs", [
+    ("cnn3", {"depth": 3}), ("cnn3", {"channels": [0, 8, 8]}), ("cnn3", {"channels": []}), ("cnn3", {"hidden": 2.5}),
+    ("cnn3", {"hidden": True}), ("cnn3", {"dropout": "x"}), ("cnn3", {"dropout": 1}), ("resnet", {"blocks": 0}),
+    ("resnet", {"widths": (8, 8)}), ("resnet", {"num_classes": None}), ("vgg", {}),
+])
+def test_kwargs_our_networks_do_not_take_are_one_user_error(arch, kwargs):
+    with pytest.raises(UserError) as info:
+        build_model(arch, kwargs)
+    assert len(str(info.value).splitlines()) == 1 and info.value.exit_code == 1
 
 
 def test_channels_last_bf16_autocast_forward_and_backward():
