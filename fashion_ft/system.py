@@ -140,9 +140,8 @@ def _rank_gpu(spec: str, local_rank: int | None) -> int:
     count, index = torch.cuda.device_count(), local_rank or 0
     if index < count:
         return index
-    # A scheduler that binds one GPU to each process (SLURM --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set
-    # per task) shows each process its own GPU as cuda:0 while LOCAL_RANK counts the processes of the node.
-    # Without CUDA_VISIBLE_DEVICES, more processes than GPUs is a launch mistake (two ranks on one GPU).
+    # A scheduler that binds one GPU to each process (SLURM --gpus-per-task=1) shows it as cuda:0 while LOCAL_RANK
+    # counts the node's processes; without CUDA_VISIBLE_DEVICES this is two ranks on one GPU, a launch mistake.
     if count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
         return 0
     raise UsageError(f"--device {spec}: LOCAL_RANK is {index} but only {count} CUDA device(s) are visible; "
@@ -210,10 +209,8 @@ def mps_bf16_ok() -> bool:
 
 def resolve_amp(mode: str, device: torch.device) -> AmpPolicy:
     """--amp -> the precision policy on this device. auto: bf16 on CUDA capability >= 8.0, fp16 with loss
-    scaling on 7.x, fp32 below; on the CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; on
-    Apple MPS fp32, where bf16 (torch 2.6+, macOS 14+) and fp16 with loss scaling (torch 2.8+) are used
-    only when asked for. An explicit bf16 on a GPU without it, fp16 on the CPU, or either where MPS lacks
-    it, is a UsageError."""
+    scaling on 7.x, fp32 below; on the CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; on MPS
+    fp32 (bf16 and fp16 only when asked for). A precision the device cannot do is a UsageError."""
     if mode not in AMP_MODES:
         raise UsageError(f"--amp {mode!r}: choose from {', '.join(AMP_MODES)}")
     if mode == "off":
