@@ -1,4 +1,4 @@
-"""torchrun support: rank and world size from the environment, DDP wrapping, reductions, and the
+"""torchrun support: rank and world size from the environment, the process group, collectives, and the
 failures of other ranks.
 
 Without a torchrun environment everything here is a no-op for a single process. Under torchrun, even
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 from torch import nn
+
+from .errors import chain
 
 # A rank that dies leaves the others waiting in a collective; this bounds the wait.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=5)
@@ -48,14 +50,9 @@ def from_environment(env=None) -> DistInfo:
     env = os.environ if env is None else env
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return DistInfo()
-    world_size = int(env["WORLD_SIZE"])
-    return DistInfo(
-        rank=int(env["RANK"]),
-        world_size=world_size,
-        local_rank=int(env.get("LOCAL_RANK", "0")),
-        local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world_size))),
-        launched=True,
-    )
+    world = int(env["WORLD_SIZE"])
+    return DistInfo(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world)),
+                    launched=True)
 
 
 def init(info: DistInfo, device: torch.device) -> None:
@@ -63,12 +60,10 @@ def init(info: DistInfo, device: torch.device) -> None:
     NCCL and anything that uses the current device (barrier, caches) do not all land on GPU 0."""
     if not info.enabled or tdist.is_initialized():
         return
-    kwargs = {}
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.set_device(device)
-        kwargs["device_id"] = device
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    tdist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT, **kwargs)
+    tdist.init_process_group("nccl" if cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT, device_id=device if cuda else None)
 
 
 def backend() -> str | None:
@@ -131,18 +126,13 @@ def barrier() -> None:
 
 @torch.no_grad()
 def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
-    """Overwrite the tensors on every rank with rank `src`'s: one broadcast per dtype, through a flat
-    contiguous copy (collectives refuse channels-last and other non-contiguous tensors)."""
-    if not tdist.is_initialized():
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.detach().reshape(-1) for t in group])
-        tdist.broadcast(flat, src=src)
-        for t, chunk in zip(group, flat.split([t.numel() for t in group])):
-            t.copy_(chunk.view(t.shape))
+    """Overwrite the tensors on every rank with rank `src`'s, each through a contiguous copy (collectives
+    refuse channels_last tensors; for the usual 1-d statistics the copy is the tensor itself)."""
+    if tdist.is_initialized():
+        for t in tensors:
+            flat = t.contiguous()
+            tdist.broadcast(flat, src=src)
+            t.copy_(flat)
 
 
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
@@ -154,15 +144,6 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
 
 def is_peer_failure(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) is torch.distributed reporting that another rank went away:
-    DistError and its subclasses (DistBackendError, DistNetworkError, DistStoreError), or the plain
-    RuntimeError that gloo raises ("Connection closed by peer", "Connection reset by peer")."""
-    dist_error = getattr(tdist, "DistError", ())  # the base of the others (torch 2.1 on)
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, dist_error):
-            return True
-        if isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in PEER_FAILURE_MARKERS):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    DistError and its subclasses, or the plain RuntimeError that gloo raises ("Connection closed by peer")."""
+    return any(isinstance(e, tdist.DistError) or (isinstance(e, RuntimeError) and any(
+        m in str(e).lower() for m in PEER_FAILURE_MARKERS)) for e in chain(exc))

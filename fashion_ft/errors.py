@@ -9,6 +9,15 @@ def first_line(exc: BaseException, sentence: bool = False) -> str:
     return line.split(". ")[0].rstrip(".") if sentence else line
 
 
+def chain(exc: BaseException | None):
+    """The exception, then what caused it (its cause, else its context), each once: a chain may loop."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 class UserError(Exception):
     """Something the user can fix (a file, the data, a flag): exit code 1, no traceback."""
 

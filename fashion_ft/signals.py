@@ -1,18 +1,17 @@
 """SIGINT, SIGTERM and SIGHUP over the whole run.
 
-Every signal is recorded. Outside the epoch loop it also stops the run at once (Interrupted is raised
-where the program is). Inside the loop it only sets the flag that the loop polls after every step (every
-few steps under torchrun, where the ranks agree on it), so that a step is never torn in half and the last
-complete epoch stays resumable. A second signal while the flag is set stops at once. Once the run is
-stopping, further signals are only recorded, until the process has ended (the guard then leaves its
-handler in place): one raised in the cleanup (the lock's release, the report) or in the interpreter's
-shutdown would tear it or print a traceback.
+Every signal is recorded. Outside the epoch loop it stops the run at once (Interrupted is raised where the
+program is). Inside the loop it only sets the flag that the loop polls between steps (the ranks agree on
+it under torchrun), so that no step is torn in half and the last complete epoch stays resumable; a second
+signal stops at once. Once the run is stopping, further signals are only recorded, and the guard leaves
+that quiet handler in place until the process has ended: a signal raised in the cleanup (the lock's
+release, the report) or in the interpreter's shutdown would tear it or print a traceback.
 
-SIGHUP (the terminal closed) counts as SIGTERM where it had its default action when the guard was
-entered: a run started with nohup, which ignores it, keeps running after the user logs out.
+SIGHUP (the terminal closed) counts as SIGTERM where it had its default action when the guard was entered:
+a run started with nohup, which ignores it, keeps running after the user logs out.
 
-A checkpoint's write holds a signal back until the file is in place (`deferred`): torch.save's C++
-writer cannot carry an exception through, it aborts the process or leaves a torn file.
+A checkpoint's write holds a signal back until the file is in place (`deferred`): torch.save's C++ writer
+cannot carry an exception through, it aborts the process or leaves a torn file.
 
 The record is what makes a signal reliable: one raised inside C++ comes back as a RuntimeError, and one
 raised inside a broad handler may be swallowed; cli.run reports any end after a recorded signal as that
@@ -60,8 +59,8 @@ class SignalGuard:
         finally:
             self.polling = False
 
-    def interrupted(self, hint: str = "") -> Interrupted:
-        return Interrupted(self.received[0] if self.received else "SIGINT", hint)
+    def interrupted(self) -> Interrupted:
+        return Interrupted(self.received[0] if self.received else "SIGINT")
 
 
 @contextmanager

@@ -1,7 +1,9 @@
-"""Device choice, mixed-precision policy, backend flags, memory report, seeding, CPU threads."""
+"""Device choice, mixed-precision policy, backend flags, memory report, seeding, CPU threads.
+
+Every GPU decision is made from what torch reports (torch.cuda, torch.backends.mps, torch.__version__), so that
+each is tested on any machine with those queries replaced."""
 
 import contextlib
-import dataclasses
 import os
 import platform
 import re
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError, first_line
+from .errors import UsageError, chain, first_line
 
 
 def available_cpus() -> int:
@@ -60,51 +62,16 @@ def broken_cuda_reason() -> str | None:
             f"(built for CUDA {torch.version.cuda}): {cause}; check the driver with nvidia-smi")
 
 
-def torch_version() -> tuple[int, int]:
-    """(major, minor) of the running torch, e.g. (2, 14) for '2.14.1+cu130'. Compared as a tuple:
-    as strings '2.14' < '2.8'."""
-    match = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
-    return (int(match[1]), int(match[2])) if match else (0, 0)
-
-
-def macos_version() -> tuple[int, ...] | None:
-    """e.g. (14, 5); None when not on macOS."""
-    parts = re.findall(r"\d+", platform.mac_ver()[0])
-    return tuple(map(int, parts)) if parts else None
-
-
-def _dotted(version: tuple[int, ...] | None) -> str:
-    return ".".join(map(str, version)) if version else "unknown"
-
-
-# What Apple MPS can do, by torch (major, minor) and macOS version. The installed torch (2.14.1) has no
-# version history, so each rule names its source:
-# - MPS itself: macOS 12.3+ (PyTorch's MPS backend notes, since torch 1.12); from torch 2.9 macOS 14+ ("PyTorch
-#   2.8 is the last release that will support GPU acceleration on MacOS Ventura", 2.8.0 release notes,
-#   Deprecations, meta-pytorch/torch-release-notes 2.8.0/final.md).
-# - fp16 autocast: torch 2.5 (pytorch/pytorch#99272, #142397). Before, torch.autocast("mps") raises
-#   "unsupported autocast device_type" even with enabled=False (autocast_mode.py checks is_autocast_available).
-# - bf16 autocast: torch 2.6 and macOS 14+ (pytorch/pytorch#139390 for #139386). 2.14.1's autocast_mode.py
-#   lists bf16 and fp16 for every device but CUDA and privateuse1, and an unsupported dtype only warns and
-#   sets enabled=False: a wrong choice would silently train in fp32, hence the explicit gates here.
-# - GradScaler: torch 2.8 (pytorch/pytorch#150255, in the 2.8.0 MPS release notes). Before, unscale_ failed on
-#   MPS (no float64: pytorch/pytorch#142397); 2.14.1's unscale_ still skips the float64 reciprocal on mps:0.
-MPS_MIN_MACOS_BEFORE_2_9, MPS_MIN_MACOS = (12, 3), (14, 0)
-MPS_FP16_AUTOCAST_SINCE = (2, 5)
-MPS_BF16_AUTOCAST_SINCE, MPS_BF16_MIN_MACOS = (2, 6), (14, 0)
-MPS_GRAD_SCALER_SINCE = (2, 8)
-
-# torch.distributed in 2.14.1 (distributed_c10d.py, Backend.backend_capability): gloo handles cpu and
-# cuda tensors, NCCL cuda only; nothing handles mps, and DDP runs collectives even with one process.
+# DDP runs collectives even with one process, and no torch.distributed backend takes MPS tensors.
 MPS_NO_DISTRIBUTED = ("torchrun is not supported on Apple MPS: torch.distributed has no backend for MPS "
                       "tensors (gloo handles CPU and CUDA, NCCL only CUDA)")
-
-# pytorch/pytorch#175189: on MPS, BatchNorm2d backward on channels_last input gives wrong weight and
-# input gradients (forward is right), so training diverges; contiguous (NCHW) input is correct. Fixes
-# were attempted (#181411, #188371), but which torch release carries a correct one is not known here,
-# so channels_last stays off on MPS whatever the version.
+# Training diverges otherwise: NCHW input gives the right gradients there.
 CHANNELS_LAST_MPS_REASON = ("channels_last is off on MPS: BatchNorm backward in channels_last gives wrong "
                             "gradients there (pytorch/pytorch#175189)")
+
+
+def channels_last_ok(device: torch.device) -> bool:
+    return device.type != "mps"  # CHANNELS_LAST_MPS_REASON
 
 
 def mps_unavailable_reason() -> str | None:
@@ -113,53 +80,7 @@ def mps_unavailable_reason() -> str | None:
         return None
     if not torch.backends.mps.is_built():
         return f"torch {torch.__version__} is not built with MPS (Apple GPU) support"
-    mac = macos_version()
-    need = MPS_MIN_MACOS if torch_version() >= (2, 9) else MPS_MIN_MACOS_BEFORE_2_9
-    if mac is None:
-        return f"torch {torch.__version__} is built with MPS but this is not macOS"
-    if mac < need:
-        return (f"macOS {_dotted(mac)} is too old for MPS in torch {torch.__version__} "
-                f"(it needs macOS {_dotted(need)} or newer)")
-    return f"torch {torch.__version__} finds no Metal GPU that MPS can use on this Mac (macOS {_dotted(mac)})"
-
-
-def check_distributed_device(device: torch.device, world_size: int, launched: bool = False) -> None:
-    """Refuse torchrun on MPS. launched: started by torchrun even with one process, which still takes the
-    DDP path (collectives)."""
-    if device.type == "mps" and (world_size > 1 or launched):
-        raise UsageError(f"--device {device.type}: {MPS_NO_DISTRIBUTED}; run one process without torchrun, "
-                         "or use --device cpu under torchrun")
-
-
-def channels_last_ok(device: torch.device) -> bool:
-    return device.type != "mps"  # CHANNELS_LAST_MPS_REASON
-
-
-# aten/src/ATen/mps/MPSFallback.mm (pytorch/pytorch): an op with no MPS kernel raises NotImplementedError "The
-# operator '<op>' is not currently implemented for the MPS device ... set the environment variable
-# `PYTORCH_ENABLE_MPS_FALLBACK=1`" (early versions: "not current implemented"); the variable is read by getenv
-# in a TORCH_LIBRARY_IMPL block, at load.
-_MPS_MISSING_OP = re.compile(r"(?:operator '([^']+)' )?is not current(?:ly)? implemented for the MPS device",
-                             re.IGNORECASE)
-
-
-def mps_hint(exc: BaseException) -> str | None:
-    """One line of advice for torch's NotImplementedError of an op without an MPS kernel, looked for along
-    the exception's cause/context chain; None for any other error."""
-    op, seen = None, set()
-    while op is None and exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        match = _MPS_MISSING_OP.search(str(exc)) if isinstance(exc, NotImplementedError) else None
-        op = match and (match[1] or "an operator")
-        exc = exc.__cause__ or exc.__context__
-    if op is None:
-        return None
-    if os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK", "0").strip() not in ("", "0"):  # read at import: too late
-        advice = ("PYTORCH_ENABLE_MPS_FALLBACK=1 only takes effect when set before Python starts "
-                  "(export it in the shell)")
-    else:
-        advice = "set PYTORCH_ENABLE_MPS_FALLBACK=1 in the environment to run it on the CPU (slower)"
-    return f"{op} is not implemented on MPS in torch {torch.__version__}: {advice}, or use --device cpu"
+    return f"torch {torch.__version__} finds no Apple GPU that MPS can use (it needs a recent macOS)"
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
@@ -175,7 +96,14 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     if device.type == "cpu":
         return device
     if device.type == "mps":
-        return _resolve_mps(spec, device, local_rank)
+        if reason := mps_unavailable_reason():
+            raise UsageError(f"--device {spec}: {reason} (use --device cpu or auto)")
+        if device.index not in (None, 0):
+            raise UsageError(f"--device {spec}: there is one MPS device (mps, or mps:0)")
+        if local_rank is not None:
+            raise UsageError(f"--device {spec}: {MPS_NO_DISTRIBUTED}; run one process without torchrun, "
+                             "or use --device cpu under torchrun")
+        return torch.device("mps", 0)  # what tensors on MPS report as their device
     if device.type != "cuda":
         raise UsageError(f"--device {spec!r}: only cpu, cuda and mps are supported")
     if not torch.cuda.is_available():
@@ -194,15 +122,14 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
 def _auto_device(local_rank: int | None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", _rank_gpu("auto", local_rank))
-    broken = broken_cuda_reason()
-    if broken is None and torch.backends.mps.is_available():
+    broken, no_mps = broken_cuda_reason(), mps_unavailable_reason()
+    if broken is None and no_mps is None:
         if local_rank is None:
             return torch.device("mps", 0)
         reason = MPS_NO_DISTRIBUTED
     else:
         reason = broken or "no CUDA GPU found"
-        no_mps = mps_unavailable_reason() if torch.backends.mps.is_built() else None
-        if no_mps:  # a macOS build of torch: say why its Apple GPU is not used either
+        if no_mps and torch.backends.mps.is_built():  # a macOS build of torch: why its Apple GPU is not used
             reason += f", and {no_mps}"
     warnings.warn(f"{reason}: running on the CPU (--device auto)", stacklevel=3)  # at resolve_device's caller
     return torch.device("cpu")
@@ -213,25 +140,12 @@ def _rank_gpu(spec: str, local_rank: int | None) -> int:
     count, index = torch.cuda.device_count(), local_rank or 0
     if index < count:
         return index
-    # A scheduler that binds one GPU to each process (SLURM --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set
-    # per task) shows every process its own GPU as cuda:0 while LOCAL_RANK still counts the processes on
-    # the node. Without CUDA_VISIBLE_DEVICES the process sees the whole machine, so more processes than
-    # GPUs is a launch mistake (two ranks on one GPU): refuse that instead of guessing.
+    # A scheduler that binds one GPU to each process (SLURM --gpus-per-task=1) shows it as cuda:0 while LOCAL_RANK
+    # counts the node's processes; without CUDA_VISIBLE_DEVICES this is two ranks on one GPU, a launch mistake.
     if count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
         return 0
     raise UsageError(f"--device {spec}: LOCAL_RANK is {index} but only {count} CUDA device(s) are visible; "
                      f"start at most {count} process(es) per node")
-
-
-def _resolve_mps(spec: str, device: torch.device, local_rank: int | None) -> torch.device:
-    reason = mps_unavailable_reason()
-    if reason:
-        raise UsageError(f"--device {spec}: {reason} (use --device cpu or auto)")
-    if device.index not in (None, 0):
-        raise UsageError(f"--device {spec}: there is one MPS device (mps, or mps:0)")
-    if local_rank is not None:
-        raise UsageError(f"--device {spec}: {MPS_NO_DISTRIBUTED}; run one process without torchrun")
-    return torch.device("mps", 0)  # what tensors on MPS report as their device
 
 
 # Large batches keep a GPU (CUDA or MPS) busy; on a CPU, 256 images' activations still fit in the cache
@@ -270,7 +184,6 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")  # the --amp choices of every script
 class AmpPolicy:
     dtype: torch.dtype | None  # None: plain fp32
     use_scaler: bool  # fp16 needs loss scaling; bf16 does not
-    reason: str = dataclasses.field(default="", compare=False)  # why this policy (set on MPS); "" elsewhere
 
     @property
     def name(self) -> str:
@@ -289,66 +202,15 @@ def cuda_bf16_native(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def _cuda_amp(mode: str, device: torch.device) -> AmpPolicy:
-    native_bf16, capability = cuda_bf16_native(device), torch.cuda.get_device_capability(device)
-    if mode == "bf16" and not native_bf16:
-        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} (compute capability "
-                         f"{_dotted(capability)}) has no bf16 convolutions (they need 8.0 or newer); "
-                         "use --amp fp16 or auto")
-    if mode == "bf16" or (mode == "auto" and native_bf16):
-        return BF16
-    if mode == "fp16" or capability >= (7, 0):  # tensor cores from Volta on
-        return FP16
-    return FP32  # Pascal and older: fp16 without tensor cores gains little and risks overflow
-
-
-def mps_bf16_reason() -> str | None:
-    """Why bf16 autocast cannot be used on MPS here; None where it can."""
-    if torch_version() < MPS_BF16_AUTOCAST_SINCE:
-        return f"bf16 autocast on MPS needs torch 2.6 or newer (this is torch {torch.__version__})"
-    mac = macos_version()
-    if mac is None or mac < MPS_BF16_MIN_MACOS:
-        return f"bf16 on MPS needs macOS 14 or newer (this is macOS {_dotted(mac)})"
-    return None
-
-
-def mps_fp16_reason() -> str | None:
-    """Why fp16 with loss scaling cannot be used on MPS here; None where it can. fp16 without a GradScaler
-    lets small gradients underflow to zero, so fp16 is only offered with one."""
-    if torch_version() < MPS_FP16_AUTOCAST_SINCE:
-        return f"fp16 autocast on MPS needs torch 2.5 or newer (this is torch {torch.__version__})"
-    if torch_version() < MPS_GRAD_SCALER_SINCE:
-        return (f"fp16 needs loss scaling, and GradScaler supports MPS from torch 2.8 "
-                f"(this is torch {torch.__version__})")
-    return None
-
-
-# Mixed precision on MPS cannot be verified on this project's machines, and MPS has had kernels that were
-# silently wrong (CHANNELS_LAST_MPS_REASON); the training scripts this tool follows run on a MacBook in fp32
-MPS_AUTO_REASON = ("fp32: --amp auto keeps full precision on MPS (mixed precision there is unverified); "
-                   "ask for --amp bf16 or fp16 explicitly")
-
-
-def _mps_amp(mode: str) -> AmpPolicy:
-    if mode == "auto":
-        return dataclasses.replace(FP32, reason=MPS_AUTO_REASON)
-    if mode == "bf16":
-        no_bf16 = mps_bf16_reason()
-        if no_bf16:
-            raise UsageError(f"--amp bf16: {no_bf16}; use --amp auto or off")
-        return dataclasses.replace(BF16, reason="bf16 autocast on MPS (torch 2.6+, macOS 14+); no loss scaling needed")
-    no_fp16 = mps_fp16_reason()
-    if no_fp16:
-        raise UsageError(f"--amp fp16: {no_fp16}; use --amp auto or off, or a newer torch")
-    return dataclasses.replace(FP16, reason="fp16 autocast on MPS with GradScaler loss scaling (torch 2.8+)")
+def mps_bf16_ok() -> bool:
+    # An autocast dtype that a torch does not support only warns and trains in fp32: hence the explicit test.
+    return torch.__version__ >= (2, 6) and torch.backends.mps.is_macos_or_newer(14, 0)
 
 
 def resolve_amp(mode: str, device: torch.device) -> AmpPolicy:
     """--amp -> the precision policy on this device. auto: bf16 on CUDA capability >= 8.0, fp16 with loss
-    scaling on 7.x, fp32 below; on the CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; on
-    Apple MPS fp32 (MPS_AUTO_REASON), where bf16 (torch 2.6+, macOS 14+) and fp16 with loss scaling
-    (torch 2.8+) are used only when asked for. An explicit bf16 on a GPU without it, fp16 on the CPU, or
-    either where MPS lacks it, is a UsageError."""
+    scaling on 7.x, fp32 below; on the CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; on MPS
+    fp32 (bf16 and fp16 only when asked for). A precision the device cannot do is a UsageError."""
     if mode not in AMP_MODES:
         raise UsageError(f"--amp {mode!r}: choose from {', '.join(AMP_MODES)}")
     if mode == "off":
@@ -363,15 +225,41 @@ def resolve_amp(mode: str, device: torch.device) -> AmpPolicy:
     return BF16 if mode == "bf16" or cpu_has_fast_bf16() else FP32
 
 
+def _cuda_amp(mode: str, device: torch.device) -> AmpPolicy:
+    native_bf16, (major, minor) = cuda_bf16_native(device), torch.cuda.get_device_capability(device)
+    if mode == "bf16" and not native_bf16:
+        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                         "has no bf16 convolutions (they need 8.0 or newer); use --amp fp16 or auto")
+    if mode == "bf16" or (mode == "auto" and native_bf16):
+        return BF16
+    if mode == "fp16" or major >= 7:  # tensor cores from Volta on
+        return FP16
+    return FP32  # Pascal and older: fp16 without tensor cores gains little and risks overflow
+
+
+def _mps_amp(mode: str) -> AmpPolicy:
+    # auto stays fp32: mixed precision on MPS cannot be verified on this project's machines, and MPS has had
+    # kernels that were silently wrong (CHANNELS_LAST_MPS_REASON)
+    if mode == "auto":
+        return FP32
+    if mode == "bf16" and not mps_bf16_ok():
+        raise UsageError(f"--amp bf16: bf16 on MPS needs torch 2.6 or newer and macOS 14 or newer (this is "
+                         f"torch {torch.__version__}); use --amp auto or off")
+    # fp16 only with loss scaling (small gradients underflow without it), and GradScaler needs torch 2.8 on MPS
+    if mode == "fp16" and torch.__version__ < (2, 8):
+        raise UsageError(f"--amp fp16: fp16 on MPS needs loss scaling, which torch supports there from 2.8 "
+                         f"(this is torch {torch.__version__}); use --amp auto or off")
+    return BF16 if mode == "bf16" else FP16
+
+
 def autocast(device: torch.device, amp: AmpPolicy):
-    if device.type == "mps" and amp.dtype is None:
-        # torch before 2.5 has no MPS autocast: torch.autocast("mps") raises even with enabled=False
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp.dtype or torch.float32, enabled=amp.dtype is not None)
+    """Autocast to the policy's dtype; fp32 enters none at all (a torch without MPS autocast raises for
+    torch.autocast("mps") even disabled)."""
+    return torch.autocast(device.type, dtype=amp.dtype) if amp.dtype else contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)  # also seeds every CUDA device and MPS (torch/random.py manual_seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device and MPS
 
 
 def process_memory_mb() -> dict:
@@ -399,16 +287,18 @@ def cuda_report(device: torch.device) -> dict:
 def mps_report(device: torch.device) -> dict:
     if device.type != "mps":
         return {"mps_available": torch.backends.mps.is_available()}
-    # get_name, get_core_count and recommended_max_memory are not in every torch
-    recommended = getattr(torch.mps, "recommended_max_memory", lambda: None)()
+    def ask(module, name):  # not in every torch
+        return getattr(module, name, lambda: None)()
+
+    recommended = ask(torch.mps, "recommended_max_memory")
     return {
-        "mps_available": True, "name": getattr(torch.backends.mps, "get_name", lambda: None)(),
-        "gpu_cores": getattr(torch.backends.mps, "get_core_count", lambda: None)(),
-        "macos": _dotted(macos_version()), "torch_version": str(torch.__version__),
+        "mps_available": True, "name": ask(torch.backends.mps, "get_name"),
+        "gpu_cores": ask(torch.backends.mps, "get_core_count"),
+        "macos": platform.mac_ver()[0] or "unknown", "torch_version": str(torch.__version__),
         "recommended_max_memory_mb": None if recommended is None else recommended / 2**20,
         "allocated_memory_mb": torch.mps.current_allocated_memory() / 2**20,
         "driver_memory_mb": torch.mps.driver_allocated_memory() / 2**20,
-        "bf16_supported": mps_bf16_reason() is None, "amp_auto": resolve_amp("auto", device).name,
+        "bf16_supported": mps_bf16_ok(), "amp_auto": resolve_amp("auto", device).name,
         "channels_last": channels_last_ok(device),
     }
 
@@ -428,8 +318,7 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
     """Set the global backend flags for a run. Fast: cuDNN benchmarks its kernels once, which pays off
     because every batch has the same shape. Deterministic: the same kernels, in the same order, in full
     fp32 (no TF32) on every run, so that a resumed run repeats the uninterrupted one bit for bit.
-    MPS has no flags of its own to set (torch.backends.mps only answers queries); deterministic mode
-    there is torch.use_deterministic_algorithms, like the CPU."""
+    MPS has no flags of its own; deterministic mode there is torch.use_deterministic_algorithms."""
     if deterministic:
         if device.type == "cuda":
             # cuBLAS is only deterministic with a fixed workspace; read when its handle is made
@@ -454,15 +343,9 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_gpu_mb(device: torch.device) -> float | None:
-    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU.
-
-    torch.mps has no peak API (2.14.1: current_allocated_memory, driver_allocated_memory,
-    recommended_max_memory). torch.accelerator.memory_stats gives an allocator peak where the MPS allocator
-    reports one (it did not: pytorch/pytorch#167447; added by #186748; whether 2.14.1 has it is in C++, not
-    visible here, so it is detected by asking). Otherwise this is torch.mps.driver_allocated_memory(): Metal's
-    memory for this process, cached pool included. reset_peak_memory empties that pool and freed blocks stay
-    in it, so at an epoch's end it approximates the epoch's high-water mark from above (less when memory
-    pressure made the allocator release cached blocks)."""
+    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU. On MPS: the
+    allocator's peak where torch.accelerator reports one, else the Metal driver's memory for this process,
+    which (its cached pool emptied by reset_peak_memory) approximates the peak from above."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     if device.type != "mps":
@@ -472,3 +355,21 @@ def peak_gpu_mb(device: torch.device) -> float | None:
     except Exception:  # no torch.accelerator, or an MPS allocator without stats
         peak = None
     return (peak or torch.mps.driver_allocated_memory()) / 2**20
+
+
+# torch's NotImplementedError for an op without an MPS kernel; the variable it suggests is read at import
+_MPS_MISSING_OP = re.compile(r"(?:operator '([^']+)' )?is not currently implemented for the MPS device")
+
+
+def mps_hint(exc: BaseException) -> str | None:
+    """One line of advice for torch's NotImplementedError of an op without an MPS kernel, looked for along
+    the exception's cause/context chain; None for any other error."""
+    found = (_MPS_MISSING_OP.search(str(e)) for e in chain(exc) if isinstance(e, NotImplementedError))
+    match = next(filter(None, found), None)
+    if match is None:
+        return None
+    if os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK", "0").strip() not in ("", "0"):
+        advice = "PYTORCH_ENABLE_MPS_FALLBACK=1 only takes effect when set before Python starts (export it in the shell)"
+    else:
+        advice = "set PYTORCH_ENABLE_MPS_FALLBACK=1 in the environment to run it on the CPU (slower)"
+    return f"{match[1] or 'an operator'} is not implemented on MPS in torch {torch.__version__}: {advice}, or use --device cpu"

@@ -259,7 +259,6 @@ def choose_device(cfg: Config, info: dist.DistInfo) -> torch.device:
     if broken:  # hours on the CPU by mistake are worse than a clear stop
         raise UserError(f"{broken}; to train on the CPU anyway, pass --device cpu")
     device = system.resolve_device(cfg.device, info.local_rank if info.enabled else None)
-    system.check_distributed_device(device, info.world_size, info.launched)
     if cfg.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn: needs CUDA (SyncBatchNorm has no CPU implementation)")
     return device

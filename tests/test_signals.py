@@ -202,6 +202,7 @@ def test_the_file_size_limit_is_named(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert f"cannot write {tmp_path / 'big.pt'}: File too large" in result.stdout, result  # the errno, recovered
+    assert result.stdout.count("\n") == 1, result
     assert list(tmp_path.iterdir()) == []
 
 
