@@ -1,8 +1,9 @@
 """Training and evaluation: the step, the moving average, one epoch, predictions and metrics.
 
-The hot loops keep metrics on the device and sync with the host only every `SYNC_EVERY` steps
-(progress, the finite-loss check, and under torchrun the stop flag the ranks agree on), never per step;
-a single process reads its stop flag, a host value, after every step.
+The hot loops keep metrics on the device and sync with the host every `SYNC_EVERY` steps (progress, the
+finite-loss check, and under torchrun the stop flag the ranks agree on). Per step only fp16's GradScaler
+syncs (it reads whether the gradients were finite); a single process reads its stop flag, a host value,
+after every step.
 """
 
 import copy

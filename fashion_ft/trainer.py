@@ -2,7 +2,7 @@
 
 `fine_tune` prepares a `Run` (what every part of a run shares: config, compute settings, files, console,
 data, state, TensorBoard log) and runs its epoch loop: the engine's `train_one_epoch` runs the
-optimisation steps, then `Run.record` validates, selects, saves and logs the epoch.
+optimisation steps, `Run.epoch_row` validates, then `Run.record` selects, saves and logs the epoch.
 """
 
 import copy
