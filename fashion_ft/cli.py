@@ -3,8 +3,8 @@
     sys.exit(cli.run(lambda: body(argv), debug="--debug" in argv))
 
 Exit codes: what body returns; UserError: its own (1, or 2 for usage); Interrupted: 130 (SIGINT), 129 (SIGHUP) or
-143 (SIGTERM); Ctrl-C: 130; anything unexpected: 1, with the traceback only under --debug. A reader
-that goes away (`script | head -1`) ends the script quietly with 1. With a SignalGuard, any end after
+143 (SIGTERM); Ctrl-C: 130; anything unexpected: 1, with the traceback only under --debug. A broken pipe
+(`script | head -1`: the reader went away) ends the script quietly with 1. With a SignalGuard, any end after
 it recorded a signal is that interrupt: a signal may surface as another error (torch.save turns it
 into a RuntimeError) or be swallowed by a library, and the user asked to stop either way.
 """
@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import re
-import select
 import sys
 import warnings
 from collections.abc import Callable
@@ -94,22 +93,11 @@ def error_prefix() -> str:
     return f"error (rank {os.environ.get('RANK', '?')} of {world}): " if world > 1 else "error: "
 
 
-def _stdout_gone() -> bool:
-    """True when nobody reads stdout any more (a pipe whose reader exited): the kernel flags such a pipe
-    with POLLERR. A BrokenPipeError from anything else (a socket, a child process) is a real error."""
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
-    except (AttributeError, OSError, ValueError):  # no real file behind stdout (captured, closed)
-        return False
-
-
 def silence(stream=None) -> None:
     """Point a stream whose reader went away at devnull, as Python's documentation on SIGPIPE advises,
     so that the interpreter's own flush at exit does not fail a second time with a traceback."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, (stream or sys.stdout).fileno())
+    with suppress(OSError, ValueError):  # no file behind it (captured, closed): nothing to point
+        os.dup2(os.open(os.devnull, os.O_WRONLY), (stream or sys.stdout).fileno())
 
 
 def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_prefix,
@@ -129,9 +117,7 @@ def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_
         if signals is not None and signals.received:
             raise signals.interrupted()
         return code
-    except BrokenPipeError as exc:
-        if not _stdout_gone():
-            return _unexpected(exc, debug, prefix)
+    except BrokenPipeError:  # the reader went away (`script | head -1`): nothing to tell it
         silence()
         return 1
     except UserError as exc:
@@ -151,11 +137,16 @@ def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_
 
 
 def _unexpected(exc: Exception, debug: bool, prefix: Callable[[], str]) -> int:
+    """An error nobody worded: its type and first line, or the advice for a known cause."""
     if debug:
         raise exc
-    hint = missing_package_hint(exc) or _mps_hint(exc)
-    line = hint or f"{type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)"
-    print(printable(prefix() + line), file=sys.stderr)
+    hint = missing_package_hint(exc)
+    if hint is None and "torch" in sys.modules:  # no torch, no MPS error; and .system imports torch
+        from .system import mps_hint
+
+        hint = mps_hint(exc)
+    print(printable(prefix() + (hint or f"{type(exc).__name__}: {first_line(exc)} (rerun with --debug for the "
+                                        "traceback)")), file=sys.stderr)
     return 1
 
 
@@ -169,10 +160,3 @@ def missing_package_hint(exc: BaseException) -> str | None:
             f"up with `bash scripts/setup.sh`, then `source .venv/bin/activate` (or run `.venv/bin/python "
             f"{script} ...`)")
 
-
-def _mps_hint(exc: BaseException) -> str | None:
-    if "torch" not in sys.modules:  # no torch, no MPS error; and importing .system would need torch
-        return None
-    from .system import mps_hint
-
-    return mps_hint(exc)

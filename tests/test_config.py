@@ -1,12 +1,21 @@
-"""The configuration: defaults that depend on the run, resolved once from the command line, and the values
-that validation refuses."""
+"""The configuration: defaults that depend on the run, resolved once from the command line, the resume
+rules, and the values that validation refuses."""
 
 import re
 
 import pytest
 
 import finetune_gpu
-from fashion_ft.config import FINETUNE_WARMUP_EPOCHS, NORMALIZE_RULE, check_normalize, normalize_ok
+from fashion_ft.config import (
+    FINETUNE_WARMUP_EPOCHS,
+    NORMALIZE_RULE,
+    PERMISSIONS,
+    Config,
+    check_normalize,
+    check_resume,
+    normalize_ok,
+    restored,
+)
 from fashion_ft.errors import UsageError
 
 
@@ -28,13 +37,47 @@ def test_label_smoothed_deep_plan_stops_on_accuracy(argv, monitor):
     assert cfg.monitor == monitor
 
 
-def test_resnet_presets_train_from_scratch_or_fine_tune_the_shipped_resnet():
-    scratch, _ = finetune_gpu.build_config(["--preset", "resnet20"])
-    assert (scratch.arch, scratch.from_scratch, scratch.warmup_epochs) == ("resnet", True, 0.0)
-    assert scratch.patience >= scratch.epochs  # OneCycle's LR falls only at the end: no stop before it
-    tune, _ = finetune_gpu.build_config(["--preset", "resnet20-tune"])
-    assert (tune.model_path, tune.from_scratch, tune.warmup_epochs) == ("model/resnet20.pt", False,
-                                                                          FINETUNE_WARMUP_EPOCHS)
+@pytest.mark.parametrize("argv, expected", [
+    (["--preset", "resnet20"], {"arch": "resnet", "from_scratch": True, "warmup_epochs": 0.0, "patience": 70}),
+    (["--preset", "resnet20-tune"], {"model_path": "model/resnet20.pt", "from_scratch": False,
+                                     "warmup_epochs": FINETUNE_WARMUP_EPOCHS}),
+    (["--preset", "distill", "--kd-alpha", "0.8"], {"teacher": ["model/resnet20.pt"], "kd_alpha": 0.8}),
+    (["--preset", "deep", "--lr", "0.001"], {"lr": 0.001, "batch_size": 512}),  # a flag equal to its default
+])
+def test_a_preset_sets_its_plan_and_a_flag_given_wins(argv, expected):
+    """resnet20: OneCycle's LR falls only at the end, so no early stop before it (patience = epochs)."""
+    cfg, _ = finetune_gpu.build_config(argv)
+    assert {name: getattr(cfg, name) for name in expected} == expected
+
+
+SAVED = Config(lr=0.001, warmup_epochs=0.5)
+RESUME_CASES = {  # what the resumed run changes: None (allowed), or what the refusal names
+    "epochs (free)": ({"epochs": 40}, False, None),
+    "a permission": ({"overwrite": True, "trust_pickle": True, "model_def": "net.py:Net"}, False, None),
+    "lr": ({"lr": 0.01}, False, "--lr 0.001 -> 0.01 (pass --override-resume"),
+    "lr, overridden": ({"lr": 0.01}, True, None),
+    "teacher": ({"teacher": ["t.pt"], "kd_alpha": 0.8}, False, "--teacher None -> ['t.pt'], --kd-alpha 0.5 -> 0.8"),
+    "optimizer (fixed)": ({"optimizer": "sgd"}, True, "--optimizer cannot change"),
+    "freeze-conv (fixed)": ({"freeze_conv": True, "lr": 0.01}, False, "--freeze-conv cannot change"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_rules(case):
+    changes, override, refusal = RESUME_CASES[case]
+    cfg = Config(**{**SAVED.to_dict(), **changes, "override_resume": override})
+    if refusal is None:
+        check_resume(SAVED, cfg)
+    else:
+        with pytest.raises(UsageError, match=re.escape(refusal)):
+            check_resume(SAVED, cfg)
+
+
+def test_resume_restores_all_but_the_permissions():
+    """--overwrite given to one run is no licence for the next, nor a record's --model-def code to run."""
+    record = {**Config(lr=0.01, model_def="net.py:Net").to_dict(), **{name: True for name in PERMISSIONS - {"model_def"}}}
+    cfg = restored({**record, "a field of a later version": 1})
+    assert cfg.lr == 0.01 and all(getattr(cfg, name) == getattr(Config(), name) for name in PERMISSIONS)
 
 
 @pytest.mark.parametrize("mean, std, ok", [
