@@ -13,10 +13,9 @@ import argparse
 import dataclasses
 import os
 import sys
-import typing
 from pathlib import Path
 
-from fashion_ft.cli import add_shared, json_object
+from fashion_ft.cli import add_flag, add_shared
 from fashion_ft.config import (
     DEFAULT_WEIGHT_DECAY,
     FINETUNE_WARMUP_EPOCHS,
@@ -24,7 +23,6 @@ from fashion_ft.config import (
     Config,
     check_conflicts,
     check_resume,
-    choices,
     default_run_name,
     flag_of,
     resolve_defaults,
@@ -154,25 +152,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints, options = typing.get_type_hints(Config), choices()
-
-    def flag(g, name: str, help: str, **kw) -> None:
-        default = getattr(DEFAULTS, name)
-        if isinstance(default, bool):
-            kw.setdefault("action", "store_true")
-        else:
-            kw.setdefault("type", next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None)))
-        if name in options:
-            kw["choices"] = [c for c in options[name] if c is not None]
-        g.add_argument(flag_of(name), default=default, help=help, **kw)
-
+    flag = add_flag
     g = p.add_argument_group("model")
     flag(g, "model_path", "pretrained checkpoint to start from")
     add_shared(g, "--model-def", "--model-kwargs", "--normalize")
     flag(g, "from_scratch", "start from random weights (--arch) instead")
     flag(g, "arch", "architecture for --from-scratch")
     flag(g, "arch_kwargs", 'with --from-scratch: a JSON object overriding the arch\'s defaults, e.g. \'{"blocks": 1}\'',
-         type=json_object, metavar="JSON")
+         metavar="JSON")
     flag(g, "max_params", "refuse a model with more parameters (a typo in --arch-kwargs, or widths recorded in a "
                           "damaged checkpoint), before any memory is taken")
     add_shared(g, "--trust-pickle")

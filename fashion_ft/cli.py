@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import typing
 import warnings
 from collections.abc import Callable
 from contextlib import suppress
@@ -45,42 +46,47 @@ def json_object(text: str) -> dict:
     return value
 
 
-def shared_flags() -> dict[str, dict]:
-    """The flags both scripts take, each defined once: flag -> add_argument's keywords (imported late: the
-    constants' modules import torch, after the scripts installed their signal handlers)."""
-    from .config import TTA_MODES, Config
-    from .normalization import CANDIDATES
+def add_flag(g, name: str, help: str, **kw) -> None:
+    """Add the flag of Config field `name` to a parser or argument group: its default (which --help shows),
+    type and choices are the field's (imported late: the choices' modules import torch, after the scripts
+    installed their signal handlers)."""
+    from .config import Config, choices, flag_of
 
-    (fm_mean, fm_std), (m_mean, m_std) = CANDIDATES["Fashion-MNIST's"], CANDIDATES["MNIST's"]
-    d = Config()
-    return {
-        "--model-def": dict(default=d.model_def, metavar="FILE.py:CLASS",
-                            help="your own network class (a file path, hyphens allowed, or pkg.mod:CLASS), for a "
-                                 "checkpoint of its weights; the file is imported without running its __main__ block"),
-        "--model-kwargs": dict(type=json_object, default=d.model_kwargs, metavar="JSON",
-                               help="keyword arguments of its constructor, e.g. '{\"width\": 32}'"),
-        "--normalize": dict(type=float, nargs=2, default=d.normalize, metavar=("MEAN", "STD"),
-                            help=f"the input normalisation the model was trained with (pixels in [0, 1]); unset: the "
-                                 f"checkpoint's record, else Fashion-MNIST's {fm_mean:.4f} {fm_std:.4f} (MNIST's is "
-                                 f"{m_mean} {m_std})"),
-        "--trust-pickle": dict(action="store_true",
-                               help="allow a checkpoint holding pickled Python objects (runs code from the file!)"),
-        "--data-dir": dict(default=d.data_dir, help="folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, "
-                                                     "then the Debian folder"),
-        "--download": dict(action="store_true", help="download Fashion-MNIST into ./data if missing"),
-        "--device": dict(default=d.device, help="auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps"),
-        "--tta": dict(choices=TTA_MODES, default=d.tta,
-                      help="flip: predictions average each image and its mirror image (pays off after --augment "
-                           "strong, which trains on mirror images)"),
-        "--debug": dict(action="store_true", help="show tracebacks"),
-    }
+    hint = Config.__annotations__[name]
+    kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+    if bool in kinds:
+        kw.setdefault("action", "store_true")
+    elif "type" not in kw:
+        kw["type"] = json_object if dict in kinds else kinds[0]
+    if name in (options := choices()):
+        kw["choices"] = [c for c in options[name] if c is not None]
+    g.add_argument(flag_of(name), default=getattr(Config(), name), help=help, **kw)
 
 
 def add_shared(g, *flags: str) -> None:
-    """Add these of shared_flags() to a parser or argument group."""
-    table = shared_flags()
+    """Add these of the flags both scripts take, each defined once, to a parser or argument group."""
+    from .normalization import CANDIDATES
+
+    (fm_mean, fm_std), (m_mean, m_std) = CANDIDATES["Fashion-MNIST's"], CANDIDATES["MNIST's"]
+    shared = {
+        "--model-def": ("your own network class (a file path, hyphens allowed, or pkg.mod:CLASS), for a checkpoint "
+                        "of its weights; the file is imported without running its __main__ block",
+                        dict(metavar="FILE.py:CLASS")),
+        "--model-kwargs": ("keyword arguments of its constructor, e.g. '{\"width\": 32}'", dict(metavar="JSON")),
+        "--normalize": (f"the input normalisation the model was trained with (pixels in [0, 1]); unset: the "
+                        f"checkpoint's record, else Fashion-MNIST's {fm_mean:.4f} {fm_std:.4f} (MNIST's is {m_mean} "
+                        f"{m_std})", dict(type=float, nargs=2, metavar=("MEAN", "STD"))),
+        "--trust-pickle": ("allow a checkpoint holding pickled Python objects (runs code from the file!)", {}),
+        "--data-dir": ("folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, then the Debian folder", {}),
+        "--download": ("download Fashion-MNIST into ./data if missing", {}),
+        "--device": ("auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps", {}),
+        "--tta": ("flip: predictions average each image and its mirror image (pays off after --augment strong, "
+                  "which trains on mirror images)", {}),
+        "--debug": ("show tracebacks", {}),
+    }
     for flag in flags:
-        g.add_argument(flag, **table[flag])
+        help, kw = shared[flag]
+        add_flag(g, flag[2:].replace("-", "_"), help, **kw)
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
