@@ -24,7 +24,6 @@ from fashion_ft.config import (
     check_conflicts,
     check_resume,
     default_run_name,
-    flag_of,
     resolve_defaults,
     restored,
     validate,
@@ -56,14 +55,16 @@ def build_config(argv) -> tuple[Config, dict | None]:
     preset's values, then the flags given, which win; checked before any work. Also last.pt's contents."""
     unset = argparse.Namespace(**{f.name: UNSET for f in dataclasses.fields(Config)})
     given = {k: v for k, v in vars(get_args_parser().parse_args(argv, unset)).items() if v is not UNSET}
-    resume_meta, start = load_resume(given["resume"], given.get("model_def")) if given.get("resume") else (None, DEFAULTS)
+    resume_meta, start = None, DEFAULTS
+    if given.get("resume"):
+        resume_meta, start = load_resume(given["resume"], given.get("model_def"))
     preset = given.get("preset")  # a resumed run's own preset is in its config already
     cfg = resolve_defaults(Config(**{**dataclasses.asdict(start), **PRESETS.get(preset, {}), **given}))
+    validate(cfg)
     if resume_meta:
         check_resume(start, cfg)
-    validate(cfg)
-    if not resume_meta:
-        check_conflicts(cfg, origins(given, preset))
+    else:
+        check_conflicts(cfg, given, preset)
         if cfg.from_scratch:
             check_from_scratch_model(cfg)
     run_name = cfg.run_name or default_run_name(cfg)
@@ -88,18 +89,6 @@ def load_resume(path: str, model_def: str | None) -> tuple[dict, Config]:
         raise UserError(f"{path}: its saved config is not valid ({exc}); start a new run from its weights "
                         "with --model-path instead") from None
     return meta, saved
-
-
-def origins(given: dict, preset: str | None):
-    """origin(field): who set it, for messages: '--flag', '--flag (set by --preset P)', or 'default'."""
-    def origin(name: str) -> str:
-        if name in given:
-            return flag_of(name)
-        if preset and name in PRESETS[preset]:
-            return f"{flag_of(name)} (set by --preset {preset})"
-        return "default"
-
-    return origin
 
 
 def check_from_scratch_model(cfg: Config) -> None:
@@ -152,90 +141,92 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    flag = add_flag
     g = p.add_argument_group("model")
-    flag(g, "model_path", "pretrained checkpoint to start from")
+    add_flag(g, "model_path", "pretrained checkpoint to start from")
     add_shared(g, "--model-def", "--model-kwargs", "--normalize")
-    flag(g, "from_scratch", "start from random weights (--arch) instead")
-    flag(g, "arch", "architecture for --from-scratch")
-    flag(g, "arch_kwargs", 'with --from-scratch: a JSON object overriding the arch\'s defaults, e.g. \'{"blocks": 1}\'',
-         metavar="JSON")
-    flag(g, "max_params", "refuse a model with more parameters (a typo in --arch-kwargs, or widths recorded in a "
-                          "damaged checkpoint), before any memory is taken")
+    add_flag(g, "from_scratch", "start from random weights (--arch) instead")
+    add_flag(g, "arch", "architecture for --from-scratch")
+    add_flag(g, "arch_kwargs", "with --from-scratch: a JSON object overriding the arch's defaults, e.g. "
+                               '\'{"blocks": 1}\'', metavar="JSON")
+    add_flag(g, "max_params", "refuse a model with more parameters (a typo in --arch-kwargs, or widths recorded in a "
+                              "damaged checkpoint), before any memory is taken")
     add_shared(g, "--trust-pickle")
     g = p.add_argument_group("data")
     add_shared(g, "--data-dir", "--download")
-    flag(g, "val_size", f"validation images held out of training; unset: the starting model's split, else {DEFAULT_SPLIT[1]}")
-    flag(g, "split_seed", f"seed of the validation split; unset: the starting model's split, else {DEFAULT_SPLIT[0]}")
-    flag(g, "val_from", "validate on images held out of the training files, or on one half of the test files "
-                        "(testing on the other half); unset: the starting model's, else test-half for a model with no "
-                        "record of its training split and no --val-size, else train")
-    flag(g, "limit_train", "use only N training images (smoke runs)")
-    flag(g, "augment", "light: rotation ±10°; strong: + shifts, horizontal flips, random erasing")
+    add_flag(g, "val_size", "validation images held out of training; unset: the starting model's split, else "
+                            f"{DEFAULT_SPLIT[1]}")
+    add_flag(g, "split_seed", "seed of the validation split; unset: the starting model's split, else "
+                              f"{DEFAULT_SPLIT[0]}")
+    add_flag(g, "val_from", "validate on images held out of the training files, or on one half of the test "
+                            "files (testing on the other half); unset: the starting model's, else test-half for a "
+                            "model with no record of its training split and no --val-size, else train")
+    add_flag(g, "limit_train", "use only N training images (smoke runs)")
+    add_flag(g, "augment", "light: rotation ±10°; strong: + shifts, horizontal flips, random erasing")
 
     g = p.add_argument_group("optimisation")
     presets = "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in vals.items()) for k, vals in PRESETS.items())
-    flag(g, "preset", f"a fine-tuning plan; flags given explicitly win ({presets})")
-    flag(g, "batch_size", "per process")
-    flag(g, "eval_batch_size", f"batch for validation and test; unset: {EVAL_BATCH_SIZE['cpu']} on the CPU (fits the "
-                               f"cache), {EVAL_BATCH_SIZE['gpu']} on a GPU")
-    flag(g, "lr", "peak learning rate")
-    flag(g, "optimizer", "AdamW or SGD with Nesterov momentum")
-    flag(g, "momentum", "SGD momentum (Nesterov)")
-    flag(g, "weight_decay", f"unset: {', '.join(f'{v:g} for {k}' for k, v in DEFAULT_WEIGHT_DECAY.items())}; never on "
-                            "biases or BatchNorm")
-    flag(g, "epochs", "at most this many epochs (early stopping may end sooner)")
-    flag(g, "scheduler", "LR schedule over the run")
-    flag(g, "warmup_epochs", f"linear LR warm-up; unset: {FINETUNE_WARMUP_EPOCHS:g} when fine-tuning, 0 with "
-                             "--from-scratch or onecycle")
-    flag(g, "min_lr", "cosine: the final LR")
-    flag(g, "step_size", "step: epochs between decays")
-    flag(g, "step_gamma", "step: decay factor")
-    flag(g, "exp_gamma", "exponential: factor per epoch")
-    flag(g, "plateau_factor", "plateau: decay factor")
-    flag(g, "plateau_patience", "plateau: epochs to wait")
-    flag(g, "label_smoothing", "of the training loss only")
-    flag(g, "ema_decay", "validate, select and save a moving average of the weights, updated with this decay after "
-                         "every step (0.999 averages about the last 1,000 steps); 0: off")
-    flag(g, "max_grad_norm", "clip gradients to this norm")
-    flag(g, "freeze_conv", "train only the head: the layers from the first fully connected one after the last "
-                           "convolution (found from one forward pass); the features stay exactly as loaded")
-    flag(g, "freeze_bn", "freeze BatchNorm weights and running statistics")
-    flag(g, "trainable", "train only the layers whose names match these comma-separated patterns, e.g. 'fc*,bn_fc' "
-                         "(where --freeze-conv cannot tell a model's head)", metavar="PATTERNS")
+    add_flag(g, "preset", f"a fine-tuning plan; flags given explicitly win ({presets})")
+    add_flag(g, "batch_size", "per process")
+    add_flag(g, "eval_batch_size", f"batch for validation and test; unset: {EVAL_BATCH_SIZE['cpu']} on the CPU "
+                                   f"(fits the cache), {EVAL_BATCH_SIZE['gpu']} on a GPU")
+    add_flag(g, "lr", "peak learning rate")
+    add_flag(g, "optimizer", "AdamW or SGD with Nesterov momentum")
+    add_flag(g, "momentum", "SGD momentum (Nesterov)")
+    add_flag(g, "weight_decay", f"unset: {', '.join(f'{v:g} for {k}' for k, v in DEFAULT_WEIGHT_DECAY.items())}; "
+                                "never on biases or BatchNorm")
+    add_flag(g, "epochs", "at most this many epochs (early stopping may end sooner)")
+    add_flag(g, "scheduler", "LR schedule over the run")
+    add_flag(g, "warmup_epochs", f"linear LR warm-up; unset: {FINETUNE_WARMUP_EPOCHS:g} when fine-tuning, 0 with "
+                                 "--from-scratch or onecycle")
+    add_flag(g, "min_lr", "cosine: the final LR")
+    add_flag(g, "step_size", "step: epochs between decays")
+    add_flag(g, "step_gamma", "step: decay factor")
+    add_flag(g, "exp_gamma", "exponential: factor per epoch")
+    add_flag(g, "plateau_factor", "plateau: decay factor")
+    add_flag(g, "plateau_patience", "plateau: epochs to wait")
+    add_flag(g, "label_smoothing", "of the training loss only")
+    add_flag(g, "ema_decay", "validate, select and save a moving average of the weights, updated with this decay after "
+                             "every step (0.999 averages about the last 1,000 steps); 0: off")
+    add_flag(g, "max_grad_norm", "clip gradients to this norm")
+    add_flag(g, "freeze_conv", "train only the head: the layers from the first fully connected one after the last "
+                               "convolution (found from one forward pass); the features stay exactly as loaded")
+    add_flag(g, "freeze_bn", "freeze BatchNorm weights and running statistics")
+    add_flag(g, "trainable", "train only the layers whose names match these comma-separated patterns, e.g. 'fc*,bn_fc' "
+                             "(where --freeze-conv cannot tell a model's head)", metavar="PATTERNS")
     g = p.add_argument_group("distillation (a stronger model teaches this one)")
-    flag(g, "teacher", "checkpoints of our architectures (e.g. model/resnet20.pt); several: their softmax averaged",
-         type=str, nargs="+", metavar="PATH")
-    flag(g, "kd_alpha", "weight of the teachers' term in the loss (1 - it: the labels')")
-    flag(g, "kd_temperature", "softmax temperature of teachers and model in that term (higher: softer targets)")
+    add_flag(g, "teacher", "checkpoints of our architectures (e.g. model/resnet20.pt); several: their softmax averaged",
+             type=str, nargs="+", metavar="PATH")
+    add_flag(g, "kd_alpha", "weight of the teachers' term in the loss (1 - it: the labels')")
+    add_flag(g, "kd_temperature", "softmax temperature of teachers and model in that term (higher: softer targets)")
 
     g = p.add_argument_group("model selection and early stopping (validation split only)")
-    flag(g, "select", "validation metric that picks the best model")
-    flag(g, "monitor", "validation metric for early stopping and the plateau scheduler")
-    flag(g, "patience", "epochs without improvement before stopping")
-    flag(g, "min_delta", "smallest change that counts")
-    flag(g, "seed", "shuffling, augmentation, dropout and --from-scratch weights (not the split: --split-seed)")
+    add_flag(g, "select", "validation metric that picks the best model")
+    add_flag(g, "monitor", "validation metric for early stopping and the plateau scheduler")
+    add_flag(g, "patience", "epochs without improvement before stopping")
+    add_flag(g, "min_delta", "smallest change that counts")
+    add_flag(g, "seed", "shuffling, augmentation, dropout and --from-scratch weights (not the split: --split-seed)")
     add_shared(g, "--tta")
     g = p.add_argument_group("output")
-    flag(g, "output", "best model; last.pt and metrics.json go beside it")
-    flag(g, "overwrite", "replace existing output files")
-    flag(g, "resume", "continue a run from its last.pt (path)")
-    flag(g, "override_resume", "allow changed hyperparameters on --resume")
-    flag(g, "logdir", "TensorBoard folder")
-    flag(g, "run_name", "TensorBoard run folder; unset: time, plan, optimizer, lr and batch size")
+    add_flag(g, "output", "best model; last.pt and metrics.json go beside it")
+    add_flag(g, "overwrite", "replace existing output files")
+    add_flag(g, "resume", "continue a run from its last.pt (path)")
+    add_flag(g, "override_resume", "allow changed hyperparameters on --resume")
+    add_flag(g, "logdir", "TensorBoard folder")
+    add_flag(g, "run_name", "TensorBoard run folder; unset: time, plan, optimizer, lr and batch size")
 
     g = p.add_argument_group("hardware")
     add_shared(g, "--device")
-    flag(g, "amp", "mixed precision; auto: bf16 on CPUs and GPUs that are fast at it (CUDA capability 8.0+), fp16 "
-                   "with loss scaling on capability 7.x (V100, T4), else fp32; on Apple MPS fp32, with bf16 or fp16 "
-                   "only when asked for")
-    flag(g, "channels_last", "NHWC memory layout (faster convolutions)", action=argparse.BooleanOptionalAction)
-    flag(g, "compile", "torch.compile the model")
-    flag(g, "deterministic", "deterministic kernels, no TF32, no cuDNN autotuning: repeatable on one GPU, a little slower")
-    flag(g, "sync_bn", "SyncBatchNorm across GPUs (torchrun, CUDA)")
-    flag(g, "scale_lr", "multiply --lr by the world size (linear scaling)")
+    add_flag(g, "amp", "mixed precision; auto: bf16 on CPUs and GPUs that are fast at it (CUDA capability 8.0+), "
+                       "fp16 with loss scaling on capability 7.x (V100, T4), else fp32; on Apple MPS fp32, with bf16 "
+                       "or fp16 only when asked for")
+    add_flag(g, "channels_last", "NHWC memory layout (faster convolutions)", action=argparse.BooleanOptionalAction)
+    add_flag(g, "compile", "torch.compile the model")
+    add_flag(g, "deterministic", "deterministic kernels, no TF32, no cuDNN autotuning: repeatable on one GPU, a little "
+                                 "slower")
+    add_flag(g, "sync_bn", "SyncBatchNorm across GPUs (torchrun, CUDA)")
+    add_flag(g, "scale_lr", "multiply --lr by the world size (linear scaling)")
     g = p.add_argument_group("console")
-    flag(g, "quiet", "no progress bars or per-epoch lines")
+    add_flag(g, "quiet", "no progress bars or per-epoch lines")
     add_shared(g, "--debug")
     return p
 

@@ -1,6 +1,6 @@
 """The one configuration object of a fine-tuning run, its presets and its validation.
 
-Defaults are written here once; finetune_gpu.py builds its argparse flags from them.
+Defaults are written here once; the scripts' flags take theirs from them (cli.add_flag).
 """
 
 import dataclasses
@@ -8,7 +8,6 @@ import datetime
 import math
 import numbers
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -295,9 +294,14 @@ def check_normalize(values: list | None) -> None:
         _require(len(values) == 2 and normalize_ok(*values), "--normalize", f"must be {NORMALIZE_RULE}, got {values}")
 
 
-def check_conflicts(cfg: Config, origin: Callable[[str], str]) -> None:
-    """Settings that contradict each other, named by where each came from (`origin(field)`: the flag,
-    or the preset that set it), so that an explicit flag never silently loses to a preset."""
+def check_conflicts(cfg: Config, given, preset: str | None) -> None:
+    """Settings that contradict each other, named by where each came from (the flag, or the preset that
+    set it), so that an explicit flag never silently loses to a preset."""
+    def origin(name: str) -> str:
+        if name in given:
+            return flag_of(name)
+        return f"{flag_of(name)} (set by --preset {preset})" if name in PRESETS.get(preset, {}) else "default"
+
     def refuse(a: str, b: str, why: str) -> None:
         raise UsageError(f"{origin(a)} and {origin(b)} cannot be combined: {why}")
 

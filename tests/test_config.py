@@ -75,7 +75,8 @@ def test_resume_rules(case):
 
 def test_resume_restores_all_but_the_permissions():
     """--overwrite given to one run is no licence for the next, nor a record's --model-def code to run."""
-    record = {**Config(lr=0.01, model_def="net.py:Net").to_dict(), **{name: True for name in PERMISSIONS - {"model_def"}}}
+    permissions = {name: True for name in PERMISSIONS - {"model_def"}}
+    record = {**Config(lr=0.01, model_def="net.py:Net").to_dict(), **permissions}
     cfg = restored({**record, "a field of a later version": 1})
     assert cfg.lr == 0.01 and all(getattr(cfg, name) == getattr(Config(), name) for name in PERMISSIONS)
 
