@@ -89,10 +89,6 @@ def add_shared(g, *flags: str) -> None:
         add_flag(g, flag[2:].replace("-", "_"), help, **kw)
 
 
-def one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return printable(f"warning: {message}") + "\n"
-
-
 def error_prefix() -> str:
     """Under torchrun every rank reports its own failure, so say which one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -109,10 +105,12 @@ def silence(stream=None) -> None:
 def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_prefix,
         signals: SignalGuard | None = None) -> int:
     """body() -> its exit code; every way it can fail -> one line on stderr and the matching code."""
-    warnings.formatwarning = one_line_warning
+    warnings.formatwarning = lambda message, *_, **__: printable(f"warning: {message}") + "\n"
     try:
         try:
             code = body()
+            if signals is not None and signals.received:
+                raise signals.interrupted()
         except BaseException as exc:
             if signals is not None and signals.received and not isinstance(exc, Interrupted):
                 raise signals.interrupted() from None
@@ -120,8 +118,6 @@ def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_
         finally:
             if sys.stdout is not None and not sys.stdout.closed:
                 sys.stdout.flush()  # a vanished reader shows up here, while it can still be handled
-        if signals is not None and signals.received:
-            raise signals.interrupted()
         return code
     except BrokenPipeError:  # the reader went away (`script | head -1`): nothing to tell it
         silence()
