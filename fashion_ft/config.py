@@ -45,7 +45,7 @@ class Config:
     arch: str = fixed("cnn3")
     arch_kwargs: dict | None = fixed(None)  # overrides of the arch's registry defaults, e.g. {"blocks": 1}
     max_params: int = free(MAX_PARAMETERS)
-    model_def: str | None = permission(None)  # FILE.py:CLASS or pkg.mod:CLASS: named on every load, never restored
+    model_def: str | None = permission(None)  # FILE.py:CLASS or pkg.mod:CLASS: named on every load
     model_kwargs: dict | None = fixed(None)  # its constructor's keyword arguments
     normalize: list | None = fixed(None)  # [mean, std] the model was trained with; None: the file's record, else Fashion-MNIST's
     trust_pickle: bool = permission()
@@ -126,7 +126,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# The four plans of the original guide and the ResNet. A flag given explicitly wins over its preset's value.
+# The plans of the guide. A flag given explicitly wins over its preset's value.
 PRESETS = {
     "light": {"lr": 0.001, "batch_size": 256, "epochs": 30, "scheduler": "cosine"},
     "head": {"lr": 0.001, "batch_size": 256, "epochs": 50, "freeze_conv": True},
