@@ -27,7 +27,8 @@ DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 5e-4}
 # What --resume does with each field, by the rule in its metadata:
 #   (unmarked)  taken from last.pt; a flag that changes it needs --override-resume
 #   free        taken from last.pt; a flag may change it: where and how long the same experiment runs
-#   fixed       taken from last.pt; never changes, whatever changes it: it defines the data or the optimizer state
+#   fixed       taken from last.pt; never changes, whatever changes it: it defines the model, the data or the
+#               optimizer state
 #   permission  never taken from last.pt: one run's --overwrite may not replace another run's files, nor its
 #               record choose code to run
 def _rule(rule: str):
@@ -160,7 +161,7 @@ PERMISSIONS = {name for name, rule in RESUME_RULES.items() if rule == "permissio
 
 
 def restored(saved: dict) -> Config:
-    """The Config a resumed run starts from: last.pt's, permissions excepted (see free, fixed, permission)."""
+    """The Config a resumed run starts from: last.pt's, without its permissions or keys that name no field."""
     values = {k: v for k, v in saved.items() if RESUME_RULES.get(k, "permission") != "permission"}
     values["split_seed"] = saved.get("split_seed", saved.get("seed"))  # older records: --seed made the split
     return resolve_defaults(Config(**values))
