@@ -18,34 +18,24 @@ from fashion_ft.config import (
 )
 from fashion_ft.errors import UsageError
 
-
-@pytest.mark.parametrize("argv, warmup", [
-    ([], FINETUNE_WARMUP_EPOCHS), (["--from-scratch"], 0.0), (["--scheduler", "onecycle"], 0.0),
-    (["--warmup-epochs", "2"], 2.0), (["--epochs", "1"], FINETUNE_WARMUP_EPOCHS)])
-def test_warmup_is_a_fine_tuning_default(argv, warmup):
-    cfg, _ = finetune_gpu.build_config(argv)
-    assert cfg.warmup_epochs == warmup
-
-
-@pytest.mark.parametrize("argv, monitor", [
-    ([], "val_loss"), (["--preset", "light"], "val_loss"),
-    (["--preset", "deep"], "val_acc"), (["--preset", "deep", "--monitor", "val_loss"], "val_loss")])
-def test_label_smoothed_deep_plan_stops_on_accuracy(argv, monitor):
-    """Its validation loss is not comparable with the unsmoothed starting model's: a stop on it ended the
-    100-epoch plan at epoch 30."""
-    cfg, _ = finetune_gpu.build_config(argv)
-    assert cfg.monitor == monitor
+WARM = FINETUNE_WARMUP_EPOCHS
 
 
 @pytest.mark.parametrize("argv, expected", [
+    # the warm-up: only when fine-tuning (random weights have nothing to lose; onecycle warms up itself)
+    ([], {"warmup_epochs": WARM}), (["--epochs", "1"], {"warmup_epochs": WARM}),
+    (["--from-scratch"], {"warmup_epochs": 0.0}), (["--scheduler", "onecycle"], {"warmup_epochs": 0.0}),
+    (["--warmup-epochs", "2"], {"warmup_epochs": 2.0}),
+    # deep stops on accuracy: label smoothing keeps its validation loss above the starting model's (a stop on it
+    # ended the plan at epoch 30); a flag given wins, though it equals its default
+    (["--preset", "light"], {"monitor": "val_loss"}), (["--preset", "deep"], {"monitor": "val_acc", "batch_size": 512}),
+    (["--preset", "deep", "--monitor", "val_loss", "--lr", "0.001"], {"monitor": "val_loss", "lr": 0.001}),
+    # resnet20: OneCycle's LR falls only at the end, so no early stop before it
     (["--preset", "resnet20"], {"arch": "resnet", "from_scratch": True, "warmup_epochs": 0.0, "patience": 70}),
-    (["--preset", "resnet20-tune"], {"model_path": "model/resnet20.pt", "from_scratch": False,
-                                     "warmup_epochs": FINETUNE_WARMUP_EPOCHS}),
+    (["--preset", "resnet20-tune"], {"model_path": "model/resnet20.pt", "from_scratch": False, "warmup_epochs": WARM}),
     (["--preset", "distill", "--kd-alpha", "0.8"], {"teacher": ["model/resnet20.pt"], "kd_alpha": 0.8}),
-    (["--preset", "deep", "--lr", "0.001"], {"lr": 0.001, "batch_size": 512}),  # a flag equal to its default
 ])
-def test_a_preset_sets_its_plan_and_a_flag_given_wins(argv, expected):
-    """resnet20: OneCycle's LR falls only at the end, so no early stop before it (patience = epochs)."""
+def test_defaults_of_the_run_and_presets_with_the_flags_given_winning(argv, expected):
     cfg, _ = finetune_gpu.build_config(argv)
     assert {name: getattr(cfg, name) for name in expected} == expected
 
