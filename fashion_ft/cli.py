@@ -3,8 +3,8 @@
     sys.exit(cli.run(lambda: body(argv), debug="--debug" in argv))
 
 Exit codes: what body returns; UserError: its own (1, or 2 for usage); Interrupted: 130 (SIGINT), 129 (SIGHUP) or
-143 (SIGTERM); Ctrl-C: 130; anything unexpected: 1, with the traceback only under --debug. A reader
-that goes away (`script | head -1`) ends the script quietly with 1. With a SignalGuard, any end after
+143 (SIGTERM); Ctrl-C: 130; anything unexpected: 1, with the traceback only under --debug. A broken pipe
+(`script | head -1`: the reader went away) ends the script quietly with 1. With a SignalGuard, any end after
 it recorded a signal is that interrupt: a signal may surface as another error (torch.save turns it
 into a RuntimeError) or be swallowed by a library, and the user asked to stop either way.
 """
@@ -13,8 +13,8 @@ import argparse
 import json
 import os
 import re
-import select
 import sys
+import typing
 import warnings
 from collections.abc import Callable
 from contextlib import suppress
@@ -46,46 +46,47 @@ def json_object(text: str) -> dict:
     return value
 
 
-def shared_flags() -> dict[str, dict]:
-    """The flags both scripts take, each defined once: flag -> add_argument's keywords (imported late: the
-    constants' modules import torch, after the scripts installed their signal handlers)."""
-    from .config import TTA_MODES, Config
-    from .normalization import CANDIDATES
+def add_flag(g, name: str, help: str, **kw) -> None:
+    """Add the flag of Config field `name` to a parser or argument group: its default (which --help shows),
+    type and choices are the field's (imported late: the choices' modules import torch, after the scripts
+    installed their signal handlers)."""
+    from .config import Config, choices, flag_of
 
-    (fm_mean, fm_std), (m_mean, m_std) = CANDIDATES["Fashion-MNIST's"], CANDIDATES["MNIST's"]
-    d = Config()
-    return {
-        "--model-def": dict(default=d.model_def, metavar="FILE.py:CLASS",
-                            help="your own network class (a file path, hyphens allowed, or pkg.mod:CLASS), for a "
-                                 "checkpoint of its weights; the file is imported without running its __main__ block"),
-        "--model-kwargs": dict(type=json_object, default=d.model_kwargs, metavar="JSON",
-                               help="keyword arguments of its constructor, e.g. '{\"width\": 32}'"),
-        "--normalize": dict(type=float, nargs=2, default=d.normalize, metavar=("MEAN", "STD"),
-                            help=f"the input normalisation the model was trained with (pixels in [0, 1]); unset: the "
-                                 f"checkpoint's record, else Fashion-MNIST's {fm_mean:.4f} {fm_std:.4f} (MNIST's is "
-                                 f"{m_mean} {m_std})"),
-        "--trust-pickle": dict(action="store_true",
-                               help="allow a checkpoint holding pickled Python objects (runs code from the file!)"),
-        "--data-dir": dict(default=d.data_dir, help="folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, "
-                                                     "then the Debian folder"),
-        "--download": dict(action="store_true", help="download Fashion-MNIST into ./data if missing"),
-        "--device": dict(default=d.device, help="auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps"),
-        "--tta": dict(choices=TTA_MODES, default=d.tta,
-                      help="flip: predictions average each image and its mirror image (pays off after --augment "
-                           "strong, which trains on mirror images)"),
-        "--debug": dict(action="store_true", help="show tracebacks"),
-    }
+    hint = Config.__annotations__[name]
+    kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+    if bool in kinds:
+        kw.setdefault("action", "store_true")
+    elif "type" not in kw:
+        kw["type"] = json_object if dict in kinds else kinds[0]
+    if name in (options := choices()):
+        kw["choices"] = [c for c in options[name] if c is not None]
+    g.add_argument(flag_of(name), default=getattr(Config(), name), help=help, **kw)
 
 
 def add_shared(g, *flags: str) -> None:
-    """Add these of shared_flags() to a parser or argument group."""
-    table = shared_flags()
+    """Add these of the flags both scripts take, each defined once, to a parser or argument group."""
+    from .normalization import CANDIDATES
+
+    (fm_mean, fm_std), (m_mean, m_std) = CANDIDATES["Fashion-MNIST's"], CANDIDATES["MNIST's"]
+    shared = {
+        "--model-def": ("your own network class (a file path, hyphens allowed, or pkg.mod:CLASS), for a checkpoint "
+                        "of its weights; the file is imported without running its __main__ block",
+                        dict(metavar="FILE.py:CLASS")),
+        "--model-kwargs": ("keyword arguments of its constructor, e.g. '{\"width\": 32}'", dict(metavar="JSON")),
+        "--normalize": (f"the input normalisation the model was trained with (pixels in [0, 1]); unset: the "
+                        f"checkpoint's record, else Fashion-MNIST's {fm_mean:.4f} {fm_std:.4f} (MNIST's is {m_mean} "
+                        f"{m_std})", dict(type=float, nargs=2, metavar=("MEAN", "STD"))),
+        "--trust-pickle": ("allow a checkpoint holding pickled Python objects (runs code from the file!)", {}),
+        "--data-dir": ("folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, then the Debian folder", {}),
+        "--download": ("download Fashion-MNIST into ./data if missing", {}),
+        "--device": ("auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps", {}),
+        "--tta": ("flip: predictions average each image and its mirror image (pays off after --augment strong, "
+                  "which trains on mirror images)", {}),
+        "--debug": ("show tracebacks", {}),
+    }
     for flag in flags:
-        g.add_argument(flag, **table[flag])
-
-
-def one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return printable(f"warning: {message}") + "\n"
+        help, kw = shared[flag]
+        add_flag(g, flag[2:].replace("-", "_"), help, **kw)
 
 
 def error_prefix() -> str:
@@ -94,31 +95,22 @@ def error_prefix() -> str:
     return f"error (rank {os.environ.get('RANK', '?')} of {world}): " if world > 1 else "error: "
 
 
-def _stdout_gone() -> bool:
-    """True when nobody reads stdout any more (a pipe whose reader exited): the kernel flags such a pipe
-    with POLLERR. A BrokenPipeError from anything else (a socket, a child process) is a real error."""
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poller.poll(0))
-    except (AttributeError, OSError, ValueError):  # no real file behind stdout (captured, closed)
-        return False
-
-
 def silence(stream=None) -> None:
     """Point a stream whose reader went away at devnull, as Python's documentation on SIGPIPE advises,
     so that the interpreter's own flush at exit does not fail a second time with a traceback."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, (stream or sys.stdout).fileno())
+    with suppress(OSError, ValueError):  # no file behind it (captured, closed): nothing to point
+        os.dup2(os.open(os.devnull, os.O_WRONLY), (stream or sys.stdout).fileno())
 
 
 def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_prefix,
         signals: SignalGuard | None = None) -> int:
     """body() -> its exit code; every way it can fail -> one line on stderr and the matching code."""
-    warnings.formatwarning = one_line_warning
+    warnings.formatwarning = lambda message, *_, **__: printable(f"warning: {message}") + "\n"
     try:
         try:
             code = body()
+            if signals is not None and signals.received:
+                raise signals.interrupted()
         except BaseException as exc:
             if signals is not None and signals.received and not isinstance(exc, Interrupted):
                 raise signals.interrupted() from None
@@ -126,12 +118,8 @@ def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_
         finally:
             if sys.stdout is not None and not sys.stdout.closed:
                 sys.stdout.flush()  # a vanished reader shows up here, while it can still be handled
-        if signals is not None and signals.received:
-            raise signals.interrupted()
         return code
-    except BrokenPipeError as exc:
-        if not _stdout_gone():
-            return _unexpected(exc, debug, prefix)
+    except BrokenPipeError:  # the reader went away (`script | head -1`): nothing to tell it
         silence()
         return 1
     except UserError as exc:
@@ -151,11 +139,16 @@ def run(body: Callable[[], int], debug: bool, prefix: Callable[[], str] = error_
 
 
 def _unexpected(exc: Exception, debug: bool, prefix: Callable[[], str]) -> int:
+    """An error nobody worded: its type and first line, or the advice for a known cause."""
     if debug:
         raise exc
-    hint = missing_package_hint(exc) or _mps_hint(exc)
-    line = hint or f"{type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)"
-    print(printable(prefix() + line), file=sys.stderr)
+    hint = missing_package_hint(exc)
+    if hint is None and "torch" in sys.modules:  # no torch, no MPS error; and .system imports torch
+        from .system import mps_hint
+
+        hint = mps_hint(exc)
+    print(printable(prefix() + (hint or f"{type(exc).__name__}: {first_line(exc)} (rerun with --debug for the "
+                                        "traceback)")), file=sys.stderr)
     return 1
 
 
@@ -169,10 +162,3 @@ def missing_package_hint(exc: BaseException) -> str | None:
             f"up with `bash scripts/setup.sh`, then `source .venv/bin/activate` (or run `.venv/bin/python "
             f"{script} ...`)")
 
-
-def _mps_hint(exc: BaseException) -> str | None:
-    if "torch" not in sys.modules:  # no torch, no MPS error; and importing .system would need torch
-        return None
-    from .system import mps_hint
-
-    return mps_hint(exc)

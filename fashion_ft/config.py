@@ -1,6 +1,6 @@
 """The one configuration object of a fine-tuning run, its presets and its validation.
 
-Defaults are written here once; finetune_gpu.py builds its argparse flags from them.
+Defaults are written here once; the scripts' flags take theirs from them (cli.add_flag).
 """
 
 import dataclasses
@@ -8,7 +8,6 @@ import datetime
 import math
 import numbers
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -25,21 +24,18 @@ TTA_MODES = ("none", "flip")
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 5e-4}
 
 
-def free(default):
-    """A field that may differ between a run and its --resume without changing the experiment."""
-    return dataclasses.field(default=default, metadata={"resume": "free"})
+# What --resume does with each field, by the rule in its metadata:
+#   (unmarked)  taken from last.pt; a flag that changes it needs --override-resume
+#   free        taken from last.pt; a flag may change it: where and how long the same experiment runs
+#   fixed       taken from last.pt; never changes, whatever changes it: it defines the model, the data or the
+#               optimizer state
+#   permission  never taken from last.pt: one run's --overwrite may not replace another run's files, nor its
+#               record choose code to run
+def _rule(rule: str):
+    return lambda default=False: dataclasses.field(default=default, metadata={"resume": rule})
 
 
-def fixed(default):
-    """A field that defines the data or the optimizer state: a resumed run cannot change it, even with
-    --override-resume. (Unmarked fields change on resume only with --override-resume.)"""
-    return dataclasses.field(default=default, metadata={"resume": "fixed"})
-
-
-def permission(default=False):
-    """A permission holds for the command that gives it: a resumed run never takes it from last.pt, so
-    that one run's --overwrite cannot replace another run's files, nor its record choose code to run."""
-    return dataclasses.field(default=default, metadata={"resume": "permission"})
+free, fixed, permission = _rule("free"), _rule("fixed"), _rule("permission")
 
 
 @dataclass
@@ -50,7 +46,7 @@ class Config:
     arch: str = fixed("cnn3")
     arch_kwargs: dict | None = fixed(None)  # overrides of the arch's registry defaults, e.g. {"blocks": 1}
     max_params: int = free(MAX_PARAMETERS)
-    model_def: str | None = permission(None)  # FILE.py:CLASS or pkg.mod:CLASS: named on every load, never restored
+    model_def: str | None = permission(None)  # FILE.py:CLASS or pkg.mod:CLASS: named on every load
     model_kwargs: dict | None = fixed(None)  # its constructor's keyword arguments
     normalize: list | None = fixed(None)  # [mean, std] the model was trained with; None: the file's record, else Fashion-MNIST's
     trust_pickle: bool = permission()
@@ -131,7 +127,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# The four plans of the original guide and the ResNet. A flag given explicitly wins over its preset's value.
+# The plans of the guide. A flag given explicitly wins over its preset's value.
 PRESETS = {
     "light": {"lr": 0.001, "batch_size": 256, "epochs": 30, "scheduler": "cosine"},
     "head": {"lr": 0.001, "batch_size": 256, "epochs": 50, "freeze_conv": True},
@@ -160,21 +156,29 @@ PRESETS = {
                       "augment": "strong", "label_smoothing": 0.1, "epochs": 15, "monitor": "val_acc"},
 }
 
-# The rule of each field on --resume, read from its metadata (see free, fixed, permission).
 RESUME_RULES = {f.name: f.metadata.get("resume", "override") for f in dataclasses.fields(Config)}
 PERMISSIONS = {name for name, rule in RESUME_RULES.items() if rule == "permission"}
-RESUME_FREE_FIELDS = {name for name, rule in RESUME_RULES.items() if rule in ("free", "permission")}
-RESUME_FIXED_FIELDS = {name for name, rule in RESUME_RULES.items() if rule == "fixed"}
 
 
-def resume_differences(saved: dict, current: "Config", explicit: set) -> list[str]:
-    """Flags the user gave explicitly on resume that change the saved experiment."""
-    diffs = []
-    for name in sorted(explicit - RESUME_FREE_FIELDS):
-        old, new = saved.get(name), getattr(current, name)
-        if old != new:
-            diffs.append(f"{flag_of(name)} {old} -> {new}")
-    return diffs
+def restored(saved: dict) -> Config:
+    """The Config a resumed run starts from: last.pt's, without its permissions or keys that name no field."""
+    values = {k: v for k, v in saved.items() if RESUME_RULES.get(k, "permission") != "permission"}
+    values["split_seed"] = saved.get("split_seed", saved.get("seed"))  # older records: --seed made the split
+    return resolve_defaults(Config(**values))
+
+
+def check_resume(saved: Config, cfg: Config) -> None:
+    """The resumed run against the one saved: a fixed field never changes, an unmarked one only with
+    --override-resume (whether a flag or --preset changes it)."""
+    changed = [name for name, rule in RESUME_RULES.items() if getattr(saved, name) != getattr(cfg, name)]
+    fixed = [flag_of(name) for name in changed if RESUME_RULES[name] == "fixed"]
+    if fixed:
+        raise UsageError(f"--resume: {', '.join(fixed)} cannot change in a resumed run; start a new run from "
+                         "its best model instead (--model-path)")
+    diffs = [f"{flag_of(n)} {getattr(saved, n)} -> {getattr(cfg, n)}" for n in changed if RESUME_RULES[n] == "override"]
+    if diffs and not cfg.override_resume:
+        raise UsageError(f"--resume: these flags change the saved run: {', '.join(diffs)} "
+                         "(pass --override-resume to accept)")
 
 
 def default_run_name(cfg: Config) -> str:
@@ -291,9 +295,14 @@ def check_normalize(values: list | None) -> None:
         _require(len(values) == 2 and normalize_ok(*values), "--normalize", f"must be {NORMALIZE_RULE}, got {values}")
 
 
-def check_conflicts(cfg: Config, origin: Callable[[str], str]) -> None:
-    """Settings that contradict each other, named by where each came from (`origin(field)`: the flag,
-    or the preset that set it), so that an explicit flag never silently loses to a preset."""
+def check_conflicts(cfg: Config, given, preset: str | None) -> None:
+    """Settings that contradict each other, named by where each came from (the flag, or the preset that
+    set it), so that an explicit flag never silently loses to a preset."""
+    def origin(name: str) -> str:
+        if name in given:
+            return flag_of(name)
+        return f"{flag_of(name)} (set by --preset {preset})" if name in PRESETS.get(preset, {}) else "default"
+
     def refuse(a: str, b: str, why: str) -> None:
         raise UsageError(f"{origin(a)} and {origin(b)} cannot be combined: {why}")
 

@@ -1,40 +1,74 @@
-"""The configuration: defaults that depend on the run, resolved once from the command line, and the values
-that validation refuses."""
+"""The configuration: defaults that depend on the run, resolved once from the command line, the resume
+rules, and the values that validation refuses."""
 
 import re
 
 import pytest
 
 import finetune_gpu
-from fashion_ft.config import FINETUNE_WARMUP_EPOCHS, NORMALIZE_RULE, check_normalize, normalize_ok
+from fashion_ft.config import (
+    FINETUNE_WARMUP_EPOCHS,
+    NORMALIZE_RULE,
+    PERMISSIONS,
+    Config,
+    check_normalize,
+    check_resume,
+    normalize_ok,
+    restored,
+)
 from fashion_ft.errors import UsageError
 
+WARM = FINETUNE_WARMUP_EPOCHS
 
-@pytest.mark.parametrize("argv, warmup", [
-    ([], FINETUNE_WARMUP_EPOCHS), (["--from-scratch"], 0.0), (["--scheduler", "onecycle"], 0.0),
-    (["--warmup-epochs", "2"], 2.0), (["--epochs", "1"], FINETUNE_WARMUP_EPOCHS)])
-def test_warmup_is_a_fine_tuning_default(argv, warmup):
+
+@pytest.mark.parametrize("argv, expected", [
+    # the warm-up: only when fine-tuning (random weights have nothing to lose; onecycle warms up itself)
+    ([], {"warmup_epochs": WARM}), (["--epochs", "1"], {"warmup_epochs": WARM}),
+    (["--from-scratch"], {"warmup_epochs": 0.0}), (["--scheduler", "onecycle"], {"warmup_epochs": 0.0}),
+    (["--warmup-epochs", "2"], {"warmup_epochs": 2.0}),
+    # deep stops on accuracy: label smoothing keeps its validation loss above the starting model's (a stop on it
+    # ended the plan at epoch 30); a flag given wins, though it equals its default
+    (["--preset", "light"], {"monitor": "val_loss"}), (["--preset", "deep"], {"monitor": "val_acc", "batch_size": 512}),
+    (["--preset", "deep", "--monitor", "val_loss", "--lr", "0.001"], {"monitor": "val_loss", "lr": 0.001}),
+    # resnet20: OneCycle's LR falls only at the end, so no early stop before it
+    (["--preset", "resnet20"], {"arch": "resnet", "from_scratch": True, "warmup_epochs": 0.0, "patience": 70}),
+    (["--preset", "resnet20-tune"], {"model_path": "model/resnet20.pt", "from_scratch": False, "warmup_epochs": WARM}),
+    (["--preset", "distill", "--kd-alpha", "0.8"], {"teacher": ["model/resnet20.pt"], "kd_alpha": 0.8}),
+])
+def test_defaults_of_the_run_and_presets_with_the_flags_given_winning(argv, expected):
     cfg, _ = finetune_gpu.build_config(argv)
-    assert cfg.warmup_epochs == warmup
+    assert {name: getattr(cfg, name) for name in expected} == expected
 
 
-@pytest.mark.parametrize("argv, monitor", [
-    ([], "val_loss"), (["--preset", "light"], "val_loss"),
-    (["--preset", "deep"], "val_acc"), (["--preset", "deep", "--monitor", "val_loss"], "val_loss")])
-def test_label_smoothed_deep_plan_stops_on_accuracy(argv, monitor):
-    """Its validation loss is not comparable with the unsmoothed starting model's: a stop on it ended the
-    100-epoch plan at epoch 30."""
-    cfg, _ = finetune_gpu.build_config(argv)
-    assert cfg.monitor == monitor
+SAVED = Config(lr=0.001, warmup_epochs=0.5)
+RESUME_CASES = {  # what the resumed run changes: None (allowed), or what the refusal names
+    "epochs (free)": ({"epochs": 40}, False, None),
+    "a permission": ({"overwrite": True, "trust_pickle": True, "model_def": "net.py:Net"}, False, None),
+    "lr": ({"lr": 0.01}, False, "--lr 0.001 -> 0.01 (pass --override-resume"),
+    "lr, overridden": ({"lr": 0.01}, True, None),
+    "teacher": ({"teacher": ["t.pt"], "kd_alpha": 0.8}, False, "--teacher None -> ['t.pt'], --kd-alpha 0.5 -> 0.8"),
+    "optimizer (fixed)": ({"optimizer": "sgd"}, True, "--optimizer cannot change"),
+    "freeze-conv (fixed)": ({"freeze_conv": True, "lr": 0.01}, False, "--freeze-conv cannot change"),
+}
 
 
-def test_resnet_presets_train_from_scratch_or_fine_tune_the_shipped_resnet():
-    scratch, _ = finetune_gpu.build_config(["--preset", "resnet20"])
-    assert (scratch.arch, scratch.from_scratch, scratch.warmup_epochs) == ("resnet", True, 0.0)
-    assert scratch.patience >= scratch.epochs  # OneCycle's LR falls only at the end: no stop before it
-    tune, _ = finetune_gpu.build_config(["--preset", "resnet20-tune"])
-    assert (tune.model_path, tune.from_scratch, tune.warmup_epochs) == ("model/resnet20.pt", False,
-                                                                          FINETUNE_WARMUP_EPOCHS)
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_rules(case):
+    changes, override, refusal = RESUME_CASES[case]
+    cfg = Config(**{**SAVED.to_dict(), **changes, "override_resume": override})
+    if refusal is None:
+        check_resume(SAVED, cfg)
+    else:
+        with pytest.raises(UsageError, match=re.escape(refusal)):
+            check_resume(SAVED, cfg)
+
+
+def test_resume_restores_all_but_the_permissions():
+    """--overwrite given to one run is no licence for the next, nor a record's --model-def code to run."""
+    permissions = {name: True for name in PERMISSIONS - {"model_def"}}
+    record = {**Config(lr=0.01, model_def="net.py:Net").to_dict(), **permissions}
+    cfg = restored({**record, "a field of a later version": 1})
+    assert cfg.lr == 0.01 and all(getattr(cfg, name) == getattr(Config(), name) for name in PERMISSIONS)
 
 
 @pytest.mark.parametrize("mean, std, ok", [
