@@ -21,7 +21,7 @@ from conftest import REPO
 
 import finetune_gpu
 import test_model
-from fashion_ft.config import PRESETS
+from fashion_ft.config import PRESETS, RESUME_RULES, flag_of
 from fashion_ft.errors import UsageError, UserError
 
 GUIDE_EN = REPO / "FINETUNE_GUIDE.md"
@@ -285,3 +285,22 @@ def test_the_diary_of_what_was_tried_quotes_measured_figures():
     source = measured_text() + read(RESULTS / "narrow-cnn3" / "results.md")
     unknown = sorted({p for p in DECIMAL_PERCENT.findall(text) if p not in source})
     assert not unknown, f"bench/results/README.md: figures measured nowhere: {unknown}"
+
+
+RESUME_LISTS = {"en": (("Free to change:", "Other changes"), ("Never:", "(start a new round)")),
+                "zh": (("可以随意改变：", "其他改动"), ("永远不能改变：", "（请开始新一轮）"))}
+
+
+@pytest.mark.parametrize("lang", GUIDES)
+def test_the_resume_lists_are_the_configs_rules(lang):
+    """The guide's flags that may change on --resume, and those that never may, are Config's metadata."""
+    text = " ".join(TEXTS[lang].split())
+
+    def flags_between(start: str, end: str) -> set[str]:
+        at = text.index(start)
+        return set(re.findall(r"`(--[a-z-]+)`", text[at:text.index(end, at)]))
+
+    free, never = (flags_between(*marks) for marks in RESUME_LISTS[lang])
+    rule_of = {flag_of(name): rule for name, rule in RESUME_RULES.items()}
+    assert free == {f for f, rule in rule_of.items() if rule in ("free", "permission")} - {"--resume"}
+    assert never == {f for f, rule in rule_of.items() if rule == "fixed"}
