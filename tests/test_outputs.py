@@ -11,7 +11,6 @@ import re
 import stat
 import subprocess
 import sys
-import textwrap
 import warnings
 from collections import namedtuple
 from pathlib import Path
@@ -53,14 +52,6 @@ def make(folder: Path, entries) -> None:
             path.mkdir()
         else:
             path.write_bytes(b"events")
-
-
-def make_run(folder: Path, best: str = "model.pt") -> RunFiles:
-    """A finished run's three files, each with its own content."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in (best, "last.pt", "metrics.json"):
-        (folder / name).write_bytes(f"{folder.name}/{name}".encode())
-    return RunFiles.for_output(str(folder / best))
 
 
 def refused(kind, match: str, root: Path, check, *args, **kwargs) -> str:
@@ -105,7 +96,7 @@ def test_the_other_files_go_beside_the_best_model(tmp_path):
 
 def plant(t: Path) -> None:
     """Two finished runs, x/ and y/; files the cases below put in the way or give as inputs."""
-    make_run(t / "x"), make_run(t / "y")
+    make(t, [f"{run}/{name}" for run in "xy" for name in ("model.pt", "last.pt", "metrics.json")])
     make(t, ["soft.pt@x/model.pt", "saved/run.pt", "alias@x", "notes.txt", "m/metrics.json",
              "s/model.state_dict.pt", "q/model.state_dict.pt|", "a@b", "b@a", "l/self@self"])
     os.link(t / "x" / "last.pt", t / "hard.pt")
@@ -133,6 +124,7 @@ CHECKS = {  # case -> (--output, inputs (under tmp_path; "rel:": relative to the
     "--output below a loop": ("l/self/m.pt", {}, "^--output .*/l/self/m.pt: symlink loop", NEVER),
     "--model-path is a loop": ("new/m.pt", {"model_path": "a"}, "^--model-path .*/a: symlink loop", NEVER),
     "--resume below a loop": ("new/m.pt", {"resume": "l/self/m.pt"}, "^--resume .*/l/self/m.pt: symlink loop", NEVER),
+    "the system's null device": (os.devnull, {}, f"--output: {os.devnull} is not a regular file", NEVER),
     "an earlier best model": ("x/model.pt", {}, "--output: .*x/model.pt already exists; pass --overwrite", RESULTS),
     "an earlier last.pt": ("x/other.pt", {}, "x/last.pt already exists", RESULTS),
     "an earlier metrics.json": ("m/model.pt", {}, "m/metrics.json already exists", RESULTS),
@@ -181,7 +173,6 @@ def test_every_output_is_a_regular_file_or_absent_even_with_overwrite(tmp_path, 
     NOT_FILES[kind](tmp_path / "x" / name)
     fault = "names a folder" if (name, kind) == ("model.pt", "folder") else f"{tmp_path / 'x' / name} is not a regular"
     refused(UsageError, fault, tmp_path, lambda: check(output(tmp_path / "x" / "model.pt"), overwrite=overwrite))
-    refused(UsageError, f"--output: {os.devnull} is not a regular file", tmp_path, check, output(Path(os.devnull)))
 
 
 def test_with_overwrite_only_the_files_the_run_writes_are_removed(tmp_path):
@@ -251,27 +242,19 @@ def test_a_logdir_and_run_name_give_one_plain_folder_or_one_printable_line(tmp_p
 
 # ---------------------------------------------------------------- one live run per output folder
 
-HOLD_LOCK = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, sys.argv[2])
-    from fashion_ft.outputs import RunLock
-    with RunLock(sys.argv[1]):
-        print("locked", flush=True)
-        sys.stdin.readline()
-""")
-
-
 def hold_lock(path: Path) -> subprocess.Popen:
     """Another process holding the lock until its stdin closes (or it is killed)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), str(REPO)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    script = ("import sys; from fashion_ft.outputs import RunLock\n"
+              "with RunLock(sys.argv[1]): print('locked', flush=True); sys.stdin.readline()")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
 
 @pytest.mark.parametrize("existing,written,left", [
     ([], [], []),  # failed before its first save: nothing left
-    (["result"], [], ["result"]),  # a folder that was there before is not ours to remove
+    (["result/"], [], ["result"]),  # a folder that was there before is not ours to remove
     ([], ["result/x/best.pt"], ["result", "result/x", "result/x/best.pt"]),
     ([], ["result/notes.txt"], ["result", "result/notes.txt"]),  # x goes, result holds a file
     ([], ["result/x/y/"], ["result", "result/x", "result/x/y"]),  # not empty: stop there
@@ -279,15 +262,11 @@ def hold_lock(path: Path) -> subprocess.Popen:
 @pytest.mark.parametrize("fails", [False, True])
 def test_the_lock_holds_our_pid_and_its_folders_go_at_exit_while_empty(tmp_path, existing, written, left, fails):
     lock = tmp_path / "result" / "x" / ".lock"
-    for folder in existing:
-        (tmp_path / folder).mkdir()
+    make(tmp_path, existing)
     with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
         with RunLock(lock):
             assert lock.read_text() == f"{os.getpid()}\n"
-            for path in written:
-                target = tmp_path / path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.mkdir() if path.endswith("/") else target.write_bytes(b"saved")
+            make(tmp_path, written)
             if fails:
                 raise RuntimeError("bad data")
     assert sorted(tree(tmp_path)) == left
@@ -309,13 +288,11 @@ def test_a_lock_that_cannot_be_taken_is_one_line_and_leaves_no_folder(tmp_path, 
 
 
 NAMES = ("model[1].pt", "last.pt", "metrics.json")  # a best model's name with glob characters
-STALE = {  # an entry beside the lock -> whether a run that takes the lock removes it
+STALE = {  # an entry beside the lock -> whether a run that takes the lock removes it (a folder or a link: never)
     ".last.pt.ab12cd_9.tmp": True, ".model[1].pt.q.tmp": True, ".metrics.json.x1y2z3w4.tmp": True,
-    ".other.pt.ab12cd_9.tmp": False,  # another model's, of another run
-    "last.pt": False, ".last.pt.tmp": False, ".last.pt.ab12cd_9": False, "last.pt.ab12cd_9.tmp": False,
-    "notes.tmp": False, ".model1.pt.q.tmp": False,
-    ".last.pt.dir.tmp/": False,  # a folder: never ours
-    ".last.pt.link.tmp@../victim.pt": False,  # a link: never ours, nor what it points to
+    ".other.pt.ab12cd_9.tmp": False, "last.pt": False, ".last.pt.tmp": False, ".last.pt.ab12cd_9": False,
+    "last.pt.ab12cd_9.tmp": False, "notes.tmp": False, ".model1.pt.q.tmp": False, ".last.pt.dir.tmp/": False,
+    ".last.pt.link.tmp@../victim.pt": False,
 }
 
 

@@ -114,7 +114,8 @@ def test_cli_a_class_missing_from_the_test_set_has_null_accuracy(tmp_path, small
         keep = labels != 0 if split == "test" else labels >= 0
         write_split(tmp_path / "data", split, images[keep].numpy(), labels[keep].numpy())
     result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", tmp_path / "data",
-                        "--output", tmp_path / "x" / "model.pt", "--logdir", tmp_path / "tb", *SMALL_RUN, "--epochs", "1", "--limit-train", "256")
+                        "--output", tmp_path / "x" / "model.pt", "--logdir", tmp_path / "tb", *SMALL_RUN,
+                        "--epochs", "1", "--limit-train", "256")
     assert result.returncode == 0, result.stderr
     per_class = json.loads((tmp_path / "x" / "metrics.json").read_text())["per_class_test_acc"]
     assert per_class[CLASSES[0]] is None
