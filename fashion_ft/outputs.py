@@ -144,14 +144,14 @@ def check_logdir(logdir: str, run_name: str | None, *, resume: bool = False) -> 
     folder. `run_name` None: only --logdir is checked, and returned."""
     if not logdir:
         raise UsageError("--logdir is empty; give a folder")
-    if resolve_path(Path(logdir), "--logdir").exists() and not Path(logdir).is_dir():
+    if Path(logdir).exists() and not Path(logdir).is_dir():  # a loop: check_writable_folder
         raise UsageError(f"--logdir {logdir} is a file; TensorBoard needs a folder")
     run = Path(logdir)
     if run_name is not None:
         if not run_name.isprintable():  # it is printed on the `tensorboard:` line
             raise UsageError(f"--run-name {run_name!r} has a control character or a line break; "
                              "give a plain folder name")
-        if run_name in ("", ".", "..") or os.sep in run_name or (os.altsep or os.sep) in run_name:
+        if run_name in ("", ".", "..") or "/" in run_name:
             raise UsageError(f"--run-name {run_name!r} would leave --logdir; give a plain folder name")
         if resolve_path(run / run_name, "--run-name").exists() and not (run / run_name).is_dir():
             raise UsageError(f"--run-name {run_name}: {run / run_name} is a file; TensorBoard needs a folder")
@@ -184,9 +184,11 @@ class RunLock:
         self.path, self.clean, self._fd, self._created = Path(path), tuple(clean), None, []
 
     def __enter__(self) -> "RunLock":
+        folder = self.path.parent.absolute()
+        self._created = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # deepest first
         try:
             while self._fd is None:  # a run that ends between our open and our flock unlinks what we opened
-                self._created += make_folders(self.path.parent)
+                os.makedirs(folder, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -216,7 +218,7 @@ class RunLock:
                     os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
-        for folder in reversed(self._created):  # while empty: one that holds anything stays, and so its parents
+        for folder in self._created:  # while empty: one that holds anything stays, and so do its parents
             with suppress(OSError):
                 os.rmdir(folder)
         self._created = []
@@ -228,16 +230,6 @@ def same_inode(fd: int, path: Path) -> bool:
         return os.path.samestat(os.fstat(fd), os.lstat(path))
     except FileNotFoundError:
         return False
-
-
-def make_folders(folder: Path) -> list[Path]:
-    """mkdir -p that returns, top-down, the folders it made itself (not those another process made)."""
-    created = []
-    for path in reversed([p for p in (folder.absolute(), *folder.absolute().parents) if not os.path.lexists(p)]):
-        with suppress(FileExistsError):
-            os.mkdir(path)
-            created.append(path)
-    return created
 
 
 def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:

@@ -8,7 +8,6 @@ every later call does nothing.
 
 import contextlib
 import json
-import os
 import threading
 import warnings
 
@@ -22,8 +21,7 @@ EPOCH_SCALARS = {"train/loss": "train_loss", "train/acc": "train_acc", "val/loss
 
 
 class SafeWriter:
-    """A SummaryWriter whose every call goes through one guard (`guarded`); writer.add_scalar(...) and the
-    other methods of SummaryWriter are guarded calls."""
+    """A SummaryWriter whose every call (writer.add_scalar(...) and the like) goes through one guard."""
 
     def __init__(self, logdir: str):
         self.logdir, self._writer = logdir, None
@@ -55,8 +53,8 @@ class SafeWriter:
                 self._stop(exc)
 
     def _stop(self, exc: Exception) -> None:
-        reason = (f"{exc.strerror} ({os.fsdecode(exc.filename or self.logdir)})" if isinstance(exc, OSError)
-                  and exc.strerror else f"{type(exc).__name__}: {exc} (writing in {self.logdir})")
+        reason = (f"{exc.strerror} ({exc.filename or self.logdir})" if isinstance(exc, OSError) and exc.strerror
+                  else f"{type(exc).__name__}: {exc} (writing in {self.logdir})")
         warnings.warn(f"TensorBoard logging stopped: {reason}; training goes on", stacklevel=2)
         for file_writer in (getattr(self._writer, "all_writers", None) or {}).values():
             with contextlib.suppress(Exception):  # stop the writer threads; their last flush fails too
