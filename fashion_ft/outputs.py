@@ -1,16 +1,7 @@
-"""Guards for a run's files, checked before any work and creating nothing: where the best model, last.pt,
-metrics.json and the lock go, that they never replace an input or earlier results, that the folders can be
-written, and which TensorBoard run folder is this run's; and the lock that keeps two live runs out of one
-output folder.
-
-Exit codes follow one rule. UsageError (exit 2): the command line is what is wrong, and changing it is the
-fix: a malformed path (a trailing '/', a --run-name that leaves --logdir or holds a control character), the
-wrong kind of thing (anything but a regular file where the run writes one, a file where a folder goes), a
-symlink loop (always reported by resolve_path), a collision with another output or an input, earlier
-results without --overwrite.
-UserError (exit 1): the command line is fine but the file system cannot take the run now: no permission, a
-read-only or pseudo file system (/proc, /sys), too little free space, or an output folder a live run holds.
-"""
+"""A run's files, checked before any work and creating nothing: they never replace an input or earlier
+results; which TensorBoard folder is the run's; and the lock that keeps one live run per output folder.
+UsageError (exit 2): the command line is wrong. UserError (exit 1): the file system cannot take the run now
+(no permission, too little space, a folder a live run holds)."""
 
 import errno
 import fcntl
@@ -20,24 +11,15 @@ import re
 import shutil
 import stat
 import tempfile
-import unicodedata
 import warnings
-from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError, UserError
 
-NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # what flock raises where a file system has none
-LOGDIR_MIN_FREE_BYTES = 1 << 20  # TensorBoard's event files of one run are far smaller than this
 ROLES = {"best": "the best model", "last": "last.pt", "metrics": "metrics.json", "lock": "the lock file",
          "plain": "the best model as a plain state_dict"}
-# What would split a one-line message or the printed `tensorboard:` line: control characters (newline,
-# ESC, NUL), line and paragraph separators, and the surrogate escapes of bytes that are not UTF-8.
-UNPRINTABLE_CATEGORIES = ("Cc", "Cs", "Zl", "Zp")
-KINDS = {stat.S_IFDIR: "a folder", stat.S_IFLNK: "a symlink", stat.S_IFCHR: "a character device",
-         stat.S_IFBLK: "a block device", stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket"}
 
 
 @dataclass(frozen=True)
@@ -53,23 +35,19 @@ class RunFiles:
     @classmethod
     def for_output(cls, output: str, *, plain: bool = True) -> "RunFiles":
         """`plain`: whether this run writes the plain state_dict; if not, that path is none of its business."""
-        if os.path.basename(output) in ("", ".", ".."):  # also an empty --output or one ending in a separator
-            raise UsageError(f"--output {output!r} names a folder; give the best model's file name, "
-                             f"e.g. --output {os.path.join(output, 'model.pt')}")
         best = Path(output)
-        if best.is_dir():
-            raise UsageError(f"--output {output} is an existing folder; give the best model's file name, "
-                             f"e.g. --output {best / 'model.pt'}")
+        if os.path.basename(output) in ("", ".", "..") or best.is_dir():
+            raise UsageError(f"--output {output} names a folder; give the best model's file name, "
+                             f"e.g. --output {os.path.join(output, 'model.pt')}")
         folder = best.parent
         return cls(best, folder / "last.pt", folder / "metrics.json", folder / ".lock",
                    folder / f"{best.stem}.state_dict.pt" if plain else None)
 
     def roles(self) -> dict[str, Path]:
-        """The files this run writes, by role."""
         return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
 
     def results(self) -> list[Path]:
-        """What the run saves, all but the lock: what --overwrite clears, what atomic_write writes."""
+        """All but the lock: what --overwrite clears."""
         return [path for role, path in self.roles().items() if role != "lock"]
 
     def names(self) -> tuple[str, ...]:
@@ -77,182 +55,114 @@ class RunFiles:
         return tuple(path.name for path in self.results())
 
 
-# ---------------------------------------------------------------- paths
-
 def resolve_path(path: Path, flag: str) -> Path:
-    """The absolute path with every symlink followed. A symlink loop, which realpath leaves in the path, is a
-    UsageError naming `flag`, as is a name too long; a path not there yet is fine."""
-    try:
-        resolved = Path(os.path.realpath(path))
-    except OSError as exc:  # the working folder has gone
-        raise UsageError(f"{flag} {path}: {exc.strerror}") from None
+    """The absolute path, symlinks followed; a symlink loop is a UsageError naming `flag`."""
+    resolved = Path(os.path.realpath(path))
     try:
         os.stat(resolved)
-    except OSError as exc:
+    except OSError as exc:  # absent is fine; a loop, which realpath leaves in the path, is not
         if exc.errno == errno.ELOOP:
             raise UsageError(f"{flag} {path}: symlink loop; point {flag} at a real path") from None
-        if exc.errno == errno.ENAMETOOLONG:
-            raise UsageError(f"{flag} {path}: file name too long") from None
     return resolved
 
 
-def existing_ancestor(path: Path) -> Path:
-    """The path itself or its nearest ancestor that exists (what a mkdir -p would start from)."""
-    path = Path(path).absolute()
-    while not os.path.lexists(path) and path != path.parent:
-        path = path.parent
-    return path
-
-
 def same_file(a: Path, b: Path) -> bool:
-    """a and b resolved: the same path, or two names of one existing file (a hard link, case folding)."""
-    if a == b:
-        return True
+    """a and b resolved: the same path, or two names (a hard link) of one existing file."""
     try:
-        return os.path.samefile(a, b)
+        return a == b or os.path.samefile(a, b)
     except OSError:  # one of them does not exist (yet)
         return False
 
 
+def existing_ancestor(path: Path) -> Path:
+    """The path itself or its nearest ancestor that exists (where a mkdir -p would start)."""
+    path = Path(path).absolute()
+    while not os.path.lexists(path):
+        path = path.parent
+    return path
+
+
 def check_writable_folder(folder: Path, flag: str) -> None:
-    """`folder` exists or can be created, by us: one probe, a nameless temporary file in its nearest
-    existing ancestor, which leaves nothing behind."""
-    resolve_path(folder, flag)  # a loop would otherwise read as "is a file", its link being the ancestor
+    """`folder` exists or can be created: a nameless temporary file in its nearest existing ancestor."""
+    resolve_path(folder, flag)  # a loop would otherwise read as a file
     ancestor = existing_ancestor(folder)
     if not ancestor.is_dir():
         raise UsageError(f"{flag}: cannot create the folder {folder}: {ancestor} is a file, not a folder")
     try:
         tempfile.TemporaryFile(dir=ancestor).close()
-    except OSError as exc:  # /proc and /sys answer ENOENT or EACCES, which would mislead
-        pseudo = shutil.disk_usage(ancestor).total == 0
-        cause = "a pseudo file system (like /proc or /sys) that cannot hold files" if pseudo else exc.strerror
-        raise UserError(f"{flag}: cannot write in {ancestor}: {cause}; choose another folder") from None
+    except OSError as exc:
+        raise UserError(f"{flag}: cannot write in {ancestor}: {exc.strerror}; choose another folder") from None
 
 
-def check_disk_space(folder: Path, needed_bytes: int, flag: str = "--output") -> None:
-    """At least `needed_bytes` free where `folder` is or will be created (checked after the probe)."""
+def check_disk_space(folder: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(existing_ancestor(folder)).free
     if free < needed_bytes:
-        raise UserError(f"{flag}: only {free / 2**20:.1f} MiB free in {folder}; the run needs about "
+        raise UserError(f"--output: only {free / 2**20:.1f} MiB free in {folder}; the run needs about "
                         f"{needed_bytes / 2**20:.0f} MiB")
 
 
-# ---------------------------------------------------------------- the run's files
-
 def check_run_files(files: RunFiles, *, inputs: dict[str, Path | None], resume: Path | None,
                     overwrite: bool) -> None:
-    """Refuse, before any work and creating nothing, anything but a regular file where the run writes
-    one, outputs that collide with each other or with an input (never allowed, not even with --overwrite),
-    existing results without --overwrite (except a resumed run continuing in its own folder: `resume` is
-    then exactly `files.last`), and an output folder that cannot be written. `inputs` maps each flag to
-    the file the run reads, None if unused."""
-    outputs = {role: resolve_path(path, "--output") for role, path in files.roles().items()}  # a loop as a loop
-    for role, path in files.roles().items():
-        check_regular_or_absent(path, role)
-    check_outputs_apart(files, outputs)
+    """Only a regular file may stand where the run writes one (a symlink, a device or a folder is never
+    replaced, so no planted link can redirect a write); no output is another output or an input (not
+    even with --overwrite); earlier results need --overwrite, unless --resume is this run's own last.pt.
+    `inputs` maps each flag to the file it reads, None if unused."""
+    outputs = {role: resolve_path(path, "--output") for role, path in files.roles().items()}
+    sources = {flag: resolve_path(path, flag) for flag, path in inputs.items() if path is not None}
     continuing = resumes_in_place(files, resume)
-    check_inputs_kept(files, outputs, inputs, continuing)
+    for role, path in files.roles().items():
+        with suppress(OSError):  # absent: fine; below a file: check_writable_folder says so
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                raise UsageError(f"--output: {path} is not a regular file, but the run writes {ROLES[role]} "
+                                 "there; choose another --output")
+        if role != "best" and same_file(outputs["best"], outputs[role]):
+            raise UsageError(f"--output {files.best} is where the run keeps {ROLES[role]}; give the best model "
+                             f"another name, e.g. --output {files.best.parent / 'model.pt'}")
+        for flag, source in sources.items():
+            if same_file(source, outputs[role]) and not (continuing and flag == "--resume" and role == "last"):
+                raise UsageError(f"--output: the run writes {ROLES[role]} to {path}, which is the {flag} input; "
+                                 "an input is never replaced, not even with --overwrite")
     for path in files.results():
         if not overwrite and not continuing and os.path.lexists(path):
-            elsewhere = "" if resume is None else (f" and is not part of the resumed run (--resume {resume} "
-                                                   "continues in place only with an --output beside it)")
-            raise UsageError(f"--output: {path} already exists{elsewhere}; pass --overwrite to replace it or "
-                             "choose another --output")
+            raise UsageError(f"--output: {path} already exists; pass --overwrite to replace it or choose another "
+                             "--output")
     check_writable_folder(files.best.parent, "--output")
-
-
-def check_regular_or_absent(path: Path, role: str) -> None:
-    """Replacing a device, a pipe, a socket, a symlink or a folder is never what a run is for, so only a
-    regular file may stand where it writes; lstat, since a link is never followed."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:  # absent, or below a file, which check_writable_folder reports
-        return
-    if not stat.S_ISREG(mode):
-        raise UsageError(f"--output: {path} is {KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, but the run "
-                         f"writes {ROLES[role]} there and replaces nothing but a regular file, not even with "
-                         "--overwrite; choose another --output")
 
 
 def resumes_in_place(files: RunFiles, resume: Path | None) -> bool:
     """--resume names this run's own last.pt: the run continues its own files."""
-    if resume is None:
-        return False
-    return same_file(resolve_path(Path(resume), "--resume"), resolve_path(files.last, "--output"))
-
-
-def check_outputs_apart(files: RunFiles, outputs: dict[str, Path]) -> None:
-    for role, target in outputs.items():
-        if role != "best" and same_file(outputs["best"], target):
-            raise UsageError(f"--output {files.best} is where the run keeps {ROLES[role]}; give the best model "
-                             f"another name, e.g. --output {files.best.parent / 'model.pt'}")
-
-
-def check_inputs_kept(files: RunFiles, outputs: dict[str, Path], inputs: dict[str, Path | None],
-                      continuing: bool) -> None:
-    """No input is ever written to, but the last.pt that a resumed run (`continuing`) goes on with."""
-    for flag, path in inputs.items():
-        if path is None:
-            continue
-        source = resolve_path(path, flag)
-        for role, target in outputs.items():
-            if same_file(source, target) and not (continuing and flag == "--resume" and role == "last"):
-                where = "" if role == "best" else f": the run writes {ROLES[role]} to {files.roles()[role]}, which"
-                raise UsageError(f"--output {files.best}{where} is the {flag} input; an input is never replaced, "
-                                 "not even with --overwrite: choose another --output")
+    return resume is not None and same_file(resolve_path(Path(resume), "--resume"),
+                                            resolve_path(files.last, "--output"))
 
 
 # ---------------------------------------------------------------- TensorBoard folder
 
-def check_run_name(run_name: str) -> None:
-    """One plain folder name: nothing that would put the run outside --logdir or break a printed line."""
-    if not run_name:
-        raise UsageError(f"--run-name {run_name!r}: give a plain folder name")
-    if any(unicodedata.category(c) in UNPRINTABLE_CATEGORIES for c in run_name):
-        raise UsageError(f"--run-name {run_name!r} has a control character or a line break; "
-                         "give a plain folder name")
-    if os.path.isabs(run_name) or run_name in (".", "..") or any(s and s in run_name for s in (os.sep, os.altsep)):
-        raise UsageError(f"--run-name {run_name!r} would leave --logdir; give a plain folder name "
-                         "(no '/', no '..', not absolute)")
-
-
 def check_logdir(logdir: str, run_name: str | None, *, resume: bool = False) -> Path:
-    """Check --logdir and --run-name before any work, creating nothing; returns the run's folder (see
-    run_folder: another run's folder is never shared). `run_name` None: only --logdir is checked, and
-    returned (a generated default name is always a plain name)."""
+    """Check --logdir and --run-name, creating nothing; returns the run's folder: logdir/run_name, or,
+    when another run's files are there, the first free logdir/run_name_N (as Lightning's version_N), since
+    two runs in one folder make one TensorBoard run of interleaved steps. A resumed run goes on in its own
+    folder. `run_name` None: only --logdir is checked, and returned."""
     if not logdir:
         raise UsageError("--logdir is empty; give a folder")
-    if run_name is not None:
-        check_run_name(run_name)
-    root = resolve_path(Path(logdir), "--logdir")
-    if root.exists() and not root.is_dir():
+    if Path(logdir).exists() and not Path(logdir).is_dir():  # a loop: check_writable_folder
         raise UsageError(f"--logdir {logdir} is a file; TensorBoard needs a folder")
-    run = Path(logdir) if run_name is None else run_folder(Path(logdir), root, run_name, resume)
-    check_writable_folder(run, "--logdir")
-    check_disk_space(run, LOGDIR_MIN_FREE_BYTES, "--logdir")
+    run = Path(logdir)
+    if run_name is not None:
+        if not run_name.isprintable():  # it is printed on the `tensorboard:` line
+            raise UsageError(f"--run-name {run_name!r} has a control character or a line break; "
+                             "give a plain folder name")
+        if run_name in ("", ".", "..") or "/" in run_name:
+            raise UsageError(f"--run-name {run_name!r} would leave --logdir; give a plain folder name")
+        if resolve_path(run / run_name, "--run-name").exists() and not (run / run_name).is_dir():
+            raise UsageError(f"--run-name {run_name}: {run / run_name} is a file; TensorBoard needs a folder")
+        candidates = (run / (f"{run_name}_{n}" if n else run_name) for n in itertools.count())
+        run = next(c for c in candidates if resume or not taken(c))  # ends: finitely many names exist
+    check_writable_folder(run, "--logdir")  # a full disk later only stops the logging (tblog)
     return run
 
 
-def run_folder(logdir: Path, root: Path, run_name: str, resume: bool) -> Path:
-    """logdir/run_name; when another run's files are there, the first free logdir/run_name_N (as
-    Lightning's version_N), since two runs in one folder make one TensorBoard run of interleaved steps.
-    A resumed run (`resume`) goes on in its own folder. `root`: logdir resolved."""
-    named = logdir / run_name
-    if resolve_path(named, "--run-name").exists() and not named.is_dir():
-        raise UsageError(f"--run-name {run_name}: {named} is a file; TensorBoard needs a folder")
-    for n in itertools.count():  # ends: finitely many names exist (see taken)
-        run = logdir / f"{run_name}_{n}" if n else named
-        resolved = resolve_path(run, "--run-name")
-        if root not in resolved.parents:  # a planted symlink must not send the logs out of --logdir
-            raise UsageError(f"--run-name {run.name}: {run} links to {resolved}, outside --logdir {logdir}; "
-                             "remove the link or choose another --run-name")
-        if resume or not taken(run):
-            return run
-
-
 def taken(folder: Path) -> bool:
-    """Anything there but an empty folder: another run's events, a file, a link to nowhere. Only what
-    exists is taken, so that run_folder's search ends."""
+    """Anything there but an empty folder: another run's events, a file, a link to nowhere."""
     if not os.path.lexists(folder):
         return False
     try:
@@ -264,93 +174,42 @@ def taken(folder: Path) -> bool:
 
 # ---------------------------------------------------------------- the lock
 
-def make_folders(folder: Path) -> list[Path]:
-    """mkdir -p that returns, top-down, the folders it made itself (not those another process made)."""
-    folder = Path(folder).absolute()
-    created = []
-    for path in reversed([p for p in (folder, *folder.parents) if not os.path.lexists(p)]):
-        with suppress(FileExistsError):
-            os.mkdir(path)
-            created.append(path)
-    return created
-
-
-def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
-    """checkpoint.atomic_write's .<name>.XXXXXXXX.tmp files that a run killed mid-save left (up to the size
-    of last.pt each); called with the lock held, so no live run of ours writes them. Never fails: a file we
-    cannot remove costs space, not the run."""
-    ours = [re.compile(rf"\.{re.escape(name)}\..+\.tmp", re.DOTALL) for name in names]
-    with suppress(OSError), os.scandir(folder) as entries:
-        for entry in entries:
-            if any(p.fullmatch(entry.name) for p in ours) and entry.is_file(follow_symlinks=False):
-                with suppress(OSError):
-                    os.unlink(entry.path)
-
-
 class RunLock:
-    """`with RunLock(files.lock, clean=files.names()): ...` holds an output folder for one live run.
+    """`with RunLock(files.lock, clean=files.names())` holds an output folder for one live run (rank 0): an
+    exclusive flock, which the kernel drops however the process dies, on a file holding the holder's pid.
+    It is the run's first write: it makes the output folder, and the folders it made go at exit while
+    empty. Once held, it removes what a killed run left of the files named in `clean`."""
 
-    The holder keeps an exclusive flock on the lock file, which the kernel drops however the process dies,
-    so a killed run's lock is simply taken again; the file holds the holder's pid, for the message that
-    refuses a second run. Without flock, creating the file (O_EXCL) is the lock, with a warning: a killed
-    run's file must then be deleted by hand. Taking the lock is the run's first write: it creates the output
-    folder, and the folders it created go again at exit while empty (a run that failed before its first save
-    leaves nothing). Once held, it removes what a killed run left of the files named in `clean`. Under
-    torchrun only rank 0 takes it."""
-
-    def __init__(self, path: Path, flag: str = "--output", clean: Iterable[str] = ()):
-        self.path, self.flag, self.clean = Path(path), flag, tuple(clean)
-        self._fd: int | None = None
-        self._created: list[Path] = []
+    def __init__(self, path: Path, clean: tuple[str, ...] = ()):
+        self.path, self.clean, self._fd, self._created = Path(path), tuple(clean), None, []
 
     def __enter__(self) -> "RunLock":
-        resolve_path(self.path, self.flag)  # a symlink loop is reported as everywhere else
+        folder = self.path.parent.absolute()
+        self._created = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # deepest first
         try:
-            for _ in range(5):  # an ending run may remove the file, or its empty folder, between our steps
-                self._created += make_folders(self.path.parent)
-                self._fd = self._take()
-                if self._fd is not None:
-                    remove_stale_temporaries(self.path.parent, self.clean)
-                    return self
-            raise UserError(f"{self.flag}: cannot take the lock {self.path}: other runs keep replacing it")
+            while self._fd is None:  # a run that ends between our open and our flock unlinks what we opened
+                os.makedirs(folder, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    raise UserError(f"--output folder {self.path.parent} is in use by a running fine-tuning run "
+                                    f"(pid {pid or '?'}); wait for it to end or choose another --output") from None
+                except OSError as exc:  # a file system without flock
+                    warnings.warn(f"--output: {self.path.parent} is not locked (flock: {exc.strerror}); "
+                                  "nothing keeps a second run out of it", stacklevel=2)
+                self._fd = fd if same_inode(fd, self.path) else os.close(fd)  # closed: None, try again
         except BaseException as exc:
             self.__exit__()
             if isinstance(exc, OSError):
-                cause = "it is a symlink, which the lock never follows; delete it" if exc.errno == errno.ELOOP \
-                    else exc.strerror or exc
-                raise UserError(f"{self.flag}: cannot take the lock {self.path}: {cause}") from None
+                raise UserError(f"--output: cannot take the lock {self.path}: {exc.strerror}") from None
             raise
-
-    def _take(self) -> int | None:
-        """Our descriptor holding the lock; None to try again; a UserError while another run holds it."""
-        try:
-            try:
-                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
-            except FileExistsError:
-                fd, created = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW), False  # never write through a link
-        except FileNotFoundError:  # its holder just removed it, or an ending run the empty folder it had made
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._refuse(fd)
-        except OSError as exc:
-            if exc.errno not in NO_FLOCK:
-                os.close(fd)
-                if created:
-                    with suppress(OSError):  # the flock error is the one to report
-                        os.unlink(self.path)
-                raise
-            if not created:  # without flock, an existing file is a run's lock, live or killed
-                self._refuse(fd)
-            warnings.warn(f"{self.flag}: {self.path.parent} has no flock; should this run be killed, "
-                          f"delete {self.path} before the next one", stacklevel=3)
-        if not same_inode(fd, self.path):  # its holder removed it after we opened it
-            os.close(fd)
-            return None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        remove_stale_temporaries(self.path.parent, self.clean)
+        return self
 
     def __exit__(self, *_exc) -> bool:
         if self._fd is not None:
@@ -359,26 +218,27 @@ class RunLock:
                     os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
-        for folder in reversed(self._created):  # while empty: one that holds anything keeps itself and its parents
-            try:
+        for folder in self._created:  # while empty: one that holds anything stays, and so do its parents
+            with suppress(OSError):
                 os.rmdir(folder)
-            except OSError:
-                break
         self._created = []
         return False
-
-    def _refuse(self, fd: int) -> None:
-        """Another run holds the folder: the UserError, naming its pid where the file gives one."""
-        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        who = f"pid {pid}" if pid.isdigit() else "another process"
-        raise UserError(f"{self.flag} folder {self.path.parent} is in use by a running fine-tuning run ({who}); "
-                        f"wait for it to end or choose another {self.flag} (if no run uses it, delete {self.path})")
 
 
 def same_inode(fd: int, path: Path) -> bool:
     try:
-        a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
     except FileNotFoundError:
         return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
+    """checkpoint.atomic_write's .<name>.XXXXXXXX.tmp files that a run killed mid-save left (up to the size
+    of last.pt each); called with the lock held, so no live run of ours writes them. A file we cannot
+    remove costs space, not the run."""
+    ours = [re.compile(rf"\.{re.escape(name)}\..+\.tmp", re.DOTALL) for name in names]
+    with suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if any(p.fullmatch(entry.name) for p in ours) and entry.is_file(follow_symlinks=False):
+                with suppress(OSError):
+                    os.unlink(entry.path)

@@ -1,22 +1,15 @@
 """TensorBoard output: per-epoch scalars, and at the end test metrics, hparams, a confusion matrix,
 per-class accuracy and a grid of misclassified images (drawn with Pillow, no matplotlib needed).
 
-TensorBoard is a view of the run, never a reason to lose it: when writing the event file fails mid-run
-(a full disk, the folder removed; --logdir itself is checked up front by outputs.check_logdir), one line
-`warning: TensorBoard logging stopped: <reason>; training goes on` is printed, every later call is a no-op,
-and training, checkpoints and metrics.json carry on.
-
-tensorboard's writer thread (_AsyncWriterThread) stores its exception for the main thread's next call and
-also re-raises it in the thread, where threading.excepthook would print "Exception in thread ..." and a
-traceback; so while a SafeWriter is open, its hook drops the exceptions of tensorboard's own threads.
+TensorBoard is a view of the run, never a reason to lose it: the first failure of a writer's call (a full
+disk, the folder removed) is one warning, `TensorBoard logging stopped: <reason>; training goes on`, and
+every later call does nothing.
 """
 
 import contextlib
 import json
-import os
 import threading
 import warnings
-from operator import attrgetter
 
 import numpy as np
 import torch
@@ -27,33 +20,14 @@ EPOCH_SCALARS = {"train/loss": "train_loss", "train/acc": "train_acc", "val/loss
                  "memory/peak_gpu_mb": "peak_gpu_mb"}  # TensorBoard tag -> key of the epoch's row
 
 
-def failure_reason(exc: BaseException, logdir: str) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror} ({os.fsdecode(exc.filename) if exc.filename else 'writing in ' + logdir})"
-    return f"{type(exc).__name__}: {exc} (writing in {logdir})"
-
-
-def _guarded(name: str):
-    """SummaryWriter.<name> (a dotted path), unless logging is off; its failure switches logging off."""
-    def method(self, *args, **kwargs) -> None:
-        self._call(lambda writer: attrgetter(name)(writer)(*args, **kwargs))
-    return method
-
-
 class SafeWriter:
-    """The SummaryWriter calls this project uses; the first failure warns once and switches logging off."""
-
-    add_scalar = _guarded("add_scalar")
-    add_text = _guarded("add_text")
-    add_image = _guarded("add_image")
-    flush = _guarded("flush")
-    add_summary = _guarded("file_writer.add_summary")  # the run's own event file: hparams without a sub-run
+    """A SummaryWriter whose every call (writer.add_scalar(...) and the like) goes through one guard."""
 
     def __init__(self, logdir: str):
-        self.logdir = logdir
-        self._writer = None
-        self._previous_hook = threading.excepthook
-        threading.excepthook = self._thread_hook
+        self.logdir, self._writer = logdir, None
+        # The writer thread re-raises its failure where no try reaches it (threading.excepthook prints a
+        # traceback); the main thread's next call raises it again, and the guard reports it there.
+        self._previous_hook, threading.excepthook = threading.excepthook, self._thread_hook
         try:
             from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
 
@@ -63,9 +37,15 @@ class SafeWriter:
 
     def _thread_hook(self, args) -> None:
         if not type(args.thread).__module__.startswith("tensorboard."):
-            self._previous_hook(args)  # tensorboard's own: re-raised by the next call in the main thread, reported there
+            self._previous_hook(args)
 
-    def _call(self, action) -> None:
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.guarded(lambda writer: getattr(writer, name)(*args, **kwargs))
+
+    def guarded(self, action) -> None:
+        """action(the SummaryWriter), unless logging is off; its failure warns once and turns logging off."""
         if self._writer is not None:
             try:
                 action(self._writer)
@@ -73,20 +53,19 @@ class SafeWriter:
                 self._stop(exc)
 
     def _stop(self, exc: Exception) -> None:
-        warnings.warn(f"TensorBoard logging stopped: {failure_reason(exc, self.logdir)}; training goes on", stacklevel=4)
+        reason = (f"{exc.strerror} ({exc.filename or self.logdir})" if isinstance(exc, OSError) and exc.strerror
+                  else f"{type(exc).__name__}: {exc} (writing in {self.logdir})")
+        warnings.warn(f"TensorBoard logging stopped: {reason}; training goes on", stacklevel=2)
         for file_writer in (getattr(self._writer, "all_writers", None) or {}).values():
             with contextlib.suppress(Exception):  # stop the writer threads; their last flush fails too
                 file_writer.close()
         self._writer = None
 
     def close(self) -> None:
-        self._call(lambda writer: writer.close())
+        self.guarded(lambda writer: writer.close())
         self._writer = None
         if threading.excepthook == self._thread_hook:
             threading.excepthook = self._previous_hook
-
-
-open_writer = SafeWriter  # never raises: a writer that cannot start warns and does nothing
 
 
 def log_epoch(writer, epoch: int, row: dict) -> None:
@@ -105,8 +84,7 @@ def log_hparams(writer, config: dict, metrics: dict) -> None:
     from torch.utils.tensorboard.summary import hparams
 
     flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
-    for summary in hparams(flat, metrics):
-        writer.add_summary(summary)
+    writer.guarded(lambda w: [w.file_writer.add_summary(summary) for summary in hparams(flat, metrics)])
     for key, value in metrics.items():
         writer.add_scalar(key, value, 0)
 

@@ -436,7 +436,7 @@ class Run:
     def open_log(self) -> None:
         if not self.is_main:
             return
-        self.writer = tblog.open_writer(str(self.log_dir))
+        self.writer = tblog.SafeWriter(str(self.log_dir))
         tblog.log_config(self.writer, self.cfg.to_dict())
         self.console.print(f"tensorboard: tensorboard --logdir {self.cfg.logdir}  (run {self.cfg.run_name})")
 

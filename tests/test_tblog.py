@@ -8,10 +8,10 @@ import textwrap
 import threading
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SMALL_RUN, run_script, write_split
 
 from fashion_ft import tblog
-from fashion_ft.data import CLASSES
+from fashion_ft.data import CLASSES, read_split
 
 # ---------------------------------------------------------------- TensorBoard trouble mid-run
 
@@ -22,7 +22,7 @@ BREAK_WRITER = textwrap.dedent("""
     from fashion_ft import tblog
 
     folder = tempfile.mkdtemp()
-    writer = tblog.open_writer(folder + "/run")
+    writer = tblog.SafeWriter(folder + "/run")
     tblog.log_config(writer, {"lr": 0.1})
     tblog.log_epoch(writer, 1, {"train_loss": 1.0})
     if sys.argv[1] == "removed":
@@ -53,7 +53,7 @@ def test_a_writer_failure_mid_run_is_one_warning_and_training_goes_on(fault, rea
 def test_a_writer_that_cannot_start_warns_and_does_nothing(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.warns(UserWarning, match="TensorBoard logging stopped: .*file"):
-        writer = tblog.open_writer(str(tmp_path / "file" / "run"))
+        writer = tblog.SafeWriter(str(tmp_path / "file" / "run"))
     assert writer._writer is None
     tblog.log_epoch(writer, 1, {"train_loss": 1.0})
     writer.close()
@@ -61,7 +61,7 @@ def test_a_writer_that_cannot_start_warns_and_does_nothing(tmp_path):
 
 def test_a_working_writer_logs_and_puts_the_thread_hook_back(tmp_path):
     hook = threading.excepthook
-    writer = tblog.open_writer(str(tmp_path / "run"))
+    writer = tblog.SafeWriter(str(tmp_path / "run"))
     assert threading.excepthook != hook
     tblog.log_epoch(writer, 1, {"train_loss": 1.0, "val_acc": 0.5})
     tblog.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
@@ -106,3 +106,17 @@ def test_a_class_without_accuracy_gets_no_bar():
     assert blue[0] == blue[2] < blue[1]  # no test images is drawn as an empty bar, as 0%
     assert not (bars[0] == bars[1]).all()
 
+
+@pytest.mark.slow
+def test_cli_a_class_missing_from_the_test_set_has_null_accuracy(tmp_path, small_data_dir):
+    for split in ("train", "test"):
+        images, labels = read_split(small_data_dir, split)
+        keep = labels != 0 if split == "test" else labels >= 0
+        write_split(tmp_path / "data", split, images[keep].numpy(), labels[keep].numpy())
+    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", tmp_path / "data",
+                        "--output", tmp_path / "x" / "model.pt", "--logdir", tmp_path / "tb", *SMALL_RUN,
+                        "--epochs", "1", "--limit-train", "256")
+    assert result.returncode == 0, result.stderr
+    per_class = json.loads((tmp_path / "x" / "metrics.json").read_text())["per_class_test_acc"]
+    assert per_class[CLASSES[0]] is None
+    assert all(isinstance(per_class[name], float) for name in CLASSES[1:])
