@@ -1,6 +1,5 @@
 """test_model.py run as a user runs it: every bad input is exit 1, one FAIL line that names it (later checks
-not run), no traceback, nothing written; a good model passes every check. Cases run in this process; those
-whose path differs (a refused pickle, the GPU check, the happy path) also as a real process in the slow loop."""
+not run), no traceback, nothing written; a good model passes every check."""
 
 import json
 import os
@@ -32,25 +31,21 @@ def listing(folder):
 
 def argv(flags: dict) -> list:
     """{flag: a value, a list of values, a tuple (the flag once per value), or None (left out)} -> argv."""
-    args = []
-    for flag, value in flags.items():
-        for group in [[v] for v in value] if isinstance(value, tuple) else [] if value is None else [value]:
-            args += [flag, *(group if isinstance(group, list) else [group])]
-    return [str(a) for a in args]
+    pairs = [(flag, v) for flag, value in flags.items() for v in (value if isinstance(value, tuple) else [value])]
+    return [str(a) for flag, v in pairs if v is not None for a in (flag, *(v if isinstance(v, list) else [v]))]
 
 
 @pytest.fixture
 def run(monkeypatch, capsys):
-    """run(cwd, flags, *more_args, mode=): test_model.py in cwd, in this process or as a real one, checked to
-    write nothing there (a code-running pickle's marker included) -> its exit code and output."""
-    def run(cwd, flags, *more_args, mode="in-process"):
+    """run(cwd, flags, mode=): test_model.py in cwd, in this process or as a real one, checked to write
+    nothing there (a code-running pickle's marker included) -> its exit code and output."""
+    def run(cwd, flags, mode="in-process"):
         before = listing(cwd)
         if mode == "subprocess":
-            result = run_script("test_model.py", *argv(flags), *more_args, cwd=cwd)
+            result = run_script("test_model.py", *argv(flags), cwd=cwd)
         else:
             monkeypatch.chdir(cwd)
-            code = test_model.main([*argv(flags), *map(str, more_args)])
-            result = subprocess.CompletedProcess(flags, code, *capsys.readouterr())
+            result = subprocess.CompletedProcess(flags, test_model.main(argv(flags)), *capsys.readouterr())
         assert listing(cwd) == before, "test_model.py must not write files"
         return result
 
@@ -60,17 +55,6 @@ def run(monkeypatch, capsys):
 def strict_json(text):
     """json.loads that refuses NaN and Infinity, as a strict parser does."""
     return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
-
-
-def assert_fails_cleanly(result, check, *fragments):
-    """Exit 1, no traceback, and one FAIL line (for `check`) that names the problem; others were not run."""
-    everything = result.stdout + result.stderr
-    assert result.returncode == 1 and "Traceback" not in everything, everything
-    failed = [line for line in result.stdout.splitlines() if line.startswith("[FAIL]")]
-    assert failed and re.match(rf"\[FAIL\] (\S+: )?{check} ", failed[0]), everything
-    assert all(fragment in failed[0] for fragment in fragments), failed[0]
-    assert all("not run:" in line for line in failed[1:]), failed
-    assert "checks failed" in result.stdout.splitlines()[-1]
 
 
 def tiny_checkpoint(path, **changes):
@@ -117,12 +101,9 @@ def make_resnet(folder):
     return folder / "resnet18.pt"
 
 
-CONV2_OUT_IN = tuple(build_model("cnn3").state_dict()["features.4.weight"].shape[:2])
-
-
 def make_wrong_shape(folder):
-    state_dict = build_model("cnn3").state_dict()
-    state_dict["features.4.weight"] = torch.zeros(*CONV2_OUT_IN, 5, 5)  # a 5x5 kernel where cnn3 has 3x3
+    state_dict = build_model("cnn3", TINY).state_dict()
+    state_dict["features.4.weight"] = torch.zeros(8, 4, 5, 5)  # a 5x5 kernel where cnn3 has 3x3
     torch.save(state_dict, folder / "wrong.pt")
     return folder / "wrong.pt"
 
@@ -157,76 +138,66 @@ def data(make):
 
 RANDOM_BYTES = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
 NAN_BIAS = {"classifier.5.bias": torch.full((10,), float("nan"))}
-WRONG_SHAPE = f"features.4.weight has shape {(*CONV2_OUT_IN, 5, 5)}, expected {(*CONV2_OUT_IN, 3, 3)}"
 FEW = preflight.MIN_TEST_IMAGES - 1
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 
-CASES = {  # name: (flags for a folder, the check that fails and what its line says or None, other ways to run)
-    "missing": (model(lambda d: d / "nope.pt"), ("file", "nope.pt", "not found"), ()),
-    "empty": (model(lambda d: write(d / "empty.pt", b"")), ("file", "empty.pt", "empty"), ()),
-    "a folder": (model(lambda d: d), ("file", "not a file"), ()),
-    "truncated": (model(lambda d: halve(tiny_checkpoint(d / "h.pt"))), ("load", "h.pt", "truncated or corrupt"), ()),
-    "random bytes": (model(lambda d: write(d / "r.pt", RANDOM_BYTES)), ("load", "r.pt", "not a PyTorch checkpoint"),
-                     ()),
-    "text": (model(lambda d: write(d / "notes.pt", b"my model, 30 epochs\n")),
-             ("load", "notes.pt", "not a PyTorch checkpoint"), ()),
-    "resnet18": (model(make_resnet), ("load", "resnet18.pt", "matches no known architecture"), ()),
-    "wrong shape": (model(make_wrong_shape), ("load", WRONG_SHAPE), ()),
-    "nan weights": (model(lambda d: tiny_checkpoint(d / "nan.pt", **NAN_BIAS)),
-                    ("weights finite", "NaN/Inf", "classifier.5.bias"), ()),
-    "code-running pickle": (model(armed_pickle), ("load", "pickled Python objects", "--trust-pickle"), ("subprocess",)),
-    "one of two missing": (lambda d, _: {"--model-path": [d / "missing.pt", tiny_checkpoint(d / "m.pt")]},
-                           ("file", "missing.pt: not found"), ()),
-    "no data": (data(lambda d: d / "no-such-folder"), ("test data", "not found", "no-such-folder",
-                                                       "apt-get install dataset-fashion-mnist", "--download"), ()),
-    "data truncated": (data(lambda d: halve(blank_test_split(d) / FILES["test"][0]).parent),
-                       ("test data", "truncated or corrupt"), ()),
-    "data corrupt": (data(corrupt_test_split), ("test data", "magic number 2049, expected 2051"), ()),
-    "no test images": (data(lambda d: blank_test_split(d, 0)), ("test data", FILES["test"][0], " 0 "), ("json",)),
-    "too few test images": (data(lambda d: blank_test_split(d, FEW)), ("test data", f" {FEW} "), ("json",)),
+CASES = {  # name: (flags for a folder, the check that fails or None, what its line, or else stdout, says)
+    "missing": (model(lambda d: d / "nope.pt"), "file", "nope.pt", "not found"),
+    "empty": (model(lambda d: write(d / "empty.pt", b"")), "file", "empty.pt", "empty"),
+    "a folder": (model(lambda d: d), "file", "not a file"),
+    "truncated": (model(lambda d: halve(tiny_checkpoint(d / "h.pt"))), "load", "h.pt", "truncated or corrupt"),
+    "random bytes": (model(lambda d: write(d / "r.pt", RANDOM_BYTES)), "load", "r.pt", "not a PyTorch checkpoint"),
+    "text": (model(lambda d: write(d / "t.pt", b"my model, 30 epochs\n")), "load", "t.pt", "not a PyTorch checkpoint"),
+    "resnet18": (model(make_resnet), "load", "resnet18.pt", "matches no known architecture"),
+    "wrong shape": (model(make_wrong_shape), "load", "features.4.weight has shape (8, 4, 5, 5), expected (8, 4, 3, 3)"),
+    "nan weights": (model(lambda d: tiny_checkpoint(d / "nan.pt", **NAN_BIAS)), "weights finite", "classifier.5.bias"),
+    "code-running pickle": (model(armed_pickle), "load", "pickled Python objects", "--trust-pickle"),
+    "one of two missing": (lambda d, _: {"--model-path": [d / "missing.pt", tiny_checkpoint(d / "m.pt")]}, "file",
+                           "missing.pt: not found"),
+    "no data": (data(lambda d: d / "no-such-folder"), "test data", "not found", "no-such-folder",
+                "apt-get install dataset-fashion-mnist", "--download"),
+    "data truncated": (data(lambda d: halve(blank_test_split(d) / FILES["test"][0]).parent), "test data",
+                       "truncated or corrupt"),
+    "data corrupt": (data(corrupt_test_split), "test data", "magic number 2049, expected 2051"),
+    "no test images": (data(lambda d: blank_test_split(d, 0)), "test data", FILES["test"][0], " 0 "),
+    "too few test images": (data(lambda d: blank_test_split(d, FEW)), "test data", f" {FEW} "),
     # auto beside an NVIDIA GPU that CUDA cannot use: fail, not pass on the CPU
-    "GPU CUDA cannot use": (lambda d, fixture: fixture("broken_cuda") or {"--device": None},
-                            ("device", "NVIDIA GPU is present", "driver on your system is too old"), ()),
-    "--require-gpu without one": (lambda d, _: {"--require-gpu": []}, ("device", "no CUDA GPU"), ("subprocess",)),
-    "shipped": (lambda d, _: {"--model-path": SHIPPED}, None, ("subprocess",)),
+    "GPU CUDA cannot use": (lambda d, fixture: fixture("broken_cuda") or {"--device": None}, "device",
+                            "NVIDIA GPU is present", "driver on your system is too old"),
+    "--require-gpu without one": (lambda d, _: {"--require-gpu": []}, "device", "no CUDA GPU"),
+    "shipped": (lambda d, _: {"--model-path": SHIPPED}, None),
     "trained, 3 batches": (lambda d, fixture: {"--model-path": fixture("trained_checkpoint"), "--batches": None,
-                                               "--batch-size": None}, None, ("json",)),
+                                               "--batch-size": None}, None),
     "--device cpu beside a GPU CUDA cannot use": (
-        lambda d, fixture: fixture("broken_cuda") or {"--model-path": fixture("trained_checkpoint")}, None, ()),
-    "two models": (two_models, None, ()),
+        lambda d, fixture: fixture("broken_cuda") or {"--model-path": fixture("trained_checkpoint")}, None),
+    "two models": (two_models, None, "2 models, averaged probabilities"),
+    "--full: every real test image": (lambda d, fixture: {"--data-dir": fixture("real_data_dir"), "--full": [],
+                                                          "--min-accuracy": "0"}, None, "10000 Fashion-MNIST test images",
+                                      "10000 test images: accuracy"),
 }
+SUBPROCESS_TOO = ("code-running pickle", "--require-gpu without one", "shipped")  # their path differs there
 
 
-@pytest.mark.parametrize("case, how", [
-    pytest.param(name, how, id=f"{name}-{how}", marks=[NO_GPU] * (name == "--require-gpu without one")
-                 + [pytest.mark.slow] * (how == "subprocess"))
-    for name, (*_, more) in CASES.items() for how in ("in-process", *more)])
-def test_what_a_user_gives_it(case, how, tmp_path, small_data_dir, request, run):
-    """A bad input is exit 1, no traceback, and one FAIL line that names it, the checks after it not run; a
-    good model passes every check."""
-    make, failure, _ = CASES[case]
+@pytest.mark.parametrize("case, mode", [
+    pytest.param(name, mode, id=f"{name}-{mode}", marks=[NO_GPU] * (name == "--require-gpu without one")
+                 + [pytest.mark.slow] * (mode == "subprocess"))
+    for name in CASES for mode in ("in-process", "subprocess")[:1 + (name in SUBPROCESS_TOO)]])
+def test_what_a_user_gives_it(case, mode, tmp_path, small_data_dir, request, run):
+    make, check, *fragments = CASES[case]
     flags = {"--model-path": tiny_checkpoint(tmp_path / "model.pt"), "--data-dir": small_data_dir, **QUICK,
-             "--min-accuracy": "0" if failure else None, **make(tmp_path, request.getfixturevalue),
-             "--json": [] if how == "json" else None}
-    result = run(tmp_path, flags, mode="subprocess" if how == "subprocess" else "in-process")
-    assert result.returncode == (1 if failure else 0) and "Traceback" not in result.stderr, result
-    if how == "json":
-        lines = [f"[{'PASS' if c['ok'] else 'FAIL'}] {c['name']} {c['detail']}"
-                 for c in strict_json(result.stdout)["checks"]]
-    else:
-        *lines, summary = result.stdout.splitlines()
+             "--min-accuracy": "0" if check else None, **make(tmp_path, request.getfixturevalue)}
+    result = run(tmp_path, flags, mode)
+    assert result.returncode == (1 if check else 0) and "Traceback" not in result.stderr, result
+    *lines, summary = result.stdout.splitlines()
     failed = [line for line in lines if line.startswith("[FAIL]")]
-    assert how == "json" or summary.startswith(f"{len(failed)} of {len(lines)} checks failed" if failure
-                                               else f"all {len(lines)} checks passed"), result.stdout
-    if failure:
-        check, *fragments = failure
+    assert summary.startswith(f"{len(failed)} of {len(lines)} checks failed" if check
+                              else f"all {len(lines)} checks passed"), result.stdout
+    if check:
         assert failed and re.match(rf"\[FAIL\] (\S+: )?{check} ", failed[0]), lines
-        assert all(fragment in failed[0] for fragment in fragments), failed[0]
         assert all("not run:" in line for line in failed[1:]), failed
-    else:
-        assert not failed
-        for check in EVERY_CHECK + ("ensemble",) * (case == "two models"):
-            assert any(re.match(rf"\[PASS\] (\S+: )?{check} ", line) for line in lines), (check, lines)
+    assert all(fragment in (failed[0] if check else result.stdout) for fragment in fragments), result.stdout
+    for passed in () if check else EVERY_CHECK:
+        assert any(re.match(rf"\[PASS\] (\S+: )?{passed} ", line) for line in lines), (passed, lines)
 
 
 def test_trusted_unpickling_is_reported_as_such(tmp_path, small_data_dir, trained_checkpoint, run):
@@ -240,25 +211,17 @@ def test_trusted_unpickling_is_reported_as_such(tmp_path, small_data_dir, traine
     assert "trusted unpickling" in load and "weights_only=True" not in load, load
 
 
-@pytest.mark.parametrize("args, flag", [(("--amp", "bf16"), "--amp bf16: Tesla V100"),
-                                        (("--amp", "fp16", "--device", "cpu"), "--amp fp16: for CUDA GPUs only")])
-def test_precision_the_device_cannot_do_is_a_usage_error(monkeypatch, tmp_path, run, args, flag):
+@pytest.mark.parametrize("flags, flag", [({"--amp": "bf16"}, "--amp bf16: Tesla V100"),
+                                         ({"--amp": "fp16", "--device": "cpu"}, "--amp fp16: for CUDA GPUs only")])
+def test_precision_the_device_cannot_do_is_a_usage_error(monkeypatch, tmp_path, run, flags, flag):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a V100: no native bf16
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
     monkeypatch.setattr(torch.version, "hip", None)
-    result = run(tmp_path, {"--model-path": SHIPPED}, *args)
+    result = run(tmp_path, {"--model-path": SHIPPED, **flags})
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"error: {flag}") and result.stderr.count("\n") == 1
-
-
-def test_full_evaluates_the_whole_real_test_set(tmp_path, real_data_dir, run):
-    result = run(tmp_path, {"--model-path": tiny_checkpoint(tmp_path / "tiny.pt"), "--data-dir": real_data_dir,
-                            "--full": [], "--json": [], "--min-accuracy": "0", "--device": "cpu"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
-    assert checks["test data"]["data"]["images"] == checks["quick eval"]["data"]["images"] == 10_000
 
 
 def test_peak_gpu_memory_is_reset_and_reported_per_model(tmp_path, small_data_dir, monkeypatch, run):
@@ -268,7 +231,7 @@ def test_peak_gpu_memory_is_reset_and_reported_per_model(tmp_path, small_data_di
     first, second = tiny_checkpoint(tmp_path / "a.pt"), tiny_checkpoint(tmp_path / "b.pt")
     result = run(tmp_path, {"--model-path": [first, second], "--data-dir": small_data_dir, "--json": [], **QUICK,
                             "--min-accuracy": "0"})
-    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    checks = {c["name"]: c for c in strict_json(result.stdout)["checks"]}
     assert result.returncode == 0 and resets == [torch.device("cpu")] * 2
     assert [checks[f"{p}: memory"]["data"]["peak_gpu_mb"] for p in (first, second)] == [12.5, 30.0]
 
@@ -276,9 +239,9 @@ def test_peak_gpu_memory_is_reset_and_reported_per_model(tmp_path, small_data_di
 @pytest.mark.slow
 def test_reader_that_goes_away_ends_quietly(small_data_dir):
     # `test_model.py | head -0`: the reader is gone before the report is printed
-    proc = subprocess.Popen([sys.executable, str(REPO / "test_model.py"), "--model-path", str(SHIPPED),
-                             "--data-dir", str(small_data_dir), *argv(QUICK)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flags = {"--model-path": SHIPPED, "--data-dir": small_data_dir, **QUICK}
+    proc = subprocess.Popen([sys.executable, str(REPO / "test_model.py"), *argv(flags)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     proc.stdout.close()
     err = proc.stderr.read()
     assert (proc.wait(timeout=300), err) == (1, "")
@@ -298,47 +261,37 @@ def test_a_failing_check_is_one_line_and_the_json_strict():
     with pytest.raises(RuntimeError):
         preflight.Report(debug=True).run("device", broken)
     report.run("quick eval", lambda: ("nan", {"loss": float("inf"), "accuracy": float("nan"), "images": 3,
-                                             "per_class": {"Bag": float("-inf"), "Shirt": 0.5}}, None))
+                                             "per_class": {"Bag": float("-inf"), "Shirt": 0.5}}, True))
     assert strict_json(json.dumps(report.checks, allow_nan=False))[1]["data"] == {
         "loss": None, "accuracy": None, "images": 3, "per_class": {"Bag": None, "Shirt": 0.5},
         "nonfinite": {"loss": "was Infinity", "accuracy": "was NaN", "per_class.Bag": "was -Infinity"}}
 
 
-@pytest.mark.parametrize("native_bf16, policy", [(True, "bf16"), (False, "off")])
-def test_train_step_runs_under_the_policy_finetune_picks(monkeypatch, native_bf16, policy):
-    monkeypatch.setattr(system, "cpu_has_fast_bf16", lambda: native_bf16)
-    model = tiny_model()
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    detail, data, _ = preflight.check_train_step(model, None, 0.286, 0.353, torch.device("cpu"))
-    assert data["amp"] == policy and f"under amp {policy}" in detail and "weights updated" in detail
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items()), "the checked model must not change"
+class BreaksWhenTraining(torch.nn.Module):
+    """Right in evaluation, broken in training: what a bad fp16/bf16 kernel looks like to the check."""
 
-
-class NanWhenTraining(torch.nn.Module):
-    """Finite in evaluation, NaN in training: what a broken fp16/bf16 kernel looks like to the check."""
-
-    def __init__(self):
+    def __init__(self, error: bool):
         super().__init__()
-        self.linear = torch.nn.Linear(28 * 28, 10)
+        self.linear, self.error = torch.nn.Linear(28 * 28, 10), error
 
     def forward(self, x):
-        out = self.linear(x.flatten(1))
-        return out * float("nan") if self.training else out
-
-
-class FailsWhenTraining(NanWhenTraining):
-    def forward(self, x):
-        if self.training:
+        if self.training and self.error:
             raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasGemmEx\nmore")
-        return super().forward(x)
+        return self.linear(x.flatten(1)) * (float("nan") if self.training else 1)
 
 
-@pytest.mark.parametrize("model, detail", [
-    (NanWhenTraining, r".* under amp \w+ gave a non-finite loss or output"),
-    (FailsWhenTraining, re.escape("unexpected RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling "
-                                  "cublasGemmEx (--debug shows more)")),
-], ids=["non-finite", "error"])
-def test_broken_train_step_is_a_one_line_failed_check(model, detail):
+@pytest.mark.parametrize("model, native_bf16, detail", [
+    (tiny_model, True, r"forward, backward and \w+ step under amp bf16: loss \d\.\d+, weights updated"),
+    (tiny_model, False, r"forward, backward and \w+ step under amp off: loss \d\.\d+, weights updated"),
+    (lambda: BreaksWhenTraining(error=False), False, r"the \w+ step under amp off gave a non-finite loss or output"),
+    (lambda: BreaksWhenTraining(error=True), False, re.escape(
+        "unexpected RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasGemmEx (--debug shows more)")),
+], ids=["bf16", "fp32", "non-finite", "error"])
+def test_train_step_runs_as_finetune_would_and_fails_in_one_line(monkeypatch, model, native_bf16, detail):
+    monkeypatch.setattr(system, "cpu_has_fast_bf16", lambda: native_bf16)  # what --amp auto picks on this CPU
+    net = model()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
     report = preflight.Report()
-    assert report.run("train step", preflight.check_train_step, model(), None, 0.0, 1.0, torch.device("cpu")) is None
-    assert not report.passed and re.fullmatch(detail, report.checks[0]["detail"]), report.checks[0]["detail"]
+    report.run("train step", preflight.check_train_step, net, None, 0.286, 0.353, torch.device("cpu"))
+    assert re.fullmatch(detail, report.checks[0]["detail"]), report.checks[0]["detail"]
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items()), "the checked model must not change"
