@@ -221,9 +221,9 @@ def check_train_step(model, data: DeviceData | None, mean: float, std: float, de
         raise UserError(f"the {how}, taken three times, changed no weight")
     if nonfinite_tensors(trained.state_dict()):
         raise UserError(f"the {how} left NaN/Inf weights")
-    detail = f"forward, backward and {how}: loss {loss.item():.4f}, weights updated"
-    return (detail + (f"; {why_not}" if why_not else ""),
-            {"amp": rt.amp.name, "optimizer": cfg.optimizer, "loss": loss.item(), "channels_last": why_not is None}, True)
+    detail = f"forward, backward and {how}: loss {loss.item():.4f}, weights updated{f'; {why_not}' * bool(why_not)}"
+    data = {"amp": rt.amp.name, "optimizer": cfg.optimizer, "loss": loss.item(), "channels_last": why_not is None}
+    return detail, data, True
 
 
 def check_eval(model, rt: ComputeSettings, data: DeviceData | None, batch_size: int, min_acc: float):

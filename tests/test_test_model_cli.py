@@ -171,9 +171,9 @@ CASES = {  # name: (flags for a folder, the check that fails or None, what its l
     "--device cpu beside a GPU CUDA cannot use": (
         lambda d, fixture: fixture("broken_cuda") or {"--model-path": fixture("trained_checkpoint")}, None),
     "two models": (two_models, None, "2 models, averaged probabilities"),
-    "--full: every real test image": (lambda d, fixture: {"--data-dir": fixture("real_data_dir"), "--full": [],
-                                                          "--min-accuracy": "0"}, None, "10000 Fashion-MNIST test images",
-                                      "10000 test images: accuracy"),
+    "--full: every real test image": (
+        lambda d, fixture: {"--data-dir": fixture("real_data_dir"), "--full": [], "--min-accuracy": "0"}, None,
+        "10000 Fashion-MNIST test images", "10000 test images: accuracy"),
 }
 SUBPROCESS_TOO = ("code-running pickle", "--require-gpu without one", "shipped")  # their path differs there
 
@@ -285,7 +285,8 @@ class BreaksWhenTraining(torch.nn.Module):
     (tiny_model, False, r"forward, backward and \w+ step under amp off: loss \d\.\d+, weights updated"),
     (lambda: BreaksWhenTraining(error=False), False, r"the \w+ step under amp off gave a non-finite loss or output"),
     (lambda: BreaksWhenTraining(error=True), False, re.escape(
-        "unexpected RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasGemmEx (--debug shows more)")),
+        "unexpected RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasGemmEx (--debug shows "
+        "more)")),
 ], ids=["bf16", "fp32", "non-finite", "error"])
 def test_train_step_runs_as_finetune_would_and_fails_in_one_line(monkeypatch, model, native_bf16, detail):
     monkeypatch.setattr(system, "cpu_has_fast_bf16", lambda: native_bf16)  # what --amp auto picks on this CPU
