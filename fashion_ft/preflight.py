@@ -1,23 +1,26 @@
-"""The pre-flight checks behind test_model.py: each check passes or fails with a short reason."""
+"""The pre-flight checks behind test_model.py, in the order they run: each passes or fails with a short reason."""
 
 import copy
+import dataclasses
+import functools
 import hashlib
+import stat
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import system
 from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors, strict_json
 from .config import Config
 from .data import FILES, DeviceData, find_data_dir, load_split, make_batch, test_halves
 from .engine import ComputeSettings, TrainStep, choose_memory_format, logit_metrics, predict_logits
 from .errors import UserError, first_line
 from .model import count_parameters
-from .normalization import SAMPLE_IMAGES, compare, suggestion
+from .normalization import SAMPLE_IMAGES, compare, given_for, suggestion
 from .optim import build_optimizer, build_schedulers
-from .outputs import resolve_path
-from .system import broken_cuda_reason, device_report, peak_gpu_mb, process_memory_mb, resolve_amp, synchronize
 
 # An accuracy measured on fewer images says little (on 100 images one standard error is already about
 # 3 points at 90%), and on none it is NaN: a test set this small fails the data check.
@@ -25,67 +28,119 @@ MIN_TEST_IMAGES = 100
 TRAIN_STEP_IMAGES = 64
 
 
-class CheckFailed(Exception):
-    """A check's own verdict: fail with this reason."""
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    data: dict = field(default_factory=dict)
-
-
 @dataclass
 class Report:
-    checks: list = field(default_factory=list)
+    checks: list = field(default_factory=list)  # {name, ok, detail, data} in the order they ran
     debug: bool = False  # let unexpected exceptions through, with their traceback
 
     def run(self, name: str, fn, *args):
-        """Run fn(*args) -> (detail, data, value); any UserError/CheckFailed becomes a failed check."""
+        """fn(*args) -> (detail, data, value), value never None: a passed check, and value; else a failed one
+        and None. A pre-flight tool reports a broken GPU or model with the rest; it does not crash on it."""
         try:
             detail, data, value = fn(*args)
-        except (UserError, CheckFailed) as exc:
-            self.checks.append(Check(name, False, str(exc)))
-            return None
-        except Exception as exc:  # a pre-flight tool reports a broken GPU or model, it does not crash on it
-            if self.debug:
+        except Exception as exc:
+            if self.debug and not isinstance(exc, UserError):  # a check's own verdict is never a traceback
                 raise
-            detail = f"unexpected {type(exc).__name__}: {first_line(exc)} (--debug shows more)"
-            self.checks.append(Check(name, False, detail))
-            return None
-        self.checks.append(Check(name, True, detail, data))
+            unexpected = f"unexpected {type(exc).__name__}: {first_line(exc)} (--debug shows more)"
+            detail, data, value = str(exc) if isinstance(exc, UserError) else unexpected, {}, None
+        self.checks.append({"name": name, "ok": value is not None, "detail": detail, "data": strict_json(data)})
         return value
-
-    def skip(self, name: str, reason: str) -> None:
-        self.checks.append(Check(name, False, f"not run: {reason}"))
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
+        return bool(self.checks) and all(c["ok"] for c in self.checks)
 
-    def to_dict(self) -> dict:
-        """The report for strict JSON: no NaN or Infinity (see checkpoint.strict_json)."""
-        checks = [{**asdict(c), "data": strict_json(c.data)} for c in self.checks]
-        return {"passed": self.passed, "checks": checks}
+
+def run_checks(args) -> Report:
+    """The device and the test data once; then each model's checks and memory; then the ensemble of several.
+    A bad --device or --amp is a usage error (exit 2) before any check."""
+    report = Report(debug=args.debug)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the device check reports a CPU fall-back (and why) itself
+        device = system.resolve_device(args.device)
+    rt = ComputeSettings(device, system.resolve_amp(args.amp, device), mean=0.0, std=1.0, tta_flip=args.tta == "flip")
+    report.run("device", check_device, device, args.require_gpu, args.device == "auto")
+    n = None if args.full else args.batches * args.batch_size
+    data = report.run("test data", check_data, args.data_dir, "test", n, device, args.download)
+    # read once, and only for a model whose file does not record its normalisation
+    train_sample = functools.cache(
+        lambda: report.run("training images", check_data, args.data_dir, "train", SAMPLE_IMAGES, device))
+    probs = []
+    for path in args.model_path:
+        prefix = f"{path}: " if len(args.model_path) > 1 else ""
+        system.reset_peak_memory(device)  # per model, so that each reports its own GPU peak
+        probs.append(check_model(report, prefix, Path(path), args, rt, data, train_sample))
+        report.run(prefix + "memory", check_memory, device)
+    if len(probs) > 1:
+        report.run("ensemble", check_ensemble, probs, data)
+    return report
+
+
+def check_model(report: Report, prefix: str, path: Path, args, rt: ComputeSettings, data, train_sample):
+    """One model's checks, each once those it needs have passed; returns the quick eval's probabilities or None."""
+    ckpt = (report.run(prefix + "file", check_file, path)
+            and report.run(prefix + "load", check_load, path, args.trust_pickle, args.definition, args.model_kwargs))
+    if ckpt is None:
+        return None
+    model = report.run(prefix + "architecture", check_arch, ckpt)
+    if report.run(prefix + "weights finite", check_finite, ckpt) is None or model is None:
+        return None
+    given = given_for(args.normalize, ckpt.normalize_recorded, len(args.model_path))
+    mean, std = given or (ckpt.mean, ckpt.std)
+    rt = dataclasses.replace(rt, mean=mean, std=std)
+    model = model.to(rt.device)
+    report.run(prefix + "forward pass", check_forward, model, rt)
+    if not (given or ckpt.normalize_recorded):
+        report.run(prefix + "normalisation", check_default_normalization, model, train_sample(), mean, std)
+    report.run(prefix + "train step", check_train_step, model, data, mean, std, rt.device)
+    probs = report.run(prefix + "quick eval", check_eval, model, rt, data, args.batch_size, args.min_accuracy)
+    split = ckpt.split or {}
+    if probs is not None and args.full and split.get("validation") == "test-half":
+        report.run(prefix + "held-out half", check_held_out, probs, data.labels, split["seed"])
+    return probs
+
+
+def check_device(device: torch.device, require_gpu: bool, auto: bool = True):
+    info = system.device_report(device)  # mps_report on Apple's GPU, else cuda_report
+    broken = system.broken_cuda_reason() if device.type == "cpu" else None
+    if broken and (auto or require_gpu):  # an NVIDIA GPU that CUDA cannot use: never pass on the CPU
+        raise UserError(broken)
+    if require_gpu and device.type != "cuda":
+        raise UserError(f"no CUDA GPU available{' (Apple MPS is not one)' * (device.type == 'mps')} (--require-gpu)")
+    if device.type == "cpu":
+        return "no CUDA GPU: running on the CPU", info, True
+    a = torch.randn(256, 256, device=device)
+    if not torch.allclose((a @ a).cpu(), a.cpu() @ a.cpu(), atol=1e-2, rtol=1e-3):
+        raise UserError(f"{info.get('name', 'MPS')}: a matrix product on the GPU disagrees with the CPU")
+    if device.type == "mps":
+        return f"Apple MPS ({info.get('name', 'GPU')}), amp auto: {info.get('amp_auto')}", info, True
+    return (f"{info['name']} (capability {info['capability']}), {info['free_memory_mb']:.0f} of "
+            f"{info['total_memory_mb']:.0f} MiB free, CUDA {info['cuda_version']}, cuDNN {info['cudnn_version']}",
+            info, True)
+
+
+def check_data(data_dir, split: str, n: int | None, device, allow_download: bool = False):
+    """The first n images of a split (None: all). The normalisation check takes a training sample: the
+    test images never choose anything."""
+    images, labels = load_split(data_dir, split, allow_download)
+    if split == "test" and len(labels) < MIN_TEST_IMAGES:
+        path = find_data_dir(data_dir, "test") / FILES["test"][0]
+        raise UserError(f"{path}: only {len(labels)} test images; a meaningful accuracy needs at least "
+                          f"{MIN_TEST_IMAGES}")
+    data = DeviceData.create(images[:n], labels[:n], device)
+    return f"{len(data)} Fashion-MNIST {'test' if split == 'test' else 'training'} images", {"images": len(data)}, data
 
 
 def check_file(path: Path):
-    resolve_path(path, "--model-path")  # a symlink loop is worded as for every other path
-    if not path.is_file():
-        raise CheckFailed(f"{path}: not found" if not path.exists() else f"{path}: not a file")
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        if not stat.S_ISREG(path.stat().st_mode):  # a folder, or a FIFO that would block the read
+            raise UserError(f"{path}: not a file")
+        content = path.read_bytes()
     except OSError as exc:
-        raise CheckFailed(f"{path}: cannot read: {exc.strerror}") from None
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckFailed(f"{path}: empty file (0 bytes)")
-    sha = digest.hexdigest()
+        raise UserError(f"{path}: {'not found' if isinstance(exc, FileNotFoundError) else exc.strerror}") from None
+    if not content:
+        raise UserError(f"{path}: empty file (0 bytes)")
+    sha, size = hashlib.sha256(content).hexdigest(), len(content)
     return f"{path}: {size / 1e6:.2f} MB, sha256 {sha[:16]}...", {"bytes": size, "sha256": sha}, sha
 
 
@@ -107,30 +162,8 @@ def check_arch(ckpt: LoadedCheckpoint):
 def check_finite(ckpt: LoadedCheckpoint):
     bad = nonfinite_tensors(ckpt.state_dict)
     if bad:
-        raise CheckFailed(f"NaN/Inf in {len(bad)} tensor(s): {', '.join(bad[:4])}")
+        raise UserError(f"NaN/Inf in {len(bad)} tensor(s): {', '.join(bad[:4])}")
     return "no NaN or Inf in any weight", {}, True
-
-
-def check_device(device: torch.device, require_gpu: bool, auto: bool = True):
-    info = device_report(device)  # mps_report on Apple's GPU, else cuda_report
-    if device.type in ("cuda", "mps"):
-        a = torch.randn(256, 256, device=device)
-        if not torch.allclose((a @ a).cpu(), a.cpu() @ a.cpu(), atol=1e-2, rtol=1e-3):
-            raise CheckFailed(f"{info.get('name', 'MPS')}: a matrix product on the GPU disagrees with the CPU")
-    if device.type == "cuda":
-        return (f"{info['name']} (capability {info['capability']}), {info['free_memory_mb']:.0f} of "
-                f"{info['total_memory_mb']:.0f} MiB free, CUDA {info['cuda_version']}, cuDNN {info['cudnn_version']}",
-                info, True)
-    if device.type == "mps":
-        if require_gpu:
-            raise CheckFailed("Apple MPS is not a CUDA GPU (--require-gpu)")
-        return f"Apple MPS ({info.get('name', 'GPU')}), amp auto: {info.get('amp_auto')}", info, True
-    broken = broken_cuda_reason()
-    if broken and (auto or require_gpu):  # an NVIDIA GPU that CUDA cannot use: never pass on the CPU
-        raise CheckFailed(broken)
-    if require_gpu:
-        raise CheckFailed("no CUDA GPU available (--require-gpu)")
-    return "no CUDA GPU: running on the CPU", info, True
 
 
 def _random_batch(n: int, device: torch.device):
@@ -140,82 +173,77 @@ def _random_batch(n: int, device: torch.device):
     return images.to(device), torch.randint(0, 10, (n,), generator=gen).to(device)
 
 
+def check_forward(model, rt: ComputeSettings, n: int = 8):
+    """A model's scores for random images. A user's class that returns probabilities was refused at load."""
+    logits = predict_logits(model, _random_batch(n, rt.device)[0], rt, n)
+    if tuple(logits.shape) != (n, 10):
+        raise UserError(f"output shape {tuple(logits.shape)}, expected ({n}, 10)")
+    if not torch.isfinite(logits).all():
+        raise UserError("output holds NaN or Inf")
+    if torch.allclose(logits, logits[:1].expand_as(logits)):  # a dead network, or one that ignores its input
+        raise UserError(f"the same output for {n} different images")
+    return f"output {n} x 10, finite, varies with the image", {}, True
+
+
+def check_default_normalization(model, train: DeviceData, mean: float, std: float):
+    """For a file that records no normalisation (so the default runs): the common ones, on training images."""
+    if train is None:
+        raise UserError("not run: no training images")
+    scores = compare(model, train.images, train.labels.cpu(), (mean, std))
+    advice = suggestion(scores, (mean, std))
+    if advice:
+        raise UserError(f"{advice}; pass it to both scripts")
+    return (f"none recorded: {scores[mean, std]:.0%} on {SAMPLE_IMAGES} training images with {mean:g} {std:g}, "
+            "and no common normalisation does clearly better", {"accuracy": scores[mean, std]}, True)
+
+
 def check_train_step(model, data: DeviceData | None, mean: float, std: float, device: torch.device):
-    """Forward, backward and optimizer step on a copy of model, exactly as finetune_gpu.py's defaults run
-    them on this device: its --amp auto precision policy, memory layout, optimizer and loss scaler. With
-    fp16 the loss scaler may skip the first step (an overflow at its starting scale), so up to three steps
-    are taken; a real step changes the weights."""
+    """Three forward, backward and optimizer steps on a copy of model, as finetune_gpu.py's defaults take them
+    on this device (its --amp auto precision, memory layout, optimizer and loss scaler), on real test images
+    when there are some (a realistic loss), else random ones."""
     cfg = Config()
     memory_format, why_not = choose_memory_format(model, device, cfg.channels_last)
-    rt = ComputeSettings(device, resolve_amp(cfg.amp, device), mean, std, memory_format)
+    rt = ComputeSettings(device, system.resolve_amp(cfg.amp, device), mean, std, memory_format)
     trained = copy.deepcopy(model).to(memory_format=memory_format).train()
     optimizer = build_optimizer(trained, cfg, cfg.lr)
     step = TrainStep(trained, optimizer, build_schedulers(optimizer, cfg, 1),
                      torch.amp.GradScaler(device.type, enabled=rt.amp.use_scaler),
                      cfg.label_smoothing, cfg.max_grad_norm)
-    # real test images when there are some (a realistic loss), else random ones (still every kernel)
-    n = TRAIN_STEP_IMAGES
-    images, labels = (data.images[:n], data.labels[:n]) if data is not None else _random_batch(n, device)
-    x = make_batch(images, None, None, mean, std, memory_format)
+    images, labels = (data.images, data.labels) if data is not None else _random_batch(TRAIN_STEP_IMAGES, device)
+    x, labels = make_batch(images[:TRAIN_STEP_IMAGES], None, None, mean, std, memory_format), labels[:TRAIN_STEP_IMAGES]
     before = [p.detach().clone() for p in trained.parameters()]
-    for _ in range(3):
+    how = f"{cfg.optimizer} step under amp {rt.amp.name}"
+    for _ in range(3):  # with fp16 the loss scaler may skip one (an overflow at its starting scale)
         loss, logits = step(x, labels, rt)
         if not (torch.isfinite(loss) and torch.isfinite(logits).all()):
-            raise CheckFailed(f"the training step under amp {rt.amp.name} gave a non-finite loss or output")
-        if any(not torch.equal(b, p) for b, p in zip(before, trained.parameters())):
-            break
-    else:
-        raise CheckFailed(f"three {cfg.optimizer} steps under amp {rt.amp.name} changed no weight")
+            raise UserError(f"the {how} gave a non-finite loss or output")
+    if all(torch.equal(b, p) for b, p in zip(before, trained.parameters())):
+        raise UserError(f"the {how}, taken three times, changed no weight")
     if nonfinite_tensors(trained.state_dict()):
-        raise CheckFailed(f"the {cfg.optimizer} step under amp {rt.amp.name} left NaN/Inf weights")
-    loss = loss.item()
-    detail = f"forward, backward and {cfg.optimizer} step under amp {rt.amp.name}: loss {loss:.4f}, weights updated"
-    return (detail + (f"; {why_not}" if why_not else ""),
-            {"amp": rt.amp.name, "optimizer": cfg.optimizer, "loss": loss, "channels_last": why_not is None}, True)
+        raise UserError(f"the {how} left NaN/Inf weights")
+    detail = f"forward, backward and {how}: loss {loss.item():.4f}, weights updated{f'; {why_not}' * bool(why_not)}"
+    data = {"amp": rt.amp.name, "optimizer": cfg.optimizer, "loss": loss.item(), "channels_last": why_not is None}
+    return detail, data, True
 
 
-def check_forward(model, rt: ComputeSettings, n: int = 8):
-    logits = predict_logits(model, _random_batch(n, rt.device)[0], rt, n)
-    if tuple(logits.shape) != (n, 10):
-        raise CheckFailed(f"output shape {tuple(logits.shape)}, expected ({n}, 10)")
-    if not torch.isfinite(logits).all():
-        raise CheckFailed("output holds NaN or Inf")
-    if torch.allclose(logits, logits[:1].expand_as(logits)):  # a dead network, or one that ignores its input
-        raise CheckFailed(f"the same output for {n} different images")
-    # log_softmax outputs (a model trained with nll_loss) are log-probabilities: each row's logsumexp is 0
-    log_probs = torch.allclose(logits.logsumexp(1), torch.zeros(n, device=logits.device), atol=1e-3)
-    kind = "log-probabilities" if log_probs else "logits"
-    return f"output {n} x 10, finite, varies with the image ({kind})", {"outputs": kind}, True
-
-
-def check_normalization(model, train: DeviceData, mean: float, std: float):
-    """For a file that does not record its normalisation: the common ones, on training images."""
-    current = (mean, std)
-    scores = compare(model, train.images, train.labels.cpu(), current)
-    advice = suggestion(scores, current)
-    if advice:
-        raise CheckFailed(f"{advice}; pass it to both scripts")
-    return (f"none recorded: {scores[current]:.0%} on {SAMPLE_IMAGES} training images with {mean:g} {std:g}, and no "
-            "common normalisation does clearly better", {"accuracy": scores[current]}, True)
-
-
-def check_eval(model, rt: ComputeSettings, data: DeviceData, batch_size: int, min_acc: float):
+def check_eval(model, rt: ComputeSettings, data: DeviceData | None, batch_size: int, min_acc: float):
+    if data is None:
+        raise UserError("not run: no test data")
     predict_logits(model, data.images[:batch_size], rt, batch_size)  # warm-up: the clock starts after it
-    synchronize(rt.device)
+    system.synchronize(rt.device)
     start = time.perf_counter()
     logits = predict_logits(model, data.images, rt, batch_size)
-    synchronize(rt.device)
+    system.synchronize(rt.device)
     seconds, n = time.perf_counter() - start, len(data)
     if not torch.isfinite(logits).all():
-        raise CheckFailed(f"the model's output holds NaN or Inf on {n} test images")
+        raise UserError(f"the model's output holds NaN or Inf on {n} test images")
     loss, acc = logit_metrics(logits, data.labels)
-    stats = {"images": n, "accuracy": acc, "loss": loss, "seconds": seconds, "images_per_s": n / seconds,
-             "tta": "flip" if rt.tta_flip else "none"}
     detail = (f"{n} test images{' with flip TTA' if rt.tta_flip else ''}: accuracy {100 * acc:.2f}%, "
               f"loss {loss:.4f}, {n / seconds:.0f} img/s")
     if not acc >= min_acc:  # also when it is NaN
-        raise CheckFailed(f"{detail}; below the sane minimum of {100 * min_acc:.0f}%")
-    return detail, stats, logits.softmax(1)
+        raise UserError(f"{detail}; below the sane minimum of {100 * min_acc:.0f}%")
+    return detail, {"images": n, "accuracy": acc, "loss": loss, "seconds": seconds, "images_per_s": n / seconds,
+                    "tta": "flip" if rt.tta_flip else "none"}, logits.softmax(1)
 
 
 def check_held_out(probs: torch.Tensor, labels: torch.Tensor, seed: int):
@@ -228,28 +256,18 @@ def check_held_out(probs: torch.Tensor, labels: torch.Tensor, seed: int):
 
 
 def check_memory(device: torch.device):
-    """The process's memory, and on a GPU the peak since system.reset_peak_memory (per model)."""
-    mem = process_memory_mb()
+    """The process's memory, and on a GPU the peak since reset_peak_memory (per model)."""
+    mem = system.process_memory_mb()
     detail = f"process RSS {mem['rss_mb']:.0f} MiB (peak {mem['peak_rss_mb']:.0f} MiB)"
-    peak = peak_gpu_mb(device)
+    peak = system.peak_gpu_mb(device)
     if peak is not None:
         mem["peak_gpu_mb"] = peak
         detail += f", peak GPU memory {peak:.1f} MiB"
     return detail, mem, True
 
 
-def check_ensemble(probs: list, labels: torch.Tensor):
-    acc = (torch.stack(probs).mean(0).argmax(1) == labels).float().mean().item()
+def check_ensemble(probs: list, data: DeviceData | None):
+    if data is None or any(p is None for p in probs):
+        raise UserError(f"not run: {'no test data' if data is None else 'a model failed its checks'}")
+    acc = (torch.stack(probs).mean(0).argmax(1) == data.labels).float().mean().item()
     return f"{len(probs)} models, averaged probabilities: accuracy {100 * acc:.2f}%", {"accuracy": acc}, acc
-
-
-def check_data(data_dir, split: str, n: int | None, device, allow_download: bool = False):
-    """The first n images of a split (None: all). The normalisation check takes a training sample: the
-    test images never choose anything."""
-    images, labels = load_split(data_dir, split, allow_download)
-    if split == "test" and len(labels) < MIN_TEST_IMAGES:
-        path = find_data_dir(data_dir, "test") / FILES["test"][0]
-        raise CheckFailed(f"{path}: only {len(labels)} test images; a meaningful accuracy needs at least "
-                          f"{MIN_TEST_IMAGES}")
-    data = DeviceData.create(images[:n], labels[:n], device)
-    return f"{len(data)} Fashion-MNIST {'test' if split == 'test' else 'training'} images", {"images": len(data)}, data
