@@ -15,12 +15,13 @@ import os
 import sys
 from pathlib import Path
 
-from fashion_ft.cli import add_flag, add_shared
 from fashion_ft.config import (
     DEFAULT_WEIGHT_DECAY,
     FINETUNE_WARMUP_EPOCHS,
     PRESETS,
     Config,
+    add_flag,
+    add_shared,
     check_conflicts,
     check_resume,
     default_run_name,
@@ -36,8 +37,8 @@ UNSET = object()
 
 
 def main(argv=None) -> int:
-    from fashion_ft import cli
-    from fashion_ft.signals import SignalGuard
+    from fashion_ft import config
+    from fashion_ft.errors import SignalGuard
 
     def body() -> int:
         cfg, resume_meta = build_config(argv)
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
         return 0
 
     with SignalGuard() as signals:  # from the first line: a signal during set-up counts as one in training
-        return cli.run(body, debug="--debug" in (sys.argv[1:] if argv is None else argv), signals=signals)
+        return config.run(body, debug="--debug" in (sys.argv[1:] if argv is None else argv), signals=signals)
 
 
 def build_config(argv) -> tuple[Config, dict | None]:
@@ -74,12 +75,12 @@ def build_config(argv) -> tuple[Config, dict | None]:
 def load_resume(path: str, model_def: str | None) -> tuple[dict, Config]:
     """last.pt's contents, checked, and the Config it saved; a user's class is built from --model-def only
     (never from the record)."""
-    from fashion_ft import userdef
+    from fashion_ft import model
     from fashion_ft.checkpoint import RESUME_HINT, load_checkpoint, validate_resumable
     from fashion_ft.outputs import resolve_path
 
     resolve_path(Path(path), "--resume")  # a symlink loop is worded as for every other path
-    definition = userdef.parse(model_def) if model_def else None
+    definition = model.parse(model_def) if model_def else None
     meta = load_checkpoint(path, refusal_hint=RESUME_HINT, model_def=definition).meta
     validate_resumable(path, meta)
     try:  # what it restores passes the checks argv does
@@ -109,7 +110,7 @@ def check_from_scratch_model(cfg: Config) -> None:
 def resolve_output(cfg: Config, given: dict) -> str:
     """--output, except that a second round started from the default output (the multi-round workflow)
     writes to the next free round folder instead; an explicit --output may never be the input."""
-    from fashion_ft.cli import printable
+    from fashion_ft.config import printable
     from fashion_ft.outputs import resolve_path, same_file
 
     if cfg.from_scratch or cfg.resume or not same_file(resolve_path(Path(cfg.model_path), "--model-path"),

@@ -16,10 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from fashion_ft import cli  # neither these nor config imports torch: main() guards signals first
+from fashion_ft import config  # neither config nor errors imports torch: main() guards signals first
 from fashion_ft.config import AT_LEAST_1, Config, check_normalize
-from fashion_ft.errors import UsageError
-from fashion_ft.signals import SignalGuard
+from fashion_ft.errors import SignalGuard, UsageError
 
 # flag -> (test, what it must be), as config.LIMITS
 LIMITS = {"batches": AT_LEAST_1, "batch_size": AT_LEAST_1,
@@ -34,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", nargs="+", action="extend", default=None,
                    help=f"one or more checkpoints (the flag may repeat); several also report their ensemble "
                         f"(default: {Config.model_path})")
-    cli.add_shared(p, "--model-def", "--model-kwargs", "--normalize", "--data-dir", "--download", "--device", "--tta")
+    config.add_shared(p, "--model-def", "--model-kwargs", "--normalize", "--data-dir", "--download", "--device", "--tta")
     p.add_argument("--batches", type=int, default=3, help="test batches for the quick eval")
     p.add_argument("--batch-size", type=int, default=256, help="images per eval batch")
     p.add_argument("--full", action="store_true", help="evaluate on all 10,000 test images")
@@ -44,19 +43,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "torch 2.8+). The train step always uses the precision finetune_gpu.py's --amp auto picks")
     p.add_argument("--require-gpu", action="store_true", help="fail when no CUDA GPU is available")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    cli.add_shared(p, "--trust-pickle", "--debug")
+    config.add_shared(p, "--trust-pickle", "--debug")
     return p
 
 
 def check_and_print(argv) -> int:
-    from fashion_ft import preflight, userdef
+    from fashion_ft import model, preflight
 
     args = get_args_parser().parse_args(argv)
     for name, (ok, what) in LIMITS.items():
         if not ok(getattr(args, name)):
             raise UsageError(f"--{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
     args.model_path = args.model_path or [Config.model_path]
-    args.definition = userdef.parse(args.model_def) if args.model_def is not None else None
+    args.definition = model.parse(args.model_def) if args.model_def is not None else None
     check_normalize(args.normalize)
     # under --json what the user's module prints goes to stderr, so that stdout is one document
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
@@ -65,7 +64,7 @@ def check_and_print(argv) -> int:
         print(json.dumps({"passed": report.passed, "checks": report.checks}, indent=2, allow_nan=False))
     else:
         for c in report.checks:
-            print(cli.printable(f"[{'PASS' if c['ok'] else 'FAIL'}] {c['name']:<16} {c['detail']}"))
+            print(config.printable(f"[{'PASS' if c['ok'] else 'FAIL'}] {c['name']:<16} {c['detail']}"))
         failed = [c["name"] for c in report.checks if not c["ok"]]
         print(f"{len(failed)} of {len(report.checks)} checks failed: {', '.join(failed)}" if failed
               else f"all {len(report.checks)} checks passed")
@@ -75,7 +74,7 @@ def check_and_print(argv) -> int:
 def main(argv=None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     with SignalGuard() as signals:  # before torch is imported: Ctrl-C at any moment is one line
-        return cli.run(lambda: check_and_print(argv), debug, signals=signals)
+        return config.run(lambda: check_and_print(argv), debug, signals=signals)
 
 
 if __name__ == "__main__":

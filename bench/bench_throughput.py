@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fashion_ft import cli, userdef
+from fashion_ft import config, model
 from fashion_ft.checkpoint import load_checkpoint
 from fashion_ft.config import Config
 from fashion_ft.data import (
@@ -59,12 +59,13 @@ from fashion_ft.engine import (
     Teacher,
     Teachers,
     TrainStep,
+    build_optimizer,
+    build_schedulers,
     choose_memory_format,
     evaluate,
     train_one_epoch,
 )
 from fashion_ft.model import ARCHS, INPUT_SHAPE, build_source, count_parameters, resolve_arch_kwargs
-from fashion_ft.optim import build_optimizer, build_schedulers
 from fashion_ft.system import (
     AMP_MODES,
     available_cpus,
@@ -86,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--arch", choices=sorted(ARCHS), default="cnn3", help="the model both paths train")
-    cli.add_shared(p, "--model-def", "--model-kwargs", "--normalize")  # your own network instead
+    config.add_shared(p, "--model-def", "--model-kwargs", "--normalize")  # your own network instead
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median reported)")
     p.add_argument("--steps", type=int, default=None, help="training steps per repeat (None: 20 on CPU, 100 on CUDA)")
     p.add_argument("--workers", type=int, default=None,
@@ -156,7 +157,7 @@ def resolve_settings(args) -> Bench:
         set_cpu_threads()  # as the trainer does; the original recipe runs on the same threads
     tiny = TINY if args.tiny else {}
     default_workers = 8 if device.type == "cuda" else min(8, available_cpus())
-    definition = userdef.parse(args.model_def) if args.model_def else None
+    definition = model.parse(args.model_def) if args.model_def else None
     kwargs = (args.model_kwargs or {}) if definition else resolve_arch_kwargs(args.arch)
     build = functools.partial(build_source, args.arch, kwargs, definition)
     memory_format, why_not = choose_memory_format(build(), device, args.channels_last)
@@ -473,7 +474,7 @@ def main(argv=None) -> int:
         print_table(report)
         return 0
 
-    return cli.run(body, debug="--debug" in (sys.argv[1:] if argv is None else argv))
+    return config.run(body, debug="--debug" in (sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import userdef
+from . import model
 from .config import MAX_PARAMETERS, NORMALIZE_RULE, normalize_ok
 from .data import CLASSES, MEAN, STD, VALIDATION_SOURCES
-from .errors import UserError, first_line
+from .errors import UserError, deferred, first_line
 from .model import (
     ARCHS,
     NUM_CLASSES,
@@ -39,7 +39,6 @@ from .model import (
     shape_mismatches,
     unwrap,
 )
-from .signals import deferred
 
 FORMAT = "fashion_ft.checkpoint"
 FORMAT_VERSION = 1
@@ -132,7 +131,7 @@ def make_checkpoint(model, arch, arch_kwargs, *, normalize=(MEAN, STD), metrics=
                     split: dict | None = None, model_def: dict | None = None) -> dict:
     """The checkpoint dict that every tool of this project reads, loadable with torch.load(weights_only=True).
     `model`: the module or its state_dict; `split`: the validation split the weights were trained with
-    ({seed, val_size, fingerprint, validation}); `model_def`: the user's class (userdef.ModelDef.to_dict())."""
+    ({seed, val_size, fingerprint, validation}); `model_def`: the user's class (model.ModelDef.to_dict())."""
     weights = model if isinstance(model, dict) else unwrap(model).state_dict()
     ckpt = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch, "arch_kwargs": dict(arch_kwargs),
@@ -257,7 +256,7 @@ class LoadedCheckpoint:
     std: float = STD
     meta: dict = field(default_factory=dict)  # the whole file when it is one of ours
     unpickled: bool = False  # read with weights_only=False (--trust-pickle): code in the file may have run
-    model_def: userdef.ModelDef | None = None  # the user's class, built with arch_kwargs
+    model_def: model.ModelDef | None = None  # the user's class, built with arch_kwargs
     container: str | None = None  # where the weights sat: None (bare state_dict), a key, or FORMAT (ours)
     sha256: str | None = None  # of the file, where a caller records it (a teacher)
 
@@ -385,7 +384,7 @@ def _matched(meta: dict, weights: dict, where: str, definition, model_kwargs, ma
     if problems:
         raise UserError(f"the weights do not fit {name}: {'; '.join(problems[:3])}")
     if definition is not None:  # its forward may end in anything but a Linear layer: it runs once for real
-        check_outputs(userdef.build(definition, kwargs), name)
+        check_outputs(model.build(definition, kwargs), name)
         return arch, kwargs, weights
     outputs, head = output_classes(shapes)
     if outputs != NUM_CLASSES:
@@ -396,7 +395,7 @@ def _matched(meta: dict, weights: dict, where: str, definition, model_kwargs, ma
 
 
 def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_HINT,
-                    model_def: "userdef.ModelDef | None" = None, model_kwargs: dict | None = None,
+                    model_def: "model.ModelDef | None" = None, model_kwargs: dict | None = None,
                     max_params: int = MAX_PARAMETERS, ours_only: bool = False) -> LoadedCheckpoint:
     """Read, recognise and check a checkpoint; each failure is one UserError line naming the file. `refusal_hint`
     ends the refusal of a pickle; `model_def` and `model_kwargs` (--model-def) build a file that records the
@@ -412,7 +411,7 @@ def load_checkpoint(path, trust_pickle: bool = False, refusal_hint: str = TRUST_
                         "can teach: it records its normalisation, and a class of your own runs only as the model "
                         "trained (--model-def)")
     if recorded is not None and model_def is None:
-        raise userdef.refusal(recorded, str(path))
+        raise model.refusal(recorded, str(path))
     definition = model_def if recorded is not None or (model_def is not None and not meta.get("arch")) else None
     try:  # the model's checks cannot know the file: it is named here
         arch, arch_kwargs, weights = _matched(meta, weights, where, definition, model_kwargs, max_params)

@@ -1,4 +1,7 @@
 """Errors the command-line scripts turn into one line on stderr and an exit code."""
+import signal
+import threading
+from contextlib import contextmanager
 
 
 def first_line(exc: BaseException, sentence: bool = False) -> str:
@@ -44,3 +47,65 @@ class Interrupted(BaseException):
         super().__init__(signal_name)
         self.exit_code = self.EXIT_CODES.get(signal_name, 130)
         self.hint = hint
+
+
+# ---------------------------------------------------------------- SIGINT, SIGTERM and SIGHUP over the whole run.
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class SignalGuard:
+    def __init__(self):
+        self.received: list[str] = []
+        self.polling = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "SignalGuard":
+        self._previous = {s: signal.signal(s, self._handle) for s in HANDLED_SIGNALS
+                          if s != signal.SIGHUP or signal.getsignal(s) == signal.SIG_DFL}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.received:  # the process is ending with this interrupt: the handler, quiet now, stays for it
+            return
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        self.received.append(name)
+        if len(self.received) == (2 if self.polling else 1):  # once; inside the loop the first one is a flag
+            raise Interrupted(name)
+
+    @contextmanager
+    def polled(self):
+        """Inside: signals are flags for the loop to poll (`received`)."""
+        self.polling = True
+        try:
+            yield self.received
+        finally:
+            self.polling = False
+
+    def interrupted(self) -> Interrupted:
+        return Interrupted(self.received[0] if self.received else "SIGINT")
+
+
+@contextmanager
+def deferred():
+    """Around a checkpoint's write: a signal that arrives is held, and delivered to the handlers in place
+    once the write is done (or failed). Masking it would not do: torch's own threads may take it. Handlers
+    belong to the main thread: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = {s: h for s in HANDLED_SIGNALS if (h := signal.getsignal(s)) is not None}  # None: set outside Python
+    try:
+        for s in previous:
+            signal.signal(s, lambda signum, _frame: held.append(signum))
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in held:
+            signal.raise_signal(signum)

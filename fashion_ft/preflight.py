@@ -15,12 +15,29 @@ import torch
 from . import system
 from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors, strict_json
 from .config import Config
-from .data import FILES, DeviceData, find_data_dir, load_split, make_batch, test_halves
-from .engine import ComputeSettings, TrainStep, choose_memory_format, logit_metrics, predict_logits
+from .data import (
+    FILES,
+    SAMPLE_IMAGES,
+    DeviceData,
+    compare,
+    find_data_dir,
+    given_for,
+    load_split,
+    make_batch,
+    suggestion,
+    test_halves,
+)
+from .engine import (
+    ComputeSettings,
+    TrainStep,
+    build_optimizer,
+    build_schedulers,
+    choose_memory_format,
+    logit_metrics,
+    predict_logits,
+)
 from .errors import UserError, first_line
 from .model import count_parameters
-from .normalization import SAMPLE_IMAGES, compare, given_for, suggestion
-from .optim import build_optimizer, build_schedulers
 
 # An accuracy measured on fewer images says little (on 100 images one standard error is already about
 # 3 points at 90%), and on none it is NaN: a test set this small fails the data check.

@@ -11,6 +11,7 @@ import datetime
 import math
 import shlex
 import statistics
+import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -19,8 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import distributed as dist
-from . import engine, system, tblog, userdef
+from . import engine, model, outputs, system
 from .checkpoint import (
     FORMAT,
     LoadedCheckpoint,
@@ -30,8 +30,7 @@ from .checkpoint import (
     save_checkpoint,
     save_json,
 )
-from .config import Config
-from .console import Console, epoch_line, setup_lines, summary_lines
+from .config import Config, printable, silence
 from .data import (
     CLASSES,
     MEAN,
@@ -40,21 +39,115 @@ from .data import (
     Split,
     augmented,
     choose_split,
+    compare,
     find_data_dir,
     fingerprint,
     label_warning,
     load_split,
     split_sets,
+    suggestion,
 )
-from .engine import ComputeSettings, TrainStep
-from .errors import DivergenceError, Interrupted, UsageError, UserError, first_line
-from .freezing import apply_freezing, set_train_mode
-from .model import NUM_CLASSES, build_model, build_source, resolve_arch_kwargs, unwrap
-from .normalization import compare, suggestion
-from .optim import BestTracker, build_optimizer, build_schedulers
+from .engine import BestTracker, ComputeSettings, TrainStep, build_optimizer, build_schedulers
+from .errors import DivergenceError, Interrupted, SignalGuard, UsageError, UserError, first_line
+from .model import (
+    NUM_CLASSES,
+    ModelDef,
+    apply_freezing,
+    build_model,
+    build_source,
+    resolve_arch_kwargs,
+    set_train_mode,
+    unwrap,
+)
 from .outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files, resumes_in_place
-from .signals import SignalGuard
-from .userdef import ModelDef
+
+# ---------------------------------------------------------------- What a fine-tuning run prints: the set-up lines, a progress bar, one line per epoch, the summary.
+
+@dataclass
+class Console:
+    quiet: bool
+    is_main: bool
+    alive: bool = True
+
+    def _write(self, text: str, stream=None) -> None:
+        """One line: a path in the text (--output, --logdir, --model-path) may hold a newline."""
+        if self.is_main and self.alive:
+            stream = stream or sys.stdout  # looked up at each call: pytest and others replace sys.stdout
+            try:
+                print(printable(text), file=stream, flush=True)
+            except BrokenPipeError:
+                self.alive = False
+                silence(stream)
+
+    def print(self, text: str) -> None:
+        if not self.quiet:
+            self._write(text)
+
+    def result(self, text: str) -> None:
+        """The final summary and the set-up facts a user must see: printed even with --quiet."""
+        self._write(text)
+
+    def warn(self, text: str) -> None:
+        self._write(f"warning: {text}", sys.stderr)
+
+    def progress_bar(self, epoch: int, epochs: int, total: int):
+        from tqdm import tqdm
+
+        shown = not self.quiet and self.is_main and self.alive and sys.stderr.isatty()  # elsewhere: a no-op bar
+        return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="step", leave=False, file=sys.stderr,
+                    disable=not shown)
+
+
+def epoch_line(row: dict, is_best: bool) -> str:
+    val = f"val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%"
+    if row["epoch"] == 0:
+        line = f"epoch   0  (the starting model)  {val}"
+    else:
+        line = (f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%  "
+                f"{val}  lr {row['lr']:.2e}  {row['epoch_s']:.1f}s ({row['images_per_s']:.0f} img/s)")
+        if row.get("peak_gpu_mb") is not None:
+            line += f"  peak GPU {row['peak_gpu_mb']:.0f} MiB"
+    return line + ("  *best" if is_best else "")
+
+
+def setup_lines(cfg, rt, lr: float, model: torch.nn.Module) -> list[str]:
+    from .model import count_parameters, trainable_summary
+
+    total, trainable = count_parameters(model)
+    threads = torch.get_num_threads() if rt.device.type == "cpu" else "-"
+    return [
+        f"device: {rt.device}  amp: {rt.amp.name}  channels_last: {cfg.channels_last}  threads: {threads}  "
+        f"world size: {rt.world_size}" + ("  deterministic" if cfg.deterministic else ""),
+        f"batch size: {cfg.batch_size} per process, {cfg.batch_size * rt.world_size} global  "
+        f"lr: {lr:g}{' (scaled by world size)' if lr != cfg.lr else ''}  optimizer: {cfg.optimizer}  "
+        f"scheduler: {cfg.scheduler}  warm-up: {cfg.warmup_epochs:g} epochs  augment: {cfg.augment}  "
+        f"epochs: {cfg.epochs}" + (f"  ema: {cfg.ema_decay:g}" if cfg.ema_decay else ""),
+        f"selection: best {cfg.select}; early stopping: {cfg.monitor}, patience {cfg.patience}  "
+        f"seeds: training {cfg.seed}, split {cfg.split_seed}",
+        f"parameters: {total:,} ({trainable:,} trainable)  freeze-conv: {cfg.freeze_conv}  freeze-bn: {cfg.freeze_bn}"
+        f"  input normalisation: {rt.mean:g} {rt.std:g}",
+        *([trainable_summary(model)] if total != trainable else []),
+    ]
+
+
+def summary_lines(summary: dict, files) -> list[str]:
+    best = summary["best_epoch"]
+    head = (f"done ({summary['stop_reason']}): best epoch {best} of {summary['epochs_run']}, "
+            f"val acc {100 * summary['best_val_acc']:.2f}%, test acc {100 * summary['test_acc']:.2f}%")
+    if summary["split"]["validation"] == "test-half":
+        head += f" (on the {summary['test_images']} test images that selection never saw)"
+    if summary.get("base_val_acc") is not None:
+        head += f" (starting model: val acc {100 * summary['base_val_acc']:.2f}%)"
+    head += f", {summary['train_s']:.0f}s"
+    if "compile_warmup_s" in summary:
+        head += f" (compile warm-up about {summary['compile_warmup_s']:.0f}s)"
+    lines = [head]
+    if best == 0:
+        lines.append("no epoch beat the starting model; it was kept as the best model")
+    lines.append(f"saved: {files.best} (best), {files.last} (resumable), {files.metrics}")
+    if files.plain:
+        lines.append(f"plain state_dict: {files.plain} (for model.load_state_dict(torch.load(...)) in your own scripts)")
+    return lines
 
 
 @dataclass
@@ -114,7 +207,7 @@ def load_start_model(cfg: Config, resume_meta: dict | None) -> StartModel:
 
 
 def explicit_def(cfg: Config) -> ModelDef | None:
-    return userdef.parse(cfg.model_def) if cfg.model_def else None
+    return model.parse(cfg.model_def) if cfg.model_def else None
 
 
 def resumed_model(cfg: Config, meta: dict) -> StartModel:
@@ -144,7 +237,7 @@ def load_teachers(cfg: Config, resume_meta: dict | None) -> list[LoadedCheckpoin
         bad = nonfinite_tensors(ckpt.state_dict)
         if bad:
             raise UserError(f"--teacher: {path} has NaN/Inf weights in {', '.join(bad[:3])}")
-        ckpt.sha256 = userdef.file_sha256(path)
+        ckpt.sha256 = model.file_sha256(path)
         found.append(ckpt)
     recorded = {r["path"]: r["sha256"] for r in (resume_meta or {}).get("teachers") or []}
     changed = [c.path for c in found if recorded.get(str(c.path), c.sha256) != c.sha256]
@@ -254,7 +347,7 @@ def check_normalization(cfg: Config, start: StartModel, train: DeviceData, conso
         raise UsageError(f"{advice}; pass --normalize MEAN STD (the one the model was trained with)")
 
 
-def choose_device(cfg: Config, info: dist.DistInfo) -> torch.device:
+def choose_device(cfg: Config, info: system.DistInfo) -> torch.device:
     broken = system.broken_cuda_reason() if cfg.device == "auto" else None
     if broken:  # hours on the CPU by mistake are worse than a clear stop
         raise UserError(f"{broken}; to train on the CPU anyway, pass --device cpu")
@@ -264,7 +357,7 @@ def choose_device(cfg: Config, info: dist.DistInfo) -> torch.device:
     return device
 
 
-def wrap_model(model: nn.Module, cfg: Config, rt: ComputeSettings, info: dist.DistInfo) -> nn.Module:
+def wrap_model(model: nn.Module, cfg: Config, rt: ComputeSettings, info: system.DistInfo) -> nn.Module:
     """Move and wrap for DDP / torch.compile; the plain model stays reachable via unwrap()."""
     model = model.to(rt.device, memory_format=rt.memory_format)
     if info.enabled:
@@ -277,7 +370,7 @@ def wrap_model(model: nn.Module, cfg: Config, rt: ComputeSettings, info: dist.Di
     return model
 
 
-def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: dist.DistInfo, images: int) -> dict:
+def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: system.DistInfo, images: int) -> dict:
     """The Run fields that optimise `model` (the starting model, frozen: moved and wrapped here) over `images` images."""
     steps = (images // info.world_size) // cfg.batch_size
     if steps < 1:
@@ -296,7 +389,7 @@ def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: dist.
                 selector=BestTracker(cfg.select, patience=0), best_state=copy.deepcopy(unwrap(model).state_dict()))
 
 
-def compute_settings(cfg: Config, device, start: StartModel, info: dist.DistInfo, console: Console) -> ComputeSettings:
+def compute_settings(cfg: Config, device, start: StartModel, info: system.DistInfo, console: Console) -> ComputeSettings:
     memory_format, why_not = engine.choose_memory_format(start.model, device, cfg.channels_last)
     if why_not:
         console.print(why_not)
@@ -325,7 +418,7 @@ def claim_outputs(cfg: Config, files: RunFiles, start: StartModel, stack: ExitSt
             path.unlink(missing_ok=True)
 
 
-def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: RunFiles, stack: ExitStack) -> "Run":
+def prepare(cfg: Config, resume_meta: dict | None, info: system.DistInfo, files: RunFiles, stack: ExitStack) -> "Run":
     """Everything checked, loaded and placed before the first step."""
     console = Console(cfg.quiet, info.is_main)
     device = choose_device(cfg, info)
@@ -339,12 +432,12 @@ def prepare(cfg: Config, resume_meta: dict | None, info: dist.DistInfo, files: R
         console.print(f"model: {start.source}")
     if info.is_main:
         claim_outputs(cfg, files, start, stack)
-    stack.callback(dist.shutdown)
-    dist.init(info, device)
+    stack.callback(system.shutdown)
+    system.init(info, device)
     system.configure_backends(device, cfg.deterministic)
     if device.type == "cpu":
         system.set_cpu_threads(info.local_world_size)
-    with dist.main_process_first(info):  # --download: one process per machine fetches, the others wait
+    with system.main_process_first(info):  # --download: one process per machine fetches, the others wait
         data, split = load_data(cfg, start, device, console)
     check_normalization(cfg, start, data["train"], console)
     # What only the run can know: NAME_1 when another run has NAME (last.pt keeps it, so a resume finds it
@@ -370,7 +463,7 @@ class Run:
     restores: see state_dict."""
 
     cfg: Config
-    info: dist.DistInfo
+    info: system.DistInfo
     console: Console
     files: RunFiles
     start: StartModel
@@ -436,8 +529,8 @@ class Run:
     def open_log(self) -> None:
         if not self.is_main:
             return
-        self.writer = tblog.SafeWriter(str(self.log_dir))
-        tblog.log_config(self.writer, self.cfg.to_dict())
+        self.writer = outputs.SafeWriter(str(self.log_dir))
+        outputs.log_config(self.writer, self.cfg.to_dict())
         self.console.print(f"tensorboard: tensorboard --logdir {self.cfg.logdir}  (run {self.cfg.run_name})")
 
     def close(self) -> None:
@@ -469,12 +562,12 @@ class Run:
             bar.update(done - last_done)
             bar.set_postfix(loss=f"{loss:.4f}")
             last_done = done
-            return dist.any_rank(bool(received), self.rt.device)
+            return system.any_rank(bool(received), self.rt.device)
 
         return sync
 
     def validate(self) -> dict:
-        dist.broadcast_buffers(self.eval_model)  # every rank evaluates what rank 0 saves
+        system.broadcast_buffers(self.eval_model)  # every rank evaluates what rank 0 saves
         metrics = engine.evaluate(self.eval_model, self.val, self.rt, self.cfg.eval_batch_size)
         if not math.isfinite(metrics["loss"]):
             raise DivergenceError(f"validation loss became {metrics['loss']} in epoch {self.epoch + 1}")
@@ -492,7 +585,7 @@ class Run:
             self.best_state = copy.deepcopy(unwrap(self.eval_model).state_dict())
         if self.is_main:
             self.save(is_best)
-            tblog.log_epoch(self.writer, self.epoch, row)
+            outputs.log_epoch(self.writer, self.epoch, row)
         self.console.print(epoch_line(row, is_best))
         if self.stopper.should_stop:
             s = self.stopper
@@ -535,7 +628,7 @@ class Run:
         peaks = [r["peak_gpu_mb"] for r in history if r.get("peak_gpu_mb") is not None]
         summary = {"started": self.started, "device": str(self.rt.device), "amp": self.rt.amp.name,
                    "world_size": self.info.world_size, "global_batch_size": self.cfg.batch_size * self.info.world_size,
-                   "backend": dist.backend(), "split": self.split.to_dict()}
+                   "backend": system.backend(), "split": self.split.to_dict()}
         if finished:
             summary.update(stop_reason="early_stopping" if self.stopper.should_stop else "epochs_done",
                            train_s=self.train_s)
@@ -562,20 +655,20 @@ class Run:
         """Rank 0: test the best model, store its test metrics, write metrics.json and the TB extras; the
         other ranks wait for it (the barrier), each returning its own summary."""
         if not self.is_main:
-            dist.barrier()
+            system.barrier()
             return self.metrics_json(finished=True)
         test, preds = self.test_best()
-        test["per_class_test_acc"] = tblog.log_test_figures(self.writer, self.test.images, self.test.labels, preds,
+        test["per_class_test_acc"] = outputs.log_test_figures(self.writer, self.test.images, self.test.labels, preds,
                                                             CLASSES)
         summary = self.metrics_json(finished=True, test=test)
-        tblog.log_hparams(self.writer, self.cfg.to_dict(), {"hparam/test_acc": test["test_acc"],
+        outputs.log_hparams(self.writer, self.cfg.to_dict(), {"hparam/test_acc": test["test_acc"],
                                                             "hparam/best_val_acc": summary["best_val_acc"]})
         test_metrics = {k: test[k] for k in ("test_loss", "test_acc", "test_images")}
         save_checkpoint(self.checkpoint(self.best_state, {**self.best_row(), **test_metrics}), self.files.best)
         save_json(summary, self.files.metrics)
         for line in summary_lines(summary, self.files):
             self.console.result(line)
-        dist.barrier()
+        system.barrier()
         return summary
 
 
@@ -585,7 +678,7 @@ def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> di
     """Run the whole job under the caller's SignalGuard; returns the summary written to metrics.json
     (rank 0). Raises UserError, Interrupted (with the resume hint) or DivergenceError (the best model so
     far stays saved)."""
-    info = dist.from_environment()
+    info = system.from_environment()
     files = RunFiles.for_output(cfg.output)
     with ExitStack() as stack:
         run = None
@@ -602,7 +695,7 @@ def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> di
                                                         run.on_sync(bar, received), stop=lambda: bool(received))
                     if not result["stopped"]:  # else the unfinished epoch is dropped: last.pt keeps the one before
                         run.record(run.epoch_row(begun, result))
-                    if dist.any_rank(bool(received), run.rt.device):
+                    if system.any_rank(bool(received), run.rt.device):
                         raise signals.interrupted()
             run.train_s = time.perf_counter() - loop_start
             return run.finish()
@@ -623,7 +716,7 @@ def reported(exc: BaseException, signals: SignalGuard, files: RunFiles, model_de
         return DivergenceError(f"{exc}; {kept_hint(files)}; try a lower --lr or --max-grad-norm 1.0")
     if isinstance(exc, UserError):  # a full disk while saving, say: what was saved before can go on
         return exc if not started or isinstance(exc, UsageError) else UserError(f"{exc}; {resume_hint(files, model_def)}")
-    if isinstance(exc, Exception) and dist.is_peer_failure(exc):
+    if isinstance(exc, Exception) and system.is_peer_failure(exc):
         return UserError(f"another process of the run failed ({first_line(exc, sentence=True)}); "
                          f"{resume_hint(files, model_def)}")
     return exc

@@ -54,7 +54,7 @@ def tiny_model(arch: str = "cnn3", **kwargs):
 
 def head_parameters(model) -> set[str]:
     """Names of the parameters that --freeze-conv leaves trainable: the head the forward's trace finds."""
-    from fashion_ft.freezing import _head_tensors
+    from fashion_ft.model import _head_tensors
 
     head = _head_tensors(model)
     return {name for name, p in model.named_parameters() if id(p) in head}

@@ -197,11 +197,11 @@ def test_test_model_names_each_bad_field(tmp_path):
 
 def test_a_failed_import_of_the_users_file_is_not_kept(tmp_path):
     """The second build in one process repeats the first one's error: the half-run module is dropped."""
-    from fashion_ft import userdef
+    from fashion_ft import model
 
     path = tmp_path / "user-net.py"
     path.write_text("def broken(:\n")
-    definition = userdef.parse(f"{path}:Net")
+    definition = model.parse(f"{path}:Net")
     for _ in range(2):
         with pytest.raises(UserError, match="syntax error"):
-            userdef.build(definition, {})
+            model.build(definition, {})

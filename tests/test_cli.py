@@ -1,4 +1,4 @@
-"""cli.run: every way a script can end is one line on stderr and the documented exit code."""
+"""config.run: every way a script can end is one line on stderr and the documented exit code."""
 
 import os
 import subprocess
@@ -9,9 +9,9 @@ import warnings
 import pytest
 from conftest import REPO
 
-from fashion_ft import cli
-from fashion_ft.console import Console
+from fashion_ft import config
 from fashion_ft.errors import Interrupted, UsageError, UserError
+from fashion_ft.trainer import Console
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,7 @@ def raising(exc):
 ], ids=["user", "usage", "sigterm", "sigint", "ctrl-c", "unexpected", "newline in a path", "escape in a hint",
         "a module the project does not need"])
 def test_each_failure_is_one_line_and_its_exit_code(capsys, exc, code, line):
-    assert cli.run(raising(exc), debug=False) == code
+    assert config.run(raising(exc), debug=False) == code
     out, err = capsys.readouterr()
     assert err == line + "\n" and out == ""
 
@@ -56,27 +56,27 @@ def test_a_hang_up_exits_129_though_the_terminal_is_gone(monkeypatch):
             pass
 
     monkeypatch.setattr(sys, "stderr", GoneTerminal())
-    assert cli.run(raising(Interrupted("SIGHUP", "resume with: ...")), debug=False) == 129
+    assert config.run(raising(Interrupted("SIGHUP", "resume with: ...")), debug=False) == 129
 
 
 def test_body_exit_code_passes_through(capsys):
-    assert (cli.run(lambda: print("ok") or 0, debug=False), cli.run(lambda: 1, debug=False)) == (0, 1)
+    assert (config.run(lambda: print("ok") or 0, debug=False), config.run(lambda: 1, debug=False)) == (0, 1)
     assert capsys.readouterr() == ("ok\n", "")
 
 
 @pytest.mark.parametrize("exc", [UserError("x"), ValueError("y")])
 def test_debug_shows_the_traceback(exc):
     with pytest.raises(type(exc)):
-        cli.run(raising(exc), debug=True)
+        config.run(raising(exc), debug=True)
 
 
 def test_prefix_names_the_rank(capsys):
-    assert cli.run(raising(UserError("disk full")), debug=False, prefix=lambda: "error (rank 1 of 2): ") == 1
+    assert config.run(raising(UserError("disk full")), debug=False, prefix=lambda: "error (rank 1 of 2): ") == 1
     assert capsys.readouterr().err == "error (rank 1 of 2): disk full\n"
 
 
 def test_warnings_are_one_line():
-    assert cli.run(lambda: 0, debug=False) == 0
+    assert config.run(lambda: 0, debug=False) == 0
     assert warnings.formatwarning("no CUDA GPU found", UserWarning, "system.py", 52) == "warning: no CUDA GPU found\n"
     assert warnings.formatwarning("logs\nx: read-only", UserWarning, "tblog.py", 76) == "warning: logs\\nx: read-only\n"
 
@@ -87,14 +87,14 @@ def test_warnings_are_one_line():
     ("结果/模型.pt", "结果/模型.pt"), ("café ñ", "café ñ"), ("", ""),
 ])
 def test_printable_escapes_control_characters_only(text, shown):
-    assert cli.printable(text) == shown
+    assert config.printable(text) == shown
 
 
 def test_printable_escapes_exactly_the_control_categories():
-    escaped = {c for c in map(chr, range(0x10000)) if cli.printable(c) != c}
+    escaped = {c for c in map(chr, range(0x10000)) if config.printable(c) != c}
     assert escaped == {c for c in map(chr, range(0x10000)) if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")}
     astral = "".join(map(chr, range(0x10000, 0x110000, 7)))  # none of those categories lies beyond the BMP
-    assert cli.printable(astral) == astral
+    assert config.printable(astral) == astral
 
 
 def test_console_lines_are_one_line(capsys):
@@ -112,13 +112,13 @@ def requirement_names() -> set[str]:
 
 
 def test_required_packages_are_those_of_requirements_txt():
-    assert set(cli.REQUIRED_PACKAGES) == requirement_names()
+    assert set(config.REQUIRED_PACKAGES) == requirement_names()
 
 
-@pytest.mark.parametrize("name", [*cli.REQUIRED_PACKAGES, "torch._C"])
+@pytest.mark.parametrize("name", [*config.REQUIRED_PACKAGES, "torch._C"])
 def test_a_missing_required_package_says_how_to_set_up(capsys, name):
     exc = ModuleNotFoundError(f"No module named {name!r}", name=name)
-    assert cli.run(raising(exc), debug=False) == 1
+    assert config.run(raising(exc), debug=False) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {name.split('.')[0]} is not installed in {sys.executable}") and err.count("\n") == 1
     assert "bash scripts/setup.sh" in err and "source .venv/bin/activate" in err and ".venv/bin/python" in err
@@ -139,8 +139,8 @@ def test_a_python_without_torch_gets_one_line(tmp_path, script):
                          ids=["while-writing", "final-flush"])
 def test_vanished_reader_ends_quietly(body):
     """`script | head -0`: the reader has gone before the script writes."""
-    proc = subprocess.Popen([sys.executable, "-c", f"import sys; from fashion_ft import cli; "
-                             f"sys.exit(cli.run(lambda: {body}, debug=False))"], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", f"import sys; from fashion_ft import config; "
+                             f"sys.exit(config.run(lambda: {body}, debug=False))"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     proc.stdout.close()
     assert (proc.stderr.read(), proc.wait(timeout=120)) == ("", 1)

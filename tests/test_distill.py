@@ -13,9 +13,8 @@ import finetune_gpu
 from fashion_ft import system
 from fashion_ft.checkpoint import make_checkpoint
 from fashion_ft.config import Config
-from fashion_ft.engine import ComputeSettings, Teacher, Teachers, TrainStep
+from fashion_ft.engine import ComputeSettings, Teacher, Teachers, TrainStep, build_optimizer, build_schedulers
 from fashion_ft.model import build_model
-from fashion_ft.optim import build_optimizer, build_schedulers
 
 CPU = ComputeSettings(torch.device("cpu"), system.AmpPolicy(None, False), 0.0, 1.0)
 

@@ -22,19 +22,18 @@ import torch
 import torch.distributed as tdist
 from conftest import REPO, TINY, TINY_RESNET, run_script
 
-from fashion_ft import distributed as dist
+from fashion_ft import system
 from fashion_ft.config import Config
 from fashion_ft.data import DeviceData
-from fashion_ft.engine import ComputeSettings, ModelEma, train_one_epoch
+from fashion_ft.engine import ComputeSettings, ModelEma, lr_multiplier, train_one_epoch
 from fashion_ft.errors import DivergenceError, UserError
 from fashion_ft.model import build_model
-from fashion_ft.optim import lr_multiplier
 from fashion_ft.system import AmpPolicy
 
 
 def broadcast_module(module, src: int = 0) -> None:
     """Parameters and buffers: a module that DDP does not keep in step (a copy made on one rank)."""
-    dist.broadcast_tensors([*module.parameters(), *module.buffers()], src)
+    system.broadcast_tensors([*module.parameters(), *module.buffers()], src)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # No dropout, no augmentation, BatchNorm frozen: each image's loss does not depend on how the batch is
@@ -61,15 +60,15 @@ def history(run_folder: Path) -> dict:
 # ---------------------------------------------------------------- unit tests, no process group
 
 @pytest.mark.parametrize("env, expected", [
-    ({}, dist.DistInfo()),
-    ({"WORLD_SIZE": "1"}, dist.DistInfo()),  # not torchrun: no RANK
+    ({}, system.DistInfo()),
+    ({"WORLD_SIZE": "1"}, system.DistInfo()),  # not torchrun: no RANK
     ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"},
-     dist.DistInfo(0, 1, 0, 1, launched=True)),
+     system.DistInfo(0, 1, 0, 1, launched=True)),
     ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
-     dist.DistInfo(3, 4, 1, 2, launched=True)),
+     system.DistInfo(3, 4, 1, 2, launched=True)),
 ])
 def test_any_torchrun_environment_takes_the_distributed_path(env, expected):
-    info = dist.from_environment(env)
+    info = system.from_environment(env)
     assert info == expected
     assert info.enabled == bool(env.get("RANK"))  # torchrun --nproc_per_node=1 included
 
@@ -80,26 +79,26 @@ def test_each_rank_makes_its_gpu_current_before_the_nccl_group(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     monkeypatch.setattr(tdist, "init_process_group",
                         lambda backend, **kw: calls.append(("init", backend, kw.get("device_id"))))
-    dist.init(dist.DistInfo(1, 2, 1, 2, launched=True), torch.device("cuda", 1))
+    system.init(system.DistInfo(1, 2, 1, 2, launched=True), torch.device("cuda", 1))
     assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl", torch.device("cuda", 1))]
     calls.clear()
-    dist.init(dist.DistInfo(0, 1, 0, 1, launched=True), torch.device("cpu"))
+    system.init(system.DistInfo(0, 1, 0, 1, launched=True), torch.device("cpu"))
     assert calls == [("init", "gloo", None)]  # one process under torchrun still gets a group
     calls.clear()
-    dist.init(dist.DistInfo(), torch.device("cpu"))
+    system.init(system.DistInfo(), torch.device("cpu"))
     assert calls == []
 
 
 @pytest.mark.parametrize("info, fails, expected", [
-    (dist.DistInfo(0, 2, 0, 2, launched=True), False, ["block", "barrier"]),
-    (dist.DistInfo(1, 2, 1, 2, launched=True), False, ["barrier", "block"]),
-    (dist.DistInfo(0, 2, 0, 2, launched=True), True, ["barrier"]),  # the others go on, and fail on their own
-    (dist.DistInfo(), False, ["block"]),
+    (system.DistInfo(0, 2, 0, 2, launched=True), False, ["block", "barrier"]),
+    (system.DistInfo(1, 2, 1, 2, launched=True), False, ["barrier", "block"]),
+    (system.DistInfo(0, 2, 0, 2, launched=True), True, ["barrier"]),  # the others go on, and fail on their own
+    (system.DistInfo(), False, ["block"]),
 ])
 def test_local_rank_zero_runs_the_block_first_and_always_releases_the_others(monkeypatch, info, fails, expected):
     events = []
-    monkeypatch.setattr(dist, "barrier", lambda: events.append("barrier"))
-    with contextlib.suppress(UserError), dist.main_process_first(info):
+    monkeypatch.setattr(system, "barrier", lambda: events.append("barrier"))
+    with contextlib.suppress(UserError), system.main_process_first(info):
         if fails:
             raise UserError("download failed")
         events.append("block")
@@ -127,14 +126,14 @@ def caused(outer: BaseException, inner: BaseException) -> BaseException:
     (UserError("checkpoint not found"), False),
 ])
 def test_peer_failures_are_recognised(exc, expected):
-    assert dist.is_peer_failure(exc) is expected
+    assert system.is_peer_failure(exc) is expected
 
 
 def test_single_process_helpers_are_no_ops():
-    assert dist.per_rank(torch.tensor(2.5)) == [2.5]
+    assert system.per_rank(torch.tensor(2.5)) == [2.5]
     model = build_model("cnn3", TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    dist.broadcast_buffers(model)
+    system.broadcast_buffers(model)
     broadcast_module(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -174,7 +173,7 @@ def broadcast_scenario(rank: int) -> dict:
             module.num_batches_tracked.fill_(10 * (rank + 1))
     ema = ModelEma(model, 0.9)
     weight_before = model.features[0].weight.detach().clone()
-    dist.broadcast_buffers(model)
+    system.broadcast_buffers(model)
     broadcast_module(ema.module)
     bn = model.features[1]
     return {"running_mean": bn.running_mean.tolist(), "tracked": int(bn.num_batches_tracked),
@@ -185,7 +184,7 @@ def broadcast_scenario(rank: int) -> dict:
 
 def first_scenario(rank: int, folder: Path) -> dict:
     marker = folder / "downloaded"
-    with dist.main_process_first(dist.DistInfo(rank, 2, rank, 2, launched=True)):
+    with system.main_process_first(system.DistInfo(rank, 2, rank, 2, launched=True)):
         if rank == 0:
             time.sleep(1.0)  # a slow download: rank 1 must not read before it is done
             marker.write_text("done")
@@ -200,11 +199,11 @@ def gloo_worker(rank: int, folder: str) -> None:
     try:
         tdist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=2,
                                  timeout=datetime.timedelta(seconds=60))
-        results["per_rank"] = dist.per_rank(torch.tensor(float("inf") if rank else 1.5))
+        results["per_rank"] = system.per_rank(torch.tensor(float("inf") if rank else 1.5))
         results["divergence"] = divergence_scenario(rank)
         results["broadcast"] = broadcast_scenario(rank)
         results["first"] = first_scenario(rank, folder)
-        dist.barrier()
+        system.barrier()
         tdist.destroy_process_group()
     except Exception:
         results["error"] = traceback.format_exc()
@@ -224,7 +223,7 @@ def peer_failure_worker(rank: int, folder: str) -> None:
         tdist.all_reduce(torch.ones(3))
         result = {"raised": None}
     except Exception as exc:
-        result = {"raised": type(exc).__name__, "message": str(exc), "peer_failure": dist.is_peer_failure(exc)}
+        result = {"raised": type(exc).__name__, "message": str(exc), "peer_failure": system.is_peer_failure(exc)}
     (folder / "rank0.json").write_text(json.dumps(result))
 
 

@@ -9,29 +9,26 @@ import torch
 from conftest import TINY, tiny_model
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from fashion_ft import engine, optim
+from fashion_ft import engine
 from fashion_ft.config import Config
 from fashion_ft.data import AugmentConfig, DeviceData, affine_grid, augment, make_batch
 from fashion_ft.engine import (
+    BestTracker,
     ComputeSettings,
     ModelEma,
     TrainStep,
+    build_optimizer,
+    build_schedulers,
+    fused_adamw_supported,
+    load_optimizer_state,
+    lr_multiplier,
     make_ema,
     predict_logits,
     rank_shard,
     restore_optimization,
 )
 from fashion_ft.errors import UserError
-from fashion_ft.freezing import apply_freezing
-from fashion_ft.model import build_model
-from fashion_ft.optim import (
-    BestTracker,
-    build_optimizer,
-    build_schedulers,
-    fused_adamw_supported,
-    load_optimizer_state,
-    lr_multiplier,
-)
+from fashion_ft.model import apply_freezing, build_model
 from fashion_ft.system import AmpPolicy
 
 
@@ -282,7 +279,7 @@ def test_adamw_is_fused_only_when_every_parameter_is_a_float_on_cuda():
 def test_build_optimizer_asks_for_fused_adamw_only_when_supported(monkeypatch):
     optimizer = build_optimizer(tiny_model().train(), Config(), 1e-3)  # on the CPU: torch's default, as before
     assert not any(g["fused"] for g in optimizer.param_groups)
-    monkeypatch.setattr(optim, "fused_adamw_supported", lambda params: True)  # as on a CUDA device
+    monkeypatch.setattr(engine, "fused_adamw_supported", lambda params: True)  # as on a CUDA device
     optimizer = build_optimizer(tiny_model().train(), Config(), 1e-3)
     assert all(g["fused"] for g in optimizer.param_groups)
 

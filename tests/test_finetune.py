@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, SMALL_RUN, finetune, run_script
 
 from fashion_ft.config import Config
-from fashion_ft.optim import lr_multiplier
+from fashion_ft.engine import lr_multiplier
 
 pytestmark = pytest.mark.slow  # every test here runs finetune_gpu.py
 

@@ -11,8 +11,7 @@ from foreign import SPECS, import_class, write_script
 from torch import nn
 
 from fashion_ft.errors import UsageError, UserError
-from fashion_ft.freezing import apply_freezing, set_train_mode, trainable_summary
-from fashion_ft.model import build_model
+from fashion_ft.model import apply_freezing, build_model, set_train_mode, trainable_summary
 
 
 def params_of(*modules: str) -> set[str]:

@@ -13,8 +13,7 @@ from conftest import REPO, SMALL_CNN3, run_script
 
 from fashion_ft.checkpoint import load_checkpoint, make_checkpoint
 from fashion_ft.errors import UserError
-from fashion_ft.model import build_model
-from fashion_ft.userdef import file_sha256
+from fashion_ft.model import build_model, file_sha256
 
 SHIPPED = REPO / "model" / "mnist_cnn3.pt"
 
@@ -84,10 +83,10 @@ def test_a_user_class_is_sized_on_the_meta_device_first(tmp_path):
                    "        open(__file__ + '.' + str(torch.empty(0).device), 'w').close()\n")
     ckpt = {"fc.weight": torch.zeros(16, 784), "fc.bias": torch.zeros(16)}
     torch.save(ckpt, tmp_path / "w.pt")
-    from fashion_ft import userdef
+    from fashion_ft import model
 
     with pytest.raises(UserError, match="the limit is 1,000,000"):
-        load_checkpoint(tmp_path / "w.pt", model_def=userdef.parse(f"{net}:Net"), model_kwargs={"hidden": 10**6},
+        load_checkpoint(tmp_path / "w.pt", model_def=model.parse(f"{net}:Net"), model_kwargs={"hidden": 10**6},
                         max_params=10**6)
     assert sorted(p.name for p in tmp_path.glob("net.py.*")) == ["net.py.meta"]
 

@@ -149,7 +149,7 @@ def test_a_recorded_definition_is_never_imported_and_an_edited_one_resumes(forei
     script.write_text(script.read_text() + "\n# edited\n")
     assert finetune_gpu.main([str(a) for a in [*resume, "--model-def", f"{script}:{net.cls}"]]) == 0, \
         capsys.readouterr().err
-    from fashion_ft.userdef import file_sha256
+    from fashion_ft.model import file_sha256
 
     assert torch.load(out / "last.pt", weights_only=True)["model_def"]["sha256"] == file_sha256(script)
 
@@ -161,7 +161,7 @@ SUGGESTION_RULE = [  # (accuracy in use, the best other, whether it is suggested
 
 @pytest.mark.parametrize("current, other, suggested", SUGGESTION_RULE)
 def test_the_normalisation_rule(current, other, suggested):
-    from fashion_ft.normalization import CANDIDATES, suggestion
+    from fashion_ft.data import CANDIDATES, suggestion
 
     scores = {(0.2860, 0.3530): current, CANDIDATES["MNIST's"]: other, (0.0, 1.0): 0.1}
     advice = suggestion(scores, (0.2860, 0.3530))
@@ -174,7 +174,7 @@ def test_fine_tuning_under_a_near_chance_normalisation_is_refused(foreign_nets, 
                                                                   monkeypatch):
     """The scores are fixed here (the rule is tested above): the refusal is exit 2, one line, nothing written."""
     from fashion_ft import trainer
-    from fashion_ft.normalization import CANDIDATES
+    from fashion_ft.data import CANDIDATES
 
     monkeypatch.setattr(trainer, "compare", lambda model, images, labels, current: {
         current: 0.12, CANDIDATES["MNIST's"]: 0.81})
@@ -220,7 +220,7 @@ def test_an_explicit_normalisation_far_worse_than_a_candidate_is_warned_of(small
                                                                           capsys, monkeypatch):
     """--normalize is the user's to keep: the run goes on, after a warning that names the better one."""
     from fashion_ft import trainer
-    from fashion_ft.normalization import CANDIDATES
+    from fashion_ft.data import CANDIDATES
 
     monkeypatch.setattr(trainer, "compare", lambda model, images, labels, current: {
         current: 0.13, CANDIDATES["MNIST's"]: 0.97})

@@ -15,10 +15,9 @@ import pytest
 import torch
 from conftest import REPO
 
-from fashion_ft import cli
+from fashion_ft import config
 from fashion_ft.checkpoint import load_checkpoint, save_checkpoint
-from fashion_ft.errors import Interrupted, UserError
-from fashion_ft.signals import HANDLED_SIGNALS, SignalGuard, deferred
+from fashion_ft.errors import HANDLED_SIGNALS, Interrupted, SignalGuard, UserError, deferred
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +59,7 @@ def then_a_user_error():
 @pytest.mark.parametrize("body", [swallowed, turned_into_runtime_error, then_a_user_error])
 def test_any_end_after_a_signal_is_that_interrupt(body, capsys):
     with SignalGuard() as signals:
-        assert cli.run(body, debug=False, signals=signals) == 143
+        assert config.run(body, debug=False, signals=signals) == 143
     assert capsys.readouterr().err.strip() == "interrupted (SIGTERM)"
 
 
@@ -144,7 +143,7 @@ def test_off_the_main_thread_deferred_does_nothing():
 def test_a_hangup_stops_the_run_unless_it_was_ignored(before, code, capsys):
     signal.signal(signal.SIGHUP, before)
     with SignalGuard() as signals:
-        assert cli.run(lambda: signal_self(signal.SIGHUP) or 0, debug=False, signals=signals) == code
+        assert config.run(lambda: signal_self(signal.SIGHUP) or 0, debug=False, signals=signals) == code
     assert capsys.readouterr().err.strip() == ("interrupted (SIGHUP)" if code else "")
     if not code:
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
@@ -171,12 +170,12 @@ def test_a_guard_without_a_signal_puts_the_handlers_back():
 SHUTDOWN = textwrap.dedent(f"""
     import atexit, os, signal, sys, time
     sys.path.insert(0, {str(REPO)!r})
-    from fashion_ft import cli
-    from fashion_ft.signals import SignalGuard
+    from fashion_ft import config
+    from fashion_ft.errors import SignalGuard
     signum = getattr(signal, sys.argv[1])
     atexit.register(lambda: (os.kill(os.getpid(), signum), time.sleep(0.05)))  # a second one as the process ends
     with SignalGuard() as signals:
-        code = cli.run(lambda: os.kill(os.getpid(), signum), debug=False, signals=signals)
+        code = config.run(lambda: os.kill(os.getpid(), signum), debug=False, signals=signals)
     sys.exit(code)
 """)
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 from conftest import REPO, SMALL_RUN, run_script, write_split
 
-from fashion_ft import tblog
+from fashion_ft import outputs
 from fashion_ft.data import CLASSES, read_split
 
 # ---------------------------------------------------------------- TensorBoard trouble mid-run
@@ -19,20 +19,20 @@ BREAK_WRITER = textwrap.dedent("""
     import resource, shutil, signal, sys, tempfile, warnings
     sys.path.insert(0, sys.argv[2])
     warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\\n"  # as the CLI does
-    from fashion_ft import tblog
+    from fashion_ft import outputs
 
     folder = tempfile.mkdtemp()
-    writer = tblog.SafeWriter(folder + "/run")
-    tblog.log_config(writer, {"lr": 0.1})
-    tblog.log_epoch(writer, 1, {"train_loss": 1.0})
+    writer = outputs.SafeWriter(folder + "/run")
+    outputs.log_config(writer, {"lr": 0.1})
+    outputs.log_epoch(writer, 1, {"train_loss": 1.0})
     if sys.argv[1] == "removed":
         shutil.rmtree(folder)
     else:  # a file-size limit fails writes in the kernel as a full disk does
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
     for epoch in range(2, 80):
-        tblog.log_epoch(writer, epoch, {"train_loss": 1.0, "val_acc": 0.5, "lr": 0.01})
-    tblog.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
+        outputs.log_epoch(writer, epoch, {"train_loss": 1.0, "val_acc": 0.5, "lr": 0.01})
+    outputs.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
     writer.close()
     print("training went on; logging active:", writer._writer is not None)
 """)
@@ -53,18 +53,18 @@ def test_a_writer_failure_mid_run_is_one_warning_and_training_goes_on(fault, rea
 def test_a_writer_that_cannot_start_warns_and_does_nothing(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.warns(UserWarning, match="TensorBoard logging stopped: .*file"):
-        writer = tblog.SafeWriter(str(tmp_path / "file" / "run"))
+        writer = outputs.SafeWriter(str(tmp_path / "file" / "run"))
     assert writer._writer is None
-    tblog.log_epoch(writer, 1, {"train_loss": 1.0})
+    outputs.log_epoch(writer, 1, {"train_loss": 1.0})
     writer.close()
 
 
 def test_a_working_writer_logs_and_puts_the_thread_hook_back(tmp_path):
     hook = threading.excepthook
-    writer = tblog.SafeWriter(str(tmp_path / "run"))
+    writer = outputs.SafeWriter(str(tmp_path / "run"))
     assert threading.excepthook != hook
-    tblog.log_epoch(writer, 1, {"train_loss": 1.0, "val_acc": 0.5})
-    tblog.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
+    outputs.log_epoch(writer, 1, {"train_loss": 1.0, "val_acc": 0.5})
+    outputs.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
     assert writer._writer is not None
     writer.close()
     assert threading.excepthook == hook
@@ -92,7 +92,7 @@ def test_a_class_without_test_images_has_no_accuracy_and_still_draws():
 
     labels, preds = torch.tensor([1, 1, 2, 2]), torch.tensor([1, 2, 2, 9])
     writer = Recorder()
-    per_class = tblog.log_test_figures(writer, torch.zeros(4, 28, 28, dtype=torch.uint8), labels, preds, CLASSES)
+    per_class = outputs.log_test_figures(writer, torch.zeros(4, 28, 28, dtype=torch.uint8), labels, preds, CLASSES)
     assert per_class == {**dict.fromkeys(CLASSES), CLASSES[1]: 0.5, CLASSES[2]: 0.5}
     assert json.loads(json.dumps(per_class))[CLASSES[0]] is None  # null in metrics.json
     assert set(writer.scalars) == {"test_per_class/Trouser", "test_per_class/Pullover"}
@@ -100,7 +100,7 @@ def test_a_class_without_test_images_has_no_accuracy_and_still_draws():
 
 
 def test_a_class_without_accuracy_gets_no_bar():
-    image = tblog.render_per_class([None, 0.5, 0.0], ["none", "half", "zero"])
+    image = outputs.render_per_class([None, 0.5, 0.0], ["none", "half", "zero"])
     bars = [image[5 + i * 20:21 + i * 20, 110:470] for i in range(3)]
     blue = [int((bar == (70, 110, 200)).all(-1).sum()) for bar in bars]
     assert blue[0] == blue[2] < blue[1]  # no test images is drawn as an empty bar, as 0%

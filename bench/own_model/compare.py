@@ -13,11 +13,10 @@ import sys
 
 import torch
 
-from fashion_ft import cli, userdef
+from fashion_ft import config, model
 from fashion_ft.checkpoint import load_checkpoint
-from fashion_ft.data import DeviceData, load_split, test_halves
+from fashion_ft.data import DeviceData, given_for, load_split, test_halves
 from fashion_ft.engine import ComputeSettings, logit_metrics, predict_logits
-from fashion_ft.normalization import given_for
 from fashion_ft.system import FP32
 
 CPU = torch.device("cpu")
@@ -29,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("models", nargs="+", help="checkpoints to measure")
     p.add_argument("--split-seed", type=int, default=42, help="the seed of the halves")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    cli.add_shared(p, "--model-def", "--model-kwargs", "--normalize")  # applied as test_model.py applies it
+    config.add_shared(p, "--model-def", "--model-kwargs", "--normalize")  # applied as test_model.py applies it
     return p.parse_args(argv)
 
 
@@ -42,7 +41,7 @@ def main(argv=None) -> int:
         print("| model | " + " | ".join(f"{name} ({len(test.labels[idx])})" for name, idx in halves.items())
               + " | against the first, held-out half |")
         print("|---|---:|---:|---:|---|")
-        definition = userdef.parse(args.model_def) if args.model_def else None
+        definition = model.parse(args.model_def) if args.model_def else None
         first = None
         for path in args.models:
             ckpt = load_checkpoint(path, model_def=definition, model_kwargs=args.model_kwargs)
@@ -54,7 +53,7 @@ def main(argv=None) -> int:
             print(f"| {path} | " + " | ".join(f"{100 * a:.2f}%" for a in accuracies) + f" | {mcnemar(first, right)} |")
         return 0
 
-    return cli.run(body, debug=False)
+    return config.run(body, debug=False)
 
 
 def mcnemar(first: torch.Tensor, other: torch.Tensor) -> str:
