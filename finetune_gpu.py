@@ -77,7 +77,7 @@ def load_resume(path: str, model_def: str | None) -> tuple[dict, Config]:
     (never from the record)."""
     from fashion_ft import model
     from fashion_ft.checkpoint import RESUME_HINT, load_checkpoint, validate_resumable
-    from fashion_ft.outputs import resolve_path
+    from fashion_ft.errors import resolve_path
 
     resolve_path(Path(path), "--resume")  # a symlink loop is worded as for every other path
     definition = model.parse(model_def) if model_def else None
@@ -111,7 +111,8 @@ def resolve_output(cfg: Config, given: dict) -> str:
     """--output, except that a second round started from the default output (the multi-round workflow)
     writes to the next free round folder instead; an explicit --output may never be the input."""
     from fashion_ft.config import printable
-    from fashion_ft.outputs import resolve_path, same_file
+    from fashion_ft.errors import resolve_path
+    from fashion_ft.outputs import same_file
 
     if cfg.from_scratch or cfg.resume or not same_file(resolve_path(Path(cfg.model_path), "--model-path"),
                                                         resolve_path(Path(cfg.output), "--output")):

@@ -10,7 +10,6 @@ import json
 import math
 import numbers
 import os
-import re
 import sys
 import typing
 import warnings
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
-from .errors import Interrupted, SignalGuard, UsageError, UserError, first_line
+from .errors import Interrupted, SignalGuard, UsageError, UserError, first_line, printable
 
 FLOAT32_MAX = 3.4028234e38  # torch keeps hyperparameters such as the LR in float32 tensors
 MAX_PARAMETERS = 100_000_000  # a 400 MB best model and a 1.6 GB last.pt: surely a typo in the widths
@@ -338,15 +337,6 @@ def check_conflicts(cfg: Config, given, preset: str | None) -> None:
 REQUIRED_PACKAGES = ("torch", "torchvision", "tensorboard", "numpy", "tqdm")
 # The unicode categories Cc (C0, DEL, C1), Zl, Zp and Cs (lone surrogates, from undecodable file names):
 # each can end a line or drive a terminal
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
-def printable(text: str) -> str:
-    """text as one terminal line: control characters escaped as Python writes them (\\n, \\x1b, \\u2028),
-    so that a path given by the user cannot split a printed line; any other text, in any script, as it is."""
-    return _CONTROL.sub(lambda m: repr(m[0])[1:-1], text)
-
-
 def json_object(text: str) -> dict:
     """argparse type of a JSON-object flag (--arch-kwargs, --model-kwargs), or a one-line usage error."""
     try:

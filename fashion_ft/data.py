@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UsageError, UserError, first_line
-from .outputs import resolve_path
+from .errors import UsageError, UserError, first_line, resolve_path
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 # Pixel statistics of the 60k training images, scaled to [0, 1].

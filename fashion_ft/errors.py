@@ -1,7 +1,11 @@
 """Errors the command-line scripts turn into one line on stderr and an exit code."""
+import errno
+import os
+import re
 import signal
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def first_line(exc: BaseException, sentence: bool = False) -> str:
@@ -109,3 +113,23 @@ def deferred():
             signal.signal(s, handler)
         for signum in held:
             signal.raise_signal(signum)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """text as one terminal line: control characters escaped as Python writes them (\\n, \\x1b, \\u2028),
+    so that a path given by the user cannot split a printed line; any other text, in any script, as it is."""
+    return _CONTROL.sub(lambda m: repr(m[0])[1:-1], text)
+
+
+def resolve_path(path: Path, flag: str) -> Path:
+    """The absolute path, symlinks followed; a symlink loop is a UsageError naming `flag`."""
+    resolved = Path(os.path.realpath(path))
+    try:
+        os.stat(resolved)
+    except OSError as exc:  # absent is fine; a loop, which realpath leaves in the path, is not
+        if exc.errno == errno.ELOOP:
+            raise UsageError(f"{flag} {path}: symlink loop; point {flag} at a real path") from None
+    return resolved

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from .config import printable
-from .errors import UsageError, UserError, first_line
+from .errors import UsageError, UserError, first_line, printable
 
 # ---------------------------------------------------------------- A user's own network class: `--model-def FILE.py:CLASS` (or `pkg.mod:CLASS`) with `--model-kwargs`.
 

@@ -4,7 +4,6 @@ UsageError (exit 2): the command line is wrong. UserError (exit 1): the file sys
 (no permission, too little space, a folder a live run holds)."""
 
 import contextlib
-import errno
 import fcntl
 import itertools
 import json
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .errors import UsageError, UserError
+from .errors import UsageError, UserError, resolve_path
 
 # ---------------------------------------------------------------- TensorBoard output: per-epoch scalars, and at the end test metrics, hparams, a confusion matrix,
 
@@ -198,17 +197,6 @@ class RunFiles:
     def names(self) -> tuple[str, ...]:
         """The file names written through atomic_write, whose temporaries a killed run leaves."""
         return tuple(path.name for path in self.results())
-
-
-def resolve_path(path: Path, flag: str) -> Path:
-    """The absolute path, symlinks followed; a symlink loop is a UsageError naming `flag`."""
-    resolved = Path(os.path.realpath(path))
-    try:
-        os.stat(resolved)
-    except OSError as exc:  # absent is fine; a loop, which realpath leaves in the path, is not
-        if exc.errno == errno.ELOOP:
-            raise UsageError(f"{flag} {path}: symlink loop; point {flag} at a real path") from None
-    return resolved
 
 
 def same_file(a: Path, b: Path) -> bool:
