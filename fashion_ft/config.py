@@ -1,4 +1,5 @@
-"""The one configuration object of a fine-tuning run, its presets and its validation.
+"""The one configuration object of a fine-tuning run, its presets, its validation and resume rules, the
+shared flags, and the command-line contract (one line on stderr, an exit code).
 
 Defaults are written here once; the scripts' flags take theirs from them (add_flag).
 """
@@ -331,7 +332,7 @@ def check_conflicts(cfg: Config, given, preset: str | None) -> None:
         refuse("model_path", "from_scratch", "random weights start from no checkpoint")
 
 
-# ---------------------------------------------------------------- The command-line contract every script keeps: a failure is one line on stderr and an exit code.
+# ---------------------------------------------------------------- the command-line contract: one line on stderr and an exit code
 
 # requirements.txt: a script that cannot import one of these runs in a Python the project was not set up in
 REQUIRED_PACKAGES = ("torch", "torchvision", "tensorboard", "numpy", "tqdm")

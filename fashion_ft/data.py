@@ -1,4 +1,5 @@
-"""Fashion-MNIST: find and read the IDX files, split, batch and augment whole batches on the device.
+"""Fashion-MNIST: find and read the IDX files, split, batch and augment whole batches on the device, and
+tell which input normalisation a model was trained with.
 
 The whole set is one uint8 tensor on the training device (60k x 28 x 28 = 47 MB); a batch is an index
 slice of a per-epoch permutation, and normalisation and augmentation run on the whole batch there,
@@ -409,7 +410,7 @@ def make_batch(images_uint8, aug: AugmentConfig | None, gen, mean, std, memory_f
     return normalize(augmented(images_uint8, aug, gen), mean, std, memory_format)
 
 
-# ---------------------------------------------------------------- Which input normalisation a model was trained with, when its file does not say.
+# ---------------------------------------------------------------- which normalisation a model was trained with
 
 CANDIDATES = {  # name -> (mean, std) of the pixels scaled to [0, 1]
     "Fashion-MNIST's": (MEAN, STD),

@@ -1,4 +1,5 @@
-"""Training and evaluation: the step, the moving average, one epoch, predictions and metrics.
+"""Training and evaluation: the optimizer and its LR schedules, the best-epoch trackers, the step (with
+distillation's loss), the moving average, one epoch, predictions and metrics.
 
 The hot loops keep metrics on the device and sync with the host every `SYNC_EVERY` steps (progress, the
 finite-loss check, and under torchrun the stop flag the ranks agree on). Per step only fp16's GradScaler
@@ -22,7 +23,7 @@ from .errors import DivergenceError, UserError, first_line
 from .model import INPUT_SHAPE
 from .system import CHANNELS_LAST_MPS_REASON, AmpPolicy, autocast, channels_last_ok
 
-# ---------------------------------------------------------------- The optimizer, its LR schedules, its restore from a last.pt, and the trackers of the best epoch.
+# ---------------------------------------------------------------- the optimizer, its LR schedules, the best-epoch trackers
 
 def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
     """Only trainable parameters; no weight decay on biases and normalisation parameters."""

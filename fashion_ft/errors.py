@@ -1,4 +1,5 @@
-"""Errors the command-line scripts turn into one line on stderr and an exit code."""
+"""What a user is told: the errors the scripts turn into one line on stderr and an exit code, the signals
+that stop a run, and a path or text made fit for one line."""
 import errno
 import os
 import re
@@ -53,7 +54,7 @@ class Interrupted(BaseException):
         self.hint = hint
 
 
-# ---------------------------------------------------------------- SIGINT, SIGTERM and SIGHUP over the whole run.
+# ---------------------------------------------------------------- SIGINT, SIGTERM and SIGHUP over the whole run
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 

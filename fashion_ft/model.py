@@ -1,4 +1,5 @@
-"""The CNNs and the arch registry: a name maps to a constructor and its default kwargs.
+"""The models: a user's own class (--model-def), our CNNs and the arch registry (a name maps to a
+constructor and its default kwargs), and freezing (--freeze-conv, --freeze-bn, --trainable).
 
 Checkpoints store `arch` + `arch_kwargs`, so a model is rebuilt from the file alone (as nanoGPT
 does with its model args). Each network ends in a `classifier`, which is the head that --freeze-conv
@@ -28,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import UsageError, UserError, first_line, printable
 
-# ---------------------------------------------------------------- A user's own network class: `--model-def FILE.py:CLASS` (or `pkg.mod:CLASS`) with `--model-kwargs`.
+# ---------------------------------------------------------------- a user's own network class (--model-def)
 
 @dataclass(frozen=True)
 class ModelDef:
@@ -408,7 +409,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# ---------------------------------------------------------------- Freezing for any CNN: which tensors --freeze-conv, --freeze-bn and --trainable keep as loaded.
+# ---------------------------------------------------------------- freezing (--freeze-conv, --freeze-bn, --trainable)
 
 CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
                       "convolution", "_convolution"})

@@ -1,5 +1,6 @@
 """A run's files, checked before any work and creating nothing: they never replace an input or earlier
-results; which TensorBoard folder is the run's; and the lock that keeps one live run per output folder.
+results; which TensorBoard folder is the run's, and the writer that never fails the run; and the lock that
+keeps one live run per output folder.
 UsageError (exit 2): the command line is wrong. UserError (exit 1): the file system cannot take the run now
 (no permission, too little space, a folder a live run holds)."""
 
@@ -24,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from .errors import UsageError, UserError, resolve_path
 
-# ---------------------------------------------------------------- TensorBoard output: per-epoch scalars, and at the end test metrics, hparams, a confusion matrix,
+# ---------------------------------------------------------------- TensorBoard: scalars each epoch; at the end test figures and hparams
 
 EPOCH_SCALARS = {"train/loss": "train_loss", "train/acc": "train_acc", "val/loss": "val_loss", "val/acc": "val_acc",
                  "lr": "lr", "throughput/train_images_per_s": "images_per_s", "time/epoch_s": "epoch_s",

@@ -1,4 +1,4 @@
-"""Device choice, mixed-precision policy, backend flags, memory report, seeding, CPU threads.
+"""Device choice, mixed-precision policy, backend flags, memory report, seeding, CPU threads, torchrun.
 
 Every GPU decision is made from what torch reports (torch.cuda, torch.backends.mps, torch.__version__), so that
 each is tested on any machine with those queries replaced."""
@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import UsageError, chain, first_line
 
-# ---------------------------------------------------------------- torchrun support: rank and world size from the environment, the process group, collectives, and the
+# ---------------------------------------------------------------- torchrun: ranks, the process group, collectives
 
 # A rank that dies leaves the others waiting in a collective; this bounds the wait.
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=5)

@@ -61,7 +61,7 @@ from .model import (
 )
 from .outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files, resumes_in_place
 
-# ---------------------------------------------------------------- What a fine-tuning run prints: the set-up lines, a progress bar, one line per epoch, the summary.
+# ---------------------------------------------------------------- what a run prints
 
 @dataclass
 class Console:
