@@ -448,3 +448,11 @@ def validate_resumable(path, meta: dict) -> None:
 
 def nonfinite_tensors(state_dict: dict) -> list[str]:
     return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def require_finite(ckpt: "LoadedCheckpoint") -> "LoadedCheckpoint":
+    """Training from NaN/Inf weights only spreads them: refused before anything is written."""
+    bad = nonfinite_tensors(ckpt.state_dict)
+    if bad:
+        raise UserError(f"{ckpt.path} has NaN/Inf weights in {', '.join(bad[:3])}")
+    return ckpt

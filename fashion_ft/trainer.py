@@ -26,7 +26,7 @@ from .checkpoint import (
     LoadedCheckpoint,
     load_checkpoint,
     make_checkpoint,
-    nonfinite_tensors,
+    require_finite,
     save_checkpoint,
     save_json,
 )
@@ -192,13 +192,10 @@ def load_start_model(cfg: Config, resume_meta: dict | None) -> StartModel:
         system.seed_everything(cfg.seed)  # the random initial weights are part of the experiment
         kwargs = resolve_arch_kwargs(cfg.arch, cfg.arch_kwargs)
         return StartModel(build_model(cfg.arch, kwargs), cfg.arch, kwargs, source="random weights")
-    ckpt = load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle, model_def=explicit_def(cfg),
-                           model_kwargs=cfg.model_kwargs, max_params=cfg.max_params)
+    ckpt = require_finite(load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle, model_def=explicit_def(cfg),
+                                          model_kwargs=cfg.model_kwargs, max_params=cfg.max_params))
     if cfg.model_def and ckpt.model_def is None:
         raise UsageError(f"--model-def: {cfg.model_path} records its own architecture ({ckpt.arch}); drop --model-def")
-    bad = nonfinite_tensors(ckpt.state_dict)
-    if bad:
-        raise UserError(f"{cfg.model_path} has NaN/Inf weights in {', '.join(bad[:3])}")
     name = f"{ckpt.model_def.given}:{ckpt.model_def.cls}" if ckpt.model_def else f"arch {ckpt.arch}"
     mean, std = cfg.normalize or (ckpt.mean, ckpt.std)
     return StartModel(ckpt.build(), ckpt.arch, ckpt.arch_kwargs, mean, std, split_record(ckpt),
@@ -231,12 +228,9 @@ def load_teachers(cfg: Config, resume_meta: dict | None) -> list[LoadedCheckpoin
     found = []
     for path in cfg.teacher or []:
         try:
-            ckpt = load_checkpoint(path, max_params=cfg.max_params, ours_only=True)
+            ckpt = require_finite(load_checkpoint(path, max_params=cfg.max_params, ours_only=True))
         except UserError as exc:
             raise UserError(f"--teacher: {exc}") from None
-        bad = nonfinite_tensors(ckpt.state_dict)
-        if bad:
-            raise UserError(f"--teacher: {path} has NaN/Inf weights in {', '.join(bad[:3])}")
         ckpt.sha256 = model.file_sha256(path)
         found.append(ckpt)
     recorded = {r["path"]: r["sha256"] for r in (resume_meta or {}).get("teachers") or []}

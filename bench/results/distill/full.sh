@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Full-length runs of --preset distill beside the plans it is measured against, one run at a time:
-#   1. own model (a), trained by its owner's script on all 60,000 images, then the light plan and the distill
-#      plan, each validating on the selection half of the test images (--val-from test-half);
-#      bench.own_model.compare scores all three on the held-out half, with McNemar's test against the start;
-#   2. our shipped cnn3: the distill plan (the deep plan's row is in bench/results/results.md).
-#   bash bench/results/distill/full.sh [STEP...]   (from the repository root; steps: own light light30 distill compare cnn3)
+#   own: own model (a), trained by its owner's script on all 60,000 images;
+#   light, light30, distill: the light plan as shipped (patience 15), the light plan waiting all 30 epochs as the
+#      distill plan does, and the distill plan, each validating on the selection half of the test images
+#      (--val-from test-half);
+#   compare: all of them on the held-out half, with McNemar's test against the start;
+#   cnn3: our shipped cnn3, the distill plan (the deep plan's row is in bench/results/results.md).
+#   bash bench/results/distill/full.sh [STEP...]   (from the repository root; steps as above)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 logs=bench/results/distill/logs runs=${RUNS:-/tmp/distill-full}
