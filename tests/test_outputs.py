@@ -315,7 +315,7 @@ def test_a_live_runs_folder_is_refused_and_a_killed_runs_is_taken_again(tmp_path
                 RunLock(lock, clean=("last.pt",)).__enter__)
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate()  # closes its pipes too
     assert lock.read_text() == f"{holder.pid}\n"  # left behind
     with warnings.catch_warnings():
         warnings.simplefilter("error")
