@@ -97,12 +97,10 @@ def check_from_scratch_model(cfg: Config) -> None:
     another class count or an absurd size exit 2 before any work."""
     from functools import partial
 
-    from fashion_ft.model import build_model, check_architecture, check_kwarg_types, resolve_arch_kwargs
+    from fashion_ft.model import build_model, check_architecture
 
-    try:
-        check_kwarg_types(cfg.arch, cfg.arch_kwargs or {})
-        check_architecture(partial(build_model, cfg.arch, resolve_arch_kwargs(cfg.arch, cfg.arch_kwargs)),
-                           cfg.max_params)
+    try:  # build_model checks the kwargs themselves
+        check_architecture(partial(build_model, cfg.arch, cfg.arch_kwargs), cfg.max_params)
     except UserError as exc:
         raise UsageError(f"--arch-kwargs: {exc}") from None
 

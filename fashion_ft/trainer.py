@@ -55,8 +55,10 @@ from .model import (
     apply_freezing,
     build_model,
     build_source,
+    count_parameters,
     resolve_arch_kwargs,
     set_train_mode,
+    trainable_summary,
     unwrap,
 )
 from .outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files, resumes_in_place
@@ -111,8 +113,6 @@ def epoch_line(row: dict, is_best: bool) -> str:
 
 
 def setup_lines(cfg, rt, lr: float, model: torch.nn.Module) -> list[str]:
-    from .model import count_parameters, trainable_summary
-
     total, trainable = count_parameters(model)
     threads = torch.get_num_threads() if rt.device.type == "cpu" else "-"
     return [

@@ -60,6 +60,25 @@ def head_parameters(model) -> set[str]:
     return {name for name, p in model.named_parameters() if id(p) in head}
 
 
+class WrappedFile:
+    """A file as os.fdopen returns it, whose write() a test double overrides: the rest goes to the real file."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def write(self, data):
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
 def run_script(script: str, *args, cwd=None, timeout=300, env=None, subprocess_only=False) -> subprocess.CompletedProcess:
     """Run one of the real top-level scripts as a user would, capturing its output. Without `cwd` or
     `env`, the two scripts run in this process (their main(argv), the same code path after the

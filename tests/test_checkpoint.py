@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import SMALL_CNN3, TINY, tiny_model
+from conftest import SMALL_CNN3, TINY, WrappedFile, tiny_model
 from torch import nn
 
 from fashion_ft import model
@@ -263,27 +263,19 @@ def test_save_leaves_only_the_target(tmp_path):
     assert torch.equal(torch.load(tmp_path / "sub" / "c.pt", weights_only=True)["x"], torch.ones(3))
 
 
-class FillsUp:
+class FillsUp(WrappedFile):
     """os.fdopen's file on a disk with `room` bytes left: a write beyond them fails as on a full disk."""
 
     def __init__(self, fh, room):
-        self.fh, self.room = fh, room
+        super().__init__(fh)
+        self.room = room
 
     def write(self, data):
         size = memoryview(data).nbytes
         if size > self.room:
             raise OSError(errno.ENOSPC, "No space left on device")
         self.room -= size
-        return self.fh.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.fh, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.fh.close()
+        return super().write(data)
 
 
 def half_then(error):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, WrappedFile
 
 from fashion_ft import config
 from fashion_ft.checkpoint import load_checkpoint, save_checkpoint
@@ -70,27 +70,19 @@ def test_a_signal_before_the_loop_stops_it_at_the_first_poll():
             assert received == ["SIGTERM"]
 
 
-class SignalsMidWrite:
+class SignalsMidWrite(WrappedFile):
     """The temporary file, whose third write (and fourth, with `signals=2`) receives SIGTERM, as a run does
     while torch.save writes."""
 
     def __init__(self, fh, signals=1):
-        self.fh, self.writes, self.signals = fh, 0, signals
+        super().__init__(fh)
+        self.writes, self.signals = 0, signals
 
     def write(self, data):
         self.writes += 1
         if 3 <= self.writes < 3 + self.signals:
             signal_self()
-        return self.fh.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.fh, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.fh.close()
+        return super().write(data)
 
 
 @pytest.mark.parametrize("signals, polling, raised", [(1, False, True), (2, False, True), (1, True, False),
