@@ -24,7 +24,7 @@ from torch import nn
 
 from . import model
 from .config import MAX_PARAMETERS, NORMALIZE_RULE, normalize_ok
-from .data import CLASSES, MEAN, STD, VALIDATION_SOURCES
+from .data import CLASSES, MEAN, STD, VALIDATION_SOURCES, Split
 from .errors import UserError, deferred, first_line
 from .model import (
     ARCHS,
@@ -216,6 +216,7 @@ RESUME_FIELDS = {
     "epoch": (_int, "a whole number >= 0"),
     "run_name": (lambda v: isinstance(v, str), "text"),
     "ema": (lambda v: v is None or _weights(v), f"None (no --ema-decay) or {WEIGHTS}"),
+    "input_container": (lambda v: v is None or isinstance(v, str), "None (a bare state_dict) or text"),
 }
 
 
@@ -247,7 +248,9 @@ def _check_tensors(path, state_dict: dict, where: str) -> None:
 
 @dataclass
 class LoadedCheckpoint:
-    path: Path
+    """A model's weights and what they were trained with: a file read by load_checkpoint, or random weights."""
+
+    path: Path | None  # None: random weights (--from-scratch)
     source_format: str  # how the weights were stored, for the user
     arch: str
     arch_kwargs: dict
@@ -270,8 +273,19 @@ class LoadedCheckpoint:
         return model
 
     @property
-    def split(self) -> dict | None:  # None: an older file, or a model from elsewhere
-        return dict(self.meta["split"]) if self.meta.get("split") else None
+    def split(self) -> Split | None:
+        """The split the weights were trained with; None: unknown (a model from elsewhere). Files written
+        before the split had its own record drew it from their --seed and --val-size, which their config keeps."""
+        if split := self.meta.get("split"):
+            return Split(split["seed"], split["val_size"], split.get("fingerprint"), split.get("validation", "train"))
+        config = self.meta.get("config") or {}
+        if type(config.get("seed")) is int and type(config.get("val_size")) is int:
+            return Split(config["seed"], config["val_size"])
+        return None
+
+    def describe(self) -> str:
+        name = f"{self.model_def.given}:{self.model_def.cls}" if self.model_def else f"arch {self.arch}"
+        return f"{self.path} ({self.source_format}, {name})" if self.path else f"{self.source_format} ({name})"
 
 
 def _torch_load(path: Path, trust_pickle: bool, refusal_hint: str) -> tuple[object, bool]:

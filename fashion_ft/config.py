@@ -32,94 +32,125 @@ TTA_MODES = ("none", "flip")
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 5e-4}
 
 
-# What --resume does with each field, by the rule in its metadata:
-#   (unmarked)  taken from last.pt; a flag that changes it needs --override-resume
+# Each field is one flag of the scripts, with its help (`{...}`: filled in by add_flag from FILLS) and what
+# --resume does with it:
+#   setting     taken from last.pt; a flag that changes it needs --override-resume
 #   free        taken from last.pt; a flag may change it: where and how long the same experiment runs
 #   fixed       taken from last.pt; never changes, whatever changes it: it defines the model, the data or the
 #               optimizer state
 #   permission  never taken from last.pt: one run's --overwrite may not replace another run's files, nor its
 #               record choose code to run
 def _rule(rule: str):
-    return lambda default=False: dataclasses.field(default=default, metadata={"resume": rule})
+    def field(default, help: str, **flag):  # flag: add_argument's own keywords (metavar, nargs, ...)
+        return dataclasses.field(default=default, metadata={"resume": rule, "help": help, "flag": flag})
+    return field
 
 
-free, fixed, permission = _rule("free"), _rule("fixed"), _rule("permission")
+setting, free, fixed, permission = (_rule(r) for r in ("override", "free", "fixed", "permission"))
+UNSET_SPLIT = "unset: the starting model's split, else"
 
 
 @dataclass
 class Config:
     # model
-    model_path: str = free("model/mnist_cnn3.pt")
-    from_scratch: bool = fixed(False)
-    arch: str = fixed("cnn3")
-    arch_kwargs: dict | None = fixed(None)  # overrides of the arch's registry defaults, e.g. {"blocks": 1}
-    max_params: int = free(MAX_PARAMETERS)
-    model_def: str | None = permission(None)  # FILE.py:CLASS or pkg.mod:CLASS: named on every load
-    model_kwargs: dict | None = fixed(None)  # its constructor's keyword arguments
-    normalize: list | None = fixed(None)  # [mean, std] the model was trained with; None: the file's record, else Fashion-MNIST's
-    trust_pickle: bool = permission()
+    model_path: str = free("model/mnist_cnn3.pt", "pretrained checkpoint to start from")
+    model_def: str | None = permission(
+        None, "your own network class (a file path, hyphens allowed, or pkg.mod:CLASS), for a checkpoint of its "
+        "weights; the file is imported without running its __main__ block", metavar="FILE.py:CLASS")
+    model_kwargs: dict | None = fixed(None, "keyword arguments of its constructor, e.g. '{{\"width\": 32}}'",
+                                      metavar="JSON")
+    normalize: list | None = fixed(
+        None, "the input normalisation the model was trained with (pixels in [0, 1]); unset: the checkpoint's "
+        "record, else Fashion-MNIST's {fashion[0]:.4f} {fashion[1]:.4f} (MNIST's is {mnist[0]} {mnist[1]})",
+        type=float, nargs=2, metavar=("MEAN", "STD"))
+    from_scratch: bool = fixed(False, "start from random weights (--arch) instead")
+    arch: str = fixed("cnn3", "architecture for --from-scratch")
+    arch_kwargs: dict | None = fixed(None, "with --from-scratch: a JSON object overriding the arch's defaults, e.g. "
+                                     "'{{\"blocks\": 1}}'", metavar="JSON")
+    max_params: int = free(MAX_PARAMETERS, "refuse a model with more parameters (a typo in --arch-kwargs, or widths "
+                           "recorded in a damaged checkpoint), before any memory is taken")
+    trust_pickle: bool = permission(False, "allow a checkpoint holding pickled Python objects (runs code from the "
+                                    "file!)")
     # data
-    data_dir: str | None = free(None)
-    download: bool = permission()
-    val_size: int | None = fixed(None)  # None: the input checkpoint's split, else data.DEFAULT_SPLIT
-    split_seed: int | None = fixed(None)  # None: the input checkpoint's split, else data.DEFAULT_SPLIT
-    val_from: str | None = fixed(None)  # data.VALIDATION_SOURCES; None: the input checkpoint's, else as data.choose_split says
-    limit_train: int | None = None
-    augment: str = "light"
+    data_dir: str | None = free(None, "folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, then the "
+                                "Debian folder")
+    download: bool = permission(False, "download Fashion-MNIST into ./data if missing")
+    val_size: int | None = fixed(None, f"validation images held out of training; {UNSET_SPLIT} {{split[1]}}")
+    split_seed: int | None = fixed(None, f"seed of the validation split; {UNSET_SPLIT} {{split[0]}}")
+    val_from: str | None = fixed(
+        None, "validate on images held out of the training files, or on one half of the test files (testing on the "
+        "other half); unset: the starting model's, else test-half for a model with no record of its training "
+        "split and no --val-size, else train")
+    limit_train: int | None = setting(None, "use only N training images (smoke runs)")
+    augment: str = setting("light", "light: rotation ±10°; strong: + shifts, horizontal flips, random erasing")
     # optimisation
-    preset: str | None = None
-    batch_size: int = 256
-    eval_batch_size: int | None = free(None)  # None: system.default_eval_batch_size of the device
-    lr: float = 0.001
-    optimizer: str = fixed("adamw")
-    momentum: float = 0.9
-    weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY of the optimizer
-    epochs: int = free(30)
-    scheduler: str = "cosine"
-    warmup_epochs: float | None = None  # None: FINETUNE_WARMUP_EPOCHS when fine-tuning, else 0 (resolve_defaults)
-    min_lr: float = 1e-6
-    step_size: int = 10
-    step_gamma: float = 0.1
-    exp_gamma: float = 0.9
-    plateau_factor: float = 0.5
-    plateau_patience: int = 3
-    label_smoothing: float = 0.0
-    tta: str = "none"  # "flip": validation and test predictions average each image and its mirror image
-    max_grad_norm: float | None = None
-    ema_decay: float = 0.0  # 0: off; else validate, select and save an exponential moving average of the weights
+    preset: str | None = setting(None, "a fine-tuning plan; flags given explicitly win ({presets})")
+    batch_size: int = setting(256, "per process")
+    eval_batch_size: int | None = free(None, "batch for validation and test; unset: {eval_batch[cpu]} on the CPU "
+                                       "(fits the cache), {eval_batch[gpu]} on a GPU")
+    lr: float = setting(0.001, "peak learning rate")
+    optimizer: str = fixed("adamw", "AdamW or SGD with Nesterov momentum")
+    momentum: float = setting(0.9, "SGD momentum (Nesterov)")
+    weight_decay: float | None = setting(None, "unset: {weight_decay}; never on biases or BatchNorm")
+    epochs: int = free(30, "at most this many epochs (early stopping may end sooner)")
+    scheduler: str = setting("cosine", "LR schedule over the run")
+    warmup_epochs: float | None = setting(None, "linear LR warm-up; unset: {warmup:g} when fine-tuning, 0 with "
+                                          "--from-scratch or onecycle")
+    min_lr: float = setting(1e-6, "cosine: the final LR")
+    step_size: int = setting(10, "step: epochs between decays")
+    step_gamma: float = setting(0.1, "step: decay factor")
+    exp_gamma: float = setting(0.9, "exponential: factor per epoch")
+    plateau_factor: float = setting(0.5, "plateau: decay factor")
+    plateau_patience: int = setting(3, "plateau: epochs to wait")
+    label_smoothing: float = setting(0.0, "of the training loss only")
+    ema_decay: float = setting(0.0, "validate, select and save a moving average of the weights, updated with this "
+                               "decay after every step (0.999 averages about the last 1,000 steps); 0: off")
+    max_grad_norm: float | None = setting(None, "clip gradients to this norm")
+    freeze_conv: bool = fixed(False, "train only the head: the layers from the first fully connected one after the "
+                              "last convolution (found from one forward pass); the features stay exactly as loaded")
+    freeze_bn: bool = fixed(False, "freeze BatchNorm weights and running statistics")
+    trainable: str | None = fixed(None, "train only the layers whose names match these comma-separated patterns, "
+                                  "e.g. 'fc*,bn_fc' (where --freeze-conv cannot tell a model's head)",
+                                  metavar="PATTERNS")
     # distillation: the loss is (1 - kd_alpha) * CE(labels) + kd_alpha * T^2 * KL(teachers' softmax at T || the model's)
     # alpha and T: the best validation accuracy of the screen (bench/results/distill/): accuracy fell as T rose
     # (the shipped teacher's targets near uniform at T 4) and alpha 0.9 trailed 0.5 at every T
-    teacher: list | None = None  # checkpoints of our architectures, whose averaged predictions teach
-    kd_alpha: float = 0.5
-    kd_temperature: float = 1.0
-    freeze_conv: bool = fixed(False)
-    freeze_bn: bool = fixed(False)
-    trainable: str | None = fixed(None)  # comma-separated module-name patterns: train only these layers
-    # selection and stopping
-    select: str = "val_acc"  # the validation metric that picks the best model
-    monitor: str = "val_loss"  # early stopping and plateau: "validation loss did not improve for 15 epochs"
-    patience: int = 15
-    min_delta: float = 0.0
-    seed: int = 42  # shuffling, augmentation, dropout and --from-scratch weights; not the split
+    teacher: list | None = setting(None, "checkpoints of our architectures (e.g. model/resnet20.pt); several: their "
+                                   "softmax averaged", type=str, nargs="+", metavar="PATH")
+    kd_alpha: float = setting(0.5, "weight of the teachers' term in the loss (1 - it: the labels')")
+    kd_temperature: float = setting(1.0, "softmax temperature of teachers and model in that term (higher: softer "
+                                    "targets)")
+    # model selection and early stopping
+    select: str = setting("val_acc", "validation metric that picks the best model")
+    monitor: str = setting("val_loss", "validation metric for early stopping and the plateau scheduler")
+    patience: int = setting(15, "epochs without improvement before stopping")
+    min_delta: float = setting(0.0, "smallest change that counts")
+    seed: int = setting(42, "shuffling, augmentation, dropout and --from-scratch weights (not the split: "
+                        "--split-seed)")
+    tta: str = setting("none", "flip: predictions average each image and its mirror image (pays off after --augment "
+                       "strong, which trains on mirror images)")
     # output
-    output: str = free("result/mnist_cnn_finetuned.pt")
-    overwrite: bool = permission()
-    resume: str | None = free(None)
-    override_resume: bool = permission()
-    logdir: str = free("logs_finetune")
-    run_name: str | None = free(None)
+    output: str = free("result/mnist_cnn_finetuned.pt", "best model; last.pt and metrics.json go beside it")
+    overwrite: bool = permission(False, "replace existing output files")
+    resume: str | None = free(None, "continue a run from its last.pt (path)")
+    override_resume: bool = permission(False, "allow changed hyperparameters on --resume")
+    logdir: str = free("logs_finetune", "TensorBoard folder")
+    run_name: str | None = free(None, "TensorBoard run folder; unset: time, plan, optimizer, lr and batch size")
     # hardware
-    device: str = free("auto")
-    amp: str = "auto"
-    channels_last: bool = True
-    compile: bool = free(False)
-    deterministic: bool = free(False)
-    sync_bn: bool = False
-    scale_lr: bool = False
+    device: str = free("auto", "auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps")
+    amp: str = setting("auto", "mixed precision; auto: bf16 on CPUs and GPUs that are fast at it (CUDA capability "
+                       "8.0+), fp16 with loss scaling on capability 7.x (V100, T4), else fp32; on Apple MPS fp32, "
+                       "with bf16 or fp16 only when asked for")
+    channels_last: bool = setting(True, "NHWC memory layout (faster convolutions)",
+                                  action=argparse.BooleanOptionalAction)
+    compile: bool = free(False, "torch.compile the model")
+    deterministic: bool = free(False, "deterministic kernels, no TF32, no cuDNN autotuning: repeatable on one GPU, a "
+                               "little slower")
+    sync_bn: bool = setting(False, "SyncBatchNorm across GPUs (torchrun, CUDA)")
+    scale_lr: bool = setting(False, "multiply --lr by the world size (linear scaling)")
     # console
-    quiet: bool = free(False)
-    debug: bool = free(False)
+    quiet: bool = free(False, "no progress bars or per-epoch lines")
+    debug: bool = free(False, "show tracebacks")
 
     @property
     def trainable_patterns(self) -> list[str] | None:
@@ -134,6 +165,12 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# finetune_gpu.py --help's sections: each begins at its first field, in Config's order
+SECTIONS = {"model_path": "model", "data_dir": "data", "preset": "optimisation",
+            "teacher": "distillation (a stronger model teaches this one)",
+            "select": "model selection and early stopping (validation split only)", "output": "output",
+            "device": "hardware", "quiet": "console"}
 
 # The plans of the guide. A flag given explicitly wins over its preset's value.
 PRESETS = {
@@ -336,8 +373,8 @@ def check_conflicts(cfg: Config, given, preset: str | None) -> None:
 
 # requirements.txt: a script that cannot import one of these runs in a Python the project was not set up in
 REQUIRED_PACKAGES = ("torch", "torchvision", "tensorboard", "numpy", "tqdm")
-# The unicode categories Cc (C0, DEL, C1), Zl, Zp and Cs (lone surrogates, from undecodable file names):
-# each can end a line or drive a terminal
+
+
 def json_object(text: str) -> dict:
     """argparse type of a JSON-object flag (--arch-kwargs, --model-kwargs), or a one-line usage error."""
     try:
@@ -349,46 +386,36 @@ def json_object(text: str) -> dict:
     return value
 
 
-def add_flag(g, name: str, help: str, **kw) -> None:
-    """Add the flag of Config field `name` to a parser or argument group: its default (which --help shows),
-    type and choices are the field's (imported late: the choices' modules import torch, after the scripts
-    installed their signal handlers)."""
+def _fills() -> dict:
+    """What the flags' help texts name (imported late: data and system import torch)."""
+    from .data import CANDIDATES, DEFAULT_SPLIT
+    from .system import EVAL_BATCH_SIZE
 
-    hint = Config.__annotations__[name]
-    kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+    presets = "; ".join(f"{k}: " + ", ".join(f"{f}={v}" for f, v in vals.items()) for k, vals in PRESETS.items())
+    return {"split": DEFAULT_SPLIT, "eval_batch": EVAL_BATCH_SIZE, "warmup": FINETUNE_WARMUP_EPOCHS, "presets": presets,
+            "weight_decay": ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_WEIGHT_DECAY.items()),
+            "fashion": CANDIDATES["Fashion-MNIST's"], "mnist": CANDIDATES["MNIST's"]}
+
+
+def add_flag(g, name: str, **kw) -> None:
+    """Add the flag of Config field `name` to a parser or argument group: its help, default (which --help
+    shows), type and choices are the field's; `kw` overrides add_argument's keywords."""
+    field = next(f for f in dataclasses.fields(Config) if f.name == name)
+    kinds = [t for t in typing.get_args(field.type) or (field.type,) if t is not type(None)]
+    kw = {**field.metadata["flag"], **kw}
     if bool in kinds:
         kw.setdefault("action", "store_true")
     elif "type" not in kw:
         kw["type"] = json_object if dict in kinds else kinds[0]
     if name in (options := choices()):
         kw["choices"] = [c for c in options[name] if c is not None]
-    g.add_argument(flag_of(name), default=getattr(Config(), name), help=help, **kw)
+    g.add_argument(flag_of(name), default=field.default, help=field.metadata["help"].format(**_fills()), **kw)
 
 
 def add_shared(g, *flags: str) -> None:
-    """Add these of the flags both scripts take, each defined once, to a parser or argument group."""
-    from .data import CANDIDATES
-
-    (fm_mean, fm_std), (m_mean, m_std) = CANDIDATES["Fashion-MNIST's"], CANDIDATES["MNIST's"]
-    shared = {
-        "--model-def": ("your own network class (a file path, hyphens allowed, or pkg.mod:CLASS), for a checkpoint "
-                        "of its weights; the file is imported without running its __main__ block",
-                        dict(metavar="FILE.py:CLASS")),
-        "--model-kwargs": ("keyword arguments of its constructor, e.g. '{\"width\": 32}'", dict(metavar="JSON")),
-        "--normalize": (f"the input normalisation the model was trained with (pixels in [0, 1]); unset: the "
-                        f"checkpoint's record, else Fashion-MNIST's {fm_mean:.4f} {fm_std:.4f} (MNIST's is {m_mean} "
-                        f"{m_std})", dict(type=float, nargs=2, metavar=("MEAN", "STD"))),
-        "--trust-pickle": ("allow a checkpoint holding pickled Python objects (runs code from the file!)", {}),
-        "--data-dir": ("folder with the IDX files; unset: $FASHION_MNIST_DIR, ./data, then the Debian folder", {}),
-        "--download": ("download Fashion-MNIST into ./data if missing", {}),
-        "--device": ("auto (CUDA, else Apple MPS, else CPU) | cpu | cuda | cuda:N | mps", {}),
-        "--tta": ("flip: predictions average each image and its mirror image (pays off after --augment strong, "
-                  "which trains on mirror images)", {}),
-        "--debug": ("show tracebacks", {}),
-    }
+    """Add these flags (--model-def, ...), as finetune_gpu.py defines them, to another script's parser."""
     for flag in flags:
-        help, kw = shared[flag]
-        add_flag(g, flag[2:].replace("-", "_"), help, **kw)
+        add_flag(g, flag[2:].replace("-", "_"))
 
 
 def error_prefix() -> str:

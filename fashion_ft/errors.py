@@ -116,6 +116,8 @@ def deferred():
             signal.raise_signal(signum)
 
 
+# C0, DEL, C1, the line and paragraph separators and lone surrogates (from undecodable file names): each
+# can end a line or drive a terminal
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 

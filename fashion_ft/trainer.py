@@ -33,8 +33,6 @@ from .checkpoint import (
 from .config import Config, printable, silence
 from .data import (
     CLASSES,
-    MEAN,
-    STD,
     DeviceData,
     Split,
     augmented,
@@ -54,7 +52,6 @@ from .model import (
     ModelDef,
     apply_freezing,
     build_model,
-    build_source,
     count_parameters,
     resolve_arch_kwargs,
     set_train_mode,
@@ -150,31 +147,12 @@ def summary_lines(summary: dict, files) -> list[str]:
     return lines
 
 
-@dataclass
-class StartModel:
-    """The model a run starts from, and what it was trained with."""
-
-    model: nn.Module
-    arch: str
-    arch_kwargs: dict
-    mean: float = MEAN
-    std: float = STD
-    split: Split | None = None  # the split it was trained with; None: unknown
-    source: str = "the model"
-    model_def: ModelDef | None = None  # the user's class, built with arch_kwargs
-    container: str | None = FORMAT  # a user's file: None (bare state_dict) or the key its weights sat under
-    normalize_known: bool = True  # recorded in the file or given as --normalize
-
-    def build(self) -> nn.Module:
-        return build_source(self.arch, self.arch_kwargs, self.model_def)
-
-
 # ---------------------------------------------------------------- set-up
 
 @contextmanager
 def restoring(path: str):
-    """Whatever a damaged last.pt breaks while it is restored, one line that names the file: the format
-    check has passed, so a failure here is a bad value that only its use can tell."""
+    """Whatever a damaged last.pt breaks while its optimizer, schedules and trackers are restored, one line
+    that names the file: their types are checked at load, a bad value only by its use."""
     try:
         yield
     except (UserError, Interrupted):
@@ -184,45 +162,30 @@ def restoring(path: str):
                         "from its weights with --model-path instead") from None
 
 
-def load_start_model(cfg: Config, resume_meta: dict | None) -> StartModel:
-    """From last.pt when resuming, else from --model-path, or a fresh one with --from-scratch."""
-    if resume_meta is not None:
-        return resumed_model(cfg, resume_meta)
-    if cfg.from_scratch:
+def load_start(cfg: Config, resumed: LoadedCheckpoint | None) -> LoadedCheckpoint:
+    """The model a run starts from, and its record: last.pt's on --resume, else --model-path's (with
+    --normalize's values), or random weights with --from-scratch."""
+    if cfg.from_scratch and resumed is None:
         system.seed_everything(cfg.seed)  # the random initial weights are part of the experiment
         kwargs = resolve_arch_kwargs(cfg.arch, cfg.arch_kwargs)
-        return StartModel(build_model(cfg.arch, kwargs), cfg.arch, kwargs, source="random weights")
-    ckpt = require_finite(load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle, model_def=explicit_def(cfg),
-                                          model_kwargs=cfg.model_kwargs, max_params=cfg.max_params))
-    if cfg.model_def and ckpt.model_def is None:
-        raise UsageError(f"--model-def: {cfg.model_path} records its own architecture ({ckpt.arch}); drop --model-def")
-    name = f"{ckpt.model_def.given}:{ckpt.model_def.cls}" if ckpt.model_def else f"arch {ckpt.arch}"
-    mean, std = cfg.normalize or (ckpt.mean, ckpt.std)
-    return StartModel(ckpt.build(), ckpt.arch, ckpt.arch_kwargs, mean, std, split_record(ckpt),
-                      f"{cfg.model_path} ({ckpt.source_format}, {name})", ckpt.model_def, ckpt.container,
-                      normalize_known=bool(cfg.normalize) or ckpt.normalize_recorded)
+        return LoadedCheckpoint(None, "random weights", cfg.arch, kwargs, build_model(cfg.arch, kwargs).state_dict())
+    if resumed:  # the first run's input container: a user's plain state_dict gets its copy again (save_best)
+        start = dataclasses.replace(resumed, container=resumed.meta.get("input_container", FORMAT))
+    else:
+        start = require_finite(load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle, model_def=explicit_def(cfg),
+                                               model_kwargs=cfg.model_kwargs, max_params=cfg.max_params))
+        if cfg.normalize:
+            start = dataclasses.replace(start, mean=cfg.normalize[0], std=cfg.normalize[1])
+    if cfg.model_def and start.model_def is None:
+        raise UsageError(f"--model-def: {start.path} records its own architecture ({start.arch}); drop --model-def")
+    return start
 
 
 def explicit_def(cfg: Config) -> ModelDef | None:
     return model.parse(cfg.model_def) if cfg.model_def else None
 
 
-def resumed_model(cfg: Config, meta: dict) -> StartModel:
-    """The model of a last.pt: our arch, or the user's class from --model-def (the file as it is now: the
-    new last.pt records its sha256)."""
-    arch, definition = meta["arch"], explicit_def(cfg)  # a record without --model-def was refused by load_resume
-    if definition is not None and not meta.get("model_def"):
-        raise UsageError(f"--model-def: {cfg.resume} records its own architecture ({arch}); drop --model-def")
-    with restoring(cfg.resume):
-        kwargs = dict(meta["arch_kwargs"]) if definition else resolve_arch_kwargs(arch, meta["arch_kwargs"])
-        model = build_source(arch, kwargs, definition)
-        model.load_state_dict(meta["model"])
-    norm = meta["normalize"]
-    return StartModel(model, arch, kwargs, norm["mean"], norm["std"], source=str(cfg.resume), model_def=definition,
-                      container=meta.get("input_container", FORMAT))
-
-
-def load_teachers(cfg: Config, resume_meta: dict | None) -> list[LoadedCheckpoint]:
+def load_teachers(cfg: Config, resumed: LoadedCheckpoint | None) -> list[LoadedCheckpoint]:
     """--teacher's checkpoints, read and checked before anything is written: ours (a class of the user's
     runs only as the student, from --model-def), finite, and on --resume the files the run began with."""
     found = []
@@ -233,7 +196,7 @@ def load_teachers(cfg: Config, resume_meta: dict | None) -> list[LoadedCheckpoin
             raise UserError(f"--teacher: {exc}") from None
         ckpt.sha256 = model.file_sha256(path)
         found.append(ckpt)
-    recorded = {r["path"]: r["sha256"] for r in (resume_meta or {}).get("teachers") or []}
+    recorded = {r["path"]: r["sha256"] for r in (resumed.meta.get("teachers") if resumed else None) or []}
     changed = [c.path for c in found if recorded.get(str(c.path), c.sha256) != c.sha256]
     if changed and not cfg.override_resume:
         raise UsageError(f"--resume: --teacher {changed[0]} changed since the run began (its sha256 differs); "
@@ -250,7 +213,7 @@ def teaching(cfg: Config, found: list[LoadedCheckpoint], split: Split, run_rt: C
         return None
     teachers = []
     for ckpt in found:
-        theirs = split_record(ckpt)
+        theirs = ckpt.split
         if split.validation != "test-half" and theirs is None:
             console.warn(f"--teacher {ckpt.path} has no record of its validation split: it may have trained on this "
                          "run's validation images")
@@ -297,19 +260,7 @@ def same_split(a: Split, b: Split) -> bool:
     return known and (a.seed, a.val_size, a.validation) == (b.seed, b.val_size, b.validation)
 
 
-def split_record(ckpt: LoadedCheckpoint) -> Split | None:
-    """The split a checkpoint was trained with. Files written before the split had its own record
-    drew it from their --seed and --val-size, which their config keeps."""
-    if ckpt.split is not None:
-        return Split(ckpt.split["seed"], ckpt.split["val_size"], ckpt.split.get("fingerprint"),
-                     ckpt.split.get("validation", "train"))
-    config = ckpt.meta.get("config") if isinstance(ckpt.meta.get("config"), dict) else {}
-    if isinstance(config.get("seed"), int) and isinstance(config.get("val_size"), int):
-        return Split(config["seed"], config["val_size"])
-    return None
-
-
-def load_data(cfg: Config, start: StartModel, device, console: Console) -> tuple[dict, Split]:
+def load_data(cfg: Config, start: LoadedCheckpoint, device, console: Console) -> tuple[dict, Split]:
     """{train, val, test} on the device, and the split used: the starting model's unless asked otherwise."""
     train = images, labels = load_split(cfg.data_dir, "train", cfg.download)
     test = load_split(cfg.data_dir, "test", cfg.download)
@@ -327,14 +278,15 @@ def load_data(cfg: Config, start: StartModel, device, console: Console) -> tuple
     return {name: DeviceData.create(*pair, device) for name, pair in sets.items()}, split
 
 
-def check_normalization(cfg: Config, start: StartModel, train: DeviceData, console: Console) -> None:
+def check_normalization(cfg: Config, start: LoadedCheckpoint, model: nn.Module, train: DeviceData,
+                        console: Console) -> None:
     """The normalisation in use is tried against the common ones unless the file records it: training under
     one that gives near-chance accuracy while another fits would only unlearn the model. Without a record
     that stops the run; an explicit --normalize is the user's to keep, with a warning."""
-    if cfg.resume or (start.normalize_known and cfg.normalize is None):
+    if cfg.resume or cfg.from_scratch or (start.normalize_recorded and cfg.normalize is None):
         return
     current = (start.mean, start.std)
-    advice = suggestion(compare(start.model, train.images, train.labels.cpu(), current), current)
+    advice = suggestion(compare(model, train.images, train.labels.cpu(), current), current)
     if advice and cfg.normalize is not None:
         console.warn(f"{advice}: is --normalize {current[0]:g} {current[1]:g} the one the model was trained with?")
     elif advice:
@@ -383,8 +335,9 @@ def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: syste
                 selector=BestTracker(cfg.select, patience=0), best_state=copy.deepcopy(unwrap(model).state_dict()))
 
 
-def compute_settings(cfg: Config, device, start: StartModel, info: system.DistInfo, console: Console) -> ComputeSettings:
-    memory_format, why_not = engine.choose_memory_format(start.model, device, cfg.channels_last)
+def compute_settings(cfg: Config, device, start: LoadedCheckpoint, model: nn.Module, info: system.DistInfo,
+                     console: Console) -> ComputeSettings:
+    memory_format, why_not = engine.choose_memory_format(model, device, cfg.channels_last)
     if why_not:
         console.print(why_not)
     return ComputeSettings(device, system.resolve_amp(cfg.amp, device), start.mean, start.std, memory_format,
@@ -401,10 +354,10 @@ def check_outputs(cfg: Config, files: RunFiles):
     return check_logdir(cfg.logdir, cfg.run_name, resume=cfg.resume is not None)
 
 
-def claim_outputs(cfg: Config, files: RunFiles, start: StartModel, stack: ExitStack) -> None:
+def claim_outputs(cfg: Config, files: RunFiles, start: LoadedCheckpoint, stack: ExitStack) -> None:
     """Rank 0: hold the output folder for this run alone; with --overwrite, clear the earlier run's files so
     that the folder describes one run even if this one stops early."""
-    weight_bytes = sum(t.numel() * t.element_size() for t in start.model.state_dict().values())
+    weight_bytes = sum(t.numel() * t.element_size() for t in start.state_dict.values())
     check_disk_space(files.best.parent, 8 * weight_bytes + 16 * 2**20)  # best + last with two AdamW moments
     stack.enter_context(RunLock(files.lock, clean=files.names()))
     if cfg.overwrite and not resumes_in_place(files, cfg.resume):
@@ -412,18 +365,20 @@ def claim_outputs(cfg: Config, files: RunFiles, start: StartModel, stack: ExitSt
             path.unlink(missing_ok=True)
 
 
-def prepare(cfg: Config, resume_meta: dict | None, info: system.DistInfo, files: RunFiles, stack: ExitStack) -> "Run":
+def prepare(cfg: Config, resumed: LoadedCheckpoint | None, info: system.DistInfo, files: RunFiles,
+            stack: ExitStack) -> "Run":
     """Everything checked, loaded and placed before the first step."""
     console = Console(cfg.quiet, info.is_main)
     device = choose_device(cfg, info)
-    start = load_start_model(cfg, resume_meta)
-    apply_freezing(start.model, cfg.freeze_conv, cfg.freeze_bn, cfg.trainable_patterns)  # a bad pattern: before any work
-    teachers = load_teachers(cfg, resume_meta)
+    start = load_start(cfg, resumed)
+    model = start.build()
+    apply_freezing(model, cfg.freeze_conv, cfg.freeze_bn, cfg.trainable_patterns)  # a bad pattern: before any work
+    teachers = load_teachers(cfg, resumed)
     if start.container == FORMAT:  # only a run from a plain state_dict writes one (save_best)
         files = dataclasses.replace(files, plain=None)
     log_dir = check_outputs(cfg, files) if info.is_main else None
-    if resume_meta is None:
-        console.print(f"model: {start.source}")
+    if not resumed:
+        console.print(f"model: {start.describe()}")
     if info.is_main:
         claim_outputs(cfg, files, start, stack)
     stack.callback(system.shutdown)
@@ -433,19 +388,19 @@ def prepare(cfg: Config, resume_meta: dict | None, info: system.DistInfo, files:
         system.set_cpu_threads(info.local_world_size)
     with system.main_process_first(info):  # --download: one process per machine fetches, the others wait
         data, split = load_data(cfg, start, device, console)
-    check_normalization(cfg, start, data["train"], console)
+    check_normalization(cfg, start, model, data["train"], console)
     # What only the run can know: NAME_1 when another run has NAME (last.pt keeps it, so a resume finds it
     # again), the split the data gave, and the device's evaluation batch.
     cfg = dataclasses.replace(cfg, run_name=log_dir.name if log_dir else cfg.run_name, split_seed=split.seed,
                               val_from=split.validation, val_size=split.val_size if split.validation == "train" else None,
                               eval_batch_size=cfg.eval_batch_size or system.default_eval_batch_size(device))
-    rt = compute_settings(cfg, device, start, info, console)
+    rt = compute_settings(cfg, device, start, model, info, console)
     run = Run(cfg, info, console, files, start, split, log_dir, rt, **data,
-              **optimisation(cfg, start.model, rt, info, len(data["train"])))
+              **optimisation(cfg, model, rt, info, len(data["train"])))
     run.step.teachers = teaching(cfg, teachers, split, rt, data["train"], console)
-    if resume_meta is not None:
+    if resumed:
         with restoring(cfg.resume):
-            run.load_state_dict(resume_meta)
+            run.load_state_dict(resumed.meta)
     return run
 
 
@@ -460,7 +415,7 @@ class Run:
     info: system.DistInfo
     console: Console
     files: RunFiles
-    start: StartModel
+    start: LoadedCheckpoint  # the starting model's record: arch, kwargs, user's class, input container
     split: Split
     log_dir: Path | None  # the TensorBoard run folder (rank 0)
     rt: ComputeSettings
@@ -668,7 +623,7 @@ class Run:
 
 # ---------------------------------------------------------------- entry point
 
-def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> dict:
+def fine_tune(cfg: Config, resumed: LoadedCheckpoint | None, signals: SignalGuard) -> dict:
     """Run the whole job under the caller's SignalGuard; returns the summary written to metrics.json
     (rank 0). Raises UserError, Interrupted (with the resume hint) or DivergenceError (the best model so
     far stays saved)."""
@@ -677,7 +632,7 @@ def fine_tune(cfg: Config, resume_meta: dict | None, signals: SignalGuard) -> di
     with ExitStack() as stack:
         run = None
         try:
-            run = prepare(cfg, resume_meta, info, files, stack)
+            run = prepare(cfg, resumed, info, files, stack)
             stack.callback(run.close)
             run.begin()
             loop_start = time.perf_counter()

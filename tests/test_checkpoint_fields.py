@@ -86,7 +86,7 @@ def test_good_fields_load(tmp_path):
 
 def test_split_is_recorded_and_read_back(tmp_path):
     save_checkpoint(ours(), tmp_path / "c.pt")
-    assert load_checkpoint(tmp_path / "c.pt").split == SPLIT
+    assert load_checkpoint(tmp_path / "c.pt").split.to_dict() == {**SPLIT, "validation": "train"}
     assert torch.load(tmp_path / "c.pt", weights_only=True)["split"] == SPLIT  # plain torch reads it too
 
 
@@ -97,7 +97,7 @@ def test_split_unknown_is_none(tmp_path):
         torch.save(obj, tmp_path / f"{name}.pt")
     assert load_checkpoint(tmp_path / "old.pt").split is None
     assert load_checkpoint(tmp_path / "bare.pt").split is None
-    assert load_checkpoint(tmp_path / "none.pt").split == {**SPLIT, "fingerprint": None}
+    assert load_checkpoint(tmp_path / "none.pt").split.to_dict() == {**SPLIT, "fingerprint": None, "validation": "train"}
     assert "split" not in make_checkpoint(tiny_model(), "cnn3", TINY)
 
 

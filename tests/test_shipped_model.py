@@ -61,9 +61,8 @@ def test_other_training_files_are_warned_about(model, small_data_dir):
 
     from fashion_ft.checkpoint import load_checkpoint
     from fashion_ft.data import Split, choose_split, fingerprint
-    from fashion_ft.trainer import split_record
 
     images, labels = read_split(small_data_dir, "train")
     asked = Split(None, None, fingerprint(images, labels))
-    _, warnings = choose_split(asked, split_record(load_checkpoint(REPO / "model" / model)), model, labels)
+    _, warnings = choose_split(asked, load_checkpoint(REPO / "model" / model).split, model, labels)
     assert len(warnings) == 1 and "was trained on other training files" in warnings[0]
