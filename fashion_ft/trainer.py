@@ -316,8 +316,9 @@ def wrap_model(model: nn.Module, cfg: Config, rt: ComputeSettings, info: system.
     return model
 
 
-def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: system.DistInfo, images: int) -> dict:
-    """The Run fields that optimise `model` (the starting model, frozen: moved and wrapped here) over `images` images."""
+def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: system.DistInfo,
+                 images: int) -> tuple[float, int, TrainStep]:
+    """(the LR, steps per epoch, the step) that optimise `model` (frozen; moved and wrapped here) over `images`."""
     steps = (images // info.world_size) // cfg.batch_size
     if steps < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} x {info.world_size} process(es) is more than the "
@@ -331,8 +332,7 @@ def optimisation(cfg: Config, model: nn.Module, rt: ComputeSettings, info: syste
         label_smoothing=cfg.label_smoothing, max_grad_norm=cfg.max_grad_norm,
         ema=engine.make_ema(unwrap(model), cfg.ema_decay), ema_source=unwrap(model), kd_alpha=cfg.kd_alpha,
     )
-    return dict(lr=lr, steps_per_epoch=steps, step=step, stopper=BestTracker(cfg.monitor, cfg.patience, cfg.min_delta),
-                selector=BestTracker(cfg.select, patience=0), best_state=copy.deepcopy(unwrap(model).state_dict()))
+    return lr, steps, step
 
 
 def compute_settings(cfg: Config, device, start: LoadedCheckpoint, model: nn.Module, info: system.DistInfo,
@@ -395,8 +395,10 @@ def prepare(cfg: Config, resumed: LoadedCheckpoint | None, info: system.DistInfo
                               val_from=split.validation, val_size=split.val_size if split.validation == "train" else None,
                               eval_batch_size=cfg.eval_batch_size or system.default_eval_batch_size(device))
     rt = compute_settings(cfg, device, start, model, info, console)
-    run = Run(cfg, info, console, files, start, split, log_dir, rt, **data,
-              **optimisation(cfg, model, rt, info, len(data["train"])))
+    lr, steps, step = optimisation(cfg, model, rt, info, len(data["train"]))
+    run = Run(cfg, info, console, files, start, split, log_dir, rt, data["train"], data["val"], data["test"], lr, steps,
+              step, stopper=BestTracker(cfg.monitor, cfg.patience, cfg.min_delta),
+              selector=BestTracker(cfg.select, patience=0), best_state=copy.deepcopy(model.state_dict()))
     run.step.teachers = teaching(cfg, teachers, split, rt, data["train"], console)
     if resumed:
         with restoring(cfg.resume):
