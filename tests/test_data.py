@@ -1,9 +1,9 @@
 """The Fashion-MNIST reader: real data (sizes, labels, split) and small generated IDX files (lookup, bad files)."""
 
-import faulthandler
 import gzip
 import hashlib
 import os
+import signal
 import struct
 import tracemalloc
 
@@ -185,8 +185,9 @@ def test_bad_file_is_one_line_naming_it(tmp_path, monkeypatch, name):
     path = tmp_path / (FILES["test"][which] + (".gz" if gzipped else ""))
     damage(path)
     monkeypatch.setattr(data, "download", lambda root: pytest.fail("downloaded another copy"))
-    # opening a FIFO for reading waits for a writer: a blocked read ends the run with its traceback, not a hang
-    faulthandler.dump_traceback_later(10, exit=True)
+    # opening a FIFO for reading waits for a writer: the alarm fails a read that blocks instead of hanging the run
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked reading it"))
+    signal.alarm(10)
     tracemalloc.start()
     try:
         with pytest.raises(UserError) as err:
@@ -194,7 +195,8 @@ def test_bad_file_is_one_line_naming_it(tmp_path, monkeypatch, name):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-        faulthandler.cancel_dump_traceback_later()
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert err.value.exit_code == 1 and str(path) in str(err.value) and "\n" not in str(err.value)
     assert peak < 2_000_000, f"{peak} bytes allocated to refuse it"
 
