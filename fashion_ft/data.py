@@ -1,10 +1,7 @@
-"""Fashion-MNIST: find and read the IDX files, split, batch and augment whole batches on the device, and
-tell which input normalisation a model was trained with.
-
-The whole set is one uint8 tensor on the training device (60k x 28 x 28 = 47 MB); a batch is an index
-slice of a per-epoch permutation, and normalisation and augmentation run on the whole batch there,
-so the hot loop has no per-sample Python and no DataLoader workers (the airbench approach).
-"""
+"""Fashion-MNIST: find and read the IDX files, split them, batch and augment on the device, and tell which
+input normalisation a model was trained with. The whole set is one uint8 tensor on the training device (60k x
+28 x 28 = 47 MB): a batch is an index slice of a per-epoch permutation, normalised and augmented whole there,
+so the hot loop has no per-sample Python and no DataLoader workers (the airbench approach)."""
 
 import gzip
 import hashlib
@@ -71,8 +68,7 @@ def find_data_dir(data_dir: str | None = None, split: str = "train", allow_downl
 
 
 def download(root: str) -> Path:
-    """torchvision's downloader, only on the user's explicit --download; a failed download leaves
-    no empty folders behind."""
+    """torchvision's downloader, only on the user's --download; a failed one leaves no empty folders behind."""
     from torchvision.datasets import FashionMNIST
 
     first_new = next((p for p in reversed([Path(root), *Path(root).parents]) if not p.exists()), None)
@@ -144,8 +140,7 @@ def load_split(data_dir: str | None, split: str, allow_download: bool = False):
 # ---------------------------------------------------------------- splitting
 
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed, seeded (train_idx, val_idx) with every class in proportion in the validation part
-    (0 <= val_size < len(labels): split_sets refuses a --val-size that leaves no training images)."""
+    """Fixed, seeded (train_idx, val_idx), every class in proportion in the validation part (0 <= val_size < N)."""
     n = len(labels)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     quota = torch.bincount(labels, minlength=len(CLASSES)).double() * val_size / n
@@ -189,8 +184,7 @@ class Split:
         return asdict(self)
 
     def same_images(self, other: "Split") -> bool:
-        """Whether both hold out the same validation images: same seed, size and source, and the same
-        training files where both fingerprints are known."""
+        """Same seed, size and source, on the same training files where both fingerprints are known."""
         same_files = not (self.fingerprint and other.fingerprint) or self.fingerprint == other.fingerprint
         return same_files and replace(self, fingerprint=None) == replace(other, fingerprint=None)
 
