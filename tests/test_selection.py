@@ -6,14 +6,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import SMALL_RUN, run_script
-from conftest import finetune as conftest_finetune
+from conftest import SMALL_RUN, finetune, run_script
 
 from fashion_ft.data import Split, choose_split
-
-
-def finetune(*args, **kwargs):
-    return conftest_finetune(*args, limit_train=256, **kwargs)
 
 
 def load(path):
@@ -24,10 +19,11 @@ def load(path):
 def test_a_run_that_cannot_beat_its_input_keeps_the_input(tmp_path, small_data_dir, trained_checkpoint):
     """And the training seed does not move the validation split: another --seed validates epoch 0 alike."""
     # a learning rate this large wrecks the weights in one epoch: no epoch can beat the starting model
-    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 2, "--lr", 0.1)
+    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 2, "--lr", 0.1, limit_train=256)
     assert result.returncode == 0, result.stderr
     assert "no epoch beat the starting model; it was kept" in result.stdout
-    other_seed, other = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--seed", 7, name="b")
+    other_seed, other = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--seed", 7, name="b",
+                                 limit_train=256)
     assert other_seed.returncode == 0 and "warning" not in other_seed.stderr, other_seed.stderr  # its own split
     best, start = load(out / "best.pt"), load(trained_checkpoint)
     assert all(torch.equal(best["model"][k], start["model"][k]) for k in start["model"])
