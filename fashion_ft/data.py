@@ -1,10 +1,7 @@
-"""Fashion-MNIST: find and read the IDX files, split, batch and augment whole batches on the device, and
-tell which input normalisation a model was trained with.
-
-The whole set is one uint8 tensor on the training device (60k x 28 x 28 = 47 MB); a batch is an index
-slice of a per-epoch permutation, and normalisation and augmentation run on the whole batch there,
-so the hot loop has no per-sample Python and no DataLoader workers (the airbench approach).
-"""
+"""Fashion-MNIST: find and read the IDX files, split them, batch and augment on the device, and tell which
+input normalisation a model was trained with. The whole set is one uint8 tensor on the training device (60k x
+28 x 28 = 47 MB): a batch is an index slice of a per-epoch permutation, normalised and augmented whole there,
+so the hot loop has no per-sample Python and no DataLoader workers (the airbench approach)."""
 
 import gzip
 import hashlib
@@ -13,7 +10,7 @@ import os
 import shutil
 import struct
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,19 +35,13 @@ ENV_DIR = "FASHION_MNIST_DIR"
 MIN_IMAGES = 10  # fewer images than classes in a split cannot measure anything
 DEFAULT_SPLIT = (42, 5000)  # (seed, validation images) when neither the user nor the starting model says
 # Where the validation images come from: held out of the training files, or one stratified half of the
-# test files (the other half is then the test). A model whose training split is unknown may have seen every
-# training image, so it validates on the test half unless told its split (bench/results/own-model/).
+# test files (the other half is then the test).
 VALIDATION_SOURCES = ("train", "test-half")
-UNKNOWN_SPLIT_VALIDATION = "test-half"
 GET_DATA_HINT = ("get it with 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) "
                  "or pass --download to fetch it into ./data")
 
 
 # ---------------------------------------------------------------- finding and reading the files
-
-class DataNotFound(UserError):
-    """No folder holds the files: the one data error that --download can fix."""
-
 
 def _idx_path(folder: Path, stem: str) -> Path | None:
     """The raw or else the .gz file of `stem` in `folder`, if either is there. Whatever stands there is
@@ -58,9 +49,10 @@ def _idx_path(folder: Path, stem: str) -> Path | None:
     return next((path for path in (folder / stem, folder / f"{stem}.gz") if path.exists()), None)
 
 
-def find_data_dir(data_dir: str | None = None, split: str = "train") -> Path:
-    """The first folder that holds both IDX files of `split`. A folder the user named (--data-dir, else
-    $FASHION_MNIST_DIR) is the only place looked at: reading some other copy would hide their mistake."""
+def find_data_dir(data_dir: str | None = None, split: str = "train", allow_download: bool = False) -> Path:
+    """The first folder that holds both IDX files of `split`, else with allow_download a fresh copy. A folder
+    the user named (--data-dir, else $FASHION_MNIST_DIR) is the only place looked at: reading some other copy
+    would hide their mistake. A file that is there but unusable is read_idx's to refuse, not downloaded over."""
     if data_dir:
         resolve_path(Path(data_dir), "--data-dir")  # a symlink loop is a bad flag, worded as for every path
     named = data_dir or os.environ.get(ENV_DIR)
@@ -69,19 +61,20 @@ def find_data_dir(data_dir: str | None = None, split: str = "train") -> Path:
     for folder in tried:
         if all(_idx_path(folder, stem) for stem in FILES[split]):
             return folder
+    if allow_download:
+        return download(data_dir or "data")
     hint = f"point ${ENV_DIR} at them, or unset it and {GET_DATA_HINT}" if named and not data_dir else GET_DATA_HINT
-    raise DataNotFound(f"Fashion-MNIST {split} files not found (looked in: {', '.join(map(str, tried))}); {hint}")
+    raise UserError(f"Fashion-MNIST {split} files not found (looked in: {', '.join(map(str, tried))}); {hint}")
 
 
-def download(root: str = "data") -> Path:
-    """torchvision's downloader, only on the user's explicit --download; a failed download leaves
-    no empty folders behind."""
+def download(root: str) -> Path:
+    """torchvision's downloader, only on the user's --download; a failed one leaves no empty folders behind."""
     from torchvision.datasets import FashionMNIST
 
     first_new = next((p for p in reversed([Path(root), *Path(root).parents]) if not p.exists()), None)
     try:
-        FashionMNIST(root, train=True, download=True)
-        FashionMNIST(root, train=False, download=True)
+        for train in (True, False):
+            FashionMNIST(root, train=train, download=True)
     except Exception as exc:  # network errors come in many types, with several lines of detail
         if first_new is not None:
             shutil.rmtree(first_new, ignore_errors=True)
@@ -92,9 +85,9 @@ def download(root: str = "data") -> Path:
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
-    """One IDX file as a uint8 array. Only a regular file is opened (a FIFO would block, a device never
-    end), and no more is read than its header promises, which a raw file's size must match and no file may
-    put above MAX_IDX_DATA: a lying header or a gzip bomb costs no more than the data of a real file."""
+    """One IDX file as a uint8 array. Only a regular file is opened (a FIFO would block, a device never end),
+    and no more is read than its header promises, which may not pass MAX_IDX_DATA and must match a raw file's
+    size: a lying header or a gzip bomb costs no more than the data of a real file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} is not a regular file")
@@ -105,21 +98,15 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
             if found != magic:
                 raise UserError(f"{path} is not the right IDX file: magic number {found}, expected {magic}")
             dims = struct.unpack(f">{magic & 0xFF}I", fh.read(4 * (magic & 0xFF)))  # the magic's last byte
-            header, size = 4 + 4 * len(dims), math.prod(dims)
-            if size > MAX_IDX_DATA:
-                raise UserError(f"{path} is corrupt: its header promises {size} bytes of data, more than any "
-                                "Fashion-MNIST file holds")
-            if not gz and path.stat().st_size != header + size:
-                raise UserError(f"{path} is truncated or corrupt: its header promises {header + size} bytes, "
-                                f"the file has {path.stat().st_size}")
-            data = fh.read(size + 1)  # one byte past the promise tells a longer stream from an exact one
+            size = math.prod(dims)
+            fits = size <= MAX_IDX_DATA and (gz or path.stat().st_size == fh.tell() + size)
+            data = fh.read(size + 1) if fits else b""  # one byte past the promise tells a longer stream
     except struct.error:
         raise UserError(f"{path} is truncated: its header ends early") from None
     except (OSError, EOFError, zlib.error) as exc:  # a damaged .gz raises any of these
         raise UserError(f"cannot read {path}: {exc}") from None
-    if len(data) != size:
-        raise UserError(f"{path} is truncated or corrupt: its header promises {header + size} bytes, it inflates "
-                        f"to {'more' if len(data) > size else header + len(data)}")
+    if not fits or len(data) != size:
+        raise UserError(f"{path} is truncated or corrupt: its header promises {size} bytes of data")
     return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
@@ -131,9 +118,7 @@ def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
 
 def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images uint8 N x 28 x 28, labels int64 N) of one split, checked for consistency."""
-    image_path, label_path = (_idx_path(folder, stem) for stem in FILES[split])
-    if image_path is None or label_path is None:
-        raise DataNotFound(f"Fashion-MNIST {split} files not found in {folder}; {GET_DATA_HINT}")
+    image_path, label_path = (_idx_path(folder, stem) or folder / stem for stem in FILES[split])
     images, labels = read_idx(image_path, IMAGES_MAGIC), read_idx(label_path, LABELS_MAGIC)
     if images.shape[1:] != (28, 28):
         raise UserError(f"{image_path} holds {images.shape[1:]} images, expected 28 x 28")
@@ -149,22 +134,14 @@ def read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_split(data_dir: str | None, split: str, allow_download: bool = False):
     """Find and read one split; with allow_download, fetch it first when it is nowhere to be found."""
-    try:
-        folder = find_data_dir(data_dir, split)
-    except DataNotFound:  # a file that is there but unusable is not fixed by downloading another copy
-        if not allow_download:
-            raise
-        folder = download(data_dir or "data")
-    return read_split(folder, split)
+    return read_split(find_data_dir(data_dir, split, allow_download), split)
 
 
 # ---------------------------------------------------------------- splitting
 
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed, seeded (train_idx, val_idx) with every class in proportion in the validation part."""
+    """Fixed, seeded (train_idx, val_idx), every class in proportion in the validation part (0 <= val_size < N)."""
     n = len(labels)
-    if not 0 <= val_size < n:
-        raise UserError(f"validation size {val_size} must be between 0 and {n - 1}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     quota = torch.bincount(labels, minlength=len(CLASSES)).double() * val_size / n
     take = quota.floor().long()
@@ -206,6 +183,11 @@ class Split:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def same_images(self, other: "Split") -> bool:
+        """Same seed, size and source, on the same training files where both fingerprints are known."""
+        same_files = not (self.fingerprint and other.fingerprint) or self.fingerprint == other.fingerprint
+        return same_files and replace(self, fingerprint=None) == replace(other, fingerprint=None)
+
     def describe(self) -> str:
         if self.validation == "test-half":
             return f"half of the test images, split seed {self.seed}; the other half is the test"
@@ -221,15 +203,14 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
 
 def choose_split(asked: Split, record: Split | None, source: str | None,
                  labels: torch.Tensor | None = None) -> tuple[Split, list[str]]:
-    """The split a run uses, and what it warns about: validating on its starting model's training images.
-
-    `asked` holds the user's --split-seed / --val-size / --val-from (None where not given) and the data's
-    fingerprint; `record` is what the starting model `source` was trained with (None: unknown); `source`
-    None: the run starts from random weights, so any split is right. With the training `labels`, a split
-    whose validation images all lie in the recorded one (a smaller --val-size, same seed) is recognised as safe.
-    """
+    """The split a run uses, and its warnings about validating on its starting model's training images.
+    `asked`: the user's --split-seed / --val-size / --val-from (None: not given) and the data's fingerprint;
+    `record`: the split `source` was trained with (None: unknown); `source` None: random weights, any split is
+    right. With the training `labels`, validation images that all lie in the recorded ones are safe."""
     unknown = source is not None and record is None and asked.val_size is None  # --val-size: "I know its split"
-    base = record or Split(*DEFAULT_SPLIT, validation=UNKNOWN_SPLIT_VALIDATION if unknown else "train")
+    # a model whose training split is unknown may have seen every training image: it validates on the test
+    # half unless told its split (bench/results/own-model/)
+    base = record or Split(*DEFAULT_SPLIT, validation="test-half" if unknown else "train")
     validation = asked.validation or base.validation
     if validation == "test-half" and asked.val_size is not None:
         raise UsageError("--val-size: with --val-from test-half the validation images are half of the test images")
@@ -251,7 +232,7 @@ def choose_split(asked: Split, record: Split | None, source: str | None,
     if record.fingerprint and asked.fingerprint and record.fingerprint != asked.fingerprint:
         return chosen, [f"{source} was trained on other training files (fingerprint {record.fingerprint}, "
                         f"these are {asked.fingerprint}): {risk}"]
-    if (chosen.seed, chosen.val_size) != (record.seed, record.val_size) and not held_out(chosen, record, labels):
+    if not chosen.same_images(record) and not held_out(chosen, record, labels):
         return chosen, [f"{source} was trained with {record.describe()}, this run uses {chosen.describe()}: "
                         f"{risk}; drop --split-seed/--val-size to use its split"]
     return chosen, []
@@ -354,9 +335,7 @@ def random_affine(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> 
     """Rotation, shift and horizontal flip of a float batch (N, C, H, W) in one grid_sample."""
     n, device = x.shape[0], x.device
     angle = _uniform(n, -aug.rotate_deg, aug.rotate_deg, gen, device) * (math.pi / 180)
-    flip = torch.ones(n, device=device)
-    if aug.hflip:
-        flip = torch.where(torch.rand(n, generator=gen, device=device) < 0.5, -1.0, 1.0)
+    flip = torch.where(torch.rand(n, generator=gen, device=device) < 0.5, -1.0, 1.0) if aug.hflip else 1.0
     # affine_grid works in [-1, 1] coordinates: one pixel is 2 / size
     tx = _uniform(n, -aug.shift_px, aug.shift_px, gen, device) * (2 / x.shape[-1])
     ty = _uniform(n, -aug.shift_px, aug.shift_px, gen, device) * (2 / x.shape[-2])
@@ -369,8 +348,7 @@ def random_affine(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> 
 
 def random_erase(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     """Zero one random rectangle (2-20% of the area, aspect 0.3-3.3) in a fraction p of the images."""
-    n, _, h, w = x.shape
-    device = x.device
+    (n, _, h, w), device = x.shape, x.device
     area = _uniform(n, 0.02, 0.20, gen, device) * (h * w)
     log_ratio = _uniform(n, math.log(0.3), math.log(3.3), gen, device)
     eh = torch.sqrt(area * torch.exp(log_ratio)).clamp(1, h)
@@ -424,30 +402,26 @@ SAMPLE_IMAGES = 512  # one standard error is about 2 points: enough to tell 34% 
 CLEARLY_BETTER = 0.30
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float) -> float:
-    """Accuracy of `model` (eval mode, on its own device) on uint8 `images` (N x 1 x 28 x 28) under (mean, std)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        x = make_batch(images.to(device), None, None, mean, std)
-        return (model(x).argmax(1).cpu() == labels).float().mean().item()
-    finally:
-        model.train(was_training)
-
-
 def given_for(normalize: tuple[float, float] | None, recorded: bool, models: int) -> tuple[float, float] | None:
     """--normalize as it applies to one of `models` files: a single model always takes it; in a set, only the
     files that record none do (a user's model beside ours)."""
     return normalize if models == 1 or not recorded else None
 
 
+@torch.no_grad()
 def compare(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             current: tuple[float, float]) -> dict[tuple[float, float], float]:
-    """{(mean, std): accuracy} for the normalisation in use and every candidate, on the first images."""
-    images, labels = images[:SAMPLE_IMAGES], labels[:SAMPLE_IMAGES]
-    return {norm: accuracy(model, images, labels, *norm) for norm in {current, *CANDIDATES.values()}}
+    """{(mean, std): accuracy} for the normalisation in use and every candidate, on the first uint8 images
+    (N x 1 x 28 x 28), in eval mode on the model's own device."""
+    device = next(model.parameters()).device
+    images, labels = images[:SAMPLE_IMAGES].to(device), labels[:SAMPLE_IMAGES].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        return {norm: (model(make_batch(images, None, None, *norm)).argmax(1) == labels).float().mean().item()
+                for norm in {current, *CANDIDATES.values()}}
+    finally:
+        model.train(was_training)
 
 
 def suggestion(scores: dict[tuple[float, float], float], current: tuple[float, float]) -> str | None:

@@ -6,14 +6,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import SMALL_RUN, run_script
-from conftest import finetune as conftest_finetune
+from conftest import SMALL_RUN, finetune, run_script
 
 from fashion_ft.data import Split, choose_split
-
-
-def finetune(*args, **kwargs):
-    return conftest_finetune(*args, limit_train=256, **kwargs)
 
 
 def load(path):
@@ -22,15 +17,20 @@ def load(path):
 
 @pytest.mark.slow
 def test_a_run_that_cannot_beat_its_input_keeps_the_input(tmp_path, small_data_dir, trained_checkpoint):
+    """And the training seed does not move the validation split: another --seed validates epoch 0 alike."""
     # a learning rate this large wrecks the weights in one epoch: no epoch can beat the starting model
-    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 2, "--lr", 0.1)
+    result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 2, "--lr", 0.1, limit_train=256)
     assert result.returncode == 0, result.stderr
     assert "no epoch beat the starting model; it was kept" in result.stdout
+    other_seed, other = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--seed", 7, name="b",
+                                 limit_train=256)
+    assert other_seed.returncode == 0 and "warning" not in other_seed.stderr, other_seed.stderr  # its own split
     best, start = load(out / "best.pt"), load(trained_checkpoint)
     assert all(torch.equal(best["model"][k], start["model"][k]) for k in start["model"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["best_epoch"] == 0 and metrics["finished"] is True
     assert [row["epoch"] for row in metrics["history"]] == [0, 1, 2]
+    assert json.loads((other / "metrics.json").read_text())["history"][0] == metrics["history"][0]
     assert best["split"]["seed"] == 42 and best["config"]["split_seed"] == 42
     check = run_script("test_model.py", "--model-path", out / "best.pt", "--data-dir", small_data_dir,
                        "--full", "--json")
@@ -39,31 +39,6 @@ def test_a_run_that_cannot_beat_its_input_keeps_the_input(tmp_path, small_data_d
     accuracy = [next(c for c in json.loads(r.stdout)["checks"] if c["name"] == "quick eval")["data"]["accuracy"]
                 for r in (check, original)]
     assert accuracy[0] == accuracy[1] == pytest.approx(metrics["test_acc"])
-
-
-@pytest.mark.slow
-def test_the_training_seed_does_not_move_the_validation_split(tmp_path, small_data_dir, trained_checkpoint):
-    epoch0 = []
-    for seed in (42, 7):
-        result, out = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--seed", seed,
-                               name=f"seed{seed}")
-        assert result.returncode == 0, result.stderr
-        assert "warning" not in result.stderr  # the model's own split: nothing to warn about
-        epoch0.append(json.loads((out / "metrics.json").read_text())["history"][0])
-    assert epoch0[0] == epoch0[1]
-
-
-@pytest.mark.slow
-def test_another_split_or_no_record_warns(tmp_path, small_data_dir, trained_checkpoint):
-    other, _ = finetune(tmp_path, small_data_dir, trained_checkpoint, "--epochs", 1, "--split-seed", 7, name="a")
-    assert other.returncode == 0, other.stderr
-    assert "split seed 42" in other.stderr and "split seed 7" in other.stderr
-    bare = tmp_path / "bare.pt"
-    torch.save(load(trained_checkpoint)["model"], bare)  # a plain state_dict: from elsewhere
-    unknown, _ = finetune(tmp_path, small_data_dir, bare, "--epochs", 1, name="b")  # SMALL_RUN's --val-size
-    assert unknown.returncode == 0, unknown.stderr
-    assert "has no record of its validation split" in unknown.stderr
-    assert len(unknown.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -103,42 +78,41 @@ def test_a_model_with_no_split_record_validates_on_half_the_test_images(tmp_path
     assert refused.returncode == 2 and "--val-size: with --val-from test-half" in refused.stderr
 
 
-def test_choose_split_prefers_the_record_then_the_user():
-    record = Split(3, 700, "abc")
-    assert choose_split(Split(None, None, "abc"), record, "m.pt") == (Split(3, 700, "abc"), [])
-    chosen, warnings = choose_split(Split(None, 800, "abc"), record, "m.pt")
-    assert chosen == Split(3, 800, "abc") and len(warnings) == 1
-    _, warnings = choose_split(Split(None, None, "xyz"), record, "m.pt")
-    assert "other training files" in warnings[0]
-    assert choose_split(Split(None, None, "f"), None, None) == (Split(42, 5000, "f"), [])
+def ask(seed=None, val_size=None, fingerprint="f", val_from=None):
+    """What the user asked for (None: not given) on the data of `fingerprint`."""
+    return Split(seed, val_size, fingerprint, val_from)
 
 
-SPLIT_CHOICES = [  # (the record's validation or None, --val-size, --val-from, the validation chosen, a warning says)
-    (None, None, None, "test-half", "may have trained on every training image"),
-    (None, 1000, None, "train", "no record of its validation split"),  # --val-size: the user knows its split
-    (None, None, "train", "train", "no record of its validation split"),
-    ("train", None, None, "train", None),
-    ("train", None, "test-half", "test-half", None),
-    ("test-half", None, None, "test-half", None),
-    ("test-half", None, "train", "train", "was trained on every training image"),
+RECORD = Split(3, 700, "f")
+SPLIT_CHOICES = [  # (asked, the starting model's record, the split chosen, what its one warning says; None: none)
+    (ask(), RECORD, RECORD, None),
+    (ask(val_size=800), RECORD, Split(3, 800, "f"), "trained with split seed 3, 700 validation images, this run "
+                                                    "uses split seed 3, 800 validation images"),
+    (ask(seed=7), RECORD, Split(7, 700, "f"), "split seed 7"),
+    (ask(fingerprint="xyz"), RECORD, Split(3, 700, "xyz"), "other training files"),
+    (ask(val_size=1000), Split(42, 5000, "f"), Split(42, 1000, "f"), None),  # inside the recorded ones
+    (ask(7, 1000), Split(42, 5000, "f"), Split(7, 1000, "f"), "split seed 7"),  # another seed: other images
+    # where the validation images come from: --val-size says "I know its split"
+    (ask(), None, Split(42, 5000, "f", "test-half"), "may have trained on every training image"),
+    (ask(val_size=1000), None, Split(42, 1000, "f"), "no record of its validation split"),
+    (ask(val_from="train"), None, Split(42, 5000, "f"), "no record of its validation split"),
+    (ask(val_from="test-half"), RECORD, Split(3, 700, "f", "test-half"), None),
+    (ask(), Split(3, 700, "f", "test-half"), Split(3, 700, "f", "test-half"), None),
+    (ask(val_from="train"), Split(3, 700, "f", "test-half"), RECORD, "was trained on every training image"),
 ]
 
 
-@pytest.mark.parametrize("record, val_size, val_from, chosen, warning", SPLIT_CHOICES)
-def test_where_validation_images_come_from(record, val_size, val_from, chosen, warning):
-    recorded = Split(3, 700, "f", record) if record else None
-    split, warnings = choose_split(Split(None, val_size, "f", val_from), recorded, "m.pt")
-    assert split.validation == chosen
+@pytest.mark.parametrize("asked, record, chosen, warning", SPLIT_CHOICES)
+def test_choose_split(asked, record, chosen, warning):
+    split, warnings = choose_split(asked, record, "m.pt", torch.arange(10).repeat(600))
+    assert split == chosen
     assert (warnings == []) if warning is None else (len(warnings) == 1 and warning in warnings[0]), warnings
-    assert choose_split(Split(None, None, "f", val_from), recorded, None)[1] == []  # random weights: nothing to warn
+    assert "\n" not in "".join(warnings)
+    assert choose_split(asked, record, None)[1] == []  # random weights: nothing to warn of
 
 
-def test_a_smaller_validation_set_inside_the_recorded_one_is_safe():
-    labels = torch.arange(10).repeat(600)
-    record = Split(42, 5000, "f")
-    assert choose_split(Split(None, 1000, "f"), record, "m.pt", labels) == (Split(42, 1000, "f"), [])
-    _, warnings = choose_split(Split(7, 1000, "f"), record, "m.pt", labels)  # another seed: other images
-    assert len(warnings) == 1
+def test_random_weights_take_the_default_split():
+    assert choose_split(ask(), None, None) == (Split(42, 5000, "f"), [])
 
 
 @pytest.mark.slow
