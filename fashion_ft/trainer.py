@@ -217,7 +217,7 @@ def teaching(cfg: Config, found: list[LoadedCheckpoint], split: Split, run_rt: C
         if split.validation != "test-half" and theirs is None:
             console.warn(f"--teacher {ckpt.path} has no record of its validation split: it may have trained on this "
                          "run's validation images")
-        elif split.validation != "test-half" and not same_split(theirs, split):
+        elif split.validation != "test-half" and not theirs.same_images(split):
             raise UsageError(f"--teacher {ckpt.path} was trained with another validation split ({theirs.describe()}; "
                              f"this run: {split.describe()}), so it may have trained on this run's validation "
                              "images: choose a teacher of this split, or validate on the test half (--val-from "
@@ -253,11 +253,6 @@ def describe_targets(teachers: engine.Teachers, train: DeviceData, rt: ComputeSe
     if entropy > UNIFORM_SHARE * math.log(NUM_CLASSES):
         console.warn(f"the teachers' targets at --kd-temperature {t:g} are almost uniform: they carry little but "
                      "noise; a lower --kd-temperature (1 or 2) keeps what the teachers know")
-
-
-def same_split(a: Split, b: Split) -> bool:
-    known = a.fingerprint is None or b.fingerprint is None or a.fingerprint == b.fingerprint
-    return known and (a.seed, a.val_size, a.validation) == (b.seed, b.val_size, b.validation)
 
 
 def load_data(cfg: Config, start: LoadedCheckpoint, device, console: Console) -> tuple[dict, Split]:
