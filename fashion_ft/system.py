@@ -409,39 +409,26 @@ def process_memory_mb() -> dict:
     return {"rss_mb": current, "peak_rss_mb": peak}
 
 
-def cuda_report(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {"cuda_available": torch.cuda.is_available()}
-    props, (free, total) = torch.cuda.get_device_properties(device), torch.cuda.mem_get_info(device)
-    return {
-        "cuda_available": True, "name": props.name, "capability": f"{props.major}.{props.minor}",
-        "total_memory_mb": total / 2**20, "free_memory_mb": free / 2**20,
-        "cuda_version": torch.version.cuda, "cudnn_version": torch.backends.cudnn.version(),
-        "bf16_supported": cuda_bf16_native(device), "amp_auto": resolve_amp("auto", device).name,
-    }
-
-
-def mps_report(device: torch.device) -> dict:
-    if device.type != "mps":
-        return {"mps_available": torch.backends.mps.is_available()}
-    def ask(module, name):  # not in every torch
-        return getattr(module, name, lambda: None)()
-
-    recommended = ask(torch.mps, "recommended_max_memory")
-    return {
-        "mps_available": True, "name": ask(torch.backends.mps, "get_name"),
-        "gpu_cores": ask(torch.backends.mps, "get_core_count"),
-        "macos": platform.mac_ver()[0] or "unknown", "torch_version": str(torch.__version__),
-        "recommended_max_memory_mb": None if recommended is None else recommended / 2**20,
-        "allocated_memory_mb": torch.mps.current_allocated_memory() / 2**20,
-        "driver_memory_mb": torch.mps.driver_allocated_memory() / 2**20,
-        "bf16_supported": mps_bf16_ok(), "amp_auto": resolve_amp("auto", device).name,
-        "channels_last": channels_last_ok(device),
-    }
-
-
 def device_report(device: torch.device) -> dict:
-    return mps_report(device) if device.type == "mps" else cuda_report(device)
+    """What test_model reports of the device: the GPU, its memory, versions and what --amp auto picks there."""
+    if device.type == "cuda":
+        props, (free, total) = torch.cuda.get_device_properties(device), torch.cuda.mem_get_info(device)
+        return {"cuda_available": True, "name": props.name, "capability": f"{props.major}.{props.minor}",
+                "total_memory_mb": total / 2**20, "free_memory_mb": free / 2**20, "cuda_version": torch.version.cuda,
+                "cudnn_version": torch.backends.cudnn.version(), "bf16_supported": cuda_bf16_native(device),
+                "amp_auto": resolve_amp("auto", device).name}
+    if device.type != "mps":
+        return {"cuda_available": torch.cuda.is_available()}
+    # recommended_max_memory, get_name and get_core_count are not in every torch
+    recommended = getattr(torch.mps, "recommended_max_memory", lambda: None)()
+    return {"mps_available": True, "name": getattr(torch.backends.mps, "get_name", lambda: None)(),
+            "gpu_cores": getattr(torch.backends.mps, "get_core_count", lambda: None)(),
+            "macos": platform.mac_ver()[0] or "unknown", "torch_version": str(torch.__version__),
+            "recommended_max_memory_mb": None if recommended is None else recommended / 2**20,
+            "allocated_memory_mb": torch.mps.current_allocated_memory() / 2**20,
+            "driver_memory_mb": torch.mps.driver_allocated_memory() / 2**20,
+            "bf16_supported": mps_bf16_ok(), "amp_auto": resolve_amp("auto", device).name,
+            "channels_last": channels_last_ok(device)}
 
 
 def synchronize(device: torch.device) -> None:

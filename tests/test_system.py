@@ -114,7 +114,7 @@ def test_cuda_report_tells_real_bf16_support(machine, monkeypatch, capability, n
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 2**31))
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
-    report = system.cuda_report(CUDA)
+    report = system.device_report(CUDA)
     assert report["bf16_supported"] is native and report["capability"] == f"{capability[0]}.{capability[1]}"
     assert report["amp_auto"] == ("bf16" if native else "fp16" if capability >= (7, 0) else "off")
 
@@ -362,9 +362,8 @@ def test_mps_report(machine, gpu_memory, monkeypatch):
         "torch_version": "2.8.0", "allocated_memory_mb": 100.0, "driver_memory_mb": 640.0, "bf16_supported": False,
         "amp_auto": "off", "channels_last": False}
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 2**34, raising=False)
-    assert system.mps_report(MPS)["recommended_max_memory_mb"] == 16384.0
-    assert system.mps_report(CPU) == {"mps_available": True}
-    assert system.device_report(CPU) == {"cuda_available": False}  # cuda_report
+    assert system.device_report(MPS)["recommended_max_memory_mb"] == 16384.0
+    assert system.device_report(CPU) == {"cuda_available": False}
 
 
 # ---------------------------------------------------------------- a missing MPS op
