@@ -27,11 +27,9 @@ from .errors import UsageError, chain, first_line
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=5)
 
 # What gloo and NCCL put in a plain RuntimeError when another rank has gone away.
-PEER_FAILURE_MARKERS = (
-    "connection closed by peer", "connection reset by peer", "broken pipe", "third_party/gloo",
-    "processgroupgloo", "processgroupnccl", "ncclremoteerror", "ncclsystemerror", "socket timeout",
-    "connectfullmesh",
-)
+PEER_FAILURE_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe", "third_party/gloo",
+                        "processgroupgloo", "processgroupnccl", "ncclremoteerror", "ncclsystemerror", "socket timeout",
+                        "connectfullmesh")
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,8 @@ def init(info: DistInfo, device: torch.device) -> None:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
-    tdist.init_process_group("nccl" if cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT, device_id=device if cuda else None)
+    tdist.init_process_group("nccl" if cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT,
+                             device_id=device if cuda else None)
 
 
 def backend() -> str | None:
@@ -84,11 +83,8 @@ def shutdown() -> None:
 
 @contextmanager
 def main_process_first(info: DistInfo):
-    """Local rank 0 runs the block first (a download into a shared folder); the other ranks of the
-    machine wait at a barrier and then run it (reading what is there). Needs the process group.
-
-    Rank 0 reaches its barrier even when the block fails, so the others go on and fail on their own
-    instead of waiting for the timeout."""
+    """Local rank 0 runs the block (a download into a shared folder) before the machine's other ranks. It
+    reaches the barrier even when the block fails, so that the others fail on their own, not at the timeout."""
     first = info.local_rank == 0
     if info.enabled and not first:
         barrier()
@@ -132,8 +128,7 @@ def barrier() -> None:
 
 @torch.no_grad()
 def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
-    """Overwrite the tensors on every rank with rank `src`'s, each through a contiguous copy (collectives
-    refuse channels_last tensors; for the usual 1-d statistics the copy is the tensor itself)."""
+    """Rank `src`'s tensors on every rank, each through a contiguous copy: collectives refuse channels_last."""
     if tdist.is_initialized():
         for t in tensors:
             flat = t.contiguous()
@@ -142,30 +137,25 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
 
 
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
-    """BatchNorm statistics (and the averaged ones of an EMA copy) drift apart across ranks, since each
-    rank normalises its own batches; the weights do not (DDP averages the gradients). Call this before
-    evaluating, so that every rank evaluates what rank 0 saves."""
+    """BatchNorm statistics drift apart across ranks (each normalises its own batches; DDP averages only the
+    gradients): before evaluating, so that every rank evaluates what rank 0 saves."""
     broadcast_tensors(list(module.buffers()), src)
 
 
 def is_peer_failure(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) is torch.distributed reporting that another rank went away:
-    DistError and its subclasses, or the plain RuntimeError that gloo raises ("Connection closed by peer")."""
+    """Whether `exc` (or its cause) says another rank went away: a DistError, or gloo's plain RuntimeError."""
     return any(isinstance(e, tdist.DistError) or (isinstance(e, RuntimeError) and any(
         m in str(e).lower() for m in PEER_FAILURE_MARKERS)) for e in chain(exc))
 
 
 def available_cpus() -> int:
-    """Cores this process may run on (affinity, not the machine's total)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    """Cores this process may run on (its affinity where the OS has one, as Linux does; not the machine's total)."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, len(cores))
 
 
 def set_cpu_threads(local_world_size: int = 1) -> int:
-    """Share the available cores fairly between local ranks, unless the user (or torchrun) chose a number
-    with OMP_NUM_THREADS."""
+    """The available cores shared between local ranks, unless OMP_NUM_THREADS (the user's, or torchrun's) says."""
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     threads = max(1, available_cpus() // max(1, local_world_size))
@@ -174,16 +164,15 @@ def set_cpu_threads(local_world_size: int = 1) -> int:
 
 
 def nvidia_gpu_evidence(device_file: str = "/dev/nvidia0") -> str | None:
-    """What shows that this machine has an NVIDIA GPU, whatever PyTorch thinks: its device file or the
-    driver's nvidia-smi."""
+    """What shows an NVIDIA GPU, whatever torch thinks: its device file or the driver's nvidia-smi."""
     if os.path.exists(device_file):
         return device_file
     return "nvidia-smi" if shutil.which("nvidia-smi") else None
 
 
 def broken_cuda_reason() -> str | None:
-    """Why CUDA does not work on a machine that has an NVIDIA GPU (a CPU-only build of torch, a driver
-    too old for torch's CUDA); None when CUDA works or there is no NVIDIA GPU."""
+    """Why CUDA does not work on a machine with an NVIDIA GPU (a CPU-only torch, a driver too old for torch's
+    CUDA); None when it works or there is no such GPU."""
     evidence = None if torch.cuda.is_available() else nvidia_gpu_evidence()
     if evidence is None:
         return None
@@ -200,11 +189,9 @@ def broken_cuda_reason() -> str | None:
 
 
 # DDP runs collectives even with one process, and no torch.distributed backend takes MPS tensors.
-MPS_NO_DISTRIBUTED = ("torchrun is not supported on Apple MPS: torch.distributed has no backend for MPS "
-                      "tensors (gloo handles CPU and CUDA, NCCL only CUDA)")
+MPS_NO_DISTRIBUTED = "torchrun is not supported on Apple MPS: neither gloo nor NCCL takes MPS tensors"
 # Training diverges otherwise: NCHW input gives the right gradients there.
-CHANNELS_LAST_MPS_REASON = ("channels_last is off on MPS: BatchNorm backward in channels_last gives wrong "
-                            "gradients there (pytorch/pytorch#175189)")
+CHANNELS_LAST_MPS_REASON = "channels_last is off on MPS: BatchNorm backward is wrong there (pytorch/pytorch#175189)"
 
 
 def channels_last_ok(device: torch.device) -> bool:
@@ -221,9 +208,8 @@ def mps_unavailable_reason() -> str | None:
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> a usable device, or a UsageError naming --device.
-    auto: CUDA, else Apple MPS, else the CPU (with a warning saying why). local_rank is given under
-    torchrun only: there MPS is refused (no distributed backend) and auto skips it for the CPU."""
+    """--device -> a usable device, or a UsageError. auto: CUDA, else Apple MPS, else the CPU (warning why).
+    local_rank is given under torchrun only: there MPS is refused, and auto skips it for the CPU."""
     if spec == "auto":
         return _auto_device(local_rank)
     try:
@@ -295,19 +281,13 @@ def default_eval_batch_size(device: torch.device) -> int:
 
 
 def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
-    """(model name, feature flags) of the first CPU; the platform's processor name and no flags where
-    there is no /proc/cpuinfo."""
-    name, flags = "", frozenset()
+    """(model name, feature flags) of the first CPU (the others repeat it); without /proc, the platform's name."""
+    text = ""
     with contextlib.suppress(OSError), open(path) as fh:
-        for line in fh:
-            if not line.strip():  # the end of the first processor's block: the others repeat it
-                break
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() in ("flags", "Features"):  # x86, ARM
-                flags = frozenset(value.split())
-    return name or platform.processor() or "unknown", flags
+        text = fh.read().split("\n\n")[0]
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+    flags = fields.get("flags", fields.get("Features", ""))  # x86, ARM
+    return fields.get("model name") or platform.processor() or "unknown", frozenset(flags.split())
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -331,12 +311,9 @@ FP32, BF16, FP16 = AmpPolicy(None, False), AmpPolicy(torch.bfloat16, False), Amp
 
 
 def cuda_bf16_native(device: torch.device) -> bool:
-    """bf16 in hardware: compute capability 8.0 (Ampere) or newer. torch.cuda.is_bf16_supported() by
-    default also says yes where a bf16 tensor can merely be created (V100, T4), but cuDNN has no bf16
-    convolutions there."""
-    if torch.version.hip:  # every ROCm GPU PyTorch supports has bf16
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    """bf16 in hardware: compute capability 8.0 (Ampere) or newer, or any ROCm GPU. torch.cuda.is_bf16_supported()
+    also says yes where a bf16 tensor can merely be created (V100, T4), but cuDNN has no bf16 convolutions there."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def mps_bf16_ok() -> bool:
@@ -345,9 +322,8 @@ def mps_bf16_ok() -> bool:
 
 
 def resolve_amp(mode: str, device: torch.device) -> AmpPolicy:
-    """--amp -> the precision policy on this device. auto: bf16 on CUDA capability >= 8.0, fp16 with loss
-    scaling on 7.x, fp32 below; on the CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; on MPS
-    fp32 (bf16 and fp16 only when asked for). A precision the device cannot do is a UsageError."""
+    """--amp -> the precision policy on this device; a precision the device cannot do is a UsageError.
+    auto: bf16 where it is native (CUDA 8.0+, AVX512-BF16 or AMX), fp16 on CUDA 7.x, else fp32."""
     if mode not in AMP_MODES:
         raise UsageError(f"--amp {mode!r}: choose from {', '.join(AMP_MODES)}")
     if mode == "off":
@@ -379,19 +355,18 @@ def _mps_amp(mode: str) -> AmpPolicy:
     # kernels that were silently wrong (CHANNELS_LAST_MPS_REASON)
     if mode == "auto":
         return FP32
-    if mode == "bf16" and not mps_bf16_ok():
-        raise UsageError(f"--amp bf16: bf16 on MPS needs torch 2.6 or newer and macOS 14 or newer (this is "
-                         f"torch {torch.__version__}); use --amp auto or off")
-    # fp16 only with loss scaling (small gradients underflow without it), and GradScaler needs torch 2.8 on MPS
-    if mode == "fp16" and torch.__version__ < (2, 8):
-        raise UsageError(f"--amp fp16: fp16 on MPS needs loss scaling, which torch supports there from 2.8 "
-                         f"(this is torch {torch.__version__}); use --amp auto or off")
+    # fp16 only with loss scaling: small gradients underflow without it
+    ok, needs = {"bf16": (mps_bf16_ok(), "torch 2.6 or newer and macOS 14 or newer"),
+                 "fp16": (torch.__version__ >= (2, 8), "loss scaling, which torch has there from 2.8")}[mode]
+    if not ok:
+        raise UsageError(f"--amp {mode}: {mode} on MPS needs {needs} (this is torch {torch.__version__}); "
+                         "use --amp auto or off")
     return BF16 if mode == "bf16" else FP16
 
 
 def autocast(device: torch.device, amp: AmpPolicy):
-    """Autocast to the policy's dtype; fp32 enters none at all (a torch without MPS autocast raises for
-    torch.autocast("mps") even disabled)."""
+    """Autocast to the policy's dtype; fp32 enters none (torch.autocast("mps") raises, even disabled, in a torch
+    without MPS autocast)."""
     return torch.autocast(device.type, dtype=amp.dtype) if amp.dtype else contextlib.nullcontext()
 
 
@@ -439,10 +414,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
-    """Set the global backend flags for a run. Fast: cuDNN benchmarks its kernels once, which pays off
-    because every batch has the same shape. Deterministic: the same kernels, in the same order, in full
-    fp32 (no TF32) on every run, so that a resumed run repeats the uninterrupted one bit for bit.
-    MPS has no flags of its own; deterministic mode there is torch.use_deterministic_algorithms."""
+    """Fast: cuDNN benchmarks its kernels once (every batch has the same shape). Deterministic: the same kernels
+    in the same order in full fp32 (no TF32), so that a resumed run repeats the uninterrupted one bit for bit."""
     if deterministic:
         if device.type == "cuda":
             # cuBLAS is only deterministic with a fixed workspace; read when its handle is made
@@ -467,17 +440,15 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_gpu_mb(device: torch.device) -> float | None:
-    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU. On MPS: the
-    allocator's peak where torch.accelerator reports one, else the Metal driver's memory for this process,
-    which (its cached pool emptied by reset_peak_memory) approximates the peak from above."""
+    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU. On MPS, where
+    torch.accelerator has no peak: the Metal driver's memory, its pool emptied by reset_peak_memory (from above)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     if device.type != "mps":
         return None
-    try:
+    peak = None
+    with contextlib.suppress(Exception):  # no torch.accelerator, or an MPS allocator without stats
         peak = torch.accelerator.memory_stats(device).get("allocated_bytes.all.peak")
-    except Exception:  # no torch.accelerator, or an MPS allocator without stats
-        peak = None
     return (peak or torch.mps.driver_allocated_memory()) / 2**20
 
 
@@ -486,14 +457,14 @@ _MPS_MISSING_OP = re.compile(r"(?:operator '([^']+)' )?is not currently implemen
 
 
 def mps_hint(exc: BaseException) -> str | None:
-    """One line of advice for torch's NotImplementedError of an op without an MPS kernel, looked for along
-    the exception's cause/context chain; None for any other error."""
+    """One line of advice for torch's NotImplementedError of an op without an MPS kernel, along the exception's
+    causes; None for any other error."""
     found = (_MPS_MISSING_OP.search(str(e)) for e in chain(exc) if isinstance(e, NotImplementedError))
-    match = next(filter(None, found), None)
-    if match is None:
+    if (match := next(filter(None, found), None)) is None:
         return None
     if os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK", "0").strip() not in ("", "0"):
-        advice = "PYTORCH_ENABLE_MPS_FALLBACK=1 only takes effect when set before Python starts (export it in the shell)"
+        advice = "PYTORCH_ENABLE_MPS_FALLBACK=1 only takes effect when set before Python starts (export it)"
     else:
         advice = "set PYTORCH_ENABLE_MPS_FALLBACK=1 in the environment to run it on the CPU (slower)"
-    return f"{match[1] or 'an operator'} is not implemented on MPS in torch {torch.__version__}: {advice}, or use --device cpu"
+    op = match[1] or "an operator"
+    return f"{op} is not implemented on MPS in torch {torch.__version__}: {advice}, or use --device cpu"
