@@ -114,11 +114,7 @@ def per_rank(value: torch.Tensor) -> list[float]:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when it is True on any one (so all ranks stop at the same step)."""
-    if not tdist.is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return bool(t.item())
+    return any(per_rank(torch.tensor(float(flag), device=device)))
 
 
 def barrier() -> None:
@@ -317,8 +313,7 @@ def cuda_bf16_native(device: torch.device) -> bool:
 
 
 def mps_bf16_ok() -> bool:
-    # An autocast dtype that a torch does not support only warns and trains in fp32: hence the explicit test.
-    return torch.__version__ >= (2, 6) and torch.backends.mps.is_macos_or_newer(14, 0)
+    return torch.backends.mps.is_macos_or_newer(14, 0)  # Metal has bf16 from macOS 14
 
 
 def resolve_amp(mode: str, device: torch.device) -> AmpPolicy:
@@ -355,12 +350,8 @@ def _mps_amp(mode: str) -> AmpPolicy:
     # kernels that were silently wrong (CHANNELS_LAST_MPS_REASON)
     if mode == "auto":
         return FP32
-    # fp16 only with loss scaling: small gradients underflow without it
-    ok, needs = {"bf16": (mps_bf16_ok(), "torch 2.6 or newer and macOS 14 or newer"),
-                 "fp16": (torch.__version__ >= (2, 8), "loss scaling, which torch has there from 2.8")}[mode]
-    if not ok:
-        raise UsageError(f"--amp {mode}: {mode} on MPS needs {needs} (this is torch {torch.__version__}); "
-                         "use --amp auto or off")
+    if mode == "bf16" and not mps_bf16_ok():
+        raise UsageError("--amp bf16: bf16 on MPS needs macOS 14 or newer; use --amp auto or off")
     return BF16 if mode == "bf16" else FP16
 
 
@@ -416,17 +407,14 @@ def synchronize(device: torch.device) -> None:
 def configure_backends(device: torch.device, deterministic: bool) -> None:
     """Fast: cuDNN benchmarks its kernels once (every batch has the same shape). Deterministic: the same kernels
     in the same order in full fp32 (no TF32), so that a resumed run repeats the uninterrupted one bit for bit."""
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
     if deterministic:
         if device.type == "cuda":
             # cuBLAS is only deterministic with a fixed workspace; read when its handle is made
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def reset_peak_memory(device: torch.device) -> None:
