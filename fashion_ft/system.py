@@ -317,42 +317,38 @@ def mps_bf16_ok() -> bool:
 
 
 def resolve_amp(mode: str, device: torch.device) -> AmpPolicy:
-    """--amp -> the precision policy on this device; a precision the device cannot do is a UsageError.
-    auto: bf16 where it is native (CUDA 8.0+, AVX512-BF16 or AMX), fp16 on CUDA 7.x, else fp32."""
+    """--amp -> the precision policy on this device: the one named, unless the device cannot do it (a UsageError);
+    auto: what the device does best (_auto_amp)."""
     if mode not in AMP_MODES:
         raise UsageError(f"--amp {mode!r}: choose from {', '.join(AMP_MODES)}")
-    if mode == "off":
-        return FP32
+    if refusal := _amp_refusal(mode, device):
+        raise UsageError(f"--amp {mode}: {refusal}")
+    return _auto_amp(device) if mode == "auto" else {"off": FP32, "bf16": BF16, "fp16": FP16}[mode]
+
+
+def _amp_refusal(mode: str, device: torch.device) -> str | None:
+    if device.type == "cuda" and mode == "bf16" and not cuda_bf16_native(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 convolutions "
+                "(they need 8.0 or newer); use --amp fp16 or auto")
+    if device.type == "mps" and mode == "bf16" and not mps_bf16_ok():
+        return "bf16 on MPS needs macOS 14 or newer; use --amp auto or off"
+    if device.type not in ("cuda", "mps") and mode == "fp16":
+        # loss scaling (GradScaler) is a GPU tool, and CPUs compute fp16 slower than fp32 or bf16
+        return "for CUDA GPUs only; on the CPU use --amp bf16, auto or off"
+    return None
+
+
+def _auto_amp(device: torch.device) -> AmpPolicy:
+    """bf16 where it is native (CUDA 8.0+, AVX512-BF16 or AMX), fp16 with loss scaling on CUDA 7.x, else fp32."""
     if device.type == "cuda":
-        return _cuda_amp(mode, device)
-    if device.type == "mps":
-        return _mps_amp(mode)
-    if mode == "fp16":
-        # loss scaling (GradScaler) is a CUDA tool, and CPUs compute fp16 slower than fp32 or bf16
-        raise UsageError("--amp fp16: for CUDA GPUs only; on the CPU use --amp bf16, auto or off")
-    return BF16 if mode == "bf16" or cpu_has_fast_bf16() else FP32
-
-
-def _cuda_amp(mode: str, device: torch.device) -> AmpPolicy:
-    native_bf16, (major, minor) = cuda_bf16_native(device), torch.cuda.get_device_capability(device)
-    if mode == "bf16" and not native_bf16:
-        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
-                         "has no bf16 convolutions (they need 8.0 or newer); use --amp fp16 or auto")
-    if mode == "bf16" or (mode == "auto" and native_bf16):
-        return BF16
-    if mode == "fp16" or major >= 7:  # tensor cores from Volta on
-        return FP16
-    return FP32  # Pascal and older: fp16 without tensor cores gains little and risks overflow
-
-
-def _mps_amp(mode: str) -> AmpPolicy:
-    # auto stays fp32: mixed precision on MPS cannot be verified on this project's machines, and MPS has had
+        if cuda_bf16_native(device):
+            return BF16
+        # tensor cores from Volta (7.0) on; on Pascal and older fp16 gains little and risks overflow
+        return FP16 if torch.cuda.get_device_capability(device) >= (7, 0) else FP32
+    # MPS stays fp32: mixed precision there cannot be verified on this project's machines, and MPS has had
     # kernels that were silently wrong (CHANNELS_LAST_MPS_REASON)
-    if mode == "auto":
-        return FP32
-    if mode == "bf16" and not mps_bf16_ok():
-        raise UsageError("--amp bf16: bf16 on MPS needs macOS 14 or newer; use --amp auto or off")
-    return BF16 if mode == "bf16" else FP16
+    return BF16 if device.type == "cpu" and cpu_has_fast_bf16() else FP32
 
 
 def autocast(device: torch.device, amp: AmpPolicy):
