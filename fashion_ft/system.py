@@ -150,13 +150,10 @@ def available_cpus() -> int:
     return max(1, len(cores))
 
 
-def set_cpu_threads(local_world_size: int = 1) -> int:
+def set_cpu_threads(local_world_size: int = 1) -> None:
     """The available cores shared between local ranks, unless OMP_NUM_THREADS (the user's, or torchrun's) says."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    threads = max(1, available_cpus() // max(1, local_world_size))
-    torch.set_num_threads(threads)
-    return threads
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, available_cpus() // local_world_size))
 
 
 def nvidia_gpu_evidence(device_file: str = "/dev/nvidia0") -> str | None:
@@ -220,8 +217,7 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
         if device.index not in (None, 0):
             raise UsageError(f"--device {spec}: there is one MPS device (mps, or mps:0)")
         if local_rank is not None:
-            raise UsageError(f"--device {spec}: {MPS_NO_DISTRIBUTED}; run one process without torchrun, "
-                             "or use --device cpu under torchrun")
+            raise UsageError(f"--device {spec}: {MPS_NO_DISTRIBUTED}; use --device cpu under torchrun")
         return torch.device("mps", 0)  # what tensors on MPS report as their device
     if device.type != "cuda":
         raise UsageError(f"--device {spec!r}: only cpu, cuda and mps are supported")
@@ -231,8 +227,7 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     if device.index is None:
         return torch.device("cuda", _rank_gpu(spec, local_rank))
     if local_rank is not None:
-        raise UsageError(f"--device {spec}: under torchrun every process uses the GPU of its LOCAL_RANK; "
-                         "pass --device cuda or auto")
+        raise UsageError(f"--device {spec}: under torchrun each process uses its LOCAL_RANK's GPU; pass --device cuda")
     if device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
     return device

@@ -147,7 +147,7 @@ DEVICE_TABLE = [
     (dict(cuda=1), "cuda", 1, "--device cuda: LOCAL_RANK is 1 but only 1 CUDA device"),
     (dict(cuda=2, visible="0,1"), "auto", 2, "--device auto: LOCAL_RANK is 2 but only 2"),
     (dict(cuda=1), "cuda:1", None, "--device cuda:1: only 1 CUDA device"),
-    (dict(cuda=2), "cuda:1", 0, "--device cuda:1: under torchrun every process uses the GPU of its LOCAL_RANK"),
+    (dict(cuda=2), "cuda:1", 0, "--device cuda:1: under torchrun each process uses its LOCAL_RANK's GPU"),
     (dict(), "cuda", None, r"--device cuda: CUDA is not available on this machine \(use --device cpu or auto\)"),
     (dict(), "meta", None, "--device 'meta': only cpu, cuda and mps are supported"),
     (dict(), "metal", None, "--device 'metal' is not a device .*mps"),
