@@ -42,16 +42,18 @@ def machine(monkeypatch):
     return pretend
 
 
-def check(decision, expected: str, value):
+def check(decision, expected: str, value, warning: str | None = None):
     """The decision gives value(expected), or, where expected starts with "--", a one-line UsageError that it
-    matches (the CPU fall-back's warning is tested on its own)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    matches; it warns once, matching `warning`, or not at all."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         try:
             got = decision()
         except UsageError as exc:
             got = str(exc)
     assert (re.match(expected, got) and "\n" not in got) if expected.startswith("--") else got == value(expected), got
+    messages = [str(w.message) for w in record]
+    assert len(messages) == (warning is not None) and all(re.match(warning, m) for m in messages), messages
 
 
 # ---------------------------------------------------------------- precision policy
@@ -178,11 +180,7 @@ AUTO_TABLE = [
 @pytest.mark.parametrize("mps, local_rank, device, warning", AUTO_TABLE)
 def test_auto_falls_back_to_the_cpu_saying_why(machine, mps, local_rank, device, warning):
     machine(mps=mps)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        assert system.resolve_device("auto", local_rank) == torch.device(device)
-    messages = [str(w.message) for w in record]
-    assert len(messages) == (warning is not None) and all(re.match(warning, m) for m in messages), messages
+    check(lambda: system.resolve_device("auto", local_rank), device, torch.device, warning)
 
 
 # ---------------------------------------------------------------- an NVIDIA GPU that CUDA cannot use
