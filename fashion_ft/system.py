@@ -1,7 +1,7 @@
 """Device choice, mixed-precision policy, backend flags, memory report, seeding, CPU threads, torchrun.
 
-Every GPU decision is made from what torch reports (torch.cuda, torch.backends.mps, torch.__version__), so that
-each is tested on any machine with those queries replaced."""
+Every GPU decision is made from what torch reports (torch.cuda, torch.backends.mps), so that each is tested on
+any machine with those queries replaced."""
 
 import contextlib
 import datetime
@@ -347,8 +347,8 @@ def _auto_amp(device: torch.device) -> AmpPolicy:
 
 
 def autocast(device: torch.device, amp: AmpPolicy):
-    """Autocast to the policy's dtype; fp32 enters none (torch.autocast("mps") raises, even disabled, in a torch
-    without MPS autocast)."""
+    """Autocast to the policy's dtype; fp32 enters none (torch.autocast raises for a device type it cannot
+    autocast, even disabled)."""
     return torch.autocast(device.type, dtype=amp.dtype) if amp.dtype else contextlib.nullcontext()
 
 
@@ -419,8 +419,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_gpu_mb(device: torch.device) -> float | None:
-    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU. On MPS, where
-    torch.accelerator has no peak: the Metal driver's memory, its pool emptied by reset_peak_memory (from above)."""
+    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU. On MPS: the allocator's
+    peak where torch.accelerator keeps one, else the Metal driver's memory, its pool emptied by reset_peak_memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     if device.type != "mps":
