@@ -76,7 +76,7 @@ AMP_TABLE = [
     (dict(cuda=1, capability=(7, 5)), "cuda", "auto", "fp16"),  # T4
     (dict(cuda=1, capability=(8, 0)), "cuda", "auto", "bf16"),  # A100
     (dict(cuda=1, capability=(9, 0)), "cuda", "auto", "bf16"),  # H100
-    # Apple MPS: auto is fp32 whatever torch and macOS offer; bf16 and fp16 (always with a scaler) when asked
+    # Apple MPS: auto is fp32 whatever macOS offers; bf16 (macOS 14+) and fp16 (always with a scaler) when asked
     (dict(mps="yes"), "auto", "auto", "off"),
     (dict(mps="yes"), "mps:0", "bf16", "bf16"),
     (dict(mps="yes"), "mps", "fp16", "fp16"),
