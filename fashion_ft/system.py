@@ -1,7 +1,7 @@
 """Device choice, mixed-precision policy, backend flags, memory report, seeding, CPU threads, torchrun.
 
-Every GPU decision is made from what torch reports (torch.cuda, torch.backends.mps, torch.__version__), so that
-each is tested on any machine with those queries replaced."""
+Every GPU decision is made from what torch reports (torch.cuda, torch.backends.mps), so that each is tested on
+any machine with those queries replaced."""
 
 import contextlib
 import datetime
@@ -27,11 +27,9 @@ from .errors import UsageError, chain, first_line
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=5)
 
 # What gloo and NCCL put in a plain RuntimeError when another rank has gone away.
-PEER_FAILURE_MARKERS = (
-    "connection closed by peer", "connection reset by peer", "broken pipe", "third_party/gloo",
-    "processgroupgloo", "processgroupnccl", "ncclremoteerror", "ncclsystemerror", "socket timeout",
-    "connectfullmesh",
-)
+PEER_FAILURE_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe", "third_party/gloo",
+                        "processgroupgloo", "processgroupnccl", "ncclremoteerror", "ncclsystemerror", "socket timeout",
+                        "connectfullmesh")
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,8 @@ def init(info: DistInfo, device: torch.device) -> None:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
-    tdist.init_process_group("nccl" if cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT, device_id=device if cuda else None)
+    tdist.init_process_group("nccl" if cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT,
+                             device_id=device if cuda else None)
 
 
 def backend() -> str | None:
@@ -84,11 +83,8 @@ def shutdown() -> None:
 
 @contextmanager
 def main_process_first(info: DistInfo):
-    """Local rank 0 runs the block first (a download into a shared folder); the other ranks of the
-    machine wait at a barrier and then run it (reading what is there). Needs the process group.
-
-    Rank 0 reaches its barrier even when the block fails, so the others go on and fail on their own
-    instead of waiting for the timeout."""
+    """Local rank 0 runs the block (a download into a shared folder) before the machine's other ranks. It
+    reaches the barrier even when the block fails, so that the others fail on their own, not at the timeout."""
     first = info.local_rank == 0
     if info.enabled and not first:
         barrier()
@@ -118,11 +114,7 @@ def per_rank(value: torch.Tensor) -> list[float]:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when it is True on any one (so all ranks stop at the same step)."""
-    if not tdist.is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return bool(t.item())
+    return any(per_rank(torch.tensor(float(flag), device=device)))
 
 
 def barrier() -> None:
@@ -132,8 +124,7 @@ def barrier() -> None:
 
 @torch.no_grad()
 def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
-    """Overwrite the tensors on every rank with rank `src`'s, each through a contiguous copy (collectives
-    refuse channels_last tensors; for the usual 1-d statistics the copy is the tensor itself)."""
+    """Rank `src`'s tensors on every rank, each through a contiguous copy: collectives refuse channels_last."""
     if tdist.is_initialized():
         for t in tensors:
             flat = t.contiguous()
@@ -142,48 +133,39 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
 
 
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
-    """BatchNorm statistics (and the averaged ones of an EMA copy) drift apart across ranks, since each
-    rank normalises its own batches; the weights do not (DDP averages the gradients). Call this before
-    evaluating, so that every rank evaluates what rank 0 saves."""
+    """BatchNorm statistics drift apart across ranks (each normalises its own batches; DDP averages only the
+    gradients): before evaluating, so that every rank evaluates what rank 0 saves."""
     broadcast_tensors(list(module.buffers()), src)
 
 
 def is_peer_failure(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) is torch.distributed reporting that another rank went away:
-    DistError and its subclasses, or the plain RuntimeError that gloo raises ("Connection closed by peer")."""
+    """Whether `exc` (or its cause) says another rank went away: a DistError, or gloo's plain RuntimeError."""
     return any(isinstance(e, tdist.DistError) or (isinstance(e, RuntimeError) and any(
         m in str(e).lower() for m in PEER_FAILURE_MARKERS)) for e in chain(exc))
 
 
 def available_cpus() -> int:
-    """Cores this process may run on (affinity, not the machine's total)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    """Cores this process may run on (its affinity where the OS has one, as Linux does; not the machine's total)."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, len(cores))
 
 
-def set_cpu_threads(local_world_size: int = 1) -> int:
-    """Share the available cores fairly between local ranks, unless the user (or torchrun) chose a number
-    with OMP_NUM_THREADS."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    threads = max(1, available_cpus() // max(1, local_world_size))
-    torch.set_num_threads(threads)
-    return threads
+def set_cpu_threads(local_world_size: int = 1) -> None:
+    """The available cores shared between local ranks, unless OMP_NUM_THREADS (the user's, or torchrun's) says."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, available_cpus() // local_world_size))
 
 
 def nvidia_gpu_evidence(device_file: str = "/dev/nvidia0") -> str | None:
-    """What shows that this machine has an NVIDIA GPU, whatever PyTorch thinks: its device file or the
-    driver's nvidia-smi."""
+    """What shows an NVIDIA GPU, whatever torch thinks: its device file or the driver's nvidia-smi."""
     if os.path.exists(device_file):
         return device_file
     return "nvidia-smi" if shutil.which("nvidia-smi") else None
 
 
 def broken_cuda_reason() -> str | None:
-    """Why CUDA does not work on a machine that has an NVIDIA GPU (a CPU-only build of torch, a driver
-    too old for torch's CUDA); None when CUDA works or there is no NVIDIA GPU."""
+    """Why CUDA does not work on a machine with an NVIDIA GPU (a CPU-only torch, a driver too old for torch's
+    CUDA); None when it works or there is no such GPU."""
     evidence = None if torch.cuda.is_available() else nvidia_gpu_evidence()
     if evidence is None:
         return None
@@ -200,11 +182,9 @@ def broken_cuda_reason() -> str | None:
 
 
 # DDP runs collectives even with one process, and no torch.distributed backend takes MPS tensors.
-MPS_NO_DISTRIBUTED = ("torchrun is not supported on Apple MPS: torch.distributed has no backend for MPS "
-                      "tensors (gloo handles CPU and CUDA, NCCL only CUDA)")
+MPS_NO_DISTRIBUTED = "torchrun is not supported on Apple MPS: neither gloo nor NCCL takes MPS tensors"
 # Training diverges otherwise: NCHW input gives the right gradients there.
-CHANNELS_LAST_MPS_REASON = ("channels_last is off on MPS: BatchNorm backward in channels_last gives wrong "
-                            "gradients there (pytorch/pytorch#175189)")
+CHANNELS_LAST_MPS_REASON = "channels_last is off on MPS: BatchNorm backward is wrong there (pytorch/pytorch#175189)"
 
 
 def channels_last_ok(device: torch.device) -> bool:
@@ -221,9 +201,8 @@ def mps_unavailable_reason() -> str | None:
 
 
 def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' -> a usable device, or a UsageError naming --device.
-    auto: CUDA, else Apple MPS, else the CPU (with a warning saying why). local_rank is given under
-    torchrun only: there MPS is refused (no distributed backend) and auto skips it for the CPU."""
+    """--device -> a usable device, or a UsageError. auto: CUDA, else Apple MPS, else the CPU (warning why).
+    local_rank is given under torchrun only: there MPS is refused, and auto skips it for the CPU."""
     if spec == "auto":
         return _auto_device(local_rank)
     try:
@@ -238,8 +217,7 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
         if device.index not in (None, 0):
             raise UsageError(f"--device {spec}: there is one MPS device (mps, or mps:0)")
         if local_rank is not None:
-            raise UsageError(f"--device {spec}: {MPS_NO_DISTRIBUTED}; run one process without torchrun, "
-                             "or use --device cpu under torchrun")
+            raise UsageError(f"--device {spec}: {MPS_NO_DISTRIBUTED}; use --device cpu under torchrun")
         return torch.device("mps", 0)  # what tensors on MPS report as their device
     if device.type != "cuda":
         raise UsageError(f"--device {spec!r}: only cpu, cuda and mps are supported")
@@ -249,8 +227,7 @@ def resolve_device(spec: str, local_rank: int | None = None) -> torch.device:
     if device.index is None:
         return torch.device("cuda", _rank_gpu(spec, local_rank))
     if local_rank is not None:
-        raise UsageError(f"--device {spec}: under torchrun every process uses the GPU of its LOCAL_RANK; "
-                         "pass --device cuda or auto")
+        raise UsageError(f"--device {spec}: under torchrun each process uses its LOCAL_RANK's GPU; pass --device cuda")
     if device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
     return device
@@ -295,19 +272,13 @@ def default_eval_batch_size(device: torch.device) -> int:
 
 
 def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
-    """(model name, feature flags) of the first CPU; the platform's processor name and no flags where
-    there is no /proc/cpuinfo."""
-    name, flags = "", frozenset()
+    """(model name, feature flags) of the first CPU (the others repeat it); without /proc, the platform's name."""
+    text = ""
     with contextlib.suppress(OSError), open(path) as fh:
-        for line in fh:
-            if not line.strip():  # the end of the first processor's block: the others repeat it
-                break
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() in ("flags", "Features"):  # x86, ARM
-                flags = frozenset(value.split())
-    return name or platform.processor() or "unknown", flags
+        text = fh.read().split("\n\n")[0]
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+    flags = fields.get("flags", fields.get("Features", ""))  # x86, ARM
+    return fields.get("model name") or platform.processor() or "unknown", frozenset(flags.split())
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -331,67 +302,53 @@ FP32, BF16, FP16 = AmpPolicy(None, False), AmpPolicy(torch.bfloat16, False), Amp
 
 
 def cuda_bf16_native(device: torch.device) -> bool:
-    """bf16 in hardware: compute capability 8.0 (Ampere) or newer. torch.cuda.is_bf16_supported() by
-    default also says yes where a bf16 tensor can merely be created (V100, T4), but cuDNN has no bf16
-    convolutions there."""
-    if torch.version.hip:  # every ROCm GPU PyTorch supports has bf16
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    """bf16 in hardware: compute capability 8.0 (Ampere) or newer, or any ROCm GPU. torch.cuda.is_bf16_supported()
+    also says yes where a bf16 tensor can merely be created (V100, T4), but cuDNN has no bf16 convolutions there."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def mps_bf16_ok() -> bool:
-    # An autocast dtype that a torch does not support only warns and trains in fp32: hence the explicit test.
-    return torch.__version__ >= (2, 6) and torch.backends.mps.is_macos_or_newer(14, 0)
+    return torch.backends.mps.is_macos_or_newer(14, 0)  # Metal has bf16 from macOS 14
 
 
 def resolve_amp(mode: str, device: torch.device) -> AmpPolicy:
-    """--amp -> the precision policy on this device. auto: bf16 on CUDA capability >= 8.0, fp16 with loss
-    scaling on 7.x, fp32 below; on the CPU bf16 where it is native (AVX512-BF16, AMX), else fp32; on MPS
-    fp32 (bf16 and fp16 only when asked for). A precision the device cannot do is a UsageError."""
+    """--amp -> the precision policy on this device: the one named, unless the device cannot do it (a UsageError);
+    auto: what the device does best (_auto_amp)."""
     if mode not in AMP_MODES:
         raise UsageError(f"--amp {mode!r}: choose from {', '.join(AMP_MODES)}")
-    if mode == "off":
-        return FP32
+    if refusal := _amp_refusal(mode, device):
+        raise UsageError(f"--amp {mode}: {refusal}")
+    return _auto_amp(device) if mode == "auto" else {"off": FP32, "bf16": BF16, "fp16": FP16}[mode]
+
+
+def _amp_refusal(mode: str, device: torch.device) -> str | None:
+    if device.type == "cuda" and mode == "bf16" and not cuda_bf16_native(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 convolutions "
+                "(they need 8.0 or newer); use --amp fp16 or auto")
+    if device.type == "mps" and mode == "bf16" and not mps_bf16_ok():
+        return "bf16 on MPS needs macOS 14 or newer; use --amp auto or off"
+    if device.type not in ("cuda", "mps") and mode == "fp16":
+        # loss scaling (GradScaler) is a GPU tool, and CPUs compute fp16 slower than fp32 or bf16
+        return "for CUDA GPUs only; on the CPU use --amp bf16, auto or off"
+    return None
+
+
+def _auto_amp(device: torch.device) -> AmpPolicy:
+    """bf16 where it is native (CUDA 8.0+, AVX512-BF16 or AMX), fp16 with loss scaling on CUDA 7.x, else fp32."""
     if device.type == "cuda":
-        return _cuda_amp(mode, device)
-    if device.type == "mps":
-        return _mps_amp(mode)
-    if mode == "fp16":
-        # loss scaling (GradScaler) is a CUDA tool, and CPUs compute fp16 slower than fp32 or bf16
-        raise UsageError("--amp fp16: for CUDA GPUs only; on the CPU use --amp bf16, auto or off")
-    return BF16 if mode == "bf16" or cpu_has_fast_bf16() else FP32
-
-
-def _cuda_amp(mode: str, device: torch.device) -> AmpPolicy:
-    native_bf16, (major, minor) = cuda_bf16_native(device), torch.cuda.get_device_capability(device)
-    if mode == "bf16" and not native_bf16:
-        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
-                         "has no bf16 convolutions (they need 8.0 or newer); use --amp fp16 or auto")
-    if mode == "bf16" or (mode == "auto" and native_bf16):
-        return BF16
-    if mode == "fp16" or major >= 7:  # tensor cores from Volta on
-        return FP16
-    return FP32  # Pascal and older: fp16 without tensor cores gains little and risks overflow
-
-
-def _mps_amp(mode: str) -> AmpPolicy:
-    # auto stays fp32: mixed precision on MPS cannot be verified on this project's machines, and MPS has had
+        if cuda_bf16_native(device):
+            return BF16
+        # tensor cores from Volta (7.0) on; on Pascal and older fp16 gains little and risks overflow
+        return FP16 if torch.cuda.get_device_capability(device) >= (7, 0) else FP32
+    # MPS stays fp32: mixed precision there cannot be verified on this project's machines, and MPS has had
     # kernels that were silently wrong (CHANNELS_LAST_MPS_REASON)
-    if mode == "auto":
-        return FP32
-    if mode == "bf16" and not mps_bf16_ok():
-        raise UsageError(f"--amp bf16: bf16 on MPS needs torch 2.6 or newer and macOS 14 or newer (this is "
-                         f"torch {torch.__version__}); use --amp auto or off")
-    # fp16 only with loss scaling (small gradients underflow without it), and GradScaler needs torch 2.8 on MPS
-    if mode == "fp16" and torch.__version__ < (2, 8):
-        raise UsageError(f"--amp fp16: fp16 on MPS needs loss scaling, which torch supports there from 2.8 "
-                         f"(this is torch {torch.__version__}); use --amp auto or off")
-    return BF16 if mode == "bf16" else FP16
+    return BF16 if device.type == "cpu" and cpu_has_fast_bf16() else FP32
 
 
 def autocast(device: torch.device, amp: AmpPolicy):
-    """Autocast to the policy's dtype; fp32 enters none at all (a torch without MPS autocast raises for
-    torch.autocast("mps") even disabled)."""
+    """Autocast to the policy's dtype; fp32 enters none (torch.autocast raises for a device type it cannot
+    autocast, even disabled)."""
     return torch.autocast(device.type, dtype=amp.dtype) if amp.dtype else contextlib.nullcontext()
 
 
@@ -409,39 +366,26 @@ def process_memory_mb() -> dict:
     return {"rss_mb": current, "peak_rss_mb": peak}
 
 
-def cuda_report(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {"cuda_available": torch.cuda.is_available()}
-    props, (free, total) = torch.cuda.get_device_properties(device), torch.cuda.mem_get_info(device)
-    return {
-        "cuda_available": True, "name": props.name, "capability": f"{props.major}.{props.minor}",
-        "total_memory_mb": total / 2**20, "free_memory_mb": free / 2**20,
-        "cuda_version": torch.version.cuda, "cudnn_version": torch.backends.cudnn.version(),
-        "bf16_supported": cuda_bf16_native(device), "amp_auto": resolve_amp("auto", device).name,
-    }
-
-
-def mps_report(device: torch.device) -> dict:
-    if device.type != "mps":
-        return {"mps_available": torch.backends.mps.is_available()}
-    def ask(module, name):  # not in every torch
-        return getattr(module, name, lambda: None)()
-
-    recommended = ask(torch.mps, "recommended_max_memory")
-    return {
-        "mps_available": True, "name": ask(torch.backends.mps, "get_name"),
-        "gpu_cores": ask(torch.backends.mps, "get_core_count"),
-        "macos": platform.mac_ver()[0] or "unknown", "torch_version": str(torch.__version__),
-        "recommended_max_memory_mb": None if recommended is None else recommended / 2**20,
-        "allocated_memory_mb": torch.mps.current_allocated_memory() / 2**20,
-        "driver_memory_mb": torch.mps.driver_allocated_memory() / 2**20,
-        "bf16_supported": mps_bf16_ok(), "amp_auto": resolve_amp("auto", device).name,
-        "channels_last": channels_last_ok(device),
-    }
-
-
 def device_report(device: torch.device) -> dict:
-    return mps_report(device) if device.type == "mps" else cuda_report(device)
+    """What test_model reports of the device: the GPU, its memory, versions and what --amp auto picks there."""
+    if device.type == "cuda":
+        props, (free, total) = torch.cuda.get_device_properties(device), torch.cuda.mem_get_info(device)
+        return {"cuda_available": True, "name": props.name, "capability": f"{props.major}.{props.minor}",
+                "total_memory_mb": total / 2**20, "free_memory_mb": free / 2**20, "cuda_version": torch.version.cuda,
+                "cudnn_version": torch.backends.cudnn.version(), "bf16_supported": cuda_bf16_native(device),
+                "amp_auto": resolve_amp("auto", device).name}
+    if device.type != "mps":
+        return {"cuda_available": torch.cuda.is_available()}
+    # recommended_max_memory, get_name and get_core_count are not in every torch
+    recommended = getattr(torch.mps, "recommended_max_memory", lambda: None)()
+    return {"mps_available": True, "name": getattr(torch.backends.mps, "get_name", lambda: None)(),
+            "gpu_cores": getattr(torch.backends.mps, "get_core_count", lambda: None)(),
+            "macos": platform.mac_ver()[0] or "unknown", "torch_version": str(torch.__version__),
+            "recommended_max_memory_mb": None if recommended is None else recommended / 2**20,
+            "allocated_memory_mb": torch.mps.current_allocated_memory() / 2**20,
+            "driver_memory_mb": torch.mps.driver_allocated_memory() / 2**20,
+            "bf16_supported": mps_bf16_ok(), "amp_auto": resolve_amp("auto", device).name,
+            "channels_last": channels_last_ok(device)}
 
 
 def synchronize(device: torch.device) -> None:
@@ -452,21 +396,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
-    """Set the global backend flags for a run. Fast: cuDNN benchmarks its kernels once, which pays off
-    because every batch has the same shape. Deterministic: the same kernels, in the same order, in full
-    fp32 (no TF32) on every run, so that a resumed run repeats the uninterrupted one bit for bit.
-    MPS has no flags of its own; deterministic mode there is torch.use_deterministic_algorithms."""
+    """Fast: cuDNN benchmarks its kernels once (every batch has the same shape). Deterministic: the same kernels
+    in the same order in full fp32 (no TF32), so that a resumed run repeats the uninterrupted one bit for bit."""
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
     if deterministic:
         if device.type == "cuda":
             # cuBLAS is only deterministic with a fixed workspace; read when its handle is made
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -480,17 +419,15 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_gpu_mb(device: torch.device) -> float | None:
-    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU. On MPS: the
-    allocator's peak where torch.accelerator reports one, else the Metal driver's memory for this process,
-    which (its cached pool emptied by reset_peak_memory) approximates the peak from above."""
+    """The most GPU memory tensors held since reset_peak_memory, in MiB; None on the CPU. On MPS: the allocator's
+    peak where torch.accelerator keeps one, else the Metal driver's memory, its pool emptied by reset_peak_memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     if device.type != "mps":
         return None
-    try:
+    peak = None
+    with contextlib.suppress(Exception):  # no torch.accelerator, or an MPS allocator without stats
         peak = torch.accelerator.memory_stats(device).get("allocated_bytes.all.peak")
-    except Exception:  # no torch.accelerator, or an MPS allocator without stats
-        peak = None
     return (peak or torch.mps.driver_allocated_memory()) / 2**20
 
 
@@ -499,14 +436,14 @@ _MPS_MISSING_OP = re.compile(r"(?:operator '([^']+)' )?is not currently implemen
 
 
 def mps_hint(exc: BaseException) -> str | None:
-    """One line of advice for torch's NotImplementedError of an op without an MPS kernel, looked for along
-    the exception's cause/context chain; None for any other error."""
+    """One line of advice for torch's NotImplementedError of an op without an MPS kernel, along the exception's
+    causes; None for any other error."""
     found = (_MPS_MISSING_OP.search(str(e)) for e in chain(exc) if isinstance(e, NotImplementedError))
-    match = next(filter(None, found), None)
-    if match is None:
+    if (match := next(filter(None, found), None)) is None:
         return None
     if os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK", "0").strip() not in ("", "0"):
-        advice = "PYTORCH_ENABLE_MPS_FALLBACK=1 only takes effect when set before Python starts (export it in the shell)"
+        advice = "PYTORCH_ENABLE_MPS_FALLBACK=1 only takes effect when set before Python starts (export it)"
     else:
         advice = "set PYTORCH_ENABLE_MPS_FALLBACK=1 in the environment to run it on the CPU (slower)"
-    return f"{match[1] or 'an operator'} is not implemented on MPS in torch {torch.__version__}: {advice}, or use --device cpu"
+    op = match[1] or "an operator"
+    return f"{op} is not implemented on MPS in torch {torch.__version__}: {advice}, or use --device cpu"

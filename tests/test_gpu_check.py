@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import REPO
@@ -65,11 +64,9 @@ def test_missing_packages_are_named_and_every_step_is_still_reported(tmp_path):
 
 def test_without_a_usable_gpu_it_says_why_once_and_runs_no_step(tmp_path):
     """The default device (cuda) with no GPU to use (CUDA_VISIBLE_DEVICES empty hides any, so this holds on
-    every machine): one line first says why, the report says it too, and nothing else runs."""
-    start = time.monotonic()
+    every machine): one line first says why, the report says it too, and no step runs."""
     result, report, log = gpu_check(tmp_path, unset=["GPU_CHECK_DEVICE"], CUDA_VISIBLE_DEVICES="",
                                     FASHION_MNIST_DIR=str(tmp_path / "nothing"))
-    seconds = time.monotonic() - start
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     lines = [line for line in output.splitlines() if "no usable CUDA GPU" in line]
@@ -84,4 +81,3 @@ def test_without_a_usable_gpu_it_says_why_once_and_runs_no_step(tmp_path):
                                 "seconds": report["steps"][0]["seconds"], "timed_out": False}]
     assert report["test_acc"] is None and report["torchrun"]["nproc_per_node"] is None
     assert not (tmp_path / "work" / "ft").exists() and not (tmp_path / "out" / "bench.json").exists()
-    assert seconds < 60  # two Python start-ups, no step (a fine-tune or torchrun takes far longer)
