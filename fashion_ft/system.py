@@ -308,7 +308,8 @@ def cuda_bf16_native(device: torch.device) -> bool:
 
 
 def mps_bf16_ok() -> bool:
-    return torch.backends.mps.is_macos_or_newer(14, 0)  # Metal has bf16 from macOS 14
+    # An autocast dtype that a torch does not support only warns and trains in fp32: hence the explicit test.
+    return torch.__version__ >= (2, 6) and torch.backends.mps.is_macos_or_newer(14, 0)
 
 
 def resolve_amp(mode: str, device: torch.device) -> AmpPolicy:
@@ -327,7 +328,12 @@ def _amp_refusal(mode: str, device: torch.device) -> str | None:
         return (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 convolutions "
                 "(they need 8.0 or newer); use --amp fp16 or auto")
     if device.type == "mps" and mode == "bf16" and not mps_bf16_ok():
-        return "bf16 on MPS needs macOS 14 or newer; use --amp auto or off"
+        return (f"bf16 on MPS needs torch 2.6 or newer and macOS 14 or newer (this is torch {torch.__version__}); "
+                "use --amp auto or off")
+    # fp16 needs loss scaling (small gradients underflow without it), which GradScaler gives on MPS from torch 2.8
+    if device.type == "mps" and mode == "fp16" and torch.__version__ < (2, 8):
+        return (f"fp16 on MPS needs loss scaling, which torch supports there from 2.8 (this is torch "
+                f"{torch.__version__}); use --amp auto or off")
     if device.type not in ("cuda", "mps") and mode == "fp16":
         # loss scaling (GradScaler) is a GPU tool, and CPUs compute fp16 slower than fp32 or bf16
         return "for CUDA GPUs only; on the CPU use --amp bf16, auto or off"

@@ -84,7 +84,10 @@ AMP_TABLE = [
     (dict(mps="yes"), "cpu", "auto", "off"),  # the CPU's rules, not MPS's
     (dict(mps="yes", cuda=1), "auto", "auto", "bf16"),  # CUDA comes first
     (dict(mps="yes", macos=(14, 0)), "mps", "bf16", "bf16"),
-    (dict(mps="yes", macos=(13, 6)), "mps", "bf16", "--amp bf16: bf16 on MPS needs macOS 14"),
+    (dict(mps="yes", macos=(13, 6)), "mps", "bf16", "--amp bf16: bf16 on MPS needs .*macOS 14"),
+    (dict(mps="yes", torch_version="2.5.1", macos=(14, 5)), "mps", "bf16", r"--amp bf16: bf16 on MPS needs torch 2\.6"),
+    (dict(mps="yes", torch_version="2.7.1", macos=(14, 5)), "mps", "fp16", r"--amp fp16: .*loss scaling.* 2\.8"),
+    (dict(mps="yes", torch_version="2.4.1", macos=(14, 5)), "mps", "auto", "off"),  # no MPS autocast at all
     (dict(mps="yes", macos=(13, 6)), "mps", "fp16", "fp16"),
 ]
 
