@@ -208,7 +208,8 @@ RESUME_FIELDS = {
                   and isinstance(v.get("param_groups"), list) and bool(v["param_groups"])
                   and all(isinstance(g, dict) for g in v["param_groups"]), "{state, param_groups: dicts}"),
     "schedulers": (lambda v: isinstance(v, dict) and isinstance(v.get("per_batch"), dict)
-                   and isinstance(v.get("plateau"), (dict, type(None))), "{per_batch: a dict, plateau: a dict or None}"),
+                   and isinstance(v.get("plateau"), (dict, type(None))),
+                   "{per_batch: a dict, plateau: a dict or None}"),
     "scaler": (lambda v: isinstance(v, dict), "a dict ({} without a GradScaler)"),
     "early_stopping": (_tracker, TRACKER),
     "selection": (lambda v: v is None or _tracker(v), f"None (older files) or {TRACKER}"),

@@ -369,7 +369,7 @@ def check_conflicts(cfg: Config, given, preset: str | None) -> None:
         refuse("model_path", "from_scratch", "random weights start from no checkpoint")
 
 
-# ---------------------------------------------------------------- the command-line contract: one line on stderr and an exit code
+# ---------------------------------------------------------------- the command line: one line on stderr, an exit code
 
 # requirements.txt: a script that cannot import one of these runs in a Python the project was not set up in
 REQUIRED_PACKAGES = ("torch", "torchvision", "tensorboard", "numpy", "tqdm")

@@ -143,7 +143,8 @@ def summary_lines(summary: dict, files) -> list[str]:
         lines.append("no epoch beat the starting model; it was kept as the best model")
     lines.append(f"saved: {files.best} (best), {files.last} (resumable), {files.metrics}")
     if files.plain:
-        lines.append(f"plain state_dict: {files.plain} (for model.load_state_dict(torch.load(...)) in your own scripts)")
+        lines.append(f"plain state_dict: {files.plain} (for model.load_state_dict(torch.load(...)) in your own "
+                     "scripts)")
     return lines
 
 
@@ -172,8 +173,9 @@ def load_start(cfg: Config, resumed: LoadedCheckpoint | None) -> LoadedCheckpoin
     if resumed:  # the first run's input container: a user's plain state_dict gets its copy again (save_best)
         start = dataclasses.replace(resumed, container=resumed.meta.get("input_container", FORMAT))
     else:
-        start = require_finite(load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle, model_def=explicit_def(cfg),
-                                               model_kwargs=cfg.model_kwargs, max_params=cfg.max_params))
+        start = require_finite(load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle,
+                                               model_def=explicit_def(cfg), model_kwargs=cfg.model_kwargs,
+                                               max_params=cfg.max_params))
         if cfg.normalize:
             start = dataclasses.replace(start, mean=cfg.normalize[0], std=cfg.normalize[1])
     if cfg.model_def and start.model_def is None:
@@ -231,7 +233,8 @@ def teaching(cfg: Config, found: list[LoadedCheckpoint], split: Split, run_rt: C
     started = time.perf_counter()
     if cfg.augment == "none":
         result.fill_cache(train.images, run_rt, cfg.eval_batch_size)
-        console.print(f"teachers: their targets for {len(train)} images computed once ({time.perf_counter() - started:.1f}s)")
+        console.print(f"teachers: their targets for {len(train)} images computed once "
+                      f"({time.perf_counter() - started:.1f}s)")
     describe_targets(result, train, run_rt, console)
     return result
 
@@ -387,7 +390,8 @@ def prepare(cfg: Config, resumed: LoadedCheckpoint | None, info: system.DistInfo
     # What only the run can know: NAME_1 when another run has NAME (last.pt keeps it, so a resume finds it
     # again), the split the data gave, and the device's evaluation batch.
     cfg = dataclasses.replace(cfg, run_name=log_dir.name if log_dir else cfg.run_name, split_seed=split.seed,
-                              val_from=split.validation, val_size=split.val_size if split.validation == "train" else None,
+                              val_from=split.validation,
+                              val_size=split.val_size if split.validation == "train" else None,
                               eval_batch_size=cfg.eval_batch_size or system.default_eval_batch_size(device))
     rt = compute_settings(cfg, device, start, model, info, console)
     lr, steps, step = optimisation(cfg, model, rt, info, len(data["train"]))
