@@ -416,34 +416,26 @@ def _tensors(tree) -> list[torch.Tensor]:
 
 
 class _OpRecorder(torch.overrides.TorchFunctionMode):
-    """Records, in call order, every torch function that reads the model's parameters or buffers (by
-    identity), module or functional: (function name, ids of those tensors, whether one is a matrix).
-    A tensor computed from parameters alone (w.t(), a weight norm) stands for them in later calls;
-    the call computing it is not an op of its own, as it touches no activation."""
+    """Records, in call order, each torch function (module or functional) given an activation and some of the
+    model's tensors: (its name, the ids of those tensors, whether one is a matrix). A tensor computed from
+    model tensors alone (w.t(), a weight norm) stands for them in later calls."""
 
     def __init__(self, ids: set[int]):
         super().__init__()
-        self.ids = ids
-        self.derived: dict[int, tuple[set[int], torch.Tensor]] = {}  # the tensor kept, so its id is not reused
+        self.stands_for = {i: {i} for i in ids}  # tensor id -> the model tensors it is or was computed from
+        self.kept: list[torch.Tensor] = []  # the tensors computed here, alive so that their ids are not reused
         self.ops: list[tuple[str, set[int], bool]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        used, matrix, activation = set(), False, False
-        for t in _tensors((args, kwargs)):
-            if id(t) in self.ids:
-                used.add(id(t))
-            elif id(t) in self.derived:
-                used |= self.derived[id(t)][0]
-            else:
-                activation = True
-                continue
-            matrix |= t.dim() == 2
-        if used and activation:
-            self.ops.append((getattr(func, "__name__", str(func)), used, matrix))
+        out = func(*args, **(kwargs or {}))
+        inputs = _tensors((args, kwargs))
+        model_tensors = [t for t in inputs if id(t) in self.stands_for]
+        used = set().union(*(self.stands_for[id(t)] for t in model_tensors))
+        if used and len(model_tensors) < len(inputs):
+            self.ops.append((getattr(func, "__name__", str(func)), used, any(t.dim() == 2 for t in model_tensors)))
         elif used:
-            self.derived.update({id(t): (used, t) for t in _tensors(out)})
+            self.kept += _tensors(out)
+            self.stands_for.update({id(t): used for t in _tensors(out)})
         return out
 
 
@@ -451,35 +443,24 @@ def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
 
 
-def _tensor_names(model: nn.Module) -> dict[int, str]:
-    """id -> name of every parameter and buffer (a tied tensor under its first name, as named_* give it)."""
-    return {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
-
-
-def _trace(model: nn.Module, ids: set[int]) -> list[tuple[str, set[int], bool]]:
-    """The ops (see _OpRecorder) of one eval forward of 2 zero images on the model's device, under no_grad;
-    every train/eval flag is put back as it was."""
+def _head_tensors(model: nn.Module) -> set[int]:
+    """ids of the head's parameters and buffers: those of the ops from the first fully connected one after the
+    last convolution, in one eval forward of 2 zero images (every train/eval flag put back after). A UserError
+    when the model has no such head or shares a tensor across it."""
+    names = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}  # tied: first name
     like = next(model.parameters(), torch.zeros(()))
-    x = torch.zeros(2, *INPUT_SHAPE, device=like.device, dtype=like.dtype)
     flags = [(m, m.training) for m in model.modules()]
-    recorder = _OpRecorder(ids)
+    recorder = _OpRecorder(set(names))
     try:
         with torch.no_grad(), recorder:
-            model.eval()(x)
+            model.eval()(torch.zeros(2, *INPUT_SHAPE, device=like.device, dtype=like.dtype))
     except Exception as exc:
         raise UserError(f"cannot tell the head of this model (its forward on 2 zero images failed: "
                         f"{type(exc).__name__}: {first_line(exc)}); {PATTERN_HINT}") from None
     finally:
         for module, training in flags:
             module.training = training
-    return recorder.ops
-
-
-def _head_tensors(model: nn.Module) -> set[int]:
-    """ids of the parameters and buffers of the head (see the top of this file); a UserError when the
-    model has no such head or shares a tensor across it."""
-    names = _tensor_names(model)
-    ops = _trace(model, set(names))
+    ops = recorder.ops
     convs = [i for i, (op, _, _) in enumerate(ops) if op in CONV_OPS]
     start = next((i for i, (op, _, matrix) in enumerate(ops)
                   if convs and i > convs[-1] and (op == "linear" or (op in FC_OPS and matrix))), None)
@@ -488,8 +469,7 @@ def _head_tensors(model: nn.Module) -> set[int]:
         raise UserError(f"cannot tell the head of this model ({why}); {PATTERN_HINT}")
     features = set().union(*(used for _, used, _ in ops[:start]))
     head = set().union(*(used for _, used, _ in ops[start:]))
-    shared = sorted(names[i] for i in features & head)
-    if shared:
+    if shared := sorted(names[i] for i in features & head):
         raise UserError(f"cannot tell the head of this model: {', '.join(shared)} used both before and after its "
                         f"first fully connected layer after the convolutions; {PATTERN_HINT}")
     # a tensor the forward did not pass to a torch function (num_batches_tracked) goes with its module's
@@ -502,31 +482,28 @@ def _head_tensors(model: nn.Module) -> set[int]:
 
 
 def _trainable_tensors(model: nn.Module, patterns: list[str]) -> set[int]:
-    """ids of the tensors of the modules that a pattern names, directly or through an enclosing module
-    ("classifier" names classifier.2 too); a tensor of the model itself, outside any module, by its own
-    name. A pattern that names nothing is a UsageError listing the names there are."""
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    layers = [name for name, _ in model.named_modules() if name] + [name for name, _ in tensors if "." not in name]
+    """ids of the tensors of every module a pattern names, with its children ("classifier" names classifier.2),
+    and of every tensor of the model itself that one names. A pattern that names nothing is a UsageError
+    listing the names there are."""
+    layers = {name: [*m.parameters(), *m.buffers()] for name, m in model.named_modules() if name}
+    layers.update((name, [t]) for name, t in [*model.named_parameters(recurse=False),
+                                              *model.named_buffers(recurse=False)])
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
-            shown = ", ".join(layers[:24]) + (f", ... ({len(layers)} in all)" if len(layers) > 24 else "")
+            shown = ", ".join(list(layers)[:24]) + (f", ... ({len(layers)} in all)" if len(layers) > 24 else "")
             raise UsageError(f"--trainable {pattern!r} matches no layer of this model; its layers are: {shown}")
-
-    def named(layer: str) -> bool:  # the layer or an enclosing module
-        parts = layer.split(".")
-        return any(fnmatch.fnmatchcase(".".join(parts[:k]), p) for k in range(1, len(parts) + 1) for p in patterns)
-
-    return {id(t) for name, t in tensors if named(name.rpartition(".")[0] or name)}
+    return {id(t) for name, tensors in layers.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+            for t in tensors}
 
 
 def apply_freezing(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainable=None) -> None:
-    """Keeps tensors exactly as loaded: with freeze_conv every one outside the head (the features' weights and
-    BatchNorm statistics), with freeze_bn every BatchNorm's (1d/2d/3d, SyncBatchNorm), with `trainable` every
-    one no pattern names. Their parameters stop requiring gradients; their buffers are for set_train_mode."""
+    """Keeps tensors exactly as loaded: with freeze_conv every one outside the head, with freeze_bn every
+    BatchNorm's (1d/2d/3d, SyncBatchNorm), with `trainable` every one no pattern names. Their parameters stop
+    requiring gradients; their buffers are for set_train_mode."""
     batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if freeze_bn and not batchnorms:
         warnings.warn("this model has no BatchNorm layer, so --freeze-bn changes nothing", stacklevel=2)
-    everything = set(_tensor_names(model))
+    everything = {id(t) for t in [*model.parameters(), *model.buffers()]}
     frozen = everything - _head_tensors(model) if freeze_conv else set()
     if freeze_bn:
         frozen |= {id(t) for m in batchnorms for t in _own_tensors(m)}
@@ -540,9 +517,8 @@ def apply_freezing(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainab
 
 
 def set_train_mode(model: nn.Module) -> None:
-    """model.train(), except that every module apply_freezing found holding frozen buffers (BatchNorm's
-    running statistics) stays in eval mode, so that they do not move. Only that module's own flag: its
-    children, and layers without tensors (dropout), follow model.train()."""
+    """model.train(), except that each module holding frozen buffers (BatchNorm's running statistics) stays
+    in eval mode, so that they do not move; its children, and dropout, follow model.train()."""
     frozen = vars(model).get(FROZEN_ATTR, set())
     for name, m in model.train().named_modules():
         if name in frozen:
@@ -550,9 +526,8 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 def trainable_summary(model: nn.Module, limit: int = 8) -> str:
-    """One line: the fewest modules that together hold every trainable parameter (a module whose
-    parameters are all trainable stands for its children), and the counts, e.g.
-    "trainable: fc1, bn_fc, fc2 (4,522 of 6,000 parameters)"."""
+    """One line: the fewest modules holding every trainable parameter (a module whose parameters all train
+    stands for its children) and the counts, e.g. "trainable: fc1, bn_fc, fc2 (4,522 of 6,000 parameters)"."""
     names = []
 
     def visit(module: nn.Module, prefix: str) -> None:
