@@ -1,17 +1,14 @@
-"""The models: a user's own class (--model-def), our CNNs and the arch registry (a name maps to a
-constructor and its default kwargs), and freezing (--freeze-conv, --freeze-bn, --trainable).
+"""The models: a user's own class (--model-def), our CNNs and their registry (an arch name -> its constructor
+and default kwargs), and freezing (--freeze-conv, --freeze-bn, --trainable).
 
-Checkpoints store `arch` + `arch_kwargs`, so a model is rebuilt from the file alone (as nanoGPT
-does with its model args). Each network ends in a `classifier`, which is the head that --freeze-conv
-finds by tracing (apply_freezing) and leaves trainable.
+Checkpoints store `arch` + `arch_kwargs`, so a model is rebuilt from the file alone (as nanoGPT does with its
+model args). Each of our networks ends in a `classifier`: the head that --freeze-conv finds by tracing.
 """
 
 import fnmatch
 import hashlib
-import importlib
 import importlib.util
 import io
-import os
 import re
 import shlex
 import sys
@@ -61,26 +58,23 @@ def file_sha256(path) -> str:
 
 
 def refusal(record: dict, where: str) -> UserError:
-    """Why checkpoint `where`, which records a user's class (ModelDef.to_dict()), is not built without
-    --model-def."""
+    """Why checkpoint `where`, which records a user's class (ModelDef.to_dict()), is not built without it."""
     flag = printable(shlex.quote(f"{record.get('resolved') or record['given']}:{record['class']}"))
     return UserError(f"{where}: its model is your class {printable(str(record['class']))}, and a checkpoint never "
                      f"chooses code to run; if you trust the file, pass --model-def {flag}")
 
 
 def _import(definition: ModelDef):
-    """The user's module, imported as their script would be, less what must not happen: no __main__ block
-    (the module has another name), no bytecode written into their folder, no reading of our argv (a
-    top-level parse_args) nor of our stdin (input() gets end-of-file), their folder on sys.path for its
-    sibling modules only meanwhile. What it writes to stderr is passed on once it is imported: a failure
-    (argparse's usage text) stays one line. One import per process, under a name of its own: every model
-    built from it shares its classes."""
+    """The user's module, imported as their script would be, except: no __main__ block (another module name),
+    no bytecode in their folder, no reading of our argv (a top-level parse_args) or stdin (end-of-file). Their
+    folder is on sys.path meanwhile, for sibling modules. Its stderr is passed on only after a success, so that
+    a failure (argparse's usage text) stays one line. One import per process: its models share its classes."""
     where, name = definition.given, None
     path = Path(definition.resolved or Path.cwd() / "_")
     saved, held = (sys.argv, sys.dont_write_bytecode, list(sys.path), sys.stdin), io.StringIO()
     try:
-        with open(os.devnull) as devnull, redirect_stderr(held):
-            sys.argv, sys.dont_write_bytecode, sys.stdin = [str(path)], True, devnull
+        with redirect_stderr(held):
+            sys.argv, sys.dont_write_bytecode, sys.stdin = [str(path)], True, io.StringIO()
             sys.path.insert(0, str(path.parent))
             if definition.resolved is None:
                 module = importlib.import_module(where)
@@ -101,11 +95,9 @@ def _import(definition: ModelDef):
         if isinstance(exc, SyntaxError):
             raise UserError(f"{exc.filename or where}:{exc.lineno}: syntax error: {exc.msg}") from None
         if isinstance(exc, ModuleNotFoundError) and exc.name:
-            python = sys.executable
-            raise UserError(f"{where} imports {exc.name}, which this Python ({python}) does not have: install it "
-                            f"with {shlex.quote(python)} -m pip install {exc.name.partition('.')[0]} (its package may "
-                            "have another name), or put the class in a file of its own that imports only what the "
-                            "class needs") from None
+            raise UserError(f"{where} imports {exc.name}, which this Python does not have: install it with "
+                            f"{shlex.quote(sys.executable)} -m pip install {exc.name.partition('.')[0]} (the package "
+                            "may have another name), or move the class to a file importing only what it needs") from None
         raise UserError(f"{where}: importing it failed: {type(exc).__name__}: {first_line(exc)}") from None
     finally:
         sys.argv, sys.dont_write_bytecode, sys.path[:], sys.stdin = saved
@@ -115,17 +107,17 @@ def _import(definition: ModelDef):
 
 def build(definition: ModelDef, kwargs: dict) -> nn.Module:
     """An instance of the user's class with `kwargs`; every failure is one UserError line."""
+    named = f"{definition.given}:{definition.cls}"
     cls = getattr(_import(definition), definition.cls, None)
     if cls is None:
         raise UserError(f"{definition.given} has no class {definition.cls}")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise UserError(f"{definition.given}:{definition.cls} is not an nn.Module subclass (it is a "
-                        f"{type(cls).__name__})")
+        raise UserError(f"{named} is not an nn.Module subclass (it is a {type(cls).__name__})")
     try:
         return cls(**kwargs)
     except Exception as exc:
-        raise UserError(f"{definition.given}:{definition.cls}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
-                        f"failed: {type(exc).__name__}: {first_line(exc)}") from None
+        raise UserError(f"{named}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
+                        f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
 NUM_CLASSES = 10
@@ -175,11 +167,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """The CIFAR ResNet of He et al. 2016 for 1x28x28 input: a 3x3 stem, one stage of `blocks` BasicBlocks
-    per width (each stage after the first halves the side: 28 -> 14 -> 7), global average pooling, a
-    linear head. The defaults are ResNet-20 (6 * blocks + 2 layers). Stages are named `stage1`,
-    `stage2`, ... so that a bare state_dict tells its widths and depth.
-    """
+    """The CIFAR ResNet of He et al. 2016 for 1x28x28 input: a 3x3 stem, a stage of `blocks` BasicBlocks per
+    width (each after the first halves the side: 28 -> 14 -> 7), global average pooling, a linear head; the
+    defaults are ResNet-20 (6 * blocks + 2 layers). Named stages: a bare state_dict tells widths and depth."""
 
     def __init__(self, widths=(16, 32, 64), blocks=3, num_classes=NUM_CLASSES):
         super().__init__()
@@ -215,12 +205,8 @@ ARCHS = {
 }
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-WIDTHS = (lambda v: isinstance(v, list) and bool(v) and all(map(_whole, v)), "a non-empty list of whole numbers >= 1")
-WHOLE = (_whole, "a whole number >= 1")
+WHOLE = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1")
+WIDTHS = (lambda v: isinstance(v, list) and bool(v) and all(map(WHOLE[0], v)), "a non-empty list of whole numbers >= 1")
 # What each kwarg of our networks must be, as config.LIMITS: field -> (test, what it must be)
 KWARG_RULES = {
     "channels": WIDTHS, "widths": WIDTHS, "hidden": WHOLE, "blocks": WHOLE, "num_classes": WHOLE,
@@ -253,8 +239,7 @@ def build_source(arch: str, kwargs: dict, model_def: "ModelDef | None" = None) -
 
 
 def on_meta(build: Callable[[], nn.Module], max_params: int) -> nn.Module:
-    """The model that build() makes, on the meta device: its shapes and size without allocating a byte, so
-    that widths recorded in a file or typed in a flag are refused before they take the memory."""
+    """build()'s model on the meta device: widths from a file or a flag are refused before they take memory."""
     try:
         with torch.device("meta"):
             model = build()
@@ -325,8 +310,7 @@ def _cnn3_kwargs(shapes: dict) -> dict:
 
 
 def _resnet_kwargs(shapes: dict) -> dict:
-    """Each width from the output sizes of its stage's convs and BatchNorms (the stem's with the first), the
-    blocks per stage (the majority over the stages), the class count from the head."""
+    """Each width from the output sizes of its stage's convs and BatchNorms (the stem's with the first's)."""
     stages: dict[int, dict] = {}  # stage -> block (None: the stem) -> output sizes
     for key, shape in shapes.items():
         if (match := re.match(r"features\.(?:stage(\d+)\.(\d+)|stem)\.", key)) and len(shape) in (1, 4):
@@ -359,13 +343,10 @@ def infer_arch(state_dict: dict) -> tuple[str, dict]:
 def shape_mismatches(model: nn.Module, state_dict: dict) -> list[str]:
     """Human-readable differences between a model's state_dict and a loaded one (empty: they match)."""
     expected = model.state_dict()
-
-    def listed(what: str, keys: list, tensors: dict) -> list[str]:
-        shown = ", ".join(f"{k} {tuple(tensors[k].shape)}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
-        return [f"{what} keys: {shown}"] if keys else []
-
-    problems = (listed("missing", [k for k in expected if k not in state_dict], expected)
-                + listed("unexpected", [k for k in state_dict if k not in expected], state_dict))
+    odd = {"missing": ([k for k in expected if k not in state_dict], expected),
+           "unexpected": ([k for k in state_dict if k not in expected], state_dict)}
+    problems = [f"{what} keys: " + ", ".join(f"{k} {tuple(tensors[k].shape)}" for k in keys[:4])
+                + (" ..." if len(keys) > 4 else "") for what, (keys, tensors) in odd.items() if keys]
     for key, want in expected.items():
         got = state_dict.get(key)
         if got is not None and got.shape != want.shape:
@@ -439,10 +420,6 @@ class _OpRecorder(torch.overrides.TorchFunctionMode):
         return out
 
 
-def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-
-
 def _head_tensors(model: nn.Module) -> set[int]:
     """ids of the head's parameters and buffers: those of the ops from the first fully connected one after the
     last convolution, in one eval forward of 2 zero images (every train/eval flag put back after). A UserError
@@ -475,7 +452,7 @@ def _head_tensors(model: nn.Module) -> set[int]:
     # a tensor the forward did not pass to a torch function (num_batches_tracked) goes with its module's
     unseen = set(names) - features - head
     for module in model.modules():
-        own = {id(t) for t in _own_tensors(module)}
+        own = {id(t) for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]}
         if own & head:
             head |= own & unseen
     return head
@@ -506,7 +483,7 @@ def apply_freezing(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainab
     everything = {id(t) for t in [*model.parameters(), *model.buffers()]}
     frozen = everything - _head_tensors(model) if freeze_conv else set()
     if freeze_bn:
-        frozen |= {id(t) for m in batchnorms for t in _own_tensors(m)}
+        frozen |= {id(t) for m in batchnorms for t in [*m.parameters(), *m.buffers()]}
     if trainable:
         frozen |= everything - _trainable_tensors(model, list(trainable))
     for p in model.parameters():
