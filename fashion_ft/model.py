@@ -256,20 +256,13 @@ def on_meta(build: Callable[[], nn.Module], max_params: int) -> nn.Module:
 
 def check_architecture(build: Callable[[], nn.Module], max_params: int) -> None:
     """on_meta, and its scores for 2 images, still on the meta device."""
-    _scores(on_meta(build, max_params), "the model", "meta")
-
-
-def check_outputs(model: nn.Module, name: str) -> None:
-    """The model must give one score per class (logits or log-probabilities) for each image."""
-    out = _scores(model, name)
-    if (out >= 0).all() and torch.allclose(out.sum(1), torch.ones(2)):
-        raise UserError(f"{name} returns probabilities (each row non-negative, summing to 1), and cross-entropy "
-                        "on probabilities trains wrongly: return the logits, or log_softmax of them")
+    check_outputs(on_meta(build, max_params), "the model", "meta")
 
 
 @torch.no_grad()
-def _scores(model: nn.Module, name: str, device=None) -> torch.Tensor:
-    """The eval-mode output for 2 blank images, of shape (2, NUM_CLASSES); the model's mode is put back."""
+def check_outputs(model: nn.Module, name: str, device=None) -> None:
+    """The eval-mode output for 2 blank images must be one score per class for each, logits or log-probabilities
+    (meta tensors hold no values to tell probabilities by); the model's mode is put back."""
     was_training = model.training
     try:
         out = model.eval()(torch.zeros(2, *INPUT_SHAPE, device=device))
@@ -282,7 +275,9 @@ def _scores(model: nn.Module, name: str, device=None) -> torch.Tensor:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise UserError(f"{name} gives {got} for 2 images; Fashion-MNIST needs {NUM_CLASSES} scores per image "
                         "(logits or log_softmax)")
-    return out
+    if device != "meta" and (out >= 0).all() and torch.allclose(out.sum(1), torch.ones(2)):
+        raise UserError(f"{name} returns probabilities (each row non-negative, summing to 1), and cross-entropy "
+                        "on probabilities trains wrongly: return the logits, or log_softmax of them")
 
 
 # Reading the kwargs of our networks off a bare state_dict. Each size is the majority vote of every tensor
@@ -502,7 +497,7 @@ def set_train_mode(model: nn.Module) -> None:
             m.training = False
 
 
-def trainable_summary(model: nn.Module, limit: int = 8) -> str:
+def trainable_summary(model: nn.Module) -> str:
     """One line: the fewest modules holding every trainable parameter (a module whose parameters all train
     stands for its children) and the counts, e.g. "trainable: fc1, bn_fc, fc2 (4,522 of 6,000 parameters)"."""
     names = []
@@ -519,5 +514,5 @@ def trainable_summary(model: nn.Module, limit: int = 8) -> str:
 
     visit(model, "")
     total, trained = count_parameters(model)
-    shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     return f"trainable: {shown or 'nothing'} ({trained:,} of {total:,} parameters)"
