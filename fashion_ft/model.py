@@ -96,8 +96,9 @@ def _import(definition: ModelDef):
             raise UserError(f"{exc.filename or where}:{exc.lineno}: syntax error: {exc.msg}") from None
         if isinstance(exc, ModuleNotFoundError) and exc.name:
             raise UserError(f"{where} imports {exc.name}, which this Python does not have: install it with "
-                            f"{shlex.quote(sys.executable)} -m pip install {exc.name.partition('.')[0]} (the package "
-                            "may have another name), or move the class to a file importing only what it needs") from None
+                            f"{shlex.quote(sys.executable)} -m pip install {exc.name.partition('.')[0]} (the "
+                            "package may have another name), or move the class to a file importing only what it "
+                            "needs") from None
         raise UserError(f"{where}: importing it failed: {type(exc).__name__}: {first_line(exc)}") from None
     finally:
         sys.argv, sys.dont_write_bytecode, sys.path[:], sys.stdin = saved
