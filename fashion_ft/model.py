@@ -1,9 +1,6 @@
-"""The models: a user's own class (--model-def), our CNNs and their registry (an arch name -> its constructor
-and default kwargs), and freezing (--freeze-conv, --freeze-bn, --trainable).
-
-Checkpoints store `arch` + `arch_kwargs`, so a model is rebuilt from the file alone (as nanoGPT does with its
-model args). Each of our networks ends in a `classifier`: the head that --freeze-conv finds by tracing.
-"""
+"""The models: a user's own class (--model-def), our CNNs and their registry (arch name -> constructor and default
+kwargs: checkpoints store `arch` + `arch_kwargs`, as nanoGPT does its model args, so a file alone rebuilds its
+model), and freezing (--freeze-conv, which finds the head by tracing, --freeze-bn, --trainable)."""
 
 import fnmatch
 import hashlib
@@ -65,10 +62,9 @@ def refusal(record: dict, where: str) -> UserError:
 
 
 def _import(definition: ModelDef):
-    """The user's module, imported as their script would be, except: no __main__ block (another module name),
-    no bytecode in their folder, no reading of our argv (a top-level parse_args) or stdin (end-of-file). Their
-    folder is on sys.path meanwhile, for sibling modules. Its stderr is passed on only after a success, so that
-    a failure (argparse's usage text) stays one line. One import per process: its models share its classes."""
+    """The user's module, imported once per process as their script would be (their folder on sys.path), but with
+    no __main__ block, no bytecode written by it, no reading of our argv or stdin; its stderr is passed on only
+    after a success, so that a failure (argparse's usage text) stays one line."""
     where, name = definition.given, None
     path = Path(definition.resolved or Path.cwd() / "_")
     saved, held = (sys.argv, sys.dont_write_bytecode, list(sys.path), sys.stdin), io.StringIO()
@@ -131,15 +127,14 @@ class CNN3(nn.Module):
 
     def __init__(self, channels=(48, 96, 192), hidden=384, dropout=0.3, num_classes=NUM_CLASSES):
         super().__init__()
-        blocks, in_ch = [], INPUT_SHAPE[0]
-        for out_ch in channels:
+        blocks = []
+        for in_ch, out_ch in zip([INPUT_SHAPE[0], *channels], channels):
             blocks += [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(out_ch),
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            in_ch = out_ch
         self.features = nn.Sequential(*blocks)
         side = INPUT_SHAPE[1] // 2 ** len(channels)  # 28 -> 14 -> 7 -> 3
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_ch * side * side, hidden), nn.ReLU(inplace=True),
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels[-1] * side * side, hidden), nn.ReLU(inplace=True),
             nn.Dropout(dropout), nn.Linear(hidden, num_classes),
         )
 
@@ -177,15 +172,12 @@ class ResNet(nn.Module):
         layers = OrderedDict(stem=nn.Sequential(
             nn.Conv2d(INPUT_SHAPE[0], widths[0], kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True)))
-        in_ch = widths[0]
-        for i, out_ch in enumerate(widths):
-            layers[f"stage{i + 1}"] = nn.Sequential(
-                BasicBlock(in_ch, out_ch, 1 if i == 0 else 2), *(BasicBlock(out_ch, out_ch) for _ in range(blocks - 1))
-            )
-            in_ch = out_ch
+        for i, (in_ch, out_ch) in enumerate(zip([widths[0], *widths], widths)):
+            layers[f"stage{i + 1}"] = nn.Sequential(BasicBlock(in_ch, out_ch, 1 if i == 0 else 2),
+                                                    *(BasicBlock(out_ch, out_ch) for _ in range(blocks - 1)))
         layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())
         self.features = nn.Sequential(layers)
-        self.classifier = nn.Sequential(nn.Linear(in_ch, num_classes))
+        self.classifier = nn.Sequential(nn.Linear(widths[-1], num_classes))
         # torchvision's ResNet init (BatchNorm's own is already gamma 1, beta 0); the last BN of each branch
         # keeps gamma 1 (zero-init not measured here)
         for conv in (m for m in self.modules() if isinstance(m, nn.Conv2d)):
@@ -378,8 +370,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- freezing (--freeze-conv, --freeze-bn, --trainable)
 
-CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-                      "convolution", "_convolution"})
 FC_OPS = frozenset({"linear", "addmm", "matmul", "mm"})  # the last three count only with a 2-D parameter
 PATTERN_HINT = "name the trainable layers with --trainable PATTERN"
 # The model attribute that names the modules holding frozen buffers (names, not tensors, survive .to(device)
@@ -417,9 +407,8 @@ class _OpRecorder(torch.overrides.TorchFunctionMode):
 
 
 def _head_tensors(model: nn.Module) -> set[int]:
-    """ids of the head's parameters and buffers: those of the ops from the first fully connected one after the
-    last convolution, in one eval forward of 2 zero images (every train/eval flag put back after). A UserError
-    when the model has no such head or shares a tensor across it."""
+    """ids of the head's tensors: those the ops use from the first fully connected one after the last convolution,
+    in one eval forward of 2 zero images (every train/eval flag put back); a UserError when that is no head."""
     names = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}  # tied: first name
     like = next(model.parameters(), torch.zeros(()))
     flags = [(m, m.training) for m in model.modules()]
@@ -434,7 +423,7 @@ def _head_tensors(model: nn.Module) -> set[int]:
         for module, training in flags:
             module.training = training
     ops = recorder.ops
-    convs = [i for i, (op, _, _) in enumerate(ops) if op in CONV_OPS]
+    convs = [i for i, (op, _, _) in enumerate(ops) if op.lstrip("_").startswith("conv")]  # conv2d, conv_transpose1d..
     start = next((i for i, (op, _, matrix) in enumerate(ops)
                   if convs and i > convs[-1] and (op == "linear" or (op in FC_OPS and matrix))), None)
     if start is None:
@@ -455,9 +444,8 @@ def _head_tensors(model: nn.Module) -> set[int]:
 
 
 def _trainable_tensors(model: nn.Module, patterns: list[str]) -> set[int]:
-    """ids of the tensors of every module a pattern names, with its children ("classifier" names classifier.2),
-    and of every tensor of the model itself that one names. A pattern that names nothing is a UsageError
-    listing the names there are."""
+    """ids of the tensors of each module a pattern names, with its children ("classifier" names classifier.2), or
+    of a tensor of the model itself; a pattern that names nothing is a UsageError listing the names there are."""
     layers = {name: [*m.parameters(), *m.buffers()] for name, m in model.named_modules() if name}
     layers.update((name, [t]) for name, t in [*model.named_parameters(recurse=False),
                                               *model.named_buffers(recurse=False)])
