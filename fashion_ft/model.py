@@ -122,24 +122,18 @@ INPUT_SHAPE = (1, 28, 28)
 USER_ARCH = "user"  # the arch of a checkpoint whose model_def names the user's own class
 
 
-class CNN3(nn.Module):
-    """Three conv blocks (conv -> BatchNorm -> ReLU -> 2x2 max-pool), then an MLP head with dropout."""
+class CNN3(nn.Sequential):
+    """`features`: three conv blocks (conv -> BatchNorm -> ReLU -> 2x2 max-pool); `classifier`: an MLP with dropout."""
 
     def __init__(self, channels=(48, 96, 192), hidden=384, dropout=0.3, num_classes=NUM_CLASSES):
-        super().__init__()
         blocks = []
         for in_ch, out_ch in zip([INPUT_SHAPE[0], *channels], channels):
             blocks += [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(out_ch),
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-        self.features = nn.Sequential(*blocks)
         side = INPUT_SHAPE[1] // 2 ** len(channels)  # 28 -> 14 -> 7 -> 3
-        self.classifier = nn.Sequential(
+        super().__init__(OrderedDict(features=nn.Sequential(*blocks), classifier=nn.Sequential(
             nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels[-1] * side * side, hidden), nn.ReLU(inplace=True),
-            nn.Dropout(dropout), nn.Linear(hidden, num_classes),
-        )
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
+            nn.Dropout(dropout), nn.Linear(hidden, num_classes))))
 
 
 class BasicBlock(nn.Module):
@@ -162,13 +156,13 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(nn.Sequential):
     """The CIFAR ResNet of He et al. 2016 for 1x28x28 input: a 3x3 stem, a stage of `blocks` BasicBlocks per
-    width (each after the first halves the side: 28 -> 14 -> 7), global average pooling, a linear head; the
-    defaults are ResNet-20 (6 * blocks + 2 layers). Named stages: a bare state_dict tells widths and depth."""
+    width (each after the first halves the side: 28 -> 14 -> 7), global average pooling (`features`), a linear
+    `classifier`; the defaults are ResNet-20 (6 * blocks + 2 layers). Named stages: a bare state_dict tells
+    widths and depth."""
 
     def __init__(self, widths=(16, 32, 64), blocks=3, num_classes=NUM_CLASSES):
-        super().__init__()
         layers = OrderedDict(stem=nn.Sequential(
             nn.Conv2d(INPUT_SHAPE[0], widths[0], kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True)))
@@ -176,15 +170,12 @@ class ResNet(nn.Module):
             layers[f"stage{i + 1}"] = nn.Sequential(BasicBlock(in_ch, out_ch, 1 if i == 0 else 2),
                                                     *(BasicBlock(out_ch, out_ch) for _ in range(blocks - 1)))
         layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())
-        self.features = nn.Sequential(layers)
-        self.classifier = nn.Sequential(nn.Linear(widths[-1], num_classes))
+        super().__init__(OrderedDict(features=nn.Sequential(layers),
+                                     classifier=nn.Sequential(nn.Linear(widths[-1], num_classes))))
         # torchvision's ResNet init (BatchNorm's own is already gamma 1, beta 0); the last BN of each branch
         # keeps gamma 1 (zero-init not measured here)
         for conv in (m for m in self.modules() if isinstance(m, nn.Conv2d)):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
 
 
 class ArchSpec(NamedTuple):
@@ -434,12 +425,10 @@ def _head_tensors(model: nn.Module) -> set[int]:
     if shared := sorted(names[i] for i in features & head):
         raise UserError(f"cannot tell the head of this model: {', '.join(shared)} used both before and after its "
                         f"first fully connected layer after the convolutions; {PATTERN_HINT}")
-    # a tensor the forward did not pass to a torch function (num_batches_tracked) goes with its module's
-    unseen = set(names) - features - head
-    for module in model.modules():
+    for module in model.modules():  # a tensor the trace did not see (num_batches_tracked) goes with its module's
         own = {id(t) for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]}
         if own & head:
-            head |= own & unseen
+            head |= own - features
     return head
 
 
