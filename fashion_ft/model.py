@@ -414,7 +414,7 @@ def _head_tensors(model: nn.Module) -> set[int]:
         for module, training in flags:
             module.training = training
     ops = recorder.ops
-    convs = [i for i, (op, _, _) in enumerate(ops) if op.lstrip("_").startswith("conv")]  # conv2d, conv_transpose1d..
+    convs = [i for i, (op, _, _) in enumerate(ops) if op.lstrip("_").startswith("conv")]  # conv2d, _convolution, ...
     start = next((i for i, (op, _, matrix) in enumerate(ops)
                   if convs and i > convs[-1] and (op == "linear" or (op in FC_OPS and matrix))), None)
     if start is None:
