@@ -106,10 +106,9 @@ def build(definition: ModelDef, kwargs: dict) -> nn.Module:
     """An instance of the user's class with `kwargs`; every failure is one UserError line."""
     named = f"{definition.given}:{definition.cls}"
     cls = getattr(_import(definition), definition.cls, None)
-    if cls is None:
-        raise UserError(f"{definition.given} has no class {definition.cls}")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise UserError(f"{named} is not an nn.Module subclass (it is a {type(cls).__name__})")
+        raise UserError(f"{definition.given} has no class {definition.cls}" if cls is None else
+                        f"{named} is not an nn.Module subclass (it is a {type(cls).__name__})")
     try:
         return cls(**kwargs)
     except Exception as exc:
