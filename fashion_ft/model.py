@@ -1,17 +1,11 @@
-"""The models: a user's own class (--model-def), our CNNs and the arch registry (a name maps to a
-constructor and its default kwargs), and freezing (--freeze-conv, --freeze-bn, --trainable).
-
-Checkpoints store `arch` + `arch_kwargs`, so a model is rebuilt from the file alone (as nanoGPT
-does with its model args). Each network ends in a `classifier`, which is the head that --freeze-conv
-finds by tracing (apply_freezing) and leaves trainable.
-"""
+"""The models: a user's own class (--model-def), our CNNs and their registry (arch name -> constructor and default
+kwargs: checkpoints store `arch` + `arch_kwargs`, as nanoGPT does its model args, so a file alone rebuilds its
+model), and freezing (--freeze-conv, which finds the head by tracing, --freeze-bn, --trainable)."""
 
 import fnmatch
 import hashlib
-import importlib
 import importlib.util
 import io
-import os
 import re
 import shlex
 import sys
@@ -61,26 +55,22 @@ def file_sha256(path) -> str:
 
 
 def refusal(record: dict, where: str) -> UserError:
-    """Why checkpoint `where`, which records a user's class (ModelDef.to_dict()), is not built without
-    --model-def."""
+    """Why checkpoint `where`, which records a user's class (ModelDef.to_dict()), is not built without it."""
     flag = printable(shlex.quote(f"{record.get('resolved') or record['given']}:{record['class']}"))
     return UserError(f"{where}: its model is your class {printable(str(record['class']))}, and a checkpoint never "
                      f"chooses code to run; if you trust the file, pass --model-def {flag}")
 
 
 def _import(definition: ModelDef):
-    """The user's module, imported as their script would be, less what must not happen: no __main__ block
-    (the module has another name), no bytecode written into their folder, no reading of our argv (a
-    top-level parse_args) nor of our stdin (input() gets end-of-file), their folder on sys.path for its
-    sibling modules only meanwhile. What it writes to stderr is passed on once it is imported: a failure
-    (argparse's usage text) stays one line. One import per process, under a name of its own: every model
-    built from it shares its classes."""
+    """The user's module, imported once per process as their script would be (their folder on sys.path), but with
+    no __main__ block, no bytecode written by it, no reading of our argv or stdin; its stderr is passed on only
+    after a success, so that a failure (argparse's usage text) stays one line."""
     where, name = definition.given, None
     path = Path(definition.resolved or Path.cwd() / "_")
     saved, held = (sys.argv, sys.dont_write_bytecode, list(sys.path), sys.stdin), io.StringIO()
     try:
-        with open(os.devnull) as devnull, redirect_stderr(held):
-            sys.argv, sys.dont_write_bytecode, sys.stdin = [str(path)], True, devnull
+        with redirect_stderr(held):
+            sys.argv, sys.dont_write_bytecode, sys.stdin = [str(path)], True, io.StringIO()
             sys.path.insert(0, str(path.parent))
             if definition.resolved is None:
                 module = importlib.import_module(where)
@@ -101,11 +91,10 @@ def _import(definition: ModelDef):
         if isinstance(exc, SyntaxError):
             raise UserError(f"{exc.filename or where}:{exc.lineno}: syntax error: {exc.msg}") from None
         if isinstance(exc, ModuleNotFoundError) and exc.name:
-            python = sys.executable
-            raise UserError(f"{where} imports {exc.name}, which this Python ({python}) does not have: install it "
-                            f"with {shlex.quote(python)} -m pip install {exc.name.partition('.')[0]} (its package may "
-                            "have another name), or put the class in a file of its own that imports only what the "
-                            "class needs") from None
+            raise UserError(f"{where} imports {exc.name}, which this Python does not have: install it with "
+                            f"{shlex.quote(sys.executable)} -m pip install {exc.name.partition('.')[0]} (the "
+                            "package may have another name), or move the class to a file importing only what it "
+                            "needs") from None
         raise UserError(f"{where}: importing it failed: {type(exc).__name__}: {first_line(exc)}") from None
     finally:
         sys.argv, sys.dont_write_bytecode, sys.path[:], sys.stdin = saved
@@ -115,17 +104,16 @@ def _import(definition: ModelDef):
 
 def build(definition: ModelDef, kwargs: dict) -> nn.Module:
     """An instance of the user's class with `kwargs`; every failure is one UserError line."""
+    named = f"{definition.given}:{definition.cls}"
     cls = getattr(_import(definition), definition.cls, None)
-    if cls is None:
-        raise UserError(f"{definition.given} has no class {definition.cls}")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise UserError(f"{definition.given}:{definition.cls} is not an nn.Module subclass (it is a "
-                        f"{type(cls).__name__})")
+        raise UserError(f"{definition.given} has no class {definition.cls}" if cls is None else
+                        f"{named} is not an nn.Module subclass (it is a {type(cls).__name__})")
     try:
         return cls(**kwargs)
     except Exception as exc:
-        raise UserError(f"{definition.given}:{definition.cls}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
-                        f"failed: {type(exc).__name__}: {first_line(exc)}") from None
+        raise UserError(f"{named}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
+                        f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
 NUM_CLASSES = 10
@@ -133,25 +121,18 @@ INPUT_SHAPE = (1, 28, 28)
 USER_ARCH = "user"  # the arch of a checkpoint whose model_def names the user's own class
 
 
-class CNN3(nn.Module):
-    """Three conv blocks (conv -> BatchNorm -> ReLU -> 2x2 max-pool), then an MLP head with dropout."""
+class CNN3(nn.Sequential):
+    """`features`: three conv blocks (conv -> BatchNorm -> ReLU -> 2x2 max-pool); `classifier`: an MLP with dropout."""
 
     def __init__(self, channels=(48, 96, 192), hidden=384, dropout=0.3, num_classes=NUM_CLASSES):
-        super().__init__()
-        blocks, in_ch = [], INPUT_SHAPE[0]
-        for out_ch in channels:
+        blocks = []
+        for in_ch, out_ch in zip([INPUT_SHAPE[0], *channels], channels):
             blocks += [nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(out_ch),
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            in_ch = out_ch
-        self.features = nn.Sequential(*blocks)
         side = INPUT_SHAPE[1] // 2 ** len(channels)  # 28 -> 14 -> 7 -> 3
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Dropout(dropout), nn.Linear(in_ch * side * side, hidden), nn.ReLU(inplace=True),
-            nn.Dropout(dropout), nn.Linear(hidden, num_classes),
-        )
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
+        super().__init__(OrderedDict(features=nn.Sequential(*blocks), classifier=nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels[-1] * side * side, hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(hidden, num_classes))))
 
 
 class BasicBlock(nn.Module):
@@ -174,37 +155,26 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
-    """The CIFAR ResNet of He et al. 2016 for 1x28x28 input: a 3x3 stem, one stage of `blocks` BasicBlocks
-    per width (each stage after the first halves the side: 28 -> 14 -> 7), global average pooling, a
-    linear head. The defaults are ResNet-20 (6 * blocks + 2 layers). Stages are named `stage1`,
-    `stage2`, ... so that a bare state_dict tells its widths and depth.
-    """
+class ResNet(nn.Sequential):
+    """The CIFAR ResNet of He et al. 2016 for 1x28x28 input: a 3x3 stem, a stage of `blocks` BasicBlocks per
+    width (each after the first halves the side: 28 -> 14 -> 7), global average pooling (`features`), a linear
+    `classifier`; the defaults are ResNet-20 (6 * blocks + 2 layers). Named stages: a bare state_dict tells
+    widths and depth."""
 
     def __init__(self, widths=(16, 32, 64), blocks=3, num_classes=NUM_CLASSES):
-        super().__init__()
         layers = OrderedDict(stem=nn.Sequential(
             nn.Conv2d(INPUT_SHAPE[0], widths[0], kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True)))
-        in_ch = widths[0]
-        for i, out_ch in enumerate(widths):
-            layers[f"stage{i + 1}"] = nn.Sequential(
-                BasicBlock(in_ch, out_ch, 1 if i == 0 else 2), *(BasicBlock(out_ch, out_ch) for _ in range(blocks - 1))
-            )
-            in_ch = out_ch
+        for i, (in_ch, out_ch) in enumerate(zip([widths[0], *widths], widths)):
+            layers[f"stage{i + 1}"] = nn.Sequential(BasicBlock(in_ch, out_ch, 1 if i == 0 else 2),
+                                                    *(BasicBlock(out_ch, out_ch) for _ in range(blocks - 1)))
         layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten())
-        self.features = nn.Sequential(layers)
-        self.classifier = nn.Sequential(nn.Linear(in_ch, num_classes))
-        # torchvision's ResNet init; the last BN of each branch keeps gamma 1 (zero-init not measured here)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
+        super().__init__(OrderedDict(features=nn.Sequential(layers),
+                                     classifier=nn.Sequential(nn.Linear(widths[-1], num_classes))))
+        # torchvision's ResNet init (BatchNorm's own is already gamma 1, beta 0); the last BN of each branch
+        # keeps gamma 1 (zero-init not measured here)
+        for conv in (m for m in self.modules() if isinstance(m, nn.Conv2d)):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
 
 
 class ArchSpec(NamedTuple):
@@ -218,12 +188,8 @@ ARCHS = {
 }
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-WIDTHS = (lambda v: isinstance(v, list) and bool(v) and all(map(_whole, v)), "a non-empty list of whole numbers >= 1")
-WHOLE = (_whole, "a whole number >= 1")
+WHOLE = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1")
+WIDTHS = (lambda v: isinstance(v, list) and bool(v) and all(map(WHOLE[0], v)), "a non-empty list of whole numbers >= 1")
 # What each kwarg of our networks must be, as config.LIMITS: field -> (test, what it must be)
 KWARG_RULES = {
     "channels": WIDTHS, "widths": WIDTHS, "hidden": WHOLE, "blocks": WHOLE, "num_classes": WHOLE,
@@ -238,20 +204,15 @@ def resolve_arch_kwargs(arch: str, arch_kwargs: dict | None = None) -> dict:
     return {**ARCHS[arch].default_kwargs, **(arch_kwargs or {})}
 
 
-def check_kwarg_types(arch: str, kwargs: dict) -> None:
-    """Each kwarg is one the arch takes, and what KWARG_RULES says it must be."""
+def build_model(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
+    """One of our networks; kwargs from a flag or a file are checked here, before its constructor sees them."""
+    kwargs = resolve_arch_kwargs(arch, arch_kwargs)
     for name, value in kwargs.items():
         if name not in ARCHS[arch].default_kwargs:
             raise UserError(f"unexpected keyword {name!r} for {arch}; it takes {', '.join(ARCHS[arch].default_kwargs)}")
         ok, want = KWARG_RULES[name]
         if not ok(value):
             raise UserError(f"{name} must be {want}, got {value!r}")
-
-
-def build_model(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
-    """One of our networks; kwargs from a flag or a file are checked here, before its constructor sees them."""
-    kwargs = resolve_arch_kwargs(arch, arch_kwargs)
-    check_kwarg_types(arch, kwargs)
     return ARCHS[arch].build(**kwargs)
 
 
@@ -261,8 +222,7 @@ def build_source(arch: str, kwargs: dict, model_def: "ModelDef | None" = None) -
 
 
 def on_meta(build: Callable[[], nn.Module], max_params: int) -> nn.Module:
-    """The model that build() makes, on the meta device: its shapes and size without allocating a byte, so
-    that widths recorded in a file or typed in a flag are refused before they take the memory."""
+    """build()'s model on the meta device: widths from a file or a flag are refused before they take memory."""
     try:
         with torch.device("meta"):
             model = build()
@@ -277,24 +237,15 @@ def on_meta(build: Callable[[], nn.Module], max_params: int) -> nn.Module:
     return model
 
 
-def check_architecture(build: Callable[[], nn.Module], max_params: int) -> int:
-    """on_meta, and its scores for 2 images, still on the meta device. Returns the parameter count."""
-    model = on_meta(build, max_params)
-    _scores(model, "the model", "meta")
-    return sum(p.numel() for p in model.parameters())
-
-
-def check_outputs(model: nn.Module, name: str) -> None:
-    """The model must give one score per class (logits or log-probabilities) for each image."""
-    out = _scores(model, name)
-    if (out >= 0).all() and torch.allclose(out.sum(1), torch.ones(2)):
-        raise UserError(f"{name} returns probabilities (each row non-negative, summing to 1), and cross-entropy "
-                        "on probabilities trains wrongly: return the logits, or log_softmax of them")
+def check_architecture(build: Callable[[], nn.Module], max_params: int) -> None:
+    """on_meta, and its scores for 2 images, still on the meta device."""
+    check_outputs(on_meta(build, max_params), "the model", "meta")
 
 
 @torch.no_grad()
-def _scores(model: nn.Module, name: str, device=None) -> torch.Tensor:
-    """The eval-mode output for 2 blank images, of shape (2, NUM_CLASSES); the model's mode is put back."""
+def check_outputs(model: nn.Module, name: str, device=None) -> None:
+    """The eval-mode output for 2 blank images must be one score per class for each, logits or log-probabilities
+    (meta tensors hold no values to tell probabilities by); the model's mode is put back."""
     was_training = model.training
     try:
         out = model.eval()(torch.zeros(2, *INPUT_SHAPE, device=device))
@@ -307,7 +258,9 @@ def _scores(model: nn.Module, name: str, device=None) -> torch.Tensor:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise UserError(f"{name} gives {got} for 2 images; Fashion-MNIST needs {NUM_CLASSES} scores per image "
                         "(logits or log_softmax)")
-    return out
+    if device != "meta" and (out >= 0).all() and torch.allclose(out.sum(1), torch.ones(2)):
+        raise UserError(f"{name} returns probabilities (each row non-negative, summing to 1), and cross-entropy "
+                        "on probabilities trains wrongly: return the logits, or log_softmax of them")
 
 
 # Reading the kwargs of our networks off a bare state_dict. Each size is the majority vote of every tensor
@@ -335,8 +288,7 @@ def _cnn3_kwargs(shapes: dict) -> dict:
 
 
 def _resnet_kwargs(shapes: dict) -> dict:
-    """Each width from the output sizes of its stage's convs and BatchNorms (the stem's with the first), the
-    blocks per stage (the majority over the stages), the class count from the head."""
+    """Each width from the output sizes of its stage's convs and BatchNorms (the stem's with the first's)."""
     stages: dict[int, dict] = {}  # stage -> block (None: the stem) -> output sizes
     for key, shape in shapes.items():
         if (match := re.match(r"features\.(?:stage(\d+)\.(\d+)|stem)\.", key)) and len(shape) in (1, 4):
@@ -369,13 +321,10 @@ def infer_arch(state_dict: dict) -> tuple[str, dict]:
 def shape_mismatches(model: nn.Module, state_dict: dict) -> list[str]:
     """Human-readable differences between a model's state_dict and a loaded one (empty: they match)."""
     expected = model.state_dict()
-
-    def listed(what: str, keys: list, tensors: dict) -> list[str]:
-        shown = ", ".join(f"{k} {tuple(tensors[k].shape)}" for k in keys[:4]) + (" ..." if len(keys) > 4 else "")
-        return [f"{what} keys: {shown}"] if keys else []
-
-    problems = (listed("missing", [k for k in expected if k not in state_dict], expected)
-                + listed("unexpected", [k for k in state_dict if k not in expected], state_dict))
+    odd = {"missing": ([k for k in expected if k not in state_dict], expected),
+           "unexpected": ([k for k in state_dict if k not in expected], state_dict)}
+    problems = [f"{what} keys: " + ", ".join(f"{k} {tuple(tensors[k].shape)}" for k in keys[:4])
+                + (" ..." if len(keys) > 4 else "") for what, (keys, tensors) in odd.items() if keys]
     for key, want in expected.items():
         got = state_dict.get(key)
         if got is not None and got.shape != want.shape:
@@ -411,8 +360,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- freezing (--freeze-conv, --freeze-bn, --trainable)
 
-CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-                      "convolution", "_convolution"})
 FC_OPS = frozenset({"linear", "addmm", "matmul", "mm"})  # the last three count only with a 2-D parameter
 PATTERN_HINT = "name the trainable layers with --trainable PATTERN"
 # The model attribute that names the modules holding frozen buffers (names, not tensors, survive .to(device)
@@ -426,71 +373,47 @@ def _tensors(tree) -> list[torch.Tensor]:
 
 
 class _OpRecorder(torch.overrides.TorchFunctionMode):
-    """Records, in call order, every torch function that reads the model's parameters or buffers (by
-    identity), module or functional: (function name, ids of those tensors, whether one is a matrix).
-    A tensor computed from parameters alone (w.t(), a weight norm) stands for them in later calls;
-    the call computing it is not an op of its own, as it touches no activation."""
+    """Records, in call order, each torch function (module or functional) given an activation and some of the
+    model's tensors: (its name, the ids of those tensors, whether one is a matrix). A tensor computed from
+    model tensors alone (w.t(), a weight norm) stands for them in later calls."""
 
     def __init__(self, ids: set[int]):
         super().__init__()
-        self.ids = ids
-        self.derived: dict[int, tuple[set[int], torch.Tensor]] = {}  # the tensor kept, so its id is not reused
+        self.stands_for = {i: {i} for i in ids}  # tensor id -> the model tensors it is or was computed from
+        self.kept: list[torch.Tensor] = []  # the tensors computed here, alive so that their ids are not reused
         self.ops: list[tuple[str, set[int], bool]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        used, matrix, activation = set(), False, False
-        for t in _tensors((args, kwargs)):
-            if id(t) in self.ids:
-                used.add(id(t))
-            elif id(t) in self.derived:
-                used |= self.derived[id(t)][0]
-            else:
-                activation = True
-                continue
-            matrix |= t.dim() == 2
-        if used and activation:
-            self.ops.append((getattr(func, "__name__", str(func)), used, matrix))
+        out = func(*args, **(kwargs or {}))
+        inputs = _tensors((args, kwargs))
+        model_tensors = [t for t in inputs if id(t) in self.stands_for]
+        used = set().union(*(self.stands_for[id(t)] for t in model_tensors))
+        if used and len(model_tensors) < len(inputs):
+            self.ops.append((getattr(func, "__name__", str(func)), used, any(t.dim() == 2 for t in model_tensors)))
         elif used:
-            self.derived.update({id(t): (used, t) for t in _tensors(out)})
+            self.kept += _tensors(out)
+            self.stands_for.update({id(t): used for t in _tensors(out)})
         return out
 
 
-def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-
-
-def _tensor_names(model: nn.Module) -> dict[int, str]:
-    """id -> name of every parameter and buffer (a tied tensor under its first name, as named_* give it)."""
-    return {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
-
-
-def _trace(model: nn.Module, ids: set[int]) -> list[tuple[str, set[int], bool]]:
-    """The ops (see _OpRecorder) of one eval forward of 2 zero images on the model's device, under no_grad;
-    every train/eval flag is put back as it was."""
+def _head_tensors(model: nn.Module) -> set[int]:
+    """ids of the head's tensors: those the ops use from the first fully connected one after the last convolution,
+    in one eval forward of 2 zero images (every train/eval flag put back); a UserError when that is no head."""
+    names = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}  # tied: first name
     like = next(model.parameters(), torch.zeros(()))
-    x = torch.zeros(2, *INPUT_SHAPE, device=like.device, dtype=like.dtype)
     flags = [(m, m.training) for m in model.modules()]
-    recorder = _OpRecorder(ids)
+    recorder = _OpRecorder(set(names))
     try:
         with torch.no_grad(), recorder:
-            model.eval()(x)
+            model.eval()(torch.zeros(2, *INPUT_SHAPE, device=like.device, dtype=like.dtype))
     except Exception as exc:
         raise UserError(f"cannot tell the head of this model (its forward on 2 zero images failed: "
                         f"{type(exc).__name__}: {first_line(exc)}); {PATTERN_HINT}") from None
     finally:
         for module, training in flags:
             module.training = training
-    return recorder.ops
-
-
-def _head_tensors(model: nn.Module) -> set[int]:
-    """ids of the parameters and buffers of the head (see the top of this file); a UserError when the
-    model has no such head or shares a tensor across it."""
-    names = _tensor_names(model)
-    ops = _trace(model, set(names))
-    convs = [i for i, (op, _, _) in enumerate(ops) if op in CONV_OPS]
+    ops = recorder.ops
+    convs = [i for i, (op, _, _) in enumerate(ops) if op.lstrip("_").startswith("conv")]  # conv2d, _convolution, ...
     start = next((i for i, (op, _, matrix) in enumerate(ops)
                   if convs and i > convs[-1] and (op == "linear" or (op in FC_OPS and matrix))), None)
     if start is None:
@@ -498,48 +421,41 @@ def _head_tensors(model: nn.Module) -> set[int]:
         raise UserError(f"cannot tell the head of this model ({why}); {PATTERN_HINT}")
     features = set().union(*(used for _, used, _ in ops[:start]))
     head = set().union(*(used for _, used, _ in ops[start:]))
-    shared = sorted(names[i] for i in features & head)
-    if shared:
+    if shared := sorted(names[i] for i in features & head):
         raise UserError(f"cannot tell the head of this model: {', '.join(shared)} used both before and after its "
                         f"first fully connected layer after the convolutions; {PATTERN_HINT}")
-    # a tensor the forward did not pass to a torch function (num_batches_tracked) goes with its module's
-    unseen = set(names) - features - head
-    for module in model.modules():
-        own = {id(t) for t in _own_tensors(module)}
+    for module in model.modules():  # a tensor the trace did not see (num_batches_tracked) goes with its module's
+        own = {id(t) for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]}
         if own & head:
-            head |= own & unseen
+            head |= own - features
     return head
 
 
 def _trainable_tensors(model: nn.Module, patterns: list[str]) -> set[int]:
-    """ids of the tensors of the modules that a pattern names, directly or through an enclosing module
-    ("classifier" names classifier.2 too); a tensor of the model itself, outside any module, by its own
-    name. A pattern that names nothing is a UsageError listing the names there are."""
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    layers = [name for name, _ in model.named_modules() if name] + [name for name, _ in tensors if "." not in name]
+    """ids of the tensors of each module a pattern names, with its children ("classifier" names classifier.2), or
+    of a tensor of the model itself; a pattern that names nothing is a UsageError listing the names there are."""
+    layers = {name: [*m.parameters(), *m.buffers()] for name, m in model.named_modules() if name}
+    layers.update((name, [t]) for name, t in [*model.named_parameters(recurse=False),
+                                              *model.named_buffers(recurse=False)])
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
-            shown = ", ".join(layers[:24]) + (f", ... ({len(layers)} in all)" if len(layers) > 24 else "")
+            shown = ", ".join(list(layers)[:24]) + (f", ... ({len(layers)} in all)" if len(layers) > 24 else "")
             raise UsageError(f"--trainable {pattern!r} matches no layer of this model; its layers are: {shown}")
-
-    def named(layer: str) -> bool:  # the layer or an enclosing module
-        parts = layer.split(".")
-        return any(fnmatch.fnmatchcase(".".join(parts[:k]), p) for k in range(1, len(parts) + 1) for p in patterns)
-
-    return {id(t) for name, t in tensors if named(name.rpartition(".")[0] or name)}
+    return {id(t) for name, tensors in layers.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+            for t in tensors}
 
 
 def apply_freezing(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainable=None) -> None:
-    """Keeps tensors exactly as loaded: with freeze_conv every one outside the head (the features' weights and
-    BatchNorm statistics), with freeze_bn every BatchNorm's (1d/2d/3d, SyncBatchNorm), with `trainable` every
-    one no pattern names. Their parameters stop requiring gradients; their buffers are for set_train_mode."""
+    """Keeps tensors exactly as loaded: with freeze_conv every one outside the head, with freeze_bn every
+    BatchNorm's (1d/2d/3d, SyncBatchNorm), with `trainable` every one no pattern names. Their parameters stop
+    requiring gradients; their buffers are for set_train_mode."""
     batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if freeze_bn and not batchnorms:
         warnings.warn("this model has no BatchNorm layer, so --freeze-bn changes nothing", stacklevel=2)
-    everything = set(_tensor_names(model))
+    everything = {id(t) for t in [*model.parameters(), *model.buffers()]}
     frozen = everything - _head_tensors(model) if freeze_conv else set()
     if freeze_bn:
-        frozen |= {id(t) for m in batchnorms for t in _own_tensors(m)}
+        frozen |= {id(t) for m in batchnorms for t in [*m.parameters(), *m.buffers()]}
     if trainable:
         frozen |= everything - _trainable_tensors(model, list(trainable))
     for p in model.parameters():
@@ -550,19 +466,17 @@ def apply_freezing(model: nn.Module, freeze_conv: bool, freeze_bn: bool, trainab
 
 
 def set_train_mode(model: nn.Module) -> None:
-    """model.train(), except that every module apply_freezing found holding frozen buffers (BatchNorm's
-    running statistics) stays in eval mode, so that they do not move. Only that module's own flag: its
-    children, and layers without tensors (dropout), follow model.train()."""
+    """model.train(), except that each module holding frozen buffers (BatchNorm's running statistics) stays
+    in eval mode, so that they do not move; its children, and dropout, follow model.train()."""
     frozen = vars(model).get(FROZEN_ATTR, set())
     for name, m in model.train().named_modules():
         if name in frozen:
             m.training = False
 
 
-def trainable_summary(model: nn.Module, limit: int = 8) -> str:
-    """One line: the fewest modules that together hold every trainable parameter (a module whose
-    parameters are all trainable stands for its children), and the counts, e.g.
-    "trainable: fc1, bn_fc, fc2 (4,522 of 6,000 parameters)"."""
+def trainable_summary(model: nn.Module) -> str:
+    """One line: the fewest modules holding every trainable parameter (a module whose parameters all train
+    stands for its children) and the counts, e.g. "trainable: fc1, bn_fc, fc2 (4,522 of 6,000 parameters)"."""
     names = []
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -577,5 +491,5 @@ def trainable_summary(model: nn.Module, limit: int = 8) -> str:
 
     visit(model, "")
     total, trained = count_parameters(model)
-    shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     return f"trainable: {shown or 'nothing'} ({trained:,} of {total:,} parameters)"

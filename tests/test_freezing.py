@@ -1,12 +1,10 @@
 """Freezing any model: the head found from one forward pass (module or functional calls), --freeze-conv,
 --freeze-bn and --trainable patterns keeping every frozen tensor bit-identical, and the summary line."""
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_RESNET, head_parameters
+from conftest import TINY_RESNET
 from foreign import SPECS, import_class, write_script
 from torch import nn
 
@@ -18,67 +16,38 @@ def params_of(*modules: str) -> set[str]:
     return {f"{m}.{w}" for m in modules for w in ("weight", "bias")}
 
 
-# ---------------------------------------------------------------- small models of the cases a trace must tell
+class Net(nn.Module):
+    """The given members and forward(self, x): the small models of the cases a trace must tell."""
 
-class FunctionalConv(nn.Module):
-    """A convolution by F.conv2d on a bare Parameter (no nn.Conv2d a module hook could see), then a linear head."""
-
-    def __init__(self):
+    def __init__(self, forward, **members):
         super().__init__()
-        self.w = nn.Parameter(torch.randn(4, 1, 3, 3) * 0.3)
-        self.fc = nn.Linear(4, 10)
+        for name, member in members.items():
+            setattr(self, name, member)
+        self.forward_fn = forward
 
     def forward(self, x):
-        x = F.adaptive_avg_pool2d(F.relu(F.conv2d(x, self.w, padding=1)), 1).flatten(1)
-        return self.fc(x)
+        return self.forward_fn(self, x)
 
 
-class FunctionalMatmulHead(nn.Module):
-    """An nn.Conv2d body and a head written as x @ W.t() + b on bare Parameters."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)  # right after the last conv: part of the features
-        self.head_w = nn.Parameter(torch.randn(10, 4) * 0.3)
-        self.head_b = nn.Parameter(torch.zeros(10))
-
-    def forward(self, x):
-        x = F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(x))), 1).flatten(1)
-        return x @ self.head_w.t() + self.head_b
-
-
-class NoConv(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(784, 32), nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
-
-
-class AllConv(nn.Module):
-    """The scores come from a convolution: nothing fully connected after it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 10, 1)
-
-    def forward(self, x):
-        return F.adaptive_avg_pool2d(self.conv2(F.relu(self.conv1(x))), 1).flatten(1)
-
-
-class SharedGain(nn.Module):
-    """One parameter used on both sides of the boundary."""
-
-    def __init__(self):
-        super().__init__()
-        self.gain = nn.Parameter(torch.ones(1))
-        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 10)
-
-    def forward(self, x):
-        x = F.adaptive_avg_pool2d(self.conv(x * self.gain), 1).flatten(1)
-        return self.fc(x) * self.gain
+MODELS = {
+    "cnn3": lambda: build_model("cnn3", {"channels": [8, 16, 16], "hidden": 32}),
+    "resnet": lambda: build_model("resnet", TINY_RESNET),
+    # a convolution by F.conv2d on a bare Parameter (no nn.Conv2d a module hook could see), then a linear head
+    "functional conv": lambda: Net(lambda m, x: m.fc(F.relu(F.conv2d(x, m.w, padding=1)).mean((2, 3))),
+                                   w=nn.Parameter(torch.randn(4, 1, 3, 3) * 0.3), fc=nn.Linear(4, 10)),
+    # an nn.Conv2d body with a BatchNorm right after it (part of the features), a head x @ W.t() + b
+    "functional head": lambda: Net(lambda m, x: F.relu(m.bn(m.conv(x))).mean((2, 3)) @ m.head_w.t() + m.head_b,
+                                   conv=nn.Conv2d(1, 4, 3, padding=1), bn=nn.BatchNorm2d(4),
+                                   head_w=nn.Parameter(torch.randn(10, 4) * 0.3), head_b=nn.Parameter(torch.zeros(10))),
+    "no conv": lambda: Net(lambda m, x: m.fc2(F.relu(m.fc1(x.flatten(1)))), fc1=nn.Linear(784, 32),
+                           fc2=nn.Linear(32, 10)),
+    # the scores come from a convolution: nothing fully connected after it
+    "all conv": lambda: Net(lambda m, x: m.conv2(F.relu(m.conv1(x))).mean((2, 3)), conv1=nn.Conv2d(1, 8, 3, padding=1),
+                            conv2=nn.Conv2d(8, 10, 1)),
+    # one parameter used on both sides of the boundary
+    "shared gain": lambda: Net(lambda m, x: m.fc(m.conv(x * m.gain).mean((2, 3))) * m.gain,
+                               gain=nn.Parameter(torch.ones(1)), conv=nn.Conv2d(1, 4, 3), fc=nn.Linear(4, 10)),
+}
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +60,7 @@ def foreign_class(tmp_path_factory):
 
 def make(name: str, foreign_class) -> nn.Module:
     torch.manual_seed(0)
-    builders = {
-        "cnn3": lambda: build_model("cnn3", {"channels": [8, 16, 16], "hidden": 32}),
-        "resnet": lambda: build_model("resnet", TINY_RESNET),
-        "functional conv": FunctionalConv,
-        "functional head": FunctionalMatmulHead,
-    }
-    if name in builders:
-        return builders[name]()
-    return foreign_class(name)(**SPECS[name].kwargs)
+    return MODELS[name]() if name in MODELS else foreign_class(name)(**SPECS[name].kwargs)
 
 
 A_ALL = params_of("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "fc1", "bn_fc", "fc2")
@@ -126,88 +87,63 @@ CASES = {
 }
 
 
-def sgd_steps(model: nn.Module, steps: int = 2) -> None:
-    """SGD with momentum on random images in train mode, as set_train_mode leaves the model."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x, y = torch.randn(8, 1, 28, 28, generator=gen, dtype=torch.float64), torch.randint(0, 10, (8,), generator=gen)
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_frozen_tensors_stay_bit_identical_and_the_rest_trains(case, foreign_class):
-    """Every frozen parameter and buffer (running statistics, num_batches_tracked) as it was, every other
-    one trained; the record survives .double(), which replaces the buffers; the model keeps its own flag."""
+    """Every frozen parameter and buffer (running statistics, num_batches_tracked) as it was after two SGD steps, every
+    other one trained; the record survives .double() (new buffers); the trace leaves every train/eval flag as it was."""
     freeze_conv, freeze_bn, patterns, trainable = CASES[case]
     model = make(case.split(",")[0], foreign_class)
     model.train()(torch.randn(16, 1, 28, 28))  # BatchNorm statistics that are not the initial ones
+    next(model.children()).eval()
+    flags = {name: m.training for name, m in model.named_modules()}
     apply_freezing(model, freeze_conv, freeze_bn, patterns)
+    assert {name: m.training for name, m in model.named_modules()} == flags
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     set_train_mode(model.double())
     assert model.training
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    sgd_steps(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x, y = torch.randn(8, 1, 28, 28, generator=gen, dtype=torch.float64), torch.randint(0, 10, (8,), generator=gen)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
     buffers, trained_modules = dict(model.named_buffers()), {n.rpartition(".")[0] for n in trainable}
     for key, after in model.state_dict().items():  # a buffer trains with its module's parameters
         trains = key in trainable or (key in buffers and key.rpartition(".")[0] in trained_modules)
         assert torch.equal(before[key], after) != trains, f"{key} {'did not train' if trains else 'moved'}"
 
 
-@pytest.mark.parametrize("name", ["cnn3", "resnet"])
-def test_our_networks_head_is_their_classifier(name):
-    model = make(name, None)
-    assert head_parameters(model) == {f"classifier.{n}" for n, _ in model.classifier.named_parameters()}
+@pytest.mark.parametrize("name, trainable, error, match", [
+    ("no conv", None, UserError, "no convolution"), ("all conv", None, UserError, "no fully connected layer after"),
+    ("shared gain", None, UserError, "gain used both before and after"),
+    ("a", ["fc*", "head*"], UsageError, r"'head\*' matches no layer .*: conv1, bn1, .*fc1, bn_fc, dropout, fc2"),
+    ("a", ["fc*", "["], UsageError, r"'\[' matches no layer"),
+])
+def test_what_cannot_be_frozen_is_one_error_naming_the_trainable_flag(foreign_class, name, trainable, error, match):
+    """No head to find (--freeze-conv): exit 1; a pattern matching nothing: exit 2, listing the layers."""
+    with pytest.raises(UserError, match=match) as info:
+        apply_freezing(make(name, foreign_class), freeze_conv=not trainable, freeze_bn=False, trainable=trainable)
+    assert type(info.value) is error and "--trainable" in str(info.value)
 
 
-def test_the_trace_leaves_every_train_eval_flag_as_it_was(foreign_class):
-    model = make("a", foreign_class).train()
-    model.bn1.eval()
-    flags = {name: m.training for name, m in model.named_modules()}
-    head_parameters(model)
-    assert {name: m.training for name, m in model.named_modules()} == flags
-
-
-@pytest.mark.parametrize("cls, message", [(NoConv, "no convolution"), (AllConv, "no fully connected layer after"),
-                                          (SharedGain, "gain used both before and after")])
-def test_a_model_without_a_head_to_find_is_a_user_error_naming_the_pattern_flag(cls, message):
-    with pytest.raises(UserError, match=message) as info:
-        apply_freezing(cls(), freeze_conv=True, freeze_bn=False)
-    assert "--trainable PATTERN" in str(info.value) and info.value.exit_code == 1
-
-
-@pytest.mark.parametrize("pattern", ["head*", "["])
-def test_a_pattern_matching_nothing_exits_2_listing_the_layers(foreign_class, pattern):
-    with pytest.raises(UsageError, match="its layers are: conv1, bn1, .*fc1, bn_fc, dropout, fc2") as info:
-        apply_freezing(make("a", foreign_class), False, False, ["fc*", pattern])
-    assert info.value.exit_code == 2 and repr(pattern) in str(info.value)
-
-
+@pytest.mark.filterwarnings("error")  # and no warning where --freeze-bn does change something, or is not given
 def test_freeze_bn_on_a_model_without_batchnorm_says_it_changes_nothing():
     with pytest.warns(UserWarning, match="no BatchNorm layer, so --freeze-bn changes nothing"):
-        apply_freezing(FunctionalConv(), freeze_conv=False, freeze_bn=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        apply_freezing(FunctionalConv(), freeze_conv=False, freeze_bn=False)
-        apply_freezing(build_model("cnn3"), freeze_conv=False, freeze_bn=True)
+        apply_freezing(make("functional conv", None), freeze_conv=False, freeze_bn=True)
+    apply_freezing(make("functional conv", None), freeze_conv=False, freeze_bn=False)
+    apply_freezing(build_model("cnn3"), freeze_conv=False, freeze_bn=True)
 
 
-def test_trainable_summary(foreign_class):
-    cnn3 = build_model("cnn3")
-    apply_freezing(cnn3, True, False)
-    total = sum(p.numel() for p in cnn3.parameters())
-    head = sum(p.numel() for p in cnn3.classifier.parameters())
-    assert trainable_summary(cnn3) == f"trainable: classifier ({head:,} of {total:,} parameters)"
-
-    net = make("a", foreign_class)
-    assert trainable_summary(net) == "trainable: all (7,450 of 7,450 parameters)"
-    apply_freezing(net, True, False)
-    assert trainable_summary(net) == "trainable: fc1, bn_fc, fc2 (1,450 of 7,450 parameters)"
-    net.requires_grad_(False)
-    assert trainable_summary(net) == "trainable: nothing (0 of 7,450 parameters)"
-
-    mixed = FunctionalMatmulHead()
-    apply_freezing(mixed, True, False)
-    assert trainable_summary(mixed) == "trainable: head_w, head_b (50 of 98 parameters)"
+@pytest.mark.parametrize("name, prepare, summary", [
+    ("cnn3", lambda m: apply_freezing(m, True, False), "classifier (4,970 of 8,578 parameters)"),
+    ("a", lambda m: None, "all (7,450 of 7,450 parameters)"),
+    ("a", lambda m: apply_freezing(m, True, False), "fc1, bn_fc, fc2 (1,450 of 7,450 parameters)"),
+    ("a", lambda m: m.requires_grad_(False), "nothing (0 of 7,450 parameters)"),
+    ("functional head", lambda m: apply_freezing(m, True, False), "head_w, head_b (50 of 98 parameters)"),
+])
+def test_trainable_summary_names_the_fewest_modules_holding_what_trains(foreign_class, name, prepare, summary):
+    model = make(name, foreign_class)
+    prepare(model)
+    assert trainable_summary(model) == f"trainable: {summary}"
