@@ -53,7 +53,7 @@ def check_and_print(argv) -> int:
     args = get_args_parser().parse_args(argv)
     for name, (ok, what) in LIMITS.items():
         if not ok(getattr(args, name)):
-            raise UsageError(f"--{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
+            raise UsageError(f"{config.flag_of(name)}: must be {what}, got {getattr(args, name)}")
     args.model_path = args.model_path or [Config.model_path]
     args.definition = model.parse(args.model_def) if args.model_def is not None else None
     check_normalize(args.normalize)

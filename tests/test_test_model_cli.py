@@ -138,7 +138,6 @@ def data(make):
 
 RANDOM_BYTES = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
 NAN_BIAS = {"classifier.5.bias": torch.full((10,), float("nan"))}
-FEW = preflight.MIN_TEST_IMAGES - 1
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 
 CASES = {  # name: (flags for a folder, the check that fails or None, what its line, or else stdout, says)
@@ -160,7 +159,6 @@ CASES = {  # name: (flags for a folder, the check that fails or None, what its l
                        "truncated or corrupt"),
     "data corrupt": (data(corrupt_test_split), "test data", "magic number 2049, expected 2051"),
     "no test images": (data(lambda d: blank_test_split(d, 0)), "test data", FILES["test"][0], " 0 "),
-    "too few test images": (data(lambda d: blank_test_split(d, FEW)), "test data", f" {FEW} "),
     # auto beside an NVIDIA GPU that CUDA cannot use: fail, not pass on the CPU
     "GPU CUDA cannot use": (lambda d, fixture: fixture("broken_cuda") or {"--device": None}, "device",
                             "NVIDIA GPU is present", "driver on your system is too old"),
