@@ -194,7 +194,7 @@ def test_a_failing_check_is_one_line_and_the_json_strict():
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
 
     report = preflight.Report()
-    assert report.run("device", broken) is None and not report.passed
+    assert report.run("device", broken) is None and not report.checks[0]["ok"]
     assert report.checks[0]["detail"] == (
         "unexpected RuntimeError: CUDA error: an illegal memory access was encountered (--debug shows more)")
     with pytest.raises(RuntimeError):
