@@ -145,7 +145,7 @@ def _random_batch(n: int, device: torch.device):
 
 
 def check_forward(model, rt: engine.ComputeSettings, n: int = 8):
-    """A model's scores for random images on the device (their shape, 10 logits per image, the load checked)."""
+    """A model's scores for random images on the device (that it gives 10 per image, the load checked)."""
     logits = engine.predict_logits(model, _random_batch(n, rt.device)[0], rt, n)
     if not torch.isfinite(logits).all():
         raise UserError("output holds NaN or Inf")
