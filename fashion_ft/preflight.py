@@ -4,7 +4,7 @@ import copy
 import hashlib
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,7 +44,6 @@ def run_checks(args) -> Report:
         warnings.simplefilter("ignore")  # the device check reports a CPU fall-back (and why) itself
         device = system.resolve_device(args.device)
     amp = system.resolve_amp(args.amp, device)
-    rt = engine.ComputeSettings(device, amp, mean=0.0, std=1.0, tta_flip=args.tta == "flip")  # mean, std: per model
     report.run("device", check_device, device, args.require_gpu, args.device == "auto")
     n = None if args.full else args.batches * args.batch_size
     data = report.run("test data", check_data, args.data_dir, n, device, args.download)
@@ -52,29 +51,29 @@ def run_checks(args) -> Report:
     for path in args.model_path:
         prefix = f"{path}: " if len(args.model_path) > 1 else ""
         system.reset_peak_memory(device)  # per model, so that each reports its own GPU peak
-        probs.append(check_model(report, prefix, Path(path), args, rt, data))
+        probs.append(check_model(report, prefix, Path(path), args, device, amp, data))
         report.run(prefix + "memory", check_memory, device)
     if len(probs) > 1:
         report.run("ensemble", check_ensemble, probs, data)
     return report
 
 
-def check_model(report: Report, prefix: str, path: Path, args, rt: engine.ComputeSettings, data):
+def check_model(report: Report, prefix: str, path: Path, args, device: torch.device, amp: system.AmpPolicy, data):
     """One model's checks, each once those it needs have passed; returns the quick eval's probabilities or None."""
     ckpt = (report.run(prefix + "file", check_file, path)
             and report.run(prefix + "load", check_load, path, args.trust_pickle, args.definition, args.model_kwargs))
     if ckpt is None:
         return None
-    model = report.run(prefix + "architecture", check_arch, ckpt, rt.device)
+    model = report.run(prefix + "architecture", check_arch, ckpt, device)
     if report.run(prefix + "weights finite", check_finite, ckpt) is None or model is None:
         return None
     given = given_for(args.normalize, ckpt.normalize_recorded, len(args.model_path))
     mean, std = given or (ckpt.mean, ckpt.std)
-    rt = replace(rt, mean=mean, std=std)
+    rt = engine.ComputeSettings(device, amp, mean, std, tta_flip=args.tta == "flip")
     report.run(prefix + "forward pass", check_forward, model, rt)
     if not (given or ckpt.normalize_recorded):
         report.run(prefix + "normalisation", check_default_normalization, model, args.data_dir, mean, std)
-    report.run(prefix + "train step", check_train_step, model, data, mean, std, rt.device)
+    report.run(prefix + "train step", check_train_step, model, data, mean, std, device)
     probs = report.run(prefix + "quick eval", check_eval, model, rt, data, args.batch_size, args.min_accuracy)
     if probs is not None and args.full and (ckpt.split or {}).get("validation") == "test-half":
         report.run(prefix + "held-out half", check_held_out, probs, data.labels, ckpt.split["seed"])
@@ -182,13 +181,12 @@ def check_train_step(model, data: DeviceData | None, mean: float, std: float, de
     before = [p.detach().clone() for p in trained.parameters()]
     how = f"{cfg.optimizer} step under amp {rt.amp.name}"
     for _ in range(3):  # with fp16 the loss scaler may skip one (an overflow at its starting scale)
-        loss, logits = step(x, labels, rt)
-        if not (torch.isfinite(loss) and torch.isfinite(logits).all()):
-            raise UserError(f"the {how} gave a non-finite loss or output")
+        loss, _ = step(x, labels, rt)
+    # NaN or Inf in a step's output makes its loss so, and spreads to the weights unless the loss scaler skips it
+    if not torch.isfinite(loss) or nonfinite_tensors(trained.state_dict()):
+        raise UserError(f"the {how} gave a non-finite loss or weights")
     if all(torch.equal(b, p) for b, p in zip(before, trained.parameters())):
         raise UserError(f"the {how}, taken three times, changed no weight")
-    if nonfinite_tensors(trained.state_dict()):
-        raise UserError(f"the {how} left NaN/Inf weights")
     detail = f"forward, backward and {how}: loss {loss.item():.4f}, weights updated{f'; {why_not}' * bool(why_not)}"
     data = {"amp": rt.amp.name, "optimizer": cfg.optimizer, "loss": loss.item(), "channels_last": why_not is None}
     return detail, data, True

@@ -218,7 +218,7 @@ class NanWhenTraining(torch.nn.Module):
 @pytest.mark.parametrize("model, native_bf16, detail", [
     (tiny_model, True, r"forward, backward and \w+ step under amp bf16: loss \d\.\d+, weights updated"),
     (tiny_model, False, r"forward, backward and \w+ step under amp off: loss \d\.\d+, weights updated"),
-    (NanWhenTraining, False, r"the \w+ step under amp off gave a non-finite loss or output"),
+    (NanWhenTraining, False, r"the \w+ step under amp off gave a non-finite loss or weights"),
 ], ids=["bf16", "fp32", "non-finite"])  # a step that raises: test_a_failing_check_is_one_line_and_the_json_strict
 def test_train_step_runs_as_finetune_would_and_fails_in_one_line(monkeypatch, model, native_bf16, detail):
     monkeypatch.setattr(system, "cpu_has_fast_bf16", lambda: native_bf16)  # what --amp auto picks on this CPU
