@@ -17,33 +17,30 @@ import sys
 from pathlib import Path
 
 from fashion_ft import config  # neither config nor errors imports torch: main() guards signals first
-from fashion_ft.config import AT_LEAST_1, Config, check_normalize
-from fashion_ft.errors import SignalGuard, UsageError
+from fashion_ft.errors import SignalGuard, UsageError, printable
 
 # flag -> (test, what it must be), as config.LIMITS
-LIMITS = {"batches": AT_LEAST_1, "batch_size": AT_LEAST_1,
+LIMITS = {"batches": config.AT_LEAST_1, "batch_size": config.AT_LEAST_1,
           "min_accuracy": (lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0.9 for 90%)")}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from fashion_ft.system import AMP_MODES  # imports torch
-
     p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-path", nargs="+", action="extend", default=None,
                    help=f"one or more checkpoints (the flag may repeat); several also report their ensemble "
-                        f"(default: {Config.model_path})")
-    config.add_shared(p, "--model-def", "--model-kwargs", "--normalize", "--data-dir", "--download", "--device", "--tta")
+                        f"(default: {config.Config.model_path})")
+    config.add_shared(p, "--model-def", "--model-kwargs", "--normalize", "--data-dir", "--download", "--device",
+                      "--tta", "--trust-pickle", "--debug")
     p.add_argument("--batches", type=int, default=3, help="test batches for the quick eval")
     p.add_argument("--batch-size", type=int, default=256, help="images per eval batch")
     p.add_argument("--full", action="store_true", help="evaluate on all 10,000 test images")
     p.add_argument("--min-accuracy", type=float, default=0.5, help="quick-eval accuracy below this fraction fails")
-    p.add_argument("--amp", choices=AMP_MODES, default="off",
+    p.add_argument("--amp", choices=config.choices()["amp"], default="off",
                    help="precision of the quick eval (off: exact fp32; fp16 needs a CUDA GPU, or Apple MPS with "
                         "torch 2.8+). The train step always uses the precision finetune_gpu.py's --amp auto picks")
     p.add_argument("--require-gpu", action="store_true", help="fail when no CUDA GPU is available")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    config.add_shared(p, "--trust-pickle", "--debug")
     return p
 
 
@@ -53,22 +50,22 @@ def check_and_print(argv) -> int:
     args = get_args_parser().parse_args(argv)
     for name, (ok, what) in LIMITS.items():
         if not ok(getattr(args, name)):
-            raise UsageError(f"--{name.replace('_', '-')}: must be {what}, got {getattr(args, name)}")
-    args.model_path = args.model_path or [Config.model_path]
+            raise UsageError(f"{config.flag_of(name)}: must be {what}, got {getattr(args, name)}")
+    args.model_path = args.model_path or [config.Config.model_path]
     args.definition = model.parse(args.model_def) if args.model_def is not None else None
-    check_normalize(args.normalize)
+    config.check_normalize(args.normalize)
     # under --json what the user's module prints goes to stderr, so that stdout is one document
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         report = preflight.run_checks(args)
+    failed = [c["name"] for c in report.checks if not c["ok"]]
     if args.json:  # strict: Report.run has turned every NaN/Inf into null with its reason
-        print(json.dumps({"passed": report.passed, "checks": report.checks}, indent=2, allow_nan=False))
+        print(json.dumps({"passed": not failed, "checks": report.checks}, indent=2, allow_nan=False))
     else:
         for c in report.checks:
-            print(config.printable(f"[{'PASS' if c['ok'] else 'FAIL'}] {c['name']:<16} {c['detail']}"))
-        failed = [c["name"] for c in report.checks if not c["ok"]]
+            print(printable(f"[{'PASS' if c['ok'] else 'FAIL'}] {c['name']:<16} {c['detail']}"))
         print(f"{len(failed)} of {len(report.checks)} checks failed: {', '.join(failed)}" if failed
               else f"all {len(report.checks)} checks passed")
-    return 0 if report.passed else 1
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

@@ -5,17 +5,16 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, run_script, tiny_model, write_idx, write_split
+from conftest import REPO, TINY, run_script, tiny_model, write_split
 
 import test_model
 from fashion_ft import preflight, system
 from fashion_ft.checkpoint import make_checkpoint, save_checkpoint
-from fashion_ft.data import FILES, LABELS_MAGIC
+from fashion_ft.data import FILES
 from fashion_ft.model import build_model
 
 SHIPPED = REPO / "model" / "mnist_cnn3.pt"
@@ -79,11 +78,11 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def armed_pickle(folder):
+def armed_pickle(folder, fixture):
     torch.save({"model": RunsCode(folder / "MARKER")}, folder / "evil.pt")
     torch.load(folder / "evil.pt", weights_only=False)  # the file is armed: trusted unpickling runs its command
     (folder / "MARKER").unlink()
-    return folder / "evil.pt"
+    return {"--model-path": folder / "evil.pt"}
 
 
 def write(path, content: bytes):
@@ -91,32 +90,9 @@ def write(path, content: bytes):
     return path
 
 
-def halve(path):
-    return write(path, path.read_bytes()[: path.stat().st_size // 2])
-
-
-def make_resnet(folder):
-    torchvision = pytest.importorskip("torchvision")
-    torch.save(torchvision.models.resnet18().state_dict(), folder / "resnet18.pt")
-    return folder / "resnet18.pt"
-
-
-def make_wrong_shape(folder):
-    state_dict = build_model("cnn3", TINY).state_dict()
-    state_dict["features.4.weight"] = torch.zeros(8, 4, 5, 5)  # a 5x5 kernel where cnn3 has 3x3
-    torch.save(state_dict, folder / "wrong.pt")
-    return folder / "wrong.pt"
-
-
 def blank_test_split(folder, n=64):
     """folder/d holding a test split of n blank images."""
     write_split(folder / "d", "test", np.zeros((n, 28, 28), np.uint8), np.zeros(n, np.uint8))
-    return folder / "d"
-
-
-def corrupt_test_split(folder):
-    # a labels file in the images file's place: right size class, wrong magic number
-    write_idx(blank_test_split(folder) / FILES["test"][0], np.zeros(64, np.uint8), LABELS_MAGIC)
     return folder / "d"
 
 
@@ -128,46 +104,27 @@ def two_models(folder, fixture):
     return {"--model-path": (trained, folder / "ddp.pt")}  # the flag twice: they add up
 
 
-def model(make):
-    return lambda folder, fixture: {"--model-path": make(folder)}
-
-
-def data(make):
-    return lambda folder, fixture: {"--data-dir": make(folder)}
-
-
-RANDOM_BYTES = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
 NAN_BIAS = {"classifier.5.bias": torch.full((10,), float("nan"))}
-FEW = preflight.MIN_TEST_IMAGES - 1
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 
+# Each load_checkpoint and load_split refusal has its own test (test_checkpoint.py, test_data.py): here one of
+# each kind shows that test_model.py reports it as one FAIL line.
 CASES = {  # name: (flags for a folder, the check that fails or None, what its line, or else stdout, says)
-    "missing": (model(lambda d: d / "nope.pt"), "file", "nope.pt", "not found"),
-    "empty": (model(lambda d: write(d / "empty.pt", b"")), "file", "empty.pt", "empty"),
-    "a folder": (model(lambda d: d), "file", "not a file"),
-    "truncated": (model(lambda d: halve(tiny_checkpoint(d / "h.pt"))), "load", "h.pt", "truncated or corrupt"),
-    "random bytes": (model(lambda d: write(d / "r.pt", RANDOM_BYTES)), "load", "r.pt", "not a PyTorch checkpoint"),
-    "text": (model(lambda d: write(d / "t.pt", b"my model, 30 epochs\n")), "load", "t.pt", "not a PyTorch checkpoint"),
-    "resnet18": (model(make_resnet), "load", "resnet18.pt", "matches no known architecture"),
-    "wrong shape": (model(make_wrong_shape), "load", "features.4.weight has shape (8, 4, 5, 5), expected (8, 4, 3, 3)"),
-    "nan weights": (model(lambda d: tiny_checkpoint(d / "nan.pt", **NAN_BIAS)), "weights finite", "classifier.5.bias"),
-    "code-running pickle": (model(armed_pickle), "load", "pickled Python objects", "--trust-pickle"),
+    "empty": (lambda d, _: {"--model-path": write(d / "empty.pt", b"")}, "file", "empty.pt", "empty"),
+    "a folder": (lambda d, _: {"--model-path": d}, "file", "not a file"),
+    "nan weights": (lambda d, _: {"--model-path": tiny_checkpoint(d / "nan.pt", **NAN_BIAS)}, "weights finite",
+                    "classifier.5.bias"),
+    "code-running pickle": (armed_pickle, "load", "pickled Python objects", "--trust-pickle"),
     "one of two missing": (lambda d, _: {"--model-path": [d / "missing.pt", tiny_checkpoint(d / "m.pt")]}, "file",
                            "missing.pt: not found"),
-    "no data": (data(lambda d: d / "no-such-folder"), "test data", "not found", "no-such-folder",
+    "no data": (lambda d, _: {"--data-dir": d / "no-such-folder"}, "test data", "not found", "no-such-folder",
                 "apt-get install dataset-fashion-mnist", "--download"),
-    "data truncated": (data(lambda d: halve(blank_test_split(d) / FILES["test"][0]).parent), "test data",
-                       "truncated or corrupt"),
-    "data corrupt": (data(corrupt_test_split), "test data", "magic number 2049, expected 2051"),
-    "no test images": (data(lambda d: blank_test_split(d, 0)), "test data", FILES["test"][0], " 0 "),
-    "too few test images": (data(lambda d: blank_test_split(d, FEW)), "test data", f" {FEW} "),
+    "no test images": (lambda d, _: {"--data-dir": blank_test_split(d, 0)}, "test data", FILES["test"][0], " 0 "),
     # auto beside an NVIDIA GPU that CUDA cannot use: fail, not pass on the CPU
     "GPU CUDA cannot use": (lambda d, fixture: fixture("broken_cuda") or {"--device": None}, "device",
                             "NVIDIA GPU is present", "driver on your system is too old"),
     "--require-gpu without one": (lambda d, _: {"--require-gpu": []}, "device", "no CUDA GPU"),
-    "shipped": (lambda d, _: {"--model-path": SHIPPED}, None),
-    "trained, 3 batches": (lambda d, fixture: {"--model-path": fixture("trained_checkpoint"), "--batches": None,
-                                               "--batch-size": None}, None),
+    "shipped, 3 batches": (lambda d, _: {"--model-path": SHIPPED, "--batches": None, "--batch-size": None}, None),
     "--device cpu beside a GPU CUDA cannot use": (
         lambda d, fixture: fixture("broken_cuda") or {"--model-path": fixture("trained_checkpoint")}, None),
     "two models": (two_models, None, "2 models, averaged probabilities"),
@@ -175,7 +132,7 @@ CASES = {  # name: (flags for a folder, the check that fails or None, what its l
         lambda d, fixture: {"--data-dir": fixture("real_data_dir"), "--full": [], "--min-accuracy": "0"}, None,
         "10000 Fashion-MNIST test images", "10000 test images: accuracy"),
 }
-SUBPROCESS_TOO = ("code-running pickle", "--require-gpu without one", "shipped")  # their path differs there
+SUBPROCESS_TOO = ("code-running pickle", "--require-gpu without one", "shipped, 3 batches")  # their path differs there
 
 
 @pytest.mark.parametrize("case, mode", [
@@ -207,21 +164,14 @@ def test_trusted_unpickling_is_reported_as_such(tmp_path, small_data_dir, traine
     result = run(tmp_path / "cwd", {"--model-path": tmp_path / "armed.pt", "--data-dir": small_data_dir,
                                     "--trust-pickle": [], **QUICK})
     assert (tmp_path / "MARKER").exists()  # its code ran, as --trust-pickle allows
-    load = next(line for line in result.stdout.splitlines() if line.startswith("[PASS] load"))
-    assert "trusted unpickling" in load and "weights_only=True" not in load, load
+    assert re.search(r"^\[PASS\] load .* loaded with trusted unpickling", result.stdout, re.MULTILINE), result.stdout
 
 
-@pytest.mark.parametrize("flags, flag", [({"--amp": "bf16"}, "--amp bf16: Tesla V100"),
-                                         ({"--amp": "fp16", "--device": "cpu"}, "--amp fp16: for CUDA GPUs only")])
-def test_precision_the_device_cannot_do_is_a_usage_error(monkeypatch, tmp_path, run, flags, flag):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a V100: no native bf16
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
-    monkeypatch.setattr(torch.version, "hip", None)
-    result = run(tmp_path, {"--model-path": SHIPPED, **flags})
+def test_precision_the_device_cannot_do_is_a_usage_error(tmp_path, run):
+    # each device's refusals: test_system.py; here the script turns one into exit 2 before any check
+    result = run(tmp_path, {"--model-path": SHIPPED, "--amp": "fp16", "--device": "cpu"})
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith(f"error: {flag}") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: --amp fp16: for CUDA GPUs only") and result.stderr.count("\n") == 1
 
 
 def test_peak_gpu_memory_is_reset_and_reported_per_model(tmp_path, small_data_dir, monkeypatch, run):
@@ -236,17 +186,6 @@ def test_peak_gpu_memory_is_reset_and_reported_per_model(tmp_path, small_data_di
     assert [checks[f"{p}: memory"]["data"]["peak_gpu_mb"] for p in (first, second)] == [12.5, 30.0]
 
 
-@pytest.mark.slow
-def test_reader_that_goes_away_ends_quietly(small_data_dir):
-    # `test_model.py | head -0`: the reader is gone before the report is printed
-    flags = {"--model-path": SHIPPED, "--data-dir": small_data_dir, **QUICK}
-    proc = subprocess.Popen([sys.executable, str(REPO / "test_model.py"), *argv(flags)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    proc.stdout.close()
-    err = proc.stderr.read()
-    assert (proc.wait(timeout=300), err) == (1, "")
-
-
 # ---------------------------------------------------------------- the report and the training step
 
 
@@ -255,39 +194,32 @@ def test_a_failing_check_is_one_line_and_the_json_strict():
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
 
     report = preflight.Report()
-    assert report.run("device", broken) is None and not report.passed
+    assert report.run("device", broken) is None and not report.checks[0]["ok"]
     assert report.checks[0]["detail"] == (
         "unexpected RuntimeError: CUDA error: an illegal memory access was encountered (--debug shows more)")
     with pytest.raises(RuntimeError):
         preflight.Report(debug=True).run("device", broken)
-    report.run("quick eval", lambda: ("nan", {"loss": float("inf"), "accuracy": float("nan"), "images": 3,
-                                             "per_class": {"Bag": float("-inf"), "Shirt": 0.5}}, True))
+    report.run("quick eval", lambda: ("nan", {"loss": float("inf"), "images": 3}, True))  # the rest: test_checkpoint
     assert strict_json(json.dumps(report.checks, allow_nan=False))[1]["data"] == {
-        "loss": None, "accuracy": None, "images": 3, "per_class": {"Bag": None, "Shirt": 0.5},
-        "nonfinite": {"loss": "was Infinity", "accuracy": "was NaN", "per_class.Bag": "was -Infinity"}}
+        "loss": None, "images": 3, "nonfinite": {"loss": "was Infinity"}}
 
 
-class BreaksWhenTraining(torch.nn.Module):
-    """Right in evaluation, broken in training: what a bad fp16/bf16 kernel looks like to the check."""
+class NanWhenTraining(torch.nn.Module):
+    """Right in evaluation, NaN in training: what a bad fp16/bf16 kernel looks like to the check."""
 
-    def __init__(self, error: bool):
+    def __init__(self):
         super().__init__()
-        self.linear, self.error = torch.nn.Linear(28 * 28, 10), error
+        self.linear = torch.nn.Linear(28 * 28, 10)
 
     def forward(self, x):
-        if self.training and self.error:
-            raise RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasGemmEx\nmore")
         return self.linear(x.flatten(1)) * (float("nan") if self.training else 1)
 
 
 @pytest.mark.parametrize("model, native_bf16, detail", [
     (tiny_model, True, r"forward, backward and \w+ step under amp bf16: loss \d\.\d+, weights updated"),
     (tiny_model, False, r"forward, backward and \w+ step under amp off: loss \d\.\d+, weights updated"),
-    (lambda: BreaksWhenTraining(error=False), False, r"the \w+ step under amp off gave a non-finite loss or output"),
-    (lambda: BreaksWhenTraining(error=True), False, re.escape(
-        "unexpected RuntimeError: CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling cublasGemmEx (--debug shows "
-        "more)")),
-], ids=["bf16", "fp32", "non-finite", "error"])
+    (NanWhenTraining, False, r"the \w+ step under amp off gave a non-finite loss or weights"),
+], ids=["bf16", "fp32", "non-finite"])  # a step that raises: test_a_failing_check_is_one_line_and_the_json_strict
 def test_train_step_runs_as_finetune_would_and_fails_in_one_line(monkeypatch, model, native_bf16, detail):
     monkeypatch.setattr(system, "cpu_has_fast_bf16", lambda: native_bf16)  # what --amp auto picks on this CPU
     net = model()
