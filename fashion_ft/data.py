@@ -409,6 +409,7 @@ def given_for(normalize: tuple[float, float] | None, recorded: bool, models: int
 
 
 @torch.no_grad()
+@torch.no_grad()
 def compare(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             current: tuple[float, float]) -> dict[tuple[float, float], float]:
     """{(mean, std): accuracy} for the normalisation in use and every candidate, on the first uint8 images

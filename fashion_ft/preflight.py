@@ -75,8 +75,8 @@ def check_model(report: Report, prefix: str, path: Path, args, device: torch.dev
         report.run(prefix + "normalisation", check_default_normalization, model, args.data_dir, mean, std)
     report.run(prefix + "train step", check_train_step, model, data, mean, std, device)
     probs = report.run(prefix + "quick eval", check_eval, model, rt, data, args.batch_size, args.min_accuracy)
-    if probs is not None and args.full and (ckpt.split or {}).get("validation") == "test-half":
-        report.run(prefix + "held-out half", check_held_out, probs, data.labels, ckpt.split["seed"])
+    if probs is not None and args.full and ckpt.split and ckpt.split.validation == "test-half":
+        report.run(prefix + "held-out half", check_held_out, probs, data.labels, ckpt.split.seed)
     return probs
 
 
