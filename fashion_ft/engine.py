@@ -43,11 +43,9 @@ def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Opt
 
 
 def fused_adamw_supported(params) -> bool:
-    """The fused AdamW kernel (one launch for every parameter instead of several per tensor): CUDA
-    since torch 2.0 (this project needs 2.4) for float64/32/16 and bfloat16 parameters. Elsewhere
-    torch's default (foreach) stays, as before."""
-    params = list(params)
-    return bool(params) and all(p.device.type == "cuda" and p.dtype.is_floating_point for p in params)
+    """The fused AdamW kernel (one launch for every parameter instead of several per tensor) takes float64/32/16
+    and bfloat16 parameters on CUDA (torch >= 2.0; this project needs 2.4). Elsewhere torch's default (foreach)."""
+    return all(p.device.type == "cuda" and p.dtype.is_floating_point for p in params)
 
 
 def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -57,29 +55,23 @@ def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 def lr_multiplier(cfg: Config, steps_per_epoch: int):
     """step -> factor on the base LR, for every scheduler stepped per batch (plateau: warm-up only)."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = warmup_steps(cfg, steps_per_epoch)
-    floor = cfg.min_lr / cfg.lr
-
-    def cosine(t):  # t in [0, 1]
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    total, warmup, floor = cfg.epochs * steps_per_epoch, warmup_steps(cfg, steps_per_epoch), cfg.min_lr / cfg.lr
+    peak = int(0.3 * total)  # onecycle, torch's OneCycleLR shape: 1/25 -> 1 over 30% of the steps, then -> 1/25e4
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        epoch = step // steps_per_epoch
         if cfg.scheduler == "cosine":
-            return cosine((step - warmup) / max(1, total - warmup))
+            t = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
         if cfg.scheduler == "step":
-            return cfg.step_gamma ** (epoch // cfg.step_size)
+            return cfg.step_gamma ** (step // steps_per_epoch // cfg.step_size)
         if cfg.scheduler == "exponential":
-            return cfg.exp_gamma ** epoch
-        if cfg.scheduler == "onecycle":  # torch's OneCycleLR shape: 1/25 -> 1 over 30%, then -> 1/25e4
-            peak = int(0.3 * total)
-            if step < peak:
-                return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * step / max(1, peak)))
-            end = 1 / 25e4
-            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, total - peak)))
+            return cfg.exp_gamma ** (step // steps_per_epoch)
+        if cfg.scheduler == "onecycle" and step < peak:
+            return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * step / max(1, peak)))
+        if cfg.scheduler == "onecycle":
+            return 1 / 25e4 + (1 - 1 / 25e4) * 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, total - peak)))
         return 1.0  # none, plateau
 
     return factor
@@ -92,9 +84,9 @@ class Schedulers:
     warmup_steps: int
     steps_per_epoch: int = 1
 
-    def after_batch(self, step: int) -> None:
+    def after_batch(self) -> None:
         # plateau owns the LR after warm-up; stepping the LambdaLR then would undo its reductions
-        if self.plateau is None or step < self.warmup_steps:
+        if self.plateau is None or self.per_batch.last_epoch < self.warmup_steps:
             self.per_batch.step()
 
     def after_epoch(self, monitored: float) -> None:
@@ -108,27 +100,18 @@ class Schedulers:
         }
 
     def restore(self, state: dict, epochs_done: int, lr: float) -> None:
-        """Continue at the start of epoch `epochs_done + 1` of THIS run's schedule (its own steps per
-        epoch: the world size or batch size may have changed) with base LR `lr` (may be overridden).
-
-        The saved step counter counts the old run's steps, so it is not reused. The optimizer's
-        saved state must be loaded first: after warm-up, plateau's reductions are read from its LR."""
-        groups = self.per_batch.optimizer.param_groups
-        position = epochs_done * self.steps_per_epoch
+        """Continue at the start of epoch `epochs_done + 1` of THIS run's schedule with base LR `lr` (may be
+        overridden): the saved step counter counts the old run's steps, whose world or batch size may differ.
+        The optimizer's saved state must be loaded first: after warm-up, plateau's reductions are in its LR."""
+        groups, position = self.per_batch.optimizer.param_groups, epochs_done * self.steps_per_epoch
         factors = [self.per_batch.lr_lambdas[0](position)] * len(groups)
-        if self.plateau is not None:
-            if state.get("plateau"):
-                self.plateau.load_state_dict(state["plateau"])
-            if position >= self.warmup_steps:  # plateau owns the LR: keep the reductions it made
-                old_bases = state["per_batch"]["base_lrs"]
-                factors = [g["lr"] / base if base else 1.0 for g, base in zip(groups, old_bases)]
+        if self.plateau is not None and state.get("plateau"):
+            self.plateau.load_state_dict(state["plateau"])
+        if self.plateau is not None and position >= self.warmup_steps:  # plateau owns the LR: keep its reductions
+            factors = [g["lr"] / base for g, base in zip(groups, state["per_batch"]["base_lrs"])]
         for group, factor in zip(groups, factors):
-            group["initial_lr"], group["lr"] = lr, lr * factor
-        self.per_batch.base_lrs = [lr] * len(groups)
-        self.per_batch.last_epoch = position
-        self.per_batch._last_lr = [g["lr"] for g in groups]  # what get_last_lr() reports
-        if self.plateau is not None:
-            self.plateau._last_lr = [g["lr"] for g in groups]
+            group["lr"] = lr * factor
+        self.per_batch.base_lrs, self.per_batch.last_epoch = [lr] * len(groups), position
 
 
 def build_schedulers(optimizer, cfg: Config, steps_per_epoch: int) -> Schedulers:
@@ -157,20 +140,15 @@ class BestTracker:
     best_epoch: int = 0
     bad_epochs: int = 0
 
-    def improved(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        if self.monitor == "val_loss":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
-
     def update(self, value: float, epoch: int) -> bool:
-        """Record an epoch's monitored value; True when it is the new best."""
-        if self.improved(value):
+        """Record an epoch's monitored value; True when it is the new best (by more than min_delta)."""
+        better = self.best is None or (value < self.best - self.min_delta if self.monitor == "val_loss"
+                                       else value > self.best + self.min_delta)
+        if better:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
-            return True
-        self.bad_epochs += 1
-        return False
+        else:
+            self.bad_epochs += 1
+        return better
 
     @property
     def should_stop(self) -> bool:
@@ -183,38 +161,22 @@ class BestTracker:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
 
 
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: Config) -> None:
-    """A restored optimizer carries the saved weight decay and momentum; the config (changed only with
-    --override-resume) is what the run uses from now on. The LR is the schedules' (Schedulers.restore)."""
-    for group in optimizer.param_groups:
-        if "momentum" in group:
-            group["momentum"], group["nesterov"] = cfg.momentum, cfg.momentum > 0
-    optimizer.param_groups[0]["weight_decay"] = cfg.resolved_weight_decay  # the decay group (build_optimizer)
-
-
-IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
-
-
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """optimizer.load_state_dict, keeping this run's implementation (fused AdamW on CUDA, foreach
-    elsewhere): the saved groups would bring the saving machine's, and the step counters follow it
-    (on the parameter's device for fused and capturable, on the CPU otherwise)."""
-    chosen = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, flags in zip(optimizer.param_groups, chosen):
-        group.update(flags)
-        on_device = bool(group.get("fused") or group.get("capturable"))
-        for p in group["params"]:
-            for name, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.dim():  # else step 1 fails, in torch's words
-                    if value.shape != p.shape:
-                        raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)} for a parameter "
-                                         f"of shape {tuple(p.shape)}")
-                    # a file may hold an expanded (stride-0) tensor: the in-place update needs its own memory
-                    optimizer.state[p][name] = value.clone(memory_format=torch.preserve_format)
-            step = optimizer.state.get(p, {}).get("step")
-            if torch.is_tensor(step):
-                optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
+    """The saved moments and step counters under this run's group settings, all but the LR (Schedulers.restore
+    reads the plateau's reductions from it): the config's weight decay and momentum (changed only with
+    --override-resume), and the implementation chosen for this machine (fused AdamW on CUDA, foreach elsewhere),
+    after which torch.optim.Optimizer.load_state_dict places the step counters (on the device when fused)."""
+    groups = [{**mine, "params": saved["params"], "lr": saved["lr"]}
+              for mine, saved in zip(optimizer.param_groups, state["param_groups"], strict=True)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+    for p, values in optimizer.state.items():
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.dim():  # else step 1 fails, in torch's words
+                if value.shape != p.shape:
+                    raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)} for a parameter "
+                                     f"of shape {tuple(p.shape)}")
+                # a file may hold an expanded (stride-0) tensor: the in-place update needs its own memory
+                values[name] = value.clone(memory_format=torch.preserve_format)
 
 
 @dataclass
@@ -319,7 +281,7 @@ class TrainStep:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.schedulers.after_batch(self.schedulers.per_batch.last_epoch)
+        self.schedulers.after_batch()
         if self.ema is not None:
             self.ema.update(self.ema_source)
         return loss.detach(), logits.detach()
@@ -369,16 +331,15 @@ def make_ema(model: nn.Module, decay: float) -> ModelEma | None:
 
 
 def restore_optimization(step: TrainStep, meta: dict, cfg: Config, lr: float, epochs_done: int) -> None:
-    """Optimizer, schedules, GradScaler and EMA from a last.pt, continued under this run's settings:
-    the LR schedule at `epochs_done` epochs of this run's steps per epoch with base LR `lr`, and the
-    config's weight decay and momentum."""
+    """Optimizer, schedules, GradScaler and EMA from a last.pt, continued under this run's settings: the LR
+    schedule at `epochs_done` epochs of this run's steps per epoch with base LR `lr`, and this run's optimizer
+    settings (load_optimizer_state)."""
     load_optimizer_state(step.optimizer, meta["optimizer"])
     step.schedulers.restore(meta["schedulers"], epochs_done, lr)
     if meta.get("scaler"):  # empty when the saved run had no fp16 scaler (CPU, bf16): load_state_dict({}) raises
         step.scaler.load_state_dict(meta["scaler"])
     if step.ema is not None and meta.get("ema") is not None:  # else it starts from the weights
         step.ema.load_state_dict(meta["ema"])
-    apply_hyperparameters(step.optimizer, cfg)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
