@@ -2,9 +2,8 @@
 distillation's loss), the moving average, one epoch, predictions and metrics.
 
 The hot loops keep metrics on the device and sync with the host every `SYNC_EVERY` steps (progress, the
-finite-loss check, and under torchrun the stop flag the ranks agree on). Per step only fp16's GradScaler
-syncs (it reads whether the gradients were finite); a single process reads its stop flag, a host value,
-after every step.
+finite-loss check, and under torchrun the stop flag the ranks agree on). Per step only fp16's GradScaler syncs
+(it reads whether the gradients were finite); a single process reads its stop flag, a host value, after every step.
 """
 
 import copy
@@ -23,7 +22,7 @@ from .errors import DivergenceError, UserError, first_line
 from .model import INPUT_SHAPE
 from .system import CHANNELS_LAST_MPS_REASON, AmpPolicy, autocast, channels_last_ok
 
-# ---------------------------------------------------------------- the optimizer, its LR schedules, the best-epoch trackers
+# ---------------------------------------------------------------- the optimizer and its LR schedules
 
 def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
     """Only trainable parameters; no weight decay on biases and normalisation parameters."""
@@ -94,10 +93,7 @@ class Schedulers:
             self.plateau.step(monitored)
 
     def state_dict(self) -> dict:
-        return {
-            "per_batch": self.per_batch.state_dict(),
-            "plateau": self.plateau.state_dict() if self.plateau else None,
-        }
+        return {"per_batch": self.per_batch.state_dict(), "plateau": self.plateau and self.plateau.state_dict()}
 
     def restore(self, state: dict, epochs_done: int, lr: float) -> None:
         """Continue at the start of epoch `epochs_done + 1` of THIS run's schedule with base LR `lr` (may be
@@ -116,13 +112,10 @@ class Schedulers:
 
 def build_schedulers(optimizer, cfg: Config, steps_per_epoch: int) -> Schedulers:
     per_batch = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch))
-    plateau = None
-    if cfg.scheduler == "plateau":
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min" if cfg.monitor == "val_loss" else "max",
-            factor=cfg.plateau_factor, patience=cfg.plateau_patience,
-            threshold=cfg.min_delta, threshold_mode="abs",  # the same "improvement" as early stopping
-        )
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min" if cfg.monitor == "val_loss" else "max", factor=cfg.plateau_factor,
+        patience=cfg.plateau_patience, threshold=cfg.min_delta, threshold_mode="abs",  # early stopping's improvement
+    ) if cfg.scheduler == "plateau" else None
     return Schedulers(per_batch, plateau, warmup_steps(cfg, steps_per_epoch), steps_per_epoch)
 
 
@@ -162,10 +155,9 @@ class BestTracker:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """The saved moments and step counters under this run's group settings, all but the LR (Schedulers.restore
-    reads the plateau's reductions from it): the config's weight decay and momentum (changed only with
-    --override-resume), and the implementation chosen for this machine (fused AdamW on CUDA, foreach elsewhere),
-    after which torch.optim.Optimizer.load_state_dict places the step counters (on the device when fused)."""
+    """The saved moments and step counters under this run's group settings but the LR (Schedulers.restore reads
+    plateau's reductions there): the config's weight decay and momentum (changed only with --override-resume) and
+    this machine's kernel (fused AdamW on CUDA, else foreach), for which torch places the step counters."""
     groups = [{**mine, "params": saved["params"], "lr": saved["lr"]}
               for mine, saved in zip(optimizer.param_groups, state["param_groups"], strict=True)]
     optimizer.load_state_dict({**state, "param_groups": groups})
@@ -194,7 +186,6 @@ class ComputeSettings:
     tta_flip: bool = False  # predictions averaged over each image and its mirror image
 
 
-
 def choose_memory_format(model: nn.Module, device: torch.device, wanted: bool) -> tuple[torch.memory_format, str | None]:
     """channels_last where it is asked for and works, and why not where it does not: never on MPS, nor for
     a forward that cannot take it (`x.view(x.size(0), -1)` of a channels_last activation, common in users'
@@ -212,6 +203,7 @@ def choose_memory_format(model: nn.Module, device: torch.device, wanted: bool) -
         return torch.contiguous_format, (f"channels_last is off, the model runs in NCHW: its forward fails on "
                                          f"channels_last input ({first_line(exc)})")
     return torch.channels_last, None
+
 
 # ---------------------------------------------------------------- train and evaluate
 
@@ -235,18 +227,18 @@ class Teachers:
     cache: torch.Tensor | None = None
 
     @torch.no_grad()
-    def targets(self, x01: torch.Tensor, rt: "ComputeSettings") -> torch.Tensor:
+    def targets(self, x01: torch.Tensor, rt: ComputeSettings) -> torch.Tensor:
         """fp32 target probabilities of a batch in [0, 1] (x01 itself is left as it is)."""
         with autocast(rt.device, rt.amp):
             probs = [(t.model(normalize(x01.clone(), t.mean, t.std, t.memory_format)).float() / self.temperature)
                      .softmax(1) for t in self.teachers]
         return torch.stack(probs).mean(0)
 
-    def for_batch(self, idx: torch.Tensor, x01: torch.Tensor, rt: "ComputeSettings") -> torch.Tensor:
+    def for_batch(self, idx: torch.Tensor, x01: torch.Tensor, rt: ComputeSettings) -> torch.Tensor:
         """The targets of training images `idx`, whose batch in [0, 1] is x01: cached, or computed now."""
         return self.cache[idx] if self.cache is not None else self.targets(x01, rt)
 
-    def fill_cache(self, images_uint8: torch.Tensor, rt: "ComputeSettings", batch_size: int) -> None:
+    def fill_cache(self, images_uint8: torch.Tensor, rt: ComputeSettings, batch_size: int) -> None:
         self.cache = torch.cat([self.targets(augmented(images_uint8[sl], None, None), rt)
                                 for sl in batch_slices(len(images_uint8), batch_size, drop_last=False)])
 
@@ -288,14 +280,11 @@ class TrainStep:
 
 
 class ModelEma:
-    """An exponential moving average of a model's weights and floating-point buffers (BatchNorm
-    statistics); integer buffers (num_batches_tracked) are copied. `module` is the averaged copy.
-
-    The same numbers as torch's AveragedModel with get_ema_multi_avg_fn and use_buffers=True, but the
-    update count is a Python int: AveragedModel keeps it in a CPU tensor that it copies to the GPU at
-    every step, a host-device transfer and sync per step. The first update copies the model, so the
-    EMA may be created before a resume loads the weights.
-    """
+    """An exponential moving average of a model's weights and floating-point buffers (BatchNorm statistics);
+    integer buffers (num_batches_tracked) are copied. `module` is the averaged copy. The numbers of torch's
+    AveragedModel with get_ema_multi_avg_fn and use_buffers=True, but the update count is a Python int:
+    AveragedModel keeps it in a CPU tensor that it copies to the GPU at every step, a host-device transfer and
+    sync per step. The first update copies the model, so the EMA may be created before a resume loads weights."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.module = copy.deepcopy(model).requires_grad_(False)
@@ -332,8 +321,7 @@ def make_ema(model: nn.Module, decay: float) -> ModelEma | None:
 
 def restore_optimization(step: TrainStep, meta: dict, cfg: Config, lr: float, epochs_done: int) -> None:
     """Optimizer, schedules, GradScaler and EMA from a last.pt, continued under this run's settings: the LR
-    schedule at `epochs_done` epochs of this run's steps per epoch with base LR `lr`, and this run's optimizer
-    settings (load_optimizer_state)."""
+    schedule at `epochs_done` epochs of this run's steps with base LR `lr`, the optimizer's as `cfg` says."""
     load_optimizer_state(step.optimizer, meta["optimizer"])
     step.schedulers.restore(meta["schedulers"], epochs_done, lr)
     if meta.get("scaler"):  # empty when the saved run had no fp16 scaler (CPU, bf16): load_state_dict({}) raises
@@ -374,11 +362,11 @@ def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSe
     --seed). on_sync(done, total, loss) may return True to stop early; so may stop(), which a single process
     asks after every step (the ranks of a distributed run must stop at the same step: on_sync decides)."""
     poll = stop if rt.world_size == 1 else None
-    aug, batch_size, seed = AUGMENT_PRESETS[cfg.augment], cfg.batch_size, cfg.seed
-    torch.manual_seed(epoch_seed(seed, epoch, rt.rank))
-    gen = torch.Generator(device=rt.device).manual_seed(epoch_seed(seed, epoch, rt.rank))
-    shard = rank_shard(epoch_permutation(len(data), seed, epoch, rt.device), rt.rank, rt.world_size)
-    slices = list(batch_slices(len(shard), batch_size, drop_last=True))
+    aug, seed = AUGMENT_PRESETS[cfg.augment], epoch_seed(cfg.seed, epoch, rt.rank)
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=rt.device).manual_seed(seed)
+    shard = rank_shard(epoch_permutation(len(data), cfg.seed, epoch, rt.device), rt.rank, rt.world_size)
+    slices = list(batch_slices(len(shard), cfg.batch_size, drop_last=True))
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
     seen, stopped = 0, False
@@ -394,10 +382,8 @@ def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSe
         seen += len(y)
         if i % sync_every == 0 or i == len(slices):
             mean_loss = check_finite_loss(loss_sum / seen, epoch, i, rt.rank)
-            if on_sync is not None and on_sync(i, len(slices), mean_loss):
-                stopped = True
-                break
-        if poll is not None and poll():
+            stopped = on_sync is not None and bool(on_sync(i, len(slices), mean_loss))
+        if stopped or (poll is not None and poll()):
             stopped = True
             break
     totals = system.all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=rt.device)]))
@@ -407,11 +393,9 @@ def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSe
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images_uint8: torch.Tensor, rt: ComputeSettings, batch_size: int) -> torch.Tensor:
-    """fp32 logits for every image (uint8 N x 1 x 28 x 28), in large batches, without augmentation.
-
-    With `rt.tta_flip` they are the log of the probabilities averaged over the image and its mirror
-    image: still logits (softmax gives those averaged probabilities back), so every metric applies.
-    """
+    """fp32 logits for every image (uint8 N x 1 x 28 x 28), in large batches, without augmentation. With
+    `rt.tta_flip`, the log of the probabilities averaged over the image and its mirror image: still logits
+    (softmax gives those averaged probabilities back), so every metric applies."""
     model.eval()
     out = []
     for sl in batch_slices(len(images_uint8), batch_size, drop_last=False):
