@@ -26,19 +26,14 @@ from .system import CHANNELS_LAST_MPS_REASON, AmpPolicy, autocast, channels_last
 
 def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
     """Only trainable parameters; no weight decay on biases and normalisation parameters."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    if not decay and not no_decay:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
         raise UserError("nothing to train: every parameter is frozen")
-    groups = [
-        {"params": decay, "weight_decay": cfg.resolved_weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.resolved_weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr, fused=True if fused_adamw_supported(decay + no_decay) else None)
+    return torch.optim.AdamW(groups, lr=lr, fused=True if fused_adamw_supported(params) else None)
 
 
 def fused_adamw_supported(params) -> bool:
@@ -152,23 +147,6 @@ class BestTracker:
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """The saved moments and step counters under this run's group settings but the LR (Schedulers.restore reads
-    plateau's reductions there): the config's weight decay and momentum (changed only with --override-resume) and
-    this machine's kernel (fused AdamW on CUDA, else foreach), for which torch places the step counters."""
-    groups = [{**mine, "params": saved["params"], "lr": saved["lr"]}
-              for mine, saved in zip(optimizer.param_groups, state["param_groups"], strict=True)]
-    optimizer.load_state_dict({**state, "param_groups": groups})
-    for p, values in optimizer.state.items():
-        for name, value in values.items():
-            if torch.is_tensor(value) and value.dim():  # else step 1 fails, in torch's words
-                if value.shape != p.shape:
-                    raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)} for a parameter "
-                                     f"of shape {tuple(p.shape)}")
-                # a file may hold an expanded (stride-0) tensor: the in-place update needs its own memory
-                values[name] = value.clone(memory_format=torch.preserve_format)
 
 
 @dataclass
@@ -319,9 +297,26 @@ def make_ema(model: nn.Module, decay: float) -> ModelEma | None:
     return ModelEma(model, decay) if decay else None
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The saved moments and step counters under this run's group settings but the LR (Schedulers.restore reads
+    plateau's reductions there): the config's weight decay and momentum (changed only with --override-resume) and
+    this machine's kernel (fused AdamW on CUDA, else foreach), for which torch places the step counters."""
+    groups = [{**mine, "params": saved["params"], "lr": saved["lr"]}
+              for mine, saved in zip(optimizer.param_groups, state["param_groups"], strict=True)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+    for p, values in optimizer.state.items():
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.dim():  # else step 1 fails, in torch's words
+                if value.shape != p.shape:
+                    raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)} for a parameter "
+                                     f"of shape {tuple(p.shape)}")
+                # a file may hold an expanded (stride-0) tensor: the in-place update needs its own memory
+                values[name] = value.clone(memory_format=torch.preserve_format)
+
+
 def restore_optimization(step: TrainStep, meta: dict, cfg: Config, lr: float, epochs_done: int) -> None:
     """Optimizer, schedules, GradScaler and EMA from a last.pt, continued under this run's settings: the LR
-    schedule at `epochs_done` epochs of this run's steps with base LR `lr`, the optimizer's as `cfg` says."""
+    schedule at `epochs_done` epochs of this run's steps with base LR `lr`, the optimizer's as built from `cfg`."""
     load_optimizer_state(step.optimizer, meta["optimizer"])
     step.schedulers.restore(meta["schedulers"], epochs_done, lr)
     if meta.get("scaler"):  # empty when the saved run had no fp16 scaler (CPU, bf16): load_state_dict({}) raises
