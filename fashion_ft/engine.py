@@ -325,15 +325,9 @@ def restore_optimization(step: TrainStep, meta: dict, cfg: Config, lr: float, ep
         step.ema.load_state_dict(meta["ema"])
 
 
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """Dropout and augmentation randomness as a function of (seed, epoch, rank): resume is exact."""
-    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
-
-
 def rank_shard(perm: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Every rank gets the same number of images: the remainder of the permutation is dropped."""
-    usable = len(perm) - len(perm) % world_size
-    return perm[:usable][rank::world_size]
+    return perm[:len(perm) - len(perm) % world_size][rank::world_size]
 
 
 def check_finite_loss(mean_loss: torch.Tensor, epoch: int, step: int, rank: int) -> float:
@@ -357,7 +351,8 @@ def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSe
     --seed). on_sync(done, total, loss) may return True to stop early; so may stop(), which a single process
     asks after every step (the ranks of a distributed run must stop at the same step: on_sync decides)."""
     poll = stop if rt.world_size == 1 else None
-    aug, seed = AUGMENT_PRESETS[cfg.augment], epoch_seed(cfg.seed, epoch, rt.rank)
+    aug = AUGMENT_PRESETS[cfg.augment]
+    seed = (cfg.seed * 1_000_003 + epoch * 1009 + rt.rank) % (2**63)  # dropout and augmentation: resume is exact
     torch.manual_seed(seed)
     gen = torch.Generator(device=rt.device).manual_seed(seed)
     shard = rank_shard(epoch_permutation(len(data), cfg.seed, epoch, rt.device), rt.rank, rt.world_size)
