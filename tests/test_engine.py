@@ -83,8 +83,7 @@ def test_random_erasing_zeroes_a_box_in_about_p_of_the_images():
 
 
 def test_make_batch_normalises_and_uses_the_memory_format():
-    batch = make_batch(torch.full((4, 1, 28, 28), 255, dtype=torch.uint8), None, None, 0.5, 0.25,
-                       torch.channels_last)
+    batch = make_batch(torch.full((4, 1, 28, 28), 255, dtype=torch.uint8), None, None, 0.5, 0.25, torch.channels_last)
     assert torch.allclose(batch, torch.full_like(batch, 2.0))
     assert batch.is_contiguous(memory_format=torch.channels_last)
 
@@ -92,8 +91,7 @@ def test_make_batch_normalises_and_uses_the_memory_format():
 def test_rank_shards_are_disjoint_equal_and_cover_all_but_the_remainder():
     perm = torch.randperm(103)
     shards = [engine.rank_shard(perm, r, 4) for r in range(4)]
-    assert {len(s) for s in shards} == {25}
-    assert len(set(torch.cat(shards).tolist())) == 100
+    assert {len(s) for s in shards} == {25} and len(set(torch.cat(shards).tolist())) == 100
 
 
 def test_our_affine_grid_equals_torch_affine_grid():
@@ -324,8 +322,7 @@ LR_CURVES = {  # scheduler -> (its settings, the LR each of 4 epochs starts with
 
 @pytest.mark.parametrize("scheduler", [*LR_CURVES, "onecycle"])
 def test_every_scheduler_gives_its_lr_curve(scheduler):
-    """Epoch by epoch as the trainer steps them: after every batch, and with the monitored value after every
-    epoch (a validation loss that never improves after the first epoch)."""
+    """Stepped as the trainer does, with a validation loss that never improves after the first epoch."""
     cfg = Config(epochs=4, scheduler=scheduler, warmup_epochs=0, lr=1e-3, **LR_CURVES.get(scheduler, ({},))[0])
     step, curve = make_step(cfg, 10, cfg.lr), []
     for _ in range(cfg.epochs):
@@ -337,9 +334,7 @@ def test_every_scheduler_gives_its_lr_curve(scheduler):
         assert curve == pytest.approx(LR_CURVES[scheduler][1])
 
 
-class View(torch.nn.Module):
-    """A user's flatten: `view` takes contiguous input only (torch.nn.Flatten takes any memory format)."""
-
+class View(torch.nn.Module):  # a user's flatten: `view` takes contiguous input only, nn.Flatten any layout
     def forward(self, x):
         return x.view(x.size(0), -1)
 
