@@ -90,16 +90,16 @@ class Schedulers:
     def state_dict(self) -> dict:
         return {"per_batch": self.per_batch.state_dict(), "plateau": self.plateau and self.plateau.state_dict()}
 
-    def restore(self, state: dict, epochs_done: int, lr: float) -> None:
+    def restore(self, state: dict, saved_lrs: list[float], epochs_done: int, lr: float) -> None:
         """Continue at the start of epoch `epochs_done + 1` of THIS run's schedule with base LR `lr` (may be
         overridden): the saved step counter counts the old run's steps, whose world or batch size may differ.
-        The optimizer's saved state must be loaded first: after warm-up, plateau's reductions are in its LR."""
+        After warm-up, plateau's reductions are the saved optimizer's LRs over the saved base LRs."""
         groups, position = self.per_batch.optimizer.param_groups, epochs_done * self.steps_per_epoch
         factors = [self.per_batch.lr_lambdas[0](position)] * len(groups)
         if self.plateau is not None and state.get("plateau"):
             self.plateau.load_state_dict(state["plateau"])
         if self.plateau is not None and position >= self.warmup_steps:  # plateau owns the LR: keep its reductions
-            factors = [g["lr"] / base for g, base in zip(groups, state["per_batch"]["base_lrs"])]
+            factors = [old / base for old, base in zip(saved_lrs, state["per_batch"]["base_lrs"])]
         for group, factor in zip(groups, factors):
             group["lr"] = lr * factor
         self.per_batch.base_lrs, self.per_batch.last_epoch = [lr] * len(groups), position
@@ -298,10 +298,10 @@ def make_ema(model: nn.Module, decay: float) -> ModelEma | None:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """The saved moments and step counters under this run's group settings but the LR (Schedulers.restore reads
-    plateau's reductions there): the config's weight decay and momentum (changed only with --override-resume) and
-    this machine's kernel (fused AdamW on CUDA, else foreach), for which torch places the step counters."""
-    groups = [{**mine, "params": saved["params"], "lr": saved["lr"]}
+    """The saved moments and step counters under this run's group settings: the config's weight decay and momentum
+    (changed only with --override-resume) and this machine's kernel (fused AdamW on CUDA, else foreach), for which
+    torch places the step counters. The LR is the schedules' (Schedulers.restore)."""
+    groups = [{**mine, "params": saved["params"]}
               for mine, saved in zip(optimizer.param_groups, state["param_groups"], strict=True)]
     optimizer.load_state_dict({**state, "param_groups": groups})
     for p, values in optimizer.state.items():
@@ -318,7 +318,7 @@ def restore_optimization(step: TrainStep, meta: dict, cfg: Config, lr: float, ep
     """Optimizer, schedules, GradScaler and EMA from a last.pt, continued under this run's settings: the LR
     schedule at `epochs_done` epochs of this run's steps with base LR `lr`, the optimizer's as built from `cfg`."""
     load_optimizer_state(step.optimizer, meta["optimizer"])
-    step.schedulers.restore(meta["schedulers"], epochs_done, lr)
+    step.schedulers.restore(meta["schedulers"], [g["lr"] for g in meta["optimizer"]["param_groups"]], epochs_done, lr)
     if meta.get("scaler"):  # empty when the saved run had no fp16 scaler (CPU, bf16): load_state_dict({}) raises
         step.scaler.load_state_dict(meta["scaler"])
     if step.ema is not None and meta.get("ema") is not None:  # else it starts from the weights
