@@ -2,9 +2,8 @@
 distillation's loss), the moving average, one epoch, predictions and metrics.
 
 The hot loops keep metrics on the device and sync with the host every `SYNC_EVERY` steps (progress, the
-finite-loss check, and under torchrun the stop flag the ranks agree on). Per step only fp16's GradScaler
-syncs (it reads whether the gradients were finite); a single process reads its stop flag, a host value,
-after every step.
+finite-loss check, and under torchrun the stop flag the ranks agree on). Per step only fp16's GradScaler syncs
+(it reads whether the gradients were finite); a single process reads its stop flag, a host value, after every step.
 """
 
 import copy
@@ -23,31 +22,24 @@ from .errors import DivergenceError, UserError, first_line
 from .model import INPUT_SHAPE
 from .system import CHANNELS_LAST_MPS_REASON, AmpPolicy, autocast, channels_last_ok
 
-# ---------------------------------------------------------------- the optimizer, its LR schedules, the best-epoch trackers
+# ---------------------------------------------------------------- the optimizer and its LR schedules
 
 def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Optimizer:
     """Only trainable parameters; no weight decay on biases and normalisation parameters."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    if not decay and not no_decay:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
         raise UserError("nothing to train: every parameter is frozen")
-    groups = [
-        {"params": decay, "weight_decay": cfg.resolved_weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.resolved_weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr, fused=True if fused_adamw_supported(decay + no_decay) else None)
+    return torch.optim.AdamW(groups, lr=lr, fused=True if fused_adamw_supported(params) else None)
 
 
 def fused_adamw_supported(params) -> bool:
-    """The fused AdamW kernel (one launch for every parameter instead of several per tensor): CUDA
-    since torch 2.0 (this project needs 2.4) for float64/32/16 and bfloat16 parameters. Elsewhere
-    torch's default (foreach) stays, as before."""
-    params = list(params)
-    return bool(params) and all(p.device.type == "cuda" and p.dtype.is_floating_point for p in params)
+    """The fused AdamW kernel (one launch for every parameter instead of several per tensor) takes float64/32/16
+    and bfloat16 parameters on CUDA (torch >= 2.0; this project needs 2.4). Elsewhere torch's default (foreach)."""
+    return all(p.device.type == "cuda" and p.dtype.is_floating_point for p in params)
 
 
 def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -57,29 +49,23 @@ def warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 def lr_multiplier(cfg: Config, steps_per_epoch: int):
     """step -> factor on the base LR, for every scheduler stepped per batch (plateau: warm-up only)."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = warmup_steps(cfg, steps_per_epoch)
-    floor = cfg.min_lr / cfg.lr
-
-    def cosine(t):  # t in [0, 1]
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    total, warmup, floor = cfg.epochs * steps_per_epoch, warmup_steps(cfg, steps_per_epoch), cfg.min_lr / cfg.lr
+    peak = int(0.3 * total)  # onecycle, torch's OneCycleLR shape: 1/25 -> 1 over 30% of the steps, then -> 1/25e4
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        epoch = step // steps_per_epoch
         if cfg.scheduler == "cosine":
-            return cosine((step - warmup) / max(1, total - warmup))
+            t = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
         if cfg.scheduler == "step":
-            return cfg.step_gamma ** (epoch // cfg.step_size)
+            return cfg.step_gamma ** (step // steps_per_epoch // cfg.step_size)
         if cfg.scheduler == "exponential":
-            return cfg.exp_gamma ** epoch
-        if cfg.scheduler == "onecycle":  # torch's OneCycleLR shape: 1/25 -> 1 over 30%, then -> 1/25e4
-            peak = int(0.3 * total)
-            if step < peak:
-                return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * step / max(1, peak)))
-            end = 1 / 25e4
-            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, total - peak)))
+            return cfg.exp_gamma ** (step // steps_per_epoch)
+        if cfg.scheduler == "onecycle" and step < peak:
+            return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * step / max(1, peak)))
+        if cfg.scheduler == "onecycle":
+            return 1 / 25e4 + (1 - 1 / 25e4) * 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, total - peak)))
         return 1.0  # none, plateau
 
     return factor
@@ -92,9 +78,9 @@ class Schedulers:
     warmup_steps: int
     steps_per_epoch: int = 1
 
-    def after_batch(self, step: int) -> None:
+    def after_batch(self) -> None:
         # plateau owns the LR after warm-up; stepping the LambdaLR then would undo its reductions
-        if self.plateau is None or step < self.warmup_steps:
+        if self.plateau is None or self.per_batch.last_epoch < self.warmup_steps:
             self.per_batch.step()
 
     def after_epoch(self, monitored: float) -> None:
@@ -102,44 +88,29 @@ class Schedulers:
             self.plateau.step(monitored)
 
     def state_dict(self) -> dict:
-        return {
-            "per_batch": self.per_batch.state_dict(),
-            "plateau": self.plateau.state_dict() if self.plateau else None,
-        }
+        return {"per_batch": self.per_batch.state_dict(), "plateau": self.plateau and self.plateau.state_dict()}
 
-    def restore(self, state: dict, epochs_done: int, lr: float) -> None:
-        """Continue at the start of epoch `epochs_done + 1` of THIS run's schedule (its own steps per
-        epoch: the world size or batch size may have changed) with base LR `lr` (may be overridden).
-
-        The saved step counter counts the old run's steps, so it is not reused. The optimizer's
-        saved state must be loaded first: after warm-up, plateau's reductions are read from its LR."""
-        groups = self.per_batch.optimizer.param_groups
-        position = epochs_done * self.steps_per_epoch
+    def restore(self, state: dict, saved_lrs: list[float], epochs_done: int, lr: float) -> None:
+        """Continue at the start of epoch `epochs_done + 1` of THIS run's schedule with base LR `lr` (may be
+        overridden): the saved step counter counts the old run's steps, whose world or batch size may differ.
+        After warm-up, plateau's reductions are the saved optimizer's LRs over the saved base LRs."""
+        groups, position = self.per_batch.optimizer.param_groups, epochs_done * self.steps_per_epoch
         factors = [self.per_batch.lr_lambdas[0](position)] * len(groups)
-        if self.plateau is not None:
-            if state.get("plateau"):
-                self.plateau.load_state_dict(state["plateau"])
-            if position >= self.warmup_steps:  # plateau owns the LR: keep the reductions it made
-                old_bases = state["per_batch"]["base_lrs"]
-                factors = [g["lr"] / base if base else 1.0 for g, base in zip(groups, old_bases)]
+        if self.plateau is not None and state.get("plateau"):
+            self.plateau.load_state_dict(state["plateau"])
+        if self.plateau is not None and position >= self.warmup_steps:  # plateau owns the LR: keep its reductions
+            factors = [old / base for old, base in zip(saved_lrs, state["per_batch"]["base_lrs"])]
         for group, factor in zip(groups, factors):
-            group["initial_lr"], group["lr"] = lr, lr * factor
-        self.per_batch.base_lrs = [lr] * len(groups)
-        self.per_batch.last_epoch = position
-        self.per_batch._last_lr = [g["lr"] for g in groups]  # what get_last_lr() reports
-        if self.plateau is not None:
-            self.plateau._last_lr = [g["lr"] for g in groups]
+            group["lr"] = lr * factor
+        self.per_batch.base_lrs, self.per_batch.last_epoch = [lr] * len(groups), position
 
 
 def build_schedulers(optimizer, cfg: Config, steps_per_epoch: int) -> Schedulers:
     per_batch = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch))
-    plateau = None
-    if cfg.scheduler == "plateau":
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min" if cfg.monitor == "val_loss" else "max",
-            factor=cfg.plateau_factor, patience=cfg.plateau_patience,
-            threshold=cfg.min_delta, threshold_mode="abs",  # the same "improvement" as early stopping
-        )
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min" if cfg.monitor == "val_loss" else "max", factor=cfg.plateau_factor,
+        patience=cfg.plateau_patience, threshold=cfg.min_delta, threshold_mode="abs",  # early stopping's improvement
+    ) if cfg.scheduler == "plateau" else None
     return Schedulers(per_batch, plateau, warmup_steps(cfg, steps_per_epoch), steps_per_epoch)
 
 
@@ -157,20 +128,15 @@ class BestTracker:
     best_epoch: int = 0
     bad_epochs: int = 0
 
-    def improved(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        if self.monitor == "val_loss":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
-
     def update(self, value: float, epoch: int) -> bool:
-        """Record an epoch's monitored value; True when it is the new best."""
-        if self.improved(value):
+        """Record an epoch's monitored value; True when it is the new best (by more than min_delta)."""
+        better = self.best is None or (value < self.best - self.min_delta if self.monitor == "val_loss"
+                                       else value > self.best + self.min_delta)
+        if better:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
-            return True
-        self.bad_epochs += 1
-        return False
+        else:
+            self.bad_epochs += 1
+        return better
 
     @property
     def should_stop(self) -> bool:
@@ -181,40 +147,6 @@ class BestTracker:
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
-
-
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: Config) -> None:
-    """A restored optimizer carries the saved weight decay and momentum; the config (changed only with
-    --override-resume) is what the run uses from now on. The LR is the schedules' (Schedulers.restore)."""
-    for group in optimizer.param_groups:
-        if "momentum" in group:
-            group["momentum"], group["nesterov"] = cfg.momentum, cfg.momentum > 0
-    optimizer.param_groups[0]["weight_decay"] = cfg.resolved_weight_decay  # the decay group (build_optimizer)
-
-
-IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """optimizer.load_state_dict, keeping this run's implementation (fused AdamW on CUDA, foreach
-    elsewhere): the saved groups would bring the saving machine's, and the step counters follow it
-    (on the parameter's device for fused and capturable, on the CPU otherwise)."""
-    chosen = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, flags in zip(optimizer.param_groups, chosen):
-        group.update(flags)
-        on_device = bool(group.get("fused") or group.get("capturable"))
-        for p in group["params"]:
-            for name, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.dim():  # else step 1 fails, in torch's words
-                    if value.shape != p.shape:
-                        raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)} for a parameter "
-                                         f"of shape {tuple(p.shape)}")
-                    # a file may hold an expanded (stride-0) tensor: the in-place update needs its own memory
-                    optimizer.state[p][name] = value.clone(memory_format=torch.preserve_format)
-            step = optimizer.state.get(p, {}).get("step")
-            if torch.is_tensor(step):
-                optimizer.state[p]["step"] = step.to(device=p.device if on_device else "cpu", dtype=torch.float32)
 
 
 @dataclass
@@ -230,7 +162,6 @@ class ComputeSettings:
     rank: int = 0
     world_size: int = 1
     tta_flip: bool = False  # predictions averaged over each image and its mirror image
-
 
 
 def choose_memory_format(model: nn.Module, device: torch.device, wanted: bool) -> tuple[torch.memory_format, str | None]:
@@ -250,6 +181,7 @@ def choose_memory_format(model: nn.Module, device: torch.device, wanted: bool) -
         return torch.contiguous_format, (f"channels_last is off, the model runs in NCHW: its forward fails on "
                                          f"channels_last input ({first_line(exc)})")
     return torch.channels_last, None
+
 
 # ---------------------------------------------------------------- train and evaluate
 
@@ -273,18 +205,18 @@ class Teachers:
     cache: torch.Tensor | None = None
 
     @torch.no_grad()
-    def targets(self, x01: torch.Tensor, rt: "ComputeSettings") -> torch.Tensor:
+    def targets(self, x01: torch.Tensor, rt: ComputeSettings) -> torch.Tensor:
         """fp32 target probabilities of a batch in [0, 1] (x01 itself is left as it is)."""
         with autocast(rt.device, rt.amp):
             probs = [(t.model(normalize(x01.clone(), t.mean, t.std, t.memory_format)).float() / self.temperature)
                      .softmax(1) for t in self.teachers]
         return torch.stack(probs).mean(0)
 
-    def for_batch(self, idx: torch.Tensor, x01: torch.Tensor, rt: "ComputeSettings") -> torch.Tensor:
+    def for_batch(self, idx: torch.Tensor, x01: torch.Tensor, rt: ComputeSettings) -> torch.Tensor:
         """The targets of training images `idx`, whose batch in [0, 1] is x01: cached, or computed now."""
         return self.cache[idx] if self.cache is not None else self.targets(x01, rt)
 
-    def fill_cache(self, images_uint8: torch.Tensor, rt: "ComputeSettings", batch_size: int) -> None:
+    def fill_cache(self, images_uint8: torch.Tensor, rt: ComputeSettings, batch_size: int) -> None:
         self.cache = torch.cat([self.targets(augmented(images_uint8[sl], None, None), rt)
                                 for sl in batch_slices(len(images_uint8), batch_size, drop_last=False)])
 
@@ -319,21 +251,18 @@ class TrainStep:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.schedulers.after_batch(self.schedulers.per_batch.last_epoch)
+        self.schedulers.after_batch()
         if self.ema is not None:
             self.ema.update(self.ema_source)
         return loss.detach(), logits.detach()
 
 
 class ModelEma:
-    """An exponential moving average of a model's weights and floating-point buffers (BatchNorm
-    statistics); integer buffers (num_batches_tracked) are copied. `module` is the averaged copy.
-
-    The same numbers as torch's AveragedModel with get_ema_multi_avg_fn and use_buffers=True, but the
-    update count is a Python int: AveragedModel keeps it in a CPU tensor that it copies to the GPU at
-    every step, a host-device transfer and sync per step. The first update copies the model, so the
-    EMA may be created before a resume loads the weights.
-    """
+    """An exponential moving average of a model's weights and floating-point buffers (BatchNorm statistics);
+    integer buffers (num_batches_tracked) are copied. `module` is the averaged copy. The numbers of torch's
+    AveragedModel with get_ema_multi_avg_fn and use_buffers=True, but the update count is a Python int:
+    AveragedModel keeps it in a CPU tensor that it copies to the GPU at every step, a host-device transfer and
+    sync per step. The first update copies the model, so the EMA may be created before a resume loads weights."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.module = copy.deepcopy(model).requires_grad_(False)
@@ -368,28 +297,37 @@ def make_ema(model: nn.Module, decay: float) -> ModelEma | None:
     return ModelEma(model, decay) if decay else None
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The saved moments and step counters under this run's group settings: the config's weight decay and momentum
+    (changed only with --override-resume) and this machine's kernel (fused AdamW on CUDA, else foreach), for which
+    torch places the step counters. The LR is the schedules' (Schedulers.restore)."""
+    groups = [{**mine, "params": saved["params"]}
+              for mine, saved in zip(optimizer.param_groups, state["param_groups"], strict=True)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+    for p, values in optimizer.state.items():
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.dim():  # else step 1 fails, in torch's words
+                if value.shape != p.shape:
+                    raise ValueError(f"optimizer state {name!r} has shape {tuple(value.shape)} for a parameter "
+                                     f"of shape {tuple(p.shape)}")
+                # a file may hold an expanded (stride-0) tensor: the in-place update needs its own memory
+                values[name] = value.clone(memory_format=torch.preserve_format)
+
+
 def restore_optimization(step: TrainStep, meta: dict, cfg: Config, lr: float, epochs_done: int) -> None:
-    """Optimizer, schedules, GradScaler and EMA from a last.pt, continued under this run's settings:
-    the LR schedule at `epochs_done` epochs of this run's steps per epoch with base LR `lr`, and the
-    config's weight decay and momentum."""
+    """Optimizer, schedules, GradScaler and EMA from a last.pt, continued under this run's settings: the LR
+    schedule at `epochs_done` epochs of this run's steps with base LR `lr`, the optimizer's as built from `cfg`."""
     load_optimizer_state(step.optimizer, meta["optimizer"])
-    step.schedulers.restore(meta["schedulers"], epochs_done, lr)
+    step.schedulers.restore(meta["schedulers"], [g["lr"] for g in meta["optimizer"]["param_groups"]], epochs_done, lr)
     if meta.get("scaler"):  # empty when the saved run had no fp16 scaler (CPU, bf16): load_state_dict({}) raises
         step.scaler.load_state_dict(meta["scaler"])
     if step.ema is not None and meta.get("ema") is not None:  # else it starts from the weights
         step.ema.load_state_dict(meta["ema"])
-    apply_hyperparameters(step.optimizer, cfg)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """Dropout and augmentation randomness as a function of (seed, epoch, rank): resume is exact."""
-    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
 
 
 def rank_shard(perm: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Every rank gets the same number of images: the remainder of the permutation is dropped."""
-    usable = len(perm) - len(perm) % world_size
-    return perm[:usable][rank::world_size]
+    return perm[:len(perm) - len(perm) % world_size][rank::world_size]
 
 
 def check_finite_loss(mean_loss: torch.Tensor, epoch: int, step: int, rank: int) -> float:
@@ -413,11 +351,12 @@ def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSe
     --seed). on_sync(done, total, loss) may return True to stop early; so may stop(), which a single process
     asks after every step (the ranks of a distributed run must stop at the same step: on_sync decides)."""
     poll = stop if rt.world_size == 1 else None
-    aug, batch_size, seed = AUGMENT_PRESETS[cfg.augment], cfg.batch_size, cfg.seed
-    torch.manual_seed(epoch_seed(seed, epoch, rt.rank))
-    gen = torch.Generator(device=rt.device).manual_seed(epoch_seed(seed, epoch, rt.rank))
-    shard = rank_shard(epoch_permutation(len(data), seed, epoch, rt.device), rt.rank, rt.world_size)
-    slices = list(batch_slices(len(shard), batch_size, drop_last=True))
+    aug = AUGMENT_PRESETS[cfg.augment]
+    seed = (cfg.seed * 1_000_003 + epoch * 1009 + rt.rank) % (2**63)  # dropout and augmentation: resume is exact
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=rt.device).manual_seed(seed)
+    shard = rank_shard(epoch_permutation(len(data), cfg.seed, epoch, rt.device), rt.rank, rt.world_size)
+    slices = list(batch_slices(len(shard), cfg.batch_size, drop_last=True))
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
     seen, stopped = 0, False
@@ -433,10 +372,8 @@ def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSe
         seen += len(y)
         if i % sync_every == 0 or i == len(slices):
             mean_loss = check_finite_loss(loss_sum / seen, epoch, i, rt.rank)
-            if on_sync is not None and on_sync(i, len(slices), mean_loss):
-                stopped = True
-                break
-        if poll is not None and poll():
+            stopped = on_sync is not None and bool(on_sync(i, len(slices), mean_loss))
+        if stopped or (poll is not None and poll()):
             stopped = True
             break
     totals = system.all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=rt.device)]))
@@ -446,11 +383,9 @@ def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSe
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images_uint8: torch.Tensor, rt: ComputeSettings, batch_size: int) -> torch.Tensor:
-    """fp32 logits for every image (uint8 N x 1 x 28 x 28), in large batches, without augmentation.
-
-    With `rt.tta_flip` they are the log of the probabilities averaged over the image and its mirror
-    image: still logits (softmax gives those averaged probabilities back), so every metric applies.
-    """
+    """fp32 logits for every image (uint8 N x 1 x 28 x 28), in large batches, without augmentation. With
+    `rt.tta_flip`, the log of the probabilities averaged over the image and its mirror image: still logits
+    (softmax gives those averaged probabilities back), so every metric applies."""
     model.eval()
     out = []
     for sl in batch_slices(len(images_uint8), batch_size, drop_last=False):
