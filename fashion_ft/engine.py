@@ -314,9 +314,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
                 values[name] = value.clone(memory_format=torch.preserve_format)
 
 
-def restore_optimization(step: TrainStep, meta: dict, cfg: Config, lr: float, epochs_done: int) -> None:
+def restore_optimization(step: TrainStep, meta: dict, lr: float, epochs_done: int) -> None:
     """Optimizer, schedules, GradScaler and EMA from a last.pt, continued under this run's settings: the LR
-    schedule at `epochs_done` epochs of this run's steps with base LR `lr`, the optimizer's as built from `cfg`."""
+    schedule at `epochs_done` epochs of this run's steps with base LR `lr`, the optimizer's as built."""
     load_optimizer_state(step.optimizer, meta["optimizer"])
     step.schedulers.restore(meta["schedulers"], [g["lr"] for g in meta["optimizer"]["param_groups"]], epochs_done, lr)
     if meta.get("scaler"):  # empty when the saved run had no fp16 scaler (CPU, bf16): load_state_dict({}) raises

@@ -450,7 +450,7 @@ class Run:
     def load_state_dict(self, meta: dict) -> None:
         """Continue exactly where last.pt stopped (RNG needs nothing: it is derived from seed and epoch)."""
         self.epoch = int(meta["epoch"])
-        engine.restore_optimization(self.step, meta, self.cfg, self.lr, self.epoch)
+        engine.restore_optimization(self.step, meta, self.lr, self.epoch)
         self.stopper.load_state_dict(meta["early_stopping"])
         self.selector.load_state_dict(meta.get("selection") or meta["early_stopping"])
         self.best_state = meta["best_model"]

@@ -252,7 +252,7 @@ def test_lr_after_a_resume_is_the_new_runs_schedule_at_that_epoch(old_steps, new
     old = make_step(cfg, old_steps, cfg.lr)
     advance(old, epochs_done)
     resumed = make_step(cfg, new_steps, cfg.lr)
-    engine.restore_optimization(resumed, saved(old), cfg, cfg.lr, epochs_done)
+    engine.restore_optimization(resumed, saved(old), cfg.lr, epochs_done)
     fresh = make_step(cfg, new_steps, cfg.lr)
     advance(fresh, epochs_done)
     assert lrs(resumed) == pytest.approx(lrs(fresh), rel=1e-12)
@@ -269,7 +269,7 @@ def test_overridden_settings_mid_cosine_are_the_resumed_runs(optimizer):
     advance(old, 12)
     new_cfg = dataclasses.replace(cfg, lr=0.002, weight_decay=0.05, momentum=0.5)
     resumed = make_step(new_cfg, 40, 0.002)
-    engine.restore_optimization(resumed, saved(old), new_cfg, 0.002, 12)
+    engine.restore_optimization(resumed, saved(old), 0.002, 12)
     factor = engine.lr_multiplier(new_cfg, 40)(12 * 40)
     assert 0.3 < factor < 0.9 and lrs(resumed) == pytest.approx([0.002 * factor] * 2, rel=1e-12)
     assert [g["weight_decay"] for g in resumed.optimizer.param_groups] == [0.05, 0.0]
@@ -284,14 +284,14 @@ def test_plateau_keeps_its_reductions_and_warm_up_follows_the_new_steps(old_step
     during = make_step(cfg, old_steps, cfg.lr)
     advance(during, 1)
     resumed = make_step(cfg, new_steps, cfg.lr)
-    engine.restore_optimization(resumed, saved(during), cfg, cfg.lr, 1)
+    engine.restore_optimization(resumed, saved(during), cfg.lr, 1)
     assert lrs(resumed)[0] == pytest.approx(0.01 * (new_steps + 1) / (2 * new_steps), rel=1e-12)
     after = make_step(cfg, old_steps, cfg.lr)
     advance(after, 5, monitored=[1.0, 1.0, 1.0, 2.0, 3.0])  # three epochs without improvement after warm-up
     assert lrs(after)[0] == pytest.approx(0.01 * 0.125)
     new_cfg = dataclasses.replace(cfg, lr=0.004)
     resumed = make_step(new_cfg, new_steps, 0.004)
-    engine.restore_optimization(resumed, saved(after), new_cfg, 0.004, 5)
+    engine.restore_optimization(resumed, saved(after), 0.004, 5)
     assert lrs(resumed) == pytest.approx([0.004 * 0.125] * 2, rel=1e-12)
     resumed.schedulers.after_epoch(4.0)  # the restored plateau state: one more bad epoch halves it again
     assert lrs(resumed)[0] == pytest.approx(0.004 * 0.0625, rel=1e-12)
@@ -303,11 +303,11 @@ def test_resume_restores_a_saved_scaler_and_ema_and_keeps_fresh_ones_without():
     assert saved(old)["scaler"] == {} and saved(old)["ema"] is None
     resumed = make_step(cfg, 10, 0.01, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16))  # now fp16
     resumed.ema = engine.make_ema(resumed.model, 0.9)
-    engine.restore_optimization(resumed, saved(old), cfg, 0.01, 1)
+    engine.restore_optimization(resumed, saved(old), 0.01, 1)
     assert resumed.scaler.get_scale() == 2.0**16 and resumed.ema.updates == 0
     old.scaler, old.ema = torch.amp.GradScaler("cpu", init_scale=1024.0), engine.make_ema(old.model, 0.9)
     old.ema.update(old.model)
-    engine.restore_optimization(resumed, saved(old), cfg, 0.01, 1)
+    engine.restore_optimization(resumed, saved(old), 0.01, 1)
     assert resumed.scaler.get_scale() == 1024.0 and resumed.ema.updates == 1
 
 
