@@ -166,11 +166,10 @@ class RunFiles:
     last: Path
     metrics: Path
     lock: Path
-    plain: Path | None  # the best weights as a plain state_dict, when the input was one (a user's own file)
+    plain: Path | None  # the best weights as a plain state_dict; None when the input was no plain state_dict
 
     @classmethod
-    def for_output(cls, output: str, *, plain: bool = True) -> "RunFiles":
-        """`plain`: whether this run writes the plain state_dict; if not, that path is none of its business."""
+    def for_output(cls, output: str) -> "RunFiles":
         best, folder = Path(output), Path(output).parent
         if os.path.basename(output) in ("", ".", "..") or best.is_dir():
             raise UsageError(f"--output {output} names a folder; give the best model's file name, "
@@ -179,7 +178,7 @@ class RunFiles:
             raise UsageError(f"--output {output} is where the run keeps its {best.name}; give the best model "
                              f"another name, e.g. --output {folder / 'model.pt'}")
         return cls(best, folder / "last.pt", folder / "metrics.json", folder / ".lock",
-                   folder / f"{best.stem}.state_dict.pt" if plain else None)
+                   folder / f"{best.stem}.state_dict.pt")
 
     def results(self) -> list[Path]:
         """What the run writes through atomic_write (all but the lock): what --overwrite clears."""
@@ -198,7 +197,6 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def existing_ancestor(path: Path) -> Path:
-    """The path itself or its nearest ancestor that exists (where a mkdir -p would start)."""
     path = Path(path).absolute()
     while not os.path.lexists(path):
         path = path.parent
@@ -249,7 +247,6 @@ def check_run_files(files: RunFiles, *, inputs: dict[str, Path | None], resume: 
 
 
 def resumes_in_place(files: RunFiles, resume: Path | None) -> bool:
-    """--resume names this run's own last.pt: the run continues its own files."""
     return resume is not None and same_file(resolve_path(Path(resume), "--resume"),
                                             resolve_path(files.last, "--output"))
 
@@ -271,8 +268,7 @@ def check_logdir(logdir: str, run_name: str | None, *, resume: bool = False) -> 
 def taken(folder: Path) -> bool:
     """Anything there but an empty folder: another run's events, a file, a link to nowhere."""
     try:
-        with os.scandir(folder) as entries:
-            return next(entries, None) is not None
+        return bool(os.listdir(folder))
     except OSError:  # absent; or a file, a link to nothing, a folder we may not list
         return os.path.lexists(folder)
 
@@ -305,7 +301,7 @@ class RunLock:
                 except OSError as exc:  # a file system without flock
                     warnings.warn(f"--output: {self.path.parent} is not locked (flock: {exc.strerror}); "
                                   "nothing keeps a second run out of it", stacklevel=2)
-                self._fd = fd if self._holds(fd) else os.close(fd)  # closed: None, try again
+                self._fd = fd if same_inode(fd, self.path) else os.close(fd)  # closed: None, try again
         except BaseException as exc:
             self.__exit__()
             if isinstance(exc, OSError):
@@ -313,19 +309,18 @@ class RunLock:
             raise
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-        remove_stale_temporaries(self.path.parent, self.clean)
+        # What a run killed mid-save left of checkpoint.atomic_write's .<name>.XXXXXXXX.tmp files (up to the size
+        # of last.pt each): the lock is held, so no live run writes them; one we cannot remove costs space only.
+        for path in (path for name in self.clean for path in self.path.parent.glob(f".{glob.escape(name)}.?*.tmp")):
+            with suppress(OSError):
+                if stat.S_ISREG(path.lstat().st_mode):
+                    path.unlink()
         return self
-
-    def _holds(self, fd: int) -> bool:
-        """fd is the file at self.path (not one a run that ended has unlinked)."""
-        with suppress(FileNotFoundError):
-            return os.path.samestat(os.fstat(fd), os.lstat(self.path))
-        return False
 
     def __exit__(self, *_exc) -> None:
         if self._fd is not None:
             with suppress(OSError):  # the folder may have gone: nothing left to release but the descriptor
-                if self._holds(self._fd):
+                if same_inode(self._fd, self.path):
                     os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
@@ -334,10 +329,7 @@ class RunLock:
                 os.rmdir(folder)
 
 
-def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
-    """The .<name>.XXXXXXXX.tmp files (up to the size of last.pt each) of checkpoint.atomic_write's that a run
-    killed mid-save left; the lock is held, so no live run writes them. One we cannot remove costs space only."""
-    for path in (path for name in names for path in folder.glob(f".{glob.escape(name)}.?*.tmp")):
-        with suppress(OSError):
-            if stat.S_ISREG(path.lstat().st_mode):
-                path.unlink()
+def same_inode(fd: int, path: Path) -> bool:
+    with suppress(FileNotFoundError):
+        return os.path.samestat(os.fstat(fd), os.lstat(path))
+    return False

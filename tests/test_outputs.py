@@ -4,6 +4,7 @@ are never shared, and one live run per output folder (TensorBoard trouble mid-ru
 refusal is one line, of the right kind, and leaves the file tree exactly as it was."""
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -70,7 +71,9 @@ def check(files: RunFiles, model_path=None, resume=None, overwrite=False) -> Non
 
 
 def output(path: Path, plain: bool = True) -> RunFiles:
-    return RunFiles.for_output(str(path), plain=plain)
+    """The run's files; `plain` False: the input was no plain state_dict, so the trainer drops that path."""
+    files = RunFiles.for_output(str(path))
+    return files if plain else dataclasses.replace(files, plain=None)
 
 
 # ---------------------------------------------------------------- where the files go
