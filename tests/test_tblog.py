@@ -80,8 +80,9 @@ def test_a_class_without_test_images_has_no_accuracy_and_still_draws():
     per_class = outputs.log_test_figures(writer, torch.zeros(4, 28, 28, dtype=torch.uint8), labels, preds, CLASSES)
     assert per_class == {**dict.fromkeys(CLASSES), CLASSES[1]: 0.5, CLASSES[2]: 0.5}
     assert json.loads(json.dumps(per_class))[CLASSES[0]] is None  # null in metrics.json
-    assert {c.args[0] for c in writer.add_scalar.call_args_list} == {"test_per_class/Trouser", "test_per_class/Pullover"}
-    images = {c.args[0]: c.args[1] for c in writer.add_image.call_args_list}
+    assert {call.args[0] for call in writer.add_scalar.call_args_list} == {"test_per_class/Trouser",
+                                                                           "test_per_class/Pullover"}
+    images = {call.args[0]: call.args[1] for call in writer.add_image.call_args_list}
     assert set(images) == {"test/confusion_matrix", "test/per_class_accuracy", "test/misclassified"}
     assert all(image.ndim == 3 and image.shape[2] == 3 for image in images.values())  # HWC, as logged
 
