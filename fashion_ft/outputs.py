@@ -174,11 +174,12 @@ class RunFiles:
         if os.path.basename(output) in ("", ".", "..") or best.is_dir():
             raise UsageError(f"--output {output} names a folder; give the best model's file name, "
                              f"e.g. --output {os.path.join(output, 'model.pt')}")
-        if best.name in ("last.pt", "metrics.json", ".lock"):
+        files = cls(best, folder / "last.pt", folder / "metrics.json", folder / ".lock",
+                    folder / f"{best.stem}.state_dict.pt")
+        if best in (files.last, files.metrics, files.lock):
             raise UsageError(f"--output {output} is where the run keeps its {best.name}; give the best model "
                              f"another name, e.g. --output {folder / 'model.pt'}")
-        return cls(best, folder / "last.pt", folder / "metrics.json", folder / ".lock",
-                   folder / f"{best.stem}.state_dict.pt")
+        return files
 
     def results(self) -> list[Path]:
         """What the run writes through atomic_write (all but the lock): what --overwrite clears."""
