@@ -199,9 +199,7 @@ def same_file(a: Path, b: Path) -> bool:
 
 def existing_ancestor(path: Path) -> Path:
     path = Path(path).absolute()
-    while not os.path.lexists(path):
-        path = path.parent
-    return path
+    return next(p for p in (path, *path.parents) if os.path.lexists(p))
 
 
 def check_writable_folder(folder: Path, flag: str) -> None:
@@ -252,16 +250,14 @@ def resumes_in_place(files: RunFiles, resume: Path | None) -> bool:
                                             resolve_path(files.last, "--output"))
 
 
-def check_logdir(logdir: str, run_name: str | None, *, resume: bool = False) -> Path:
+def check_logdir(logdir: str, run_name: str, *, resume: bool = False) -> Path:
     """The run's folder, creating nothing: logdir/run_name, or when another run's files are there the first free
     logdir/run_name_N (as Lightning's version_N: two runs in one folder make one TensorBoard run of interleaved
-    steps); a resumed run goes on in its own. `run_name` None: only --logdir is checked, and returned."""
-    run = Path(logdir)
-    if run_name is not None:
-        if not run_name.isprintable() or run_name in ("", ".", "..") or "/" in run_name:  # a `tensorboard:` line
-            raise UsageError(f"--run-name {run_name!r} is not a plain folder name (one printable line, no '/')")
-        candidates = (run / (f"{run_name}_{n}" if n else run_name) for n in itertools.count())
-        run = next(c for c in candidates if resume or not taken(c))  # ends: finitely many names exist
+    steps); a resumed run goes on in its own."""
+    if not run_name.isprintable() or run_name in ("", ".", "..") or "/" in run_name:  # a `tensorboard:` line
+        raise UsageError(f"--run-name {run_name!r} is not a plain folder name (one printable line, no '/')")
+    candidates = (Path(logdir, f"{run_name}_{n}" if n else run_name) for n in itertools.count())
+    run = next(c for c in candidates if resume or not taken(c))  # ends: finitely many names exist
     check_writable_folder(run, "--logdir")  # a full disk later only stops the logging (SafeWriter)
     return run
 

@@ -234,11 +234,10 @@ LOGDIRS = {  # (entries, --logdir, --run-name, resume) -> the run's folder (two 
     (RUNS, "logs", "run", True): Path("logs/run"),
     (("logs/run",), "logs", "run", True): "^--logdir: cannot create the folder .*run: .*run is a file",
     (("file",), "file", "run", False): "^--logdir: cannot create the folder .*: .*file is a file",
-    (("file",), "file/sub", None, False): "^--logdir: cannot create the folder",
-    (("a@b", "b@a"), "a/sub", None, False): "^--logdir .*/a/sub: symlink loop",
+    (("file",), "file/sub", "run", False): "^--logdir: cannot create the folder .*file/sub/run: .*file is a file",
+    (("a@b", "b@a"), "a/sub", "run", False): "^--logdir .*/a/sub/run: symlink loop",
     (("a@b", "b@a"), ".", "a", True): "^--logdir .*/a: symlink loop",
     **{((), "new", name, False): Path("new", name) for name in ["2024_run-1.a", "run 1", "café_ü", "模型", "a-b.c_d~e"]},
-    ((), "new", None, False): Path("new"),
     **{((), "new", name, False): re.escape(f"--run-name {name!r}") for name in BAD_RUN_NAMES},
 }
 
