@@ -96,6 +96,7 @@ def log_hparams(writer, config: dict, metrics: dict) -> None:
         writer.add_scalar(key, value, 0)
 
 
+# The figures' text is in Pillow's default font: ImageDraw's own when no font is given.
 def render_confusion(cm: np.ndarray, classes: list[str], cell: int = 44) -> np.ndarray:
     n, margin = len(classes), 90
     img = Image.new("RGB", (margin + n * cell, margin + n * cell), "white")
