@@ -386,19 +386,11 @@ def test_cli_a_run_refused_before_its_first_save_is_one_line_and_leaves_the_tree
 
 
 @pytest.mark.slow
-def test_cli_a_run_from_our_checkpoint_leaves_a_plain_state_dict_alone(tmp_path, small_data_dir, trained_checkpoint):
-    """Only a run from a plain state_dict writes one: another's, by the best model's name, is the user's: not
-    in the way, and not removed by --overwrite."""
-    make(tmp_path, ["x/model.state_dict.pt"])
-    result = run_script("finetune_gpu.py", "--model-path", trained_checkpoint, "--overwrite", "--data-dir",
-                        small_data_dir, "--output", tmp_path / "x" / "model.pt", "--logdir", tmp_path / "tb", *QUICK)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "x" / "model.state_dict.pt").read_bytes() == b"events"
-
-
-@pytest.mark.slow
-def test_cli_two_runs_of_one_name_get_two_tensorboard_runs_and_a_resumed_run_keeps_its_own(tmp_path, small_data_dir):
-    """Needs the trainer to pass resume= and to take the returned folder's name as the run name."""
+def test_cli_two_runs_of_one_name_get_two_tensorboard_runs_and_a_resumed_run_keeps_its_own(tmp_path, small_data_dir,
+                                                                                           trained_checkpoint):
+    """Needs the trainer to pass resume= and to take the returned folder's name as the run name. And only a run
+    from a plain state_dict writes one: beside a run from our checkpoint, one by the best model's name is the
+    user's, not in the way and not removed by --overwrite."""
     def finetune(out: str, *args):
         loud = [a for a in SMALL_RUN if a != "--quiet"]
         result = run_script("finetune_gpu.py", "--data-dir", small_data_dir, "--output", tmp_path / out / "best.pt",
@@ -406,7 +398,8 @@ def test_cli_two_runs_of_one_name_get_two_tensorboard_runs_and_a_resumed_run_kee
         assert result.returncode == 0, result.stderr
         return [line for line in result.stdout.splitlines() if line.startswith("tensorboard:")]
 
-    first = finetune("a", "--from-scratch", "--epochs", "1", "--run-name", "same")
+    make(tmp_path, ["a/best.state_dict.pt"])
+    first = finetune("a", "--model-path", trained_checkpoint, "--overwrite", "--epochs", "1", "--run-name", "same")
     second = finetune("b", "--from-scratch", "--epochs", "1", "--run-name", "same")
     assert first == [f"tensorboard: tensorboard --logdir {tmp_path / 'tb'}  (run same)"]
     assert second == [f"tensorboard: tensorboard --logdir {tmp_path / 'tb'}  (run same_1)"]
@@ -418,3 +411,4 @@ def test_cli_two_runs_of_one_name_get_two_tensorboard_runs_and_a_resumed_run_kee
     assert sorted(os.listdir(tmp_path / "tb")) == ["same", "same_1"]
     assert [len(list((tmp_path / "tb" / run).glob("events.out.tfevents.*"))) for run in ("same", "same_1")] == [1, 2]
     assert sorted(os.listdir(tmp_path / "b")) == ["best.pt", "last.pt", "metrics.json", "notes.tmp"]
+    assert (tmp_path / "a" / "best.state_dict.pt").read_bytes() == b"events"
