@@ -190,10 +190,10 @@ class RunFiles:
         return tuple(path.name for path in self.results())
 
 
-def same_file(a: Path, b: Path) -> bool:
-    """a and b resolved: the same path, or two names (a hard link) of one existing file."""
+def same_file(a: Path | int, b: Path) -> bool:
+    """a (resolved, or an open descriptor) and b (resolved): the same path, or one existing file (a hard link)."""
     try:
-        return a == b or os.path.samefile(a, b)
+        return a == b or os.path.samestat(os.stat(a), os.stat(b))
     except OSError:  # one of them does not exist (yet)
         return False
 
@@ -299,7 +299,7 @@ class RunLock:
                 except OSError as exc:  # a file system without flock
                     warnings.warn(f"--output: {self.path.parent} is not locked (flock: {exc.strerror}); "
                                   "nothing keeps a second run out of it", stacklevel=2)
-                self._fd = fd if same_inode(fd, self.path) else os.close(fd)  # closed: None, try again
+                self._fd = fd if same_file(fd, self.path) else os.close(fd)  # closed: None, try again
         except BaseException as exc:
             self.__exit__()
             if isinstance(exc, OSError):
@@ -318,16 +318,10 @@ class RunLock:
     def __exit__(self, *_exc) -> None:
         if self._fd is not None:
             with suppress(OSError):  # the folder may have gone: nothing left to release but the descriptor
-                if same_inode(self._fd, self.path):
+                if same_file(self._fd, self.path):
                     os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
         for folder in self._created:  # while empty: one that holds anything stays, and so do its parents
             with suppress(OSError):
                 os.rmdir(folder)
-
-
-def same_inode(fd: int, path: Path) -> bool:
-    with suppress(FileNotFoundError):
-        return os.path.samestat(os.fstat(fd), os.lstat(path))
-    return False
