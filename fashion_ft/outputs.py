@@ -1,15 +1,11 @@
-"""A run's files, checked before any work and creating nothing: they never replace an input or earlier
-results; which TensorBoard folder is the run's, and the writer that never fails the run; and the lock that
-keeps one live run per output folder.
-UsageError (exit 2): the command line is wrong. UserError (exit 1): the file system cannot take the run now
-(no permission, too little space, a folder a live run holds)."""
+"""A run's files, checked before any work: never an input, nor earlier results without --overwrite; the
+TensorBoard folder and a writer that never fails the run; the lock that keeps one live run per folder."""
 
-import contextlib
 import fcntl
+import glob
 import itertools
 import json
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -25,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from .errors import UsageError, UserError, resolve_path
 
-# ---------------------------------------------------------------- TensorBoard: scalars each epoch; at the end test figures and hparams
+# ---------------------------------------------------------------- TensorBoard: scalars, test figures, hparams
 
 EPOCH_SCALARS = {"train/loss": "train_loss", "train/acc": "train_acc", "val/loss": "val_loss", "val/acc": "val_acc",
                  "lr": "lr", "throughput/train_images_per_s": "images_per_s", "time/epoch_s": "epoch_s",
@@ -57,19 +53,18 @@ class SafeWriter:
         return lambda *args, **kwargs: self.guarded(lambda writer: getattr(writer, name)(*args, **kwargs))
 
     def guarded(self, action) -> None:
-        """action(the SummaryWriter), unless logging is off; its failure warns once and turns logging off."""
-        if self._writer is not None:
-            try:
+        """action(the SummaryWriter), unless logging is off; a failure warns once and turns logging off."""
+        try:
+            if self._writer is not None:
                 action(self._writer)
-            except Exception as exc:
-                self._stop(exc)
+        except Exception as exc:
+            self._stop(exc)
 
     def _stop(self, exc: Exception) -> None:
-        reason = (f"{exc.strerror} ({exc.filename or self.logdir})" if isinstance(exc, OSError) and exc.strerror
-                  else f"{type(exc).__name__}: {exc} (writing in {self.logdir})")
-        warnings.warn(f"TensorBoard logging stopped: {reason}; training goes on", stacklevel=2)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"TensorBoard logging stopped: {reason} (in {self.logdir}); training goes on", stacklevel=3)
         for file_writer in (getattr(self._writer, "all_writers", None) or {}).values():
-            with contextlib.suppress(Exception):  # stop the writer threads; their last flush fails too
+            with suppress(Exception):  # stop the writer threads; their last flush fails too
                 file_writer.close()
         self._writer = None
 
@@ -102,7 +97,6 @@ def log_hparams(writer, config: dict, metrics: dict) -> None:
 
 
 # The figures' text is in Pillow's default font: ImageDraw's own when no font is given.
-
 def render_confusion(cm: np.ndarray, classes: list[str], cell: int = 44) -> np.ndarray:
     n, margin = len(classes), 90
     img = Image.new("RGB", (margin + n * cell, margin + n * cell), "white")
@@ -163,9 +157,7 @@ def log_test_figures(writer, images, labels, preds, classes) -> dict:
     return dict(zip(classes, per_class, strict=True))
 
 
-ROLES = {"best": "the best model", "last": "last.pt", "metrics": "metrics.json", "lock": "the lock file",
-         "plain": "the best model as a plain state_dict"}
-
+# ---------------------------------------------------------------- the run's files
 
 @dataclass(frozen=True)
 class RunFiles:
@@ -175,45 +167,40 @@ class RunFiles:
     last: Path
     metrics: Path
     lock: Path
-    plain: Path | None  # the best weights as a plain state_dict, when the input was one (a user's own file)
+    plain: Path | None  # the best weights as a plain state_dict; None when the input was no plain state_dict
 
     @classmethod
-    def for_output(cls, output: str, *, plain: bool = True) -> "RunFiles":
-        """`plain`: whether this run writes the plain state_dict; if not, that path is none of its business."""
-        best = Path(output)
+    def for_output(cls, output: str) -> "RunFiles":
+        best, folder = Path(output), Path(output).parent
         if os.path.basename(output) in ("", ".", "..") or best.is_dir():
             raise UsageError(f"--output {output} names a folder; give the best model's file name, "
                              f"e.g. --output {os.path.join(output, 'model.pt')}")
-        folder = best.parent
-        return cls(best, folder / "last.pt", folder / "metrics.json", folder / ".lock",
-                   folder / f"{best.stem}.state_dict.pt" if plain else None)
-
-    def roles(self) -> dict[str, Path]:
-        return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
+        files = cls(best, folder / "last.pt", folder / "metrics.json", folder / ".lock",
+                    folder / f"{best.stem}.state_dict.pt")
+        if best in (files.last, files.metrics, files.lock):
+            raise UsageError(f"--output {output} is where the run keeps its {best.name}; give the best model "
+                             f"another name, e.g. --output {folder / 'model.pt'}")
+        return files
 
     def results(self) -> list[Path]:
-        """All but the lock: what --overwrite clears."""
-        return [path for role, path in self.roles().items() if role != "lock"]
+        """What the run writes through atomic_write (all but the lock): what --overwrite clears."""
+        return [path for path in (self.best, self.last, self.metrics, self.plain) if path is not None]
 
     def names(self) -> tuple[str, ...]:
-        """The file names written through atomic_write, whose temporaries a killed run leaves."""
         return tuple(path.name for path in self.results())
 
 
-def same_file(a: Path, b: Path) -> bool:
-    """a and b resolved: the same path, or two names (a hard link) of one existing file."""
+def same_file(a: Path | int, b: Path) -> bool:
+    """a (resolved, or an open descriptor) and b (resolved): the same path, or one existing file (a hard link)."""
     try:
-        return a == b or os.path.samefile(a, b)
+        return a == b or os.path.samestat(os.stat(a), os.stat(b))
     except OSError:  # one of them does not exist (yet)
         return False
 
 
 def existing_ancestor(path: Path) -> Path:
-    """The path itself or its nearest ancestor that exists (where a mkdir -p would start)."""
     path = Path(path).absolute()
-    while not os.path.lexists(path):
-        path = path.parent
-    return path
+    return next(p for p in (path, *path.parents) if os.path.lexists(p))
 
 
 def check_writable_folder(folder: Path, flag: str) -> None:
@@ -238,72 +225,50 @@ def check_disk_space(folder: Path, needed_bytes: int) -> None:
 def check_run_files(files: RunFiles, *, inputs: dict[str, Path | None], resume: Path | None,
                     overwrite: bool) -> None:
     """Only a regular file may stand where the run writes one (a symlink, a device or a folder is never
-    replaced, so no planted link can redirect a write); no output is another output or an input (not
-    even with --overwrite); earlier results need --overwrite, unless --resume is this run's own last.pt.
-    `inputs` maps each flag to the file it reads, None if unused."""
-    outputs = {role: resolve_path(path, "--output") for role, path in files.roles().items()}
+    replaced, so no planted link can redirect a write); no output is another output or an input (`inputs`:
+    flag -> file, even with --overwrite); earlier results need --overwrite, unless --resume is our last.pt."""
     sources = {flag: resolve_path(path, flag) for flag, path in inputs.items() if path is not None}
     continuing = resumes_in_place(files, resume)
-    for role, path in files.roles().items():
+    for path in (*files.results(), files.lock):
+        target = resolve_path(path, "--output")
         with suppress(OSError):  # absent: fine; below a file: check_writable_folder says so
             if not stat.S_ISREG(os.lstat(path).st_mode):
-                raise UsageError(f"--output: {path} is not a regular file, but the run writes {ROLES[role]} "
-                                 "there; choose another --output")
-        if role != "best" and same_file(outputs["best"], outputs[role]):
-            raise UsageError(f"--output {files.best} is where the run keeps {ROLES[role]}; give the best model "
-                             f"another name, e.g. --output {files.best.parent / 'model.pt'}")
+                raise UsageError(f"--output: {path} is not a regular file, but the run writes there; "
+                                 "choose another --output")
         for flag, source in sources.items():
-            if same_file(source, outputs[role]) and not (continuing and flag == "--resume" and role == "last"):
-                raise UsageError(f"--output: the run writes {ROLES[role]} to {path}, which is the {flag} input; "
-                                 "an input is never replaced, not even with --overwrite")
-    for path in files.results():
-        if not overwrite and not continuing and os.path.lexists(path):
-            raise UsageError(f"--output: {path} already exists; pass --overwrite to replace it or choose another "
-                             "--output")
+            if same_file(source, target) and not (continuing and flag == "--resume"):
+                raise UsageError(f"--output: the run writes {path}, which is the {flag} input; an input is never "
+                                 "replaced, not even with --overwrite")
+    earlier = [path for path in files.results() if os.path.lexists(path)]
+    if earlier and not overwrite and not continuing:
+        raise UsageError(f"--output: {earlier[0]} already exists; pass --overwrite to replace it or choose another "
+                         "--output")
     check_writable_folder(files.best.parent, "--output")
 
 
 def resumes_in_place(files: RunFiles, resume: Path | None) -> bool:
-    """--resume names this run's own last.pt: the run continues its own files."""
     return resume is not None and same_file(resolve_path(Path(resume), "--resume"),
                                             resolve_path(files.last, "--output"))
 
 
-# ---------------------------------------------------------------- TensorBoard folder
-
-def check_logdir(logdir: str, run_name: str | None, *, resume: bool = False) -> Path:
-    """Check --logdir and --run-name, creating nothing; returns the run's folder: logdir/run_name, or,
-    when another run's files are there, the first free logdir/run_name_N (as Lightning's version_N), since
-    two runs in one folder make one TensorBoard run of interleaved steps. A resumed run goes on in its own
-    folder. `run_name` None: only --logdir is checked, and returned."""
-    if not logdir:
-        raise UsageError("--logdir is empty; give a folder")
-    if Path(logdir).exists() and not Path(logdir).is_dir():  # a loop: check_writable_folder
-        raise UsageError(f"--logdir {logdir} is a file; TensorBoard needs a folder")
-    run = Path(logdir)
-    if run_name is not None:
-        if not run_name.isprintable():  # it is printed on the `tensorboard:` line
-            raise UsageError(f"--run-name {run_name!r} has a control character or a line break; "
-                             "give a plain folder name")
-        if run_name in ("", ".", "..") or "/" in run_name:
-            raise UsageError(f"--run-name {run_name!r} would leave --logdir; give a plain folder name")
-        if resolve_path(run / run_name, "--run-name").exists() and not (run / run_name).is_dir():
-            raise UsageError(f"--run-name {run_name}: {run / run_name} is a file; TensorBoard needs a folder")
-        candidates = (run / (f"{run_name}_{n}" if n else run_name) for n in itertools.count())
-        run = next(c for c in candidates if resume or not taken(c))  # ends: finitely many names exist
-    check_writable_folder(run, "--logdir")  # a full disk later only stops the logging (tblog)
+def check_logdir(logdir: str, run_name: str, *, resume: bool = False) -> Path:
+    """The run's folder, creating nothing: logdir/run_name, or when another run's files are there the first free
+    logdir/run_name_N (as Lightning's version_N: two runs in one folder make one TensorBoard run of interleaved
+    steps); a resumed run goes on in its own."""
+    if not run_name.isprintable() or run_name in ("", ".", "..") or "/" in run_name:  # a `tensorboard:` line
+        raise UsageError(f"--run-name {run_name!r} is not a plain folder name (one printable line, no '/')")
+    candidates = (Path(logdir, f"{run_name}_{n}" if n else run_name) for n in itertools.count())
+    run = next(c for c in candidates if resume or not taken(c))  # ends: finitely many names exist
+    check_writable_folder(run, "--logdir")  # a full disk later only stops the logging (SafeWriter)
     return run
 
 
 def taken(folder: Path) -> bool:
     """Anything there but an empty folder: another run's events, a file, a link to nowhere."""
-    if not os.path.lexists(folder):
-        return False
     try:
-        with os.scandir(folder) as entries:
-            return next(entries, None) is not None
-    except OSError:  # a file, a link to nothing, a folder we may not list
-        return True
+        return bool(os.listdir(folder))
+    except OSError:  # absent; or a file, a link to nothing, a folder we may not list
+        return os.path.lexists(folder)
 
 
 # ---------------------------------------------------------------- the lock
@@ -311,11 +276,11 @@ def taken(folder: Path) -> bool:
 class RunLock:
     """`with RunLock(files.lock, clean=files.names())` holds an output folder for one live run (rank 0): an
     exclusive flock, which the kernel drops however the process dies, on a file holding the holder's pid.
-    It is the run's first write: it makes the output folder, and the folders it made go at exit while
-    empty. Once held, it removes what a killed run left of the files named in `clean`."""
+    It makes the output folder (the folders it made go at exit while empty); once held, it removes what a
+    killed run left of the files named in `clean`."""
 
     def __init__(self, path: Path, clean: tuple[str, ...] = ()):
-        self.path, self.clean, self._fd, self._created = Path(path), tuple(clean), None, []
+        self.path, self.clean, self._fd = Path(path), tuple(clean), None
 
     def __enter__(self) -> "RunLock":
         folder = self.path.parent.absolute()
@@ -334,7 +299,7 @@ class RunLock:
                 except OSError as exc:  # a file system without flock
                     warnings.warn(f"--output: {self.path.parent} is not locked (flock: {exc.strerror}); "
                                   "nothing keeps a second run out of it", stacklevel=2)
-                self._fd = fd if same_inode(fd, self.path) else os.close(fd)  # closed: None, try again
+                self._fd = fd if same_file(fd, self.path) else os.close(fd)  # closed: None, try again
         except BaseException as exc:
             self.__exit__()
             if isinstance(exc, OSError):
@@ -342,37 +307,21 @@ class RunLock:
             raise
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-        remove_stale_temporaries(self.path.parent, self.clean)
+        # What a run killed mid-save left of checkpoint.atomic_write's .<name>.XXXXXXXX.tmp files (up to the size
+        # of last.pt each): the lock is held, so no live run writes them; one we cannot remove costs space only.
+        for path in (path for name in self.clean for path in self.path.parent.glob(f".{glob.escape(name)}.?*.tmp")):
+            with suppress(OSError):
+                if stat.S_ISREG(path.lstat().st_mode):
+                    path.unlink()
         return self
 
-    def __exit__(self, *_exc) -> bool:
+    def __exit__(self, *_exc) -> None:
         if self._fd is not None:
             with suppress(OSError):  # the folder may have gone: nothing left to release but the descriptor
-                if same_inode(self._fd, self.path):
+                if same_file(self._fd, self.path):
                     os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
         for folder in self._created:  # while empty: one that holds anything stays, and so do its parents
             with suppress(OSError):
                 os.rmdir(folder)
-        self._created = []
-        return False
-
-
-def same_inode(fd: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(fd), os.lstat(path))
-    except FileNotFoundError:
-        return False
-
-
-def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
-    """checkpoint.atomic_write's .<name>.XXXXXXXX.tmp files that a run killed mid-save left (up to the size
-    of last.pt each); called with the lock held, so no live run of ours writes them. A file we cannot
-    remove costs space, not the run."""
-    ours = [re.compile(rf"\.{re.escape(name)}\..+\.tmp", re.DOTALL) for name in names]
-    with suppress(OSError), os.scandir(folder) as entries:
-        for entry in entries:
-            if any(p.fullmatch(entry.name) for p in ours) and entry.is_file(follow_symlinks=False):
-                with suppress(OSError):
-                    os.unlink(entry.path)

@@ -1,9 +1,10 @@
 """A run's files: outputs never collide with each other or with an input, only a regular file is ever
-replaced, earlier results are kept without --overwrite, folders are checked up front, and one live run
-per output folder (TensorBoard trouble mid-run: test_tblog.py). Every refusal is one line, of the right
-kind, and leaves the file tree exactly as it was."""
+replaced, earlier results are kept without --overwrite, folders are checked up front, TensorBoard run folders
+are never shared, and one live run per output folder (TensorBoard trouble mid-run: test_tblog.py). Every
+refusal is one line, of the right kind, and leaves the file tree exactly as it was."""
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -70,17 +71,24 @@ def check(files: RunFiles, model_path=None, resume=None, overwrite=False) -> Non
 
 
 def output(path: Path, plain: bool = True) -> RunFiles:
-    return RunFiles.for_output(str(path), plain=plain)
+    """The run's files; `plain` False: the input was no plain state_dict, so the trainer drops that path."""
+    files = RunFiles.for_output(str(path))
+    return files if plain else dataclasses.replace(files, plain=None)
 
 
 # ---------------------------------------------------------------- where the files go
 
-@pytest.mark.parametrize("name", ["result/x/", "result/x/.", "result/x/..", "result/", ".", "result/x", "result"])
-def test_an_output_naming_a_folder_is_a_usage_error_that_shows_a_file_name(tmp_path, name):
+FOLDERS = ["result/x/", "result/x/.", "result/x/..", "result/", ".", "result/x", "result"]
+
+
+@pytest.mark.parametrize("name", [*FOLDERS, "last.pt", "metrics.json", ".lock"])
+def test_an_output_naming_a_folder_or_another_output_is_a_usage_error_that_shows_a_file_name(tmp_path, name):
     (tmp_path / "result" / "x").mkdir(parents=True)
     path = f"{tmp_path}/{name}"
-    message = refused(UsageError, "--output .* names a folder", tmp_path, RunFiles.for_output, path)
-    assert message.endswith(f"e.g. --output {os.path.join(path, 'model.pt')}")
+    fault, suggestion = (("names a folder", os.path.join(path, "model.pt")) if name in FOLDERS
+                         else (f"is where the run keeps its {name}", tmp_path / "model.pt"))
+    message = refused(UsageError, f"--output .* {fault}", tmp_path, RunFiles.for_output, path)
+    assert message.endswith(f"e.g. --output {suggestion}")
 
 
 def test_the_other_files_go_beside_the_best_model(tmp_path):
@@ -104,19 +112,14 @@ def plant(t: Path) -> None:
 
 NEVER, RESULTS = "not even with --overwrite", "without --overwrite"
 CHECKS = {  # case -> (--output, inputs (under tmp_path; "rel:": relative to the cwd); the refusal, and when)
-    "--output is last.pt": ("x/last.pt", {}, "--output .*/x/last.pt is where the run keeps last.pt", NEVER),
-    "--output is metrics.json": ("x/metrics.json", {}, "keeps metrics.json", NEVER),
-    "--output is the lock": ("x/.lock", {}, "keeps the lock file", NEVER),
-    "model path is the output": ("x/model.pt", {"model_path": "x/model.pt"}, "the best model .* --model-path input",
-                                 NEVER),
-    "model path spelled relative": ("x/model.pt", {"model_path": "rel:x/model.pt"}, "is the --model-path input", NEVER),
-    "model path is last.pt": ("x/other.pt", {"model_path": "x/last.pt"}, "writes last.pt .* --model-path input", NEVER),
-    "model path is metrics.json": ("x/other.pt", {"model_path": "x/metrics.json"}, "writes metrics.json .* --model",
-                                   NEVER),
-    "model path is the plain state_dict": ("x/model.pt", {"model_path": "x/model.state_dict.pt"},
-                                           "writes the best model as a plain state_dict .*--model-path input", NEVER),
+    "model path is the output": ("x/model.pt", {"model_path": "x/model.pt"}, "x/model.pt.* --model-path", NEVER),
+    "model path spelled relative": ("x/model.pt", {"model_path": "rel:x/model.pt"}, "the --model-path input", NEVER),
+    "model path is last.pt": ("x/other.pt", {"model_path": "x/last.pt"}, "writes .*x/last.pt.* --model-path", NEVER),
+    "model path is metrics.json": ("x/other.pt", {"model_path": "x/metrics.json"}, "metrics.json.* --model", NEVER),
+    "model path is the plain one": ("x/model.pt", {"model_path": "x/model.state_dict.pt"},
+                                    "x/model.state_dict.pt, which is the --model-path input", NEVER),
     "a link to the output": ("x/model.pt", {"model_path": "soft.pt"}, "is the --model-path input", NEVER),
-    "a hard link to last.pt": ("x/model.pt", {"model_path": "hard.pt"}, "writes last.pt .*--model-path input", NEVER),
+    "a hard link to last.pt": ("x/model.pt", {"model_path": "hard.pt"}, "writes .*x/last.pt.* --model-path", NEVER),
     "resume is the output": ("saved/run.pt", {"resume": "saved/run.pt"}, "is the --resume input", NEVER),
     "a file where the folder goes": ("notes.txt/model.pt", {}, "cannot create the folder .*notes.txt is a file", NEVER),
     "a file above the folder": ("notes.txt/sub/model.pt", {}, "cannot create the folder .*notes.txt is a file", NEVER),
@@ -142,8 +145,7 @@ CHECKS = {  # case -> (--output, inputs (under tmp_path; "rel:": relative to the
 
 @pytest.mark.parametrize("case", CHECKS)
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_inputs_and_other_outputs_are_never_replaced_nor_earlier_results_without_overwrite(tmp_path, case,
-                                                                                           overwrite):
+def test_inputs_are_never_replaced_nor_earlier_results_without_overwrite(tmp_path, case, overwrite):
     plant(tmp_path)
     best, inputs, refusal, when = CHECKS[case]
     files = output(tmp_path / best, plain=inputs.get("plain", True))
@@ -216,28 +218,42 @@ def test_low_disk_space_names_the_folder_and_the_space(tmp_path, monkeypatch):
 
 BAD_RUN_NAMES = ["", "../escape", "a/b", "/abs/run", "..", ".", "two\nlines", "cr\r", "esc\x1b[31mred", "tab\there",
                  "nul\0", "del\x7f", "c1\x85", "line\u2028sep", "para\u2029sep", "undecodable\udcff"]
-LOGDIRS = {  # (--logdir under tmp_path, --run-name) -> the run's folder, or what the refusal says
-    ("file", "run"): "--logdir .*file is a file; TensorBoard needs a folder",
-    ("file/sub", "run"): "--logdir: cannot create the folder",
-    ("logs", "run"): "--run-name run: .*run is a file; TensorBoard needs a folder",
-    ("a/sub", None): "--logdir .*/a/sub: symlink loop",
-    (".", "a"): "--run-name .*/a: symlink loop",
-    **{("new", name): Path("new", name) for name in ["2024_run-1.a", "run 1", "café_ü", "模型", "a-b.c_d~e"]},
-    ("new", None): Path("new"),
-    **{("new", name): re.escape(f"--run-name {name!r}") for name in BAD_RUN_NAMES},
+RUNS = ("logs/run/events", "logs/run_1/events")
+LOGDIRS = {  # (entries, --logdir, --run-name, resume) -> the run's folder (two runs never share one, as
+    # Lightning's version_N; a resumed run goes on in its own), or what the refusal says
+    ((), "logs", "run", False): Path("logs/run"),
+    (("logs/run/",), "logs", "run", False): Path("logs/run"),  # an empty folder holds no run yet
+    (RUNS[:1], "logs", "run", False): Path("logs/run_1"),
+    (RUNS, "logs", "run", False): Path("logs/run_2"),
+    (("logs/run/events", "logs/run_2/events"), "logs", "run", False): Path("logs/run_1"),  # the first free one
+    (("logs/run/events", "logs/run_1"), "logs", "run", False): Path("logs/run_2"),  # a file
+    (("logs/run/events", "logs/run_1@nowhere"), "logs", "run", False): Path("logs/run_2"),  # a link to nothing
+    (("logs/other/", "logs/run@other"), "logs", "run", False): Path("logs/run"),  # a link inside --logdir is fine
+    (("real/run/events", "logs@real"), "logs", "run", False): Path("logs/run_1"),  # --logdir a link: runs inside
+    (("a@b", "b@a"), ".", "a", False): Path("a_1"),  # a link loop is a link to nothing
+    (RUNS, "logs", "run", True): Path("logs/run"),
+    (("logs/run",), "logs", "run", True): "^--logdir: cannot create the folder .*run: .*run is a file",
+    (("file",), "file", "run", False): "^--logdir: cannot create the folder .*: .*file is a file",
+    (("file",), "file/sub", "run", False): "^--logdir: cannot create the folder .*file/sub/run: .*file is a file",
+    (("a@b", "b@a"), "a/sub", "run", False): "^--logdir .*/a/sub/run: symlink loop",
+    (("a@b", "b@a"), ".", "a", True): "^--logdir .*/a: symlink loop",
+    **{((), "new", name, False): Path("new", name) for name in ["2024_run-1.a", "run 1", "café_ü", "模型", "a-b.c_d~e"]},
+    **{((), "new", name, False): re.escape(f"--run-name {name!r}") for name in BAD_RUN_NAMES},
 }
 
 
-@pytest.mark.parametrize("logdir,run_name", LOGDIRS)
-def test_a_logdir_and_run_name_give_one_plain_folder_or_one_printable_line(tmp_path, logdir, run_name):
-    make(tmp_path, ["file", "logs/run", "a@b", "b@a"])
-    expected = LOGDIRS[logdir, run_name]
+@pytest.mark.parametrize("entries,logdir,run_name,resume", LOGDIRS)
+def test_a_logdir_and_run_name_give_a_free_plain_folder_or_one_printable_line(tmp_path, entries, logdir, run_name,
+                                                                              resume):
+    make(tmp_path, entries)
+    expected = LOGDIRS[entries, logdir, run_name, resume]
     if isinstance(expected, Path):
         before = tree(tmp_path)
-        assert check_logdir(str(tmp_path / logdir), run_name) == tmp_path / expected
+        assert check_logdir(str(tmp_path / logdir), run_name, resume=resume) == tmp_path / expected
         assert tree(tmp_path) == before
     else:
-        assert refused(UsageError, expected, tmp_path, check_logdir, str(tmp_path / logdir), run_name).isprintable()
+        message = refused(UsageError, expected, tmp_path, check_logdir, str(tmp_path / logdir), run_name, resume=resume)
+        assert message.isprintable()
 
 
 # ---------------------------------------------------------------- one live run per output folder
@@ -255,7 +271,6 @@ def hold_lock(path: Path) -> subprocess.Popen:
 @pytest.mark.parametrize("existing,written,left", [
     ([], [], []),  # failed before its first save: nothing left
     (["result/"], [], ["result"]),  # a folder that was there before is not ours to remove
-    ([], ["result/x/best.pt"], ["result", "result/x", "result/x/best.pt"]),
     ([], ["result/notes.txt"], ["result", "result/notes.txt"]),  # x goes, result holds a file
     ([], ["result/x/y/"], ["result", "result/x", "result/x/y"]),  # not empty: stop there
 ])
@@ -270,8 +285,6 @@ def test_the_lock_holds_our_pid_and_its_folders_go_at_exit_while_empty(tmp_path,
             if fails:
                 raise RuntimeError("bad data")
     assert sorted(tree(tmp_path)) == left
-    with RunLock(lock):  # and free again
-        pass
 
 
 def test_a_lock_that_cannot_be_taken_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch):
@@ -341,69 +354,61 @@ def test_without_flock_one_warning_says_the_folder_is_not_locked_and_the_run_goe
 # ---------------------------------------------------------------- the scripts (need the trainer's wiring)
 
 QUICK = (*SMALL_RUN, "--epochs", "1", "--limit-train", "256")
-
-
-def one_line_error(result, code: int, *needles: str) -> None:
-    assert result.returncode == code, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert all(needle in lines[0] for needle in needles), lines[0]
-
-
-CLI_USAGE_ERRORS = {  # a wrong command line ({t}: tmp_path, holding x/, file, pipe; a later --logdir wins) -> its flag
-    "--output is last.pt": (("--output", "{t}/x/last.pt"), "--output"),
-    "--output is metrics.json": (("--output", "{t}/x/metrics.json"), "--output"),
-    "--output is the lock": (("--output", "{t}/x/.lock"), "--output"),
-    "--output is a folder": (("--output", "{t}/x"), "--output"),
-    "--output ends in a slash": (("--output", "{t}/x/"), "--output"),
-    "--output is a named pipe": (("--output", "{t}/pipe", "--overwrite"), "--output"),
-    "--logdir is a file": (("--output", "{t}/out/model.pt", "--logdir", "{t}/file"), "--logdir"),
-    "--run-name leaves --logdir": (("--output", "{t}/out/model.pt", "--run-name", "../escape"), "--run-name"),
-    "--run-name breaks the line": (("--output", "{t}/out/model.pt", "--run-name", "two\nlines\x1b[2J"), "--run-name"),
+CLI_ERRORS = {  # ({t}: tmp_path, holding x/ (a live run's in the last case) and a file) -> exit code, what it names
+    "--output is a folder": (("--output", "{t}/x/"), 2, "--output"),
+    "--logdir is a file": (("--output", "{t}/out/model.pt", "--logdir", "{t}/file"), 2, "--logdir"),
+    "--run-name breaks a line": (("--output", "{t}/out/model.pt", "--run-name", "two\nlines\x1b[2J"), 2, "--run-name"),
+    "no data, after the lock": (("--output", "{t}/new/x/model.pt", "--data-dir", "{t}/nowhere"), 1, "files not found"),
+    "--limit-train too large": (("--output", "{t}/new/x/model.pt", "--limit-train", "100000"), 2, "--limit-train"),
+    "a live run's folder": (("--output", "{t}/x/model.pt"), 1, "pid"),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CLI_USAGE_ERRORS)
-def test_cli_a_wrong_command_line_exits_2_before_any_work(tmp_path, small_data_dir, case):
-    flags, flag = CLI_USAGE_ERRORS[case]
-    make(tmp_path, ["x/", "file", "pipe|"])
+@pytest.mark.parametrize("case", CLI_ERRORS)
+def test_cli_a_run_refused_before_its_first_save_is_one_line_and_leaves_the_tree_as_it_was(tmp_path, small_data_dir,
+                                                                                           case):
+    flags, code, needle = CLI_ERRORS[case]
+    make(tmp_path, ["x/", "file"])
+    holder = hold_lock(tmp_path / "x" / ".lock") if case == "a live run's folder" else None
     before = tree(tmp_path)
-    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--logdir", tmp_path / "tb",
-                        *[a.format(t=tmp_path) for a in flags], *QUICK)
-    one_line_error(result, 2, flag)
-    assert tree(tmp_path) == before
-
-
-@pytest.mark.slow
-def test_cli_a_run_from_our_checkpoint_leaves_a_plain_state_dict_alone(tmp_path, small_data_dir, trained_checkpoint):
-    """Only a run from a plain state_dict writes one: another's, by the best model's name, is the user's: not
-    in the way, and not removed by --overwrite."""
-    make(tmp_path, ["x/model.state_dict.pt"])
-    result = run_script("finetune_gpu.py", "--model-path", trained_checkpoint, "--overwrite", "--data-dir", small_data_dir,
-                        "--output", tmp_path / "x" / "model.pt", "--logdir", tmp_path / "tb", *QUICK)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "x" / "model.state_dict.pt").read_bytes() == b"events"
-
-
-@pytest.mark.slow
-def test_cli_a_second_run_on_a_live_runs_folder_exits_1(tmp_path, small_data_dir):
-    holder = hold_lock(tmp_path / "x" / ".lock")
     try:
-        result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir,
-                            "--output", tmp_path / "x" / "model.pt", "--logdir", tmp_path / "tb", *QUICK)
+        result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--logdir",
+                            tmp_path / "tb", *QUICK, *[a.format(t=tmp_path) for a in flags])  # a later flag wins
+        assert tree(tmp_path) == before
     finally:
-        holder.communicate("")
-    one_line_error(result, 1, "--output", f"pid {holder.pid}")
-    assert tree(tmp_path / "x") == {}
+        if holder:
+            holder.communicate("")
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr and needle in lines[0], result.stderr
+    assert holder is None or f"pid {holder.pid}" in lines[0]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags,code,needle", [(("--data-dir", "MISSING"), 1, "train files not found"),
-                                               (("--limit-train", "100000"), 2, "--limit-train 100000 exceeds")])
-def test_cli_a_run_that_fails_before_its_first_save_leaves_no_folders(tmp_path, small_data_dir, flags, code, needle):
-    args = [str(tmp_path / "nowhere") if a == "MISSING" else a for a in flags]
-    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir,
-                        "--output", tmp_path / "new" / "x" / "model.pt", "--logdir", tmp_path / "tb", *QUICK, *args)
-    one_line_error(result, code, needle)
-    assert tree(tmp_path) == {}
+def test_cli_two_runs_of_one_name_get_two_tensorboard_runs_and_a_resumed_run_keeps_its_own(tmp_path, small_data_dir,
+                                                                                           trained_checkpoint):
+    """Needs the trainer to pass resume= and to take the returned folder's name as the run name. And only a run
+    from a plain state_dict writes one: beside a run from our checkpoint, one by the best model's name is the
+    user's, not in the way and not removed by --overwrite."""
+    def finetune(out: str, *args):
+        loud = [a for a in SMALL_RUN if a != "--quiet"]
+        result = run_script("finetune_gpu.py", "--data-dir", small_data_dir, "--output", tmp_path / out / "best.pt",
+                            "--logdir", tmp_path / "tb", *loud, "--limit-train", "256", *args)
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stdout.splitlines() if line.startswith("tensorboard:")]
+
+    make(tmp_path, ["a/best.state_dict.pt"])
+    first = finetune("a", "--model-path", trained_checkpoint, "--overwrite", "--epochs", "1", "--run-name", "same")
+    second = finetune("b", "--from-scratch", "--epochs", "1", "--run-name", "same")
+    assert first == [f"tensorboard: tensorboard --logdir {tmp_path / 'tb'}  (run same)"]
+    assert second == [f"tensorboard: tensorboard --logdir {tmp_path / 'tb'}  (run same_1)"]
+    stale = [".last.pt.k1ll3d_9.tmp", ".best.pt.k1ll3d_9.tmp", ".metrics.json.k1ll3d_9.tmp"]
+    for name in [*stale, "notes.tmp"]:  # as kill -9 in the middle of a save leaves them, and the user's file
+        (tmp_path / "b" / name).write_bytes(b"half written")
+    resumed = finetune("b", "--resume", tmp_path / "b" / "last.pt", "--epochs", "2")
+    assert resumed == second
+    assert sorted(os.listdir(tmp_path / "tb")) == ["same", "same_1"]
+    assert [len(list((tmp_path / "tb" / run).glob("events.out.tfevents.*"))) for run in ("same", "same_1")] == [1, 2]
+    assert sorted(os.listdir(tmp_path / "b")) == ["best.pt", "last.pt", "metrics.json", "notes.tmp"]
+    assert (tmp_path / "a" / "best.state_dict.pt").read_bytes() == b"events"

@@ -6,8 +6,11 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
+from unittest import mock
 
 import pytest
+import torch
 from conftest import REPO, SMALL_RUN, run_script, write_split
 
 from fashion_ft import outputs
@@ -33,8 +36,8 @@ BREAK_WRITER = textwrap.dedent("""
     for epoch in range(2, 80):
         outputs.log_epoch(writer, epoch, {"train_loss": 1.0, "val_acc": 0.5, "lr": 0.01})
     outputs.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
-    writer.close()
     print("training went on; logging active:", writer._writer is not None)
+    writer.close()
 """)
 
 
@@ -50,61 +53,41 @@ def test_a_writer_failure_mid_run_is_one_warning_and_training_goes_on(fault, rea
     assert lines[0].endswith("training goes on")
 
 
-def test_a_writer_that_cannot_start_warns_and_does_nothing(tmp_path):
+@pytest.mark.parametrize("startable", [True, False])
+def test_a_writer_logs_or_warns_once_that_it_cannot_start_and_puts_the_thread_hook_back(tmp_path, startable):
     (tmp_path / "file").write_text("x")
-    with pytest.warns(UserWarning, match="TensorBoard logging stopped: .*file"):
-        writer = outputs.SafeWriter(str(tmp_path / "file" / "run"))
-    assert writer._writer is None
-    outputs.log_epoch(writer, 1, {"train_loss": 1.0})
-    writer.close()
-
-
-def test_a_working_writer_logs_and_puts_the_thread_hook_back(tmp_path):
-    hook = threading.excepthook
-    writer = outputs.SafeWriter(str(tmp_path / "run"))
-    assert threading.excepthook != hook
-    outputs.log_epoch(writer, 1, {"train_loss": 1.0, "val_acc": 0.5})
-    outputs.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
-    assert writer._writer is not None
+    logdir, hook = tmp_path / ("run" if startable else "file/run"), threading.excepthook
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        writer = outputs.SafeWriter(str(logdir))
+        assert threading.excepthook != hook
+        outputs.log_epoch(writer, 1, {"train_loss": 1.0, "val_acc": 0.5})
+        outputs.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
+    assert (writer._writer is not None) == startable
+    assert [str(w.message) for w in caught] == ([] if startable else [
+        f"TensorBoard logging stopped: Not a directory (in {logdir}); training goes on"])
     writer.close()
     assert threading.excepthook == hook
-    events = list((tmp_path / "run").glob("events.out.tfevents.*"))
-    assert len(events) == 1 and events[0].stat().st_size > 100
+    events = list(logdir.glob("events.out.tfevents.*")) if startable else []
+    assert len(events) == startable and all(event.stat().st_size > 100 for event in events)
 
 
 # ---------------------------------------------------------------- per-class test accuracy
 
-class Recorder:
-    """The SafeWriter calls log_test_figures makes, kept."""
-
-    def __init__(self):
-        self.scalars, self.images = {}, {}
-
-    def add_scalar(self, tag, value, step):
-        self.scalars[tag] = value
-
-    def add_image(self, tag, image, step, dataformats="CHW"):
-        self.images[tag] = image
-
-
-def test_a_class_without_test_images_has_no_accuracy_and_still_draws():
-    import torch
-
-    labels, preds = torch.tensor([1, 1, 2, 2]), torch.tensor([1, 2, 2, 9])
-    writer = Recorder()
-    per_class = outputs.log_test_figures(writer, torch.zeros(4, 28, 28, dtype=torch.uint8), labels, preds, CLASSES)
-    assert per_class == {**dict.fromkeys(CLASSES), CLASSES[1]: 0.5, CLASSES[2]: 0.5}
+def test_a_class_without_test_images_has_no_accuracy_and_an_empty_bar():
+    labels, preds = torch.tensor([1, 1, 2, 2, 3]), torch.tensor([1, 2, 2, 9, 4])
+    writer = mock.Mock()
+    per_class = outputs.log_test_figures(writer, torch.zeros(5, 28, 28, dtype=torch.uint8), labels, preds, CLASSES)
+    assert per_class == {**dict.fromkeys(CLASSES), CLASSES[1]: 0.5, CLASSES[2]: 0.5, CLASSES[3]: 0.0}
     assert json.loads(json.dumps(per_class))[CLASSES[0]] is None  # null in metrics.json
-    assert set(writer.scalars) == {"test_per_class/Trouser", "test_per_class/Pullover"}
-    assert set(writer.images) == {"test/confusion_matrix", "test/per_class_accuracy", "test/misclassified"}
-
-
-def test_a_class_without_accuracy_gets_no_bar():
-    image = outputs.render_per_class([None, 0.5, 0.0], ["none", "half", "zero"])
-    bars = [image[5 + i * 20:21 + i * 20, 110:470] for i in range(3)]
+    scalars = {call.args[0] for call in writer.add_scalar.call_args_list}
+    assert scalars == {"test_per_class/Trouser", "test_per_class/Pullover", "test_per_class/Dress"}
+    images = {call.args[0]: call.args[1] for call in writer.add_image.call_args_list}
+    assert set(images) == {"test/confusion_matrix", "test/per_class_accuracy", "test/misclassified"}
+    assert all(image.ndim == 3 and image.shape[2] == 3 for image in images.values())  # HWC, as logged
+    bars = [images["test/per_class_accuracy"][5 + i * 20:21 + i * 20, 110:470] for i in range(4)]
     blue = [int((bar == (70, 110, 200)).all(-1).sum()) for bar in bars]
-    assert blue[0] == blue[2] < blue[1]  # no test images is drawn as an empty bar, as 0%
-    assert not (bars[0] == bars[1]).all()
+    assert blue[0] == blue[3] < blue[1]  # no test images is drawn as an empty bar, as 0%
 
 
 @pytest.mark.slow
