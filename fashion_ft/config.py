@@ -314,8 +314,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.warmup_epochs < cfg.epochs, "--warmup-epochs", "must be shorter than --epochs")
     _require(cfg.limit_train is None or cfg.limit_train >= cfg.batch_size, "--limit-train",
              f"must be >= --batch-size ({cfg.batch_size}), got {cfg.limit_train}")
-    # an empty value would otherwise mean the flag was not given (the last two: train every layer)
+    # an empty value would otherwise mean the flag was not given (--trainable: train every layer), or for
+    # --logdir the current folder
     _require(cfg.model_def != "", "--model-def", "expected FILE.py:CLASS or package.module:CLASS, got ''")
+    _require(cfg.logdir != "", "--logdir", "expected a folder, got ''")
     _require(cfg.trainable is None or bool(cfg.trainable_patterns), "--trainable",
              f"expected comma-separated layer-name patterns such as 'fc*,bn_fc', got {cfg.trainable!r}")
     check_normalize(cfg.normalize)

@@ -352,10 +352,10 @@ def check_outputs(cfg: Config, files: RunFiles):
     return check_logdir(cfg.logdir, cfg.run_name, resume=cfg.resume is not None)
 
 
-def claim_outputs(cfg: Config, files: RunFiles, start: LoadedCheckpoint, stack: ExitStack) -> None:
+def claim_outputs(cfg: Config, files: RunFiles, weights: dict, stack: ExitStack) -> None:
     """Rank 0: hold the output folder for this run alone; with --overwrite, clear the earlier run's files so
-    that the folder describes one run even if this one stops early."""
-    weight_bytes = sum(t.numel() * t.element_size() for t in start.state_dict.values())
+    that the folder describes one run even if this one stops early. `weights`: the starting model's."""
+    weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     check_disk_space(files.best.parent, 8 * weight_bytes + 16 * 2**20)  # best + last with two AdamW moments
     stack.enter_context(RunLock(files.lock, clean=files.names()))
     if cfg.overwrite and not resumes_in_place(files, cfg.resume):
@@ -378,7 +378,7 @@ def prepare(cfg: Config, resumed: LoadedCheckpoint | None, info: system.DistInfo
     if not resumed:
         console.print(f"model: {start.describe()}")
     if info.is_main:
-        claim_outputs(cfg, files, start, stack)
+        claim_outputs(cfg, files, start.state_dict, stack)
     stack.callback(system.shutdown)
     system.init(info, device)
     system.configure_backends(device, cfg.deterministic)

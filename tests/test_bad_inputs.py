@@ -78,6 +78,7 @@ FINETUNE_CASES = {
     "normalize std tiny": (["--normalize", "0", "1e-40"], 2, "--normalize: must be"),
     "normalize mean huge": (["--normalize", "1e300", "1"], 2, "--normalize: must be"),
     "model-def empty": (["--model-def", ""], 2, "--model-def: expected"),
+    "logdir empty": (["--logdir", ""], 2, "--logdir: expected a folder"),
     "trainable empty": (["--trainable", ""], 2, "--trainable: expected"),
     "trainable only commas": (["--trainable", ",,"], 2, "--trainable: expected"),
     "trainable matching nothing": (["--trainable", "fc*"], 2, "--trainable 'fc*' matches no layer"),

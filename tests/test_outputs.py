@@ -182,12 +182,12 @@ def test_with_overwrite_only_the_files_the_run_writes_are_removed(tmp_path):
     import torch
 
     from fashion_ft.config import Config
-    from fashion_ft.trainer import StartModel, claim_outputs
+    from fashion_ft.trainer import claim_outputs
 
     make(tmp_path / "x", ["model.pt", "last.pt", "metrics.json", "model.state_dict.pt"])
-    start = StartModel(torch.nn.Linear(2, 2), "cnn3", {})
+    weights = torch.nn.Linear(2, 2).state_dict()
     with contextlib.ExitStack() as stack:
-        claim_outputs(Config(overwrite=True), output(tmp_path / "x" / "model.pt", plain=False), start, stack)
+        claim_outputs(Config(overwrite=True), output(tmp_path / "x" / "model.pt", plain=False), weights, stack)
         assert sorted(os.listdir(tmp_path / "x")) == [".lock", "model.state_dict.pt"]
 
 
