@@ -49,7 +49,6 @@ from .engine import BestTracker, ComputeSettings, TrainStep, build_optimizer, bu
 from .errors import DivergenceError, Interrupted, SignalGuard, UsageError, UserError, first_line
 from .model import (
     NUM_CLASSES,
-    ModelDef,
     apply_freezing,
     build_model,
     count_parameters,
@@ -173,18 +172,14 @@ def load_start(cfg: Config, resumed: LoadedCheckpoint | None) -> LoadedCheckpoin
     if resumed:  # the first run's input container: a user's plain state_dict gets its copy again (save_best)
         start = dataclasses.replace(resumed, container=resumed.meta.get("input_container", FORMAT))
     else:
-        start = require_finite(load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle,
-                                               model_def=explicit_def(cfg), model_kwargs=cfg.model_kwargs,
-                                               max_params=cfg.max_params))
+        definition = model.parse(cfg.model_def) if cfg.model_def else None
+        start = require_finite(load_checkpoint(cfg.model_path, trust_pickle=cfg.trust_pickle, model_def=definition,
+                                               model_kwargs=cfg.model_kwargs, max_params=cfg.max_params))
         if cfg.normalize:
             start = dataclasses.replace(start, mean=cfg.normalize[0], std=cfg.normalize[1])
     if cfg.model_def and start.model_def is None:
         raise UsageError(f"--model-def: {start.path} records its own architecture ({start.arch}); drop --model-def")
     return start
-
-
-def explicit_def(cfg: Config) -> ModelDef | None:
-    return model.parse(cfg.model_def) if cfg.model_def else None
 
 
 def load_teachers(cfg: Config, resumed: LoadedCheckpoint | None) -> list[LoadedCheckpoint]:
@@ -342,7 +337,7 @@ def compute_settings(cfg: Config, device, start: LoadedCheckpoint, model: nn.Mod
                            info.rank, info.world_size, tta_flip=cfg.tta == "flip")
 
 
-def check_outputs(cfg: Config, files: RunFiles):
+def check_files(cfg: Config, files: RunFiles) -> Path:
     """Rank 0, before any work and without creating anything: the outputs, the inputs they may not
     replace, and the TensorBoard folder. Returns the TensorBoard run folder."""
     # On --resume, --model-path is the first run's (restored from last.pt): still an input, kept as any other.
@@ -374,7 +369,7 @@ def prepare(cfg: Config, resumed: LoadedCheckpoint | None, info: system.DistInfo
     teachers = load_teachers(cfg, resumed)
     if start.container == FORMAT:  # only a run from a plain state_dict writes one (save_best)
         files = dataclasses.replace(files, plain=None)
-    log_dir = check_outputs(cfg, files) if info.is_main else None
+    log_dir = check_files(cfg, files) if info.is_main else None
     if not resumed:
         console.print(f"model: {start.describe()}")
     if info.is_main:
@@ -474,7 +469,7 @@ class Run:
         self.started = datetime.datetime.now().isoformat(timespec="seconds")
         self.open_log()
         if not self.history and not self.cfg.from_scratch:
-            self.record({"epoch": 0, **self.validate()})  # the starting model is the first candidate
+            self.record({"epoch": 0, **self.val_metrics()})  # the starting model is the first candidate
 
     def open_log(self) -> None:
         if not self.is_main:
@@ -501,7 +496,7 @@ class Run:
         seconds = time.perf_counter() - begun["started"]
         return {"epoch": begun["epoch"], "train_loss": result["loss"], "train_acc": result["acc"], "lr": begun["lr"],
                 "epoch_s": seconds, "images_per_s": result["images"] / seconds,
-                "peak_gpu_mb": system.peak_gpu_mb(self.rt.device), **self.validate()}
+                "peak_gpu_mb": system.peak_gpu_mb(self.rt.device), **self.val_metrics()}
 
     def on_sync(self, bar, received: list):
         """Called every few steps: progress, and whether any rank received a signal."""
@@ -516,7 +511,7 @@ class Run:
 
         return sync
 
-    def validate(self) -> dict:
+    def val_metrics(self) -> dict:
         system.broadcast_buffers(self.eval_model)  # every rank evaluates what rank 0 saves
         metrics = engine.evaluate(self.eval_model, self.val, self.rt, self.cfg.eval_batch_size)
         if not math.isfinite(metrics["loss"]):
@@ -548,7 +543,8 @@ class Run:
         start, teachers = self.start, self.step.teachers
         ckpt = make_checkpoint(weights, start.arch, start.arch_kwargs, normalize=(self.rt.mean, self.rt.std),
                                metrics=metrics, config=self.cfg.to_dict(), history=self.history,
-                               split=self.split.to_dict(), model_def=start.model_def.to_dict() if start.model_def else None)
+                               split=self.split.to_dict(),
+                               model_def=start.model_def.to_dict() if start.model_def else None)
         return {**ckpt, "teachers": teachers.sources} if teachers else ckpt
 
     def save_best(self, metrics: dict) -> None:
@@ -665,7 +661,9 @@ def reported(exc: BaseException, signals: SignalGuard, files: RunFiles, model_de
     if isinstance(exc, DivergenceError):
         return DivergenceError(f"{exc}; {kept_hint(files)}; try a lower --lr or --max-grad-norm 1.0")
     if isinstance(exc, UserError):  # a full disk while saving, say: what was saved before can go on
-        return exc if not started or isinstance(exc, UsageError) else UserError(f"{exc}; {resume_hint(files, model_def)}")
+        if not started or isinstance(exc, UsageError):
+            return exc
+        return UserError(f"{exc}; {resume_hint(files, model_def)}")
     if isinstance(exc, Exception) and system.is_peer_failure(exc):
         return UserError(f"another process of the run failed ({first_line(exc, sentence=True)}); "
                          f"{resume_hint(files, model_def)}")
