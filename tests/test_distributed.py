@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -30,17 +31,10 @@ from fashion_ft.errors import DivergenceError, UserError
 from fashion_ft.model import build_model
 from fashion_ft.system import AmpPolicy
 
-
-def broadcast_module(module, src: int = 0) -> None:
-    """Parameters and buffers: a module that DDP does not keep in step (a copy made on one rank)."""
-    system.broadcast_tensors([*module.parameters(), *module.buffers()], src)
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # No dropout, no augmentation, BatchNorm frozen: each image's loss does not depend on how the batch is
 # split across processes, so two processes of 32 compute what one process of 64 computes.
-SMALL = ("--val-size", "500", "--eval-batch-size", "500", "--device", "cpu", "--amp", "off", "--limit-train", "1024", "--quiet",
-         "--augment", "none", "--freeze-bn")
-COMMON = (*SMALL, "--epochs", "2")
+SMALL = ("--val-size", "500", "--eval-batch-size", "500", "--device", "cpu", "--amp", "off", "--limit-train", "1024",
+         "--quiet", "--augment", "none", "--freeze-bn")
 # SGD for the DDP-against-one-process pair: AdamW divides each step by the gradient's own size, so the
 # order of floating-point sums changes its near-zero entries by a whole step and the two runs drift apart.
 # At a learning rate that improves the model: one that wrecks it (0.05 does) amplifies those rounding
@@ -48,9 +42,14 @@ COMMON = (*SMALL, "--epochs", "2")
 SGD = ("--optimizer", "sgd", "--lr", "0.01")
 
 
-def torchrun(*args, nproc=2, timeout=300, env=None):
-    return subprocess.run([*TORCHRUN, f"--nproc_per_node={nproc}", str(REPO / "finetune_gpu.py"), *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def torchrun_command(*args, nproc=2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(REPO / "finetune_gpu.py"), *map(str, args)]
+
+
+def torchrun(*args, nproc=2, env=None):
+    return subprocess.run(torchrun_command(*args, nproc=nproc), cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 def history(run_folder: Path) -> dict:
@@ -134,34 +133,23 @@ def test_single_process_helpers_are_no_ops():
     model = build_model("cnn3", TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     system.broadcast_buffers(model)
-    broadcast_module(model)
+    system.broadcast_tensors(list(model.parameters()))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # ---------------------------------------------------------------- two gloo processes
 
-class NanOnRankOne:
-    """A stand-in for TrainStep: the loss of rank 1 becomes NaN at its third step."""
-
-    teachers = None
-
-    def __init__(self, rank):
-        self.rank, self.calls = rank, 0
-
-    def __call__(self, x, y, rt, targets=None):
-        self.calls += 1
-        loss = float("nan") if self.rank == 1 and self.calls == 3 else 0.5
-        return torch.tensor(loss), torch.zeros(len(y), 10)
-
-
-def divergence_scenario(rank: int) -> dict:
+def divergence_scenario(rank: int) -> str | None:
     data = DeviceData.create(torch.zeros(64, 28, 28, dtype=torch.uint8), torch.zeros(64, dtype=torch.long), "cpu")
     rt = ComputeSettings(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25, rank=rank, world_size=2)
+    step = mock.Mock(teachers=None)  # a stand-in for TrainStep: the loss of rank 1 becomes NaN at its third step
+    step.side_effect = lambda x, y, *_: (torch.tensor(math.nan if rank == 1 and step.call_count == 3 else 0.5),
+                                         torch.zeros(len(y), 10))
     try:
-        train_one_epoch(NanOnRankOne(rank), data, 1, rt, Config(augment="none", batch_size=4, seed=0), sync_every=2)
+        train_one_epoch(step, data, 1, rt, Config(augment="none", batch_size=4, seed=0), sync_every=2)
     except DivergenceError as exc:
-        return {"message": str(exc)}
-    return {"message": None}
+        return str(exc)
+    return None
 
 
 def broadcast_scenario(rank: int) -> dict:
@@ -174,118 +162,88 @@ def broadcast_scenario(rank: int) -> dict:
     ema = ModelEma(model, 0.9)
     weight_before = model.features[0].weight.detach().clone()
     system.broadcast_buffers(model)
-    broadcast_module(ema.module)
+    system.broadcast_tensors([*ema.module.parameters(), *ema.module.buffers()])  # an EMA copy DDP does not keep
+    ema_sum = sum(float(t.double().sum()) for t in ema.module.state_dict().values())
     bn = model.features[1]
     return {"running_mean": bn.running_mean.tolist(), "tracked": int(bn.num_batches_tracked),
             "weight_kept": torch.equal(model.features[0].weight, weight_before),
-            "ema": [round(float(t.double().sum()), 6) for t in ema.module.state_dict().values()],
+            "ema_same_on_every_rank": len(set(system.per_rank(torch.tensor(ema_sum)))) == 1,
             "ema_channels_last": ema.module.features[0].weight.is_contiguous(memory_format=torch.channels_last)}
 
 
-def first_scenario(rank: int, folder: Path) -> dict:
+def first_scenario(rank: int, folder: Path) -> bool:
     marker = folder / "downloaded"
     with system.main_process_first(system.DistInfo(rank, 2, rank, 2, launched=True)):
         if rank == 0:
             time.sleep(1.0)  # a slow download: rank 1 must not read before it is done
             marker.write_text("done")
-        seen = marker.exists()
-    return {"saw_the_download": seen}
+        return marker.exists()
 
 
 def gloo_worker(rank: int, folder: str) -> None:
-    """One of two gloo processes: run every scenario, write the results as JSON."""
+    """One of two gloo processes: every scenario's result (or the traceback) as JSON. Then rank 1 is killed
+    with SIGKILL, and rank 0 adds whether its next collective raised what is_peer_failure recognises."""
     folder = Path(folder)
-    results = {}
     try:
         tdist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=2,
                                  timeout=datetime.timedelta(seconds=60))
-        results["per_rank"] = system.per_rank(torch.tensor(float("inf") if rank else 1.5))
-        results["divergence"] = divergence_scenario(rank)
-        results["broadcast"] = broadcast_scenario(rank)
-        results["first"] = first_scenario(rank, folder)
+        results = {"per_rank": system.per_rank(torch.tensor(math.inf if rank else 1.5)),
+                   "divergence": divergence_scenario(rank), "broadcast": broadcast_scenario(rank),
+                   "first": first_scenario(rank, folder)}
         system.barrier()
-        tdist.destroy_process_group()
     except Exception:
-        results["error"] = traceback.format_exc()
+        results = {"error": traceback.format_exc()}
     (folder / f"rank{rank}.json").write_text(json.dumps(results))
-
-
-def peer_failure_worker(rank: int, folder: str) -> None:
-    """Rank 1 is killed with SIGKILL; rank 0 reports what its next collective raised."""
-    folder = Path(folder)
-    tdist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=2,
-                             timeout=datetime.timedelta(seconds=60))
-    tdist.all_reduce(torch.ones(3))
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(0.5)
     try:
         tdist.all_reduce(torch.ones(3))
-        result = {"raised": None}
+        results["killed_peer"] = "nothing raised"
     except Exception as exc:
-        result = {"raised": type(exc).__name__, "message": str(exc), "peer_failure": system.is_peer_failure(exc)}
-    (folder / "rank0.json").write_text(json.dumps(result))
-
-
-def run_two(target, folder: Path, timeout=120) -> list[int]:
-    """Two spawned processes (not mp.spawn: that kills the survivors when one dies)."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(rank, str(folder))) for rank in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(1.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return [p.exitcode for p in procs]
+        results["killed_peer"] = "a peer failure" if system.is_peer_failure(exc) else f"{type(exc).__name__}: {exc}"
+    (folder / "rank0.json").write_text(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
 def gloo_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gloo")
-    exit_codes = run_two(gloo_worker, folder)
+    spawn = multiprocessing.get_context("spawn")  # not mp.spawn: that kills the survivors when one dies
+    procs = [spawn.Process(target=gloo_worker, args=(rank, str(folder))) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+            p.join()
     results = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
         assert "error" not in r, r["error"]
-    assert exit_codes == [0, 0]
+    assert [p.exitcode for p in procs] == [0, -signal.SIGKILL]
     return results
 
 
-@pytest.mark.slow
-def test_every_rank_learns_every_ranks_value(gloo_results):
-    for r in gloo_results:
-        assert r["per_rank"][0] == 1.5 and math.isinf(r["per_rank"][1])
+GLOO_EXPECTED = {  # scenario: what each of the two ranks sees
+    "per_rank": [1.5, math.inf],  # every rank learns every rank's value
+    # both ranks raise at the same sync point, so none waits in a collective
+    "divergence": "loss became nan in epoch 1 (step 4) on rank 1",
+    # rank 0's BatchNorm statistics and EMA copy; broadcast_buffers leaves the weights to DDP
+    "broadcast": {"running_mean": [1.0] * 4, "tracked": 10, "weight_kept": True, "ema_same_on_every_rank": True,
+                  "ema_channels_last": True},
+    "first": True,  # the other ranks read after local rank zero downloaded
+}
 
 
 @pytest.mark.slow
-def test_a_nan_loss_on_one_rank_stops_every_rank_naming_it(gloo_results):
-    for r in gloo_results:  # both ranks raise at the same sync point, so none waits in a collective
-        assert r["divergence"]["message"] == "loss became nan in epoch 1 (step 4) on rank 1"
+@pytest.mark.parametrize("scenario", GLOO_EXPECTED)
+def test_two_gloo_processes(gloo_results, scenario):
+    assert [r[scenario] for r in gloo_results] == [GLOO_EXPECTED[scenario]] * 2
 
 
 @pytest.mark.slow
-def test_buffers_and_the_ema_copy_are_rank_zeros_on_every_rank(gloo_results):
-    zero, one = (r["broadcast"] for r in gloo_results)
-    assert zero["running_mean"] == one["running_mean"] == [1.0] * 4
-    assert zero["tracked"] == one["tracked"] == 10
-    assert zero["weight_kept"] and one["weight_kept"]  # broadcast_buffers leaves the weights to DDP
-    assert zero["ema"] == one["ema"]
-    assert one["ema_channels_last"]
-
-
-@pytest.mark.slow
-def test_the_other_ranks_read_after_local_rank_zero_downloaded(gloo_results):
-    assert [r["first"]["saw_the_download"] for r in gloo_results] == [True, True]
-
-
-@pytest.mark.slow
-def test_a_killed_rank_is_recognised_as_a_peer_failure(tmp_path):
-    run_two(peer_failure_worker, tmp_path)
-    result = json.loads((tmp_path / "rank0.json").read_text())
-    assert result["raised"] is not None and result["peer_failure"], result
+def test_a_killed_rank_is_recognised_as_a_peer_failure(gloo_results):
+    assert gloo_results[0]["killed_peer"] == "a peer failure"
 
 
 # ---------------------------------------------------------------- end to end with torchrun
@@ -300,66 +258,48 @@ def dropout_free_checkpoint(tmp_path_factory, trained_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, small_data_dir, dropout_free_checkpoint):
-    out = tmp_path_factory.mktemp("ddp")
-    result = torchrun("--model-path", dropout_free_checkpoint, "--data-dir", small_data_dir, "--batch-size", 32,
-                      "--output", out / "run" / "best.pt", "--logdir", out / "tb", *COMMON, *SGD)
-    return result, out
-
-
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory, small_data_dir, dropout_free_checkpoint):
-    out = tmp_path_factory.mktemp("single")
-    result = run_script("finetune_gpu.py", "--model-path", dropout_free_checkpoint, "--data-dir", small_data_dir,
-                        "--batch-size", 64, "--output", out / "run" / "best.pt", "--logdir", out / "tb", *COMMON, *SGD)
-    return result, out
+def runs(tmp_path_factory, small_data_dir, dropout_free_checkpoint) -> dict:
+    """The same 2-epoch fine-tune by two processes of 32 images a step and by one of 64: name -> its folder."""
+    folders = {}
+    for name, launch, batch in (("ddp", torchrun, 32), ("single", lambda *a: run_script("finetune_gpu.py", *a), 64)):
+        out = folders[name] = tmp_path_factory.mktemp(name)
+        result = launch("--model-path", dropout_free_checkpoint, "--data-dir", small_data_dir, "--batch-size", batch,
+                        "--output", out / "run" / "best.pt", "--logdir", out / "tb", *SMALL, "--epochs", "2", *SGD)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert name == "single" or result.stdout.count("done (") == 1  # rank 0 alone prints
+    return folders
 
 
 @pytest.mark.slow
-def test_two_processes_write_one_checkpoint_and_one_run(ddp_run):
-    result, out = ddp_run
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_two_processes_write_one_checkpoint_and_one_run_that_test_model_passes(runs, small_data_dir):
+    out = runs["ddp"]
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 64
-    assert result.stdout.count("done (") == 1  # rank 0 alone prints
     assert sorted(p.name for p in (out / "run").iterdir() if not p.name.startswith(".")) == [
         "best.pt", "last.pt", "metrics.json"]
     assert len(list((out / "tb").iterdir())) == 1
     state = torch.load(out / "run" / "best.pt", weights_only=True)["model"]
     assert not any(k.startswith("module.") for k in state)  # the plain model: loads anywhere
+    check = run_script("test_model.py", "--model-path", out / "run" / "best.pt", "--data-dir", small_data_dir)
+    assert check.returncode == 0, check.stdout
 
 
 @pytest.mark.slow
-def test_ddp_matches_one_process_with_the_same_global_batch(ddp_run, single_run, dropout_free_checkpoint):
-    (ddp, ddp_out), (one, one_out) = ddp_run, single_run
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
-    assert one.returncode == 0, one.stderr[-2000:]
-    ddp_rows, one_rows = history(ddp_out / "run"), history(one_out / "run")
+def test_ddp_matches_one_process_with_the_same_global_batch(runs, dropout_free_checkpoint):
+    ddp_rows, one_rows = history(runs["ddp"] / "run"), history(runs["single"] / "run")
     assert sorted(ddp_rows) == sorted(one_rows) == [0, 1, 2]
     assert one_rows[2]["val_loss"] < one_rows[0]["val_loss"]  # a fine-tune, not a divergence that amplifies noise
     for epoch in (1, 2):  # the same images per step in fp32: only the order of floating-point sums differs
         for key in ("train_loss", "val_loss", "lr"):
             assert ddp_rows[epoch][key] == pytest.approx(one_rows[epoch][key], rel=1e-4), (epoch, key)
     start = torch.load(dropout_free_checkpoint, weights_only=True)["model"]
-    ddp_weights = torch.load(ddp_out / "run" / "last.pt", weights_only=True)["model"]
-    one_weights = torch.load(one_out / "run" / "last.pt", weights_only=True)["model"]
+    ddp_weights, one_weights = (torch.load(runs[name] / "run" / "last.pt", weights_only=True)["model"]
+                                for name in ("ddp", "single"))
     for key, value in one_weights.items():
         change = (value - start[key]).double().norm()  # what 32 SGD steps moved the tensor
         difference = (ddp_weights[key] - value).double()
         assert difference.norm() <= 5e-3 * change, key  # (measured: at most 5e-6 of the change)
         assert difference.abs().max() < 3e-4, key  # (measured: at most 1e-7)
-
-
-@pytest.mark.slow
-def test_ddp_checkpoint_passes_test_model_and_resumes_in_one_process(ddp_run, tmp_path, small_data_dir):
-    _, out = ddp_run
-    check = run_script("test_model.py", "--model-path", out / "run" / "best.pt", "--data-dir", small_data_dir)
-    assert check.returncode == 0, check.stdout
-    shutil.copytree(out / "run", tmp_path / "run")
-    resumed = run_script("finetune_gpu.py", "--resume", tmp_path / "run" / "last.pt", "--epochs", 3,
-                         "--output", tmp_path / "run" / "best.pt", "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 3
 
 
 def expected_lr(run_folder: Path, epochs: int, steps_per_epoch: int, epochs_done: int) -> float:
@@ -371,59 +311,47 @@ def expected_lr(run_folder: Path, epochs: int, steps_per_epoch: int, epochs_done
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run, nproc, steps", [("ddp_run", 1, 1024 // 32), ("single_run", 2, 1024 // 2 // 64)],
-                         ids=["two-in-one", "one-in-two"])
-def test_a_resume_with_another_number_of_processes_continues_the_lr_schedule(request, tmp_path, run, nproc, steps):
-    """steps: per epoch of the resumed run (one process of 32 images per step; two of 64)."""
-    shutil.copytree(request.getfixturevalue(run)[1] / "run", tmp_path / "run")
+@pytest.mark.parametrize("run, nproc, steps", [("ddp", None, 1024 // 32), ("ddp", 1, 1024 // 32),
+                                               ("single", 2, 1024 // 2 // 64)],
+                         ids=["two-in-a-plain-process", "two-in-torchrun's-one", "one-in-two"])
+def test_a_resume_with_another_number_of_processes_continues_the_lr_schedule(runs, tmp_path, run, nproc, steps):
+    """steps: per epoch of the resumed run (one process of 32 images per step; two of 64). nproc: torchrun's,
+    which runs distributed even with one process."""
+    shutil.copytree(runs[run] / "run", tmp_path / "run")
     args = ("--resume", tmp_path / "run" / "last.pt", "--epochs", 4, "--output", tmp_path / "run" / "best.pt", "--quiet")
-    resumed = torchrun(*args, nproc=nproc) if nproc > 1 else run_script("finetune_gpu.py", *args)
+    resumed = torchrun(*args, nproc=nproc, env={"TORCH_CPP_LOG_LEVEL": "INFO"}) if nproc else run_script(
+        "finetune_gpu.py", *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert ("Reducer" in resumed.stderr) == bool(nproc)  # c10d's log: DDP was built, so the process group was too
     rows = history(tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["world_size"] == (nproc or 1)
     for epoch in (3, 4):
         assert rows[epoch]["lr"] == pytest.approx(expected_lr(tmp_path / "run", 4, steps, epoch - 1), rel=1e-6)
 
 
-@pytest.mark.slow
-def test_torchrun_with_one_process_runs_distributed(tmp_path, small_data_dir, dropout_free_checkpoint):
-    result = torchrun("--model-path", dropout_free_checkpoint, "--data-dir", small_data_dir, "--batch-size", 64,
-                      "--output", tmp_path / "run" / "best.pt", "--logdir", tmp_path / "tb",
-                      *SMALL, "--epochs", "1", nproc=1, env={"TORCH_CPP_LOG_LEVEL": "INFO"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 1
-    assert "Reducer" in result.stderr  # c10d's log: DDP was built, so the process group was too
-
-
-def worker_pid(launcher_pid: int, rank: int) -> int | None:
+def worker_pid(launcher_pid: int, rank: int) -> int:
     """The pid of the torchrun worker with RANK=rank among the launcher's children."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
             ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
-            return int(proc.name)
-    return None
+            if ppid == launcher_pid and f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+    raise AssertionError(f"rank {rank} not found")
 
 
 @pytest.mark.slow
 def test_a_rank_killed_mid_run_gives_one_line_and_the_resume_command(tmp_path, small_data_dir,
                                                                       dropout_free_checkpoint):
     run = tmp_path / "run"
-    args = ["--model-path", dropout_free_checkpoint, "--data-dir", small_data_dir, "--batch-size", 32,
-            "--output", run / "best.pt", "--logdir", tmp_path / "tb", *SMALL, "--epochs", "50"]
-    launcher = subprocess.Popen([*TORCHRUN, "--nproc_per_node=2", str(REPO / "finetune_gpu.py"), *map(str, args)],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(torchrun_command(
+        "--model-path", dropout_free_checkpoint, "--data-dir", small_data_dir, "--batch-size", 32, "--output",
+        run / "best.pt", "--logdir", tmp_path / "tb", *SMALL, "--epochs", "50"), cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
         while not (run / "last.pt").exists() and launcher.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        victim = worker_pid(launcher.pid, 1)
-        assert victim is not None, "rank 1 not found"
-        os.kill(victim, signal.SIGKILL)
+        os.kill(worker_pid(launcher.pid, 1), signal.SIGKILL)
         _, stderr = launcher.communicate(timeout=120)
     finally:
         if launcher.poll() is None:
@@ -436,33 +364,22 @@ def test_a_rank_killed_mid_run_gives_one_line_and_the_resume_command(tmp_path, s
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_job_with_its_message(tmp_path, small_data_dir):
     result = torchrun("--model-path", tmp_path / "missing.pt", "--data-dir", small_data_dir,
-                      "--batch-size", 32, "--output", tmp_path / "o" / "best.pt", *COMMON, timeout=120)
+                      "--batch-size", 32, "--output", tmp_path / "o" / "best.pt", *SMALL, "--epochs", "2")
     assert result.returncode != 0
     assert "checkpoint not found" in result.stderr and "rank 1" in result.stderr
 
 
 @pytest.mark.slow
-def test_the_resnet_preset_trains_under_torchrun(tmp_path, small_data_dir):
-    """BatchNorm in every block, strong augmentation: two processes train it and rank 0 saves the plain model."""
-    result = torchrun("--preset", "resnet20", "--arch-kwargs", json.dumps(TINY_RESNET), "--epochs", 1, "--batch-size", 32,
-                      "--limit-train", 1024, "--val-size", 500, "--device", "cpu", "--quiet", "--data-dir",
-                      small_data_dir, "--output", tmp_path / "run" / "best.pt", "--logdir", tmp_path / "tb",
-                      env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    saved = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    assert (saved["arch"], saved["arch_kwargs"]) == ("resnet", TINY_RESNET)
-    assert not any(k.startswith("module.") for k in saved["model"])
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
-
-
-@pytest.mark.slow
-def test_two_processes_distil_each_its_own_shard(tmp_path, small_data_dir, trained_checkpoint):
-    """Every rank runs the teacher on its own batches (targets every step under augmentation), and the run
-    records it as one process does."""
-    result = torchrun("--model-path", trained_checkpoint, "--teacher", trained_checkpoint, "--data-dir", small_data_dir,
-                      "--batch-size", 32, "--output", tmp_path / "run" / "best.pt", "--logdir", tmp_path / "tb", *SMALL,
-                      "--epochs", "1")
+def test_two_processes_distil_into_the_resnet_preset(tmp_path, small_data_dir, trained_checkpoint):
+    """BatchNorm in every block, strong augmentation, and a teacher that every rank runs on its own batches (new
+    targets every step): rank 0 saves the plain model and records the run as one process does."""
+    result = torchrun("--preset", "resnet20", "--arch-kwargs", json.dumps(TINY_RESNET), "--teacher", trained_checkpoint,
+                      "--epochs", 1, "--batch-size", 32, "--limit-train", 1024, "--val-size", 500, "--device", "cpu",
+                      "--quiet", "--data-dir", small_data_dir, "--output", tmp_path / "run" / "best.pt", "--logdir",
+                      tmp_path / "tb", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    best, last = (torch.load(tmp_path / "run" / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    assert (best["arch"], best["arch_kwargs"]) == ("resnet", TINY_RESNET)
+    assert not any(k.startswith("module.") for k in best["model"])
     assert last["world_size"] == 2 and last["teachers"][0]["path"] == str(trained_checkpoint)
     assert last["history"][-1]["epoch"] == 1

@@ -1,5 +1,7 @@
-"""Resume exactly, survive signals, kill -9 and divergence, guard the user's files."""
+"""Resume exactly; survive signals wherever they land, kill -9, a lost console and divergence; guard the
+user's files."""
 
+import itertools
 import json
 import os
 import random
@@ -15,25 +17,25 @@ import torch
 from conftest import REPO, SMALL_RUN, run_script
 
 import finetune_gpu
-from fashion_ft import engine
+from fashion_ft import engine, trainer
 from fashion_ft.checkpoint import save_checkpoint
+from fashion_ft.errors import UserError
 
-SMALL = ("--limit-train", "1024", *SMALL_RUN)
+SMALL = ("--limit-train", "1024", *(a for a in SMALL_RUN if a != "--quiet"))  # loud: the tests wait for its lines
 pytestmark = pytest.mark.slow  # each test runs or kills real processes
 
 
-def args_for(data_dir, model_path, out, *extra):
-    return ["--model-path", model_path, "--data-dir", data_dir, "--output", out / "best.pt",
-            "--logdir", out.parent / "tb", *SMALL, *extra]
+def args_for(data_dir, model_path, out, *extra) -> list[str]:
+    return [str(a) for a in ("--model-path", model_path, "--data-dir", data_dir, "--output", out / "best.pt",
+                             "--logdir", out.parent / "tb", *SMALL, *extra)]
 
 
-def weights(path):
+def weights(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def same_weights(a, b) -> bool:
-    wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def metrics(out):
@@ -41,130 +43,86 @@ def metrics(out):
     return m["best_epoch"], m["best_val_acc"], m["test_acc"], m["test_loss"]
 
 
-def start_and_signal(argv, after_line: str, signum):
-    """Start finetune_gpu.py, send `signum` once a stdout line starts with `after_line`.
-
-    The process is stopped (SIGSTOP) while the signal is queued, so that it lands where the process was
-    when the line was read, however loaded the machine is."""
-    proc = subprocess.Popen([sys.executable, str(REPO / "finetune_gpu.py"), *map(str, argv)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:
-        if line.startswith(after_line):
-            proc.send_signal(signal.SIGSTOP)
-            proc.send_signal(signum)
-            proc.send_signal(signal.SIGCONT)
-            sent = time.monotonic()
-            break
-    stdout, stderr = proc.communicate(timeout=60)
-    return proc.returncode, stderr, time.monotonic() - sent
+def interrupt(argv, signum, after: float | str) -> tuple[int, str, str, float]:
+    """Run python with `argv` and send it `signum` `after` seconds, or once a stdout line starts with `after`.
+    The process is stopped (SIGSTOP) while the signal is queued, so that it lands where the process was when
+    the line was read, however loaded the machine is. Returns the exit code, the stdout after that line,
+    stderr and the seconds from the signal to the exit."""
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if isinstance(after, float):
+        time.sleep(after)
+    else:
+        next((line for line in proc.stdout if line.startswith(after)), None)
+    proc.send_signal(signal.SIGSTOP)
+    proc.send_signal(signum)
+    proc.send_signal(signal.SIGCONT)
+    sent = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr, time.monotonic() - sent
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, small_data_dir, trained_checkpoint):
-    straight = tmp_path / "straight"
-    assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, straight,
-                                                   "--epochs", 4)).returncode == 0
-    broken = tmp_path / "broken"
-    argv = [a for a in args_for(small_data_dir, trained_checkpoint, broken, "--epochs", 4) if a != "--quiet"]
-    code, stderr, _ = start_and_signal(argv, "epoch   2", signal.SIGINT)
+    """With a moving average, which goes on from where it stopped; the input model moved away since: last.pt
+    alone must do."""
+    shutil.copy(trained_checkpoint, tmp_path / "input.pt")
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run = ("--epochs", 4, "--ema-decay", 0.9)
+    assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, straight, *run)).returncode == 0
+    code, _, stderr, _ = interrupt([REPO / "finetune_gpu.py", *args_for(small_data_dir, tmp_path / "input.pt",
+                                                                        broken, *run)], signal.SIGINT, "epoch   2")
     assert code == 130, stderr
-    assert "resume with: python finetune_gpu.py --resume" in stderr
+    assert f"resume with: python finetune_gpu.py --resume {broken / 'last.pt'}" in stderr
+    (tmp_path / "input.pt").unlink()
     resumed = run_script("finetune_gpu.py", "--resume", broken / "last.pt", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    assert same_weights(straight / "best.pt", broken / "best.pt")
-    assert same_weights(straight / "last.pt", broken / "last.pt")
+    for name in ("best.pt", "last.pt"):
+        assert same_tensors(weights(straight / name), weights(broken / name)), name
+    assert same_tensors(*(torch.load(out / "last.pt", weights_only=True)["ema"] for out in (straight, broken)))
     assert metrics(straight) == metrics(broken)
 
 
-def test_resume_with_more_epochs_extends_a_constant_lr_run(tmp_path, small_data_dir, trained_checkpoint):
-    """With a moving average, which must go on from where it stopped (the weights alone: the test above)."""
-    straight, extended = tmp_path / "straight", tmp_path / "extended"
-    common = ("--scheduler", "none", "--ema-decay", "0.9")
-    assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, straight, *common,
-                                                   "--epochs", 4)).returncode == 0
-    assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, extended, *common,
-                                                   "--epochs", 2)).returncode == 0
-    more = run_script("finetune_gpu.py", "--resume", extended / "last.pt", "--epochs", 4, "--quiet")
-    assert more.returncode == 0, more.stderr
-    assert same_weights(straight / "last.pt", extended / "last.pt")
-    assert same_weights(straight / "best.pt", extended / "best.pt")
-    assert metrics(straight) == metrics(extended)
-    ema = [torch.load(out / "last.pt", weights_only=True)["ema"] for out in (straight, extended)]
-    assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+SIGNALLED = {  # where the signal lands: (the script, after (seconds, or the line it printed), signal, exit code)
+    # 0.3 s after start both scripts are still importing torch (it takes a second or more)
+    "finetune_gpu.py importing torch, SIGTERM": ("finetune_gpu.py", 0.3, signal.SIGTERM, 143),
+    "finetune_gpu.py importing torch, SIGINT": ("finetune_gpu.py", 0.3, signal.SIGINT, 130),
+    "test_model.py importing torch": ("test_model.py", 0.3, signal.SIGINT, 130),
+    "during set-up": ("finetune_gpu.py", "data:", signal.SIGTERM, 143),
+    "during the first epoch": ("finetune_gpu.py", "epoch   0", signal.SIGTERM, 143),
+    "during the second epoch, SIGINT": ("finetune_gpu.py", "epoch   1", signal.SIGINT, 130),
+    "during the final test": ("finetune_gpu.py", "epoch   2", signal.SIGTERM, 143),
+}
 
 
-def test_resume_refuses_changed_hyperparameters_unless_overridden(tmp_path, small_data_dir, trained_checkpoint):
+@pytest.mark.parametrize("case", SIGNALLED)
+def test_a_signal_anywhere_is_one_line_its_exit_code_and_intact_files(tmp_path, small_data_dir, trained_checkpoint,
+                                                                      case):
+    script, after, signum, expected = SIGNALLED[case]
     out = tmp_path / "run"
-    assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, out, "--epochs", 1,
-                                                   "--scheduler", "none", "--warmup-epochs", 0)).returncode == 0
-    before = (out / "last.pt").read_bytes()
-    refused = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--lr", 0.01)
-    assert refused.returncode == 2 and "--lr 0.001 -> 0.01" in refused.stderr
-    never = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--optimizer", "sgd",
-                       "--override-resume")
-    assert never.returncode == 2 and "--optimizer cannot change in a resumed run" in never.stderr
-    assert (out / "last.pt").read_bytes() == before
-    allowed = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--lr", 0.01,
-                         "--weight-decay", 0.1, "--override-resume", "--quiet")
-    assert allowed.returncode == 0, allowed.stderr
-    last = torch.load(out / "last.pt", weights_only=True)
-    assert [row["lr"] for row in last["history"][1:]] == pytest.approx([0.001, 0.01])  # the new LR is used
-    assert last["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
-
-
-def test_resume_needs_neither_the_input_model_nor_from_scratch_flags(tmp_path, small_data_dir, trained_checkpoint):
-    shutil.copy(trained_checkpoint, tmp_path / "input.pt")
-    out = tmp_path / "run"
-    assert run_script("finetune_gpu.py", *args_for(small_data_dir, tmp_path / "input.pt", out,
-                                                   "--epochs", 1)).returncode == 0
-    (tmp_path / "input.pt").unlink()  # moved away since: last.pt alone must do
-    resumed = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
-    scratch = tmp_path / "scratch"
-    made = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--output",
-                      scratch / "best.pt", "--logdir", tmp_path / "tb", *SMALL, "--epochs", 1)
-    assert made.returncode == 0, made.stderr
-    resumed = run_script("finetune_gpu.py", "--resume", scratch / "last.pt", "--epochs", 2, "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
-
-
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_and_exits_quickly(tmp_path, small_data_dir, trained_checkpoint, signum, code):
-    out = tmp_path / "run"
-    argv = [a for a in args_for(small_data_dir, trained_checkpoint, out, "--epochs", 50) if a != "--quiet"]
-    exit_code, stderr, seconds = start_and_signal(argv, "epoch   1", signum)
-    assert exit_code == code, stderr
-    assert seconds < 30  # the flag is polled within an epoch of 16 steps, even on a loaded machine
-    assert "Traceback" not in stderr and f"--resume {out / 'last.pt'}" in stderr
-    last = torch.load(out / "last.pt", weights_only=True)
-    assert last["epoch"] >= 1
-    assert weights(out / "best.pt")  # intact and loadable
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
-
-
-@pytest.mark.parametrize("after_line", ["data:", "epoch   0", "epoch   2"],
-                         ids=["during set-up", "during the first epoch", "during the final test"])
-def test_sigterm_anywhere_in_the_run_is_one_line_and_exit_143(tmp_path, small_data_dir, trained_checkpoint,
-                                                              after_line):
-    out = tmp_path / "run"
-    argv = [a for a in args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2) if a != "--quiet"]
-    code, stderr, _ = start_and_signal(argv, after_line, signal.SIGTERM)
-    assert code == 143, stderr
+    argv = args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2) if script == "finetune_gpu.py" else [
+        "--model-path", str(trained_checkpoint), "--data-dir", str(small_data_dir), "--device", "cpu"]
+    code, stdout, stderr, seconds = interrupt([REPO / script, *argv], signum, after)
+    assert code == expected, stdout + stderr
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith("interrupted (SIGTERM): ")
-    if (out / "last.pt").exists():
+    assert stderr.strip().splitlines()[-1].startswith(f"interrupted ({signum.name})")
+    assert seconds < 30  # the flag is polled within an epoch of 16 steps, even on a loaded machine
+    if isinstance(after, float):
+        assert "epoch   1" not in stdout and not (out / "best.pt").exists()
+    elif (out / "last.pt").exists():
         assert f"--resume {out / 'last.pt'}" in stderr
+        assert torch.load(out / "last.pt", weights_only=True)["epoch"] >= int(after.split()[1])
+        assert weights(out / "best.pt")  # intact and loadable
         unfinished = json.loads((out / "metrics.json").read_text())
         assert unfinished["finished"] is False and unfinished["device"] == "cpu" and "stop_reason" not in unfinished
     else:
-        assert "nothing to resume" in stderr and not (out / "metrics.json").exists()
-    assert not (out / ".lock").exists()
+        assert after == "data:" and "nothing to resume" in stderr and not (out / "metrics.json").exists()
+    assert not [p for p in out.glob("*") if p.name.endswith(".tmp") or p.name == ".lock"]
 
 
 def test_a_lost_console_does_not_stop_the_run(tmp_path, small_data_dir, trained_checkpoint):
     out = tmp_path / "run"
-    argv = [str(a) for a in args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2) if a != "--quiet"]
-    command = " ".join([sys.executable, str(REPO / "finetune_gpu.py"), *argv])
+    command = " ".join([sys.executable, str(REPO / "finetune_gpu.py"),
+                        *args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2)])
     result = subprocess.run(["bash", "-c", f"{command} 2>{tmp_path / 'err'} | head -1; echo ${{PIPESTATUS[0]}}"],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.stdout.strip().splitlines()[-1] == "0", (tmp_path / "err").read_text()
@@ -187,52 +145,48 @@ def test_kill_9_during_saves_leaves_a_complete_file(tmp_path):
     target = tmp_path / "ckpt.pt"
     save_checkpoint({"version": 0, "w": torch.zeros(300_000)}, target)
     rng = random.Random(0)
-    for _ in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", KILL_WRITER, str(target)], cwd=REPO)
-        time.sleep(2.0 + rng.random())  # import torch, then some hundreds of saves
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    for _ in range(6):  # import torch, then some hundreds of saves
+        assert interrupt(["-c", KILL_WRITER, target], signal.SIGKILL, 2.0 + rng.random())[0] == -signal.SIGKILL
         ckpt = torch.load(target, weights_only=True)
         assert torch.all(ckpt["w"] == ckpt["version"])  # old or new, never a mix or a torn file
 
 
-def fail_after(calls: int, monkeypatch):
-    """Make the training step's loss NaN from the `calls`-th step on (a diverging run)."""
-    original = engine.TrainStep.__call__
-    count = {"n": 0}
-
-    def step(self, x, y, rt, targets=None):
-        count["n"] += 1
-        loss, logits = original(self, x, y, rt, targets)
-        return (loss * float("nan"), logits) if count["n"] >= calls else (loss, logits)
-
-    monkeypatch.setattr(engine.TrainStep, "__call__", step)
-
-
 def test_nan_loss_stops_with_exit_1_and_keeps_the_best_model(tmp_path, small_data_dir, trained_checkpoint,
                                                             monkeypatch, capsys):
+    original, steps = engine.TrainStep.__call__, itertools.count(1)
+
+    def diverging(self, *args):  # 1024 images / 64 = 16 steps per epoch: NaN from step 20 on, in epoch 2
+        loss, logits = original(self, *args)
+        return loss * (float("nan") if next(steps) >= 20 else 1.0), logits
+
+    monkeypatch.setattr(engine.TrainStep, "__call__", diverging)
     out = tmp_path / "run"
-    fail_after(20, monkeypatch)  # 1024 images / 64 = 16 steps per epoch: epoch 2 diverges
-    code = finetune_gpu.main([str(a) for a in args_for(small_data_dir, trained_checkpoint, out, "--epochs", 5)])
+    assert finetune_gpu.main(args_for(small_data_dir, trained_checkpoint, out, "--epochs", 5)) == 1
     err = capsys.readouterr().err
-    assert code == 1
     assert "loss became nan in epoch 2" in err and f"stays in {out / 'best.pt'}" in err
     assert torch.load(out / "best.pt", weights_only=True)["metrics"]["epoch"] in (0, 1)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_permission_never_travels_in_last_pt(tmp_path, small_data_dir, trained_checkpoint):
-    """--overwrite given to run a is no licence for resuming a into run b's folder."""
+def test_a_resume_takes_no_licence_from_its_record(tmp_path, small_data_dir, trained_checkpoint, capsys):
+    """--overwrite given to run a is no licence for resuming a into run b's folder; and the --model-path
+    recorded in last.pt stays an input, whether an --output would replace it as the best model or as the
+    plain state_dict written beside it, --overwrite or not."""
+    source = tmp_path / "in" / "x.state_dict.pt"  # a bare state_dict: the run writes one beside its best model
+    source.parent.mkdir()
+    torch.save(weights(trained_checkpoint), source)
     a, b = tmp_path / "a", tmp_path / "b"
-    for out, extra in ((a, ["--overwrite"]), (b, [])):
-        made = run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, out, "--epochs", 1,
-                                                       "--limit-train", 256, *extra))
-        assert made.returncode == 0, made.stderr
-    before = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
-    resumed = run_script("finetune_gpu.py", "--resume", a / "last.pt", "--output", b / "best.pt", "--epochs", 2)
-    assert resumed.returncode == 2, resumed.stderr
-    assert "already exists" in resumed.stderr and "--overwrite" in resumed.stderr
-    assert {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()} == before
+    assert finetune_gpu.main(args_for(small_data_dir, source, a, "--epochs", 1, "--limit-train", 256,
+                                      "--overwrite")) == 0
+    shutil.copytree(a, b)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for output, flags, refusal in ((b / "best.pt", [], "already exists; pass --overwrite"),
+                                   (source, ["--overwrite"], "is the --model-path input"),  # the best model
+                                   (source.parent / "x.pt", ["--overwrite"], "is the --model-path input")):
+        argv = ["--resume", a / "last.pt", "--output", output, *flags, "--epochs", 2, "--logdir", tmp_path / "tb"]
+        assert finetune_gpu.main([str(arg) for arg in argv]) == 2
+        assert refusal in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def damaged_state(ckpt, fn):
@@ -268,9 +222,6 @@ def test_a_failed_last_pt_write_never_reads_as_a_finished_run(tmp_path, small_da
                                                               monkeypatch, capsys):
     """The final epoch's last.pt cannot be written (a full disk, say): exit 1, and metrics.json does not say
     the run finished."""
-    from fashion_ft import trainer
-    from fashion_ft.errors import UserError
-
     original = trainer.save_checkpoint
 
     def save(obj, path):
@@ -280,22 +231,6 @@ def test_a_failed_last_pt_write_never_reads_as_a_finished_run(tmp_path, small_da
 
     monkeypatch.setattr(trainer, "save_checkpoint", save)
     out = tmp_path / "run"
-    assert finetune_gpu.main([str(a) for a in args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2)]) == 1
+    assert finetune_gpu.main(args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2)) == 1
     assert "no space left" in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["finished"] is False
-
-
-def test_a_resumed_run_never_replaces_its_original_input(tmp_path, small_data_dir, trained_checkpoint, capsys):
-    """The --model-path recorded in last.pt stays an input on --resume, whether an --output would replace it
-    as the best model or as the plain state_dict written beside it, --overwrite or not."""
-    source = tmp_path / "in" / "x.state_dict.pt"  # a bare state_dict: the run writes one beside its best model
-    source.parent.mkdir()
-    torch.save(weights(trained_checkpoint), source)
-    out = tmp_path / "run"
-    assert finetune_gpu.main([str(a) for a in args_for(small_data_dir, source, out, "--epochs", 1)]) == 0
-    before = source.read_bytes()
-    for output in (source, source.parent / "x.pt"):  # the best model; the plain state_dict beside x.pt
-        argv = ["--resume", out / "last.pt", "--output", output, "--overwrite", "--epochs", 2, "--logdir", tmp_path / "tb"]
-        assert finetune_gpu.main([str(a) for a in argv]) == 2
-        assert "is the --model-path input" in capsys.readouterr().err
-    assert source.read_bytes() == before
