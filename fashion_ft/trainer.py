@@ -279,7 +279,7 @@ def check_normalization(cfg: Config, start: LoadedCheckpoint, model: nn.Module, 
     if cfg.resume or cfg.from_scratch or (start.normalize_recorded and cfg.normalize is None):
         return
     current = (start.mean, start.std)
-    advice = suggestion(compare(model, train.images, train.labels.cpu(), current), current)
+    advice = suggestion(compare(model, train.images, train.labels, current), current)
     if advice and cfg.normalize is not None:
         console.warn(f"{advice}: is --normalize {current[0]:g} {current[1]:g} the one the model was trained with?")
     elif advice:
