@@ -137,11 +137,9 @@ def refused(main, argv, capsys):
 @pytest.mark.parametrize("case", list(FINETUNE_CASES))
 def test_finetune_bad_input(case, workdir, small_data_dir, capsys):
     extra, expected_code, expected_text = FINETUNE_CASES[case]
-    base = {"--model-path": "input.pt", "--data-dir": str(small_data_dir), "--output": "out/best.pt",
-            "--logdir": "tb", "--val-size": "500", "--batch-size": "64", "--device": "cpu"}
-    for flag in extra + (["--model-path"] if "--from-scratch" in extra else []):  # random weights read none
-        base.pop(flag, None)
-    argv = [item for pair in base.items() for item in pair] + ["--epochs", "1", "--quiet", *extra]
+    model = [] if "--from-scratch" in extra else ["--model-path", "input.pt"]  # random weights read none
+    argv = [*model, "--data-dir", str(small_data_dir), "--output", "out/best.pt", "--logdir", "tb", "--val-size", "500",
+            "--batch-size", "64", "--device", "cpu", "--epochs", "1", "--quiet", *extra]  # the last of a flag wins
     code, err = refused(finetune_gpu.main, argv, capsys)
     assert code == expected_code and expected_text in err, err
     assert err.strip().splitlines()[-1].startswith(("error:", "finetune_gpu.py: error:"))
@@ -177,21 +175,16 @@ def test_a_failed_download_is_one_line_and_leaves_no_folders(workdir, monkeypatc
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
     code, err = refused(finetune_gpu.main, ["--model-path", "input.pt", "--data-dir", "fresh/data", "--download",
                                             "--output", "out/best.pt", "--logdir", "tb", "--device", "cpu"], capsys)
-    assert code == 1 and err.startswith("error: --download:") and err.count("\n") == 1, err
-    assert "Error downloading" in err
-
-
-def replaced_by(make):
-    return lambda path: (path.unlink(), make(path))
+    assert code == 1 and err.startswith("error: --download:") and "Error downloading" in err and err.count("\n") == 1
 
 
 BAD_DATA = {  # what is done to the training images file of a good split
     "no images": lambda path: write_split(path.parent, "train", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8)),
     "truncated": lambda path: path.write_bytes(path.read_bytes()[:-100]),
     "labels in its place": lambda path: write_idx(path, np.zeros(20, np.uint8), LABELS_MAGIC),
-    "a folder in its place": replaced_by(Path.mkdir),
+    "a folder in its place": lambda path: (path.unlink(), path.mkdir()),
     # 20 images promised, 10 MB of zeros behind them
-    "a gzip bomb": replaced_by(lambda path: Path(f"{path}.gz").write_bytes(
+    "a gzip bomb": lambda path: (path.unlink(), Path(f"{path}.gz").write_bytes(
         gzip.compress(struct.pack(">4I", IMAGES_MAGIC, 20, 28, 28) + bytes(10**7), 1))),
 }
 
@@ -203,8 +196,8 @@ def test_a_bad_data_file_is_one_line_naming_the_file_not_a_flag(case, workdir, c
     BAD_DATA[case](workdir / "d" / FILES["train"][0])
     code, err = refused(finetune_gpu.main, ["--model-path", "input.pt", "--data-dir", "d", "--output", "out/best.pt",
                                             "--device", "cpu"], capsys)
-    assert code == 1 and err.count("\n") == 1 and err.startswith("error:"), err
-    assert FILES["train"][0] in err and "--val-size" not in err
+    assert code == 1 and err.startswith("error:") and err.count("\n") == 1 and FILES["train"][0] in err, err
+    assert "--val-size" not in err
 
 
 def test_resume_never_unpickles_and_says_so(workdir, capsys):
