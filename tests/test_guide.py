@@ -1,9 +1,6 @@
-"""The user guides (FINETUNE_GUIDE.md, its Chinese version) and README.md cannot drift from the code: every
-`python finetune_gpu.py|test_model.py`, `torchrun` and `bash QUICKSTART.sh` command line in their code blocks
-parses with the scripts' own parsers, and where no file has to be read it is validated too; both guides hold the
-same command lines and structure; the presets table and the resume lists are Config's; every accuracy figure
-comes from a measurement. The flags themselves are documented by `--help`. Fast: nothing is loaded but parsers.
-"""
+"""The guides (FINETUNE_GUIDE.md, its Chinese version) and README.md cannot drift from the code: their command
+lines parse with the scripts' own parsers (and validate where no file is read), both guides hold the same command
+lines and structure, the presets table and the resume lists are Config's, and every accuracy figure is measured."""
 
 import contextlib
 import functools
@@ -98,11 +95,9 @@ def quickstart_help() -> tuple[frozenset, bool]:
     shown = subprocess.run(["bash", str(REPO / "QUICKSTART.sh"), "--help"], capture_output=True, text=True,
                            timeout=30)
     assert shown.returncode == 0, shown.stderr
-    flags = {"-h", "--help"}
-    for line in shown.stdout.splitlines():
-        own = line.split("#")[0].split(" -- ")[0].split()  # after its '--' the flags are finetune_gpu.py's
-        flags |= {t for t in own if t.startswith("-")}
-    return frozenset(flags), " -- " in shown.stdout
+    flags = {t for line in shown.stdout.splitlines()  # after its '--' the flags are finetune_gpu.py's
+             for t in line.split("#")[0].split(" -- ")[0].split() if t.startswith("-")}
+    return frozenset(flags | {"-h", "--help"}), " -- " in shown.stdout
 
 
 def check_command(line: str, kind: str, argv: tuple | None) -> None:
@@ -146,8 +141,7 @@ def test_every_command_of_the_guides_and_readme_parses(command):
 def test_each_guide_links_the_other_and_shows_every_kind_of_command_and_help(lang, other):
     assert f"]({other})" in "\n".join(TEXTS[lang].splitlines()[:5]), f"{lang}: no link to {other} at its top"
     assert {kind for _, kind, _ in COMMANDS[lang]} == {*SCRIPTS, "torchrun", "QUICKSTART.sh"}
-    shown = {c for c, _, _ in COMMANDS[lang]}
-    assert {f"python {s} --help" for s in SCRIPTS} <= shown, "the guides point to --help for the flag reference"
+    assert {f"python {s} --help" for s in SCRIPTS} <= {c for c, _, _ in COMMANDS[lang]}, "the flag reference is --help"
 
 
 def test_both_guides_hold_the_same_command_lines_and_structure():
@@ -169,8 +163,8 @@ def test_presets_table_matches_the_code(lang):
 
 @pytest.mark.parametrize("path", [*GUIDES.values(), README], ids=lambda p: p.name)
 def test_the_results_table_lives_in_one_place(path):
-    """bench/results/results.md holds the measured table; the guides and the README link to it and copy none
-    of its rows (copies drift)."""
+    """bench/results/results.md holds the measured table; the others link to it and copy none of its rows (copies
+    drift)."""
     text = path.read_text(encoding="utf-8")
     assert "](bench/results/results.md)" in text, f"{path.name}: no link to bench/results/results.md"
     measured = [r for r in table_rows((RESULTS / "results.md").read_text()) if r[0] not in ("plan", "---")]
