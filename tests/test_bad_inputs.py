@@ -13,7 +13,6 @@ from conftest import FILES, IMAGES_MAGIC, LABELS_MAGIC, REPO, run_script, write_
 
 import finetune_gpu
 import test_model
-from fashion_ft.errors import UsageError
 
 # (extra flags, exit code, text the error must contain). Every case also gets valid model/data/output flags.
 FINETUNE_CASES = {
@@ -47,6 +46,7 @@ FINETUNE_CASES = {
     "grad norm zero": (["--max-grad-norm", "0"], 2, "--max-grad-norm"),
     "ema decay 1": (["--ema-decay", "1"], 2, "--ema-decay"),
     "min-lr above lr": (["--min-lr", "0.1"], 2, "--min-lr"),
+    "lr below the default min-lr": (["--lr", "1e-7", "--scheduler", "cosine"], 2, "--min-lr"),
     "warmup longer than run": (["--warmup-epochs", "5", "--epochs", "3"], 2, "--warmup-epochs"),
     "onecycle with warmup": (["--scheduler", "onecycle", "--warmup-epochs", "1"], 2, "--warmup-epochs"),
     "arch kwargs not JSON": (["--from-scratch", "--arch-kwargs", "{blocks: 1}"], 2, "--arch-kwargs"),
@@ -75,12 +75,15 @@ FINETUNE_CASES = {
     "output exists": (["--output", "existing/best.pt"], 2, "--overwrite"),
     "output under a file": (["--output", "input.pt/best.pt"], 2, "--output"),
     "resume from a best model": (["--resume", "input.pt"], 1, "not a resumable checkpoint"),
+    "NaN weights": (["--model-path", "nan.pt"], 1, "NaN/Inf weights in classifier.5.bias"),
+    "newer checkpoint format": (["--model-path", "future.pt"], 1, "format version 99 is newer"),
     "normalize std tiny": (["--normalize", "0", "1e-40"], 2, "--normalize: must be"),
     "normalize mean huge": (["--normalize", "1e300", "1"], 2, "--normalize: must be"),
     "model-def empty": (["--model-def", ""], 2, "--model-def: expected"),
     "logdir empty": (["--logdir", ""], 2, "--logdir: expected a folder"),
     "trainable empty": (["--trainable", ""], 2, "--trainable: expected"),
     "trainable only commas": (["--trainable", ",,"], 2, "--trainable: expected"),
+    "trainable only spaces": (["--trainable", " , "], 2, "--trainable: expected"),
     "trainable matching nothing": (["--trainable", "fc*"], 2, "--trainable 'fc*' matches no layer"),
     "trainable unclosed bracket": (["--trainable", "["], 2, "--trainable '[' matches no layer"),
 }
@@ -99,100 +102,65 @@ TEST_MODEL_CASES = {
 
 
 def snapshot(folder):
-    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file and folder under `folder`, with each file's bytes."""
+    return {p: p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """A folder with input.pt (the shipped model) and an earlier run's existing/best.pt; the scripts run inside it."""
+    """A folder with input.pt (the shipped model), an earlier run's existing/best.pt, and the shipped model with a
+    NaN weight (nan.pt) and from a newer format (future.pt); the scripts run inside it."""
     shutil.copy(REPO / "model" / "mnist_cnn3.pt", tmp_path / "input.pt")
     (tmp_path / "existing").mkdir()
     shutil.copy(REPO / "model" / "mnist_cnn3.pt", tmp_path / "existing" / "best.pt")
+    ckpt = torch.load(tmp_path / "input.pt", weights_only=True)
+    torch.save({**ckpt, "format_version": 99}, tmp_path / "future.pt")
+    ckpt["model"]["classifier.5.bias"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
-def call(main, argv, capsys):
-    """Run a script's main() in-process, as the command line would: argparse exits with SystemExit."""
+def refused(main, argv, capsys):
+    """A script's main(argv) run in-process, as the command line would (argparse exits with SystemExit): its
+    exit code and stderr, once checked that it shows no traceback and left the current folder as it was."""
+    before = snapshot(Path.cwd())
     try:
         code = main(argv)
     except SystemExit as exc:
         code = exc.code
-    return code, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and snapshot(Path.cwd()) == before, err
+    return code, err
 
 
 @pytest.mark.parametrize("case", list(FINETUNE_CASES))
 def test_finetune_bad_input(case, workdir, small_data_dir, capsys):
     extra, expected_code, expected_text = FINETUNE_CASES[case]
-    base = {"--model-path": "input.pt", "--data-dir": str(small_data_dir), "--output": "out/best.pt",
-            "--logdir": "tb", "--val-size": "500", "--batch-size": "64", "--device": "cpu"}
-    for flag in extra + (["--model-path"] if "--from-scratch" in extra else []):  # random weights read none
-        base.pop(flag, None)
-    argv = [item for pair in base.items() for item in pair] + ["--epochs", "1", "--quiet", *extra]
-    before = snapshot(workdir)
-    code, err = call(finetune_gpu.main, argv, capsys)
-    assert code == expected_code, err
-    assert expected_text in err and "Traceback" not in err
+    model = [] if "--from-scratch" in extra else ["--model-path", "input.pt"]  # random weights read none
+    argv = [*model, "--data-dir", str(small_data_dir), "--output", "out/best.pt", "--logdir", "tb", "--val-size", "500",
+            "--batch-size", "64", "--device", "cpu", "--epochs", "1", "--quiet", *extra]  # the last of a flag wins
+    code, err = refused(finetune_gpu.main, argv, capsys)
+    assert code == expected_code and expected_text in err, err
     assert err.strip().splitlines()[-1].startswith(("error:", "finetune_gpu.py: error:"))
-    assert snapshot(workdir) == before
 
 
 @pytest.mark.parametrize("case", list(TEST_MODEL_CASES))
 def test_test_model_bad_input(case, workdir, small_data_dir, capsys):
     extra, expected_code, expected_text = TEST_MODEL_CASES[case]
     argv = ["--model-path", "input.pt", "--data-dir", str(small_data_dir), *extra]
-    before = snapshot(workdir)
-    code, err = call(test_model.main, argv, capsys)
-    assert code == expected_code, err
-    assert expected_text in err and "Traceback" not in err
-    assert snapshot(workdir) == before
+    code, err = refused(test_model.main, argv, capsys)
+    assert code == expected_code and expected_text in err, err
 
 
 @pytest.mark.slow
-def test_nan_weights_are_refused_by_both_scripts(workdir, small_data_dir):
-    ckpt = torch.load("input.pt", weights_only=True)
-    ckpt["model"]["classifier.5.bias"][0] = float("nan")
-    torch.save(ckpt, "nan.pt")
-    before = snapshot(workdir)
-    tuned = run_script("finetune_gpu.py", "--model-path", "nan.pt", "--data-dir", small_data_dir,
-                       "--output", "out/best.pt", cwd=workdir)
-    assert tuned.returncode == 1 and "NaN/Inf weights in classifier.5.bias" in tuned.stderr
-    checked = run_script("test_model.py", "--model-path", "nan.pt", "--data-dir", small_data_dir, cwd=workdir)
-    assert checked.returncode == 1 and "weights finite" in checked.stdout
-    assert snapshot(workdir) == before
-
-
-@pytest.mark.slow
-def test_newer_checkpoint_format_is_refused(workdir, small_data_dir):
-    ckpt = torch.load("input.pt", weights_only=True)
-    ckpt["format_version"] = 99
-    torch.save(ckpt, "future.pt")
-    result = run_script("finetune_gpu.py", "--model-path", "future.pt", "--data-dir", small_data_dir,
-                        "--output", "out/best.pt", cwd=workdir)
-    assert result.returncode == 1 and "format version 99 is newer" in result.stderr
-    assert not (workdir / "out").exists()
-
-
-@pytest.mark.slow
-def test_a_preset_may_not_change_a_fixed_field_on_resume(workdir, small_data_dir, trained_checkpoint):
+def test_a_preset_may_not_change_a_fixed_field_on_resume(workdir, small_data_dir, trained_checkpoint, capsys):
     first = run_script("finetune_gpu.py", "--model-path", trained_checkpoint, "--data-dir", small_data_dir, "--output",
                        "run/best.pt", "--logdir", "tb", "--epochs", "1", "--limit-train", "256", "--val-size", "500",
                        "--batch-size", "64", "--device", "cpu", "--quiet", cwd=workdir)
     assert first.returncode == 0, first.stderr
-    before = snapshot(workdir)
-    result = run_script("finetune_gpu.py", "--resume", "run/last.pt", "--preset", "head", "--override-resume",
-                        cwd=workdir)
-    assert result.returncode == 2, result.stderr
-    assert "--freeze-conv cannot change" in result.stderr and "Traceback" not in result.stderr
-    assert snapshot(workdir) == before
-
-
-def test_a_default_that_the_schedule_ignores_never_fails():
-    """--min-lr (default 1e-6) only matters for cosine: a smaller --lr with another scheduler is valid."""
-    cfg, _ = finetune_gpu.build_config(["--lr", "1e-7", "--scheduler", "none"])
-    assert cfg.lr == 1e-7
-    with pytest.raises(UsageError, match="--min-lr"):
-        finetune_gpu.build_config(["--lr", "1e-7", "--scheduler", "cosine"])
+    code, err = refused(finetune_gpu.main, ["--resume", "run/last.pt", "--preset", "head", "--override-resume"], capsys)
+    assert code == 2 and "--freeze-conv cannot change" in err, err
 
 
 def test_a_failed_download_is_one_line_and_leaves_no_folders(workdir, monkeypatch, capsys):
@@ -205,26 +173,18 @@ def test_a_failed_download_is_one_line_and_leaves_no_folders(workdir, monkeypatc
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
-    before = snapshot(workdir)
-    code, err = call(finetune_gpu.main, ["--model-path", "input.pt", "--data-dir", "fresh/data", "--download",
-                                         "--output", "out/best.pt", "--logdir", "tb", "--device", "cpu"], capsys)
-    assert code == 1, err
-    lines = err.strip().splitlines()
-    assert lines[-1].startswith("error: --download:") and "Error downloading" in lines[-1] and len(lines) == 1
-    assert not (workdir / "fresh").exists() and snapshot(workdir) == before
-
-
-def replaced_by(make):
-    return lambda path: (path.unlink(), make(path))
+    code, err = refused(finetune_gpu.main, ["--model-path", "input.pt", "--data-dir", "fresh/data", "--download",
+                                            "--output", "out/best.pt", "--logdir", "tb", "--device", "cpu"], capsys)
+    assert code == 1 and err.startswith("error: --download:") and "Error downloading" in err and err.count("\n") == 1
 
 
 BAD_DATA = {  # what is done to the training images file of a good split
     "no images": lambda path: write_split(path.parent, "train", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8)),
     "truncated": lambda path: path.write_bytes(path.read_bytes()[:-100]),
     "labels in its place": lambda path: write_idx(path, np.zeros(20, np.uint8), LABELS_MAGIC),
-    "a folder in its place": replaced_by(Path.mkdir),
+    "a folder in its place": lambda path: (path.unlink(), path.mkdir()),
     # 20 images promised, 10 MB of zeros behind them
-    "a gzip bomb": replaced_by(lambda path: Path(f"{path}.gz").write_bytes(
+    "a gzip bomb": lambda path: (path.unlink(), Path(f"{path}.gz").write_bytes(
         gzip.compress(struct.pack(">4I", IMAGES_MAGIC, 20, 28, 28) + bytes(10**7), 1))),
 }
 
@@ -234,15 +194,13 @@ def test_a_bad_data_file_is_one_line_naming_the_file_not_a_flag(case, workdir, c
     for split in ("train", "test"):
         write_split(workdir / "d", split, np.zeros((20, 28, 28), np.uint8), np.arange(20, dtype=np.uint8) % 10)
     BAD_DATA[case](workdir / "d" / FILES["train"][0])
-    before = snapshot(workdir)
-    code, err = call(finetune_gpu.main, ["--model-path", "input.pt", "--data-dir", "d", "--output", "out/best.pt",
-                                         "--device", "cpu"], capsys)
-    assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
-    assert FILES["train"][0] in err and "--val-size" not in err and "Traceback" not in err
-    assert snapshot(workdir) == before
+    code, err = refused(finetune_gpu.main, ["--model-path", "input.pt", "--data-dir", "d", "--output", "out/best.pt",
+                                            "--device", "cpu"], capsys)
+    assert code == 1 and err.startswith("error:") and err.count("\n") == 1 and FILES["train"][0] in err, err
+    assert "--val-size" not in err
 
 
 def test_resume_never_unpickles_and_says_so(workdir, capsys):
     torch.save(torch.nn.Linear(2, 2), "whole.pt")  # a pickled module: loading it would run code
-    code, err = call(finetune_gpu.main, ["--resume", "whole.pt", "--trust-pickle"], capsys)
+    code, err = refused(finetune_gpu.main, ["--resume", "whole.pt", "--trust-pickle"], capsys)
     assert code == 1 and "--resume never unpickles" in err and "pass --trust-pickle" not in err, err

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import unicodedata
 import warnings
+from unittest import mock
 
 import pytest
 from conftest import REPO
@@ -17,12 +18,6 @@ from fashion_ft.trainer import Console
 @pytest.fixture(autouse=True)
 def keep_formatwarning(monkeypatch):
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after each test
-
-
-def raising(exc):
-    def body():
-        raise exc
-    return body
 
 
 @pytest.mark.parametrize("exc, code, line", [
@@ -41,22 +36,14 @@ def raising(exc):
 ], ids=["user", "usage", "sigterm", "sigint", "ctrl-c", "unexpected", "newline in a path", "escape in a hint",
         "a module the project does not need"])
 def test_each_failure_is_one_line_and_its_exit_code(capsys, exc, code, line):
-    assert config.run(raising(exc), debug=False) == code
-    out, err = capsys.readouterr()
-    assert err == line + "\n" and out == ""
+    assert config.run(mock.Mock(side_effect=exc), debug=False) == code
+    assert capsys.readouterr() == ("", line + "\n")
 
 
 def test_a_hang_up_exits_129_though_the_terminal_is_gone(monkeypatch):
     """After SIGHUP the terminal has closed: writing the line fails with EIO, and the code must still be 129."""
-    class GoneTerminal:
-        def write(self, text):
-            raise OSError(5, "Input/output error")
-
-        def flush(self):
-            pass
-
-    monkeypatch.setattr(sys, "stderr", GoneTerminal())
-    assert config.run(raising(Interrupted("SIGHUP", "resume with: ...")), debug=False) == 129
+    monkeypatch.setattr(sys, "stderr", mock.Mock(**{"write.side_effect": OSError(5, "Input/output error")}))
+    assert config.run(mock.Mock(side_effect=Interrupted("SIGHUP", "resume with: ...")), debug=False) == 129
 
 
 def test_body_exit_code_passes_through(capsys):
@@ -67,18 +54,23 @@ def test_body_exit_code_passes_through(capsys):
 @pytest.mark.parametrize("exc", [UserError("x"), ValueError("y")])
 def test_debug_shows_the_traceback(exc):
     with pytest.raises(type(exc)):
-        config.run(raising(exc), debug=True)
+        config.run(mock.Mock(side_effect=exc), debug=True)
 
 
 def test_prefix_names_the_rank(capsys):
-    assert config.run(raising(UserError("disk full")), debug=False, prefix=lambda: "error (rank 1 of 2): ") == 1
+    body = mock.Mock(side_effect=UserError("disk full"))
+    assert config.run(body, debug=False, prefix=lambda: "error (rank 1 of 2): ") == 1
     assert capsys.readouterr().err == "error (rank 1 of 2): disk full\n"
 
 
-def test_warnings_are_one_line():
+def test_warnings_and_console_lines_are_one_line(capsys):
     assert config.run(lambda: 0, debug=False) == 0
     assert warnings.formatwarning("no CUDA GPU found", UserWarning, "system.py", 52) == "warning: no CUDA GPU found\n"
     assert warnings.formatwarning("logs\nx: read-only", UserWarning, "tblog.py", 76) == "warning: logs\\nx: read-only\n"
+    console = Console(quiet=False, is_main=True)
+    console.print("saved: out\nx/best.pt (best)")
+    console.warn("logs\x1b[2J: read-only")
+    assert capsys.readouterr() == ("saved: out\\nx/best.pt (best)\n", "warning: logs\\x1b[2J: read-only\n")
 
 
 @pytest.mark.parametrize("text, shown", [
@@ -97,28 +89,18 @@ def test_printable_escapes_exactly_the_control_categories():
     assert config.printable(astral) == astral
 
 
-def test_console_lines_are_one_line(capsys):
-    console = Console(quiet=False, is_main=True)
-    console.print("saved: out\nx/best.pt (best)")
-    console.warn("logs\x1b[2J: read-only")
-    assert capsys.readouterr() == ("saved: out\\nx/best.pt (best)\n", "warning: logs\\x1b[2J: read-only\n")
-
-
 # ---------------------------------------------------------------- a Python without the project's packages
 
-def requirement_names() -> set[str]:
-    lines = (REPO / "requirements.txt").read_text().splitlines()
-    return {line.split(">")[0].split("=")[0].strip() for line in lines if line.strip() and not line.startswith("#")}
-
-
 def test_required_packages_are_those_of_requirements_txt():
-    assert set(config.REQUIRED_PACKAGES) == requirement_names()
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    names = {line.split(">")[0].split("=")[0].strip() for line in lines if line.strip() and not line.startswith("#")}
+    assert set(config.REQUIRED_PACKAGES) == names
 
 
 @pytest.mark.parametrize("name", [*config.REQUIRED_PACKAGES, "torch._C"])
 def test_a_missing_required_package_says_how_to_set_up(capsys, name):
     exc = ModuleNotFoundError(f"No module named {name!r}", name=name)
-    assert config.run(raising(exc), debug=False) == 1
+    assert config.run(mock.Mock(side_effect=exc), debug=False) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {name.split('.')[0]} is not installed in {sys.executable}") and err.count("\n") == 1
     assert "bash scripts/setup.sh" in err and "source .venv/bin/activate" in err and ".venv/bin/python" in err
