@@ -132,7 +132,7 @@ def test_a_users_own_network(tmp_path, real_data_dir, name):
     out = tmp_path / "bench.json"
     definition = f"{write_script(name, tmp_path)}:{spec.cls}"
     result = bench("--tiny", "--device", "cpu", "--workers", "0", "--model-def", definition, "--model-kwargs",
-                   json.dumps(spec.kwargs), "--normalize", *spec.norm, "--json", out)
+                   json.dumps(spec.kwargs), "--normalize", spec.mean, spec.std, "--json", out)
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["model"]["arch"] == definition and r["settings"]["channels_last"] == (name != "d")
