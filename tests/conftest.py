@@ -63,23 +63,11 @@ def head_parameters(model) -> set[str]:
     return {name for name, p in model.named_parameters() if id(p) in head}
 
 
-class WrappedFile:
-    """A file as os.fdopen returns it, whose write() a test double overrides: the rest goes to the real file."""
+class WrappedFile(io.BufferedWriter):
+    """The file os.fdopen(fd, "wb") returns, taken over (detached) so that a test double can override write()."""
 
     def __init__(self, fh):
-        self.fh = fh
-
-    def write(self, data):
-        return self.fh.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.fh, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.fh.close()
+        super().__init__(fh.detach())
 
 
 def run_script(script: str, *args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:

@@ -19,8 +19,18 @@ FASHION_NORM = (0.2860, 0.3530)  # Fashion-MNIST's own statistics
 # If a script's main ever runs, it leaves this file next to itself: tests prove that importing it did not.
 MARKER = "MAIN_RAN"
 
-# The bottom of every script: a main that would train, fenced off so that it can be seen if it ever runs.
-_MAIN = '''
+# Every script: the user's imports, the model, and a main that would train, fenced off so that it can be seen
+# if it ever runs.
+_SCRIPT = '''\
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+{body}
 
 def main():
     parser = argparse.ArgumentParser(description="train on MNIST-like data")
@@ -33,17 +43,6 @@ def main():
 
 if __name__ == "__main__":
     main()
-'''
-
-_HEADER = '''\
-import argparse
-from pathlib import Path
-
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
 '''
 
 # (a) a BatchNorm CNN with global average pooling and a BatchNorm1d head, MNIST normalisation, log_softmax:
@@ -106,7 +105,7 @@ class TinySequential(nn.Sequential):
 '''
 
 # (d) an ordinary CNN returning logits, flattened with the common `.view` (which channels_last input breaks);
-# the user trained and saved it through nn.DataParallel.
+# the user saved it through nn.DataParallel (on a CPU, training through it is training the bare model).
 _DP_MODEL = '''
 class SmallCNN(nn.Module):
     def __init__(self, channels=8):
@@ -148,7 +147,7 @@ def write_script(name: str, folder: Path) -> Path:
     """Network `name`'s training script, written into `folder`."""
     spec = SPECS[name]
     path = Path(folder) / spec.file
-    path.write_text(_HEADER + spec.body + _MAIN.format(mean=spec.mean, std=spec.std, marker=MARKER))
+    path.write_text(_SCRIPT.format(body=spec.body, mean=spec.mean, std=spec.std, marker=MARKER))
     return path
 
 
@@ -222,23 +221,19 @@ def make_foreign(name, folder: Path, train_images, train_labels, test_images, te
     200 steps (4 epochs of 3,000 images) give about 80% on the test images, steadily from seed to seed."""
     spec = SPECS[name]
     file = write_script(name, folder)
-    dp = spec.container == "model_state_dict"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # nets this small gain nothing from more threads, and spare ones spin against other tests
     try:
         torch.manual_seed(seed)
-        net = model = import_class(file, spec.cls)(**spec.kwargs)
-        if dp and not torch.cuda.is_available():  # (d)'s user trains through DataParallel: with no GPU, a wrapper
-            net = torch.nn.DataParallel(model)  # (with a GPU it would move the model there: train it bare)
-        train(net, spec, train_images, train_labels, steps)
-        accuracy = evaluate(net, test_images, test_labels, spec.mean, spec.std)
+        model = import_class(file, spec.cls)(**spec.kwargs)
+        train(model, spec, train_images, train_labels, steps)
+        accuracy = evaluate(model, test_images, test_labels, spec.mean, spec.std)
     finally:
         torch.set_num_threads(threads)
-    weights = Path(folder) / ("checkpoint.pth" if dp else "model.pt")
-    if dp:
-        # the keys come out as "module.…"; .cpu() undoes DataParallel moving the model to a GPU, if there is one
-        wrapped = torch.nn.DataParallel(model).cpu()
-        torch.save({"model_state_dict": wrapped.state_dict(), "epoch": steps * 64 // len(train_labels)}, weights)
-    else:
+    weights = Path(folder) / ("model.pt" if spec.container == "bare" else "checkpoint.pth")
+    if spec.container == "bare":
         torch.save(model.state_dict(), weights)
+    else:  # (d)'s user saves through nn.DataParallel: keys "module.…" (.cpu() undoes its move to a GPU, if any)
+        state = torch.nn.DataParallel(model).cpu().state_dict()
+        torch.save({"model_state_dict": state, "epoch": steps * 64 // len(train_labels)}, weights)
     return Foreign(**{**asdict(spec), "file": file}, name=name, weights=weights, accuracy=accuracy)
