@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -87,23 +88,20 @@ def run_in_this_process(script: str, argv: list[str]) -> subprocess.CompletedPro
     """main(argv) of a script with its output captured, and what a run may change in the process put back:
     the working folder, the environment, torch's threads and determinism, the warning filters."""
     module = importlib.import_module(script.removesuffix(".py"))
-    out, err, environ, cwd = io.StringIO(), io.StringIO(), dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    formatwarning = warnings.formatwarning
     try:
-        os.chdir(REPO)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        with pytest.MonkeyPatch.context() as put_back, mock.patch.dict(os.environ), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            put_back.chdir(REPO)
+            put_back.setattr(warnings, "formatwarning", warnings.formatwarning)  # catch_warnings leaves it as set
             warnings.simplefilter("always")  # a warning seen by an earlier run of this worker is shown again
             code = module.main(argv)
     except SystemExit as exc:  # argparse
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
-        os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(environ)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
-        warnings.formatwarning = formatwarning
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
@@ -149,11 +147,8 @@ def broken_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(system, "nvidia_gpu_evidence", lambda: "/dev/nvidia0")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-
-    def init():
-        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nPlease update")
-
-    monkeypatch.setattr(torch.cuda, "init", init)
+    too_old = RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nPlease update")
+    monkeypatch.setattr(torch.cuda, "init", mock.Mock(side_effect=too_old))
 
 
 def finetune(tmp_path, data_dir, model_path, *args, name="run", limit_train=1024):
