@@ -91,8 +91,8 @@ def run_in_this_process(script: str, argv: list[str]) -> subprocess.CompletedPro
     out, err = io.StringIO(), io.StringIO()
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
-        with pytest.MonkeyPatch.context() as put_back, mock.patch.dict(os.environ), warnings.catch_warnings(), \
-                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with (pytest.MonkeyPatch.context() as put_back, mock.patch.dict(os.environ), warnings.catch_warnings(),
+              contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
             put_back.chdir(REPO)
             put_back.setattr(warnings, "formatwarning", warnings.formatwarning)  # catch_warnings leaves it as set
             warnings.simplefilter("always")  # a warning seen by an earlier run of this worker is shown again
