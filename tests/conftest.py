@@ -1,18 +1,28 @@
 """Shared fixtures: a small real Fashion-MNIST subset, a way to run the real scripts, a trained checkpoint."""
 
+import contextlib
+import functools
+import importlib
+import io
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
+import torch
+from foreign import make_foreign
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fashion_ft import system  # noqa: E402
 from fashion_ft.data import FILES, IMAGES_MAGIC, LABELS_MAGIC, find_data_dir, read_split, write_idx  # noqa: E402, F401 (tests import read_split and write_idx from here)
+from fashion_ft.model import build_model  # noqa: E402
 
 
 def pytest_configure(config):
@@ -22,8 +32,6 @@ def pytest_configure(config):
     if workers:
         share = max(1, len(os.sched_getaffinity(0)) // int(workers))
         os.environ.setdefault("OMP_NUM_THREADS", str(share))
-        import torch
-
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
@@ -44,10 +52,6 @@ TINY_RESNET = {"widths": [8, 8, 16], "blocks": 1, "num_classes": 10}
 
 def tiny_model(arch: str = "cnn3", **kwargs):
     """A tiny network with seeded weights, in eval mode (`kwargs` override its TINY widths)."""
-    import torch
-
-    from fashion_ft.model import build_model
-
     torch.manual_seed(0)
     return build_model(arch, {**(TINY if arch == "cnn3" else TINY_RESNET), **kwargs}).eval()
 
@@ -60,30 +64,18 @@ def head_parameters(model) -> set[str]:
     return {name for name, p in model.named_parameters() if id(p) in head}
 
 
-class WrappedFile:
-    """A file as os.fdopen returns it, whose write() a test double overrides: the rest goes to the real file."""
+class WrappedFile(io.BufferedWriter):
+    """The file os.fdopen(fd, "wb") returns, taken over (detached) so that a test double can override write()."""
 
     def __init__(self, fh):
-        self.fh = fh
-
-    def write(self, data):
-        return self.fh.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.fh, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.fh.close()
+        super().__init__(fh.detach())
 
 
-def run_script(script: str, *args, cwd=None, timeout=300, env=None, subprocess_only=False) -> subprocess.CompletedProcess:
+def run_script(script: str, *args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
     """Run one of the real top-level scripts as a user would, capturing its output. Without `cwd` or
     `env`, the two scripts run in this process (their main(argv), the same code path after the
     interpreter's start), which spares each run the two seconds of importing torch."""
-    if not (cwd or env or subprocess_only) and script in ("finetune_gpu.py", "test_model.py"):
+    if not (cwd or env) and script in ("finetune_gpu.py", "test_model.py"):
         return run_in_this_process(script, [str(a) for a in args])
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
@@ -95,31 +87,21 @@ def run_script(script: str, *args, cwd=None, timeout=300, env=None, subprocess_o
 def run_in_this_process(script: str, argv: list[str]) -> subprocess.CompletedProcess:
     """main(argv) of a script with its output captured, and what a run may change in the process put back:
     the working folder, the environment, torch's threads and determinism, the warning filters."""
-    import contextlib
-    import importlib
-    import io
-    import warnings
-
-    import torch
-
     module = importlib.import_module(script.removesuffix(".py"))
-    out, err, environ, cwd = io.StringIO(), io.StringIO(), dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    formatwarning = warnings.formatwarning
     try:
-        os.chdir(REPO)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        with (pytest.MonkeyPatch.context() as put_back, mock.patch.dict(os.environ), warnings.catch_warnings(),
+              contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
+            put_back.chdir(REPO)
+            put_back.setattr(warnings, "formatwarning", warnings.formatwarning)  # catch_warnings leaves it as set
             warnings.simplefilter("always")  # a warning seen by an earlier run of this worker is shown again
             code = module.main(argv)
     except SystemExit as exc:  # argparse
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
-        os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(environ)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
-        warnings.formatwarning = formatwarning
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
@@ -162,18 +144,11 @@ def trained_checkpoint(tmp_path_factory, small_data_dir) -> Path:
 @pytest.fixture
 def broken_cuda(monkeypatch):
     """An NVIDIA GPU (/dev/nvidia0) whose driver is older than torch's CUDA: torch sees no GPU."""
-    import torch
-
-    from fashion_ft import system
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(system, "nvidia_gpu_evidence", lambda: "/dev/nvidia0")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-
-    def init():
-        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nPlease update")
-
-    monkeypatch.setattr(torch.cuda, "init", init)
+    too_old = RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nPlease update")
+    monkeypatch.setattr(torch.cuda, "init", mock.Mock(side_effect=too_old))
 
 
 def finetune(tmp_path, data_dir, model_path, *args, name="run", limit_train=1024):
@@ -194,12 +169,8 @@ def small_splits(small_data_dir):
 @pytest.fixture(scope="session")
 def foreign_nets(tmp_path_factory, small_splits):
     """name -> Foreign, each trained once per session, on first use."""
-    nets = {}
 
+    @functools.cache
     def get(name):
-        if name not in nets:
-            from foreign import make_foreign
-
-            nets[name] = make_foreign(name, tmp_path_factory.mktemp(f"foreign_{name}"), *small_splits)
-        return nets[name]
+        return make_foreign(name, tmp_path_factory.mktemp(f"foreign_{name}"), *small_splits)
     return get

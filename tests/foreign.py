@@ -1,17 +1,13 @@
-"""Foreign networks: models written, trained and saved the way users do it, with no fashion_ft code at all.
-
-Each network's source is a user's training script (its model class, an argparse main) written to disk;
-its class is imported from that file as a user's tool would, trained briefly with a plain PyTorch loop,
-saved the way users save, and measured by the plain evaluation here ("the user's own evaluation").
-Tests use them to check that our tools work on a model they have never seen.
+"""Foreign networks, with no fashion_ft code at all: a user's training script (model class, argparse main)
+written to disk, its class imported from that file, trained briefly with a plain PyTorch loop, saved the way
+users save and measured by the user's own evaluation. Tests check our tools on models they have never seen.
 """
 
 import ast
 import importlib.util
+import itertools
 import sys
-import textwrap
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,33 +19,30 @@ FASHION_NORM = (0.2860, 0.3530)  # Fashion-MNIST's own statistics
 # If a script's main ever runs, it leaves this file next to itself: tests prove that importing it did not.
 MARKER = "MAIN_RAN"
 
-# The bottom of every script: a main that would train, fenced off so that it can be seen if it ever runs.
-_MAIN = '''
-
-def main():
-    parser = argparse.ArgumentParser(description="train on MNIST-like data")
-    parser.add_argument("--epochs", type=int, default=14)
-    parser.add_argument("--lr", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.parse_args()
-    # normalise like the user does: (x / 255 - {mean}) / {std}
-    from pathlib import Path
-    Path(__file__).with_name("{marker}").write_text("main() ran")
-    raise SystemExit("this script's main() must never run when its model is imported")
-
-
-if __name__ == "__main__":
-    main()
-'''
-
-_HEADER = '''\
+# Every script: the user's imports, the model, and a main that would train, fenced off so that it can be seen
+# if it ever runs.
+_SCRIPT = '''\
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+{body}
+
+def main():
+    parser = argparse.ArgumentParser(description="train on MNIST-like data")
+    parser.add_argument("--epochs", type=int, default=14)
+    parser.parse_args()
+    # normalise like the user does: (x / 255 - {mean}) / {std}
+    Path(__file__).with_name("{marker}").write_text("main() ran")
+    raise SystemExit("this script's main() must never run when its model is imported")
+
+
+if __name__ == "__main__":
+    main()
 '''
 
 # (a) a BatchNorm CNN with global average pooling and a BatchNorm1d head, MNIST normalisation, log_softmax:
@@ -112,7 +105,7 @@ class TinySequential(nn.Sequential):
 '''
 
 # (d) an ordinary CNN returning logits, flattened with the common `.view` (which channels_last input breaks);
-# the user trained and saved it through nn.DataParallel.
+# the user saved it through nn.DataParallel (on a CPU, training through it is training the bare model).
 _DP_MODEL = '''
 class SmallCNN(nn.Module):
     def __init__(self, channels=8):
@@ -134,31 +127,27 @@ class Spec:
     file: str
     cls: str
     kwargs: dict
-    norm: tuple[float, float]
+    mean: float
+    std: float
     container: str  # "bare": torch.save(state_dict); "model_state_dict": {"model_state_dict": ..., "epoch": n}
     log_softmax: bool  # the model returns log-probabilities (trained with nll_loss) rather than logits
     body: str
 
 
 SPECS = {
-    "a": Spec("mnist-gpu.py", "Net", {"width": 8, "hidden": 32, "dropout": 0.25}, MNIST_NORM, "bare", True,
+    "a": Spec("mnist-gpu.py", "Net", {"width": 8, "hidden": 32, "dropout": 0.25}, *MNIST_NORM, "bare", True,
               _MNIST_GPU),
-    "b": Spec("classic_mnist.py", "Net", {}, FASHION_NORM, "bare", True, _CLASSIC),
-    "c": Spec("head_first.py", "HeadFirstNet", {"channels": 16}, FASHION_NORM, "bare", False, _HEAD_FIRST),
-    "d": Spec("dp_model.py", "SmallCNN", {"channels": 8}, FASHION_NORM, "model_state_dict", False, _DP_MODEL),
+    "b": Spec("classic_mnist.py", "Net", {}, *FASHION_NORM, "bare", True, _CLASSIC),
+    "c": Spec("head_first.py", "HeadFirstNet", {"channels": 16}, *FASHION_NORM, "bare", False, _HEAD_FIRST),
+    "d": Spec("dp_model.py", "SmallCNN", {"channels": 8}, *FASHION_NORM, "model_state_dict", False, _DP_MODEL),
 }
 
 
-def source(name: str) -> str:
-    """The full text of network `name`'s training script."""
-    spec = SPECS[name]
-    mean, std = spec.norm
-    return _HEADER + textwrap.dedent(spec.body) + _MAIN.format(mean=mean, std=std, marker=MARKER)
-
-
 def write_script(name: str, folder: Path) -> Path:
-    path = Path(folder) / SPECS[name].file
-    path.write_text(source(name))
+    """Network `name`'s training script, written into `folder`."""
+    spec = SPECS[name]
+    path = Path(folder) / spec.file
+    path.write_text(_SCRIPT.format(body=spec.body, mean=spec.mean, std=spec.std, marker=MARKER))
     return path
 
 
@@ -175,17 +164,14 @@ def import_class(path: Path, cls: str):
     return getattr(module, cls)
 
 
-@dataclass
-class Foreign:
-    name: str
+@dataclass(frozen=True)
+class Foreign(Spec):
+    """Network `name` as its user left it: the script at `file`, the `weights` saved beside it, and their
+    `accuracy` by the user's own evaluation (`evaluate`, their normalisation) on the test images given."""
     file: Path
-    cls: str
-    kwargs: dict
+    name: str
     weights: Path
-    mean: float
-    std: float
-    container: str
-    accuracy: float  # by the user's own evaluation (`evaluate`, their normalisation) on the test images given
+    accuracy: float
 
     @property
     def marker(self) -> Path:
@@ -211,52 +197,43 @@ def evaluate(model, images, labels, mean: float, std: float, batch_size: int = 5
     return correct / len(labels)
 
 
-@contextmanager
-def one_thread():
-    """Nets this small gain nothing from more threads, and spare threads spin against the other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def train(net, spec: Spec, images, labels, steps: int) -> None:
+    """The user's plain loop: Adam, epochs of shuffled batches of 64 until `steps` optimiser steps are done."""
+    loss_fn = F.nll_loss if spec.log_softmax else F.cross_entropy
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    # the rate decays to nothing, so the last steps do not leave the weights (and BatchNorm's statistics)
+    # halfway between two states: the accuracy comes out steady from seed to seed
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=steps)
+    x_all = normalise(images, spec.mean, spec.std)
+    epochs = itertools.chain.from_iterable(torch.randperm(len(labels)).split(64) for _ in itertools.count())
+    net.train()
+    for _, idx in zip(range(steps), epochs):
+        optimizer.zero_grad()
+        loss_fn(net(x_all[idx]), labels[idx]).backward()
+        optimizer.step()
+        scheduler.step()
 
 
 def make_foreign(name, folder: Path, train_images, train_labels, test_images, test_labels,
                  steps: int = 200, seed: int = 0) -> Foreign:
     """Write network `name`'s script into `folder`, train it briefly, save it as its user would, measure it.
-    Images are uint8 N x 28 x 28 tensors, labels int64 (as conftest's read_split gives them)."""
+    Images are uint8 N x 28 x 28 tensors, labels int64 (as conftest's read_split gives them).
+    200 steps (4 epochs of 3,000 images) give about 80% on the test images, steadily from seed to seed."""
     spec = SPECS[name]
     file = write_script(name, folder)
-    dp = spec.container == "model_state_dict"
-    with one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # nets this small gain nothing from more threads, and spare ones spin against other tests
+    try:
         torch.manual_seed(seed)
-        net = model = import_class(file, spec.cls)(**spec.kwargs)
-        if dp and not torch.cuda.is_available():  # (d)'s user trains through DataParallel: with no GPU, a wrapper
-            net = torch.nn.DataParallel(model)  # (with a GPU it would move the model there: train it bare)
-        loss_fn = F.nll_loss if spec.log_softmax else F.cross_entropy
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-        # the rate decays to nothing, so the last steps do not leave the weights (and BatchNorm's statistics)
-        # halfway between two states: the accuracy comes out steady from seed to seed
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=steps)
-        # 200 steps (4 epochs of 3,000 images) give about 80% on the test images, steadily from seed to seed
-        x_all = normalise(train_images, *spec.norm)
-        net.train()
-        step = 0
-        while step < steps:  # epochs of shuffled batches of 64 until `steps` optimiser steps are done
-            for idx in torch.randperm(len(train_labels)).split(64)[:steps - step]:
-                optimizer.zero_grad()
-                loss_fn(net(x_all[idx]), train_labels[idx]).backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-        accuracy = evaluate(net, test_images, test_labels, *spec.norm)
-
-    weights = Path(folder) / ("checkpoint.pth" if dp else "model.pt")
-    if dp:
-        # the keys come out as "module.…"; .cpu() undoes DataParallel moving the model to a GPU, if there is one
-        wrapped = torch.nn.DataParallel(model).cpu()
-        torch.save({"model_state_dict": wrapped.state_dict(), "epoch": steps * 64 // len(train_labels)}, weights)
-    else:
+        model = import_class(file, spec.cls)(**spec.kwargs)
+        train(model, spec, train_images, train_labels, steps)
+        accuracy = evaluate(model, test_images, test_labels, spec.mean, spec.std)
+    finally:
+        torch.set_num_threads(threads)
+    weights = Path(folder) / ("model.pt" if spec.container == "bare" else "checkpoint.pth")
+    if spec.container == "bare":
         torch.save(model.state_dict(), weights)
-    return Foreign(name, file, spec.cls, dict(spec.kwargs), weights, *spec.norm, spec.container, accuracy)
+    else:  # (d)'s user saves through nn.DataParallel: keys "module.…" (.cpu() undoes its move to a GPU, if any)
+        state = torch.nn.DataParallel(model).cpu().state_dict()
+        torch.save({"model_state_dict": state, "epoch": steps * 64 // len(train_labels)}, weights)
+    return Foreign(**{**asdict(spec), "file": file}, name=name, weights=weights, accuracy=accuracy)

@@ -5,7 +5,6 @@ import gc
 import json
 import subprocess
 import sys
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -99,9 +98,7 @@ def test_a_plan_needs_the_plan_it_starts_from():
         results.main(["--plans", "two-round"])
 
 
-def test_machine_closes_the_files_it_reads():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ResourceWarning)
-        results.machine()
-        gc.collect()
-    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+def test_machine_closes_the_files_it_reads(recwarn):
+    results.machine()
+    gc.collect()
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]

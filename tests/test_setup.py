@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 SETUP_ENV = ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHON")
@@ -24,36 +25,29 @@ def setup(cwd: Path, *args, **env_extra) -> subprocess.CompletedProcess:
                           timeout=120, env=env)
 
 
-def fake_env(folder: Path, status: int = 0) -> Path:
+def fake_env(folder: Path, status: int = 0) -> None:
     """A folder that looks like an environment: it has an executable bin/python (exiting with status)."""
     (folder / "bin").mkdir(parents=True)
     python = folder / "bin" / "python"
     python.write_text(f"#!/bin/sh\nexit {status}\n")
     python.chmod(0o755)
-    return folder
 
 
-def test_without_an_active_env_the_project_venv_is_chosen_and_nothing_is_made(tmp_path):
+@pytest.mark.parametrize("env, code, python, error", [
+    ({}, 0, "{project}/.venv/bin/python", ""),  # no active env: the project venv, not made by --print-python
+    ({"VIRTUAL_ENV": "{tmp}/venv", "CONDA_PREFIX": "{tmp}/conda"}, 0, "{tmp}/venv/bin/python", ""),
+    ({"CONDA_PREFIX": "{tmp}/conda"}, 0, "{tmp}/conda/bin/python", ""),
+    ({"VIRTUAL_ENV": "{tmp}/gone"}, 1, "", "{tmp}/gone has no bin/python"),
+])
+def test_print_python_picks_the_active_venv_then_conda_then_the_project_venv(tmp_path, env, code, python, error):
     project = copy_setup(tmp_path / "p")
-    result = setup(project, "--print-python")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{project}/.venv/bin/python"
+    for name in ("venv", "conda"):
+        fake_env(tmp_path / name)
+    names = {"tmp": tmp_path, "project": project}
+    result = setup(project, "--print-python", **{k: v.format(**names) for k, v in env.items()})
+    assert (result.returncode, result.stdout.strip()) == (code, python.format(**names)), result.stderr
+    assert error.format(**names) in result.stderr and result.stderr.count("\n") == code  # a refusal is one line
     assert not (project / ".venv").exists()
-
-
-def test_an_active_venv_is_used_before_a_conda_env(tmp_path):
-    project = copy_setup(tmp_path / "p")
-    venv, conda = fake_env(tmp_path / "venv"), fake_env(tmp_path / "conda")
-    assert setup(project, "--print-python", VIRTUAL_ENV=str(venv), CONDA_PREFIX=str(conda)).stdout.strip() \
-        == f"{venv}/bin/python"
-    assert setup(project, "--print-python", CONDA_PREFIX=str(conda)).stdout.strip() == f"{conda}/bin/python"
-
-
-def test_an_active_env_without_python_is_refused_in_one_line(tmp_path):
-    project = copy_setup(tmp_path / "p")
-    result = setup(project, "--print-python", VIRTUAL_ENV=str(tmp_path / "gone"))
-    assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and f"{tmp_path / 'gone'} has no bin/python" in result.stderr
 
 
 def test_unknown_option_is_a_usage_error(tmp_path):
