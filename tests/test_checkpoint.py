@@ -75,40 +75,32 @@ def test_every_format_loads_with_identical_predictions(tmp_path, fmt, width):
         assert torch.equal(ckpt.build().eval()(x), net(x))
 
 
-def test_pickled_module_loads_only_when_trusted(tmp_path):
+def test_a_pickle_loads_only_when_trusted_and_never_runs_code_otherwise(tmp_path):
     net, x = randomized(SMALL_CNN3), torch.zeros(2, 1, 28, 28)
     torch.save(net, tmp_path / "whole.pt")
+    marker = tmp_path / "MARKER"  # unpickling this object runs a shell command, as a malicious checkpoint does
+    torch.save({"model": type("RunsCode", (), {"__reduce__": lambda _: (os.system, (f"touch {marker}",))})()},
+               tmp_path / "evil.pt")
     assert "--trust-pickle" in refused(tmp_path / "whole.pt")
+    assert "pickled Python objects" in refused(tmp_path / "evil.pt") and not marker.exists()
     ckpt = load_checkpoint(tmp_path / "whole.pt", trust_pickle=True)
     assert "trusted" in ckpt.source_format and ckpt.unpickled
     with torch.no_grad():
         assert torch.equal(ckpt.build().eval()(x), net(x))
 
 
-def test_code_running_pickle_is_refused_without_running(tmp_path):
-    marker = tmp_path / "MARKER"  # unpickling this object runs a shell command, as a malicious checkpoint does
-    torch.save({"model": type("RunsCode", (), {"__reduce__": lambda _: (os.system, (f"touch {marker}",))})()},
-               tmp_path / "evil.pt")
-    assert "pickled Python objects" in refused(tmp_path / "evil.pt")
-    assert not marker.exists()
-
-
-def quietly(call, *args):
+def torchscript(path, traced=False) -> dict:
+    """A tiny cnn3 saved with torch.jit; what the refusal suggests: its state_dict, as torch.jit.load reads it."""
     with warnings.catch_warnings():  # torch.jit is deprecated in favour of torch.export; users still have these
         warnings.simplefilter("ignore")
-        return call(*args)
-
-
-def torchscript(path, traced=False):
-    net = tiny_model()
-    quietly(torch.jit.save, quietly(torch.jit.trace, net, torch.zeros(1, 1, 28, 28)) if traced
-            else quietly(torch.jit.script, net), path)
+        net = tiny_model()
+        torch.jit.save(torch.jit.trace(net, torch.zeros(1, 1, 28, 28)) if traced else torch.jit.script(net), path)
+        return torch.jit.load(path).state_dict()
 
 
 def test_the_suggested_torchscript_conversion_loads(tmp_path):
-    torchscript(tmp_path / "scripted.pt")
+    torch.save(torchscript(tmp_path / "scripted.pt"), tmp_path / "weights.pt")
     assert f"torch.jit.load('{tmp_path / 'scripted.pt'}').state_dict()" in refused(tmp_path / "scripted.pt")
-    torch.save(quietly(torch.jit.load, tmp_path / "scripted.pt").state_dict(), tmp_path / "weights.pt")
     assert load_checkpoint(tmp_path / "weights.pt").arch_kwargs["channels"] == TINY["channels"]
 
 
@@ -231,10 +223,6 @@ def half_then(error):
     return write
 
 
-def save_ours(fh):
-    torch.save(ours(), fh)
-
-
 ENOSPC = "No space left on device"
 
 
@@ -242,8 +230,8 @@ ENOSPC = "No space left on device"
     (half_then(RuntimeError("crash mid-write")), None, RuntimeError, None),  # a bug: its traceback helps
     (half_then(KeyboardInterrupt()), None, KeyboardInterrupt, None),
     (half_then(OSError(errno.EIO, "Input/output error")), None, UserError, "Input/output error"),
-    (save_ours, 0, UserError, ENOSPC),  # torch passes the OSError on
-    (save_ours, 3000, UserError, ENOSPC),  # torch turns it into its own "file write failed"
+    (lambda fh: torch.save(ours(), fh), 0, UserError, ENOSPC),  # torch passes the OSError on
+    (lambda fh: torch.save(ours(), fh), 3000, UserError, ENOSPC),  # torch turns it into its own "file write failed"
     (lambda fh: fh.write(b'{"finished": false}'), 5, UserError, ENOSPC),  # what save_json writes
 ], ids=["bug", "ctrl-c", "eio", "torch.save-first-write", "torch.save-mid-archive", "json"])
 def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch, write, room, raised, reason):
