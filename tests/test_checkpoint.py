@@ -22,19 +22,15 @@ DEFAULT_WIDTH = {k: ARCHS["cnn3"].default_kwargs[k] for k in ("channels", "hidde
 EARLIER_BASE_WIDTH = {"channels": [32, 64, 128], "hidden": 256}  # the shipped base model until 2026-11-28
 
 
-def randomized(arch_kwargs, seed=0):
+def randomized(arch_kwargs):
     """A cnn3 whose every tensor (BatchNorm statistics included) is random, so a mixed-up tensor shows."""
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     net = build_model("cnn3", arch_kwargs)
     with torch.no_grad():
         for name, tensor in net.state_dict().items():
             if tensor.is_floating_point():
                 tensor.copy_(torch.rand_like(tensor) + 0.5 if "running_var" in name else torch.randn_like(tensor) * 0.1)
     return net.eval()
-
-
-def prefixed(state_dict, prefix):
-    return {prefix + k: v for k, v in state_dict.items()}
 
 
 def refused(path, **kwargs) -> str:
@@ -55,9 +51,9 @@ LEGACY_FORMATS = {
                                        "optimizer_state_dict": torch.optim.SGD(m.parameters(), lr=0.1).state_dict()},
     "state_dict": lambda m, kw: {"state_dict": m.state_dict(), "best_acc": 0.9},
     "model": lambda m, kw: {"model": m.state_dict()},
-    **{prefix: lambda m, kw, prefix=prefix: prefixed(m.state_dict(), prefix)
+    **{prefix: lambda m, kw, prefix=prefix: {prefix + k: v for k, v in m.state_dict().items()}
        for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.")},
-    "state_dict+module.": lambda m, kw: {"state_dict": prefixed(m.state_dict(), "module.")},
+    "state_dict+module.": lambda m, kw: {"state_dict": {"module." + k: v for k, v in m.state_dict().items()}},
     "ours without arch": lambda m, kw: {k: v for k, v in make_checkpoint(m, "cnn3", kw).items() if "arch" not in k},
     "bare, pre-1.6 pickle": lambda m, kw: m.state_dict(),
 }
@@ -98,9 +94,11 @@ def torchscript(path, traced=False) -> dict:
         return torch.jit.load(path).state_dict()
 
 
-def test_the_suggested_torchscript_conversion_loads(tmp_path):
-    torch.save(torchscript(tmp_path / "scripted.pt"), tmp_path / "weights.pt")
-    assert f"torch.jit.load('{tmp_path / 'scripted.pt'}').state_dict()" in refused(tmp_path / "scripted.pt")
+@pytest.mark.parametrize("traced, trust_pickle", [(False, False), (True, False), (False, True)])
+def test_torchscript_is_refused_with_a_conversion_that_loads(tmp_path, traced, trust_pickle):
+    torch.save(torchscript(tmp_path / "scripted.pt", traced), tmp_path / "weights.pt")
+    message = refused(tmp_path / "scripted.pt", trust_pickle=trust_pickle)
+    assert f"torch.jit.load('{tmp_path / 'scripted.pt'}').state_dict()" in message
     assert load_checkpoint(tmp_path / "weights.pt").arch_kwargs["channels"] == TINY["channels"]
 
 
@@ -114,20 +112,17 @@ def test_nonfinite_tensors_are_named():
 # ---------------------------------------------------------------- refused in one line
 
 REFERENCE = randomized(SMALL_CNN3).state_dict()
+ON_META = {k: torch.empty_like(v, device="meta") if k in ("features.0.weight", "classifier.5.bias") else v
+           for k, v in tiny_model().state_dict().items()}
 
 
 def weights(**changes):
     """SMALL_CNN3's state_dict with tensors replaced (None: removed)."""
-    state_dict = {**REFERENCE, **changes}
-    return {k: v for k, v in state_dict.items() if v is not None}
+    return {k: v for k, v in {**REFERENCE, **changes}.items() if v is not None}
 
 
 def ours(**changes):
     return {**make_checkpoint(randomized(SMALL_CNN3), "cnn3", SMALL_CNN3), **changes}
-
-
-def with_meta(state_dict, *keys):
-    return {**state_dict, **{k: torch.empty(state_dict[k].shape, device="meta") for k in keys}}
 
 
 def pre_1_6_declaring_8_gib(path):
@@ -142,61 +137,58 @@ def truncated(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-# name -> (what the file holds, or a function that writes it; what the line says; load_checkpoint's keywords)
+# name -> (what torch.save writes, or a function that writes the file; what the line says[; load_checkpoint's keywords])
 REFUSED = {
-    "missing": (None, "not found", {}),
-    "a folder": (lambda path: path.mkdir(), "not a file", {}),
-    "empty": (b"", "not a PyTorch checkpoint", {}),
-    "text": (b"epoch,loss\n1,0.5\n", "not a PyTorch checkpoint", {}),
-    "random bytes": (random.Random(0).randbytes(4096), "not a PyTorch checkpoint", {}),
-    "truncated": (truncated, "truncated or corrupt", {}),
-    "a list": ([1, 2, 3], "not model weights", {}),
-    "no weights": ({"epoch": 3, "optimizer": {}}, "no model weights", {}),
-    "newer format": (ours(format_version=checkpoint.FORMAT_VERSION + 1), "newer than this tool", {}),
-    "ours without weights": (ours(model=None), "field 'model'", {}),
-    "a string among the tensors": (ours(model=weights(note="trained on Tuesday")), "field 'model'", {}),
-    "scripted, trusted": (torchscript, "is a TorchScript archive", {"trust_pickle": True}),
-    "traced": (lambda path: torchscript(path, traced=True), "is a TorchScript archive", {}),
-    "pre-1.6 declaring 8 GiB": (pre_1_6_declaring_8_gib, "declares 8,192 MiB", {}),
+    "missing": (lambda path: None, "not found"),
+    "a folder": (lambda path: path.mkdir(), "not a file"),
+    "empty": (lambda path: path.write_bytes(b""), "not a PyTorch checkpoint"),
+    "text": (lambda path: path.write_bytes(b"epoch,loss\n1,0.5\n"), "not a PyTorch checkpoint"),
+    "random bytes": (lambda path: path.write_bytes(random.Random(0).randbytes(4096)), "not a PyTorch checkpoint"),
+    "truncated": (truncated, "truncated or corrupt"),
+    "a list": ([1, 2, 3], "not model weights"),
+    "no weights": ({"epoch": 3, "optimizer": {}}, "no model weights"),
+    "newer format": (ours(format_version=checkpoint.FORMAT_VERSION + 1), "newer than this tool"),
+    "ours without weights": (ours(model=None), "field 'model'"),
+    "a string among the tensors": (ours(model=weights(note="trained on Tuesday")), "field 'model'"),
+    "pre-1.6 declaring 8 GiB": (pre_1_6_declaring_8_gib, "declares 8,192 MiB"),
     "over --max-params": (ours(arch_kwargs={**SMALL_CNN3, "hidden": 10**6}), "; the limit is 1,000 (--max-params)",
                           {"max_params": 1000}),
     # a conv width, a statistic, a hidden width, a head: one damaged tensor must not hide the whole arch
-    **{f"{key} {bad}": (weights(**{key: torch.zeros(bad)}), f"{key} has shape {bad}, expected {tuple(REFERENCE[key].shape)}",
-                        {}) for key, bad in [("features.0.weight", (33, 1, 3, 3)), ("features.5.running_var", (63,)),
-                                             ("classifier.2.weight", (128, 100)), ("classifier.5.bias", (11,))]},
+    **{f"{key} {bad}": (weights(**{key: torch.zeros(bad)}),
+                        f"{key} has shape {bad}, expected {tuple(REFERENCE[key].shape)}")
+       for key, bad in [("features.0.weight", (33, 1, 3, 3)), ("features.5.running_var", (63,)),
+                        ("classifier.2.weight", (128, 100)), ("classifier.5.bias", (11,))]},
     "ours, wrong shape": (ours(model=weights(**{"classifier.5.weight": torch.zeros(10, 7)})),
-                          "classifier.5.weight has shape (10, 7), expected (10, 128)", {}),
-    "a missing tensor": (weights(**{"features.1.running_var": None}), "features.1.running_var", {}),
+                          "classifier.5.weight has shape (10, 7), expected (10, 128)"),
+    "a missing tensor": (weights(**{"features.1.running_var": None}), "features.1.running_var"),
     **{f"{dtype}": (ours(model=weights(**{"features.0.weight": torch.zeros(16, 1, 3, 3, dtype=dtype)})),
-                    f"features.0.weight holds {dtype} values, expected floating-point", {})
+                    f"features.0.weight holds {dtype} values, expected floating-point")
        for dtype in (torch.int64, torch.uint8, torch.bool, torch.complex64)},
     # what saving a model built under torch.device("meta") without loading its weights gives
-    **{f"meta tensors, {fmt}": (wrap(with_meta(tiny_model().state_dict(), "features.0.weight", "classifier.5.bias")),
-                                f"field '{where}features.0.weight' is a meta-device tensor (and 1 more)", {})
-       for fmt, where, wrap in [("ours", "model.", lambda w: {**make_checkpoint(tiny_model(), "cnn3", TINY), "model": w}),
-                                ("bare", "", lambda w: w), ("state_dict", "state_dict.", lambda w: {"state_dict": w}),
-                                ("model_state_dict", "model_state_dict.", lambda w: {"model_state_dict": w})]},
+    **{f"meta, {fmt}": (wrap(ON_META), f"field '{where}features.0.weight' is a meta-device tensor (and 1 more)")
+       for fmt, where, wrap in [
+           ("bare", "", lambda w: w), ("state_dict", "state_dict.", lambda w: {"state_dict": w}),
+           ("ours", "model.", lambda w: {**make_checkpoint(tiny_model(), "cnn3", TINY), "model": w}),
+           ("model_state_dict", "model_state_dict.", lambda w: {"model_state_dict": w})]},
     # a head for another class count, named by the field that set it, else by the head's tensor
-    **{f"{n} classes, {fmt}": (make(tiny_model(num_classes=n)), f"field '{where}' gives the model {n} output classes", {})
+    **{f"{n} classes, {fmt}": (make(tiny_model(num_classes=n)), f"field '{where}' gives the model {n} output classes")
        for n in (11, 2) for fmt, where, make in [
            ("ours", "arch_kwargs.num_classes", lambda m, n=n: make_checkpoint(m, "cnn3", {**TINY, "num_classes": n})),
            ("bare", "classifier.5.weight", lambda m: m.state_dict()),
            ("model_state_dict", "model_state_dict.classifier.5.weight", lambda m: {"model_state_dict": m.state_dict()}),
-           ("module.", "classifier.5.weight", lambda m: prefixed(m.state_dict(), "module."))]},
+           ("module.", "classifier.5.weight", lambda m: {"module." + k: v for k, v in m.state_dict().items()})]},
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_refused_in_one_line_that_names_the_file(tmp_path, case):
-    content, expected, kwargs = REFUSED[case]
+    content, expected, *keywords = REFUSED[case]
     path = tmp_path / "c.pt"
     if callable(content):
         content(path)
-    elif isinstance(content, bytes):
-        path.write_bytes(content)
-    elif content is not None:
+    else:
         torch.save(content, path)
-    message = refused(path, **kwargs)
+    message = refused(path, **(keywords[0] if keywords else {}))
     assert expected in message, message
 
 
@@ -204,8 +196,6 @@ def test_refused_in_one_line_that_names_the_file(tmp_path, case):
 
 def fill_up(monkeypatch, room):
     """os.fdopen's files from now on are on a disk with `room` bytes left: a write beyond them fails."""
-    real_fdopen = os.fdopen
-
     class FillsUp(WrappedFile):
         def write(self, data):
             nonlocal room
@@ -213,7 +203,7 @@ def fill_up(monkeypatch, room):
                 raise OSError(errno.ENOSPC, ENOSPC)
             room -= memoryview(data).nbytes
             return super().write(data)
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FillsUp(real_fdopen(fd, mode)))
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode, real_fdopen=os.fdopen: FillsUp(real_fdopen(fd, mode)))
 
 
 def half_then(error):
@@ -242,16 +232,9 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch, writ
         fill_up(monkeypatch, room)
     with pytest.raises(raised) as err:
         checkpoint.atomic_write(target, write)
-    if reason:
-        assert str(err.value) == f"cannot write {target}: {reason}"
+    assert reason is None or str(err.value) == f"cannot write {target}: {reason}"
     assert target.read_bytes() == before
     assert [p.name for p in target.parent.iterdir()] == ["best.pt"]  # no temporary file, after either write
-
-
-def test_a_folder_that_cannot_be_made_is_one_line(tmp_path):
-    (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match=r"^cannot write .*file/c\.pt: "):
-        save_json({"x": 1}, tmp_path / "file" / "c.pt")
 
 
 # ---------------------------------------------------------------- strict JSON
@@ -267,16 +250,18 @@ def test_json_nonfinite_becomes_null_with_its_path(tmp_path):
     assert loaded["nonfinite"] == {"test_loss": "was NaN", "best.val_loss": "was Infinity",
                                    "history[1].val_loss": "was -Infinity", "epoch_s[1]": "was NaN"}
     assert metrics["test_loss"] != metrics["test_loss"]  # the caller's dict is left as it was
-
-
-def test_json_without_nonfinite_values_is_unchanged(tmp_path):
     summary = {"passed": True, "checks": [{"name": "load", "data": {"accuracy": 0.9133, "n": 3}}], "x": None}
-    save_json(summary, tmp_path / "s.json")
+    save_json(summary, tmp_path / "s.json")  # without a non-finite value: as json.dumps writes it
     assert (tmp_path / "s.json").read_text() == json.dumps(summary, indent=2) + "\n"
 
 
-@pytest.mark.parametrize("obj", [[float("nan")], {"nonfinite": 1, "loss": float("inf")}])
-def test_json_nonfinite_that_cannot_be_recorded_is_refused(tmp_path, obj):
-    with pytest.raises(ValueError):
-        save_json(obj, tmp_path / "x.json")
-    assert not (tmp_path / "x.json").exists()
+@pytest.mark.parametrize("obj, folder, error, message", [
+    ([float("nan")], "", ValueError, None),  # non-finite values are recorded only in a dict
+    ({"nonfinite": 1, "loss": float("inf")}, "", ValueError, None),  # ... without a "nonfinite" key
+    ({"x": 1}, "a-file", UserError, r"^cannot write .*a-file/x\.json: "),  # a folder that cannot be made: one line
+])
+def test_save_json_refuses_and_writes_nothing(tmp_path, obj, folder, error, message):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(error, match=message):
+        save_json(obj, tmp_path / folder / "x.json")
+    assert not (tmp_path / folder / "x.json").exists()
