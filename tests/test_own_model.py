@@ -65,33 +65,25 @@ def test_a_bad_definition_in_a_real_process(tmp_path, foreign_nets, case):
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def checked(net, path, *extra, definition=True):
-    """test_model.py --full --json on `path` (the user's class named when `definition`)."""
-    flags = ["--model-def", f"{net.file}:{net.cls}", "--model-kwargs", json.dumps(net.kwargs)] if definition else []
-    return run_script("test_model.py", "--model-path", path, *flags, *extra, "--device", "cpu", "--full", "--json")
+def checked(net, *extra) -> tuple[int, dict]:
+    """test_model.py --full --json on the user's weights, their class named: (exit code, checks by name)."""
+    result = run_script("test_model.py", "--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}",
+                        "--model-kwargs", json.dumps(net.kwargs), *extra, "--device", "cpu", "--full", "--json")
+    return result.returncode, {c["name"]: c for c in json.loads(result.stdout)["checks"]}
 
 
 @pytest.mark.parametrize("name", "abcd")
-def test_test_model_gives_the_users_own_accuracy(name, foreign_nets, small_data_dir):
+def test_test_model_gives_the_users_own_accuracy_and_checks_the_normalisation(name, foreign_nets, small_data_dir):
+    """Given --normalize, it is not guessed. With none and no record, the default (Fashion-MNIST's) is checked
+    against the common ones on training images: (b)-(d) were trained with it, so it passes and gives their own
+    accuracy; (a) was trained with MNIST's, and where the rule finds that clearly better it names the flag."""
     net = foreign_nets(name)
-    result = checked(net, net.weights, "--data-dir", small_data_dir, "--normalize", net.mean, net.std)
-    report = json.loads(result.stdout)
-    assert result.returncode == 0, result.stdout
-    quick = next(c for c in report["checks"] if c["name"] == "quick eval")
-    assert quick["data"]["accuracy"] == pytest.approx(net.accuracy, abs=1e-6)
-    step = next(c for c in report["checks"] if c["name"] == "train step")
-    assert step["data"]["channels_last"] == (name != "d")  # (d) flattens with .view: the step runs in NCHW
-    assert "normalisation" not in [c["name"] for c in report["checks"]]  # given, so not guessed
-
-
-@pytest.mark.parametrize("name", "abcd")
-def test_test_model_without_normalize_tries_the_common_ones(name, foreign_nets, small_data_dir):
-    """No --normalize and no record: the default (Fashion-MNIST's) is checked against the common ones on
-    training images. (b)-(d) were trained with it, so it passes and gives their own accuracy; (a) was trained
-    with MNIST's, and where the rule finds that clearly better it names the flag."""
-    net = foreign_nets(name)
-    report = json.loads(checked(net, net.weights, "--data-dir", small_data_dir).stdout)
-    checks = {c["name"]: c for c in report["checks"]}
+    code, checks = checked(net, "--data-dir", small_data_dir, "--normalize", net.mean, net.std)
+    assert code == 0, checks
+    assert checks["quick eval"]["data"]["accuracy"] == pytest.approx(net.accuracy, abs=1e-6)
+    assert checks["train step"]["data"]["channels_last"] == (name != "d")  # (d) flattens with .view: NCHW
+    assert "normalisation" not in checks
+    _, checks = checked(net, "--data-dir", small_data_dir)
     row = checks["normalisation"]
     if name == "a":
         assert row["ok"] or "--normalize 0.1307 0.3081" in row["detail"], row
@@ -101,15 +93,18 @@ def test_test_model_without_normalize_tries_the_common_ones(name, foreign_nets, 
 
 
 @pytest.mark.parametrize("name", "abcd")
-def test_fine_tune_resume_reload_and_the_plain_state_dict(name, foreign_nets, small_data_dir, tmp_path, capsys):
-    net = foreign_nets(name)
-    out = tmp_path / "run"
-    common = ["--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 512]
-    argv = ["--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}", "--model-kwargs",
-            json.dumps(net.kwargs), "--normalize", net.mean, net.std, "--output", out / "best.pt", *common,
-            "--epochs", 1]
-    assert finetune_gpu.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+def test_fine_tune_frozen_resume_reload_and_the_plain_state_dict(name, foreign_nets, small_data_dir, tmp_path, capsys):
+    from conftest import head_parameters
+
+    net, out = foreign_nets(name), tmp_path / "run"
     definition = ["--model-def", f"{net.file}:{net.cls}"]  # on every load: the record never chooses code
+    common = ["--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 512]
+    argv = ["--model-path", net.weights, *definition, "--model-kwargs", json.dumps(net.kwargs), "--normalize",
+            net.mean, net.std, "--output", out / "best.pt", "--freeze-conv", "--lr", 0.01, *common, "--epochs", 1]
+    assert finetune_gpu.main([str(a) for a in argv if a != "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable: " in printed
+    assert ("channels_last is off, the model runs in NCHW" in printed) == (name == "d")  # (d) flattens with .view
     resumed = ["--resume", out / "last.pt", "--epochs", 2, *definition, *common]
     assert finetune_gpu.main([str(a) for a in resumed]) == 0, capsys.readouterr().err
     best = torch.load(out / "best.pt", weights_only=True)
@@ -117,11 +112,18 @@ def test_fine_tune_resume_reload_and_the_plain_state_dict(name, foreign_nets, sm
     assert test_model.main(["--model-path", str(out / "best.pt"), *definition, "--data-dir", str(small_data_dir),
                             "--device", "cpu"]) == 0, capsys.readouterr().out
     plain = torch.load(out / "best.state_dict.pt", weights_only=True)
-    if net.container != "bare":
-        plain = plain[net.container]
+    plain = plain if net.container == "bare" else plain[net.container]
     model = net.load_class()(**net.kwargs)
     model.load_state_dict(plain)  # in the user's own script, with the key names of their class
     assert all(torch.equal(plain[k], v) for k, v in best["model"].items())
+    # --freeze-conv, kept by the resume: the features as loaded (weights and BatchNorm statistics), the head trained
+    loaded = torch.load(net.weights, weights_only=True)
+    loaded = {k.removeprefix("module."): v for k, v in loaded.get("model_state_dict", loaded).items()}
+    trained, head = torch.load(out / "last.pt", weights_only=True)["model"], head_parameters(model)
+    head_modules = {k.rpartition(".")[0] for k in head}  # their BatchNorm1d statistics train with them
+    assert not {k for k, t in trained.items() if k.rpartition(".")[0] not in head_modules
+                and not torch.equal(t, loaded[k])}
+    assert any(not torch.equal(trained[k], loaded[k]) for k in head)
 
 
 def test_a_recorded_definition_is_never_imported_and_an_edited_one_resumes(foreign_nets, small_data_dir, tmp_path,
@@ -170,63 +172,26 @@ def test_the_normalisation_rule(current, other, suggested):
         assert "MNIST's normalisation" in advice and "--normalize 0.1307 0.3081" in advice
 
 
-def test_fine_tuning_under_a_near_chance_normalisation_is_refused(foreign_nets, small_data_dir, tmp_path, capsys,
-                                                                  monkeypatch):
-    """The scores are fixed here (the rule is tested above): the refusal is exit 2, one line, nothing written."""
+@pytest.mark.parametrize("explicit", [False, True], ids=["refused", "warned of"])
+def test_a_normalisation_far_worse_than_a_candidate(explicit, foreign_nets, small_data_dir, trained_checkpoint,
+                                                     tmp_path, capsys, monkeypatch):
+    """The scores are fixed here (the rule is tested above). With no --normalize, fine-tuning is refused: exit 2,
+    nothing written; an explicit --normalize is the user's to keep: a warning names the better one."""
     from fashion_ft import trainer
     from fashion_ft.data import CANDIDATES
 
     monkeypatch.setattr(trainer, "compare", lambda model, images, labels, current: {
         current: 0.12, CANDIDATES["MNIST's"]: 0.81})
     net = foreign_nets("a")
-    argv = ["--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}", "--model-kwargs", json.dumps(net.kwargs),
-            "--output", tmp_path / "o" / "b.pt", "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN,
-            "--epochs", 1]
-    assert finetune_gpu.main([str(a) for a in argv]) == 2
+    model = ([trained_checkpoint, "--normalize", 0.5, 0.5] if explicit else
+             [net.weights, "--model-def", f"{net.file}:{net.cls}", "--model-kwargs", json.dumps(net.kwargs)])
+    argv = ["--model-path", *model, "--output", tmp_path / "o" / "b.pt", "--data-dir", small_data_dir, "--logdir",
+            tmp_path / "tb", *SMALL_RUN, "--limit-train", 256, "--epochs", 1]
+    assert finetune_gpu.main([str(a) for a in argv]) == (0 if explicit else 2)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: this model looks trained with MNIST's normalisation: 81% with --normalize "
-                              "0.1307 0.3081, 12% with the one in use"), err
-    assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("name", "abcd")
-def test_freeze_conv_keeps_every_feature_tensor_and_trains_the_head(name, foreign_nets, small_data_dir, tmp_path, capsys):
-    from conftest import head_parameters
-
-    net = foreign_nets(name)
-    out = tmp_path / "run"
-    argv = ["--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}", "--model-kwargs",
-            json.dumps(net.kwargs), "--normalize", net.mean, net.std, "--output", out / "best.pt", "--freeze-conv",
-            "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 512,
-            "--epochs", 2, "--select", "val_loss", "--lr", 0.01]
-    argv = [a for a in argv if a != "--quiet"]
-    assert finetune_gpu.main([str(a) for a in argv]) == 0
-    out_text = capsys.readouterr().out
-    assert "trainable: " in out_text
-    assert ("channels_last is off, the model runs in NCHW" in out_text) == (name == "d")  # (d) flattens with .view
-    before, after = torch.load(out / "last.pt", weights_only=True)["model"], torch.load(net.weights, weights_only=True)
-    after = after.get("model_state_dict", after)
-    after = {k.removeprefix("module."): v for k, v in after.items()}
-    head = head_parameters(net.load_class()(**net.kwargs))
-    head_modules = {k.rpartition(".")[0] for k in head}  # their BatchNorm1d statistics train with them
-    for key, tensor in before.items():
-        if key.rpartition(".")[0] in head_modules:
-            continue
-        assert torch.equal(tensor, after[key]), key  # features: weights and BatchNorm statistics as loaded
-    assert any(not torch.equal(before[k], after[k]) for k in head)
-
-
-def test_an_explicit_normalisation_far_worse_than_a_candidate_is_warned_of(small_data_dir, trained_checkpoint, tmp_path,
-                                                                          capsys, monkeypatch):
-    """--normalize is the user's to keep: the run goes on, after a warning that names the better one."""
-    from fashion_ft import trainer
-    from fashion_ft.data import CANDIDATES
-
-    monkeypatch.setattr(trainer, "compare", lambda model, images, labels, current: {
-        current: 0.13, CANDIDATES["MNIST's"]: 0.97})
-    argv = ["--model-path", trained_checkpoint, "--normalize", 0.5, 0.5, "--output", tmp_path / "o" / "b.pt",
-            "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 256, "--epochs", 1]
-    assert finetune_gpu.main([str(a) for a in argv]) == 0
-    err = capsys.readouterr().err
-    assert "warning: this model looks trained with MNIST's normalisation: 97% with --normalize 0.1307 0.3081" in err
-    assert "is --normalize 0.5 0.5 the one the model was trained with?" in err
+    advice = "looks trained with MNIST's normalisation: 81% with --normalize 0.1307 0.3081, 12% with the one in use"
+    if explicit:
+        assert any(line.startswith(f"warning: this model {advice}") and "is --normalize 0.5 0.5 the one" in line
+                   for line in err), err
+    else:
+        assert err[-1].startswith(f"error: this model {advice}") and not (tmp_path / "o").exists(), err
