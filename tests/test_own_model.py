@@ -12,34 +12,35 @@ import test_model
 
 pytestmark = pytest.mark.slow  # each network is trained once, then run through the real scripts
 
-OWN_CLASS = ("import pathlib\nexec(pathlib.Path({net_file!r}).read_text())\nclass Mine(Net):\n    def forward(self, x):\n"
-             "        y = super().forward(x)\n")
-BAD_DEFINITIONS = {  # name: (the user's file, the class to name, exit code, what the one line says)
-    "missing file": (None, "Net", 2, "not found"),
-    "no such class": ("class Other: pass\n", "Net", 1, "has no class Net"),
-    "not a module": ("Net = 3\n", "Net", 1, "is not an nn.Module subclass"),
-    "import raises": ("raise ValueError('no GPU here')\n", "Net", 1, "importing it failed: ValueError: no GPU here"),
-    "syntax error": ("def broken(:\n", "Net", 1, "syntax error"),
-    "top-level parse_args": ("import argparse\np = argparse.ArgumentParser()\np.add_argument('--epochs', required=True)\n"
-                             "p.parse_args()\n", "Net", 1, "importing it exited"),
-    "constructor fails": ("from torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n"
-                          "        raise RuntimeError('needs a config file')\n", "Net", 1, "failed: RuntimeError: needs a config"),
-    "weights do not fit": ("from torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-                           "        self.fc = nn.Linear(784, 10)\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n",
-                           "Net", 1, "the weights do not fit"),
-    # the user's own class (its weights fit), with another forward
-    "a tuple as output": (f"{OWN_CLASS}        return y, y\n", "Mine", 1, "gives a tuple"),
-    "probabilities": (f"{OWN_CLASS}        return y.softmax(1)\n", "Mine", 1, "returns probabilities"),
-    "a missing module": ("import tensorboardX\n", "Net", 1, "-m pip install tensorboardX"),
+# The user's own class (its weights fit) with another forward, and a class of theirs from scratch.
+OWN_CLASS = ("import pathlib\nexec(pathlib.Path({net_file!r}).read_text())\nclass Mine(Net):\n"
+             "    def forward(self, x):\n        y = super().forward(x)\n")
+TORCH_NET = "from torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n"
+BAD_DEFINITIONS = {  # name: (the user's file, whose class Mine or Net is named, exit code, what the one line says)
+    "missing file": (None, 2, "not found"),
+    "no such class": ("class Other: pass\n", 1, "has no class Net"),
+    "not a module": ("Net = 3\n", 1, "is not an nn.Module subclass"),
+    "import raises": ("raise ValueError('no GPU here')\n", 1, "importing it failed: ValueError: no GPU here"),
+    "syntax error": ("def broken(:\n", 1, "syntax error"),
+    "top-level parse_args": ("import argparse\np = argparse.ArgumentParser()\np.add_argument('--epochs', required=True)"
+                             "\np.parse_args()\n", 1, "importing it exited"),
+    "constructor fails": (TORCH_NET + "        raise RuntimeError('needs a config file')\n", 1,
+                          "failed: RuntimeError: needs a config"),
+    "weights do not fit": (TORCH_NET + "        super().__init__()\n        self.fc = nn.Linear(784, 10)\n"
+                           "    def forward(self, x):\n        return self.fc(x.flatten(1))\n", 1,
+                           "the weights do not fit"),
+    "a tuple as output": (f"{OWN_CLASS}        return y, y\n", 1, "gives a tuple"),
+    "probabilities": (f"{OWN_CLASS}        return y.softmax(1)\n", 1, "returns probabilities"),
+    "a missing module": ("import tensorboardX\n", 1, "-m pip install tensorboardX"),
 }
 
 
 def bad_definition(tmp_path, case, net=None):
-    text, cls, code, fragment = BAD_DEFINITIONS[case]
+    text, code, fragment = BAD_DEFINITIONS[case]
     path = tmp_path / "user-net.py"
     if text is not None:
         path.write_text(text.format(net_file=str(net.file)) if net else text)
-    return f"{path}:{cls}", code, fragment
+    return f"{path}:{'Mine' if text and text.startswith(OWN_CLASS) else 'Net'}", code, fragment
 
 
 @pytest.mark.parametrize("case", list(BAD_DEFINITIONS))
@@ -94,10 +95,16 @@ def test_test_model_gives_the_users_own_accuracy_and_checks_the_normalisation(na
 
 @pytest.mark.parametrize("name", "abcd")
 def test_fine_tune_frozen_resume_reload_and_the_plain_state_dict(name, foreign_nets, small_data_dir, tmp_path, capsys):
+    """The record (path and sha256 of the user's file) names the class; only --model-def runs it, on every load.
+    The file edited since is the user's choice: --resume with --model-def goes on, and records the new sha256."""
     from conftest import head_parameters
 
+    from fashion_ft.model import file_sha256
+
     net, out = foreign_nets(name), tmp_path / "run"
-    definition = ["--model-def", f"{net.file}:{net.cls}"]  # on every load: the record never chooses code
+    script = tmp_path / net.file.name  # the user's file, which tells when it is imported
+    script.write_text(net.file.read_text() + "\nopen(__file__ + '.imported', 'w').close()\n")
+    definition = ["--model-def", f"{script}:{net.cls}"]
     common = ["--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 512]
     argv = ["--model-path", net.weights, *definition, "--model-kwargs", json.dumps(net.kwargs), "--normalize",
             net.mean, net.std, "--output", out / "best.pt", "--freeze-conv", "--lr", 0.01, *common, "--epochs", 1]
@@ -105,10 +112,19 @@ def test_fine_tune_frozen_resume_reload_and_the_plain_state_dict(name, foreign_n
     printed = capsys.readouterr().out
     assert "trainable: " in printed
     assert ("channels_last is off, the model runs in NCHW" in printed) == (name == "d")  # (d) flattens with .view
-    resumed = ["--resume", out / "last.pt", "--epochs", 2, *definition, *common]
-    assert finetune_gpu.main([str(a) for a in resumed]) == 0, capsys.readouterr().err
-    best = torch.load(out / "best.pt", weights_only=True)
+    (tmp_path / (script.name + ".imported")).unlink()
+    assert test_model.main(["--model-path", str(out / "best.pt"), "--device", "cpu", "--json"]) == 1
+    load = next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "load")
+    assert f"pass --model-def {script}:{net.cls}" in load["detail"], load
+    resumed = ["--resume", out / "last.pt", "--epochs", 2, *common]
+    assert finetune_gpu.main([str(a) for a in resumed]) == 1
+    assert f"pass --model-def {script}:{net.cls}" in capsys.readouterr().err
+    assert not (tmp_path / (script.name + ".imported")).exists()  # neither script imported the recorded file
+    script.write_text(script.read_text() + "\n# edited\n")
+    assert finetune_gpu.main([str(a) for a in [*resumed, *definition]]) == 0, capsys.readouterr().err
+    best, last = (torch.load(out / f, weights_only=True) for f in ("best.pt", "last.pt"))
     assert best["model_def"]["class"] == net.cls and best["normalize"] == {"mean": net.mean, "std": net.std}
+    assert last["model_def"]["sha256"] == file_sha256(script)
     assert test_model.main(["--model-path", str(out / "best.pt"), *definition, "--data-dir", str(small_data_dir),
                             "--device", "cpu"]) == 0, capsys.readouterr().out
     plain = torch.load(out / "best.state_dict.pt", weights_only=True)
@@ -119,41 +135,11 @@ def test_fine_tune_frozen_resume_reload_and_the_plain_state_dict(name, foreign_n
     # --freeze-conv, kept by the resume: the features as loaded (weights and BatchNorm statistics), the head trained
     loaded = torch.load(net.weights, weights_only=True)
     loaded = {k.removeprefix("module."): v for k, v in loaded.get("model_state_dict", loaded).items()}
-    trained, head = torch.load(out / "last.pt", weights_only=True)["model"], head_parameters(model)
+    head = head_parameters(model)
     head_modules = {k.rpartition(".")[0] for k in head}  # their BatchNorm1d statistics train with them
-    assert not {k for k, t in trained.items() if k.rpartition(".")[0] not in head_modules
+    assert not {k for k, t in last["model"].items() if k.rpartition(".")[0] not in head_modules
                 and not torch.equal(t, loaded[k])}
-    assert any(not torch.equal(trained[k], loaded[k]) for k in head)
-
-
-def test_a_recorded_definition_is_never_imported_and_an_edited_one_resumes(foreign_nets, small_data_dir, tmp_path,
-                                                                            capsys):
-    """The record (path and sha256 of the file) names the class; only --model-def runs it, on every load. The
-    file edited since is the user's choice: --resume with --model-def goes on, and records the new sha256."""
-    net = foreign_nets("b")
-    out = tmp_path / "run"
-    script = tmp_path / net.file.name
-    script.write_text(net.file.read_text() + "\nopen(__file__ + '.imported', 'w').close()\n")
-    common = ["--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 256]
-    argv = ["--model-path", net.weights, "--model-def", f"{script}:{net.cls}", "--output", out / "best.pt", *common,
-            "--epochs", 1]
-    assert finetune_gpu.main([str(a) for a in argv]) == 0
-    sentinel = tmp_path / (script.name + ".imported")
-    sentinel.unlink()
-    capsys.readouterr()
-    assert test_model.main(["--model-path", str(out / "best.pt"), "--device", "cpu", "--json"]) == 1
-    load = next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "load")
-    assert f"pass --model-def {script}:{net.cls}" in load["detail"], load
-    resume = ["--resume", out / "last.pt", "--epochs", 2, *common]
-    assert finetune_gpu.main([str(a) for a in resume]) == 1
-    assert f"pass --model-def {script}:{net.cls}" in capsys.readouterr().err
-    assert not sentinel.exists()  # neither script imported the recorded file
-    script.write_text(script.read_text() + "\n# edited\n")
-    assert finetune_gpu.main([str(a) for a in [*resume, "--model-def", f"{script}:{net.cls}"]]) == 0, \
-        capsys.readouterr().err
-    from fashion_ft.model import file_sha256
-
-    assert torch.load(out / "last.pt", weights_only=True)["model_def"]["sha256"] == file_sha256(script)
+    assert any(not torch.equal(last["model"][k], loaded[k]) for k in head)
 
 
 SUGGESTION_RULE = [  # (accuracy in use, the best other, whether it is suggested)
