@@ -149,30 +149,26 @@ def test_a_distilled_run_resumes_exactly_reloads_and_stops_if_its_teacher_change
 
 
 @pytest.mark.slow  # two short runs each
-@pytest.mark.parametrize("student", ["users_class", "shipped_cnn3"])
-def test_the_distill_plan_teaches_resumes_and_reloads(student, foreign_nets, small_data_dir, tmp_path):
+@pytest.mark.parametrize("users", [True, False], ids=["users_class", "shipped_cnn3"])
+def test_the_distill_plan_teaches_resumes_and_reloads(users, foreign_nets, small_data_dir, tmp_path):
     """--preset distill: the shipped ResNet-20 teaches the user's network (a) (MNIST's normalisation,
     log_softmax, no split record) or our shipped cnn3; validation on the test half, so that no teacher's
     split record matters on this small data."""
-    if student == "users_class":
-        net = foreign_nets("a")
-        definition = ["--model-def", f"{net.file}:{net.cls}", "--model-kwargs", json.dumps(net.kwargs)]
-        model = ["--model-path", net.weights, *definition, "--normalize", net.mean, net.std]
-    else:
-        definition, model = [], ["--model-path", REPO / "model" / "mnist_cnn3.pt"]
-    out = tmp_path / "run"
-    first = run_script("finetune_gpu.py", *model, "--preset", "distill", "--val-from", "test-half", "--epochs", 1,
-                       "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", "--limit-train", 512,
-                       "--batch-size", 64, "--output", out / "best.pt", "--quiet", "--device", "cpu", cwd=REPO)
+    net, out = foreign_nets("a"), tmp_path / "run"
+    definition = ["--model-def", f"{net.file}:{net.cls}"] if users else []
+    model = ([net.weights, *definition, "--model-kwargs", json.dumps(net.kwargs), "--normalize", net.mean, net.std]
+             if users else [REPO / "model" / "mnist_cnn3.pt"])
+    first = run_script("finetune_gpu.py", "--model-path", *model, "--preset", "distill", "--val-from", "test-half",
+                       "--epochs", 1, "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", "--limit-train", 512,
+                       "--batch-size", 64, "--output", out / "best.pt", "--quiet", "--device", "cpu")
     assert first.returncode == 0, first.stderr
     config = torch.load(out / "last.pt", weights_only=True)["config"]
     assert (config["teacher"], config["kd_alpha"], config["kd_temperature"]) == (["model/resnet20.pt"], 0.5, 1.0)
-    resumed = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, *definition[:2], "--quiet",
-                         cwd=REPO)
+    resumed = run_script("finetune_gpu.py", "--resume", out / "last.pt", "--epochs", 2, *definition, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
-    checked = run_script("test_model.py", "--model-path", out / "best.pt", *definition[:2], "--data-dir",
-                         small_data_dir, "--device", "cpu", cwd=REPO)
+    checked = run_script("test_model.py", "--model-path", out / "best.pt", *definition, "--data-dir", small_data_dir,
+                         "--device", "cpu")
     assert checked.returncode == 0, checked.stdout
 
 
