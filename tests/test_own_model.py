@@ -61,23 +61,28 @@ def test_a_bad_definition_is_one_line_and_writes_nothing(tmp_path, small_data_di
 
 
 def checked(net, *extra) -> tuple[int, dict]:
-    """test_model.py --full --json on the user's weights, their class named: (exit code, checks by name)."""
+    """test_model.py --full --json on the user's weights (and any other models in `extra`), their class named:
+    (exit code, checks by name)."""
     result = run_script("test_model.py", "--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}",
                         "--model-kwargs", json.dumps(net.kwargs), *extra, "--device", "cpu", "--full", "--json")
     return result.returncode, {c["name"]: c for c in json.loads(result.stdout)["checks"]}
 
 
 @pytest.mark.parametrize("name", "abcd")
-def test_test_model_gives_the_users_own_accuracy_and_checks_the_normalisation(name, foreign_nets, small_data_dir):
-    """Given --normalize, it is not guessed. With none and no record, the default (Fashion-MNIST's) is checked
-    against the common ones on training images: (b)-(d) were trained with it, so it passes and gives their own
-    accuracy; (a) was trained with MNIST's, and where the rule finds that clearly better it names the flag."""
+def test_test_model_gives_the_users_own_accuracy_and_checks_the_normalisation(name, foreign_nets, small_data_dir,
+                                                                               trained_checkpoint):
+    """--normalize applies to the file with no record (ours, in the ensemble, brings its own): it is not guessed.
+    With none given or recorded, the default (Fashion-MNIST's) is checked against the common ones on training
+    images: (b)-(d) were trained with it, so it passes and gives their own accuracy; (a) was trained with
+    MNIST's, and where the rule finds that clearly better it names the flag."""
     net = foreign_nets(name)
-    code, checks = checked(net, "--data-dir", small_data_dir, "--normalize", net.mean, net.std)
+    code, checks = checked(net, "--model-path", trained_checkpoint, "--data-dir", small_data_dir, "--normalize",
+                           net.mean, net.std)
     assert code == 0, checks
-    assert checks["quick eval"]["data"]["accuracy"] == pytest.approx(net.accuracy, abs=1e-6)
-    assert checks["train step"]["data"]["channels_last"] == (name != "d")  # (d) flattens with .view: NCHW
-    assert "normalisation" not in checks
+    assert checks[f"{net.weights}: quick eval"]["data"]["accuracy"] == pytest.approx(net.accuracy, abs=1e-6)
+    assert checks[f"{net.weights}: train step"]["data"]["channels_last"] == (name != "d")  # (d): .view, so NCHW
+    assert checks["ensemble"]["ok"] and checks["ensemble"]["data"]["accuracy"] > 0.5
+    assert not [c for c in checks if c.endswith("normalisation")]
     _, checks = checked(net, "--data-dir", small_data_dir)
     row = checks["normalisation"]
     if name == "a":

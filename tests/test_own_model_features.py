@@ -71,18 +71,6 @@ def test_a_wrapped_run_saves_weights_the_users_class_loads(wrapper, foreign_nets
     net.load_class()(**net.kwargs).load_state_dict(load(out / "best.state_dict.pt"))
 
 
-def test_an_ensemble_of_the_users_model_and_ours(foreign_nets, small_data_dir, trained_checkpoint):
-    """--model-def and --normalize apply to the file with no record; ours brings its own."""
-    net = foreign_nets("a")
-    result = run_script("test_model.py", "--model-path", net.weights, trained_checkpoint, "--model-def",
-                        f"{net.file}:{net.cls}", "--model-kwargs", json.dumps(net.kwargs), "--normalize", net.mean,
-                        net.std, "--data-dir", small_data_dir, "--full", "--json", "--device", "cpu")
-    assert result.returncode == 0, result.stdout
-    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
-    assert checks[f"{net.weights}: quick eval"]["data"]["accuracy"] == pytest.approx(net.accuracy, abs=1e-6)
-    assert checks["ensemble"]["ok"] and checks["ensemble"]["data"]["accuracy"] > 0.5
-
-
 def test_model_def_for_a_file_of_our_own_architecture_is_refused(foreign_nets, trained_checkpoint, small_data_dir,
                                                                    tmp_path, capsys):
     net = foreign_nets("a")
