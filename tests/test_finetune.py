@@ -14,9 +14,6 @@ from fashion_ft.engine import lr_multiplier
 
 pytestmark = pytest.mark.slow  # every test here runs finetune_gpu.py
 
-# The run most tests here look at: it has flip TTA, strong augmentation and a fixed seed.
-SHARED = ("--epochs", 3, "--lr", 0.003, "--tta", "flip", "--augment", "strong", "--seed", 7)
-
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -28,14 +25,15 @@ def changed_keys(before: dict, after: dict) -> set:
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, small_data_dir, trained_checkpoint):
-    """(result, output folder, its metrics.json) of one SHARED run, its TensorBoard run named r1 in ../tb."""
-    result, out = finetune(tmp_path_factory.mktemp("shared"), small_data_dir, trained_checkpoint, *SHARED,
-                           "--run-name", "r1")
+    """(result, output folder, metrics.json) of the run most tests here look at: flip TTA, strong augmentation,
+    its TensorBoard run named r1 in ../tb."""
+    result, out = finetune(tmp_path_factory.mktemp("shared"), small_data_dir, trained_checkpoint, "--epochs", 3,
+                           "--lr", 0.003, "--tta", "flip", "--augment", "strong", "--run-name", "r1")
     assert result.returncode == 0, result.stderr
     return result, out, json.loads((out / "metrics.json").read_text())
 
 
-def test_run_leaves_best_last_and_metrics(shared):
+def test_run_leaves_best_last_and_metrics_and_selects_on_validation_only(shared):
     result, out, metrics = shared
     assert "done (epochs_done)" in result.stdout and "test acc" in result.stdout
     best, last = load(out / "best.pt"), load(out / "last.pt")
@@ -49,23 +47,9 @@ def test_run_leaves_best_last_and_metrics(shared):
                              "base_val_acc", "peak_gpu_mb", "epoch_s", "history", "test_loss", "test_acc",
                              "test_images", "per_class_test_acc", "finished"]
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
-
-
-def test_best_model_is_selected_on_validation_only(shared):
-    _, out, metrics = shared
-    history = load(out / "last.pt")["history"]
-    best_by_val = max(history, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
-    assert metrics["best_epoch"] == best_by_val == load(out / "best.pt")["metrics"]["epoch"]
-    assert all("test_acc" not in row for row in history)  # the test set is not looked at per epoch
-
-
-def test_same_seed_same_results(shared, tmp_path, small_data_dir, trained_checkpoint):
-    _, first, metrics = shared
-    result, again = finetune(tmp_path, small_data_dir, trained_checkpoint, *SHARED)
-    assert result.returncode == 0, result.stderr
-    assert not changed_keys(load(first / "best.pt")["model"], load(again / "best.pt")["model"])
-    repeated = json.loads((again / "metrics.json").read_text())
-    assert (metrics["test_acc"], metrics["best_val_loss"]) == (repeated["test_acc"], repeated["best_val_loss"])
+    best_by_val = max(last["history"], key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
+    assert metrics["best_epoch"] == best_by_val == best["metrics"]["epoch"]
+    assert all("test_acc" not in row for row in last["history"])  # the test set is not looked at per epoch
 
 
 def test_tensorboard_run_has_scalars_images_and_hparams(shared):
@@ -162,17 +146,19 @@ def test_lr_multiplier_warmup_then_cosine():
     assert factor(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 79 / 80)))
 
 
-def test_from_scratch_is_repeatable_and_its_ema_weights_are_the_ones_validated_and_saved(tmp_path, small_data_dir):
+def test_same_seed_same_results_and_the_ema_weights_are_the_ones_validated_and_saved(tmp_path, small_data_dir):
     outs = [tmp_path / name for name in ("a", "b")]
     for out in outs:  # from scratch there is no epoch 0, so epoch 1, the moving average, is the best model
-        result = run_script("finetune_gpu.py", "--from-scratch", "--optimizer", "sgd", "--lr", 0.05, "--ema-decay",
-                            0.9, "--augment", "none", "--epochs", 1, "--data-dir", small_data_dir, "--output",
-                            out / "best.pt", "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 512)
+        result = run_script("finetune_gpu.py", "--from-scratch", "--seed", 7, "--optimizer", "sgd", "--lr", 0.05,
+                            "--ema-decay", 0.9, "--augment", "strong", "--epochs", 1, "--data-dir", small_data_dir,
+                            "--output", out / "best.pt", "--logdir", tmp_path / "tb", *SMALL_RUN, "--limit-train", 512)
         assert result.returncode == 0, result.stderr
         assert "base model" not in result.stdout
     best, last, again = load(outs[0] / "best.pt"), load(outs[0] / "last.pt"), load(outs[1] / "best.pt")
     assert best["config"]["optimizer"] == "sgd"
     assert not changed_keys(best["model"], again["model"])  # the random init is seeded too
+    first, second = (json.loads((out / "metrics.json").read_text()) for out in outs)
+    assert (first["test_acc"], first["best_val_loss"]) == (second["test_acc"], second["best_val_loss"])
     averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
     assert averaged.keys() == best["model"].keys() and not changed_keys(averaged, best["model"])
     assert not torch.equal(best["model"]["classifier.2.weight"], last["model"]["classifier.2.weight"])

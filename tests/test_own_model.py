@@ -35,27 +35,22 @@ BAD_DEFINITIONS = {  # name: (the user's file, whose class Mine or Net is named,
 }
 
 
-def bad_definition(tmp_path, case, net=None):
-    text, code, fragment = BAD_DEFINITIONS[case]
-    path = tmp_path / "user-net.py"
-    if text is not None:
-        path.write_text(text.format(net_file=str(net.file)) if net else text)
-    return f"{path}:{'Mine' if text and text.startswith(OWN_CLASS) else 'Net'}", code, fragment
-
-
 @pytest.mark.parametrize("case", list(BAD_DEFINITIONS))
 def test_a_bad_definition_is_one_line_and_writes_nothing(tmp_path, small_data_dir, foreign_nets, capsys, case):
-    net = foreign_nets("a")
-    spec, code, fragment = bad_definition(tmp_path, case, net)
+    net, (text, code, fragment) = foreign_nets("a"), BAD_DEFINITIONS[case]
+    if text is not None:
+        (tmp_path / "user-net.py").write_text(text.format(net_file=str(net.file)))
+    mine = text is not None and text.startswith(OWN_CLASS)
+    definition = ["--model-def", f"{tmp_path / 'user-net.py'}:{'Mine' if mine else 'Net'}",
+                  *(["--model-kwargs", json.dumps(net.kwargs)] if mine else [])]
     before = sorted(tmp_path.rglob("*"))
-    kwargs = ["--model-kwargs", json.dumps(net.kwargs)] if spec.endswith(":Mine") else []
-    argv = ["--model-path", net.weights, "--model-def", spec, *kwargs, "--data-dir", small_data_dir, "--output",
+    argv = ["--model-path", net.weights, *definition, "--data-dir", small_data_dir, "--output",
             tmp_path / "out" / "best.pt", "--logdir", tmp_path / "tb", *SMALL_RUN, "--epochs", 1]
     assert finetune_gpu.main([str(a) for a in argv]) == code
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert sorted(tmp_path.rglob("*")) == before  # no output folder, no __pycache__ by the user's file
-    result = run_script("test_model.py", "--model-path", net.weights, "--model-def", spec, *kwargs, "--device", "cpu")
+    result = run_script("test_model.py", "--model-path", net.weights, *definition, "--device", "cpu")
     printed = result.stdout + result.stderr  # test_model.py refuses it in the same words
     assert result.returncode == code and fragment in printed and "Traceback" not in printed, printed
 
