@@ -13,6 +13,7 @@ import finetune_gpu
 from fashion_ft import system
 from fashion_ft.checkpoint import make_checkpoint
 from fashion_ft.config import Config
+from fashion_ft.data import augmented
 from fashion_ft.engine import ComputeSettings, Teacher, Teachers, TrainStep, build_optimizer, build_schedulers
 from fashion_ft.model import build_model
 
@@ -64,8 +65,6 @@ def test_cached_targets_are_the_ones_computed_per_batch():
     teachers = Teachers([Teacher(teacher, 0.286, 0.353)], 1.0, sources=[])
     images = torch.randint(0, 256, (50, 1, 28, 28), dtype=torch.uint8)
     teachers.fill_cache(images, CPU, batch_size=16)
-    from fashion_ft.data import augmented
-
     assert torch.allclose(teachers.cache[7:19], teachers.targets(augmented(images[7:19], None, None), CPU), atol=1e-6)
 
 
@@ -118,27 +117,25 @@ def test_a_distilled_run_resumes_exactly_reloads_and_stops_if_its_teacher_change
     teacher.write_bytes(trained_checkpoint.read_bytes())
     kd = ["--teacher", teacher, "--kd-alpha", 0.8, "--kd-temperature", 2, "--augment", augment,
           "--scheduler", "none", "--warmup-epochs", 0]
-    straight, out = finetune(tmp_path, small_data_dir, trained_checkpoint, *kd, "--epochs", 2, name="straight",
+    for name, epochs in (("straight", 2), ("split", 1)):
+        result, _ = finetune(tmp_path, small_data_dir, trained_checkpoint, *kd, "--epochs", epochs, name=name,
                              limit_train=512)
-    assert straight.returncode == 0, straight.stderr
-    first, split = finetune(tmp_path, small_data_dir, trained_checkpoint, *kd, "--epochs", 1, name="split",
-                            limit_train=512)
-    assert first.returncode == 0, first.stderr
-    resumed = run_script("finetune_gpu.py", "--resume", split / "last.pt", "--epochs", 2, "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
+        assert result.returncode == 0, result.stderr
+    split = tmp_path / "split"
+    resume = ("finetune_gpu.py", "--resume", split / "last.pt", "--quiet", "--epochs")
+    result = run_script(*resume, 2)
+    assert result.returncode == 0, result.stderr
     last = torch.load(split / "last.pt", weights_only=True)
-    a = torch.load(out / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], last["model"][k]) for k in a)
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(straight[k], last["model"][k]) for k in straight)
     assert last["config"]["teacher"] == [str(teacher)] and last["config"]["kd_alpha"] == 0.8
     assert last["teachers"][0]["path"] == str(teacher) and len(last["teachers"][0]["sha256"]) == 64
     checked = run_script("test_model.py", "--model-path", split / "best.pt", "--data-dir", small_data_dir, "--device",
                          "cpu")
     assert checked.returncode == 0, checked.stdout
     torch.save({**torch.load(teacher, weights_only=True), "created": "another day"}, teacher)
-    refused = run_script("finetune_gpu.py", "--resume", split / "last.pt", "--epochs", 3, "--quiet")
+    refused, allowed = run_script(*resume, 3), run_script(*resume, 3, "--override-resume")
     assert refused.returncode == 2 and "changed since the run began" in refused.stderr
-    allowed = run_script("finetune_gpu.py", "--resume", split / "last.pt", "--epochs", 3, "--quiet",
-                         "--override-resume")
     assert allowed.returncode == 0, allowed.stderr
 
 

@@ -5,10 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL_RUN, run_script
+from conftest import SMALL_RUN, head_parameters, run_script
 
 import finetune_gpu
 import test_model
+from fashion_ft import trainer
+from fashion_ft.data import CANDIDATES, suggestion
+from fashion_ft.model import file_sha256
 
 pytestmark = pytest.mark.slow  # each network is trained once, then run through the real scripts
 
@@ -91,10 +94,6 @@ def test_test_model_gives_the_users_own_accuracy_and_checks_the_normalisation(na
 def test_fine_tune_frozen_resume_reload_and_the_plain_state_dict(name, foreign_nets, small_data_dir, tmp_path, capsys):
     """The record (path and sha256 of the user's file) names the class; only --model-def runs it, on every load.
     The file edited since is the user's choice: --resume with --model-def goes on, and records the new sha256."""
-    from conftest import head_parameters
-
-    from fashion_ft.model import file_sha256
-
     net, out = foreign_nets(name), tmp_path / "run"
     script = tmp_path / net.file.name  # the user's file, which tells when it is imported
     script.write_text(net.file.read_text() + "\nopen(__file__ + '.imported', 'w').close()\n")
@@ -143,8 +142,6 @@ SUGGESTION_RULE = [  # (accuracy in use, the best other, whether it is suggested
 
 @pytest.mark.parametrize("current, other, suggested", SUGGESTION_RULE)
 def test_the_normalisation_rule(current, other, suggested):
-    from fashion_ft.data import CANDIDATES, suggestion
-
     scores = {(0.2860, 0.3530): current, CANDIDATES["MNIST's"]: other, (0.0, 1.0): 0.1}
     advice = suggestion(scores, (0.2860, 0.3530))
     assert (advice is not None) == suggested
@@ -157,9 +154,6 @@ def test_a_normalisation_far_worse_than_a_candidate(explicit, foreign_nets, smal
                                                      tmp_path, capsys, monkeypatch):
     """The scores are fixed here (the rule is tested above). With no --normalize, fine-tuning is refused: exit 2,
     nothing written; an explicit --normalize is the user's to keep: a warning names the better one."""
-    from fashion_ft import trainer
-    from fashion_ft.data import CANDIDATES
-
     monkeypatch.setattr(trainer, "compare", lambda model, images, labels, current: {
         current: 0.12, CANDIDATES["MNIST's"]: 0.81})
     net = foreign_nets("a")
