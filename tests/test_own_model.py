@@ -59,8 +59,7 @@ def test_a_bad_definition_is_one_line_and_writes_nothing(tmp_path, small_data_di
 
 
 def checked(net, *extra) -> tuple[int, dict]:
-    """test_model.py --full --json on the user's weights (and any other models in `extra`), their class named:
-    (exit code, checks by name)."""
+    """test_model.py --full --json, the user's weights first, their class named: (exit code, checks by name)."""
     result = run_script("test_model.py", "--model-path", net.weights, "--model-def", f"{net.file}:{net.cls}",
                         "--model-kwargs", json.dumps(net.kwargs), *extra, "--device", "cpu", "--full", "--json")
     return result.returncode, {c["name"]: c for c in json.loads(result.stdout)["checks"]}
@@ -142,11 +141,9 @@ SUGGESTION_RULE = [  # (accuracy in use, the best other, whether it is suggested
 
 @pytest.mark.parametrize("current, other, suggested", SUGGESTION_RULE)
 def test_the_normalisation_rule(current, other, suggested):
-    scores = {(0.2860, 0.3530): current, CANDIDATES["MNIST's"]: other, (0.0, 1.0): 0.1}
-    advice = suggestion(scores, (0.2860, 0.3530))
+    advice = suggestion({(0.2860, 0.3530): current, CANDIDATES["MNIST's"]: other, (0.0, 1.0): 0.1}, (0.2860, 0.3530))
     assert (advice is not None) == suggested
-    if suggested:
-        assert "MNIST's normalisation" in advice and "--normalize 0.1307 0.3081" in advice
+    assert not suggested or ("MNIST's normalisation" in advice and "--normalize 0.1307 0.3081" in advice)
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["refused", "warned of"])

@@ -73,10 +73,8 @@ def test_a_wrapped_run_saves_weights_the_users_class_loads(wrapper, foreign_nets
 
 def test_model_def_for_a_file_of_our_own_architecture_is_refused(foreign_nets, trained_checkpoint, small_data_dir,
                                                                    tmp_path, capsys):
-    net = foreign_nets("a")
-    argv = own(net, tmp_path / "o", small_data_dir, tmp_path)
-    argv[argv.index("--model-path") + 1] = str(trained_checkpoint)
-    assert finetune_gpu.main(argv) == 2
+    ours = ("--model-path", trained_checkpoint)  # after the user's, in place of it
+    assert finetune_gpu.main(own(foreign_nets("a"), tmp_path / "o", small_data_dir, tmp_path, *ours)) == 2
     assert capsys.readouterr().err.strip() == (f"error: --model-def: {trained_checkpoint} records its own "
                                                "architecture (cnn3); drop --model-def")
     assert not (tmp_path / "o").exists()
