@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # each network is trained once, then run through 
 OWN_CLASS = ("import pathlib\nexec(pathlib.Path({net_file!r}).read_text())\nclass Mine(Net):\n"
              "    def forward(self, x):\n        y = super().forward(x)\n")
 TORCH_NET = "from torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n"
-BAD_DEFINITIONS = {  # name: (the user's file, whose class Mine or Net is named, exit code, what the one line says)
+BAD_DEFINITIONS = {  # name: (the user's file, its class Mine or else Net named; exit code; what the one line says)
     "missing file": (None, 2, "not found"),
     "no such class": ("class Other: pass\n", 1, "has no class Net"),
     "not a module": ("Net = 3\n", 1, "is not an nn.Module subclass"),
