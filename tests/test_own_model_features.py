@@ -25,13 +25,14 @@ def load(path):
     return torch.load(path, weights_only=True)
 
 
-def test_ema_flip_tta_tensorboard_and_never_worse(foreign_nets, small_data_dir, tmp_path, capsys):
+def test_ema_flip_tta_tensorboard_never_worse_and_a_bit_exact_resume(foreign_nets, small_data_dir, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    net, out = foreign_nets("a"), tmp_path / "run"
-    argv = own(net, out, small_data_dir, tmp_path, "--ema-decay", 0.9, "--tta", "flip", "--run-name", "own",
-               "--epochs", 1)  # best: 0 or last
-    assert finetune_gpu.main(argv) == 0, capsys.readouterr().err
+    net = foreign_nets("a")
+    flags = ("--ema-decay", 0.9, "--tta", "flip", "--scheduler", "none", "--warmup-epochs", 0)  # a constant LR:
+    straight, out = tmp_path / "straight", tmp_path / "split"  # --epochs does not move the schedule on resume
+    assert finetune_gpu.main(own(net, straight, small_data_dir, tmp_path, *flags, "--epochs", 2)) == 0
+    assert finetune_gpu.main(own(net, out, small_data_dir, tmp_path, *flags, "--run-name", "own", "--epochs", 1)) == 0
     best, last = load(out / "best.pt"), load(out / "last.pt")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["best_val_acc"] >= metrics["base_val_acc"]  # epoch 0, the user's model, is a candidate
@@ -45,20 +46,11 @@ def test_ema_flip_tta_tensorboard_and_never_worse(foreign_nets, small_data_dir, 
                        "--data-dir", small_data_dir, "--full", "--json", "--tta", "flip", "--device", "cpu")
     quick = next(c for c in json.loads(check.stdout)["checks"] if c["name"] == "quick eval")["data"]
     assert check.returncode == 0 and quick["accuracy"] == pytest.approx(metrics["test_acc"], abs=1e-6)
-    events = EventAccumulator(str(tmp_path / "tb" / "own")).Reload()
-    assert [e.step for e in events.Scalars("val/acc")] == [0, 1]
-
-
-def test_resume_is_bit_exact(foreign_nets, small_data_dir, tmp_path, capsys):
-    net = foreign_nets("a")
-    constant = ("--scheduler", "none", "--warmup-epochs", 0)  # so that --epochs does not move the schedule
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert finetune_gpu.main(own(net, straight, small_data_dir, tmp_path, "--epochs", 2, *constant)) == 0
-    assert finetune_gpu.main(own(net, split, small_data_dir, tmp_path, "--epochs", 1, *constant)) == 0
-    resume = ["--resume", str(split / "last.pt"), "--model-def", f"{net.file}:{net.cls}", "--epochs", "2", "--quiet"]
+    assert [e.step for e in EventAccumulator(str(tmp_path / "tb" / "own")).Reload().Scalars("val/acc")] == [0, 1]
+    resume = ["--resume", str(out / "last.pt"), "--model-def", f"{net.file}:{net.cls}", "--epochs", "2", "--quiet"]
     assert finetune_gpu.main(resume) == 0, capsys.readouterr().err
     for name in ("best.pt", "last.pt", "best.state_dict.pt"):
-        a, b = load(straight / name), load(split / name)
+        a, b = load(straight / name), load(out / name)
         a, b = a.get("model", a), b.get("model", b)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
@@ -79,24 +71,10 @@ def test_a_wrapped_run_saves_weights_the_users_class_loads(wrapper, foreign_nets
     net.load_class()(**net.kwargs).load_state_dict(load(out / "best.state_dict.pt"))
 
 
-def test_an_ensemble_of_the_users_model_and_ours(foreign_nets, small_data_dir, trained_checkpoint):
-    """--model-def and --normalize apply to the file with no record; ours brings its own."""
-    net = foreign_nets("a")
-    result = run_script("test_model.py", "--model-path", net.weights, trained_checkpoint, "--model-def",
-                        f"{net.file}:{net.cls}", "--model-kwargs", json.dumps(net.kwargs), "--normalize", net.mean,
-                        net.std, "--data-dir", small_data_dir, "--full", "--json", "--device", "cpu")
-    assert result.returncode == 0, result.stdout
-    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
-    assert checks[f"{net.weights}: quick eval"]["data"]["accuracy"] == pytest.approx(net.accuracy, abs=1e-6)
-    assert checks["ensemble"]["ok"] and checks["ensemble"]["data"]["accuracy"] > 0.5
-
-
 def test_model_def_for_a_file_of_our_own_architecture_is_refused(foreign_nets, trained_checkpoint, small_data_dir,
                                                                    tmp_path, capsys):
-    net = foreign_nets("a")
-    argv = own(net, tmp_path / "o", small_data_dir, tmp_path)
-    argv[argv.index("--model-path") + 1] = str(trained_checkpoint)
-    assert finetune_gpu.main(argv) == 2
+    ours = ("--model-path", trained_checkpoint)  # after the user's, in place of it
+    assert finetune_gpu.main(own(foreign_nets("a"), tmp_path / "o", small_data_dir, tmp_path, *ours)) == 2
     assert capsys.readouterr().err.strip() == (f"error: --model-def: {trained_checkpoint} records its own "
                                                "architecture (cnn3); drop --model-def")
     assert not (tmp_path / "o").exists()

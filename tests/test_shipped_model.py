@@ -5,7 +5,10 @@ import json
 import re
 
 import pytest
-from conftest import REPO, SMALL_RUN, run_script
+from conftest import REPO, SMALL_RUN, read_split, run_script
+
+from fashion_ft.checkpoint import load_checkpoint
+from fashion_ft.data import Split, choose_split, fingerprint
 
 # file -> (model card, where its test accuracy must lie: cnn3 stands where a user's own model stands,
 # the ResNet-20 is the step past what fine-tuning cnn3 reaches)
@@ -36,10 +39,8 @@ def test_full_test_set_accuracy_reproduces_the_card(model, real_data_dir):
     result = run_script("test_model.py", "--model-path", f"model/{model}", "--full", "--json",
                         "--data-dir", real_data_dir, "--device", "cpu", "--amp", "off")
     assert result.returncode == 0, result.stdout
-    report = json.loads(result.stdout)
-    quick_eval = next(c for c in report["checks"] if c["name"] == "quick eval")
-    assert quick_eval["data"]["images"] == 10000
-    assert round(100 * quick_eval["data"]["accuracy"], 2) == card_acc
+    quick_eval = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "quick eval")["data"]
+    assert quick_eval["images"] == 10000 and round(100 * quick_eval["accuracy"], 2) == card_acc
 
 
 @pytest.mark.slow
@@ -57,11 +58,6 @@ def test_resnet_fine_tuning_preset_starts_from_the_shipped_resnet(tmp_path, smal
 @pytest.mark.parametrize("model", SHIPPED)
 def test_other_training_files_are_warned_about(model, small_data_dir):
     """The split record carries the training files' fingerprint, so a subset of them is told apart."""
-    from conftest import read_split
-
-    from fashion_ft.checkpoint import load_checkpoint
-    from fashion_ft.data import Split, choose_split, fingerprint
-
     images, labels = read_split(small_data_dir, "train")
     asked = Split(None, None, fingerprint(images, labels))
     _, warnings = choose_split(asked, load_checkpoint(REPO / "model" / model).split, model, labels)
