@@ -168,7 +168,8 @@ def load_start(cfg: Config, resumed: LoadedCheckpoint | None) -> LoadedCheckpoin
     if cfg.from_scratch and resumed is None:
         system.seed_everything(cfg.seed)  # the random initial weights are part of the experiment
         kwargs = resolve_arch_kwargs(cfg.arch, cfg.arch_kwargs)
-        return LoadedCheckpoint(None, "random weights", cfg.arch, kwargs, build_model(cfg.arch, kwargs).state_dict())
+        weights = build_model(cfg.arch, kwargs).state_dict()
+        return LoadedCheckpoint(None, "random weights", cfg.arch, kwargs, weights, container=FORMAT)  # no plain copy
     if resumed:  # the first run's input container: a user's plain state_dict gets its copy again (save_best)
         start = dataclasses.replace(resumed, container=resumed.meta.get("input_container", FORMAT))
     else:
