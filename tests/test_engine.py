@@ -110,12 +110,10 @@ def test_flip_tta_averages_the_probabilities_of_an_image_and_its_mirror_image():
     logits = engine.predict_logits(model, images, tta, 4)
     torch.testing.assert_close(logits.softmax(1), expected)
     torch.testing.assert_close(logits.exp().sum(1), torch.ones(6))  # log-probabilities: valid logits
-
-    class Confident(torch.nn.Module):  # logit gaps far beyond what fp32 probabilities can hold
-        def forward(self, x):
-            return torch.tensor([0.0, 200.0, -200.0] + [0.0] * 7).expand(len(x), 10)
-
-    logits = engine.predict_logits(Confident(), torch.zeros(2, 1, 28, 28, dtype=torch.uint8), tta, 2)
+    confident = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    torch.nn.init.zeros_(confident[1].weight)
+    confident[1].bias.data = torch.tensor([0.0, 200.0, -200.0] + [0.0] * 7)  # gaps beyond fp32 probabilities
+    logits = engine.predict_logits(confident, torch.zeros(2, 1, 28, 28, dtype=torch.uint8), tta, 2)
     assert torch.isfinite(logits).all()  # averaged in log space
     assert torch.isfinite(torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2])))
 

@@ -5,6 +5,7 @@ import os
 import re
 import types
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -114,76 +115,65 @@ def test_cuda_report_tells_real_bf16_support(machine, monkeypatch, capability, n
 
 CPUINFO = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8480+
-flags\t\t: fpu sse2 avx512f avx512_bf16 amx_bf16
+flags\t\t: {flags}
 
 processor\t: 1
 model name\t: something else
-flags\t\t: fpu
+flags\t\t: fpu avx512_bf16
 """
 
 
-def test_cpu_info_reads_the_first_cpu(tmp_path):
-    (tmp_path / "cpuinfo").write_text(CPUINFO)
-    assert system.cpu_info(str(tmp_path / "cpuinfo")) == ("Intel(R) Xeon(R) Platinum 8480+",
-                                                           {"fpu", "sse2", "avx512f", "avx512_bf16", "amx_bf16"})
-    name, flags = system.cpu_info(str(tmp_path / "missing"))  # no /proc: the platform's name
-    assert name and flags == frozenset()
-
-
-@pytest.mark.parametrize("flags, fast", [({"avx512_bf16"}, True), ({"amx_bf16"}, True), ({"avx512f", "avx2"}, False)])
-def test_cpu_fast_bf16_from_the_flags(monkeypatch, flags, fast):
-    monkeypatch.setattr(system, "cpu_info", lambda: ("cpu", frozenset(flags)))
+@pytest.mark.parametrize("flags, fast", [("fpu avx512_bf16", True), ("amx_bf16", True), ("avx512f avx2", False)])
+def test_cpu_info_reads_the_first_cpu_whose_flags_tell_fast_bf16(tmp_path, monkeypatch, flags, fast):
+    (tmp_path / "cpuinfo").write_text(CPUINFO.format(flags=flags))
+    info = system.cpu_info(str(tmp_path / "cpuinfo"))
+    assert info == ("Intel(R) Xeon(R) Platinum 8480+", frozenset(flags.split()))
+    name, no_flags = system.cpu_info(str(tmp_path / "missing"))  # no /proc: the platform's name
+    assert name and no_flags == frozenset()
+    monkeypatch.setattr(system, "cpu_info", lambda: info)
     assert system.cpu_has_fast_bf16() is fast
 
 
 # ---------------------------------------------------------------- which device
 
-# (machine, --device, LOCAL_RANK) -> the device, or (a pattern of) the UsageError
+# (machine, --device, LOCAL_RANK) -> the device, or (a pattern of) the UsageError; the one warning (None: none)
 DEVICE_TABLE = [
-    (dict(cuda=4), "auto", None, "cuda:0"),
-    (dict(cuda=4), "auto", 2, "cuda:2"),
-    (dict(cuda=4), "cuda", 3, "cuda:3"),
-    (dict(cuda=4), "cuda:1", None, "cuda:1"),
+    (dict(cuda=4), "auto", None, "cuda:0", None),
+    (dict(cuda=4), "auto", 2, "cuda:2", None),
+    (dict(cuda=4), "cuda", 3, "cuda:3", None),
+    (dict(cuda=4), "cuda:1", None, "cuda:1", None),
     # SLURM --gpus-per-task=1: each task sees its own GPU as cuda:0, LOCAL_RANK still counts the tasks
-    (dict(cuda=1, visible="3"), "auto", 3, "cuda:0"),
-    (dict(cuda=1, visible="3"), "cuda", 1, "cuda:0"),
+    (dict(cuda=1, visible="3"), "auto", 3, "cuda:0", None),
+    (dict(cuda=1, visible="3"), "cuda", 1, "cuda:0", None),
     # torchrun --nproc_per_node=2 on a one-GPU machine: two ranks on one GPU
-    (dict(cuda=1), "auto", 1, "--device auto: LOCAL_RANK is 1 but only 1 CUDA device"),
-    (dict(cuda=1), "cuda", 1, "--device cuda: LOCAL_RANK is 1 but only 1 CUDA device"),
-    (dict(cuda=2, visible="0,1"), "auto", 2, "--device auto: LOCAL_RANK is 2 but only 2"),
-    (dict(cuda=1), "cuda:1", None, "--device cuda:1: only 1 CUDA device"),
-    (dict(cuda=2), "cuda:1", 0, "--device cuda:1: under torchrun each process uses its LOCAL_RANK's GPU"),
-    (dict(), "cuda", None, r"--device cuda: CUDA is not available on this machine \(use --device cpu or auto\)"),
-    (dict(), "meta", None, "--device 'meta': only cpu, cuda and mps are supported"),
-    (dict(), "metal", None, "--device 'metal' is not a device .*mps"),
-    (dict(mps="yes"), "mps", None, "mps:0"),
-    (dict(mps="yes"), "mps:1", None, r"--device mps:1: there is one MPS device"),
-    (dict(mps="no"), "mps", None, r"--device mps: torch 2\.14\.1 finds no Apple GPU.*\(use --device cpu or auto\)"),
-    (dict(), "mps", None, r"--device mps: torch 2\.14\.1 is not built with MPS"),
+    (dict(cuda=1), "auto", 1, "--device auto: LOCAL_RANK is 1 but only 1 CUDA device", None),
+    (dict(cuda=1), "cuda", 1, "--device cuda: LOCAL_RANK is 1 but only 1 CUDA device", None),
+    (dict(cuda=2, visible="0,1"), "auto", 2, "--device auto: LOCAL_RANK is 2 but only 2", None),
+    (dict(cuda=1), "cuda:1", None, "--device cuda:1: only 1 CUDA device", None),
+    (dict(cuda=2), "cuda:1", 0, "--device cuda:1: under torchrun each process uses its LOCAL_RANK's GPU", None),
+    (dict(), "cuda", None, r"--device cuda: CUDA is not available on this machine \(use --device cpu or auto\)", None),
+    (dict(), "meta", None, "--device 'meta': only cpu, cuda and mps are supported", None),
+    (dict(), "metal", None, "--device 'metal' is not a device .*mps", None),
+    (dict(mps="yes"), "mps", None, "mps:0", None),
+    (dict(mps="yes"), "mps:1", None, r"--device mps:1: there is one MPS device", None),
+    (dict(mps="no"), "mps", None, r"--device mps: torch 2\.14\.1 finds no Apple GPU.*\(use --device cpu or auto\)",
+     None),
+    (dict(), "mps", None, r"--device mps: torch 2\.14\.1 is not built with MPS", None),
     # DDP runs collectives even with one process, and no backend takes MPS tensors
-    (dict(mps="yes"), "mps", 0, "--device mps: torchrun is not supported on Apple MPS: .*gloo.*--device cpu"),
+    (dict(mps="yes"), "mps", 0, "--device mps: torchrun is not supported on Apple MPS: .*gloo.*--device cpu", None),
+    # auto without CUDA: MPS, or the CPU with the one warning that says why
+    (dict(), "auto", None, "cpu", re.escape("no CUDA GPU found: running on the CPU (--device auto)")),  # Linux torch
+    (dict(mps="no"), "auto", None, "cpu",
+     r"no CUDA GPU found, and torch 2\.14\.1 finds no Apple GPU .*: running on the CPU"),
+    (dict(mps="yes"), "auto", None, "mps:0", None),
+    (dict(mps="yes"), "auto", 0, "cpu", "torchrun is not supported on Apple MPS: .*: running on the CPU"),
 ]
 
 
-@pytest.mark.parametrize("pretend, spec, local_rank, expected", DEVICE_TABLE)
-def test_device(machine, pretend, spec, local_rank, expected):
+@pytest.mark.parametrize("pretend, spec, local_rank, expected, warning", DEVICE_TABLE)
+def test_device(machine, pretend, spec, local_rank, expected, warning):
     machine(**pretend)
-    check(lambda: system.resolve_device(spec, local_rank), expected, torch.device)
-
-
-# (MPS, LOCAL_RANK) -> what --device auto picks, and the one warning that says why (None: no warning)
-AUTO_TABLE = [
-    ("unbuilt", None, "cpu", re.escape("no CUDA GPU found: running on the CPU (--device auto)")),  # a Linux torch
-    ("no", None, "cpu", r"no CUDA GPU found, and torch 2\.14\.1 finds no Apple GPU .*: running on the CPU"),
-    ("yes", None, "mps:0", None),
-    ("yes", 0, "cpu", "torchrun is not supported on Apple MPS: .*: running on the CPU"),
-]
-
-
-@pytest.mark.parametrize("mps, local_rank, device, warning", AUTO_TABLE)
-def test_auto_falls_back_to_the_cpu_saying_why(machine, mps, local_rank, device, warning):
-    machine(mps=mps)
-    check(lambda: system.resolve_device("auto", local_rank), device, torch.device, warning)
+    check(lambda: system.resolve_device(spec, local_rank), expected, torch.device, warning)
 
 
 # ---------------------------------------------------------------- an NVIDIA GPU that CUDA cannot use
@@ -215,37 +205,33 @@ def test_nvidia_gpu_evidence(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- backend flags
 
 
-@pytest.fixture
-def backend_flags(monkeypatch):
-    """The process-wide flags as a dict, each put back after the test."""
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    flags = {"benchmark": (torch.backends.cudnn, "benchmark"), "cudnn_deterministic": (torch.backends.cudnn,
-             "deterministic"), "cudnn_tf32": (torch.backends.cudnn, "allow_tf32"),
-             "matmul_tf32": (torch.backends.cuda.matmul, "allow_tf32")}
-    for module, name in flags.values():
-        monkeypatch.setattr(module, name, getattr(module, name))  # undone after the test
-    algorithms = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    yield lambda: {key: getattr(*where) for key, where in flags.items()} | {
-        "algorithms": torch.are_deterministic_algorithms_enabled(),
-        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled()}
-    torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
+def backend_state() -> tuple:
+    """cuDNN's benchmark, deterministic and TF32 flags, matmul's TF32, deterministic algorithms, their warn-only."""
+    cudnn = torch.backends.cudnn
+    return (cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+            torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("device", [CPU, CUDA, MPS], ids=["cpu", "cuda", "mps"])
-def test_backend_flags(backend_flags, device, deterministic):
+def test_backend_flags(monkeypatch, device, deterministic):
     """Deterministic: no benchmark, no TF32, deterministic algorithms; fast: cuDNN benchmarks on CUDA only."""
-    torch.backends.cudnn.benchmark = torch.backends.cudnn.allow_tf32 = True
-    before = backend_flags()
-    system.configure_backends(device, deterministic)
-    exact = {"benchmark": False, "cudnn_deterministic": True, "cudnn_tf32": False, "matmul_tf32": False,
-             "algorithms": True, "warn_only": False}
-    assert backend_flags() == (exact if deterministic else before | {"benchmark": device == CUDA})
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    for module, name in [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "deterministic"),
+                         (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]:
+        monkeypatch.setattr(module, name, name != "deterministic")  # all fast; put back after the test
+    before = backend_state()
+    try:
+        system.configure_backends(device, deterministic)
+        after = backend_state()
+        if device == CPU:  # and the CPU still trains
+            model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.MaxPool2d(2))
+            model(torch.randn(8, 1, 28, 28)).logsumexp(1).mean().backward()
+    finally:
+        torch.use_deterministic_algorithms(before[4], warn_only=before[5])
+    assert after == ((False, True, False, False, True, False) if deterministic else (device == CUDA, *before[1:]))
     # cuBLAS needs a fixed workspace to be deterministic; the CPU has no cuBLAS
     assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if deterministic and device == CUDA else None)
-    if device == CPU:  # and the CPU still trains
-        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.MaxPool2d(2))
-        model(torch.randn(8, 1, 28, 28)).logsumexp(1).mean().backward()
 
 
 # ---------------------------------------------------------------- channels_last, batch size, autocast
@@ -253,14 +239,11 @@ def test_backend_flags(backend_flags, device, deterministic):
 
 @pytest.mark.parametrize("device, channels_last, eval_batch", [(CPU, True, 256), (CUDA, True, 1024), (MPS, False, 1024),
                                                                (torch.device("mps"), False, 1024)])
-def test_channels_last_is_off_on_mps_and_gpus_evaluate_large_batches(device, channels_last, eval_batch):
+def test_each_device_types_layout_eval_batch_autocast_and_sync(monkeypatch, device, channels_last, eval_batch):
+    """channels_last off on MPS, GPUs evaluate large batches, autocast only for mixed precision."""
     assert system.channels_last_ok(device) is channels_last
     assert system.default_eval_batch_size(device) == eval_batch
     assert "\n" not in system.CHANNELS_LAST_MPS_REASON and "BatchNorm" in system.CHANNELS_LAST_MPS_REASON
-
-
-@pytest.mark.parametrize("device", [CPU, CUDA, MPS], ids=["cpu", "cuda", "mps"])
-def test_autocast_only_for_mixed_precision_and_synchronize(monkeypatch, device):
     calls = []
     monkeypatch.setattr(torch, "autocast", lambda device_type, **kw: calls.append((device_type, kw)) or "ctx")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device: calls.append("cuda"))
@@ -282,28 +265,6 @@ def test_peak_rss_units(monkeypatch, platform_name, maxrss, peak_mb):
     assert system.process_memory_mb()["peak_rss_mb"] == peak_mb
 
 
-@pytest.fixture
-def gpu_memory(monkeypatch):
-    """torch.cuda's, torch.mps's (640 MiB for the driver, 100 for tensors) and torch.accelerator's memory
-    queries; .stats: what torch.accelerator reports, or raises."""
-    fake = types.SimpleNamespace(calls=[], stats=RuntimeError("no stats"))
-
-    def stats(device=None, reset=False):
-        fake.calls += ["reset_peak"] if reset else []
-        if isinstance(fake.stats, Exception):
-            raise fake.stats
-        return fake.stats
-
-    monkeypatch.setattr(torch.accelerator, "memory_stats", stats)
-    monkeypatch.setattr(torch.accelerator, "reset_peak_memory_stats", lambda device=None: stats(device, reset=True))
-    monkeypatch.setattr(torch.mps, "empty_cache", lambda: fake.calls.append("empty_cache"))
-    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 640 * 2**20)
-    monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 100 * 2**20)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: fake.calls.append("cuda"))
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3.5 * 2**20)
-    return fake
-
-
 # MPS: the allocator's peak where torch.accelerator has one, else the Metal driver's memory (640 MiB here)
 @pytest.mark.parametrize("device, stats, calls, peak_mb", [
     (CPU, None, [], None),
@@ -313,15 +274,24 @@ def gpu_memory(monkeypatch):
     (MPS, {"allocated_bytes.all.peak": 0}, ["empty_cache", "reset_peak"], 640.0),  # a stat it does not keep
     (MPS, {"allocated_bytes.all.peak": 300 * 2**20}, ["empty_cache", "reset_peak"], 300.0),
 ])
-def test_peak_gpu_memory(gpu_memory, device, stats, calls, peak_mb):
-    gpu_memory.stats = stats
+def test_peak_gpu_memory(monkeypatch, device, stats, calls, peak_mb):
+    """torch.accelerator's memory_stats returns `stats`, or raises it; `calls`: the resets asked for, in order."""
+    asked, memory_stats = [], mock.Mock(side_effect=[stats] * 2)
+    monkeypatch.setattr(torch.accelerator, "memory_stats", memory_stats)
+    monkeypatch.setattr(torch.accelerator, "reset_peak_memory_stats",
+                        lambda device=None: asked.append("reset_peak") or memory_stats())
+    monkeypatch.setattr(torch.mps, "empty_cache", lambda: asked.append("empty_cache"))
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 640 * 2**20)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: asked.append("cuda"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3.5 * 2**20)
     system.reset_peak_memory(device)
-    assert gpu_memory.calls == calls
-    assert system.peak_gpu_mb(device) == peak_mb
+    assert asked == calls and system.peak_gpu_mb(device) == peak_mb
 
 
-def test_mps_report(machine, gpu_memory, monkeypatch):
+def test_mps_report(machine, monkeypatch):
     machine(mps="yes", torch_version="2.8.0", macos=(13, 6))
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 640 * 2**20)
+    monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 100 * 2**20)
     monkeypatch.setattr(system.platform, "mac_ver", lambda: ("13.6", ("", "", ""), ""))
     for module, name in [(torch.backends.mps, "get_name"), (torch.backends.mps, "get_core_count"),
                          (torch.mps, "recommended_max_memory")]:
@@ -346,15 +316,13 @@ def caused(outer: BaseException, inner: BaseException) -> BaseException:
     return outer
 
 
-TOO_LATE = "PYTORCH_ENABLE_MPS_FALLBACK=1 only takes effect when set before Python starts"
-
-
 @pytest.mark.parametrize("exc, fallback, hint", [
     (NotImplementedError(MISSING_OP), None, "aten::_ctc_loss .*: set PYTORCH_ENABLE_MPS_FALLBACK=1 .* --device cpu"),
     (NotImplementedError("Something is not currently implemented for the MPS device"), None, "an operator "),
     (caused(RuntimeError("validation failed"), NotImplementedError(MISSING_OP)), None, "aten::_ctc_loss "),
     (caused(loop := RuntimeError("a chain that loops"), caused(NotImplementedError("no"), loop)), None, None),
-    (NotImplementedError(MISSING_OP), "1", f"aten::_ctc_loss .*: {TOO_LATE} .*, or use --device cpu"),
+    (NotImplementedError(MISSING_OP), "1", "aten::_ctc_loss .*: PYTORCH_ENABLE_MPS_FALLBACK=1 only takes effect "
+                                           "when set before Python starts .*, or use --device cpu"),
     (RuntimeError(MISSING_OP), None, None),  # not torch's NotImplementedError
     (NotImplementedError("not implemented for 'Half'"), None, None),
     (RuntimeError("CUDA out of memory"), None, None),
