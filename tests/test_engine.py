@@ -188,8 +188,7 @@ def test_a_restored_optimizer_keeps_this_runs_implementation(monkeypatch, saved_
     old, step = trained(saved_fused), trained(not saved_fused)
     engine.load_optimizer_state(step.optimizer, old.optimizer.state_dict())
     assert all(bool(g["fused"]) != saved_fused for g in step.optimizer.param_groups)
-    for state in step.optimizer.state.values():
-        assert state["step"].item() == 2 and state["step"].dtype == torch.float32
+    assert all(s["step"].item() == 2 and s["step"].dtype == torch.float32 for s in step.optimizer.state.values())
     step(torch.randn(8, 4), torch.randint(0, 4, (8,)), CPU)  # the chosen kernel accepts the restored state
 
 
@@ -303,18 +302,17 @@ class View(torch.nn.Module):  # a user's flatten: `view` takes contiguous input 
 
 
 MEMORY_FORMATS = [  # (the forward's flatten, --channels-last, MPS, the format chosen, what the reason says)
-    ("flatten", True, False, torch.channels_last, None),
-    ("view", True, False, torch.contiguous_format, "its forward fails on channels_last input (view size"),
-    ("view", False, False, torch.contiguous_format, None),
-    ("flatten", True, True, torch.contiguous_format, "channels_last is off on MPS"),
+    (torch.nn.Flatten(), True, False, torch.channels_last, None),
+    (View(), True, False, torch.contiguous_format, "its forward fails on channels_last input (view size"),
+    (View(), False, False, torch.contiguous_format, None),
+    (torch.nn.Flatten(), True, True, torch.contiguous_format, "channels_last is off on MPS"),
 ]
 
 
 @pytest.mark.parametrize("flatten, wanted, mps, chosen, reason", MEMORY_FORMATS)
 def test_channels_last_only_where_the_device_and_the_forward_take_it(monkeypatch, flatten, wanted, mps, chosen, reason):
     monkeypatch.setattr(engine, "channels_last_ok", lambda device: not mps)
-    flat = torch.nn.Flatten() if flatten == "flatten" else View()
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), flat, torch.nn.Linear(4 * 28 * 28, 10))
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), flatten, torch.nn.Linear(4 * 28 * 28, 10))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     memory_format, why_not = engine.choose_memory_format(model, torch.device("cpu"), wanted)
     assert memory_format == chosen

@@ -31,6 +31,10 @@ def machine(monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+        props = types.SimpleNamespace(name="GPU", major=capability[0], minor=capability[1])
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 2**31))
+        monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)  # torch's checks the GPU's capability
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pytest.fail("True on a V100"))
         monkeypatch.setattr(torch.version, "hip", None)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps == "yes")
@@ -100,18 +104,12 @@ def test_amp_policy(machine, pretend, spec, mode, expected):
 
 
 @pytest.mark.parametrize("capability, native", [((6, 1), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
-def test_cuda_report_tells_real_bf16_support(machine, monkeypatch, capability, native):
+def test_cuda_report_tells_real_bf16_support(machine, capability, native):
     machine(cuda=1, capability=capability)
-    props = types.SimpleNamespace(name="GPU", major=capability[0], minor=capability[1])
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 2**31))
-    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
     report = system.device_report(CUDA)
     assert report["bf16_supported"] is native and report["capability"] == f"{capability[0]}.{capability[1]}"
     assert report["amp_auto"] == ("bf16" if native else "fp16" if capability >= (7, 0) else "off")
 
-
-# ---------------------------------------------------------------- the CPU
 
 CPUINFO = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8480+
@@ -202,9 +200,6 @@ def test_nvidia_gpu_evidence(tmp_path, monkeypatch):
     assert system.nvidia_gpu_evidence(str(tmp_path / "nvidia0")) == str(tmp_path / "nvidia0")
 
 
-# ---------------------------------------------------------------- backend flags
-
-
 def backend_state() -> tuple:
     """cuDNN's benchmark, deterministic and TF32 flags, matmul's TF32, deterministic algorithms, their warn-only."""
     cudnn = torch.backends.cudnn
@@ -234,9 +229,6 @@ def test_backend_flags(monkeypatch, device, deterministic):
     assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if deterministic and device == CUDA else None)
 
 
-# ---------------------------------------------------------------- channels_last, batch size, autocast
-
-
 @pytest.mark.parametrize("device, channels_last, eval_batch", [(CPU, True, 256), (CUDA, True, 1024), (MPS, False, 1024),
                                                                (torch.device("mps"), False, 1024)])
 def test_each_device_types_layout_eval_batch_autocast_and_sync(monkeypatch, device, channels_last, eval_batch):
@@ -253,9 +245,6 @@ def test_each_device_types_layout_eval_batch_autocast_and_sync(monkeypatch, devi
     assert system.autocast(device, system.BF16) == system.autocast(device, system.FP16) == "ctx"
     assert calls == [*{"cpu": [], "cuda": ["cuda"], "mps": ["mps"]}[device.type],
                      (device.type, {"dtype": torch.bfloat16}), (device.type, {"dtype": torch.float16})]
-
-
-# ---------------------------------------------------------------- memory
 
 
 @pytest.mark.parametrize("platform_name, maxrss, peak_mb", [("linux", 2048 * 1024, 2048.0), ("darwin", 2**30, 1024.0)])
@@ -304,8 +293,6 @@ def test_mps_report(machine, monkeypatch):
     assert system.device_report(MPS)["recommended_max_memory_mb"] == 16384.0
     assert system.device_report(CPU) == {"cuda_available": False}
 
-
-# ---------------------------------------------------------------- a missing MPS op
 
 MISSING_OP = ("The operator 'aten::_ctc_loss' is not currently implemented for the MPS device. [...] As a temporary "
               "fix, you can set the environment variable `PYTORCH_ENABLE_MPS_FALLBACK=1` to use the CPU as a fallback")
