@@ -1,7 +1,6 @@
-"""A run's files: outputs never collide with each other or with an input, only a regular file is ever
-replaced, earlier results are kept without --overwrite, folders are checked up front, TensorBoard run folders
-are never shared, and one live run per output folder (TensorBoard trouble mid-run: test_tblog.py). Every
-refusal is one line, of the right kind, and leaves the file tree exactly as it was."""
+"""A run's files: no output is another output or an input, only a regular file is ever replaced, earlier
+results are kept without --overwrite, folders are checked up front, TensorBoard run folders are never shared,
+one live run per output folder. Every refusal is one line, of the right kind, and changes no file."""
 
 import contextlib
 import dataclasses
@@ -13,8 +12,8 @@ import stat
 import subprocess
 import sys
 import warnings
-from collections import namedtuple
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import REPO, SMALL_RUN, run_script
@@ -55,14 +54,19 @@ def make(folder: Path, entries) -> None:
             path.write_bytes(b"events")
 
 
-def refused(kind, match: str, root: Path, check, *args, **kwargs) -> str:
-    """check(*args, **kwargs) raises exactly `kind` matching `match` on one line, and changes nothing under root."""
+def unchanged(root: Path, refusal: str | None, call, *args, kind=UsageError, **kwargs):
+    """call(*args, **kwargs) changes nothing under root: it returns what it returns or, given a `refusal`, raises
+    exactly `kind` on one printable line matching it, and returns the message."""
     before = tree(root)
-    with pytest.raises(kind, match=match) as info:
-        check(*args, **kwargs)
-    assert type(info.value) is kind and "\n" not in str(info.value)
+    if refusal is None:
+        result = call(*args, **kwargs)
+    else:
+        with pytest.raises(kind, match=refusal) as info:
+            call(*args, **kwargs)
+        result = str(info.value)
+        assert type(info.value) is kind and result.isprintable()
     assert tree(root) == before
-    return str(info.value)
+    return result
 
 
 def check(files: RunFiles, model_path=None, resume=None, overwrite=False) -> None:
@@ -87,7 +91,7 @@ def test_an_output_naming_a_folder_or_another_output_is_a_usage_error_that_shows
     path = f"{tmp_path}/{name}"
     fault, suggestion = (("names a folder", os.path.join(path, "model.pt")) if name in FOLDERS
                          else (f"is where the run keeps its {name}", tmp_path / "model.pt"))
-    message = refused(UsageError, f"--output .* {fault}", tmp_path, RunFiles.for_output, path)
+    message = unchanged(tmp_path, f"--output .* {fault}", RunFiles.for_output, path)
     assert message.endswith(f"e.g. --output {suggestion}")
 
 
@@ -151,12 +155,7 @@ def test_inputs_are_never_replaced_nor_earlier_results_without_overwrite(tmp_pat
     files = output(tmp_path / best, plain=inputs.get("plain", True))
     inputs = {flag: Path(os.path.relpath(tmp_path / path[4:])) if path.startswith("rel:") else tmp_path / path
               for flag, path in inputs.items() if flag != "plain"}
-    if refusal is None or (when == RESULTS and overwrite):
-        before = tree(tmp_path)
-        check(files, overwrite=overwrite, **inputs)
-        assert tree(tmp_path) == before
-    else:
-        refused(UsageError, refusal, tmp_path, check, files, overwrite=overwrite, **inputs)
+    unchanged(tmp_path, None if when == RESULTS and overwrite else refusal, check, files, overwrite=overwrite, **inputs)
 
 
 NOT_FILES = {  # what stands where the run writes a file, planted by
@@ -174,7 +173,7 @@ def test_every_output_is_a_regular_file_or_absent_even_with_overwrite(tmp_path, 
     make(tmp_path, ["victim.pt", "x/"])
     NOT_FILES[kind](tmp_path / "x" / name)
     fault = "names a folder" if (name, kind) == ("model.pt", "folder") else f"{tmp_path / 'x' / name} is not a regular"
-    refused(UsageError, fault, tmp_path, lambda: check(output(tmp_path / "x" / "model.pt"), overwrite=overwrite))
+    unchanged(tmp_path, fault, lambda: check(output(tmp_path / "x" / "model.pt"), overwrite=overwrite))
 
 
 def test_with_overwrite_only_the_files_the_run_writes_are_removed(tmp_path):
@@ -196,22 +195,19 @@ def test_with_overwrite_only_the_files_the_run_writes_are_removed(tmp_path):
 @pytest.mark.parametrize("errno_", [errno.EACCES, errno.EROFS])
 def test_a_folder_we_may_not_write_is_refused_with_one_line(tmp_path, monkeypatch, errno_):
     """The probe's own error stands in for a folder that root (CI) would write anyway."""
-    def probe(dir):
-        raise OSError(errno_, os.strerror(errno_))
-
-    monkeypatch.setattr(outputs.tempfile, "TemporaryFile", probe)
     cause = os.strerror(errno_)
-    refused(UserError, f"--output: cannot write in {tmp_path}: {cause}", tmp_path, check, output(tmp_path / "model.pt"))
-    refused(UserError, f"--logdir: cannot write in {tmp_path}: {cause}", tmp_path, check_logdir, str(tmp_path), "run")
+    monkeypatch.setattr(outputs.tempfile, "TemporaryFile", mock.Mock(side_effect=OSError(errno_, cause)))
+    unchanged(tmp_path, f"--output: cannot write in {tmp_path}: {cause}", check, output(tmp_path / "model.pt"),
+              kind=UserError)
+    unchanged(tmp_path, f"--logdir: cannot write in {tmp_path}: {cause}", check_logdir, str(tmp_path), "run",
+              kind=UserError)
 
 
 def test_low_disk_space_names_the_folder_and_the_space(tmp_path, monkeypatch):
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda _path: usage(10**9, 10**9, 1024))
-    with pytest.raises(UserError, match=r"--output: only 0.0 MiB free in .*not.*needs about 64 MiB"):
-        check_disk_space(tmp_path / "not" / "yet", 64 * 2**20)
-    check_disk_space(tmp_path / "not" / "yet", 1024)
-    assert not (tmp_path / "not").exists()
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda _path: mock.Mock(free=1024))
+    unchanged(tmp_path, r"--output: only 0.0 MiB free in .*not.*needs about 64 MiB", check_disk_space,
+              tmp_path / "not" / "yet", 64 * 2**20, kind=UserError)
+    unchanged(tmp_path, None, check_disk_space, tmp_path / "not" / "yet", 1024)
 
 
 # ---------------------------------------------------------------- --logdir and --run-name
@@ -247,19 +243,15 @@ def test_a_logdir_and_run_name_give_a_free_plain_folder_or_one_printable_line(tm
                                                                               resume):
     make(tmp_path, entries)
     expected = LOGDIRS[entries, logdir, run_name, resume]
-    if isinstance(expected, Path):
-        before = tree(tmp_path)
-        assert check_logdir(str(tmp_path / logdir), run_name, resume=resume) == tmp_path / expected
-        assert tree(tmp_path) == before
-    else:
-        message = refused(UsageError, expected, tmp_path, check_logdir, str(tmp_path / logdir), run_name, resume=resume)
-        assert message.isprintable()
+    refusal = None if isinstance(expected, Path) else expected
+    run = unchanged(tmp_path, refusal, check_logdir, str(tmp_path / logdir), run_name, resume=resume)
+    assert refusal or run == tmp_path / expected
 
 
 # ---------------------------------------------------------------- one live run per output folder
 
 def hold_lock(path: Path) -> subprocess.Popen:
-    """Another process holding the lock until its stdin closes (or it is killed)."""
+    """Another process holding the lock until its stdin closes (`with`'s exit) or it is killed."""
     script = ("import sys; from fashion_ft.outputs import RunLock\n"
               "with RunLock(sys.argv[1]): print('locked', flush=True); sys.stdin.readline()")
     proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -288,16 +280,9 @@ def test_the_lock_holds_our_pid_and_its_folders_go_at_exit_while_empty(tmp_path,
 
 
 def test_a_lock_that_cannot_be_taken_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch):
-    real_open = os.open
-
-    def denied(path, *args, **kwargs):
-        if Path(path).name == ".lock":
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(outputs.os, "open", denied)
-    refused(UserError, f"--output: cannot take the lock {tmp_path / 'new/x/.lock'}: Permission denied", tmp_path,
-            RunLock(tmp_path / "new" / "x" / ".lock").__enter__)
+    monkeypatch.setattr(outputs.os, "open", mock.Mock(side_effect=PermissionError(errno.EACCES, "Permission denied")))
+    unchanged(tmp_path, f"--output: cannot take the lock {tmp_path / 'new/x/.lock'}: Permission denied",
+              RunLock(tmp_path / "new" / "x" / ".lock").__enter__, kind=UserError)
 
 
 NAMES = ("model[1].pt", "last.pt", "metrics.json")  # a best model's name with glob characters
@@ -321,14 +306,11 @@ def test_taking_the_lock_removes_only_our_stale_temporaries(tmp_path, entry, rem
 def test_a_live_runs_folder_is_refused_and_a_killed_runs_is_taken_again(tmp_path):
     """The kernel drops a dead holder's flock: its file, pid and all, is no lock any more."""
     lock = tmp_path / "x" / ".lock"
-    holder = hold_lock(lock)
-    try:
+    with hold_lock(lock) as holder:
         (lock.parent / ".last.pt.ab12cd_9.tmp").write_bytes(b"the live run is writing this")
-        refused(UserError, f"--output folder {tmp_path / 'x'} is in use .*pid {holder.pid}", tmp_path,
-                RunLock(lock, clean=("last.pt",)).__enter__)
-    finally:
+        unchanged(tmp_path, f"--output folder {tmp_path / 'x'} is in use .*pid {holder.pid}",
+                  RunLock(lock, clean=("last.pt",)).__enter__, kind=UserError)
         holder.kill()
-        holder.communicate()  # closes its pipes too
     assert lock.read_text() == f"{holder.pid}\n"  # left behind
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -340,10 +322,7 @@ def test_a_live_runs_folder_is_refused_and_a_killed_runs_is_taken_again(tmp_path
 
 
 def test_without_flock_one_warning_says_the_folder_is_not_locked_and_the_run_goes_on(tmp_path, monkeypatch):
-    def no_flock(fd, op):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr(outputs.fcntl, "flock", no_flock)
+    monkeypatch.setattr(outputs.fcntl, "flock", mock.Mock(side_effect=OSError(errno.ENOLCK, "No locks available")))
     (tmp_path / ".lock").write_text("4242\n")  # a killed run's, or a live one's: without flock they look alike
     with pytest.warns(UserWarning, match=f"{tmp_path} is not locked .*No locks available"):
         with RunLock(tmp_path / ".lock"):
@@ -370,15 +349,11 @@ def test_cli_a_run_refused_before_its_first_save_is_one_line_and_leaves_the_tree
                                                                                            case):
     flags, code, needle = CLI_ERRORS[case]
     make(tmp_path, ["x/", "file"])
-    holder = hold_lock(tmp_path / "x" / ".lock") if case == "a live run's folder" else None
-    before = tree(tmp_path)
-    try:
+    with hold_lock(tmp_path / "x" / ".lock") if case == "a live run's folder" else contextlib.nullcontext() as holder:
+        before = tree(tmp_path)
         result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--logdir",
                             tmp_path / "tb", *QUICK, *[a.format(t=tmp_path) for a in flags])  # a later flag wins
         assert tree(tmp_path) == before
-    finally:
-        if holder:
-            holder.communicate("")
     assert result.returncode == code, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr and needle in lines[0], result.stderr
@@ -403,9 +378,8 @@ def test_cli_two_runs_of_one_name_get_two_tensorboard_runs_and_a_resumed_run_kee
     second = finetune("b", "--from-scratch", "--epochs", "1", "--run-name", "same")
     assert first == [f"tensorboard: tensorboard --logdir {tmp_path / 'tb'}  (run same)"]
     assert second == [f"tensorboard: tensorboard --logdir {tmp_path / 'tb'}  (run same_1)"]
-    stale = [".last.pt.k1ll3d_9.tmp", ".best.pt.k1ll3d_9.tmp", ".metrics.json.k1ll3d_9.tmp"]
-    for name in [*stale, "notes.tmp"]:  # as kill -9 in the middle of a save leaves them, and the user's file
-        (tmp_path / "b" / name).write_bytes(b"half written")
+    # what kill -9 in the middle of a save leaves, beside the user's own file
+    make(tmp_path / "b", [*(f".{name}.k1ll3d_9.tmp" for name in ("last.pt", "best.pt", "metrics.json")), "notes.tmp"])
     resumed = finetune("b", "--resume", tmp_path / "b" / "last.pt", "--epochs", "2")
     assert resumed == second
     assert sorted(os.listdir(tmp_path / "tb")) == ["same", "same_1"]
