@@ -5,13 +5,11 @@ one live run per output folder. Every refusal is one line, of the right kind, an
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import os
 import re
 import stat
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -19,22 +17,18 @@ import pytest
 from conftest import REPO, SMALL_RUN, run_script
 
 from fashion_ft import outputs
+from fashion_ft.config import Config
 from fashion_ft.errors import UsageError, UserError
 from fashion_ft.outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files
+from fashion_ft.trainer import claim_outputs
 
 
 def tree(folder: Path) -> dict:
-    """Every entry under folder: sha256 of files, the target of links, 'dir' for folders, the type of
-    anything else (never read: a pipe would block)."""
-    state = {}
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            path = Path(root, name)
-            rel, mode = str(path.relative_to(folder)), path.lstat().st_mode
-            state[rel] = ("-> " + os.readlink(path) if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
-                          else hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(mode)
-                          else stat.filemode(mode))
-    return state
+    """Every entry under folder (rglob follows no link): a file's bytes, a link's target, 'dir' for a folder, the
+    type of anything else (never read: a pipe would block)."""
+    return {str(path.relative_to(folder)): "-> " + os.readlink(path) if path.is_symlink() else "dir" if path.is_dir()
+            else path.read_bytes() if path.is_file() else stat.filemode(path.lstat().st_mode)
+            for path in folder.rglob("*")}
 
 
 def make(folder: Path, entries) -> None:
@@ -46,12 +40,8 @@ def make(folder: Path, entries) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if "@" in entry:
             path.symlink_to(entry.split("@")[1])
-        elif entry.endswith("|"):
-            os.mkfifo(path)
-        elif entry.endswith("/"):
-            path.mkdir()
-        else:
-            path.write_bytes(b"events")
+        else:  # a pipe, a folder or a file
+            {"|": os.mkfifo, "/": Path.mkdir}.get(entry[-1], lambda file: file.write_bytes(b"events"))(path)
 
 
 def unchanged(root: Path, refusal: str | None, call, *args, kind=UsageError, **kwargs):
@@ -69,15 +59,15 @@ def unchanged(root: Path, refusal: str | None, call, *args, kind=UsageError, **k
     return result
 
 
-def check(files: RunFiles, model_path=None, resume=None, overwrite=False) -> None:
-    check_run_files(files, inputs={"--model-path": model_path, "--resume": resume}, resume=resume,
-                    overwrite=overwrite)
-
-
 def output(path: Path, plain: bool = True) -> RunFiles:
     """The run's files; `plain` False: the input was no plain state_dict, so the trainer drops that path."""
     files = RunFiles.for_output(str(path))
     return files if plain else dataclasses.replace(files, plain=None)
+
+
+def check(best: Path, plain=True, model_path=None, resume=None, overwrite=False) -> None:
+    check_run_files(output(best, plain), inputs={"--model-path": model_path, "--resume": resume}, resume=resume,
+                    overwrite=overwrite)
 
 
 # ---------------------------------------------------------------- where the files go
@@ -106,11 +96,20 @@ def test_the_other_files_go_beside_the_best_model(tmp_path):
 
 # ---------------------------------------------------------------- what the run may replace
 
+OUTPUTS = ("model.pt", "last.pt", "metrics.json", "model.state_dict.pt", ".lock")
+NOT_FILES = {  # what stands where the run writes a file, as planted by make in the folder {kind}-{output}
+    "folder": "/", "link elsewhere": "@../x/model.pt", "pipe": "|",
+    "link to another output": lambda name: "@metrics.json" if name == "last.pt" else "@last.pt",
+}
+
+
 def plant(t: Path) -> None:
     """Two finished runs, x/ and y/; files the cases below put in the way or give as inputs."""
     make(t, [f"{run}/{name}" for run in "xy" for name in ("model.pt", "last.pt", "metrics.json")])
     make(t, ["soft.pt@x/model.pt", "saved/run.pt", "alias@x", "notes.txt", "m/metrics.json",
              "s/model.state_dict.pt", "q/model.state_dict.pt|", "a@b", "b@a", "l/self@self"])
+    make(t, [f"{kind}-{name}/{name}{how(name) if callable(how) else how}" for kind, how in NOT_FILES.items()
+             for name in OUTPUTS])
     os.link(t / "x" / "last.pt", t / "hard.pt")
 
 
@@ -120,8 +119,7 @@ CHECKS = {  # case -> (--output, inputs (under tmp_path; "rel:": relative to the
     "model path spelled relative": ("x/model.pt", {"model_path": "rel:x/model.pt"}, "the --model-path input", NEVER),
     "model path is last.pt": ("x/other.pt", {"model_path": "x/last.pt"}, "writes .*x/last.pt.* --model-path", NEVER),
     "model path is metrics.json": ("x/other.pt", {"model_path": "x/metrics.json"}, "metrics.json.* --model", NEVER),
-    "model path is the plain one": ("x/model.pt", {"model_path": "x/model.state_dict.pt"},
-                                    "x/model.state_dict.pt, which is the --model-path input", NEVER),
+    "model path is the plain one": ("x/model.pt", {"model_path": "x/model.state_dict.pt"}, "dict.pt.* --model", NEVER),
     "a link to the output": ("x/model.pt", {"model_path": "soft.pt"}, "is the --model-path input", NEVER),
     "a hard link to last.pt": ("x/model.pt", {"model_path": "hard.pt"}, "writes .*x/last.pt.* --model-path", NEVER),
     "resume is the output": ("saved/run.pt", {"resume": "saved/run.pt"}, "is the --resume input", NEVER),
@@ -144,6 +142,9 @@ CHECKS = {  # case -> (--output, inputs (under tmp_path; "rel:": relative to the
     "resume into a new folder": ("z/model.pt", {"resume": "x/last.pt"}, None, None),
     "a plain state_dict the run does not write": ("s/model.pt", {"plain": False}, None, None),
     "a pipe where the run writes no plain state_dict": ("q/model.pt", {"plain": False}, None, None),
+    **{f"a {kind} as {name}": (f"{kind}-{name}/model.pt", {}, "names a folder" if f"{kind}{name}" == "foldermodel.pt"
+                               else f"{kind}-{name}/{name} is not a regular file", NEVER)
+       for kind in NOT_FILES for name in OUTPUTS},  # only a regular file is replaced, even with --overwrite
 }
 
 
@@ -152,41 +153,17 @@ CHECKS = {  # case -> (--output, inputs (under tmp_path; "rel:": relative to the
 def test_inputs_are_never_replaced_nor_earlier_results_without_overwrite(tmp_path, case, overwrite):
     plant(tmp_path)
     best, inputs, refusal, when = CHECKS[case]
-    files = output(tmp_path / best, plain=inputs.get("plain", True))
-    inputs = {flag: Path(os.path.relpath(tmp_path / path[4:])) if path.startswith("rel:") else tmp_path / path
-              for flag, path in inputs.items() if flag != "plain"}
-    unchanged(tmp_path, None if when == RESULTS and overwrite else refusal, check, files, overwrite=overwrite, **inputs)
-
-
-NOT_FILES = {  # what stands where the run writes a file, planted by
-    "folder": os.mkdir,
-    "link to a file elsewhere": lambda p: p.symlink_to("../victim.pt"),
-    "link to another output": lambda p: p.symlink_to({"last.pt": "metrics.json"}.get(p.name, "last.pt")),
-    "named pipe": os.mkfifo,
-}
-
-
-@pytest.mark.parametrize("name", ["model.pt", "last.pt", "metrics.json", "model.state_dict.pt", ".lock"])
-@pytest.mark.parametrize("kind", NOT_FILES)
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_every_output_is_a_regular_file_or_absent_even_with_overwrite(tmp_path, name, kind, overwrite):
-    make(tmp_path, ["victim.pt", "x/"])
-    NOT_FILES[kind](tmp_path / "x" / name)
-    fault = "names a folder" if (name, kind) == ("model.pt", "folder") else f"{tmp_path / 'x' / name} is not a regular"
-    unchanged(tmp_path, fault, lambda: check(output(tmp_path / "x" / "model.pt"), overwrite=overwrite))
+    paths = {flag: Path(os.path.relpath(tmp_path / path[4:])) if path.startswith("rel:") else tmp_path / path
+             for flag, path in inputs.items() if flag != "plain"}
+    unchanged(tmp_path, None if when == RESULTS and overwrite else refusal, check, tmp_path / best,
+              inputs.get("plain", True), overwrite=overwrite, **paths)
 
 
 def test_with_overwrite_only_the_files_the_run_writes_are_removed(tmp_path):
     """claim_outputs clears an earlier run's files, never a plain state_dict that this run will not write."""
-    import torch
-
-    from fashion_ft.config import Config
-    from fashion_ft.trainer import claim_outputs
-
     make(tmp_path / "x", ["model.pt", "last.pt", "metrics.json", "model.state_dict.pt"])
-    weights = torch.nn.Linear(2, 2).state_dict()
-    with contextlib.ExitStack() as stack:
-        claim_outputs(Config(overwrite=True), output(tmp_path / "x" / "model.pt", plain=False), weights, stack)
+    with contextlib.ExitStack() as stack:  # no starting weights: no space needed for them
+        claim_outputs(Config(overwrite=True), output(tmp_path / "x" / "model.pt", plain=False), {}, stack)
         assert sorted(os.listdir(tmp_path / "x")) == [".lock", "model.state_dict.pt"]
 
 
@@ -197,7 +174,7 @@ def test_a_folder_we_may_not_write_is_refused_with_one_line(tmp_path, monkeypatc
     """The probe's own error stands in for a folder that root (CI) would write anyway."""
     cause = os.strerror(errno_)
     monkeypatch.setattr(outputs.tempfile, "TemporaryFile", mock.Mock(side_effect=OSError(errno_, cause)))
-    unchanged(tmp_path, f"--output: cannot write in {tmp_path}: {cause}", check, output(tmp_path / "model.pt"),
+    unchanged(tmp_path, f"--output: cannot write in {tmp_path}: {cause}", check, tmp_path / "model.pt",
               kind=UserError)
     unchanged(tmp_path, f"--logdir: cannot write in {tmp_path}: {cause}", check_logdir, str(tmp_path), "run",
               kind=UserError)
@@ -239,8 +216,7 @@ LOGDIRS = {  # (entries, --logdir, --run-name, resume) -> the run's folder (two 
 
 
 @pytest.mark.parametrize("entries,logdir,run_name,resume", LOGDIRS)
-def test_a_logdir_and_run_name_give_a_free_plain_folder_or_one_printable_line(tmp_path, entries, logdir, run_name,
-                                                                              resume):
+def test_a_logdir_and_run_name_give_a_free_plain_folder_or_one_line(tmp_path, entries, logdir, run_name, resume):
     make(tmp_path, entries)
     expected = LOGDIRS[entries, logdir, run_name, resume]
     refusal = None if isinstance(expected, Path) else expected
@@ -270,12 +246,11 @@ def hold_lock(path: Path) -> subprocess.Popen:
 def test_the_lock_holds_our_pid_and_its_folders_go_at_exit_while_empty(tmp_path, existing, written, left, fails):
     lock = tmp_path / "result" / "x" / ".lock"
     make(tmp_path, existing)
-    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
-        with RunLock(lock):
-            assert lock.read_text() == f"{os.getpid()}\n"
-            make(tmp_path, written)
-            if fails:
-                raise RuntimeError("bad data")
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext(), RunLock(lock):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        make(tmp_path, written)
+        if fails:
+            raise RuntimeError("bad data")
     assert sorted(tree(tmp_path)) == left
 
 
@@ -303,6 +278,7 @@ def test_taking_the_lock_removes_only_our_stale_temporaries(tmp_path, entry, rem
     assert (tmp_path / "victim.pt").read_bytes() == b"events"
 
 
+@pytest.mark.filterwarnings("error")
 def test_a_live_runs_folder_is_refused_and_a_killed_runs_is_taken_again(tmp_path):
     """The kernel drops a dead holder's flock: its file, pid and all, is no lock any more."""
     lock = tmp_path / "x" / ".lock"
@@ -312,27 +288,23 @@ def test_a_live_runs_folder_is_refused_and_a_killed_runs_is_taken_again(tmp_path
                   RunLock(lock, clean=("last.pt",)).__enter__, kind=UserError)
         holder.kill()
     assert lock.read_text() == f"{holder.pid}\n"  # left behind
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with RunLock(lock, clean=("last.pt",)):
-            assert lock.read_text() == f"{os.getpid()}\n"
-            with pytest.raises(UserError, match=f"in use .*pid {os.getpid()}"):  # twice in one process
-                RunLock(lock).__enter__()
+    with RunLock(lock, clean=("last.pt",)):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(UserError, match=f"in use .*pid {os.getpid()}"):  # twice in one process
+            RunLock(lock).__enter__()
     assert tree(tmp_path) == {"x": "dir"}  # the temporary and the lock have gone
 
 
 def test_without_flock_one_warning_says_the_folder_is_not_locked_and_the_run_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(outputs.fcntl, "flock", mock.Mock(side_effect=OSError(errno.ENOLCK, "No locks available")))
     (tmp_path / ".lock").write_text("4242\n")  # a killed run's, or a live one's: without flock they look alike
-    with pytest.warns(UserWarning, match=f"{tmp_path} is not locked .*No locks available"):
-        with RunLock(tmp_path / ".lock"):
-            assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    with pytest.warns(UserWarning, match=f"{tmp_path} is not locked .*No locks available"), RunLock(tmp_path / ".lock"):
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
     assert not (tmp_path / ".lock").exists()
 
 
 # ---------------------------------------------------------------- the scripts (need the trainer's wiring)
 
-QUICK = (*SMALL_RUN, "--epochs", "1", "--limit-train", "256")
 CLI_ERRORS = {  # ({t}: tmp_path, holding x/ (a live run's in the last case) and a file) -> exit code, what it names
     "--output is a folder": (("--output", "{t}/x/"), 2, "--output"),
     "--logdir is a file": (("--output", "{t}/out/model.pt", "--logdir", "{t}/file"), 2, "--logdir"),
@@ -345,14 +317,14 @@ CLI_ERRORS = {  # ({t}: tmp_path, holding x/ (a live run's in the last case) and
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CLI_ERRORS)
-def test_cli_a_run_refused_before_its_first_save_is_one_line_and_leaves_the_tree_as_it_was(tmp_path, small_data_dir,
-                                                                                           case):
+def test_cli_a_run_refused_before_its_first_save_is_one_line_and_changes_no_file(tmp_path, small_data_dir, case):
     flags, code, needle = CLI_ERRORS[case]
     make(tmp_path, ["x/", "file"])
     with hold_lock(tmp_path / "x" / ".lock") if case == "a live run's folder" else contextlib.nullcontext() as holder:
         before = tree(tmp_path)
         result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--logdir",
-                            tmp_path / "tb", *QUICK, *[a.format(t=tmp_path) for a in flags])  # a later flag wins
+                            tmp_path / "tb", *SMALL_RUN, "--epochs", "1", "--limit-train", "256",
+                            *[a.format(t=tmp_path) for a in flags])  # a later flag wins
         assert tree(tmp_path) == before
     assert result.returncode == code, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
