@@ -15,7 +15,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from conftest import REPO, SMALL_RUN, read_split, run_script, write_split
+from conftest import REPO, SMALL_RUN, run_script, write_split
 
 from fashion_ft import outputs
 from fashion_ft.config import Config
@@ -50,26 +50,20 @@ def unchanged(root: Path, refusal: str | None, call, *args, kind=UsageError, **k
     """call(*args, **kwargs) changes nothing under root: it returns what it returns or, given a `refusal`, raises
     exactly `kind` on one printable line matching it, and returns the message."""
     before = tree(root)
-    if refusal is None:
+    with pytest.raises(kind, match=refusal) if refusal else contextlib.nullcontext() as info:
         result = call(*args, **kwargs)
-    else:
-        with pytest.raises(kind, match=refusal) as info:
-            call(*args, **kwargs)
+    if refusal:
         result = str(info.value)
         assert type(info.value) is kind and result.isprintable()
     assert tree(root) == before
     return result
 
 
-def output(path: Path, plain: bool = True) -> RunFiles:
-    """The run's files; `plain` False: the input was no plain state_dict, so the trainer drops that path."""
-    files = RunFiles.for_output(str(path))
-    return files if plain else dataclasses.replace(files, plain=None)
-
-
 def check(best: Path, plain=True, model_path=None, resume=None, overwrite=False) -> None:
-    check_run_files(output(best, plain), inputs={"--model-path": model_path, "--resume": resume}, resume=resume,
-                    overwrite=overwrite)
+    """check_run_files for a run writing best; `plain` False: its input was no plain state_dict, so it writes none."""
+    files = RunFiles.for_output(str(best))
+    check_run_files(files if plain else dataclasses.replace(files, plain=None), resume=resume, overwrite=overwrite,
+                    inputs={"--model-path": model_path, "--resume": resume})
 
 
 # ---------------------------------------------------------------- where the files go
@@ -88,21 +82,17 @@ def test_an_output_naming_a_folder_or_another_output_is_a_usage_error_that_shows
 
 
 def test_the_other_files_go_beside_the_best_model(tmp_path):
-    files = output(tmp_path / "r" / "model[1].pt")  # a name with glob characters
+    files = RunFiles.for_output(str(tmp_path / "r" / "model[1].pt"))  # a name with glob characters
     assert (files.last, files.metrics, files.lock, files.plain) == tuple(
         tmp_path / "r" / name for name in ("last.pt", "metrics.json", ".lock", "model[1].state_dict.pt"))
     assert files.names() == ("model[1].pt", "last.pt", "metrics.json", "model[1].state_dict.pt")  # atomic_write's
-    files = output(tmp_path / "r" / "model.pt", plain=False)  # a run whose input was no plain state_dict
-    assert files.plain is None and files.names() == ("model.pt", "last.pt", "metrics.json")
 
 
 # ---------------------------------------------------------------- what the run may replace
 
 OUTPUTS = ("model.pt", "last.pt", "metrics.json", "model.state_dict.pt", ".lock")
-NOT_FILES = {  # what stands where the run writes a file, as planted by make in the folder {kind}-{output}
-    "folder": "/", "link elsewhere": "@../x/model.pt", "pipe": "|",
-    "link to another output": lambda name: "@metrics.json" if name == "last.pt" else "@last.pt",
-}
+# what stands where the run writes a file, as make plants it in the folder {kind}-{output}
+NOT_FILES = {"folder": "/", "link elsewhere": "@../x/model.pt", "pipe": "|", "link to another output": "@{other}"}
 
 
 def plant(t: Path) -> None:
@@ -110,8 +100,8 @@ def plant(t: Path) -> None:
     make(t, [f"{run}/{name}" for run in "xy" for name in ("model.pt", "last.pt", "metrics.json")])
     make(t, ["soft.pt@x/model.pt", "saved/run.pt", "alias@x", "notes.txt", "m/metrics.json",
              "s/model.state_dict.pt", "q/model.state_dict.pt|", "a@b", "b@a", "l/self@self"])
-    make(t, [f"{kind}-{name}/{name}{how(name) if callable(how) else how}" for kind, how in NOT_FILES.items()
-             for name in OUTPUTS])
+    make(t, [f"{kind}-{name}/{name}" + how.format(other="metrics.json" if name == "last.pt" else "last.pt")
+             for kind, how in NOT_FILES.items() for name in OUTPUTS])
     os.link(t / "x" / "last.pt", t / "hard.pt")
 
 
@@ -164,22 +154,22 @@ def test_inputs_are_never_replaced_nor_earlier_results_without_overwrite(tmp_pat
 def test_with_overwrite_only_the_files_the_run_writes_are_removed(tmp_path):
     """claim_outputs clears an earlier run's files, never a plain state_dict that this run will not write."""
     make(tmp_path / "x", ["model.pt", "last.pt", "metrics.json", "model.state_dict.pt"])
+    files = dataclasses.replace(RunFiles.for_output(str(tmp_path / "x" / "model.pt")), plain=None)
     with contextlib.ExitStack() as stack:  # no starting weights: no space needed for them
-        claim_outputs(Config(overwrite=True), output(tmp_path / "x" / "model.pt", plain=False), {}, stack)
+        claim_outputs(Config(overwrite=True), files, {}, stack)
         assert sorted(os.listdir(tmp_path / "x")) == [".lock", "model.state_dict.pt"]
 
 
 # ---------------------------------------------------------------- folders that cannot be written
 
 @pytest.mark.parametrize("errno_", [errno.EACCES, errno.EROFS])
-def test_a_folder_we_may_not_write_is_refused_with_one_line(tmp_path, monkeypatch, errno_):
+@pytest.mark.parametrize("flag", ["--output", "--logdir"])
+def test_a_folder_we_may_not_write_is_refused_with_one_line(tmp_path, monkeypatch, errno_, flag):
     """The probe's own error stands in for a folder that root (CI) would write anyway."""
     cause = os.strerror(errno_)
     monkeypatch.setattr(outputs.tempfile, "TemporaryFile", mock.Mock(side_effect=OSError(errno_, cause)))
-    unchanged(tmp_path, f"--output: cannot write in {tmp_path}: {cause}", check, tmp_path / "model.pt",
-              kind=UserError)
-    unchanged(tmp_path, f"--logdir: cannot write in {tmp_path}: {cause}", check_logdir, str(tmp_path), "run",
-              kind=UserError)
+    call = (check, tmp_path / "model.pt") if flag == "--output" else (check_logdir, str(tmp_path), "run")
+    unchanged(tmp_path, f"{flag}: cannot write in {tmp_path}: {cause}", *call, kind=UserError)
 
 
 def test_low_disk_space_names_the_folder_and_the_space(tmp_path, monkeypatch):
@@ -264,10 +254,9 @@ def test_a_lock_that_cannot_be_taken_is_one_line_and_leaves_no_folder(tmp_path, 
 
 NAMES = ("model[1].pt", "last.pt", "metrics.json")  # a best model's name with glob characters
 STALE = {  # an entry beside the lock -> whether a run that takes the lock removes it (a folder or a link: never)
-    ".last.pt.ab12cd_9.tmp": True, ".model[1].pt.q.tmp": True, ".metrics.json.x1y2z3w4.tmp": True,
-    ".other.pt.ab12cd_9.tmp": False, "last.pt": False, ".last.pt.tmp": False, ".last.pt.ab12cd_9": False,
-    "last.pt.ab12cd_9.tmp": False, "notes.tmp": False, ".model1.pt.q.tmp": False, ".last.pt.dir.tmp/": False,
-    ".last.pt.link.tmp@../victim.pt": False,
+    ".last.pt.ab12cd_9.tmp": True, ".model[1].pt.q.tmp": True, ".metrics.json.x1y2z3w4.tmp": True, "last.pt": False,
+    ".other.pt.ab12cd_9.tmp": False, ".last.pt.tmp": False, ".last.pt.ab12cd_9": False, "last.pt.ab12cd_9.tmp": False,
+    "notes.tmp": False, ".model1.pt.q.tmp": False, ".last.pt.dir.tmp/": False, ".last.pt.link.tmp@../victim.pt": False,
 }
 
 
@@ -322,47 +311,42 @@ CLI_ERRORS = {  # ({t}: tmp_path, holding x/ (a live run's in the last case) and
 def test_cli_a_run_refused_before_its_first_save_is_one_line_and_changes_no_file(tmp_path, small_data_dir, case):
     flags, code, needle = CLI_ERRORS[case]
     make(tmp_path, ["x/", "file"])
-    with hold_lock(tmp_path / "x" / ".lock") if case == "a live run's folder" else contextlib.nullcontext() as holder:
-        before = tree(tmp_path)
-        result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--logdir",
-                            tmp_path / "tb", *SMALL_RUN, "--epochs", "1", "--limit-train", "256",
-                            *[a.format(t=tmp_path) for a in flags])  # a later flag wins
-        assert tree(tmp_path) == before
+    with hold_lock(tmp_path / "x" / ".lock") if case == "a live run's folder" else contextlib.nullcontext():
+        result = unchanged(tmp_path, None, run_script, "finetune_gpu.py", "--from-scratch", "--data-dir",
+                           small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--epochs", "1", "--limit-train",
+                           "256", *[a.format(t=tmp_path) for a in flags])  # a later flag wins
     assert result.returncode == code, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr and needle in lines[0], result.stderr
-    assert holder is None or f"pid {holder.pid}" in lines[0]
 
 
 @pytest.mark.slow
-def test_cli_two_runs_of_one_name_get_two_tensorboard_runs_and_a_resumed_run_keeps_its_own(tmp_path, small_data_dir,
+def test_cli_two_runs_of_one_name_get_two_tensorboard_runs_and_a_resumed_run_keeps_its_own(tmp_path, small_splits,
                                                                                            trained_checkpoint):
     """Needs the trainer to pass resume= and to take the returned folder's name as the run name. And only a run
     from a plain state_dict writes one: beside a run from our checkpoint, one by the best model's name is the
     user's, not in the way and not removed by --overwrite. A class missing from the test set: null accuracy."""
-    for split in ("train", "test"):
-        images, labels = read_split(small_data_dir, split)
-        keep = (labels != 0) | (split == "train")
-        write_split(tmp_path / "data", split, images[keep].numpy(), labels[keep].numpy())
+    tb = tmp_path / "tb"
+    images, labels = small_splits[2:]
+    write_split(tmp_path / "data", "train", *small_splits[:2])
+    write_split(tmp_path / "data", "test", images[labels != 0], labels[labels != 0])  # no T-shirt/top
 
     def finetune(out: str, *args):
         loud = [a for a in SMALL_RUN if a != "--quiet"]
         result = run_script("finetune_gpu.py", "--data-dir", tmp_path / "data", "--output", tmp_path / out / "best.pt",
-                            "--logdir", tmp_path / "tb", *loud, "--limit-train", "256", *args)
+                            "--logdir", tb, *loud, "--limit-train", "256", *args)
         assert result.returncode == 0, result.stderr
         return [line for line in result.stdout.splitlines() if line.startswith("tensorboard:")]
 
     make(tmp_path, ["a/best.state_dict.pt"])
     first = finetune("a", "--model-path", trained_checkpoint, "--overwrite", "--epochs", "1", "--run-name", "same")
     second = finetune("b", "--from-scratch", "--epochs", "1", "--run-name", "same")
-    assert first == [f"tensorboard: tensorboard --logdir {tmp_path / 'tb'}  (run same)"]
-    assert second == [f"tensorboard: tensorboard --logdir {tmp_path / 'tb'}  (run same_1)"]
+    assert first + second == [f"tensorboard: tensorboard --logdir {tb}  (run {run})" for run in ("same", "same_1")]
     # what kill -9 in the middle of a save leaves, beside the user's own file
     make(tmp_path / "b", [*(f".{name}.k1ll3d_9.tmp" for name in ("last.pt", "best.pt", "metrics.json")), "notes.tmp"])
     resumed = finetune("b", "--resume", tmp_path / "b" / "last.pt", "--epochs", "2")
     assert resumed == second
-    assert sorted(os.listdir(tmp_path / "tb")) == ["same", "same_1"]
-    assert [len(list((tmp_path / "tb" / run).glob("events.out.tfevents.*"))) for run in ("same", "same_1")] == [1, 2]
+    assert {run.name: len(list(run.glob("events.out.tfevents.*"))) for run in tb.iterdir()} == {"same": 1, "same_1": 2}
     assert sorted(os.listdir(tmp_path / "b")) == ["best.pt", "last.pt", "metrics.json", "notes.tmp"]
     assert (tmp_path / "a" / "best.state_dict.pt").read_bytes() == b"events"
     per_class = json.loads((tmp_path / "a" / "metrics.json").read_text())["per_class_test_acc"]

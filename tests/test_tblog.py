@@ -1,6 +1,5 @@
-"""TensorBoard is a view of the run, never a reason to lose it: trouble in the middle of a run stops the
-logging, not the run; and the per-class test accuracy with its figures (a class missing from the test set on the
-command line: test_outputs' two-runs test)."""
+"""TensorBoard is a view of the run, never a reason to lose it: trouble mid-run stops the logging, not the run;
+and the per-class test accuracy with its figures (a class the test set lacks, end to end: test_outputs)."""
 
 import json
 import re
