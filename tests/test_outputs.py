@@ -1,41 +1,36 @@
-"""A run's files: outputs never collide with each other or with an input, only a regular file is ever
-replaced, earlier results are kept without --overwrite, folders are checked up front, TensorBoard run folders
-are never shared, and one live run per output folder (TensorBoard trouble mid-run: test_tblog.py). Every
-refusal is one line, of the right kind, and leaves the file tree exactly as it was."""
+"""A run's files: no output is another output or an input, only a regular file is ever replaced, earlier
+results are kept without --overwrite, folders are checked up front, TensorBoard run folders are never shared,
+one live run per output folder. Every refusal is one line, of the right kind, and changes no file."""
 
 import contextlib
 import dataclasses
 import errno
-import hashlib
+import json
 import os
 import re
 import stat
 import subprocess
 import sys
-import warnings
-from collections import namedtuple
 from pathlib import Path
+from unittest import mock
 
 import pytest
-from conftest import REPO, SMALL_RUN, run_script
+from conftest import REPO, SMALL_RUN, run_script, write_split
 
 from fashion_ft import outputs
+from fashion_ft.config import Config
+from fashion_ft.data import CLASSES
 from fashion_ft.errors import UsageError, UserError
 from fashion_ft.outputs import RunFiles, RunLock, check_disk_space, check_logdir, check_run_files
+from fashion_ft.trainer import claim_outputs
 
 
 def tree(folder: Path) -> dict:
-    """Every entry under folder: sha256 of files, the target of links, 'dir' for folders, the type of
-    anything else (never read: a pipe would block)."""
-    state = {}
-    for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            path = Path(root, name)
-            rel, mode = str(path.relative_to(folder)), path.lstat().st_mode
-            state[rel] = ("-> " + os.readlink(path) if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
-                          else hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(mode)
-                          else stat.filemode(mode))
-    return state
+    """Every entry under folder (rglob follows no link): a file's bytes, a link's target, 'dir' for a folder, the
+    type of anything else (never read: a pipe would block)."""
+    return {str(path.relative_to(folder)): "-> " + os.readlink(path) if path.is_symlink() else "dir" if path.is_dir()
+            else path.read_bytes() if path.is_file() else stat.filemode(path.lstat().st_mode)
+            for path in folder.rglob("*")}
 
 
 def make(folder: Path, entries) -> None:
@@ -47,33 +42,28 @@ def make(folder: Path, entries) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if "@" in entry:
             path.symlink_to(entry.split("@")[1])
-        elif entry.endswith("|"):
-            os.mkfifo(path)
-        elif entry.endswith("/"):
-            path.mkdir()
-        else:
-            path.write_bytes(b"events")
+        else:  # a pipe, a folder or a file
+            {"|": os.mkfifo, "/": Path.mkdir}.get(entry[-1], lambda file: file.write_bytes(b"events"))(path)
 
 
-def refused(kind, match: str, root: Path, check, *args, **kwargs) -> str:
-    """check(*args, **kwargs) raises exactly `kind` matching `match` on one line, and changes nothing under root."""
+def unchanged(root: Path, refusal: str | None, call, *args, kind=UsageError, **kwargs):
+    """call(*args, **kwargs) changes nothing under root: it returns what it returns or, given a `refusal`, raises
+    exactly `kind` on one printable line matching it, and returns the message."""
     before = tree(root)
-    with pytest.raises(kind, match=match) as info:
-        check(*args, **kwargs)
-    assert type(info.value) is kind and "\n" not in str(info.value)
+    with pytest.raises(kind, match=refusal) if refusal else contextlib.nullcontext() as info:
+        result = call(*args, **kwargs)
+    if refusal:
+        result = str(info.value)
+        assert type(info.value) is kind and result.isprintable()
     assert tree(root) == before
-    return str(info.value)
+    return result
 
 
-def check(files: RunFiles, model_path=None, resume=None, overwrite=False) -> None:
-    check_run_files(files, inputs={"--model-path": model_path, "--resume": resume}, resume=resume,
-                    overwrite=overwrite)
-
-
-def output(path: Path, plain: bool = True) -> RunFiles:
-    """The run's files; `plain` False: the input was no plain state_dict, so the trainer drops that path."""
-    files = RunFiles.for_output(str(path))
-    return files if plain else dataclasses.replace(files, plain=None)
+def check(best: Path, plain=True, model_path=None, resume=None, overwrite=False) -> None:
+    """check_run_files for a run writing best; `plain` False: its input was no plain state_dict, so it writes none."""
+    files = RunFiles.for_output(str(best))
+    check_run_files(files if plain else dataclasses.replace(files, plain=None), resume=resume, overwrite=overwrite,
+                    inputs={"--model-path": model_path, "--resume": resume})
 
 
 # ---------------------------------------------------------------- where the files go
@@ -87,26 +77,31 @@ def test_an_output_naming_a_folder_or_another_output_is_a_usage_error_that_shows
     path = f"{tmp_path}/{name}"
     fault, suggestion = (("names a folder", os.path.join(path, "model.pt")) if name in FOLDERS
                          else (f"is where the run keeps its {name}", tmp_path / "model.pt"))
-    message = refused(UsageError, f"--output .* {fault}", tmp_path, RunFiles.for_output, path)
+    message = unchanged(tmp_path, f"--output .* {fault}", RunFiles.for_output, path)
     assert message.endswith(f"e.g. --output {suggestion}")
 
 
 def test_the_other_files_go_beside_the_best_model(tmp_path):
-    files = output(tmp_path / "r" / "model[1].pt")  # a name with glob characters
+    files = RunFiles.for_output(str(tmp_path / "r" / "model[1].pt"))  # a name with glob characters
     assert (files.last, files.metrics, files.lock, files.plain) == tuple(
         tmp_path / "r" / name for name in ("last.pt", "metrics.json", ".lock", "model[1].state_dict.pt"))
     assert files.names() == ("model[1].pt", "last.pt", "metrics.json", "model[1].state_dict.pt")  # atomic_write's
-    files = output(tmp_path / "r" / "model.pt", plain=False)  # a run whose input was no plain state_dict
-    assert files.plain is None and files.names() == ("model.pt", "last.pt", "metrics.json")
 
 
 # ---------------------------------------------------------------- what the run may replace
+
+OUTPUTS = ("model.pt", "last.pt", "metrics.json", "model.state_dict.pt", ".lock")
+# what stands where the run writes a file, as make plants it in the folder {kind}-{output}
+NOT_FILES = {"folder": "/", "link elsewhere": "@../x/model.pt", "pipe": "|", "link to another output": "@{other}"}
+
 
 def plant(t: Path) -> None:
     """Two finished runs, x/ and y/; files the cases below put in the way or give as inputs."""
     make(t, [f"{run}/{name}" for run in "xy" for name in ("model.pt", "last.pt", "metrics.json")])
     make(t, ["soft.pt@x/model.pt", "saved/run.pt", "alias@x", "notes.txt", "m/metrics.json",
              "s/model.state_dict.pt", "q/model.state_dict.pt|", "a@b", "b@a", "l/self@self"])
+    make(t, [f"{kind}-{name}/{name}" + how.format(other="metrics.json" if name == "last.pt" else "last.pt")
+             for kind, how in NOT_FILES.items() for name in OUTPUTS])
     os.link(t / "x" / "last.pt", t / "hard.pt")
 
 
@@ -140,6 +135,9 @@ CHECKS = {  # case -> (--output, inputs (under tmp_path; "rel:": relative to the
     "resume into a new folder": ("z/model.pt", {"resume": "x/last.pt"}, None, None),
     "a plain state_dict the run does not write": ("s/model.pt", {"plain": False}, None, None),
     "a pipe where the run writes no plain state_dict": ("q/model.pt", {"plain": False}, None, None),
+    **{f"a {kind} as {name}": (f"{kind}-{name}/model.pt", {}, "names a folder" if f"{kind}{name}" == "foldermodel.pt"
+                               else f"{kind}-{name}/{name} is not a regular file", NEVER)
+       for kind in NOT_FILES for name in OUTPUTS},  # only a regular file is replaced, even with --overwrite
 }
 
 
@@ -148,70 +146,38 @@ CHECKS = {  # case -> (--output, inputs (under tmp_path; "rel:": relative to the
 def test_inputs_are_never_replaced_nor_earlier_results_without_overwrite(tmp_path, case, overwrite):
     plant(tmp_path)
     best, inputs, refusal, when = CHECKS[case]
-    files = output(tmp_path / best, plain=inputs.get("plain", True))
-    inputs = {flag: Path(os.path.relpath(tmp_path / path[4:])) if path.startswith("rel:") else tmp_path / path
-              for flag, path in inputs.items() if flag != "plain"}
-    if refusal is None or (when == RESULTS and overwrite):
-        before = tree(tmp_path)
-        check(files, overwrite=overwrite, **inputs)
-        assert tree(tmp_path) == before
-    else:
-        refused(UsageError, refusal, tmp_path, check, files, overwrite=overwrite, **inputs)
-
-
-NOT_FILES = {  # what stands where the run writes a file, planted by
-    "folder": os.mkdir,
-    "link to a file elsewhere": lambda p: p.symlink_to("../victim.pt"),
-    "link to another output": lambda p: p.symlink_to({"last.pt": "metrics.json"}.get(p.name, "last.pt")),
-    "named pipe": os.mkfifo,
-}
-
-
-@pytest.mark.parametrize("name", ["model.pt", "last.pt", "metrics.json", "model.state_dict.pt", ".lock"])
-@pytest.mark.parametrize("kind", NOT_FILES)
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_every_output_is_a_regular_file_or_absent_even_with_overwrite(tmp_path, name, kind, overwrite):
-    make(tmp_path, ["victim.pt", "x/"])
-    NOT_FILES[kind](tmp_path / "x" / name)
-    fault = "names a folder" if (name, kind) == ("model.pt", "folder") else f"{tmp_path / 'x' / name} is not a regular"
-    refused(UsageError, fault, tmp_path, lambda: check(output(tmp_path / "x" / "model.pt"), overwrite=overwrite))
+    paths = {flag: Path(os.path.relpath(tmp_path / path[4:])) if path.startswith("rel:") else tmp_path / path
+             for flag, path in inputs.items() if flag != "plain"}
+    unchanged(tmp_path, None if when == RESULTS and overwrite else refusal, check, tmp_path / best,
+              inputs.get("plain", True), overwrite=overwrite, **paths)
 
 
 def test_with_overwrite_only_the_files_the_run_writes_are_removed(tmp_path):
     """claim_outputs clears an earlier run's files, never a plain state_dict that this run will not write."""
-    import torch
-
-    from fashion_ft.config import Config
-    from fashion_ft.trainer import claim_outputs
-
     make(tmp_path / "x", ["model.pt", "last.pt", "metrics.json", "model.state_dict.pt"])
-    weights = torch.nn.Linear(2, 2).state_dict()
-    with contextlib.ExitStack() as stack:
-        claim_outputs(Config(overwrite=True), output(tmp_path / "x" / "model.pt", plain=False), weights, stack)
+    files = dataclasses.replace(RunFiles.for_output(str(tmp_path / "x" / "model.pt")), plain=None)
+    with contextlib.ExitStack() as stack:  # no starting weights: no space needed for them
+        claim_outputs(Config(overwrite=True), files, {}, stack)
         assert sorted(os.listdir(tmp_path / "x")) == [".lock", "model.state_dict.pt"]
 
 
 # ---------------------------------------------------------------- folders that cannot be written
 
 @pytest.mark.parametrize("errno_", [errno.EACCES, errno.EROFS])
-def test_a_folder_we_may_not_write_is_refused_with_one_line(tmp_path, monkeypatch, errno_):
+@pytest.mark.parametrize("flag", ["--output", "--logdir"])
+def test_a_folder_we_may_not_write_is_refused_with_one_line(tmp_path, monkeypatch, errno_, flag):
     """The probe's own error stands in for a folder that root (CI) would write anyway."""
-    def probe(dir):
-        raise OSError(errno_, os.strerror(errno_))
-
-    monkeypatch.setattr(outputs.tempfile, "TemporaryFile", probe)
     cause = os.strerror(errno_)
-    refused(UserError, f"--output: cannot write in {tmp_path}: {cause}", tmp_path, check, output(tmp_path / "model.pt"))
-    refused(UserError, f"--logdir: cannot write in {tmp_path}: {cause}", tmp_path, check_logdir, str(tmp_path), "run")
+    monkeypatch.setattr(outputs.tempfile, "TemporaryFile", mock.Mock(side_effect=OSError(errno_, cause)))
+    call = (check, tmp_path / "model.pt") if flag == "--output" else (check_logdir, str(tmp_path), "run")
+    unchanged(tmp_path, f"{flag}: cannot write in {tmp_path}: {cause}", *call, kind=UserError)
 
 
 def test_low_disk_space_names_the_folder_and_the_space(tmp_path, monkeypatch):
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda _path: usage(10**9, 10**9, 1024))
-    with pytest.raises(UserError, match=r"--output: only 0.0 MiB free in .*not.*needs about 64 MiB"):
-        check_disk_space(tmp_path / "not" / "yet", 64 * 2**20)
-    check_disk_space(tmp_path / "not" / "yet", 1024)
-    assert not (tmp_path / "not").exists()
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda _path: mock.Mock(free=1024))
+    unchanged(tmp_path, r"--output: only 0.0 MiB free in .*not.*needs about 64 MiB", check_disk_space,
+              tmp_path / "not" / "yet", 64 * 2**20, kind=UserError)
+    unchanged(tmp_path, None, check_disk_space, tmp_path / "not" / "yet", 1024)
 
 
 # ---------------------------------------------------------------- --logdir and --run-name
@@ -243,23 +209,18 @@ LOGDIRS = {  # (entries, --logdir, --run-name, resume) -> the run's folder (two 
 
 
 @pytest.mark.parametrize("entries,logdir,run_name,resume", LOGDIRS)
-def test_a_logdir_and_run_name_give_a_free_plain_folder_or_one_printable_line(tmp_path, entries, logdir, run_name,
-                                                                              resume):
+def test_a_logdir_and_run_name_give_a_free_plain_folder_or_one_line(tmp_path, entries, logdir, run_name, resume):
     make(tmp_path, entries)
     expected = LOGDIRS[entries, logdir, run_name, resume]
-    if isinstance(expected, Path):
-        before = tree(tmp_path)
-        assert check_logdir(str(tmp_path / logdir), run_name, resume=resume) == tmp_path / expected
-        assert tree(tmp_path) == before
-    else:
-        message = refused(UsageError, expected, tmp_path, check_logdir, str(tmp_path / logdir), run_name, resume=resume)
-        assert message.isprintable()
+    refusal = None if isinstance(expected, Path) else expected
+    run = unchanged(tmp_path, refusal, check_logdir, str(tmp_path / logdir), run_name, resume=resume)
+    assert refusal or run == tmp_path / expected
 
 
 # ---------------------------------------------------------------- one live run per output folder
 
 def hold_lock(path: Path) -> subprocess.Popen:
-    """Another process holding the lock until its stdin closes (or it is killed)."""
+    """Another process holding the lock until its stdin closes (`with`'s exit) or it is killed."""
     script = ("import sys; from fashion_ft.outputs import RunLock\n"
               "with RunLock(sys.argv[1]): print('locked', flush=True); sys.stdin.readline()")
     proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -278,34 +239,25 @@ def hold_lock(path: Path) -> subprocess.Popen:
 def test_the_lock_holds_our_pid_and_its_folders_go_at_exit_while_empty(tmp_path, existing, written, left, fails):
     lock = tmp_path / "result" / "x" / ".lock"
     make(tmp_path, existing)
-    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
-        with RunLock(lock):
-            assert lock.read_text() == f"{os.getpid()}\n"
-            make(tmp_path, written)
-            if fails:
-                raise RuntimeError("bad data")
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext(), RunLock(lock):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        make(tmp_path, written)
+        if fails:
+            raise RuntimeError("bad data")
     assert sorted(tree(tmp_path)) == left
 
 
 def test_a_lock_that_cannot_be_taken_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch):
-    real_open = os.open
-
-    def denied(path, *args, **kwargs):
-        if Path(path).name == ".lock":
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(outputs.os, "open", denied)
-    refused(UserError, f"--output: cannot take the lock {tmp_path / 'new/x/.lock'}: Permission denied", tmp_path,
-            RunLock(tmp_path / "new" / "x" / ".lock").__enter__)
+    monkeypatch.setattr(outputs.os, "open", mock.Mock(side_effect=PermissionError(errno.EACCES, "Permission denied")))
+    unchanged(tmp_path, f"--output: cannot take the lock {tmp_path / 'new/x/.lock'}: Permission denied",
+              RunLock(tmp_path / "new" / "x" / ".lock").__enter__, kind=UserError)
 
 
 NAMES = ("model[1].pt", "last.pt", "metrics.json")  # a best model's name with glob characters
 STALE = {  # an entry beside the lock -> whether a run that takes the lock removes it (a folder or a link: never)
-    ".last.pt.ab12cd_9.tmp": True, ".model[1].pt.q.tmp": True, ".metrics.json.x1y2z3w4.tmp": True,
-    ".other.pt.ab12cd_9.tmp": False, "last.pt": False, ".last.pt.tmp": False, ".last.pt.ab12cd_9": False,
-    "last.pt.ab12cd_9.tmp": False, "notes.tmp": False, ".model1.pt.q.tmp": False, ".last.pt.dir.tmp/": False,
-    ".last.pt.link.tmp@../victim.pt": False,
+    ".last.pt.ab12cd_9.tmp": True, ".model[1].pt.q.tmp": True, ".metrics.json.x1y2z3w4.tmp": True, "last.pt": False,
+    ".other.pt.ab12cd_9.tmp": False, ".last.pt.tmp": False, ".last.pt.ab12cd_9": False, "last.pt.ab12cd_9.tmp": False,
+    "notes.tmp": False, ".model1.pt.q.tmp": False, ".last.pt.dir.tmp/": False, ".last.pt.link.tmp@../victim.pt": False,
 }
 
 
@@ -318,42 +270,33 @@ def test_taking_the_lock_removes_only_our_stale_temporaries(tmp_path, entry, rem
     assert (tmp_path / "victim.pt").read_bytes() == b"events"
 
 
+@pytest.mark.filterwarnings("error")
 def test_a_live_runs_folder_is_refused_and_a_killed_runs_is_taken_again(tmp_path):
     """The kernel drops a dead holder's flock: its file, pid and all, is no lock any more."""
     lock = tmp_path / "x" / ".lock"
-    holder = hold_lock(lock)
-    try:
+    with hold_lock(lock) as holder:
         (lock.parent / ".last.pt.ab12cd_9.tmp").write_bytes(b"the live run is writing this")
-        refused(UserError, f"--output folder {tmp_path / 'x'} is in use .*pid {holder.pid}", tmp_path,
-                RunLock(lock, clean=("last.pt",)).__enter__)
-    finally:
+        unchanged(tmp_path, f"--output folder {tmp_path / 'x'} is in use .*pid {holder.pid}",
+                  RunLock(lock, clean=("last.pt",)).__enter__, kind=UserError)
         holder.kill()
-        holder.communicate()  # closes its pipes too
     assert lock.read_text() == f"{holder.pid}\n"  # left behind
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with RunLock(lock, clean=("last.pt",)):
-            assert lock.read_text() == f"{os.getpid()}\n"
-            with pytest.raises(UserError, match=f"in use .*pid {os.getpid()}"):  # twice in one process
-                RunLock(lock).__enter__()
+    with RunLock(lock, clean=("last.pt",)):
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(UserError, match=f"in use .*pid {os.getpid()}"):  # twice in one process
+            RunLock(lock).__enter__()
     assert tree(tmp_path) == {"x": "dir"}  # the temporary and the lock have gone
 
 
 def test_without_flock_one_warning_says_the_folder_is_not_locked_and_the_run_goes_on(tmp_path, monkeypatch):
-    def no_flock(fd, op):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr(outputs.fcntl, "flock", no_flock)
+    monkeypatch.setattr(outputs.fcntl, "flock", mock.Mock(side_effect=OSError(errno.ENOLCK, "No locks available")))
     (tmp_path / ".lock").write_text("4242\n")  # a killed run's, or a live one's: without flock they look alike
-    with pytest.warns(UserWarning, match=f"{tmp_path} is not locked .*No locks available"):
-        with RunLock(tmp_path / ".lock"):
-            assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    with pytest.warns(UserWarning, match=f"{tmp_path} is not locked .*No locks available"), RunLock(tmp_path / ".lock"):
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
     assert not (tmp_path / ".lock").exists()
 
 
 # ---------------------------------------------------------------- the scripts (need the trainer's wiring)
 
-QUICK = (*SMALL_RUN, "--epochs", "1", "--limit-train", "256")
 CLI_ERRORS = {  # ({t}: tmp_path, holding x/ (a live run's in the last case) and a file) -> exit code, what it names
     "--output is a folder": (("--output", "{t}/x/"), 2, "--output"),
     "--logdir is a file": (("--output", "{t}/out/model.pt", "--logdir", "{t}/file"), 2, "--logdir"),
@@ -366,49 +309,46 @@ CLI_ERRORS = {  # ({t}: tmp_path, holding x/ (a live run's in the last case) and
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CLI_ERRORS)
-def test_cli_a_run_refused_before_its_first_save_is_one_line_and_leaves_the_tree_as_it_was(tmp_path, small_data_dir,
-                                                                                           case):
+def test_cli_a_run_refused_before_its_first_save_is_one_line_and_changes_no_file(tmp_path, small_data_dir, case):
     flags, code, needle = CLI_ERRORS[case]
     make(tmp_path, ["x/", "file"])
-    holder = hold_lock(tmp_path / "x" / ".lock") if case == "a live run's folder" else None
-    before = tree(tmp_path)
-    try:
-        result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", small_data_dir, "--logdir",
-                            tmp_path / "tb", *QUICK, *[a.format(t=tmp_path) for a in flags])  # a later flag wins
-        assert tree(tmp_path) == before
-    finally:
-        if holder:
-            holder.communicate("")
+    with hold_lock(tmp_path / "x" / ".lock") if case == "a live run's folder" else contextlib.nullcontext():
+        result = unchanged(tmp_path, None, run_script, "finetune_gpu.py", "--from-scratch", "--data-dir",
+                           small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN, "--epochs", "1", "--limit-train",
+                           "256", *[a.format(t=tmp_path) for a in flags])  # a later flag wins
     assert result.returncode == code, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr and needle in lines[0], result.stderr
-    assert holder is None or f"pid {holder.pid}" in lines[0]
 
 
 @pytest.mark.slow
-def test_cli_two_runs_of_one_name_get_two_tensorboard_runs_and_a_resumed_run_keeps_its_own(tmp_path, small_data_dir,
+def test_cli_two_runs_of_one_name_get_two_tensorboard_runs_and_a_resumed_run_keeps_its_own(tmp_path, small_splits,
                                                                                            trained_checkpoint):
     """Needs the trainer to pass resume= and to take the returned folder's name as the run name. And only a run
     from a plain state_dict writes one: beside a run from our checkpoint, one by the best model's name is the
-    user's, not in the way and not removed by --overwrite."""
+    user's, not in the way and not removed by --overwrite. A class missing from the test set: null accuracy."""
+    tb = tmp_path / "tb"
+    images, labels = small_splits[2:]
+    write_split(tmp_path / "data", "train", *small_splits[:2])
+    write_split(tmp_path / "data", "test", images[labels != 0], labels[labels != 0])  # no T-shirt/top
+
     def finetune(out: str, *args):
         loud = [a for a in SMALL_RUN if a != "--quiet"]
-        result = run_script("finetune_gpu.py", "--data-dir", small_data_dir, "--output", tmp_path / out / "best.pt",
-                            "--logdir", tmp_path / "tb", *loud, "--limit-train", "256", *args)
+        result = run_script("finetune_gpu.py", "--data-dir", tmp_path / "data", "--output", tmp_path / out / "best.pt",
+                            "--logdir", tb, *loud, "--limit-train", "256", *args)
         assert result.returncode == 0, result.stderr
         return [line for line in result.stdout.splitlines() if line.startswith("tensorboard:")]
 
     make(tmp_path, ["a/best.state_dict.pt"])
     first = finetune("a", "--model-path", trained_checkpoint, "--overwrite", "--epochs", "1", "--run-name", "same")
     second = finetune("b", "--from-scratch", "--epochs", "1", "--run-name", "same")
-    assert first == [f"tensorboard: tensorboard --logdir {tmp_path / 'tb'}  (run same)"]
-    assert second == [f"tensorboard: tensorboard --logdir {tmp_path / 'tb'}  (run same_1)"]
-    stale = [".last.pt.k1ll3d_9.tmp", ".best.pt.k1ll3d_9.tmp", ".metrics.json.k1ll3d_9.tmp"]
-    for name in [*stale, "notes.tmp"]:  # as kill -9 in the middle of a save leaves them, and the user's file
-        (tmp_path / "b" / name).write_bytes(b"half written")
+    assert first + second == [f"tensorboard: tensorboard --logdir {tb}  (run {run})" for run in ("same", "same_1")]
+    # what kill -9 in the middle of a save leaves, beside the user's own file
+    make(tmp_path / "b", [*(f".{name}.k1ll3d_9.tmp" for name in ("last.pt", "best.pt", "metrics.json")), "notes.tmp"])
     resumed = finetune("b", "--resume", tmp_path / "b" / "last.pt", "--epochs", "2")
     assert resumed == second
-    assert sorted(os.listdir(tmp_path / "tb")) == ["same", "same_1"]
-    assert [len(list((tmp_path / "tb" / run).glob("events.out.tfevents.*"))) for run in ("same", "same_1")] == [1, 2]
+    assert {run.name: len(list(run.glob("events.out.tfevents.*"))) for run in tb.iterdir()} == {"same": 1, "same_1": 2}
     assert sorted(os.listdir(tmp_path / "b")) == ["best.pt", "last.pt", "metrics.json", "notes.tmp"]
     assert (tmp_path / "a" / "best.state_dict.pt").read_bytes() == b"events"
+    per_class = json.loads((tmp_path / "a" / "metrics.json").read_text())["per_class_test_acc"]
+    assert per_class[CLASSES[0]] is None and all(isinstance(per_class[name], float) for name in CLASSES[1:])

@@ -1,26 +1,25 @@
-"""TensorBoard is a view of the run, never a reason to lose it: trouble in the middle of a run stops the
-logging, not the run; and the per-class test accuracy with its figures."""
+"""TensorBoard is a view of the run, never a reason to lose it: trouble mid-run stops the logging, not the run;
+and the per-class test accuracy with its figures (a class the test set lacks, end to end: test_outputs)."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
 import threading
-import warnings
 from unittest import mock
 
 import pytest
 import torch
-from conftest import REPO, SMALL_RUN, run_script, write_split
+from conftest import REPO
 
 from fashion_ft import outputs
-from fashion_ft.data import CLASSES, read_split
+from fashion_ft.data import CLASSES
 
 # ---------------------------------------------------------------- TensorBoard trouble mid-run
 
 BREAK_WRITER = textwrap.dedent("""
     import resource, shutil, signal, sys, tempfile, warnings
-    sys.path.insert(0, sys.argv[2])
     warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\\n"  # as the CLI does
     from fashion_ft import outputs
 
@@ -43,28 +42,24 @@ BREAK_WRITER = textwrap.dedent("""
 
 @pytest.mark.parametrize("fault,reason", [("removed", "No such file or directory"), ("full", "File too large")])
 def test_a_writer_failure_mid_run_is_one_warning_and_training_goes_on(fault, reason):
-    result = subprocess.run([sys.executable, "-c", BREAK_WRITER, fault, str(REPO)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", BREAK_WRITER, fault], capture_output=True, text=True, cwd=REPO,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "training went on; logging active: False"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr  # no "Exception in thread", no traceback
-    assert lines[0].startswith(f"warning: TensorBoard logging stopped: {reason}")
-    assert lines[0].endswith("training goes on")
+    one_line = f"warning: TensorBoard logging stopped: {reason}.*training goes on\n"  # no "Exception in thread"
+    assert re.fullmatch(one_line, result.stderr), result.stderr
 
 
 @pytest.mark.parametrize("startable", [True, False])
-def test_a_writer_logs_or_warns_once_that_it_cannot_start_and_puts_the_thread_hook_back(tmp_path, startable):
+def test_a_writer_logs_or_warns_once_that_it_cannot_start_and_puts_the_thread_hook_back(tmp_path, startable, recwarn):
     (tmp_path / "file").write_text("x")
     logdir, hook = tmp_path / ("run" if startable else "file/run"), threading.excepthook
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        writer = outputs.SafeWriter(str(logdir))
-        assert threading.excepthook != hook
-        outputs.log_epoch(writer, 1, {"train_loss": 1.0, "val_acc": 0.5})
-        outputs.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
+    writer = outputs.SafeWriter(str(logdir))
+    assert threading.excepthook != hook
+    outputs.log_epoch(writer, 1, {"train_loss": 1.0, "val_acc": 0.5})
+    outputs.log_hparams(writer, {"lr": 0.1}, {"hparam/test_acc": 0.9})
     assert (writer._writer is not None) == startable
-    assert [str(w.message) for w in caught] == ([] if startable else [
+    assert [str(w.message) for w in recwarn] == ([] if startable else [
         f"TensorBoard logging stopped: Not a directory (in {logdir}); training goes on"])
     writer.close()
     assert threading.excepthook == hook
@@ -80,8 +75,8 @@ def test_a_class_without_test_images_has_no_accuracy_and_an_empty_bar():
     per_class = outputs.log_test_figures(writer, torch.zeros(5, 28, 28, dtype=torch.uint8), labels, preds, CLASSES)
     assert per_class == {**dict.fromkeys(CLASSES), CLASSES[1]: 0.5, CLASSES[2]: 0.5, CLASSES[3]: 0.0}
     assert json.loads(json.dumps(per_class))[CLASSES[0]] is None  # null in metrics.json
-    scalars = {call.args[0] for call in writer.add_scalar.call_args_list}
-    assert scalars == {"test_per_class/Trouser", "test_per_class/Pullover", "test_per_class/Dress"}
+    assert {call.args[0] for call in writer.add_scalar.call_args_list} == {
+        "test_per_class/Trouser", "test_per_class/Pullover", "test_per_class/Dress"}
     images = {call.args[0]: call.args[1] for call in writer.add_image.call_args_list}
     assert set(images) == {"test/confusion_matrix", "test/per_class_accuracy", "test/misclassified"}
     assert all(image.ndim == 3 and image.shape[2] == 3 for image in images.values())  # HWC, as logged
@@ -89,17 +84,3 @@ def test_a_class_without_test_images_has_no_accuracy_and_an_empty_bar():
     blue = [int((bar == (70, 110, 200)).all(-1).sum()) for bar in bars]
     assert blue[0] == blue[3] < blue[1]  # no test images is drawn as an empty bar, as 0%
 
-
-@pytest.mark.slow
-def test_cli_a_class_missing_from_the_test_set_has_null_accuracy(tmp_path, small_data_dir):
-    for split in ("train", "test"):
-        images, labels = read_split(small_data_dir, split)
-        keep = labels != 0 if split == "test" else labels >= 0
-        write_split(tmp_path / "data", split, images[keep].numpy(), labels[keep].numpy())
-    result = run_script("finetune_gpu.py", "--from-scratch", "--data-dir", tmp_path / "data",
-                        "--output", tmp_path / "x" / "model.pt", "--logdir", tmp_path / "tb", *SMALL_RUN,
-                        "--epochs", "1", "--limit-train", "256")
-    assert result.returncode == 0, result.stderr
-    per_class = json.loads((tmp_path / "x" / "metrics.json").read_text())["per_class_test_acc"]
-    assert per_class[CLASSES[0]] is None
-    assert all(isinstance(per_class[name], float) for name in CLASSES[1:])
