@@ -10,20 +10,9 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from conftest import write_idx, write_split
+from conftest import read_split, write_idx, write_split
 
 from fashion_ft import data
-from fashion_ft.data import (
-    CLASSES,
-    FILES,
-    IMAGES_MAGIC,
-    LABELS_MAGIC,
-    find_data_dir,
-    label_warning,
-    load_split,
-    read_split,
-    stratified_split,
-)
 from fashion_ft.errors import UserError
 
 # ---------------------------------------------------------------- real data
@@ -50,12 +39,12 @@ def test_real_sizes_and_label_histogram(request, real_data_dir, split, n):
                                               (5001, "30b8e895d3faa4b5"), (7, "e3a8e954e9d4a8cf")])
 def test_split_is_stratified_disjoint_complete_and_seeded(real_train, val_size, digest):
     labels = real_train[1]
-    train_idx, val_idx = stratified_split(labels, val_size, seed=42)
+    train_idx, val_idx = data.stratified_split(labels, val_size, seed=42)
     counts = torch.bincount(labels[val_idx], minlength=10)  # 500 of each class at 5000
     assert int(counts.sum()) == val_size and int(counts.max() - counts.min()) <= 1
     assert torch.equal(torch.cat([train_idx, val_idx]).sort().values, torch.arange(60_000))
     assert hashlib.sha256(val_idx.numpy().tobytes()).hexdigest()[:16] == digest
-    assert not torch.equal(stratified_split(labels, val_size, seed=7)[1], val_idx)
+    assert not torch.equal(data.stratified_split(labels, val_size, seed=7)[1], val_idx)
 
 
 # ---------------------------------------------------------------- small generated IDX files
@@ -118,10 +107,10 @@ def test_lookup_order(tmp_path, monkeypatch, flag, env, removed, found):
         monkeypatch.setenv("FASHION_MNIST_DIR", env and str(tmp_path / PLACES[env]))
     data_dir = flag and str(tmp_path / PLACES[flag])
     if found:
-        assert find_data_dir(data_dir).resolve() == tmp_path / PLACES[found]
+        assert data.find_data_dir(data_dir).resolve() == tmp_path / PLACES[found]
         return
     with pytest.raises(UserError) as err:
-        find_data_dir(data_dir)
+        data.find_data_dir(data_dir)
     message = str(err.value)
     assert "not found" in message and "\n" not in message
     assert "apt-get install dataset-fashion-mnist" in message and "--download" in message  # both remedies
@@ -134,7 +123,7 @@ def test_lookup_order(tmp_path, monkeypatch, flag, env, removed, found):
 def sparse(dims, size=None):
     """The header of `dims`, then a hole up to `size` bytes (default: the size that header says)."""
     def make(path):
-        path.write_bytes(struct.pack(">4I", IMAGES_MAGIC, *dims))
+        path.write_bytes(struct.pack(">4I", data.IMAGES_MAGIC, *dims))
         os.truncate(path, size or 16 + dims[0] * dims[1] * dims[2])
     return make
 
@@ -154,10 +143,10 @@ BAD_FILES = {
     "one byte long": (False, 1, contents(lambda raw: raw + b"\0")),
     "empty": (False, 1, contents(lambda raw: b"")),
     "header cut": (False, 0, contents(lambda raw: raw[:10])),
-    "labels for images": (False, 0, lambda path: write_idx(path, LABELS, LABELS_MAGIC)),  # the swapped file
-    "a label missing": (False, 1, lambda path: write_idx(path, LABELS[:-1], LABELS_MAGIC)),
-    "label 10": (False, 1, contents(lambda raw: raw[:-1] + bytes([len(CLASSES)]))),
-    "32 x 32": (False, 0, lambda path: write_idx(path, np.zeros((20, 32, 32), np.uint8), IMAGES_MAGIC)),
+    "labels for images": (False, 0, lambda path: write_idx(path, LABELS, data.LABELS_MAGIC)),  # the swapped file
+    "a label missing": (False, 1, lambda path: write_idx(path, LABELS[:-1], data.LABELS_MAGIC)),
+    "label 10": (False, 1, contents(lambda raw: raw[:-1] + bytes([len(data.CLASSES)]))),
+    "32 x 32": (False, 0, lambda path: write_idx(path, np.zeros((20, 32, 32), np.uint8), data.IMAGES_MAGIC)),
     "gz truncated": (True, 0, contents(lambda raw: raw[:200])),
     "gz corrupt": (True, 0, contents(lambda raw: raw[:10] + bytes(b ^ 0xFF for b in raw[10:14]) + raw[14:])),
     "gz not gzip": (True, 0, contents(gzip.decompress)),
@@ -182,7 +171,7 @@ def test_bad_file_is_one_line_naming_it(tmp_path, monkeypatch, name):
     write_split(tmp_path, "test", *tiny_split())
     if gzipped:
         gzip_folder(tmp_path)
-    path = tmp_path / (FILES["test"][which] + (".gz" if gzipped else ""))
+    path = tmp_path / (data.FILES["test"][which] + (".gz" if gzipped else ""))
     damage(path)
     monkeypatch.setattr(data, "download", lambda root: pytest.fail("downloaded another copy"))
     # opening a FIFO for reading waits for a writer: the alarm fails a read that blocks instead of hanging the run
@@ -191,7 +180,7 @@ def test_bad_file_is_one_line_naming_it(tmp_path, monkeypatch, name):
     tracemalloc.start()
     try:
         with pytest.raises(UserError) as err:
-            load_split(str(tmp_path), "test", allow_download=True)
+            data.load_split(str(tmp_path), "test", allow_download=True)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -219,5 +208,5 @@ def labels_of(*counts):
     (labels_of(*[5] * 8, 0, 5), "the training images hold only 9 of the 10 classes (no Bag): "),
 ])
 def test_label_warning(labels, expected):
-    warning = label_warning(labels, "the training images")
+    warning = data.label_warning(labels, "the training images")
     assert warning == expected if expected is None else (warning.startswith(expected) and "\n" not in warning)
