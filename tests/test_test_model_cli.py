@@ -15,7 +15,6 @@ import test_model
 from fashion_ft import preflight, system
 from fashion_ft.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from fashion_ft.data import FILES
-from fashion_ft.model import build_model
 
 SHIPPED = REPO / "model" / "mnist_cnn3.pt"
 QUICK = {"--device": "cpu", "--batches": "1", "--batch-size": "64"}
@@ -58,8 +57,7 @@ def strict_json(text):
 
 def tiny_checkpoint(path, **changes):
     """One of our checkpoints of a tiny untrained cnn3 (fast to load; it only guesses)."""
-    torch.manual_seed(0)
-    ckpt = make_checkpoint(build_model("cnn3", TINY), "cnn3", TINY)
+    ckpt = make_checkpoint(tiny_model(), "cnn3", TINY)
     ckpt["model"].update(changes)
     save_checkpoint(ckpt, path)
     return path
@@ -68,20 +66,12 @@ def tiny_checkpoint(path, **changes):
 # ---------------------------------------------------------------- what a user gives it
 
 
-class RunsCode:
-    """Unpickling this runs a shell command: what a malicious checkpoint does."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def armed_pickle(folder, fixture):
-    torch.save({"model": RunsCode(folder / "MARKER")}, folder / "evil.pt")
+    marker = folder / "MARKER"  # unpickling this object runs a shell command, as a malicious checkpoint does
+    torch.save({"model": type("RunsCode", (), {"__reduce__": lambda _: (os.system, (f"touch {marker}",))})()},
+               folder / "evil.pt")
     torch.load(folder / "evil.pt", weights_only=False)  # the file is armed: trusted unpickling runs its command
-    (folder / "MARKER").unlink()
+    marker.unlink()
     return {"--model-path": folder / "evil.pt"}
 
 
