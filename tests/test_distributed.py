@@ -28,7 +28,6 @@ from fashion_ft.data import DeviceData
 from fashion_ft.engine import ComputeSettings, ModelEma, lr_multiplier, train_one_epoch
 from fashion_ft.errors import DivergenceError, UserError
 from fashion_ft.model import build_model
-from fashion_ft.system import AmpPolicy
 
 # No dropout, no augmentation, BatchNorm frozen: each image's loss does not depend on how the batch is
 # split across processes, so two processes of 32 compute what one process of 64 computes.
@@ -49,10 +48,6 @@ def torchrun_command(*args, nproc=2) -> list[str]:
 def torchrun(*args, nproc=2, env=None):
     return subprocess.run(torchrun_command(*args, nproc=nproc), cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
-
-
-def history(run_folder: Path) -> dict:
-    return {row["epoch"]: row for row in torch.load(run_folder / "last.pt", weights_only=True)["history"]}
 
 
 # ---------------------------------------------------------------- unit tests, no process group
@@ -140,7 +135,7 @@ def test_single_process_helpers_are_no_ops():
 
 def divergence_scenario(rank: int) -> str | None:
     data = DeviceData.create(torch.zeros(64, 28, 28, dtype=torch.uint8), torch.zeros(64, dtype=torch.long), "cpu")
-    rt = ComputeSettings(torch.device("cpu"), AmpPolicy(None, False), 0.5, 0.25, rank=rank, world_size=2)
+    rt = ComputeSettings(torch.device("cpu"), system.AmpPolicy(None, False), 0.5, 0.25, rank=rank, world_size=2)
     step = mock.Mock(teachers=None)  # a stand-in for TrainStep: the loss of rank 1 becomes NaN at its third step
     step.side_effect = lambda x, y, *_: (torch.tensor(math.nan if rank == 1 and step.call_count == 3 else 0.5),
                                          torch.zeros(len(y), 10))
@@ -281,18 +276,17 @@ def test_two_processes_write_one_checkpoint_and_one_run_that_test_model_passes(r
 
 @pytest.mark.slow
 def test_ddp_matches_one_process_with_the_same_global_batch(runs, dropout_free_checkpoint):
-    ddp_rows, one_rows = history(runs["ddp"] / "run"), history(runs["single"] / "run")
+    ddp, one = (torch.load(runs[name] / "run" / "last.pt", weights_only=True) for name in ("ddp", "single"))
+    ddp_rows, one_rows = ({row["epoch"]: row for row in last["history"]} for last in (ddp, one))
     assert sorted(ddp_rows) == sorted(one_rows) == [0, 1, 2]
     assert one_rows[2]["val_loss"] < one_rows[0]["val_loss"]  # a fine-tune, not a divergence that amplifies noise
     for epoch in (1, 2):  # the same images per step in fp32: only the order of floating-point sums differs
         for key in ("train_loss", "val_loss", "lr"):
             assert ddp_rows[epoch][key] == pytest.approx(one_rows[epoch][key], rel=1e-4), (epoch, key)
     start = torch.load(dropout_free_checkpoint, weights_only=True)["model"]
-    ddp_weights, one_weights = (torch.load(runs[name] / "run" / "last.pt", weights_only=True)["model"]
-                                for name in ("ddp", "single"))
-    for key, value in one_weights.items():
+    for key, value in one["model"].items():
         change = (value - start[key]).double().norm()  # what 32 SGD steps moved the tensor
-        difference = (ddp_weights[key] - value).double()
+        difference = (ddp["model"][key] - value).double()
         assert difference.norm() <= 5e-3 * change, key  # (measured: at most 5e-6 of the change)
         assert difference.abs().max() < 3e-4, key  # (measured: at most 1e-7)
 
@@ -314,7 +308,7 @@ def test_a_resume_with_another_number_of_processes_continues_the_lr_schedule(run
     assert last["world_size"] == (nproc or 1)
     cfg = Config(epochs=4, **{key: last["config"][key] for key in ("lr", "min_lr", "scheduler", "warmup_epochs")})
     schedule = lr_multiplier(cfg, steps)  # the run's schedule, stretched to 4 epochs
-    rows = history(tmp_path / "run")
+    rows = {row["epoch"]: row for row in last["history"]}
     for epoch in (3, 4):
         assert rows[epoch]["lr"] == pytest.approx(cfg.lr * schedule((epoch - 1) * steps), rel=1e-6)
 
