@@ -121,7 +121,7 @@ def test_lookup_order(tmp_path, monkeypatch, flag, env, removed, found):
 # ---------------------------------------------------------------- bad files: one line naming the file, at once
 
 def sparse(dims, size=None):
-    """The header of `dims`, then a hole up to `size` bytes (default: the size that header says)."""
+    """The file rewritten as the header of `dims`, then a hole up to `size` bytes (default: what that header says)."""
     def make(path):
         path.write_bytes(struct.pack(">4I", data.IMAGES_MAGIC, *dims))
         os.truncate(path, size or 16 + dims[0] * dims[1] * dims[2])
@@ -130,10 +130,6 @@ def sparse(dims, size=None):
 
 def contents(change):
     return lambda path: path.write_bytes(change(path.read_bytes()))
-
-
-def replaced(make):
-    return lambda path: (path.unlink(), make(path))
 
 
 LABELS = tiny_split()[1]
@@ -154,14 +150,14 @@ BAD_FILES = {
     # 20 images promised, 10 MB of zeros behind them in a 10 kB file
     "gz bomb": (True, 0, contents(lambda raw: gzip.compress(gzip.decompress(raw)[:16] + bytes(10**7), 1))),
     # lying headers, with the holes of sparse files behind them: refused before a byte of data is read
-    "header under the file": (False, 0, replaced(sparse((60_000, 28, 28), size=2**30))),
-    "more images than Fashion-MNIST": (False, 0, replaced(sparse((100_000, 28, 28)))),
-    "2**96 bytes promised": (False, 0, replaced(sparse((2**32 - 1,) * 3, size=16))),
+    "header under the file": (False, 0, sparse((60_000, 28, 28), size=2**30)),
+    "more images than Fashion-MNIST": (False, 0, sparse((100_000, 28, 28))),
+    "2**96 bytes promised": (False, 0, sparse((2**32 - 1,) * 3, size=16)),
     # something other than a file: a FIFO would block the read, /dev/zero would never end it
-    "directory": (False, 0, replaced(os.mkdir)),
-    "FIFO": (False, 0, replaced(os.mkfifo)),
-    "FIFO.gz": (True, 0, replaced(os.mkfifo)),
-    "link to /dev/zero": (False, 0, replaced(lambda path: os.symlink("/dev/zero", path))),
+    "directory": (False, 0, lambda path: path.unlink() or os.mkdir(path)),
+    "FIFO": (False, 0, lambda path: path.unlink() or os.mkfifo(path)),
+    "FIFO.gz": (True, 0, lambda path: path.unlink() or os.mkfifo(path)),
+    "link to /dev/zero": (False, 0, lambda path: path.unlink() or os.symlink("/dev/zero", path)),
 }
 
 
