@@ -50,9 +50,8 @@ def test_split_is_stratified_disjoint_complete_and_seeded(real_train, val_size, 
 # ---------------------------------------------------------------- small generated IDX files
 
 
-def tiny_split(n=20):
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n, dtype=np.uint8) % 10
+def tiny_split():
+    return np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8), np.arange(20, dtype=np.uint8) % 10
 
 
 def gzip_folder(folder):

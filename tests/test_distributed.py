@@ -324,8 +324,7 @@ def worker_pid(launcher_pid: int, rank: int) -> int:
 
 
 @pytest.mark.slow
-def test_a_rank_killed_mid_run_gives_one_line_and_the_resume_command(tmp_path, small_data_dir,
-                                                                      dropout_free_checkpoint):
+def test_a_rank_killed_mid_run_gives_the_resume_command(tmp_path, small_data_dir, dropout_free_checkpoint):
     run = tmp_path / "run"
     launcher = subprocess.Popen(torchrun_command(
         "--model-path", dropout_free_checkpoint, "--data-dir", small_data_dir, "--batch-size", 32, "--output",
