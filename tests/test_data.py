@@ -10,20 +10,9 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from conftest import write_idx, write_split
+from conftest import read_split, write_idx, write_split
 
 from fashion_ft import data
-from fashion_ft.data import (
-    CLASSES,
-    FILES,
-    IMAGES_MAGIC,
-    LABELS_MAGIC,
-    find_data_dir,
-    label_warning,
-    load_split,
-    read_split,
-    stratified_split,
-)
 from fashion_ft.errors import UserError
 
 # ---------------------------------------------------------------- real data
@@ -50,20 +39,19 @@ def test_real_sizes_and_label_histogram(request, real_data_dir, split, n):
                                               (5001, "30b8e895d3faa4b5"), (7, "e3a8e954e9d4a8cf")])
 def test_split_is_stratified_disjoint_complete_and_seeded(real_train, val_size, digest):
     labels = real_train[1]
-    train_idx, val_idx = stratified_split(labels, val_size, seed=42)
+    train_idx, val_idx = data.stratified_split(labels, val_size, seed=42)
     counts = torch.bincount(labels[val_idx], minlength=10)  # 500 of each class at 5000
     assert int(counts.sum()) == val_size and int(counts.max() - counts.min()) <= 1
     assert torch.equal(torch.cat([train_idx, val_idx]).sort().values, torch.arange(60_000))
     assert hashlib.sha256(val_idx.numpy().tobytes()).hexdigest()[:16] == digest
-    assert not torch.equal(stratified_split(labels, val_size, seed=7)[1], val_idx)
+    assert not torch.equal(data.stratified_split(labels, val_size, seed=7)[1], val_idx)
 
 
 # ---------------------------------------------------------------- small generated IDX files
 
 
-def tiny_split(n=20):
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n, dtype=np.uint8) % 10
+def tiny_split():
+    return np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8), np.arange(20, dtype=np.uint8) % 10
 
 
 def gzip_folder(folder):
@@ -118,10 +106,10 @@ def test_lookup_order(tmp_path, monkeypatch, flag, env, removed, found):
         monkeypatch.setenv("FASHION_MNIST_DIR", env and str(tmp_path / PLACES[env]))
     data_dir = flag and str(tmp_path / PLACES[flag])
     if found:
-        assert find_data_dir(data_dir).resolve() == tmp_path / PLACES[found]
+        assert data.find_data_dir(data_dir).resolve() == tmp_path / PLACES[found]
         return
     with pytest.raises(UserError) as err:
-        find_data_dir(data_dir)
+        data.find_data_dir(data_dir)
     message = str(err.value)
     assert "not found" in message and "\n" not in message
     assert "apt-get install dataset-fashion-mnist" in message and "--download" in message  # both remedies
@@ -132,19 +120,15 @@ def test_lookup_order(tmp_path, monkeypatch, flag, env, removed, found):
 # ---------------------------------------------------------------- bad files: one line naming the file, at once
 
 def sparse(dims, size=None):
-    """The header of `dims`, then a hole up to `size` bytes (default: the size that header says)."""
+    """The file rewritten as the header of `dims`, then a hole up to `size` bytes (default: what that header says)."""
     def make(path):
-        path.write_bytes(struct.pack(">4I", IMAGES_MAGIC, *dims))
+        path.write_bytes(struct.pack(">4I", data.IMAGES_MAGIC, *dims))
         os.truncate(path, size or 16 + dims[0] * dims[1] * dims[2])
     return make
 
 
 def contents(change):
     return lambda path: path.write_bytes(change(path.read_bytes()))
-
-
-def replaced(make):
-    return lambda path: (path.unlink(), make(path))
 
 
 LABELS = tiny_split()[1]
@@ -154,10 +138,10 @@ BAD_FILES = {
     "one byte long": (False, 1, contents(lambda raw: raw + b"\0")),
     "empty": (False, 1, contents(lambda raw: b"")),
     "header cut": (False, 0, contents(lambda raw: raw[:10])),
-    "labels for images": (False, 0, lambda path: write_idx(path, LABELS, LABELS_MAGIC)),  # the swapped file
-    "a label missing": (False, 1, lambda path: write_idx(path, LABELS[:-1], LABELS_MAGIC)),
-    "label 10": (False, 1, contents(lambda raw: raw[:-1] + bytes([len(CLASSES)]))),
-    "32 x 32": (False, 0, lambda path: write_idx(path, np.zeros((20, 32, 32), np.uint8), IMAGES_MAGIC)),
+    "labels for images": (False, 0, lambda path: write_idx(path, LABELS, data.LABELS_MAGIC)),  # the swapped file
+    "a label missing": (False, 1, lambda path: write_idx(path, LABELS[:-1], data.LABELS_MAGIC)),
+    "label 10": (False, 1, contents(lambda raw: raw[:-1] + bytes([len(data.CLASSES)]))),
+    "32 x 32": (False, 0, lambda path: write_idx(path, np.zeros((20, 32, 32), np.uint8), data.IMAGES_MAGIC)),
     "gz truncated": (True, 0, contents(lambda raw: raw[:200])),
     "gz corrupt": (True, 0, contents(lambda raw: raw[:10] + bytes(b ^ 0xFF for b in raw[10:14]) + raw[14:])),
     "gz not gzip": (True, 0, contents(gzip.decompress)),
@@ -165,14 +149,14 @@ BAD_FILES = {
     # 20 images promised, 10 MB of zeros behind them in a 10 kB file
     "gz bomb": (True, 0, contents(lambda raw: gzip.compress(gzip.decompress(raw)[:16] + bytes(10**7), 1))),
     # lying headers, with the holes of sparse files behind them: refused before a byte of data is read
-    "header under the file": (False, 0, replaced(sparse((60_000, 28, 28), size=2**30))),
-    "more images than Fashion-MNIST": (False, 0, replaced(sparse((100_000, 28, 28)))),
-    "2**96 bytes promised": (False, 0, replaced(sparse((2**32 - 1,) * 3, size=16))),
+    "header under the file": (False, 0, sparse((60_000, 28, 28), size=2**30)),
+    "more images than Fashion-MNIST": (False, 0, sparse((100_000, 28, 28))),
+    "2**96 bytes promised": (False, 0, sparse((2**32 - 1,) * 3, size=16)),
     # something other than a file: a FIFO would block the read, /dev/zero would never end it
-    "directory": (False, 0, replaced(os.mkdir)),
-    "FIFO": (False, 0, replaced(os.mkfifo)),
-    "FIFO.gz": (True, 0, replaced(os.mkfifo)),
-    "link to /dev/zero": (False, 0, replaced(lambda path: os.symlink("/dev/zero", path))),
+    "directory": (False, 0, lambda path: path.unlink() or os.mkdir(path)),
+    "FIFO": (False, 0, lambda path: path.unlink() or os.mkfifo(path)),
+    "FIFO.gz": (True, 0, lambda path: path.unlink() or os.mkfifo(path)),
+    "link to /dev/zero": (False, 0, lambda path: path.unlink() or os.symlink("/dev/zero", path)),
 }
 
 
@@ -182,7 +166,7 @@ def test_bad_file_is_one_line_naming_it(tmp_path, monkeypatch, name):
     write_split(tmp_path, "test", *tiny_split())
     if gzipped:
         gzip_folder(tmp_path)
-    path = tmp_path / (FILES["test"][which] + (".gz" if gzipped else ""))
+    path = tmp_path / (data.FILES["test"][which] + (".gz" if gzipped else ""))
     damage(path)
     monkeypatch.setattr(data, "download", lambda root: pytest.fail("downloaded another copy"))
     # opening a FIFO for reading waits for a writer: the alarm fails a read that blocks instead of hanging the run
@@ -191,7 +175,7 @@ def test_bad_file_is_one_line_naming_it(tmp_path, monkeypatch, name):
     tracemalloc.start()
     try:
         with pytest.raises(UserError) as err:
-            load_split(str(tmp_path), "test", allow_download=True)
+            data.load_split(str(tmp_path), "test", allow_download=True)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -219,5 +203,5 @@ def labels_of(*counts):
     (labels_of(*[5] * 8, 0, 5), "the training images hold only 9 of the 10 classes (no Bag): "),
 ])
 def test_label_warning(labels, expected):
-    warning = label_warning(labels, "the training images")
+    warning = data.label_warning(labels, "the training images")
     assert warning == expected if expected is None else (warning.startswith(expected) and "\n" not in warning)

@@ -13,9 +13,8 @@ from conftest import REPO, TINY, run_script, tiny_model, write_split
 
 import test_model
 from fashion_ft import preflight, system
-from fashion_ft.checkpoint import make_checkpoint, save_checkpoint
+from fashion_ft.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from fashion_ft.data import FILES
-from fashion_ft.model import build_model
 
 SHIPPED = REPO / "model" / "mnist_cnn3.pt"
 QUICK = {"--device": "cpu", "--batches": "1", "--batch-size": "64"}
@@ -58,8 +57,7 @@ def strict_json(text):
 
 def tiny_checkpoint(path, **changes):
     """One of our checkpoints of a tiny untrained cnn3 (fast to load; it only guesses)."""
-    torch.manual_seed(0)
-    ckpt = make_checkpoint(build_model("cnn3", TINY), "cnn3", TINY)
+    ckpt = make_checkpoint(tiny_model(), "cnn3", TINY)
     ckpt["model"].update(changes)
     save_checkpoint(ckpt, path)
     return path
@@ -68,32 +66,13 @@ def tiny_checkpoint(path, **changes):
 # ---------------------------------------------------------------- what a user gives it
 
 
-class RunsCode:
-    """Unpickling this runs a shell command: what a malicious checkpoint does."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def armed_pickle(folder, fixture):
-    torch.save({"model": RunsCode(folder / "MARKER")}, folder / "evil.pt")
+    marker = folder / "MARKER"  # unpickling this object runs a shell command, as a malicious checkpoint does
+    torch.save({"model": type("RunsCode", (), {"__reduce__": lambda _: (os.system, (f"touch {marker}",))})()},
+               folder / "evil.pt")
     torch.load(folder / "evil.pt", weights_only=False)  # the file is armed: trusted unpickling runs its command
-    (folder / "MARKER").unlink()
+    marker.unlink()
     return {"--model-path": folder / "evil.pt"}
-
-
-def write(path, content: bytes):
-    path.write_bytes(content)
-    return path
-
-
-def blank_test_split(folder, n=64):
-    """folder/d holding a test split of n blank images."""
-    write_split(folder / "d", "test", np.zeros((n, 28, 28), np.uint8), np.zeros(n, np.uint8))
-    return folder / "d"
 
 
 def two_models(folder, fixture):
@@ -104,13 +83,18 @@ def two_models(folder, fixture):
     return {"--model-path": (trained, folder / "ddp.pt")}  # the flag twice: they add up
 
 
+def trusted_whole_model(folder, fixture):
+    torch.save(load_checkpoint(fixture("trained_checkpoint")).build(), folder / "whole.pt")  # weights_only refuses it
+    return {"--model-path": folder / "whole.pt", "--trust-pickle": []}
+
+
 NAN_BIAS = {"classifier.5.bias": torch.full((10,), float("nan"))}
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 
 # Each load_checkpoint and load_split refusal has its own test (test_checkpoint.py, test_data.py): here one of
 # each kind shows that test_model.py reports it as one FAIL line.
 CASES = {  # name: (flags for a folder, the check that fails or None, what its line, or else stdout, says)
-    "empty": (lambda d, _: {"--model-path": write(d / "empty.pt", b"")}, "file", "empty.pt", "empty"),
+    "empty": (lambda d, _: (d / "empty.pt").touch() or {"--model-path": d / "empty.pt"}, "file", "empty.pt", "empty"),
     "a folder": (lambda d, _: {"--model-path": d}, "file", "not a file"),
     "nan weights": (lambda d, _: {"--model-path": tiny_checkpoint(d / "nan.pt", **NAN_BIAS)}, "weights finite",
                     "classifier.5.bias"),
@@ -119,7 +103,8 @@ CASES = {  # name: (flags for a folder, the check that fails or None, what its l
                            "missing.pt: not found"),
     "no data": (lambda d, _: {"--data-dir": d / "no-such-folder"}, "test data", "not found", "no-such-folder",
                 "apt-get install dataset-fashion-mnist", "--download"),
-    "no test images": (lambda d, _: {"--data-dir": blank_test_split(d, 0)}, "test data", FILES["test"][0], " 0 "),
+    "no test images": (lambda d, _: write_split(d, "test", np.zeros((0, 28, 28)), []) or {"--data-dir": d}, "test data",
+                       FILES["test"][0], " 0 "),
     # auto beside an NVIDIA GPU that CUDA cannot use: fail, not pass on the CPU
     "GPU CUDA cannot use": (lambda d, fixture: fixture("broken_cuda") or {"--device": None}, "device",
                             "NVIDIA GPU is present", "driver on your system is too old"),
@@ -128,6 +113,7 @@ CASES = {  # name: (flags for a folder, the check that fails or None, what its l
     "--device cpu beside a GPU CUDA cannot use": (
         lambda d, fixture: fixture("broken_cuda") or {"--model-path": fixture("trained_checkpoint")}, None),
     "two models": (two_models, None, "2 models, averaged probabilities"),
+    "--trust-pickle: a whole pickled model": (trusted_whole_model, None, "loaded with trusted unpickling"),
     "--full: every real test image": (
         lambda d, fixture: {"--data-dir": fixture("real_data_dir"), "--full": [], "--min-accuracy": "0"}, None,
         "10000 Fashion-MNIST test images", "10000 test images: accuracy"),
@@ -155,16 +141,6 @@ def test_what_a_user_gives_it(case, mode, tmp_path, small_data_dir, request, run
     assert all(fragment in (failed[0] if check else result.stdout) for fragment in fragments), result.stdout
     for passed in () if check else EVERY_CHECK:
         assert any(re.match(rf"\[PASS\] (\S+: )?{passed} ", line) for line in lines), (passed, lines)
-
-
-def test_trusted_unpickling_is_reported_as_such(tmp_path, small_data_dir, trained_checkpoint, run):
-    weights = torch.load(trained_checkpoint, weights_only=True)["model"]
-    torch.save({"model_state_dict": weights, "extra": RunsCode(tmp_path / "MARKER")}, tmp_path / "armed.pt")
-    (tmp_path / "cwd").mkdir()
-    result = run(tmp_path / "cwd", {"--model-path": tmp_path / "armed.pt", "--data-dir": small_data_dir,
-                                    "--trust-pickle": [], **QUICK})
-    assert (tmp_path / "MARKER").exists()  # its code ran, as --trust-pickle allows
-    assert re.search(r"^\[PASS\] load .* loaded with trusted unpickling", result.stdout, re.MULTILINE), result.stdout
 
 
 def test_precision_the_device_cannot_do_is_a_usage_error(tmp_path, run):
@@ -204,21 +180,17 @@ def test_a_failing_check_is_one_line_and_the_json_strict():
         "loss": None, "images": 3, "nonfinite": {"loss": "was Infinity"}}
 
 
-class NanWhenTraining(torch.nn.Module):
-    """Right in evaluation, NaN in training: what a bad fp16/bf16 kernel looks like to the check."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = torch.nn.Linear(28 * 28, 10)
-
-    def forward(self, x):
-        return self.linear(x.flatten(1)) * (float("nan") if self.training else 1)
+def nan_when_training():
+    """A tiny cnn3, right in evaluation, NaN in training: what a bad fp16/bf16 kernel looks like to the check."""
+    net = tiny_model()
+    net.register_forward_hook(lambda module, _, out: out * float("nan") if module.training else out)
+    return net
 
 
 @pytest.mark.parametrize("model, native_bf16, detail", [
     (tiny_model, True, r"forward, backward and \w+ step under amp bf16: loss \d\.\d+, weights updated"),
     (tiny_model, False, r"forward, backward and \w+ step under amp off: loss \d\.\d+, weights updated"),
-    (NanWhenTraining, False, r"the \w+ step under amp off gave a non-finite loss or weights"),
+    (nan_when_training, False, r"the \w+ step under amp off gave a non-finite loss or weights"),
 ], ids=["bf16", "fp32", "non-finite"])  # a step that raises: test_a_failing_check_is_one_line_and_the_json_strict
 def test_train_step_runs_as_finetune_would_and_fails_in_one_line(monkeypatch, model, native_bf16, detail):
     monkeypatch.setattr(system, "cpu_has_fast_bf16", lambda: native_bf16)  # what --amp auto picks on this CPU
