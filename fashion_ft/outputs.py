@@ -257,6 +257,10 @@ def check_logdir(logdir: str, run_name: str, *, resume: bool = False) -> Path:
     steps); a resumed run goes on in its own."""
     if not run_name.isprintable() or run_name in ("", ".", "..") or "/" in run_name:  # a `tensorboard:` line
         raise UsageError(f"--run-name {run_name!r} is not a plain folder name (one printable line, no '/')")
+    resolve_path(Path(logdir), "--logdir")  # a symlink loop is refused naming the flag whose path holds it
+    named = resolve_path(Path(logdir, run_name), "--run-name")
+    if named.exists() and not named.is_dir():
+        raise UsageError(f"--run-name {run_name}: {named} is a file; TensorBoard needs a folder")
     candidates = (Path(logdir, f"{run_name}_{n}" if n else run_name) for n in itertools.count())
     run = next(c for c in candidates if resume or not taken(c))  # ends: finitely many names exist
     check_writable_folder(run, "--logdir")  # a full disk later only stops the logging (SafeWriter)

@@ -196,13 +196,13 @@ LOGDIRS = {  # (entries, --logdir, --run-name, resume) -> the run's folder (two 
     (("logs/run/events", "logs/run_1@nowhere"), "logs", "run", False): Path("logs/run_2"),  # a link to nothing
     (("logs/other/", "logs/run@other"), "logs", "run", False): Path("logs/run"),  # a link inside --logdir is fine
     (("real/run/events", "logs@real"), "logs", "run", False): Path("logs/run_1"),  # --logdir a link: runs inside
-    (("a@b", "b@a"), ".", "a", False): Path("a_1"),  # a link loop is a link to nothing
     (RUNS, "logs", "run", True): Path("logs/run"),
-    (("logs/run",), "logs", "run", True): "^--logdir: cannot create the folder .*run: .*run is a file",
+    (("logs/run",), "logs", "run", False): "^--run-name run: .*run is a file; TensorBoard needs a folder",
+    (("logs/run",), "logs", "run", True): "^--run-name run: .*run is a file; TensorBoard needs a folder",
     (("file",), "file", "run", False): "^--logdir: cannot create the folder .*: .*file is a file",
     (("file",), "file/sub", "run", False): "^--logdir: cannot create the folder .*file/sub/run: .*file is a file",
-    (("a@b", "b@a"), "a/sub", "run", False): "^--logdir .*/a/sub/run: symlink loop",
-    (("a@b", "b@a"), ".", "a", True): "^--logdir .*/a: symlink loop",
+    (("a@b", "b@a"), "a/sub", "run", False): "^--logdir .*/a/sub: symlink loop",
+    **{(("a@b", "b@a"), ".", "a", resume): "^--run-name .*/a: symlink loop" for resume in (False, True)},
     **{((), "new", name, False): Path("new", name) for name in ["2024_run-1.a", "run 1", "café_ü", "模型", "a-b.c_d~e"]},
     **{((), "new", name, False): re.escape(f"--run-name {name!r}") for name in BAD_RUN_NAMES},
 }
