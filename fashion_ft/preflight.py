@@ -12,7 +12,17 @@ import torch
 from . import engine, system
 from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors, require_finite, strict_json
 from .config import Config
-from .data import SAMPLE_IMAGES, DeviceData, compare, given_for, load_split, make_batch, suggestion, test_halves
+from .data import (
+    SAMPLE_IMAGES,
+    DeviceData,
+    compare,
+    find_data_dir,
+    given_for,
+    load_split,
+    make_batch,
+    suggestion,
+    test_halves,
+)
 from .errors import UserError, first_line
 from .model import count_parameters
 
@@ -99,9 +109,17 @@ def check_device(device: torch.device, require_gpu: bool, auto: bool):
             info, True)
 
 
+# An accuracy measured on fewer images says little (on 100 images one standard error is already about 3 points
+# at 90%): a test set this small fails the data check.
+MIN_TEST_IMAGES = 100
+
+
 def check_data(data_dir, n: int | None, device, allow_download: bool):
     """The first n test images (None: all)."""
     images, labels = load_split(data_dir, "test", allow_download)
+    if len(labels) < MIN_TEST_IMAGES:
+        raise UserError(f"only {len(labels)} images in the test files of {find_data_dir(data_dir, 'test')}; a "
+                        f"meaningful accuracy needs at least {MIN_TEST_IMAGES}")
     data = DeviceData.create(images[:n], labels[:n], device)
     return f"{len(data)} Fashion-MNIST test images", {"images": len(data)}, data
 

@@ -105,6 +105,8 @@ CASES = {  # name: (flags for a folder, the check that fails or None, what its l
                 "apt-get install dataset-fashion-mnist", "--download"),
     "no test images": (lambda d, _: write_split(d, "test", np.zeros((0, 28, 28)), []) or {"--data-dir": d}, "test data",
                        FILES["test"][0], " 0 "),
+    "99 test images": (lambda d, _: write_split(d, "test", np.zeros((99, 28, 28)), [0] * 99) or {"--data-dir": d},
+                       "test data", "only 99 images", "at least 100"),
     # auto beside an NVIDIA GPU that CUDA cannot use: fail, not pass on the CPU
     "GPU CUDA cannot use": (lambda d, fixture: fixture("broken_cuda") or {"--device": None}, "device",
                             "NVIDIA GPU is present", "driver on your system is too old"),
