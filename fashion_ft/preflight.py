@@ -12,17 +12,7 @@ import torch
 from . import engine, system
 from .checkpoint import LoadedCheckpoint, load_checkpoint, nonfinite_tensors, require_finite, strict_json
 from .config import Config
-from .data import (
-    SAMPLE_IMAGES,
-    DeviceData,
-    compare,
-    find_data_dir,
-    given_for,
-    load_split,
-    make_batch,
-    suggestion,
-    test_halves,
-)
+from .data import SAMPLE_IMAGES, DeviceData, compare, given_for, load_split, make_batch, suggestion, test_halves
 from .errors import UserError, first_line
 from .model import count_parameters
 
@@ -118,8 +108,8 @@ def check_data(data_dir, n: int | None, device, allow_download: bool):
     """The first n test images (None: all)."""
     images, labels = load_split(data_dir, "test", allow_download)
     if len(labels) < MIN_TEST_IMAGES:
-        raise UserError(f"only {len(labels)} images in the test files of {find_data_dir(data_dir, 'test')}; a "
-                        f"meaningful accuracy needs at least {MIN_TEST_IMAGES}")
+        raise UserError(f"only {len(labels)} images in the test files; a meaningful accuracy needs at least "
+                        f"{MIN_TEST_IMAGES}")
     data = DeviceData.create(images[:n], labels[:n], device)
     return f"{len(data)} Fashion-MNIST test images", {"images": len(data)}, data
 
