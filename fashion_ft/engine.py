@@ -164,7 +164,8 @@ class ComputeSettings:
     tta_flip: bool = False  # predictions averaged over each image and its mirror image
 
 
-def choose_memory_format(model: nn.Module, device: torch.device, wanted: bool) -> tuple[torch.memory_format, str | None]:
+def choose_memory_format(model: nn.Module, device: torch.device,
+                         wanted: bool) -> tuple[torch.memory_format, str | None]:
     """channels_last where it is asked for and works, and why not where it does not: never on MPS, nor for
     a forward that cannot take it (`x.view(x.size(0), -1)` of a channels_last activation, common in users'
     models), which one forward of a copy on the device finds."""
@@ -376,7 +377,8 @@ def train_one_epoch(step: TrainStep, data: DeviceData, epoch: int, rt: ComputeSe
         if stopped or (poll is not None and poll()):
             stopped = True
             break
-    totals = system.all_reduce_sum(torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=rt.device)]))
+    seen_t = torch.tensor(float(seen), device=rt.device)
+    totals = system.all_reduce_sum(torch.stack([loss_sum, correct.float(), seen_t]))
     return {"loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(), "stopped": stopped,
             "images": int(totals[2].item())}
 
