@@ -32,7 +32,7 @@ TTA_MODES = ("none", "flip")
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.01, "sgd": 5e-4}
 
 
-# Each field is one flag of the scripts, with its help (`{...}`: filled in by add_flag from FILLS) and what
+# Each field is one flag of the scripts, with its help (`{...}`: filled in by add_flag from _fills()) and what
 # --resume does with it:
 #   setting     taken from last.pt; a flag that changes it needs --override-resume
 #   free        taken from last.pt; a flag may change it: where and how long the same experiment runs

@@ -81,7 +81,7 @@ def check_model(report: Report, prefix: str, path: Path, args, device: torch.dev
 
 
 def check_device(device: torch.device, require_gpu: bool, auto: bool):
-    info = system.device_report(device)  # mps_report on Apple's GPU, else cuda_report
+    info = system.device_report(device)
     broken = system.broken_cuda_reason() if device.type == "cpu" and (auto or require_gpu) else None
     if broken:  # an NVIDIA GPU that CUDA cannot use: never pass on the CPU
         raise UserError(broken)
