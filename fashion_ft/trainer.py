@@ -627,9 +627,9 @@ def fine_tune(cfg: Config, resumed: LoadedCheckpoint | None, signals: SignalGuar
     far stays saved)."""
     info = system.from_environment()
     files = RunFiles.for_output(cfg.output)
-    with ExitStack() as stack:
-        run = None
-        try:
+    run = summary = None
+    try:
+        with ExitStack() as stack:
             run = prepare(cfg, resumed, info, files, stack)
             stack.callback(run.close)
             run.begin()
@@ -645,20 +645,23 @@ def fine_tune(cfg: Config, resumed: LoadedCheckpoint | None, signals: SignalGuar
                     if system.any_rank(bool(received), run.rt.device):
                         raise signals.interrupted()
             run.train_s = time.perf_counter() - loop_start
-            return run.finish()
-        except BaseException as exc:
-            told = reported(exc, signals, files, cfg.model_def, started=run is not None)
-            if told is exc:
-                raise
-            raise told from None
+            summary = run.finish()
+        return summary
+    except BaseException as exc:
+        told = reported(exc, signals, files, cfg.model_def, started=run is not None, finished=summary is not None)
+        if told is exc:
+            raise
+        raise told from None
 
 
 def reported(exc: BaseException, signals: SignalGuard, files: RunFiles, model_def: str | None,
-             started: bool) -> BaseException:
+             started: bool, finished: bool = False) -> BaseException:
     """What a failure is reported as, with how to go on (`model_def`: the --model-def that the resume command
     needs): after a signal, whatever failed (torch.save turns a signal into a RuntimeError), the interrupt."""
     if isinstance(exc, Interrupted) or signals.received:
-        return Interrupted(signals.received[0] if signals.received else str(exc), resume_hint(files, model_def))
+        done = f"the run had finished: {files.metrics} holds its results"
+        return Interrupted(signals.received[0] if signals.received else str(exc),
+                           done if finished else resume_hint(files, model_def))
     if isinstance(exc, DivergenceError):
         return DivergenceError(f"{exc}; {kept_hint(files)}; try a lower --lr or --max-grad-norm 1.0")
     if isinstance(exc, UserError):  # a full disk while saving, say: what was saved before can go on

@@ -19,7 +19,7 @@ from conftest import REPO, SMALL_RUN, run_script
 import finetune_gpu
 from fashion_ft import engine, trainer
 from fashion_ft.checkpoint import save_checkpoint
-from fashion_ft.errors import UserError
+from fashion_ft.errors import Interrupted, UserError
 
 SMALL = ("--limit-train", "1024", *(a for a in SMALL_RUN if a != "--quiet"))  # loud: the tests wait for its lines
 pytestmark = pytest.mark.slow  # each test runs or kills real processes
@@ -90,7 +90,6 @@ SIGNALLED = {  # where the signal lands: (the script, after (seconds, or the lin
     "during set-up": ("finetune_gpu.py", "data:", signal.SIGTERM, 143),
     "during the first epoch": ("finetune_gpu.py", "epoch   0", signal.SIGTERM, 143),
     "during the second epoch, SIGINT": ("finetune_gpu.py", "epoch   1", signal.SIGINT, 130),
-    "during the final test": ("finetune_gpu.py", "epoch   2", signal.SIGTERM, 143),
 }
 
 
@@ -117,6 +116,39 @@ def test_a_signal_anywhere_is_one_line_its_exit_code_and_intact_files(tmp_path, 
     else:
         assert after == "data:" and "nothing to resume" in stderr and not (out / "metrics.json").exists()
     assert not [p for p in out.glob("*") if p.name.endswith(".tmp") or p.name == ".lock"]
+
+
+def test_a_signal_after_the_last_epoch_is_told_whether_the_run_had_finished(tmp_path, small_data_dir,
+                                                                           trained_checkpoint):
+    """The final test lasts a tenth of a second: the signal lands in it, or after it. The process is not paused
+    at a line, only when the line is read, and on a loaded machine that can be in the interpreter's exit."""
+    out = tmp_path / "run"
+    code, _, stderr, _ = interrupt([REPO / "finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, out,
+                                                                        "--epochs", 2)], signal.SIGTERM, "epoch   2")
+    finished = json.loads((out / "metrics.json").read_text())["finished"]
+    told = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    assert "Traceback" not in stderr and weights(out / "best.pt") and weights(out / "last.pt")
+    if not finished:
+        assert code == 143 and told == f"interrupted (SIGTERM): resume with: python finetune_gpu.py --resume " \
+                                       f"{out / 'last.pt'}"
+    elif code == 143:
+        assert told == f"interrupted (SIGTERM): the run had finished: {out / 'metrics.json'} holds its results"
+    else:  # after main() returned: Python's own handling, or none if the process had ended
+        assert code in (-signal.SIGTERM, 0) and not told.startswith("interrupted")
+
+
+def test_a_signal_once_the_run_has_finished_says_so(tmp_path, small_data_dir, trained_checkpoint, monkeypatch,
+                                                    capsys):
+    """As while TensorBoard's files are closed: the run's results are complete, and the one line says so."""
+    def close(self):
+        raise Interrupted("SIGTERM")
+
+    monkeypatch.setattr(trainer.Run, "close", close)
+    out = tmp_path / "run"
+    assert finetune_gpu.main(args_for(small_data_dir, trained_checkpoint, out, "--epochs", 1)) == 143
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"interrupted (SIGTERM): the run had finished: {out / 'metrics.json'} holds its results"]
+    assert json.loads((out / "metrics.json").read_text())["finished"] is True
 
 
 def test_a_lost_console_does_not_stop_the_run(tmp_path, small_data_dir, trained_checkpoint):
