@@ -70,7 +70,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, small_data_dir, 
     run = ("--epochs", 4, "--ema-decay", 0.9)
     assert run_script("finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, straight, *run)).returncode == 0
     code, _, stderr, _ = interrupt([REPO / "finetune_gpu.py", *args_for(small_data_dir, tmp_path / "input.pt",
-                                                                        broken, *run)], signal.SIGINT, "epoch   2")
+                                                                        broken, *run)], signal.SIGINT, "epoch   1")
     assert code == 130, stderr
     assert f"resume with: python finetune_gpu.py --resume {broken / 'last.pt'}" in stderr
     (tmp_path / "input.pt").unlink()
@@ -98,7 +98,8 @@ def test_a_signal_anywhere_is_one_line_its_exit_code_and_intact_files(tmp_path, 
                                                                       case):
     script, after, signum, expected = SIGNALLED[case]
     out = tmp_path / "run"
-    argv = args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2) if script == "finetune_gpu.py" else [
+    # Epochs to spare: an epoch here lasts a tenth of a second, and a late reader must not find the run over
+    argv = args_for(small_data_dir, trained_checkpoint, out, "--epochs", 6) if script == "finetune_gpu.py" else [
         "--model-path", str(trained_checkpoint), "--data-dir", str(small_data_dir), "--device", "cpu"]
     code, stdout, stderr, seconds = interrupt([REPO / script, *argv], signum, after)
     assert code == expected, stdout + stderr
