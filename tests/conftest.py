@@ -64,6 +64,15 @@ def head_parameters(model) -> set[str]:
     return {name for name, p in model.named_parameters() if id(p) in head}
 
 
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def caused(outer: BaseException, inner: BaseException) -> BaseException:
+    outer.__cause__ = inner
+    return outer
+
+
 class WrappedFile(io.BufferedWriter):
     """The file os.fdopen(fd, "wb") returns, taken over (detached) so that a test double can override write()."""
 

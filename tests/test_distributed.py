@@ -20,7 +20,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as tdist
-from conftest import REPO, TINY, TINY_RESNET, run_script
+from conftest import REPO, TINY, TINY_RESNET, caused, run_script
 
 from fashion_ft import system
 from fashion_ft.config import Config
@@ -100,11 +100,6 @@ def test_local_rank_zero_runs_the_block_first_and_always_releases_the_others(mon
 
 def gloo_message(text):
     return RuntimeError(f"[../third_party/gloo/gloo/transport/tcp/pair.cc:561] {text} [127.0.0.1]:18630")
-
-
-def caused(outer: BaseException, inner: BaseException) -> BaseException:
-    outer.__cause__ = inner
-    return outer
 
 
 @pytest.mark.parametrize("exc, expected", [

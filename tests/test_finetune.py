@@ -5,17 +5,13 @@ import math
 
 import pytest
 import torch
-from conftest import SMALL_RUN, finetune, read_split, run_script, write_split
+from conftest import SMALL_RUN, finetune, load, read_split, run_script, write_split
 from test_distributed import torchrun
 
 from fashion_ft.config import Config
 from fashion_ft.engine import lr_multiplier
 
 pytestmark = pytest.mark.slow  # every test here runs finetune_gpu.py
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def changed_keys(before: dict, after: dict) -> set:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL_RUN, run_script
+from conftest import SMALL_RUN, load, run_script
 from test_distributed import torchrun
 
 import finetune_gpu
@@ -19,10 +19,6 @@ def own(net, out, small_data_dir, tmp_path, *extra) -> list[str]:
                              json.dumps(net.kwargs), "--normalize", net.mean, net.std, "--output", out / "best.pt",
                              "--data-dir", small_data_dir, "--logdir", tmp_path / "tb", *SMALL_RUN,
                              "--limit-train", 512, *extra]]
-
-
-def load(path):
-    return torch.load(path, weights_only=True)
 
 
 def test_ema_flip_tta_tensorboard_never_worse_and_a_bit_exact_resume(foreign_nets, small_data_dir, tmp_path, capsys):

@@ -15,7 +15,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import REPO, SMALL_RUN, run_script
+from conftest import REPO, SMALL_RUN, load, run_script
 
 import finetune_gpu
 from fashion_ft import engine, trainer
@@ -29,10 +29,6 @@ pytestmark = pytest.mark.slow  # each test runs or kills real processes
 def args_for(data_dir, model_path, out, *extra) -> list[str]:
     return [str(a) for a in ("--model-path", model_path, "--data-dir", data_dir, "--output", out / "best.pt",
                              "--logdir", out.parent / "tb", *SMALL, *extra)]
-
-
-def weights(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def same_tensors(a: dict, b: dict) -> bool:
@@ -78,8 +74,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, small_data_dir, 
     resumed = run_script("finetune_gpu.py", "--resume", broken / "last.pt", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     for name in ("best.pt", "last.pt"):
-        assert same_tensors(weights(straight / name), weights(broken / name)), name
-    assert same_tensors(*(torch.load(out / "last.pt", weights_only=True)["ema"] for out in (straight, broken)))
+        assert same_tensors(load(straight / name)["model"], load(broken / name)["model"]), name
+    assert same_tensors(*(load(out / "last.pt")["ema"] for out in (straight, broken)))
     assert metrics(straight) == metrics(broken)
 
 
@@ -111,8 +107,8 @@ def test_a_signal_anywhere_is_one_line_its_exit_code_and_intact_files(tmp_path, 
         assert "epoch   1" not in stdout and not (out / "best.pt").exists()
     elif (out / "last.pt").exists():
         assert f"--resume {out / 'last.pt'}" in stderr
-        assert torch.load(out / "last.pt", weights_only=True)["epoch"] >= int(after.split()[1])
-        assert weights(out / "best.pt")  # intact and loadable
+        assert load(out / "last.pt")["epoch"] >= int(after.split()[1])
+        assert load(out / "best.pt")["model"]  # intact and loadable
         unfinished = json.loads((out / "metrics.json").read_text())
         assert unfinished["finished"] is False and unfinished["device"] == "cpu" and "stop_reason" not in unfinished
     else:
@@ -126,7 +122,7 @@ def test_a_signal_after_the_last_epoch_says_whether_the_run_had_finished(tmp_pat
     argv = [REPO / "finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2)]
     code, _, stderr, _ = interrupt(argv, signal.SIGTERM, "epoch   2")
     finished = json.loads((out / "metrics.json").read_text())["finished"]
-    assert "Traceback" not in stderr and weights(out / "best.pt") and weights(out / "last.pt")
+    assert "Traceback" not in stderr and load(out / "best.pt")["model"] and load(out / "last.pt")["model"]
     assert code == 143 or (finished and code in (0, -signal.SIGTERM))  # after main(): Python's own handling
     told = f"the run had finished: {out / 'metrics.json'} holds" if finished else f"--resume {out / 'last.pt'}"
     assert code != 143 or told in stderr.strip().splitlines()[-1]
@@ -168,7 +164,7 @@ def test_kill_9_during_saves_leaves_a_complete_file(tmp_path):
     rng = random.Random(0)
     for _ in range(6):  # import torch, then some hundreds of saves
         assert interrupt(["-c", KILL_WRITER, target], signal.SIGKILL, 2.0 + rng.random())[0] == -signal.SIGKILL
-        ckpt = torch.load(target, weights_only=True)
+        ckpt = load(target)
         assert torch.all(ckpt["w"] == ckpt["version"])  # old or new, never a mix or a torn file
 
 
@@ -185,7 +181,7 @@ def test_nan_loss_stops_with_exit_1_and_keeps_the_best_model(tmp_path, small_dat
     assert finetune_gpu.main(args_for(small_data_dir, trained_checkpoint, out, "--epochs", 5)) == 1
     err = capsys.readouterr().err
     assert "loss became nan in epoch 2" in err and f"stays in {out / 'best.pt'}" in err
-    assert torch.load(out / "best.pt", weights_only=True)["metrics"]["epoch"] in (0, 1)
+    assert load(out / "best.pt")["metrics"]["epoch"] in (0, 1)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -195,7 +191,7 @@ def test_a_resume_takes_no_licence_from_its_record(tmp_path, small_data_dir, tra
     plain state_dict written beside it, --overwrite or not."""
     source = tmp_path / "in" / "x.state_dict.pt"  # a bare state_dict: the run writes one beside its best model
     source.parent.mkdir()
-    torch.save(weights(trained_checkpoint), source)
+    torch.save(load(trained_checkpoint)["model"], source)
     a, b = tmp_path / "a", tmp_path / "b"
     assert finetune_gpu.main(args_for(small_data_dir, source, a, "--epochs", 1, "--limit-train", 256,
                                       "--overwrite")) == 0
@@ -226,7 +222,7 @@ DAMAGED_LAST = {  # name: (how to damage last.pt, exit code, what the one line s
 @pytest.mark.parametrize("case", list(DAMAGED_LAST))
 def test_a_damaged_last_pt_fails_at_start_naming_the_file(tmp_path, small_data_dir, trained_checkpoint, capsys, case):
     damage, code, text = DAMAGED_LAST[case]
-    ckpt = torch.load(trained_checkpoint.parent / "last.pt", weights_only=True)
+    ckpt = load(trained_checkpoint.parent / "last.pt")
     damage(ckpt)
     save_checkpoint(ckpt, tmp_path / "last.pt")
     argv = ["--resume", tmp_path / "last.pt", "--output", tmp_path / "model.pt", "--logdir", tmp_path / "tb",

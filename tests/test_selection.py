@@ -6,13 +6,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import SMALL_RUN, finetune, run_script
+from conftest import SMALL_RUN, finetune, load, run_script
 
 from fashion_ft.data import Split, choose_split
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.slow

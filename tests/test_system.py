@@ -9,6 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import caused
 from torch.torch_version import TorchVersion
 
 from fashion_ft import system
@@ -296,11 +297,6 @@ def test_mps_report(machine, monkeypatch):
 
 MISSING_OP = ("The operator 'aten::_ctc_loss' is not currently implemented for the MPS device. [...] As a temporary "
               "fix, you can set the environment variable `PYTORCH_ENABLE_MPS_FALLBACK=1` to use the CPU as a fallback")
-
-
-def caused(outer: BaseException, inner: BaseException) -> BaseException:
-    outer.__cause__ = inner
-    return outer
 
 
 @pytest.mark.parametrize("exc, fallback, hint", [
