@@ -63,6 +63,7 @@ class SignalGuard:
     def __init__(self):
         self.received: list[str] = []
         self.polling = False
+        self.raised = False  # one Interrupted in all: later signals are recorded, so the way out is not torn
         self._previous: dict = {}
 
     def __enter__(self) -> "SignalGuard":
@@ -79,7 +80,8 @@ class SignalGuard:
     def _handle(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
         self.received.append(name)
-        if len(self.received) == (2 if self.polling else 1):  # once; inside the loop the first one is a flag
+        if not self.raised and (len(self.received) > 1 or not self.polling):  # in the loop the first is a flag
+            self.raised = True
             raise Interrupted(name)
 
     @contextmanager
@@ -92,6 +94,7 @@ class SignalGuard:
             self.polling = False
 
     def interrupted(self) -> Interrupted:
+        self.raised = True
         return Interrupted(self.received[0] if self.received else "SIGINT")
 
 

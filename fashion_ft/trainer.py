@@ -646,6 +646,8 @@ def fine_tune(cfg: Config, resumed: LoadedCheckpoint | None, signals: SignalGuar
                         raise signals.interrupted()
             run.train_s = time.perf_counter() - loop_start
             summary = run.finish()
+        if signals.received:  # a flag that came after the loop's last poll: the run finished all the same
+            raise signals.interrupted()
         return summary
     except BaseException as exc:
         told = reported(exc, signals, files, cfg.model_def, started=run is not None, finished=summary is not None)

@@ -6,6 +6,7 @@ import importlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -22,6 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from fashion_ft import system  # noqa: E402
 from fashion_ft.data import FILES, IMAGES_MAGIC, LABELS_MAGIC, find_data_dir, read_split, write_idx  # noqa: E402, F401 (tests import read_split and write_idx from here)
+from fashion_ft.errors import HANDLED_SIGNALS  # noqa: E402
 from fashion_ft.model import build_model  # noqa: E402
 
 
@@ -66,6 +68,19 @@ def head_parameters(model) -> set[str]:
 
 def load(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def handlers() -> dict:
+    return {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
+
+
+@pytest.fixture
+def handlers_kept():
+    """A guard that received a signal leaves its quiet handler for the process's end: pytest gets its own back."""
+    before = handlers()
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
 
 
 def caused(outer: BaseException, inner: BaseException) -> BaseException:

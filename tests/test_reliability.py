@@ -11,16 +11,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from unittest import mock
 
 import pytest
 import torch
 from conftest import REPO, SMALL_RUN, load, run_script
 
 import finetune_gpu
-from fashion_ft import engine, trainer
+from fashion_ft import engine, system, trainer
 from fashion_ft.checkpoint import save_checkpoint
-from fashion_ft.errors import Interrupted, UserError
+from fashion_ft.errors import UserError
 
 SMALL = ("--limit-train", "1024", *(a for a in SMALL_RUN if a != "--quiet"))  # loud: the tests wait for its lines
 pytestmark = pytest.mark.slow  # each test runs or kills real processes
@@ -128,9 +127,16 @@ def test_a_signal_after_the_last_epoch_says_whether_the_run_had_finished(tmp_pat
     assert code != 143 or told in stderr.strip().splitlines()[-1]
 
 
-def test_a_signal_once_the_run_has_finished_says_so(tmp_path, small_data_dir, trained_checkpoint, monkeypatch, capsys):
-    monkeypatch.setattr(trainer.Run, "close", mock.Mock(side_effect=Interrupted("SIGTERM")))  # as TensorBoard closes
-    out = tmp_path / "run"
+def test_a_signal_after_the_loops_last_poll_says_the_run_had_finished(tmp_path, small_data_dir, trained_checkpoint,
+                                                                       monkeypatch, capsys, handlers_kept):
+    """The signal is a flag that the loop, which had read it, never reads again: the run finishes, and says so."""
+    def late(flag, device):  # the loop's own check of the flag, after reading it: the signal comes now
+        if sys._getframe(1).f_code.co_name == "fine_tune":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return polled(flag, device)
+
+    polled, out = system.any_rank, tmp_path / "run"
+    monkeypatch.setattr(system, "any_rank", late)
     assert finetune_gpu.main(args_for(small_data_dir, trained_checkpoint, out, "--epochs", 1)) == 143
     told = f"interrupted (SIGTERM): the run had finished: {out / 'metrics.json'} holds its results"
     assert capsys.readouterr().err.strip().splitlines() == [told]

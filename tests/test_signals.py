@@ -13,24 +13,13 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import REPO, WrappedFile
+from conftest import REPO, WrappedFile, handlers
 
 from fashion_ft import config
 from fashion_ft.checkpoint import load_checkpoint, save_checkpoint
-from fashion_ft.errors import HANDLED_SIGNALS, Interrupted, SignalGuard, UserError, deferred
+from fashion_ft.errors import Interrupted, SignalGuard, UserError, deferred
 
-
-def handlers() -> dict:
-    return {s: signal.getsignal(s) for s in HANDLED_SIGNALS}
-
-
-@pytest.fixture(autouse=True)
-def pytest_keeps_its_handlers():
-    """A guard that received a signal leaves its quiet handler for the process's shutdown: pytest gets its own back."""
-    before = handlers()
-    yield
-    for s, handler in before.items():
-        signal.signal(s, handler)
+pytestmark = pytest.mark.usefixtures("handlers_kept")
 
 
 def signal_self(signum=signal.SIGTERM):
@@ -131,6 +120,17 @@ def test_a_swallowed_signal_stops_the_loop_at_its_first_poll_and_later_ones_are_
         signal_self(signal.SIGINT)
     signal_self(signal.SIGINT)
     assert signals.received == ["SIGTERM", "SIGTERM", "SIGINT", "SIGINT"]
+
+
+def test_a_flag_the_loop_never_acted_on_leaves_the_next_signal_its_stop():
+    """As when it comes during the loop's last poll: the run goes on to its final test, where Ctrl-C stops it."""
+    with SignalGuard() as signals:
+        with signals.polled():
+            signal_self()
+        with pytest.raises(Interrupted):
+            signal_self(signal.SIGINT)
+        signal_self()
+    assert signals.received == ["SIGTERM", "SIGINT", "SIGTERM"]
 
 
 @pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
