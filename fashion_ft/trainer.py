@@ -46,7 +46,7 @@ from .data import (
     suggestion,
 )
 from .engine import BestTracker, ComputeSettings, TrainStep, build_optimizer, build_schedulers
-from .errors import DivergenceError, Interrupted, SignalGuard, UsageError, UserError, first_line
+from .errors import DivergenceError, Interrupted, SignalGuard, UsageError, UserError, deferred, first_line
 from .model import (
     NUM_CLASSES,
     apply_freezing,
@@ -430,6 +430,7 @@ class Run:
     writer: object = None
     started: str = ""  # when the run (or this resumed part of it) began
     train_s: float | None = None  # the epoch loop's seconds, once it ended
+    finished: bool = False  # metrics.json says so: a signal now says the run had finished
 
     def state_dict(self) -> dict:
         """What last.pt holds besides the checkpoint of its model (weights, records, config)."""
@@ -612,7 +613,9 @@ class Run:
                                                             "hparam/best_val_acc": summary["best_val_acc"]})
         test_metrics = {k: test[k] for k in ("test_loss", "test_acc", "test_images")}
         save_checkpoint(self.checkpoint(self.best_state, {**self.best_row(), **test_metrics}), self.files.best)
-        save_json(summary, self.files.metrics)
+        with deferred():  # a signal waits until the file and the flag agree
+            save_json(summary, self.files.metrics)
+            self.finished = True
         for line in summary_lines(summary, self.files):
             self.console.result(line)
         system.barrier()
@@ -627,7 +630,7 @@ def fine_tune(cfg: Config, resumed: LoadedCheckpoint | None, signals: SignalGuar
     far stays saved)."""
     info = system.from_environment()
     files = RunFiles.for_output(cfg.output)
-    run = summary = None
+    run = None
     try:
         with ExitStack() as stack:
             run = prepare(cfg, resumed, info, files, stack)
@@ -650,7 +653,8 @@ def fine_tune(cfg: Config, resumed: LoadedCheckpoint | None, signals: SignalGuar
             raise signals.interrupted()
         return summary
     except BaseException as exc:
-        told = reported(exc, signals, files, cfg.model_def, started=run is not None, finished=summary is not None)
+        told = reported(exc, signals, files, cfg.model_def, started=run is not None,
+                        finished=run is not None and run.finished)
         if told is exc:
             raise
         raise told from None

@@ -127,16 +127,19 @@ def test_a_signal_after_the_last_epoch_says_whether_the_run_had_finished(tmp_pat
     assert code != 143 or told in stderr.strip().splitlines()[-1]
 
 
-def test_a_signal_after_the_loops_last_poll_says_the_run_had_finished(tmp_path, small_data_dir, trained_checkpoint,
-                                                                       monkeypatch, capsys, handlers_kept):
-    """The signal is a flag that the loop, which had read it, never reads again: the run finishes, and says so."""
-    def late(flag, device):  # the loop's own check of the flag, after reading it: the signal comes now
-        if sys._getframe(1).f_code.co_name == "fine_tune":
+@pytest.mark.parametrize("where", ["polled", "printed"])
+def test_a_signal_once_metrics_json_says_finished_says_so(where, tmp_path, small_data_dir, trained_checkpoint,
+                                                          monkeypatch, capsys, handlers_kept):
+    """While the loop checks its flag for the last time (a flag it never reads again: the run finishes), or as
+    the summary is printed."""
+    def late(*args):  # the loop's own check of the flag, after reading it; the summary: the signal comes now
+        if where == "printed" or sys._getframe(1).f_code.co_name == "fine_tune":
             os.kill(os.getpid(), signal.SIGTERM)
-        return polled(flag, device)
+        return original(*args)
 
-    polled, out = system.any_rank, tmp_path / "run"
-    monkeypatch.setattr(system, "any_rank", late)
+    module, name = (system, "any_rank") if where == "polled" else (trainer, "summary_lines")
+    original, out = getattr(module, name), tmp_path / "run"
+    monkeypatch.setattr(module, name, late)
     assert finetune_gpu.main(args_for(small_data_dir, trained_checkpoint, out, "--epochs", 1)) == 143
     told = f"interrupted (SIGTERM): the run had finished: {out / 'metrics.json'} holds its results"
     assert capsys.readouterr().err.strip().splitlines() == [told]
