@@ -603,7 +603,8 @@ class Run:
         """Rank 0: test the best model, store its test metrics, write metrics.json and the TB extras; the
         other ranks wait for it (the barrier), each returning its own summary."""
         if not self.is_main:
-            system.barrier()
+            system.barrier()  # passed once rank 0 has written metrics.json
+            self.finished = True
             return self.metrics_json(finished=True)
         test, preds = self.test_best()
         test["per_class_test_acc"] = outputs.log_test_figures(self.writer, self.test.images, self.test.labels, preds,
