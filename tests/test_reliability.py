@@ -116,7 +116,7 @@ def test_a_signal_anywhere_is_one_line_its_exit_code_and_intact_files(tmp_path, 
 
 
 def test_a_signal_after_the_last_epoch_says_whether_the_run_had_finished(tmp_path, small_data_dir, trained_checkpoint):
-    """It lands in the final test (a tenth of a second) or, read late, after it: in main() or the interpreter's exit."""
+    """It lands in the loop's last check or the final test (a tenth of a second), or, read late, at the exit."""
     out = tmp_path / "run"
     argv = [REPO / "finetune_gpu.py", *args_for(small_data_dir, trained_checkpoint, out, "--epochs", 2)]
     code, _, stderr, _ = interrupt(argv, signal.SIGTERM, "epoch   2")
