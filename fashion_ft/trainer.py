@@ -627,8 +627,8 @@ class Run:
 
 def fine_tune(cfg: Config, resumed: LoadedCheckpoint | None, signals: SignalGuard) -> dict:
     """Run the whole job under the caller's SignalGuard; returns the summary written to metrics.json
-    (rank 0). Raises UserError, Interrupted (with the resume hint) or DivergenceError (the best model so
-    far stays saved)."""
+    (rank 0). Raises UserError, Interrupted (with the resume command, or that the run had finished) or
+    DivergenceError (the best model so far stays saved)."""
     info = system.from_environment()
     files = RunFiles.for_output(cfg.output)
     run = None
